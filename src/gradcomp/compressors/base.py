@@ -1,0 +1,208 @@
+"""The compressor protocol, the wire payload and the registry.
+
+A :class:`Compressor` is a pure tensor transform: it turns one gradient tensor
+into a :class:`Payload` (the tensors that really cross the network) and turns
+the payloads of all workers back into a tensor.  It runs no collective and
+holds no global state; per-parameter state (PowerSGD's warm-start factor,
+random-k's step counter) lives in the ``state`` dict its caller passes in,
+which the caller keys by parameter name.
+
+How workers' payloads are combined is part of the payload (``Payload.op``):
+
+``"sum"``
+    element-wise sum over workers (an all-reduce); the receiver gets one
+    payload holding the sums.
+``"max"``
+    element-wise maximum over workers (an all-reduce with MAX).
+``"gather"``
+    the receiver gets every worker's payload, in rank order (an all-gather).
+
+Most compressors need one exchange: :meth:`Compressor.exchange` yields the
+payload of :meth:`Compressor.compress`, receives the combined payloads and
+returns the decompressed sum.  Methods that need several rounds (TernGrad's
+shared scale, PowerSGD's two factors) override :meth:`Compressor.exchange`
+and yield once per round.  The code that drives the exchange (the simulator
+or the communicator) is the only place where payloads meet collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Compressor",
+    "Exchange",
+    "Exchanged",
+    "Payload",
+    "available",
+    "get",
+    "register",
+]
+
+Op = Literal["sum", "max", "gather"]
+_OPS = ("sum", "max", "gather")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one worker puts on the wire for one tensor in one round.
+
+    ``tensors`` are exactly the bytes sent; ``meta`` is local bookkeeping
+    (shapes, counts every rank already knows) and is never sent.
+    """
+
+    tensors: tuple[Tensor, ...]
+    op: Op = "gather"
+    meta: Any = None
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"Payload.op must be one of {_OPS}, got {self.op!r}")
+        if not isinstance(self.tensors, tuple) or not all(isinstance(t, Tensor) for t in self.tensors):
+            raise TypeError("Payload.tensors must be a tuple of tensors")
+
+    @property
+    def nbytes(self) -> int:
+        """Exact number of bytes this payload puts on the wire."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def replace(self, *tensors: Tensor) -> Payload:
+        """The same payload (op, meta) carrying other tensors: a combined result."""
+        return dataclasses.replace(self, tensors=tuple(tensors))
+
+
+@dataclass(frozen=True)
+class Exchanged:
+    """Result of one tensor's exchange.
+
+    ``total`` is the *sum* over workers of what they sent (the caller divides
+    by the number of workers); ``sent`` describes this worker's own
+    contribution, so error feedback can remove it from the accumulator with
+    :meth:`Compressor.subtract_sent`.
+    """
+
+    total: Tensor
+    sent: Payload
+
+
+# A generator that yields payloads, receives the combined payloads of all
+# workers for each (a list: one entry for "sum"/"max", one per worker in rank
+# order for "gather") and returns the Exchanged result.
+Exchange = Generator[Payload, Sequence[Payload], Exchanged]
+
+
+class Compressor:
+    """Base class of every compressor.
+
+    Subclasses are ``@dataclass(kw_only=True)`` configs, set ``name`` and
+    implement :meth:`compress` and :meth:`decompress` (or :meth:`exchange` for
+    several rounds).  ``error_feedback`` says whether the method, as its paper
+    defines it, keeps what was not sent in a residual; a front door pairs the
+    compressor with residual memory accordingly.
+    """
+
+    name: ClassVar[str] = ""
+    error_feedback: ClassVar[bool] = False
+
+    def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
+        raise NotImplementedError
+
+    def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        """Sum over ``payloads`` of what each decodes to, shaped and typed like ``like``."""
+        raise NotImplementedError
+
+    def exchange(self, tensor: Tensor, state: dict | None = None) -> Exchange:
+        payload = self.compress(tensor, state)
+        received = yield payload
+        return Exchanged(self.decompress(received, like=tensor), payload)
+
+    def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
+        """Remove this worker's own contribution from ``accumulator`` in place (error feedback)."""
+        accumulator.sub_(self.decompress([sent], like=accumulator))
+
+    def options(self) -> dict[str, Any]:
+        """The configuration as plain values (for fingerprints and run configs)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_range(owner: str, field: str, value: float, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Raise ValueError naming ``owner.field`` unless ``value`` lies in the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{owner}.{field} must be in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def check_int(owner: str, field: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{owner}.{field} must be an integer >= {low}, got {value!r}")
+
+
+def num_selected(density: float, numel: int) -> int:
+    """k = ceil(density * numel), at least one entry for a non-empty tensor."""
+    if numel == 0:
+        return 0
+    return min(numel, max(1, math.ceil(density * numel)))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The narrowest index type that addresses ``numel`` entries."""
+    return torch.int32 if numel <= 2**31 - 1 else torch.int64
+
+
+# ------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+
+def register(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator: make ``cls`` available as ``gradcomp.get(cls.name)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"compressor name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`get`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **options: Any) -> Compressor:
+    """Build the compressor registered as ``name`` with ``options``.
+
+    >>> gradcomp.get("topk", density=0.01)
+    TopK(density=0.01)
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown compressor {name!r}; available: {', '.join(available())}") from None
+    allowed = [p for p in inspect.signature(cls).parameters]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"compressor {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(allowed) or '(none)'}"
+        )
+    return cls(**options)

@@ -1,0 +1,57 @@
+"""Vectorized bit packing: small unsigned codes packed densely into bytes.
+
+``pack(codes, width)`` stores each code in ``width`` bits, most significant
+bit first, so ``n`` codes take exactly ``ceil(n * width / 8)`` bytes.  Only
+torch ops are used: no Python loop over entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["pack", "unpack", "packed_nbytes"]
+
+
+def packed_nbytes(n: int, width: int) -> int:
+    """Bytes taken by ``n`` codes of ``width`` bits."""
+    return math.ceil(n * width / 8)
+
+
+def pack(codes: Tensor, width: int) -> Tensor:
+    """Pack the integers in ``codes`` (each in ``[0, 2**width)``) into a uint8 tensor."""
+    if not 1 <= width <= 32:
+        raise ValueError(f"width must be in [1, 32], got {width}")
+    codes = codes.reshape(-1).to(torch.int64)
+    n = codes.numel()
+    if width == 8:
+        return codes.to(torch.uint8)
+    if width in (1, 2, 4):
+        per = 8 // width  # codes per byte
+        pad = (-n) % per
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        shifts = torch.arange(8 - width, -1, -width, device=codes.device)
+        return (codes.view(-1, per) << shifts).sum(1).to(torch.uint8)
+    # General width: expand to bits, then pack 8 bits per byte.
+    shifts = torch.arange(width - 1, -1, -1, device=codes.device)
+    return pack(((codes.unsqueeze(1) >> shifts) & 1).view(-1), 1)
+
+
+def unpack(packed: Tensor, width: int, n: int) -> Tensor:
+    """Inverse of :func:`pack`: the first ``n`` codes, as int64."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.numel() != packed_nbytes(n, width):
+        raise ValueError(f"{n} codes of {width} bits take {packed_nbytes(n, width)} bytes, got {packed.numel()}")
+    data = packed.reshape(-1).to(torch.int64)
+    if width == 8:
+        return data
+    if width in (1, 2, 4):
+        shifts = torch.arange(8 - width, -1, -width, device=packed.device)
+        return ((data.unsqueeze(1) >> shifts) & ((1 << width) - 1)).view(-1)[:n]
+    bits = unpack(packed, 1, n * width).view(n, width)
+    weights = 1 << torch.arange(width - 1, -1, -1, device=packed.device)
+    return (bits * weights).sum(1)

@@ -1,0 +1,55 @@
+"""Dense baselines: ``none`` (the tensor as it is) and ``fp16`` (half precision on the wire)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Compressor, Payload, register
+
+__all__ = ["NoCompression", "FP16"]
+
+
+def _sum_dense(payloads: Sequence[Payload], like: Tensor) -> Tensor:
+    total = payloads[0].tensors[0].to(like.dtype).view(like.shape).clone()
+    for p in payloads[1:]:
+        total.add_(p.tensors[0].view(like.shape).to(like.dtype))
+    return total
+
+
+@register
+@dataclass(kw_only=True)
+class NoCompression(Compressor):
+    """Dense all-reduce of the tensor in its own dtype: the baseline every ratio is measured against."""
+
+    name = "none"
+
+    def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
+        return Payload((tensor.reshape(-1),), op="sum")
+
+    def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        return _sum_dense(payloads, like)
+
+
+@register
+@dataclass(kw_only=True)
+class FP16(Compressor):
+    """Dense all-reduce in float16 (as PyTorch's ``fp16_compress_hook``): half the bytes of fp32.
+
+    Values beyond float16's range (|x| > 65504) would become infinite, so they are
+    rejected with an error rather than silently sent as Inf.
+    """
+
+    name = "fp16"
+
+    def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
+        half = tensor.reshape(-1).to(torch.float16)
+        if tensor.numel() and not torch.isfinite(half).all() and torch.isfinite(tensor).all():
+            raise ValueError("fp16: a gradient entry exceeds float16's range (65504); use 'none' or scale the loss")
+        return Payload((half,), op="sum")
+
+    def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        return _sum_dense(payloads, like)
