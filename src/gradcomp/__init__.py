@@ -1,1 +1,30 @@
-"""gradcomp"""
+"""gradcomp: Deep Gradient Compression and the methods around it, for PyTorch data parallelism."""
+
+from .compressors import Compressor, Payload, available, get, register
+from .memory import DGCMemory, Memory, Momentum, Residual
+from .method import DGC, Method, NonFiniteGradientError, as_method
+from .schedule import LinearLRWarmup, SparsityWarmup
+from .simulator import Simulator, split_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compressor",
+    "DGC",
+    "DGCMemory",
+    "LinearLRWarmup",
+    "Memory",
+    "Method",
+    "Momentum",
+    "NonFiniteGradientError",
+    "Payload",
+    "Residual",
+    "Simulator",
+    "SparsityWarmup",
+    "__version__",
+    "as_method",
+    "available",
+    "get",
+    "register",
+    "split_batch",
+]

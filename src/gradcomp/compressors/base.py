@@ -83,8 +83,8 @@ class Payload:
 class Exchanged:
     """Result of one tensor's exchange.
 
-    ``total`` is the *sum* over workers of what they sent (the caller divides
-    by the number of workers); ``sent`` describes this worker's own
+    ``total`` is the *sum* over workers of what they sent, in a new tensor the
+    caller may change in place (it divides by the number of workers); ``sent`` describes this worker's own
     contribution, so error feedback can remove it from the accumulator with
     :meth:`Compressor.subtract_sent`.
     """

@@ -1,0 +1,150 @@
+"""What stays on a worker between steps, keyed by parameter name.
+
+A memory turns the local gradient into the *accumulator* the compressor sees
+(:meth:`compensate`) and, once the exchange is done, keeps what was not sent
+(:meth:`update`).  Names, not DDP bucket indices, key every buffer, so buffers
+survive bucket rebuilds and load into another front door.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .compressors.base import Compressor, Payload
+from .compressors.sparse import sent_indices
+
+__all__ = ["Memory", "NoMemory", "Residual", "DGCMemory", "Momentum"]
+
+
+def _load(target: dict[str, Tensor], source: dict[str, Tensor]) -> None:
+    target.clear()
+    target.update({name: tensor.clone() for name, tensor in source.items()})
+
+
+class Memory:
+    """Base: no state; the accumulator is the gradient itself."""
+
+    def compensate(self, name: str, grad: Tensor) -> Tensor:
+        return grad
+
+    def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+NoMemory = Memory
+
+
+class Residual(Memory):
+    """Error feedback (Seide 2014; Strom 2015): what is not sent is added to the next gradient.
+
+    ``acc = g + r``;  after sending C(acc):  ``r = acc - C(acc)``.
+    """
+
+    def __init__(self) -> None:
+        self.residuals: dict[str, Tensor] = {}
+
+    def compensate(self, name: str, grad: Tensor) -> Tensor:
+        residual = self.residuals.get(name)
+        return grad.clone() if residual is None else residual.add_(grad)
+
+    def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
+        compressor.subtract_sent(accumulator, sent)
+        self.residuals[name] = accumulator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": dict(self.residuals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load(self.residuals, state["residuals"])
+
+
+class DGCMemory(Memory):
+    """DGC's momentum correction and momentum factor masking (Lin et al. 2018, eq. 4-5).
+
+    Per sparsified tensor on worker k::
+
+        u = m*u + g          (Nesterov: u = m*(u + g))
+        v = v + u            (Nesterov: v = v + u + g)
+        send top-k of v;  v[idx] = 0;  u[idx] = 0   (masking)
+
+    ``correction=False`` accumulates the gradient itself (``v += g``; the
+    caller applies momentum after averaging); ``accumulate=False`` drops what
+    was not sent (naive pruning).  Both exist for the paper's ablation.
+    """
+
+    def __init__(self, *, momentum: float, nesterov: bool = False, masking: bool = True, correction: bool = True,
+                 accumulate: bool = True) -> None:
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.masking = masking
+        self.correction = correction
+        self.accumulate = accumulate
+        self.u: dict[str, Tensor] = {}
+        self.v: dict[str, Tensor] = {}
+
+    def compensate(self, name: str, grad: Tensor) -> Tensor:
+        increment = grad
+        if self.correction:
+            u = self.u.get(name)
+            if u is None:
+                u = self.u[name] = torch.zeros_like(grad)
+            if self.nesterov:
+                u.add_(grad).mul_(self.momentum)
+                increment = u + grad
+            else:
+                u.mul_(self.momentum).add_(grad)
+                increment = u
+        if not self.accumulate:
+            return increment.clone()
+        v = self.v.get(name)
+        if v is None:
+            v = self.v[name] = torch.zeros_like(grad)
+        return v.add_(increment)
+
+    def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
+        if self.accumulate:
+            compressor.subtract_sent(accumulator, sent)
+        if self.masking and self.correction:
+            self.u[name].view(-1)[sent_indices(sent)] = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"u": dict(self.u), "v": dict(self.v)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load(self.u, state["u"])
+        _load(self.v, state["v"])
+
+
+class Momentum:
+    """Ordinary heavy-ball momentum on an averaged gradient, as ``torch.optim.SGD``
+    (dampening 0): ``b = m*b + g``; the update is ``b`` (Nesterov: ``g + m*b``)."""
+
+    def __init__(self, momentum: float, nesterov: bool = False) -> None:
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.buffers: dict[str, Tensor] = {}
+
+    def apply(self, name: str, grad: Tensor) -> Tensor:
+        if self.momentum == 0:
+            return grad
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = grad.clone()
+        else:
+            buf.mul_(self.momentum).add_(grad)
+        return grad.add(buf, alpha=self.momentum) if self.nesterov else buf.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": dict(self.buffers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load(self.buffers, state["buffers"])

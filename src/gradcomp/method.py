@@ -1,0 +1,253 @@
+"""A method: a compressor paired with memory, applied per named gradient.
+
+Every front door (simulator, DDP hook, DistributedOptimizer, DGA) drives a
+:class:`Method` the same way each step::
+
+    grads = method.prepare(named_grads, world_size)    # checks, local clipping
+    for name, g in grads.items():                       # each exchange is a generator:
+        gen = method.exchange(name, g, world_size)      #   it yields payloads and
+        ...                                             #   receives the combined ones
+    method.end_step()
+
+and hands the returned averages to the optimizer.  :class:`DGC` is the whole
+Deep Gradient Compression method in this shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .compressors.base import Compressor, Payload, check_int, check_range, get
+from .compressors.dense import NoCompression
+from .compressors.sparse import DGCSelect
+from .memory import DGCMemory, Memory, Momentum, Residual
+from .schedule import SparsityWarmup
+
+__all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimizer"]
+
+MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient holds NaN or Inf; raised before it reaches any memory."""
+
+
+def _working(grad: Tensor) -> Tensor:
+    """Contiguous, and float32 for 16-bit gradients: residuals and momenta must not round to 8 bits."""
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        return grad.float()
+    if not grad.is_floating_point():
+        raise TypeError(f"gradients must be floating point, got {grad.dtype}")
+    return grad.contiguous()
+
+
+class Method:
+    """A compressor with the memory its paper pairs it with (residual error
+    feedback for ``error_feedback`` compressors, none otherwise)."""
+
+    #: True when the method applies momentum itself (the optimizer must not).
+    owns_momentum = False
+
+    def __init__(self, compressor: Compressor, *, memory: Memory | None = None) -> None:
+        self.compressor = compressor
+        self.memory = memory if memory is not None else (Residual() if compressor.error_feedback else Memory())
+        self.compressor_state: dict[str, dict[str, Any]] = {}
+        self.epoch = 0.0
+        self.steps = 0
+
+    # -- per step ---------------------------------------------------------
+
+    def prepare(self, grads: Mapping[str, Tensor], world_size: int) -> dict[str, Tensor]:
+        """Check this worker's gradients and bring them to working precision.
+
+        Every tensor is checked before any of them touches memory, so a NaN or
+        Inf raises :class:`NonFiniteGradientError` with nothing changed.
+        """
+        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]) if grads else None
+        if finite is not None and not bool(finite.all()):
+            bad = [name for name, ok in zip(grads, finite.tolist()) if not ok]
+            raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory was changed")
+        return {name: _working(g) for name, g in grads.items()}
+
+    def exchange(self, name: str, grad: Tensor, world_size: int) -> MethodExchange:
+        """Generator: compensate, exchange, keep the rest; returns the averaged gradient."""
+        if grad.numel() == 0:
+            return torch.zeros_like(grad)
+        accumulator = self.memory.compensate(name, grad)
+        state = self.compressor_state.setdefault(name, {})
+        result = yield from self.compressor.exchange(accumulator, state)
+        self.memory.update(name, accumulator, self.compressor, result.sent)
+        return result.total.div_(world_size)
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def set_epoch(self, epoch: float) -> None:
+        """Tell schedules where training is (fractional epochs allowed), like ``DistributedSampler.set_epoch``."""
+        check_range(type(self).__name__, "epoch", epoch, 0.0, math.inf, high_open=True)
+        self.epoch = float(epoch)
+
+    # -- description and state ---------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.compressor.name, **self.compressor.options()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "memory": self.memory.state_dict(),
+            "compressor_state": {n: dict(s) for n, s in self.compressor_state.items()},
+            "epoch": self.epoch,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])
+        self.compressor_state = {n: dict(s) for n, s in state["compressor_state"].items()}
+        self.epoch = float(state["epoch"])
+        self.steps = int(state["steps"])
+
+    def __repr__(self) -> str:
+        return f"Method({self.compressor!r}, memory={type(self.memory).__name__})"
+
+
+@dataclass(kw_only=True, eq=False, repr=False)
+class DGC(Method):
+    """Deep Gradient Compression (Lin, Han, Mao, Wang, Dally; ICLR 2018).
+
+    Tensors with ``dim() > 1`` and at least ``min_numel`` entries are
+    sparsified on worker k with momentum correction and factor masking::
+
+        g = clip(g)                    # local clipping: global norm <= clip_norm / sqrt(N)
+        u = m*u + g;  v = v + u        # Nesterov: u = m*(u + g); v = v + u + g
+        send v[idx], idx = top-k |v|,  k = ceil(density * numel)
+        v[idx] = 0;  u[idx] = 0        # masking
+        G = (1/N) sum_k sparse_k       # the update; no second momentum
+
+    Other tensors (biases, norm layers, small ones) are averaged densely and
+    then get ordinary momentum.  The method therefore owns momentum: pair it
+    with ``torch.optim.SGD(momentum=0)``; weight decay stays in the optimizer
+    and is never sent.
+
+    Warm-up: the density follows :class:`~gradcomp.schedule.SparsityWarmup`
+    (25%, 6.25%, 1.5625%, 0.39% over ``warmup_epochs``, then ``density``).
+    The epoch comes from :meth:`set_epoch` or, when ``steps_per_epoch`` is
+    given, advances by itself at every :meth:`end_step`.
+
+    ``momentum_correction=False`` and ``accumulate=False`` switch off the
+    corresponding technique for the paper's ablation.
+    """
+
+    density: float = 0.001
+    momentum: float = 0.9
+    nesterov: bool = False
+    sample_ratio: float = 0.01
+    momentum_masking: bool = True
+    clip_norm: float | None = None
+    warmup_epochs: float = 4.0
+    min_numel: int = 1024
+    momentum_correction: bool = True
+    accumulate: bool = True
+    steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        check_range("DGC", "density", self.density, 0.0, 1.0, low_open=True)
+        check_range("DGC", "momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_range("DGC", "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
+        if self.clip_norm is not None:
+            check_range("DGC", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
+        check_range("DGC", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
+        check_int("DGC", "min_numel", self.min_numel, 1)
+        if self.steps_per_epoch is not None:
+            check_int("DGC", "steps_per_epoch", self.steps_per_epoch, 1)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("DGC.nesterov needs DGC.momentum > 0")
+        self.warmup = SparsityWarmup(final_density=self.density, warmup_epochs=self.warmup_epochs,
+                                     initial_density=max(self.density, 0.25))
+        memory = DGCMemory(momentum=self.momentum, nesterov=self.nesterov, masking=self.momentum_masking,
+                           correction=self.momentum_correction, accumulate=self.accumulate)
+        super().__init__(DGCSelect(density=self.density, sample_ratio=self.sample_ratio), memory=memory)
+        self.dense_momentum = Momentum(self.momentum, self.nesterov)
+        self.owns_momentum = self.momentum > 0
+
+    @property
+    def current_density(self) -> float:
+        return self.warmup.density(self.epoch)
+
+    def sparsified(self, grad: Tensor) -> bool:
+        """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small)."""
+        return grad.dim() > 1 and grad.numel() >= self.min_numel
+
+    def prepare(self, grads: Mapping[str, Tensor], world_size: int) -> dict[str, Tensor]:
+        grads = super().prepare(grads, world_size)
+        if self.clip_norm is not None and grads:
+            # Local gradient clipping (section 3.2): scale the worker's norm by N^-1/2.
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+            scale = self.clip_norm * world_size**-0.5 / (float(total) + 1e-6)
+            if scale < 1.0:
+                grads = {name: g * scale for name, g in grads.items()}
+        return grads
+
+    def exchange(self, name: str, grad: Tensor, world_size: int) -> MethodExchange:
+        if grad.numel() == 0:
+            return torch.zeros_like(grad)
+        if not self.sparsified(grad):
+            result = yield from NoCompression().exchange(grad)
+            return self.dense_momentum.apply(name, result.total.div_(world_size))
+        density = self.current_density
+        selector = self.compressor if density == self.compressor.density else DGCSelect(
+            density=density, sample_ratio=self.sample_ratio)
+        accumulator = self.memory.compensate(name, grad)
+        result = yield from selector.exchange(accumulator)
+        self.memory.update(name, accumulator, selector, result.sent)
+        average = result.total.div_(world_size)
+        return average if self.momentum_correction else self.dense_momentum.apply(name, average)
+
+    def end_step(self) -> None:
+        super().end_step()
+        if self.steps_per_epoch is not None:
+            self.epoch += 1.0 / self.steps_per_epoch
+
+    def config(self) -> dict[str, Any]:
+        fields = ("density", "momentum", "nesterov", "sample_ratio", "momentum_masking", "clip_norm",
+                  "warmup_epochs", "min_numel", "momentum_correction", "accumulate", "steps_per_epoch")
+        return {"method": "dgc", **{f: getattr(self, f) for f in fields}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "dense_momentum": self.dense_momentum.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.dense_momentum.load_state_dict(state["dense_momentum"])
+
+    def __repr__(self) -> str:
+        return "DGC(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method") + ")"
+
+
+def as_method(method: Method | Compressor | str) -> Method:
+    """Accept a Method, a Compressor or a registered compressor name."""
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, Compressor):
+        return Method(method)
+    if isinstance(method, str):
+        return Method(get(method))
+    raise TypeError(f"expected a gradcomp Method, Compressor or compressor name, got {type(method).__name__}")
+
+
+def check_optimizer(method: Method, optimizer: torch.optim.Optimizer | None) -> None:
+    """A method that applies momentum itself must not be paired with a momentum optimizer."""
+    if optimizer is None or not method.owns_momentum:
+        return
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("momentum", 0) or "betas" in group:
+            raise ValueError(
+                f"{type(method).__name__} applies momentum itself (momentum correction), but the optimizer's "
+                f"param group {i} has momentum too ({type(optimizer).__name__}); use "
+                "torch.optim.SGD(params, lr, momentum=0, weight_decay=...) or set the method's momentum=0"
+            )

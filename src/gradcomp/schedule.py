@@ -1,0 +1,102 @@
+"""Warm-up schedules of DGC (Lin et al. 2018, section 3.3).
+
+Both are pure functions of the (fractional) epoch, so they need no state of
+their own beyond their configuration and resume exactly from the epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .compressors.base import check_int, check_range
+
+__all__ = ["SparsityWarmup", "LinearLRWarmup"]
+
+
+@dataclass(kw_only=True)
+class SparsityWarmup:
+    """Exponential sparsity warm-up.
+
+    The warm-up period is split into ``stages`` equal parts; in stage ``s`` the
+    density is ``initial_density * decay**s`` (never below the final density),
+    then ``final_density``.  The defaults reproduce the paper: densities 25%,
+    6.25%, 1.5625%, 0.390625% over the first four epochs, then 0.1%.
+    """
+
+    final_density: float = 0.001
+    warmup_epochs: float = 4.0
+    initial_density: float = 0.25
+    decay: float = 0.25
+    stages: int = 4
+
+    def __post_init__(self) -> None:
+        check_range("SparsityWarmup", "final_density", self.final_density, 0.0, 1.0, low_open=True)
+        check_range("SparsityWarmup", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
+        check_range("SparsityWarmup", "initial_density", self.initial_density, 0.0, 1.0, low_open=True)
+        check_range("SparsityWarmup", "decay", self.decay, 0.0, 1.0, low_open=True)
+        check_int("SparsityWarmup", "stages", self.stages, 1)
+
+    def density(self, epoch: float) -> float:
+        if epoch >= self.warmup_epochs:
+            return self.final_density
+        stage = min(self.stages - 1, int(epoch / self.warmup_epochs * self.stages))
+        return max(self.final_density, self.initial_density * self.decay**stage)
+
+    def mean_density(self, epochs: float, samples: int = 10_000) -> float:
+        """Average density over ``[0, epochs)``: the share of the gradient sent over a run."""
+        return sum(self.density(epochs * (i + 0.5) / samples) for i in range(samples)) / samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.__post_init__()
+
+
+@dataclass(kw_only=True)
+class LinearLRWarmup:
+    """Linear learning-rate warm-up: the factor rises from ``start_factor`` to 1
+    over ``warmup_epochs`` (Goyal et al. 2017, used by DGC for large batches).
+
+    ``apply(optimizer, epoch)`` sets each param group's ``lr`` to its base lr
+    (recorded at the first call, kept in ``state_dict``) times the factor.
+    """
+
+    warmup_epochs: float = 5.0
+    start_factor: float = 0.1
+    base_lrs: list[float] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_range("LinearLRWarmup", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
+        check_range("LinearLRWarmup", "start_factor", self.start_factor, 0.0, 1.0, low_open=True)
+
+    def factor(self, epoch: float) -> float:
+        if self.warmup_epochs == 0 or epoch >= self.warmup_epochs:
+            return 1.0
+        return self.start_factor + (1.0 - self.start_factor) * max(epoch, 0.0) / self.warmup_epochs
+
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: float) -> None:
+        if not self.base_lrs:
+            self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        if len(self.base_lrs) != len(optimizer.param_groups):
+            raise ValueError(
+                f"LinearLRWarmup recorded {len(self.base_lrs)} param groups, the optimizer has "
+                f"{len(optimizer.param_groups)}"
+            )
+        for group, base in zip(optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.__post_init__()

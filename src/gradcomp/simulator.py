@@ -1,0 +1,192 @@
+"""N data-parallel workers in one process, for fast accuracy studies.
+
+Each worker computes its gradient on its own shard, runs its own copy of the
+method (its own memory), and the payloads are combined exactly as the
+communicator combines them across real ranks: summed in rank order for
+``"sum"``, maximum for ``"max"``, listed in rank order for ``"gather"``.  So
+the maths is the real path's, and a test checks it against real gloo
+processes step for step.  Bytes are counted from the real payloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .compressors.base import Compressor, Payload
+from .method import Method, MethodExchange, as_method, check_optimizer
+
+__all__ = ["Simulator", "combine", "split_batch"]
+
+log = logging.getLogger(__name__)
+
+
+def combine(payloads: Sequence[Payload]) -> list[Payload]:
+    """Combine one tensor's payloads from every worker (rank order) as the collectives would."""
+    first = payloads[0]
+    for rank, p in enumerate(payloads[1:], 1):
+        if p.op != first.op or len(p.tensors) != len(first.tensors):
+            raise ValueError(f"worker {rank} sent a payload of another kind than worker 0 ({p.op} vs {first.op})")
+        if p.op != "gather" and any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(p.tensors, first.tensors)):
+            raise ValueError(f"worker {rank} sent {p.op} tensors whose shapes or dtypes differ from worker 0's")
+    if first.op == "gather":
+        return list(payloads)
+    tensors = [t.clone() for t in first.tensors]
+    for p in payloads[1:]:
+        for acc, t in zip(tensors, p.tensors):
+            if first.op == "sum":
+                acc.add_(t)
+            else:
+                torch.maximum(acc, t, out=acc)
+    return [first.replace(*tensors)]
+
+
+def run_exchanges(workers: Sequence[dict[str, MethodExchange]]) -> tuple[list[dict[str, Tensor]], list[int]]:
+    """Drive every worker's exchange generators in lockstep; returns each worker's results and bytes sent."""
+    results: list[dict[str, Tensor]] = [{} for _ in workers]
+    sent = [0] * len(workers)
+    for name in workers[0]:
+        received: list[Payload] | None = None
+        while True:
+            payloads = []
+            for rank, gens in enumerate(workers):
+                try:
+                    payload = gens[name].send(received)
+                except StopIteration as stop:
+                    results[rank][name] = stop.value
+                    continue
+                payloads.append(payload)
+                sent[rank] += payload.nbytes
+            if not payloads:
+                break
+            if len(payloads) != len(workers):
+                raise RuntimeError(f"workers disagree on the number of exchange rounds for {name!r}")
+            received = combine(payloads)
+    return results, sent
+
+
+def split_batch(batch: Any, num_workers: int) -> list[Any]:
+    """Split a tensor, or a tuple/list of tensors, along dim 0 into ``num_workers`` shards."""
+    if isinstance(batch, Tensor):
+        shards = batch.tensor_split(num_workers)
+        if any(s.shape[0] == 0 for s in shards):
+            raise ValueError(f"a batch of {batch.shape[0]} samples cannot feed {num_workers} workers")
+        return list(shards)
+    if isinstance(batch, (tuple, list)):
+        return [type(batch)(parts) for parts in zip(*(split_batch(b, num_workers) for b in batch))]
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__}")
+
+
+class Simulator:
+    """N virtual data-parallel workers running ``method`` in one process.
+
+    >>> sim = gradcomp.Simulator(model, gradcomp.DGC(density=0.001), num_workers=4, optimizer=opt)
+    >>> loss = sim.step(split_batch((x, y), 4), lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+    ``step`` runs forward and backward per worker shard, exchanges through
+    the method, writes the averaged gradient to ``p.grad`` and, when an
+    optimizer is given, steps it.  With :class:`~gradcomp.DGC` the method owns
+    momentum: use ``torch.optim.SGD`` with ``momentum=0`` (a momentum optimizer
+    raises ``ValueError``).  Buffers (batch-norm statistics) follow DDP's
+    ``broadcast_buffers=True``: every worker starts from worker 0's.
+    """
+
+    def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        method = as_method(method)
+        check_optimizer(method, optimizer)
+        self.model = model
+        self.optimizer = optimizer
+        self.num_workers = num_workers
+        self.methods = [copy.deepcopy(method) for _ in range(num_workers)]
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.bytes_sent = [0] * num_workers  # per worker, whole run
+        self.dense_bytes = 0  # fp32 bytes of the gradients one worker would send uncompressed
+        self.steps = 0
+
+    @property
+    def method(self) -> Method:
+        """Worker 0's method (all workers share configuration and schedules)."""
+        return self.methods[0]
+
+    def set_epoch(self, epoch: float) -> None:
+        for m in self.methods:
+            m.set_epoch(epoch)
+
+    def compute_gradients(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
+                          ) -> tuple[list[dict[str, Tensor]], Tensor]:
+        """Each worker's gradients on its shard; the model's buffers end as worker 0's (DDP)."""
+        if len(shards) != self.num_workers:
+            raise ValueError(f"expected {self.num_workers} shards (one per worker), got {len(shards)}")
+        buffers = [b for _, b in self.model.named_buffers()]
+        start = [b.clone() for b in buffers]
+        after_worker0: list[Tensor] = []
+        grads, losses = [], []
+        for rank, shard in enumerate(shards):
+            for b, s in zip(buffers, start):
+                b.copy_(s)
+            for p in self.params.values():
+                p.grad = None
+            loss = loss_fn(self.model, shard)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()})
+            if rank == 0:
+                after_worker0 = [b.clone() for b in buffers]
+        for b, s in zip(buffers, after_worker0):
+            b.copy_(s)
+        return grads, torch.stack(losses).mean()
+
+    def apply(self, grads: Sequence[dict[str, Tensor]]) -> None:
+        """Exchange the workers' gradients through the method and write the average to ``p.grad``."""
+        n = self.num_workers
+        prepared = [m.prepare(g, n) for m, g in zip(self.methods, grads)]  # every check before any memory
+        gens = [{name: m.exchange(name, g[name], n) for name in self.params} for m, g in zip(self.methods, prepared)]
+        results, sent = run_exchanges(gens)
+        for m in self.methods:
+            m.end_step()
+        for name, p in self.params.items():
+            p.grad = results[0][name].view_as(p).to(p.dtype)
+        for rank, b in enumerate(sent):
+            self.bytes_sent[rank] += b
+        self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
+        self.steps += 1
+
+    def step(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Tensor:
+        """One data-parallel step; returns the workers' mean loss."""
+        grads, loss = self.compute_gradients(shards, loss_fn)
+        self.apply(grads)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense fp32 bytes over the bytes one worker actually sent (mean over workers)."""
+        sent = sum(self.bytes_sent) / self.num_workers
+        return self.dense_bytes / sent if sent else float("inf")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "methods": [m.state_dict() for m in self.methods],
+            "bytes_sent": list(self.bytes_sent),
+            "dense_bytes": self.dense_bytes,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["methods"]) != self.num_workers:
+            raise ValueError(f"state holds {len(state['methods'])} workers, this simulator has {self.num_workers}")
+        for m, s in zip(self.methods, state["methods"]):
+            m.load_state_dict(s)
+        self.bytes_sent = list(state["bytes_sent"])
+        self.dense_bytes = int(state["dense_bytes"])
+        self.steps = int(state["steps"])

@@ -1,0 +1,101 @@
+"""The simulator and DGC against plain torch.optim.SGD on the averaged gradient."""
+
+import pytest
+import torch
+
+import gradcomp
+from gradcomp import DGC, Simulator, split_batch
+from conftest import batches, ce, mlp
+
+
+def reference_sgd(x, y, steps, momentum, nesterov=False, lr=0.1, batch_size=64):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov)
+    for xb, yb in batches(x, y, batch_size, steps):
+        opt.zero_grad()
+        ce(model, (xb, yb)).backward()
+        opt.step()
+    return model
+
+
+def simulated(x, y, steps, method, workers, lr=0.1, momentum=0.0, nesterov=False, batch_size=64):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov)
+    sim = Simulator(model, method, workers, optimizer=opt)
+    for xb, yb in batches(x, y, batch_size, steps):
+        sim.step(split_batch((xb, yb), workers), ce)
+    return model, sim
+
+
+def assert_same_params(a, b, rtol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_none_equals_full_batch_training(digits, workers):
+    x, y = digits
+    ref = reference_sgd(x, y, steps=30, momentum=0.9)
+    model, sim = simulated(x, y, 30, "none", workers, momentum=0.9)
+    assert_same_params(model, ref, rtol=1e-9)
+    assert sim.compression_ratio == pytest.approx(0.5)  # float64 grads go as they are: twice the fp32 bytes
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_dgc_dense_without_masking_is_momentum_sgd(digits, nesterov):
+    """DGC at density 1 without masking is SGD with momentum on the averaged gradient (50 steps)."""
+    x, y = digits
+    method = DGC(density=1.0, momentum=0.9, nesterov=nesterov, momentum_masking=False, warmup_epochs=0)
+    assert method.sparsified(torch.zeros(48, 64)) and not method.sparsified(torch.zeros(48))
+    ref = reference_sgd(x, y, steps=50, momentum=0.9, nesterov=nesterov)
+    model, _ = simulated(x, y, 50, method, workers=4)
+    assert_same_params(model, ref, rtol=1e-5)
+
+
+def test_dgc_sparse_trains_and_counts_bytes(digits):
+    x, y = digits
+    method = DGC(density=0.01, warmup_epochs=0, min_numel=256)
+    model, sim = simulated(x, y, 60, method, workers=4)
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).double().mean().item()
+    assert acc > 0.6
+    # Per step and worker: k values (fp64) + k int32 indices for the two weights, the biases dense in fp64.
+    k = [-(-64 * 48 // 100), -(-48 * 10 // 100)]
+    per_step = sum(kk * (8 + 4) for kk in k) + (48 + 10) * 8
+    assert sim.bytes_sent == [60 * per_step] * 4
+    assert sim.dense_bytes == 60 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_momentum_optimizer_with_dgc_is_rejected():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        Simulator(model, DGC(), 2, optimizer=opt)
+    Simulator(model, DGC(momentum=0.0), 2, optimizer=opt)  # no momentum of its own: allowed
+
+
+def test_batchnorm_buffers_follow_worker_zero():
+    """Like DDP's broadcast_buffers: running statistics end as worker 0's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(16, 4)
+    sim = Simulator(model, "none", 2)
+    sim.step(split_batch(x, 2), lambda m, b: m(b).square().mean())
+    ref(x[:8])
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+
+
+def test_bad_arguments():
+    model = mlp()
+    with pytest.raises(ValueError, match="num_workers"):
+        Simulator(model, "none", 0)
+    with pytest.raises(ValueError, match="unknown compressor"):
+        Simulator(model, "nope", 2)
+    sim = Simulator(model, "none", 2)
+    with pytest.raises(ValueError, match="2 shards"):
+        sim.step([None], ce)
+    with pytest.raises(ValueError, match="cannot feed"):
+        split_batch(torch.zeros(1, 3), 2)
