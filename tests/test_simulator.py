@@ -99,3 +99,11 @@ def test_bad_arguments():
         sim.step([None], ce)
     with pytest.raises(ValueError, match="cannot feed"):
         split_batch(torch.zeros(1, 3), 2)
+
+
+def test_workers_draw_independently_but_randomk_shares_indices():
+    model = mlp()
+    tern = Simulator(model, gradcomp.get("terngrad", seed=3), 3)
+    assert [m.compressor.seed for m in tern.methods] == [3, 4, 5]
+    rk = Simulator(model, gradcomp.get("randomk", density=0.1, seed=3), 3)
+    assert [m.compressor.seed for m in rk.methods] == [3, 3, 3]

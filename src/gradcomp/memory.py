@@ -101,7 +101,7 @@ class DGCMemory(Memory):
                 u.add_(grad).mul_(self.momentum)
                 increment = u + grad
             else:
-                u.mul_(self.momentum).add_(grad)
+                torch.add(grad, u, alpha=self.momentum, out=u)  # u = m*u + g in one pass
                 increment = u
         if not self.accumulate:
             return increment.clone()

@@ -15,6 +15,7 @@ Deep Gradient Compression method in this shape.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,13 @@ class Method:
 
     def end_step(self) -> None:
         self.steps += 1
+
+    def for_rank(self, rank: int) -> Method:
+        """This method as worker ``rank`` runs it (see :meth:`Compressor.for_rank`); a copy, with fresh memory
+        if none was used yet."""
+        method = copy.deepcopy(self)
+        method.compressor = self.compressor.for_rank(rank)
+        return method
 
     def set_epoch(self, epoch: float) -> None:
         """Tell schedules where training is (fractional epochs allowed), like ``DistributedSampler.set_epoch``."""
@@ -199,9 +207,8 @@ class DGC(Method):
         if not self.sparsified(grad):
             result = yield from NoCompression().exchange(grad)
             return self.dense_momentum.apply(name, result.total.div_(world_size))
-        density = self.current_density
-        selector = self.compressor if density == self.compressor.density else DGCSelect(
-            density=density, sample_ratio=self.sample_ratio)
+        selector = self.compressor
+        selector.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
         accumulator = self.memory.compensate(name, grad)
         result = yield from selector.exchange(accumulator)
         self.memory.update(name, accumulator, selector, result.sent)

@@ -18,8 +18,20 @@ from .compressors.base import check_int, check_range
 __all__ = ["SparsityWarmup", "LinearLRWarmup"]
 
 
+class _ConfigState:
+    """state_dict of a schedule: its configuration (and recorded base values), validated on load."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.__post_init__()
+
+
 @dataclass(kw_only=True)
-class SparsityWarmup:
+class SparsityWarmup(_ConfigState):
     """Exponential sparsity warm-up.
 
     The warm-up period is split into ``stages`` equal parts; in stage ``s`` the
@@ -51,17 +63,9 @@ class SparsityWarmup:
         """Average density over ``[0, epochs)``: the share of the gradient sent over a run."""
         return sum(self.density(epochs * (i + 0.5) / samples) for i in range(samples)) / samples
 
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-        self.__post_init__()
-
 
 @dataclass(kw_only=True)
-class LinearLRWarmup:
+class LinearLRWarmup(_ConfigState):
     """Linear learning-rate warm-up: the factor rises from ``start_factor`` to 1
     over ``warmup_epochs`` (Goyal et al. 2017, used by DGC for large batches).
 
@@ -92,11 +96,3 @@ class LinearLRWarmup:
             )
         for group, base in zip(optimizer.param_groups, self.base_lrs):
             group["lr"] = base * self.factor(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-        self.__post_init__()

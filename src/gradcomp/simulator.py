@@ -10,7 +10,6 @@ processes step for step.  Bytes are counted from the real payloads.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,7 +104,7 @@ class Simulator:
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
-        self.methods = [copy.deepcopy(method) for _ in range(num_workers)]
+        self.methods = [method.for_rank(rank) for rank in range(num_workers)]
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.bytes_sent = [0] * num_workers  # per worker, whole run
         self.dense_bytes = 0  # fp32 bytes of the gradients one worker would send uncompressed

@@ -128,9 +128,17 @@ class Compressor:
         """Remove this worker's own contribution from ``accumulator`` in place (error feedback)."""
         accumulator.sub_(self.decompress([sent], like=accumulator))
 
+    def for_rank(self, rank: int) -> Compressor:
+        """The compressor worker ``rank`` runs.  Stochastic compressors whose
+        workers must draw independently (TernGrad, QSGD) offset their seed by
+        the rank; all others are the same on every rank."""
+        return self
+
     def options(self) -> dict[str, Any]:
         """The configuration as plain values (for fingerprints and run configs)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
