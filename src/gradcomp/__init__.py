@@ -1,8 +1,10 @@
 """gradcomp: Deep Gradient Compression and the methods around it, for PyTorch data parallelism."""
 
 from .compressors import Compressor, Payload, available, get, register
+from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .method import DGC, Method, NonFiniteGradientError, as_method
+from .optim import DistributedOptimizer
 from .schedule import LinearLRWarmup, SparsityWarmup
 from .simulator import Simulator, split_batch
 
@@ -12,6 +14,8 @@ __all__ = [
     "Compressor",
     "DGC",
     "DGCMemory",
+    "DistributedOptimizer",
+    "HookState",
     "LinearLRWarmup",
     "Memory",
     "Method",
@@ -24,7 +28,9 @@ __all__ = [
     "__version__",
     "as_method",
     "available",
+    "ddp_comm_hook",
     "get",
     "register",
+    "register_ddp_hook",
     "split_batch",
 ]

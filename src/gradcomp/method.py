@@ -54,6 +54,9 @@ class Method:
 
     #: True when the method applies momentum itself (the optimizer must not).
     owns_momentum = False
+    #: True when :meth:`prepare` needs every gradient of the step at once
+    #: (front doors then wait for the last one before exchanging any).
+    needs_all_gradients = False
 
     def __init__(self, compressor: Compressor, *, memory: Memory | None = None) -> None:
         self.compressor = compressor
@@ -182,6 +185,7 @@ class DGC(Method):
         super().__init__(DGCSelect(density=self.density, sample_ratio=self.sample_ratio), memory=memory)
         self.dense_momentum = Momentum(self.momentum, self.nesterov)
         self.owns_momentum = self.momentum > 0
+        self.needs_all_gradients = self.clip_norm is not None
 
     @property
     def current_density(self) -> float:

@@ -57,11 +57,16 @@ class Payload:
 
     ``tensors`` are exactly the bytes sent; ``meta`` is local bookkeeping
     (shapes, counts every rank already knows) and is never sent.
+    ``variable`` marks payloads whose sizes differ between ranks (the
+    communicator then exchanges their lengths first); ``last`` is False on
+    every round of a multi-round exchange but its final one.
     """
 
     tensors: tuple[Tensor, ...]
     op: Op = "gather"
     meta: Any = None
+    variable: bool = False
+    last: bool = True
 
     def __post_init__(self) -> None:
         if self.op not in _OPS:

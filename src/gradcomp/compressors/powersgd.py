@@ -203,7 +203,7 @@ class PowerSGD(Compressor):
         q = self._initial_q(state, m, dtype, tensor.device)
 
         p_local = matrix @ q  # P_w = M_w Q
-        received = yield Payload((p_local,), op="sum", meta=_P)
+        received = yield Payload((p_local,), op="sum", meta=_P, last=False)
         p_hat = _orthogonalize(_summed(received))  # P^ = ORTH(sum_w P_w)
 
         q_local = matrix.T @ p_hat  # Q_w = M_w^T P^

@@ -250,7 +250,7 @@ class TernGrad(Compressor):
     def exchange(self, tensor: Tensor, state: dict | None = None) -> Exchange:
         cd = _compute_dtype(tensor.dtype)
         flat = tensor.reshape(-1).to(cd)
-        received = yield Payload((self._local_scale(flat),), op="max")
+        received = yield Payload((self._local_scale(flat),), op="max", last=False)
         (scale,) = _tensors(received[0], 1, "terngrad")
         scale = scale.to(tensor.device, torch.float32).reshape(1)
         packed = bits.pack(self._codes(flat, scale, state), 2)

@@ -265,7 +265,7 @@ class Threshold(Compressor):
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
         indices = (flat.abs() >= self.tau).nonzero().view(-1)
-        return Payload((_signed_codes(indices, flat[indices] < 0, flat.numel()),), op="gather")
+        return Payload((_signed_codes(indices, flat[indices] < 0, flat.numel()),), op="gather", variable=True)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
@@ -304,7 +304,8 @@ class Dryden(Compressor):
         means = torch.stack([flat[pos].mean() if k_pos else zero, flat[neg].mean() if k_neg else zero])
         indices = torch.cat([pos, neg])
         negative = torch.cat([torch.zeros(k_pos, dtype=torch.bool), torch.ones(k_neg, dtype=torch.bool)])
-        return Payload((_signed_codes(indices, negative.to(flat.device), flat.numel()), means), op="gather")
+        return Payload((_signed_codes(indices, negative.to(flat.device), flat.numel()), means), op="gather",
+                       variable=True)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)

@@ -1,0 +1,186 @@
+"""Moving payloads between ranks with ``torch.distributed``.
+
+A :class:`Communicator` drives the exchange generators of one bucket of
+tensors (see :meth:`gradcomp.Method.exchange`) and issues, per round, one
+collective per kind of payload:
+
+* ``"sum"`` / ``"max"`` payloads: their tensors are flattened into one buffer
+  per dtype and all-reduced together;
+* ``"gather"`` payloads: their tensors are viewed as bytes, concatenated into
+  one buffer and all-gathered with ``all_gather_into_tensor``.  gloo needs
+  equal sizes on every rank; ``variable`` payloads (threshold, Dryden) first
+  all-gather their lengths, then pad to the longest.
+
+Every round but the last waits in the calling thread, so all ranks issue
+their collectives in the same order; the last round completes
+asynchronously and its decoding runs in the future's callback, so
+communication overlaps the rest of the backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.futures import Future
+
+from .compressors.base import Payload
+from .method import MethodExchange
+
+__all__ = ["Communicator"]
+
+log = logging.getLogger(__name__)
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def _done(value: Any) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+
+
+def _from_bytes(raw: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    return raw.clone().view(dtype).view(shape)  # clone: a fresh, aligned allocation
+
+
+class Communicator:
+    """Collectives on ``process_group`` (None: the default group).
+
+    ``bytes_sent`` counts the payload bytes this rank put on the wire,
+    summed over every round (the lengths of variable payloads not included).
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.bytes_sent = 0
+
+    # -- driving generators ---------------------------------------------------
+
+    def exchange(self, gens: Mapping[str, MethodExchange]) -> Future:
+        """Run one bucket's exchanges; a future of ``{name: averaged tensor}``."""
+        results: dict[str, Tensor] = {}
+        pending = self._advance(gens, dict.fromkeys(gens), results)
+        while pending:
+            fut = self._launch(pending)
+            live = {name: gens[name] for name in pending}
+            if all(p.last for p in pending.values()):
+                def finish(f: Future, live: dict = live) -> dict[str, Tensor]:
+                    more = self._advance(live, f.value(), results)
+                    if more:
+                        raise RuntimeError(f"exchange of {sorted(more)} went on after a payload marked last")
+                    return results
+
+                return fut.then(finish)
+            pending = self._advance(live, fut.wait(), results)
+        return _done(results)
+
+    @staticmethod
+    def _advance(gens: Mapping[str, MethodExchange], received: Mapping[str, Any],
+                 results: dict[str, Tensor]) -> dict[str, Payload]:
+        pending = {}
+        for name, gen in gens.items():
+            try:
+                pending[name] = gen.send(received[name])
+            except StopIteration as stop:
+                results[name] = stop.value
+        return pending
+
+    # -- one round --------------------------------------------------------------
+
+    def _launch(self, payloads: Mapping[str, Payload]) -> Future:
+        """Issue this round's collectives; a future of ``{name: received payloads}``."""
+        self.bytes_sent += sum(p.nbytes for p in payloads.values())
+        futures, unpackers = [], []
+        reduced: dict[tuple, list[str]] = {}
+        gathered: list[str] = []
+        for name, p in payloads.items():
+            if p.op == "gather":
+                gathered.append(name)
+            else:
+                for t in p.tensors:
+                    if t.dtype != p.tensors[0].dtype:
+                        raise TypeError(f"{name}: the tensors of a {p.op} payload must share one dtype")
+                reduced.setdefault((p.op, p.tensors[0].dtype, p.tensors[0].device), []).append(name)
+        for (op, _, _), names in reduced.items():
+            fut, unpack = self._all_reduce(op, {n: payloads[n] for n in names})
+            futures.append(fut)
+            unpackers.append(unpack)
+        if gathered:
+            fut, unpack = self._all_gather({n: payloads[n] for n in gathered})
+            futures.append(fut)
+            unpackers.append(unpack)
+
+        def unpack_all(_: Future) -> dict[str, list[Payload]]:
+            for f in futures:
+                f.wait()  # re-raises a collective's error
+            received: dict[str, list[Payload]] = {}
+            for unpack in unpackers:
+                received.update(unpack())
+            return received
+
+        return torch.futures.collect_all(futures).then(unpack_all)
+
+    def _all_reduce(self, op: str, payloads: dict[str, Payload]):
+        flat = torch.cat([t.reshape(-1) for p in payloads.values() for t in p.tensors])
+        work = dist.all_reduce(flat, op=_REDUCE_OPS[op], group=self.group, async_op=True)
+
+        def unpack() -> dict[str, list[Payload]]:
+            out, offset = {}, 0
+            for name, p in payloads.items():
+                tensors = []
+                for t in p.tensors:
+                    tensors.append(flat[offset:offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+                out[name] = [p.replace(*tensors)]
+            return out
+
+        return work.get_future(), unpack
+
+    def _all_gather(self, payloads: dict[str, Payload]):
+        tensors = [t for p in payloads.values() for t in p.tensors]
+        device = tensors[0].device
+        local = torch.cat([_as_bytes(t) for t in tensors])
+        n = self.world_size
+        if any(p.variable for p in payloads.values()):
+            numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
+            every = torch.empty(n * len(tensors), dtype=torch.int64, device=device)
+            dist.all_gather_into_tensor(every, numels, group=self.group)
+            counts = every.view(n, -1).tolist()
+        else:
+            counts = [[t.numel() for t in tensors]] * n
+        sizes = [[c * t.element_size() for c, t in zip(row, tensors)] for row in counts]
+        longest = max(sum(row) for row in sizes)
+        if local.numel() < longest:
+            local = torch.cat([local, local.new_zeros(longest - local.numel())])
+        out = torch.empty(n * longest, dtype=torch.uint8, device=device)
+        work = dist.all_gather_into_tensor(out, local, group=self.group, async_op=True)
+
+        def unpack() -> dict[str, list[Payload]]:
+            received: dict[str, list[Payload]] = {name: [] for name in payloads}
+            for rank in range(n):
+                offset = rank * longest
+                i = 0
+                for name, p in payloads.items():
+                    parts = []
+                    for t in p.tensors:
+                        shape = t.shape if not p.variable else torch.Size([counts[rank][i]])
+                        parts.append(_from_bytes(out[offset:offset + sizes[rank][i]], t.dtype, shape))
+                        offset += sizes[rank][i]
+                        i += 1
+                    received[name].append(p.replace(*parts))
+            return received
+
+        return work.get_future(), unpack

@@ -1,0 +1,157 @@
+"""``DistributedOptimizer``: gradcomp for training loops without DDP (Horovod style).
+
+>>> opt = gradcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+...                                     model.named_parameters(), gradcomp.DGC(density=0.001))
+>>> loss.backward(); opt.step(); opt.zero_grad()
+
+Parameters are grouped into buckets (reverse registration order, about
+``bucket_cap_mb`` each, like DDP).  A post-accumulate-grad hook counts each
+parameter's backward passes; when every parameter of a bucket has its
+gradient for the step, the bucket's exchange starts, while backward goes on.
+Buckets start strictly in order so every rank issues the same collectives
+in the same order.  ``step()`` starts any bucket still waiting (parameters
+that got no gradient count as zero), waits, writes the averaged gradients
+to ``p.grad`` and steps the wrapped optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.futures import Future
+
+from .comm import Communicator
+from .compressors.base import Compressor
+from .method import Method, as_method, check_optimizer
+
+__all__ = ["DistributedOptimizer"]
+
+
+class DistributedOptimizer:
+    """Wrap ``optimizer`` so its gradients are averaged across ranks through ``method``.
+
+    ``backward_passes_per_step`` backward passes accumulate locally before
+    the exchange (gradient accumulation).  With :class:`~gradcomp.DGC` the
+    method owns momentum: the wrapped optimizer must be SGD with
+    ``momentum=0`` (weight decay stays there and is never sent).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
+                 method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
+                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0) -> None:
+        if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+        self.optimizer = optimizer
+        self.comm = Communicator(process_group)
+        self.method = as_method(method).for_rank(self.comm.rank)
+        check_optimizer(self.method, optimizer)
+        self.backward_passes_per_step = backward_passes_per_step
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        names = [n for n, _ in named]
+        if len(set(names)) != len(names):
+            raise ValueError("named_parameters holds a name twice")
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in named if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(f"parameters not in the optimizer: {', '.join(missing[:5])}")
+        self.params = dict(named)
+        self.buckets = self._make_buckets(named[::-1], bucket_cap_mb * 2**20)
+        self._bucket_of = {n: b for b, bucket in enumerate(self.buckets) for n in bucket}
+        self._passes = dict.fromkeys(self.params, 0)
+        self._ready = [0] * len(self.buckets)
+        self._futures: list[Future | None] = [None] * len(self.buckets)
+        self._next = 0  # first bucket not started yet
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n)) for n, p in named]
+
+    @staticmethod
+    def _make_buckets(named: list[tuple[str, Tensor]], cap_bytes: float) -> list[list[str]]:
+        buckets: list[list[str]] = [[]]
+        size = 0
+        for name, p in named:
+            if buckets[-1] and size + p.numel() * p.element_size() > cap_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(name)
+            size += p.numel() * p.element_size()
+        return buckets
+
+    def _make_hook(self, name: str) -> Callable[[Tensor], None]:
+        def hook(_: Tensor) -> None:
+            self._passes[name] += 1
+            if self._passes[name] == self.backward_passes_per_step:
+                self._ready[self._bucket_of[name]] += 1
+                if not self.method.needs_all_gradients:
+                    self._start_ready_buckets()
+        return hook
+
+    def _start_ready_buckets(self, *, all_remaining: bool = False) -> None:
+        while self._next < len(self.buckets) and (
+                all_remaining or self._ready[self._next] == len(self.buckets[self._next])):
+            if self.method.needs_all_gradients:
+                self._start_all_at_once()
+                return
+            self._futures[self._next] = self._start(self.buckets[self._next])
+            self._next += 1
+
+    def _grad(self, name: str) -> Tensor:
+        p = self.params[name]
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def _start(self, names: list[str], prepared: dict[str, Tensor] | None = None) -> Future:
+        world = self.comm.world_size
+        if prepared is None:
+            prepared = self.method.prepare({n: self._grad(n) for n in names}, world)
+        return self.comm.exchange({n: self.method.exchange(n, prepared[n], world) for n in names})
+
+    def _start_all_at_once(self) -> None:
+        prepared = self.method.prepare({n: self._grad(n) for n in self.params}, self.comm.world_size)
+        for b, names in enumerate(self.buckets):
+            self._futures[b] = self._start(names, {n: prepared[n] for n in names})
+        self._next = len(self.buckets)
+
+    def synchronize(self) -> None:
+        """Finish every exchange of this step and write the averaged gradients to ``p.grad``."""
+        self._start_ready_buckets(all_remaining=True)
+        for b, names in enumerate(self.buckets):
+            averages = self._futures[b].wait()
+            for n in names:
+                p = self.params[n]
+                avg = averages[n].view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = avg
+                else:
+                    p.grad.copy_(avg)
+        self._passes = dict.fromkeys(self.params, 0)
+        self._ready = [0] * len(self.buckets)
+        self._futures = [None] * len(self.buckets)
+        self._next = 0
+        self.method.end_step()
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        self.synchronize()
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

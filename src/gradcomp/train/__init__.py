@@ -1,0 +1,1 @@
+"""Training from the command line: datasets, models, the data-parallel loop, metrics and reports."""

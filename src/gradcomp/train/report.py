@@ -1,0 +1,842 @@
+"""Run directories and reports for ``gradcomp train`` and ``gradcomp plot``.
+
+A run directory holds everything one training run leaves behind::
+
+    run/
+      config.json      the resolved config                     RunDir.write_config / read_config
+      metrics.jsonl    one JSON object per epoch, appended      RunDir.append_metrics / read_metrics
+      checkpoint.pt    latest state, replaced atomically        RunDir.save_checkpoint / load_checkpoint
+      summary.json     final summary                            RunDir.write_summary / read_summary
+      curves.png       training curves                          plot_run
+
+Only one process (rank 0) writes a run directory.  Every file that is
+rewritten (config, summary, checkpoint, metrics on truncation) is written to a
+temporary file in the same directory, fsynced and moved into place with
+``os.replace``, so a crash leaves either the old file or the new one, never a
+mix.  Metric records are appended and fsynced one by one; a crash in the middle
+of an append leaves at most a partial last line, which :meth:`RunDir.read_metrics`
+skips with a warning and the next append or truncation removes.
+
+Config keys read here (all optional)
+------------------------------------
+``label``            legend / table label of the run
+``method``           method name (``"dgc"``), or a dict ``{"name": "dgc", **options}``
+``method_options``   dict of the method's options (``options`` is accepted too)
+``dataset``, ``model``, ``workers``   shown in figure titles
+
+Metric record keys (one record per epoch; all but ``epoch`` optional)
+--------------------------------------------------------------------
+``epoch``            int, epochs completed (1 for the first record)
+``step``             optimizer steps completed
+``train_loss``       mean training loss over the epoch
+``test_loss``        test loss
+``test_accuracy``    fraction in [0, 1] (classification)
+``test_perplexity``  perplexity (language models)
+``bytes_sent``       bytes each worker has sent so far (cumulative, counted from payloads)
+``dense_bytes``      bytes each worker would have sent so far as dense fp32
+``compression_ratio``  ``dense_bytes / bytes_sent``
+``seconds``, ``time_per_step``   wall-clock seconds
+
+Summary keys (``summary.json``, :func:`format_summary`)
+-------------------------------------------------------
+``dataset``, ``model``   str
+``method``               str (or dict with ``name``, as in the config)
+``method_options``       dict, optional
+``label``                str, optional
+``workers``              int, number of data-parallel workers N
+``epochs``               int, epochs trained
+``steps``                int, optimizer steps per worker over the whole run
+``test_accuracy``        fraction in [0, 1]  -- or --
+``test_perplexity``      float (language models)
+``bytes_sent``           int, bytes each worker sent over the whole run
+``dense_bytes``          int, bytes each worker would have sent as dense fp32
+``compression_ratio``    float, ``dense_bytes / bytes_sent`` (computed when absent)
+``time_per_step``        float, measured wall seconds per step
+``compute_time_per_step``  float, optional: seconds per step without communication
+                         (forward, backward, compression, optimizer); defaults to
+                         ``time_per_step``, which under the simulator contains no
+                         network time anyway
+``collective``           ``"allreduce"`` or ``"allgather"``: how the method's
+                         payloads travel; without it no link estimate is printed
+``link_gbps``            float or list of floats, links to estimate a step on
+                         (default ``[1, 10]``)
+
+Byte units are decimal (1 MB = 10**6 bytes), like link speeds (1 Gbit/s = 10**9 bit/s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "RunDir",
+    "compare_table",
+    "estimate_step_time",
+    "format_summary",
+    "human_bytes",
+    "plot_run",
+    "plot_runs",
+    "run_label",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+CURVES = "curves.png"
+
+COLLECTIVES = ("allreduce", "allgather")
+DEFAULT_LINKS_GBPS = (1.0, 10.0)
+
+
+# ---------------------------------------------------------------- file helpers
+
+def _json_default(obj: Any) -> Any:
+    """Plain values for numpy / torch scalars and paths, so callers may pass ``loss.item()`` or not."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    item = getattr(obj, "item", None)
+    if callable(item):
+        numel = getattr(obj, "numel", None) or getattr(obj, "size", None)
+        count = numel() if callable(numel) else numel
+        if count in (None, 1):
+            return item()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def _dumps(obj: Any, what: str, **kwargs: Any) -> str:
+    try:
+        return json.dumps(obj, default=_json_default, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it and move it into place.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ---------------------------------------------------------------- run directory
+
+class RunDir:
+    """The files of one training run (see the module docstring for the layout).
+
+    ``RunDir(path)`` only names the directory; :meth:`create` makes it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], exist_ok: bool = False) -> RunDir:
+        """Make the run directory (and its parents).
+
+        Raises ``FileExistsError`` naming ``path`` when it exists and is not an
+        empty directory, unless ``exist_ok`` (used to resume into it).
+        """
+        p = Path(path)
+        if p.exists():
+            if not p.is_dir():
+                raise FileExistsError(f"run directory {str(p)!r} exists and is not a directory")
+            if not exist_ok and any(p.iterdir()):
+                raise FileExistsError(f"run directory {str(p)!r} already exists and is not empty "
+                                      f"(resume into it, or choose another directory)")
+        p.mkdir(parents=True, exist_ok=True)
+        return cls(p)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def curves_path(self) -> Path:
+        return self.path / CURVES
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name or str(self.path)
+
+    # config and summary
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Write the resolved config (a JSON-serialisable dict) to ``config.json``, atomically."""
+        _atomic_write_text(self.config_path, _dumps(dict(config), "config", indent=2) + "\n")
+
+    def read_config(self) -> dict[str, Any]:
+        return self._read_json(self.config_path, "config")
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write the final summary (keys: module docstring) to ``summary.json``, atomically."""
+        _atomic_write_text(self.summary_path, _dumps(dict(summary), "summary", indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        return self._read_json(self.summary_path, "summary")
+
+    @staticmethod
+    def _read_json(path: Path, what: str) -> dict[str, Any]:
+        if not path.is_file():
+            raise FileNotFoundError(f"no {what} file at {str(path)!r}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} file {str(path)!r} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{what} file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        return data
+
+    # metrics
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one record as a JSON line, flushed and fsynced before returning.
+
+        A partial last line left by an earlier crash is cut off first, so it
+        never glues onto the new record.
+        """
+        line = _dumps(dict(record), "metrics record") + "\n"
+        self._drop_partial_tail()
+        with open(self.metrics_path, "ab") as f:
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _drop_partial_tail(self) -> None:
+        """Cut off an unreadable last line (a crash mid-append, or zeros after a power loss)."""
+        path = self.metrics_path
+        try:
+            content = path.read_bytes()  # one line per epoch: small
+        except FileNotFoundError:
+            return
+        body = content.rstrip(b"\n")
+        if not body:
+            return
+        start = body.rfind(b"\n") + 1
+        try:
+            json.loads(body[start:].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+        else:  # readable: at most its newline is missing
+            if not content.endswith(b"\n"):
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            return
+        logger.warning("%s: cutting off an unreadable last line (%d bytes) left by an interrupted write",
+                       path, len(content) - start)
+        with open(path, "rb+") as f:
+            f.truncate(start)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All records, in order; ``[]`` when there are none.
+
+        An unreadable *last* line (a crash mid-append) is skipped with a logged
+        warning; an unreadable line before it is real corruption and raises
+        ``ValueError`` naming the file and line.
+        """
+        path = self.metrics_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = raw.split(b"\n")
+        numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+        records: list[dict[str, Any]] = []
+        for pos, (lineno, line) in enumerate(numbered):
+            last = pos == len(numbered) - 1
+            try:
+                record = json.loads(line.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+            except (UnicodeDecodeError, ValueError) as exc:
+                if last:
+                    logger.warning("%s: ignoring unreadable last line %d (interrupted write?): %s",
+                                   path, lineno, exc)
+                    break
+                raise ValueError(f"metrics file {str(path)!r} line {lineno} is corrupt: {exc}") from exc
+            records.append(record)
+        return records
+
+    def truncate_metrics(self, after_epoch: int) -> int:
+        """Keep only records with ``epoch <= after_epoch`` (rewritten atomically); return how many were dropped.
+
+        Called on resume with the checkpoint's epoch, so epochs trained after
+        the checkpoint (and any partial last line) are not counted twice.
+        """
+        records = self.read_metrics()
+        kept = []
+        for i, record in enumerate(records):
+            if "epoch" not in record:
+                raise ValueError(f"metrics file {str(self.metrics_path)!r}: record {i + 1} has no 'epoch'")
+            if record["epoch"] <= after_epoch:
+                kept.append(record)
+        text = "".join(_dumps(r, "metrics record") + "\n" for r in kept)
+        if self.metrics_path.exists() or kept:
+            _atomic_write_text(self.metrics_path, text)
+        dropped = len(records) - len(kept)
+        if dropped:
+            logger.info("%s: dropped %d record(s) after epoch %s", self.metrics_path, dropped, after_epoch)
+        return dropped
+
+    # checkpoint
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Save ``state`` (tensors and plain values only) to ``checkpoint.pt`` atomically.
+
+        Written to a temporary file in the run directory, fsynced, then moved
+        over the old checkpoint with ``os.replace``: a crash at any point
+        leaves the previous checkpoint loadable.
+        """
+        _atomic_write(self.checkpoint_path, lambda f: torch.save(dict(state), f))
+
+    def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
+        """Load ``checkpoint.pt`` with ``torch.load(weights_only=True)``.
+
+        Raises ``FileNotFoundError`` when there is none and ``ValueError``
+        naming the file when it is truncated, corrupt, or holds objects that
+        ``weights_only`` refuses (the original exception is chained).
+        """
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        with open(path, "rb"):  # permission problems surface as themselves, not as "corrupt"
+            pass
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            if isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+                reason = ("holds objects that torch.load(weights_only=True) refuses; "
+                          "a checkpoint must hold only tensors and plain values")
+            else:
+                reason = "is truncated or corrupt"
+            raise ValueError(f"checkpoint {str(path)!r} {reason}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict")
+        return state
+
+
+def _as_rundir(run: RunDir | str | os.PathLike[str]) -> RunDir:
+    rd = run if isinstance(run, RunDir) else RunDir(run)
+    if not rd.path.is_dir():
+        raise FileNotFoundError(f"run directory {str(rd.path)!r} does not exist")
+    return rd
+
+
+# ---------------------------------------------------------------- labels and units
+
+def human_bytes(n: float) -> str:
+    """``3420000 -> "3.42 MB"``: decimal units (B, kB, MB, GB, TB, PB), three significant figures."""
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return str(n)
+    sign = "-" if n < 0 else ""
+    value = float(abs(n))
+    if value < 1000:
+        return f"{sign}{int(round(value))} B"
+    units = ("kB", "MB", "GB", "TB", "PB", "EB")
+    unit = -1
+    while unit < len(units) - 1 and value >= 999.5:
+        value /= 1000.0
+        unit += 1
+    digits = 2 if value < 9.995 else 1 if value < 99.95 else 0
+    return f"{sign}{value:.{digits}f} {units[unit]}"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_fmt_value(x) for x in v)
+    return str(v)
+
+
+def _method_parts(info: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    method = info.get("method")
+    options: dict[str, Any] = {}
+    if isinstance(method, Mapping):
+        options.update({k: v for k, v in method.items() if k != "name"})
+        method = method.get("name")
+    for key in ("method_options", "options"):
+        extra = info.get(key)
+        if isinstance(extra, Mapping):
+            options.update(extra)
+            break
+    return (str(method) if method is not None else None), options
+
+
+def _method_text(info: Mapping[str, Any], max_options: int = 4) -> str | None:
+    """``"dgc (density=0.001, momentum=0.9)"``; at most ``max_options`` options, then an ellipsis."""
+    name, options = _method_parts(info)
+    if name is None:
+        return None
+    shown = [f"{k}={_fmt_value(v)}" for k, v in options.items() if v is not None and not isinstance(v, Mapping)]
+    if not shown:
+        return name
+    more = ", ..." if len(shown) > max_options else ""
+    return f"{name} ({', '.join(shown[:max_options])}{more})"
+
+
+def run_label(run: RunDir | str | os.PathLike[str], config: Mapping[str, Any] | None = None) -> str:
+    """The config's ``label``, else the method and its options briefly, else the directory name."""
+    rd = run if isinstance(run, RunDir) else RunDir(run)
+    if config is None:
+        try:
+            config = rd.read_config()
+        except (FileNotFoundError, ValueError):
+            config = {}
+    label = config.get("label")
+    if label:
+        return str(label)
+    return _method_text(config, max_options=3) or rd.name
+
+
+# ---------------------------------------------------------------- step-time model
+
+def estimate_step_time(compute_s: float, bytes_per_step: float, workers: int, link_gbps: float,
+                       collective: str, *, latency_s: float = 0.0) -> float:
+    """Seconds per step on a link of ``link_gbps`` Gbit/s: ``compute_s + communication``.
+
+    ``bytes_per_step`` is what one worker contributes per step (its payloads,
+    counted exactly), and every worker is taken to contribute the same amount.
+    With N workers, bandwidth B = ``link_gbps * 1e9 / 8`` bytes/s per worker
+    (full duplex) and per-message latency ``latency_s`` (alpha), the usual
+    ring-algorithm costs are:
+
+    - ``"allreduce"`` (dense, fp16, PowerSGD factors, shared-scale ternary):
+      reduce-scatter then all-gather, each worker sends ``2 (N-1)/N * bytes``
+      in ``2 (N-1)`` messages::
+
+          t_comm = 2 (N-1)/N * bytes / B + 2 (N-1) * alpha
+
+    - ``"allgather"`` (sparse payloads, which cannot be summed on the way):
+      each worker receives every other worker's payload, ``(N-1) * bytes``,
+      in ``N-1`` messages::
+
+          t_comm = (N-1) * bytes / B + (N-1) * alpha
+
+    One worker communicates nothing.  The model is deliberately simple: no
+    overlap of communication with backward (an upper bound for methods that
+    overlap), no congestion, and compression cost is assumed to be inside
+    ``compute_s`` (it is, when ``compute_s`` is a measured step time).
+    """
+    if not (isinstance(compute_s, (int, float)) and compute_s >= 0):
+        raise ValueError(f"compute_s must be >= 0 seconds, got {compute_s!r}")
+    if not (isinstance(bytes_per_step, (int, float)) and bytes_per_step >= 0):
+        raise ValueError(f"bytes_per_step must be >= 0, got {bytes_per_step!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if not (isinstance(link_gbps, (int, float)) and link_gbps > 0 and math.isfinite(link_gbps)):
+        raise ValueError(f"link_gbps must be a finite number > 0, got {link_gbps!r}")
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+    if not (isinstance(latency_s, (int, float)) and latency_s >= 0):
+        raise ValueError(f"latency_s must be >= 0 seconds, got {latency_s!r}")
+    n = workers
+    bandwidth = link_gbps * 1e9 / 8.0
+    if collective == "allreduce":
+        volume, messages = 2.0 * (n - 1) / n * bytes_per_step, 2 * (n - 1)
+    else:
+        volume, messages = (n - 1) * bytes_per_step, n - 1
+    return float(compute_s) + volume / bandwidth + messages * latency_s
+
+
+# ---------------------------------------------------------------- summary text
+
+def _links(value: Any) -> list[float]:
+    if value is None:
+        return list(DEFAULT_LINKS_GBPS)
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def _ratio(info: Mapping[str, Any]) -> float | None:
+    ratio = info.get("compression_ratio")
+    if ratio is None and info.get("dense_bytes") is not None and info.get("bytes_sent"):
+        ratio = info["dense_bytes"] / info["bytes_sent"]
+    return ratio
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g} s" if ms >= 10_000 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.3f} ms"
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 10 else _ms(seconds)
+
+
+def format_summary(summary: Mapping[str, Any], link_gbps: float | Sequence[float] | None = None) -> str:
+    """A multi-line, human-readable final summary (keys: module docstring).
+
+    Missing keys are left out rather than failing: this runs after training.
+    ``link_gbps`` overrides ``summary["link_gbps"]`` (default 1 and 10 Gbit/s).
+    """
+    rows: list[tuple[str, str]] = []
+
+    def add(key: str, value: Any) -> None:
+        if value is not None:
+            rows.append((key, str(value)))
+
+    add("dataset", summary.get("dataset"))
+    add("model", summary.get("model"))
+    add("method", _method_text(summary, max_options=8))
+    if summary.get("label"):
+        add("label", summary["label"])
+    workers = summary.get("workers")
+    add("workers", workers)
+    steps = summary.get("steps")
+    epochs = summary.get("epochs")
+    if epochs is not None:
+        add("epochs", f"{epochs}" + (f" ({steps} steps)" if steps is not None else ""))
+    if summary.get("test_accuracy") is not None:
+        add("test accuracy", f"{100.0 * summary['test_accuracy']:.2f} %")
+    if summary.get("test_perplexity") is not None:
+        add("test perplexity", f"{summary['test_perplexity']:.2f}")
+    if summary.get("test_loss") is not None:
+        add("test loss", f"{summary['test_loss']:.4f}")
+
+    sent, dense = summary.get("bytes_sent"), summary.get("dense_bytes")
+    if sent is not None:
+        add("bytes sent", f"{human_bytes(sent)} per worker")
+    if dense is not None:
+        add("dense fp32", f"{human_bytes(dense)} per worker")
+    ratio = _ratio(summary)
+    if ratio is not None:
+        add("compression", f"{ratio:.1f}x")
+
+    step_time = summary.get("time_per_step")
+    compute = summary.get("compute_time_per_step", step_time)
+    if step_time is not None:
+        extra = f" (compute {_fmt_time(compute)})" if compute is not None and compute != step_time else ""
+        add("time per step", _fmt_time(step_time) + " measured" + extra)
+
+    bytes_per_step = summary.get("bytes_per_step")
+    if bytes_per_step is None and sent is not None and steps:
+        bytes_per_step = sent / steps
+    dense_per_step = dense / steps if dense is not None and steps else None
+    collective = summary.get("collective")
+    links = _links(link_gbps if link_gbps is not None else summary.get("link_gbps"))
+    if compute is not None and bytes_per_step is not None and workers:
+        if collective in COLLECTIVES:
+            add("bytes per step", f"{human_bytes(bytes_per_step)} per worker ({collective})")
+            for gbps in links:
+                t = estimate_step_time(compute, bytes_per_step, int(workers), gbps, collective)
+                text = f"{_fmt_time(t)} (compute {_fmt_time(compute)} + comm {_fmt_time(t - compute)})"
+                if dense_per_step is not None:
+                    t_dense = estimate_step_time(compute, dense_per_step, int(workers), gbps, "allreduce")
+                    text += f"; dense fp32 all-reduce {_fmt_time(t_dense)}, speedup {t_dense / t:.2f}x"
+                add(f"step on {gbps:g} Gbit/s", text)
+        else:
+            add("step on a link", "not estimated (summary has no 'collective')")
+
+    width = max((len(k) for k, _ in rows), default=0)
+    title = "gradcomp run summary"
+    return "\n".join([title] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+
+
+# ---------------------------------------------------------------- plots
+
+def _series(records: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0,
+            positive: bool = False) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, r in enumerate(records):
+        y = r.get(key)
+        if y is None or not isinstance(y, (int, float)) or not math.isfinite(y):
+            continue
+        if positive and y <= 0:
+            continue
+        xs.append(r.get("epoch", i + 1))
+        ys.append(y * scale)
+    return xs, ys
+
+
+def _new_figure(width: float, height: float):
+    """A figure drawn by the Agg canvas, without pyplot: no display, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _common(configs: Sequence[Mapping[str, Any]], key: str) -> Any:
+    """The value of ``key`` when every config has the same one, else None."""
+    values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}
+    return configs[0].get(key) if configs and len(values) == 1 else None
+
+
+def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> Path:
+    """Overlay several runs in one PNG: training loss, test accuracy (%) and/or
+    test perplexity (log y), and cumulative MB sent per worker (log y; dashed:
+    dense fp32 for the same steps), all against epochs.
+
+    A run missing a metric just has no line in that panel; a run with few
+    epochs is drawn with markers.  Returns ``out_path`` as a ``Path``.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run directory")
+    runs = [_as_rundir(r) for r in run_dirs]
+    configs, metrics = [], []
+    for rd in runs:
+        try:
+            configs.append(rd.read_config())
+        except FileNotFoundError:
+            configs.append({})
+        records = rd.read_metrics()
+        if not records:
+            logger.warning("%s: no metrics to plot", rd.metrics_path)
+        metrics.append(records)
+
+    labels = [run_label(rd, cfg) for rd, cfg in zip(runs, configs)]
+    if len(set(labels)) < len(labels):  # two runs alike: tell them apart by directory
+        labels = [f"{lab} [{rd.name}]" if labels.count(lab) > 1 else lab for lab, rd in zip(labels, runs)]
+
+    has = lambda key: any(any(r.get(key) is not None for r in recs) for recs in metrics)  # noqa: E731
+    panels = ["train_loss"]
+    if has("test_accuracy") or not has("test_perplexity"):
+        panels.append("test_accuracy")
+    if has("test_perplexity"):
+        panels.append("test_perplexity")
+    panels.append("bytes_sent")
+
+    fig = _new_figure(4.6 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    spec = {
+        "train_loss": ("Training loss", "training loss", 1.0, "linear"),
+        "test_accuracy": ("Test accuracy", "test accuracy (%)", 100.0, "linear"),
+        "test_perplexity": ("Test perplexity", "test perplexity (log scale)", 1.0, "log"),
+        "bytes_sent": ("Communication per worker", "cumulative MB sent per worker (log scale)", 1e-6, "log"),
+    }
+    # dense fp32 references: one dashed line per distinct series, none where it equals the run's own
+    # bytes (an uncompressed run); grey when several runs share it (same model, same steps)
+    dense_refs: dict[tuple, list[str]] = {}
+    for records, color in zip(metrics, colors):
+        dx, dy = _series(records, "dense_bytes", 1e-6, positive=True)
+        sx, sy = _series(records, "bytes_sent", 1e-6, positive=True)
+        if not dx or (dx == sx and all(abs(a - b) <= 1e-3 * b for a, b in zip(sy, dy))):
+            continue
+        key = (tuple(dx), tuple(round(y, 6) for y in dy))
+        dense_refs.setdefault(key, []).append(color)
+
+    for ax, key in zip(axes, panels):
+        xs_all: list[float] = []
+        title, ylabel, scale, yscale = spec[key]
+        drawn = 0
+        if key == "bytes_sent":
+            for (dx, dy), owners in dense_refs.items():
+                ax.plot(dx, dy, color=owners[0] if len(owners) == 1 else "0.45", linestyle="--",
+                        linewidth=1.2, alpha=0.8, marker="o" if len(dx) <= 30 else None, markersize=4,
+                        markerfacecolor="none", zorder=1)
+        for records, color, label in zip(metrics, colors, labels):
+            xs, ys = _series(records, key, scale, positive=yscale == "log")
+            if not xs:
+                continue
+            marker = "o" if len(xs) <= 30 else None
+            ax.plot(xs, ys, color=color, marker=marker, markersize=4, linewidth=1.6, label=label, zorder=2)
+            xs_all.extend(xs)
+            drawn += 1
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="major", alpha=0.3)
+        if drawn:
+            if yscale == "log":
+                ax.set_yscale("log")
+                ax.grid(True, which="minor", alpha=0.1)
+        else:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        if xs_all and max(xs_all) - min(xs_all) < 2:  # one or two epochs: whole-number ticks around them
+            ax.set_xlim(min(xs_all) - 1, max(xs_all) + 1)
+
+    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=lab) for c, lab in zip(colors, labels)]
+    if dense_refs:
+        handles.append(Line2D([], [], color="0.45", linestyle="--", marker="o", markersize=4,
+                              markerfacecolor="none", label="dense fp32, same steps (dashed)"))
+    ncol = min(len(handles), 4)
+    try:
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
+    except ValueError:  # matplotlib < 3.7 has no "outside"
+        axes[0].legend(handles=handles, fontsize="small")
+
+    title_bits = []
+    for key in ("dataset", "model"):
+        value = _common(configs, key)
+        if value:
+            title_bits.append(str(value))
+    workers = _common(configs, "workers")
+    if workers:
+        title_bits.append(f"{workers} workers")
+    if len(runs) == 1 and labels[0] not in title_bits:
+        title_bits.insert(0, labels[0])
+    if title_bits:
+        fig.suptitle(" · ".join(title_bits))
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    return out
+
+
+def plot_run(run_dir: RunDir | str | os.PathLike[str]) -> Path:
+    """The single-run figure, written to ``curves.png`` in the run directory."""
+    rd = _as_rundir(run_dir)
+    return plot_runs([rd], rd.curves_path)
+
+
+# ---------------------------------------------------------------- comparison table
+
+def _run_facts(rd: RunDir) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, facts): the summary when the run finished, else its last metrics record."""
+    try:
+        config = rd.read_config()
+    except FileNotFoundError:
+        config = {}
+    try:
+        facts = dict(rd.read_summary())
+    except FileNotFoundError:
+        records = rd.read_metrics()
+        facts = dict(records[-1]) if records else {}
+        facts["_unfinished"] = True
+    for key in ("method", "method_options", "options", "label"):
+        if key not in facts and key in config:
+            facts[key] = config[key]
+    return config, facts
+
+
+def _mb(n: float) -> str:
+    """Megabytes with about three significant figures and no exponent: 2400, 12.3, 6.00, 0.0123."""
+    mb = n / 1e6
+    if mb >= 99.95:
+        return f"{mb:.0f}"
+    if mb >= 9.995:
+        return f"{mb:.1f}"
+    if mb >= 0.995 or mb == 0:
+        return f"{mb:.2f}"
+    return f"{mb:.3g}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
+    """A markdown table of several runs: label (else directory name), method, test accuracy / perplexity,
+    MB sent per worker, compression ratio and time per step.
+
+    Uses each run's ``summary.json``, or its last metrics record when the run
+    has not finished (marked with ``*``).
+    """
+    runs = [_as_rundir(r) for r in run_dirs]
+    rows = []
+    any_acc = any_ppl = unfinished = False
+    for rd in runs:
+        config, facts = _run_facts(rd)
+        label = str(config.get("label") or facts.get("label") or rd.name)
+        if facts.get("_unfinished"):
+            label += " *"
+            unfinished = True
+        if facts.get("test_accuracy") is not None:
+            metric = f"{100.0 * facts['test_accuracy']:.2f} %"
+            any_acc = True
+        elif facts.get("test_perplexity") is not None:
+            metric = f"ppl {facts['test_perplexity']:.2f}"
+            any_ppl = True
+        else:
+            metric = "-"
+        sent = facts.get("bytes_sent")
+        ratio = _ratio(facts)
+        step = facts.get("time_per_step")
+        rows.append([
+            label,
+            _method_text(facts, max_options=3) or "-",
+            metric,
+            _mb(sent) if sent is not None else "-",
+            f"{ratio:.1f}x" if ratio is not None else "-",
+            _ms(step) if step is not None else "-",
+        ])
+    metric_head = "test acc. / ppl" if any_acc and any_ppl else "test ppl" if any_ppl else "test acc."
+    head = ["run", "method", metric_head, "MB / worker", "ratio", "time / step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", "---:", "---:", "---:", "---:"]) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    if unfinished:
+        lines.append("")
+        lines.append("\\* unfinished run: figures from its last epoch record")
+    return "\n".join(lines)

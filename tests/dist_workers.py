@@ -1,0 +1,63 @@
+"""Worker functions for the multi-process tests (module level, so spawned processes can import them)."""
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradcomp
+from conftest import batches, ce, mlp
+
+
+def digits64():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data, dtype=torch.float64) / 16.0, torch.tensor(data.target)
+
+
+def build_method(spec):
+    kind, options = spec
+    return gradcomp.DGC(**options) if kind == "DGC" else gradcomp.get(kind, **options)
+
+
+def train(rank, world, front, spec, steps, momentum, lr=0.1, batch_size=64):
+    """One run on this rank: front is 'ddp' (plain DDP), 'hook' (DDP + gradcomp hook) or 'optim'."""
+    x, y = digits64()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    sent = None
+    if front == "ddp":
+        net = DDP(model)
+    elif front == "hook":
+        net = DDP(model)
+        state = gradcomp.register_ddp_hook(net, build_method(spec))
+    else:
+        net = model
+        opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec))
+    for xb, yb in batches(x, y, batch_size, steps):
+        shard = (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])
+        opt.zero_grad()
+        ce(net, shard).backward()
+        opt.step()
+    if front == "hook":
+        sent = state.comm.bytes_sent
+    elif front == "optim":
+        sent = opt.comm.bytes_sent
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "bytes": sent}
+
+
+def run_all(rank, world, runs):
+    """Several runs in one process group (saves process start-ups)."""
+    out = []
+    for run in runs:
+        out.append(train(rank, world, **run))
+        dist.barrier()
+    return out
+
+
+def fail_on_rank(rank, world, bad_rank):
+    if rank == bad_rank:
+        raise ValueError(f"rank {rank} fails on purpose")
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the others wait here until the timeout
+    return t

@@ -1,0 +1,90 @@
+"""Real multi-process training with gloo: the hook and DistributedOptimizer against DDP and the simulator."""
+
+import pytest
+import torch
+
+import gradcomp
+from gradcomp.launch import WorkerError, spawn
+from conftest import batches, ce, mlp
+from dist_workers import build_method, digits64
+
+STEPS = 20
+DGC_SPARSE = ("DGC", {"density": 0.001, "warmup_epochs": 1, "steps_per_epoch": 8})
+
+
+def simulate(spec, workers, steps=STEPS, momentum=0.0, lr=0.1):
+    x, y = digits64()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    sim = gradcomp.Simulator(model, build_method(spec), workers, optimizer=opt)
+    for xb, yb in batches(x, y, 64, steps):
+        sim.step(gradcomp.split_batch((xb, yb), workers), ce)
+    return {n: p.detach() for n, p in model.named_parameters()}, sim
+
+
+def assert_close(a, b, tol):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def runs(request):
+    world = request.param
+    plan = {
+        "ddp": dict(front="ddp", spec=None, steps=STEPS, momentum=0.0),
+        "none": dict(front="hook", spec=("none", {}), steps=STEPS, momentum=0.0),
+        "ddp_momentum": dict(front="ddp", spec=None, steps=STEPS, momentum=0.9),
+        "dgc_dense": dict(front="hook", spec=("DGC", {"density": 1.0, "momentum_masking": False}), steps=STEPS,
+                          momentum=0.0),
+        "dgc_hook": dict(front="hook", spec=DGC_SPARSE, steps=STEPS, momentum=0.0),
+        "dgc_optim": dict(front="optim", spec=DGC_SPARSE, steps=STEPS, momentum=0.0),
+        "psgd_hook": dict(front="hook", spec=("powersgd", {"rank": 2}), steps=10, momentum=0.9),
+        "psgd_optim": dict(front="optim", spec=("powersgd", {"rank": 2}), steps=10, momentum=0.9),
+        "tern_hook": dict(front="hook", spec=("terngrad", {"seed": 1}), steps=10, momentum=0.9),
+        "tern_optim": dict(front="optim", spec=("terngrad", {"seed": 1}), steps=10, momentum=0.9),
+        "thr_hook": dict(front="hook", spec=("threshold", {"tau": 0.01}), steps=10, momentum=0.0),
+        "thr_optim": dict(front="optim", spec=("threshold", {"tau": 0.01}), steps=10, momentum=0.0),
+    }
+    from dist_workers import run_all
+
+    results = spawn(run_all, world, list(plan.values()), timeout_s=240)
+    return world, {name: [r[i] for r in results] for i, name in enumerate(plan)}
+
+
+def test_every_rank_holds_the_same_parameters(runs):
+    _, out = runs
+    for name, per_rank in out.items():
+        for other in per_rank[1:]:
+            assert_close(other["params"], per_rank[0]["params"], 0.0)
+
+
+def test_none_hook_equals_plain_ddp(runs):
+    _, out = runs
+    assert_close(out["none"][0]["params"], out["ddp"][0]["params"], 1e-6)
+
+
+def test_dgc_dense_without_masking_equals_ddp_with_momentum_sgd(runs):
+    _, out = runs
+    assert_close(out["dgc_dense"][0]["params"], out["ddp_momentum"][0]["params"], 1e-6)
+
+
+def test_dgc_sparse_real_run_equals_the_simulator(runs):
+    world, out = runs
+    expected, sim = simulate(DGC_SPARSE, world)
+    assert_close(out["dgc_hook"][0]["params"], expected, 1e-5)
+    assert out["dgc_hook"][0]["bytes"] == sim.bytes_sent[0]
+
+
+@pytest.mark.parametrize("method", ["dgc", "psgd", "tern", "thr"])
+def test_hook_and_distributed_optimizer_agree(runs, method):
+    _, out = runs
+    hook, optim = out[f"{method}_hook"], out[f"{method}_optim"]
+    assert_close(hook[0]["params"], optim[0]["params"], 1e-6)
+    assert hook[0]["bytes"] == optim[0]["bytes"]
+
+
+def test_a_failing_rank_fails_the_job_instead_of_hanging():
+    from dist_workers import fail_on_rank
+
+    with pytest.raises(WorkerError, match="rank 1 fails on purpose"):
+        spawn(fail_on_rank, 2, 1, timeout_s=20)
