@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import sys
 
@@ -28,14 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("list", help="list the registered compressors")
+    _add_train(sub)
 
-    demo = sub.add_parser("demo", help="dense vs DGC on scikit-learn's digits with simulated workers (~1 min)",
-                          description="Train an MLP on scikit-learn's bundled digits with N simulated workers, "
-                                      "once dense and once with DGC, and print accuracy and bytes sent.")
-    demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
-    demo.add_argument("--workers", type=_positive_int, default=4, help="simulated workers (default 4)")
-    demo.add_argument("--density", type=_density, default=0.001, help="DGC's final density (default 0.001)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    plot = sub.add_parser("plot", help="overlay the curves of several runs in one PNG and print a comparison",
+                          description="Overlay training loss, test accuracy/perplexity and cumulative MB sent of "
+                                      "several run directories in one PNG, and print a markdown comparison table.")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by gradcomp train")
+    plot.add_argument("-o", "--output", default="comparison.png", help="PNG to write (default comparison.png)")
 
     bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -50,18 +50,121 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.replace("-", "_"), parsed
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.data import DATASETS
+    from .train.models import MODELS
+
+    p = sub.add_parser(
+        "train", help="train a model across N workers with a chosen method and report accuracy and bytes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model data-parallel across N workers with a gradient compression method.\n\n"
+                    "Starts N local gloo worker processes itself, or joins a torchrun launch when RANK and\n"
+                    "WORLD_SIZE are set:\n"
+                    "  torchrun --standalone --nproc-per-node 4 -m gradcomp train --dataset mnist\n"
+                    "  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
+                    "           --rdzv-id job1 -m gradcomp train --dataset mnist      (on every node)\n"
+                    "--simulate runs the same job with N simulated workers in one process.\n\n"
+                    "Writes a run directory: config.json, metrics.jsonl, checkpoint.pt, summary.json, curves.png.")
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default digits: offline anywhere)")
+    p.add_argument("--data-dir", help="folder holding mnist/, fashion-mnist/, ptb/, tinyshakespeare/ "
+                                      "(default: $GRADCOMP_DATA, then ../shared/data beside the checkout)")
+    p.add_argument("--model", choices=sorted(MODELS), help="model (default: mlp for digits, cnn for (fashion-)mnist, "
+                                                           "lstm for ptb/shakespeare)")
+    p.add_argument("--compressor", "--method", dest="method", default="dgc",
+                   help="method: 'dgc' (the whole of DGC) or any compressor of 'gradcomp list'; 'none' is the dense "
+                        "baseline (default dgc)")
+    p.add_argument("--density", type=_density, help="kept fraction for dgc/topk/randomk (dgc default 0.001)")
+    p.add_argument("--warmup-epochs", type=float, help="DGC's sparsity warm-up length in epochs (default 4)")
+    p.add_argument("--no-momentum-masking", action="store_true", help="DGC without momentum factor masking")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (DGC's momentum correction)")
+    p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="any option of the method, e.g. -o rank=2 (powersgd), -o tau=0.01 (threshold), "
+                        "-o levels=4 (qsgd), -o sample_ratio=0.01 (dgc); repeatable")
+    p.add_argument("--workers", type=_positive_int, default=4, help="number of workers N (default 4)")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size per worker (default 16)")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9; DGC applies it itself)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay, applied locally (default 0)")
+    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default 0)")
+    p.add_argument("--clip-norm", type=float, help="gradient clipping: DGC clips locally to clip_norm/sqrt(N) "
+                                                   "before compressing; other methods clip the averaged gradient")
+    p.add_argument("--bptt", type=_positive_int, default=35, help="LM sequence length (default 35)")
+    p.add_argument("--limit-train", type=_positive_int, help="use only the first N training samples/tokens")
+    p.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--simulate", action="store_true", help="N simulated workers in one process")
+    p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
+    p.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
+    p.add_argument("--label", help="label of the run in plots and tables")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint (its config is used; "
+                                                       "--epochs may extend it)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a hung job is stopped (default 3600)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _train_config(args: argparse.Namespace):
+    from .train.loop import TrainConfig
+
+    options = dict(args.options)
+    if args.density is not None:
+        options["density"] = args.density
+    if args.method == "dgc":
+        if args.warmup_epochs is not None:
+            options["warmup_epochs"] = args.warmup_epochs
+        if args.no_momentum_masking:
+            options["momentum_masking"] = False
+        if args.nesterov:
+            options["nesterov"] = True
+    elif args.warmup_epochs is not None or args.no_momentum_masking or args.nesterov:
+        raise ValueError("--warmup-epochs, --no-momentum-masking and --nesterov are DGC options (--compressor dgc)")
+    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model, method=args.method,
+                       options=options, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       lr_warmup_epochs=args.lr_warmup_epochs, clip_norm=args.clip_norm, bptt=args.bptt,
+                       limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, simulate=args.simulate,
+                       link_gbps=args.link_gbps, run_dir=args.run_dir, progress=not args.no_progress,
+                       label=args.label)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "list":
+    if args.command == "train":
+        from .train.data import DatasetNotFoundError
+        from .train.loop import run
+
+        try:
+            run(_train_config(args), resume=args.resume, timeout_s=args.timeout)
+        except (ValueError, DatasetNotFoundError, FileExistsError) as error:
+            print(f"gradcomp train: error: {error}", file=sys.stderr)
+            return 2
+    elif args.command == "plot":
+        from .train.report import compare_table, plot_runs
+
+        try:
+            out = plot_runs(args.run_dirs, args.output)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"gradcomp plot: error: {error}", file=sys.stderr)
+            return 2
+        print(compare_table(args.run_dirs))
+        print(f"wrote {out}")
+    elif args.command == "list":
         from . import available
 
         print("\n".join(available()))
-    elif args.command == "demo":
-        from .demo import run
-
-        print(run(epochs=args.epochs, workers=args.workers, density=args.density, progress=not args.no_progress))
     elif args.command == "bench" and args.bench == "compress":
         from .bench.compress import main as bench_compress
 

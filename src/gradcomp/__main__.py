@@ -1,0 +1,7 @@
+"""``python -m gradcomp`` (what ``torchrun ... -m gradcomp train`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

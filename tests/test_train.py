@@ -1,0 +1,126 @@
+"""The main job, `gradcomp train`, end to end: simulator, real gloo workers, torchrun, resume, reports."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradcomp
+from gradcomp.cli import main
+from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.report import RunDir
+
+QUIET = dict(progress=False)
+
+
+def quick(tmp_path, name, **kw):
+    cfg = TrainConfig(run_dir=str(tmp_path / name), **{"epochs": 2, **QUIET, **kw})
+    return run(cfg, echo=lambda _: None)
+
+
+def test_simulated_run_writes_a_complete_run_directory(tmp_path):
+    summary = quick(tmp_path, "sim", simulate=True)
+    rd = RunDir(tmp_path / "sim")
+    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "curves.png"):
+        assert (rd.path / f).exists(), f
+    metrics = rd.read_metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert summary["bytes_sent"] == metrics[-1]["bytes_sent"] > 0
+    assert summary["compression_ratio"] == pytest.approx(summary["dense_bytes"] / summary["bytes_sent"])
+    assert 0 < summary["test_accuracy"] <= 1
+    assert rd.read_config()["method"] == "dgc"
+    assert (rd.path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_workers_match_the_simulator(tmp_path):
+    real = quick(tmp_path, "real", workers=2, epochs=1)
+    sim = quick(tmp_path, "sim", workers=2, epochs=1, simulate=True)
+    assert real["bytes_sent"] == sim["bytes_sent"]
+    assert real["test_loss"] == pytest.approx(sim["test_loss"], rel=1e-5)
+    assert real["test_accuracy"] == pytest.approx(sim["test_accuracy"], abs=1 / 360)
+
+
+@pytest.mark.parametrize("simulate", [True, False])
+def test_resume_continues_exactly(tmp_path, simulate):
+    kw = dict(workers=2, simulate=simulate, options={"warmup_epochs": 2})
+    full = quick(tmp_path, "full", epochs=3, **kw)
+    quick(tmp_path, "part", epochs=2, **kw)
+    resumed = run(TrainConfig(epochs=3, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
+        assert resumed[key] == full[key], key
+    a = RunDir(tmp_path / "full").load_checkpoint()["model"]
+    b = RunDir(tmp_path / "part").load_checkpoint()["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [m["epoch"] for m in RunDir(tmp_path / "part").read_metrics()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method,options", [(name, {}) for name in gradcomp.available() if name != "dgc"]
+                         + [("topk", {"density": 0.01}), ("powersgd", {"rank": 2})])
+def test_every_method_trains(tmp_path, method, options):
+    summary = quick(tmp_path, method, method=method, options=options, epochs=1, simulate=True, workers=2,
+                    limit_train=256)
+    assert summary["bytes_sent"] > 0
+    assert summary["test_loss"] == summary["test_loss"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("dataset,model", [("mnist", "cnn"), ("mnist", "resnet"), ("ptb", "lstm"),
+                                           ("shakespeare", "lstm")])
+def test_real_datasets(tmp_path, dataset, model):
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+
+    try:
+        load_dataset(dataset)
+    except DatasetNotFoundError as error:
+        pytest.skip(str(error))
+    summary = quick(tmp_path, dataset, dataset=dataset, model=model, epochs=1, simulate=True, workers=2,
+                    limit_train=1000 if dataset == "mnist" else 8_000, limit_test=500 if dataset == "mnist" else 5000,
+                    batch_size=8, bptt=20)
+    key = "test_accuracy" if dataset == "mnist" else "test_perplexity"
+    assert summary[key] > 0
+
+
+def test_cli_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "torchrun --standalone" in out and "--compressor" in out
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--no-progress",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "GRADCOMP_DATA" in err
+    assert main(["train", "--compressor", "topk", "-o", "bogus=1", "--run-dir", str(tmp_path / "r2")]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["train", "--compressor", "dgc", "--density", "0.01", "-o", "nonsense=3",
+                 "--run-dir", str(tmp_path / "r3")]) == 2
+    assert "DGC's options are" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--density", "1.5"])
+
+
+def test_cli_train_and_plot(tmp_path, capsys):
+    for method in ("none", "dgc"):
+        assert main(["train", "--simulate", "--epochs", "1", "--workers", "2", "--compressor", method,
+                     "--no-progress", "--run-dir", str(tmp_path / method)]) == 0
+    out = capsys.readouterr().out
+    assert "compression" in out and "step on 1 Gbit/s" in out
+    assert main(["plot", str(tmp_path / "none"), str(tmp_path / "dgc"), "-o", str(tmp_path / "cmp.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| none" in table or "none" in table
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_launch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "gradcomp", "train", "--epochs", "1",
+           "--no-progress", "--run-dir", str(tmp_path / "tr")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "tr" / "summary.json").read_text())
+    assert summary["workers"] == 2 and not summary["simulated"]
+    assert "compression" in proc.stdout
