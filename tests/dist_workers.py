@@ -20,8 +20,9 @@ def build_method(spec):
     return gradcomp.DGC(**options) if kind == "DGC" else gradcomp.get(kind, **options)
 
 
-def train(rank, world, front, spec, steps, momentum, lr=0.1, batch_size=64):
-    """One run on this rank: front is 'ddp' (plain DDP), 'hook' (DDP + gradcomp hook) or 'optim'."""
+def train(rank, world, front, spec, steps, momentum, lr=0.1, batch_size=64, accumulate=1):
+    """One run on this rank: front is 'ddp' (plain DDP), 'hook' (DDP + gradcomp hook) or 'optim'
+    (DistributedOptimizer; ``accumulate`` micro-batches per step, each loss scaled by 1/accumulate)."""
     x, y = digits64()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -33,11 +34,13 @@ def train(rank, world, front, spec, steps, momentum, lr=0.1, batch_size=64):
         state = gradcomp.register_ddp_hook(net, build_method(spec))
     else:
         net = model
-        opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec))
+        opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec),
+                                            backward_passes_per_step=accumulate)
     for xb, yb in batches(x, y, batch_size, steps):
         shard = (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])
         opt.zero_grad()
-        ce(net, shard).backward()
+        for xm, ym in zip(shard[0].tensor_split(accumulate), shard[1].tensor_split(accumulate)):
+            (ce(net, (xm, ym)) / accumulate).backward()
         opt.step()
     if front == "hook":
         sent = state.comm.bytes_sent
