@@ -64,3 +64,11 @@ def fail_on_rank(rank, world, bad_rank):
     t = torch.ones(1)
     dist.all_reduce(t)  # the others wait here until the timeout
     return t
+
+
+def async_all_reduces(rank, world):
+    xs = [torch.ones(1 << 18) for _ in range(2)]
+    works = [dist.all_reduce(x, async_op=True) for x in xs]
+    for w in works:
+        w.wait()
+    return float(sum(x[0] for x in xs))

@@ -103,6 +103,16 @@ def test_every_compressor_through_the_hook_equals_the_simulator(runs, name):
     assert out[f"each_{name}"][0]["bytes"] == sim.bytes_sent[0]
 
 
+def test_teardown_is_clean_every_time():
+    """Exiting without destroy_process_group aborts gloo now and then ("terminate called without an active
+    exception", SIGABRT); the launcher's wait -> barrier -> destroy order must never abort (spawn raises
+    WorkerError on any non-zero exit)."""
+    from dist_workers import async_all_reduces
+
+    for _ in range(4):
+        assert spawn(async_all_reduces, 2, timeout_s=30) == [4.0, 4.0]
+
+
 def test_a_failing_rank_fails_the_job_instead_of_hanging():
     from dist_workers import fail_on_rank
 

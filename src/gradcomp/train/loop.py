@@ -300,7 +300,9 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
                 warmup.apply(front.optimizer, epoch + i / task.steps)
             losses.append(front.step(shards))
             if i % 5 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}",
+                                **{k.removeprefix("test_"): f"{metrics[k]:.4g}" for k in ("test_accuracy",
+                                   "test_perplexity") if k in metrics})
         elapsed += time.perf_counter() - start
         steps_done += task.steps
         states = front.method_states()
