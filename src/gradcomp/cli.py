@@ -47,7 +47,51 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gradient size (default: ResNet-50's 25,557,032)")
     comp.add_argument("--density", type=_density, default=0.001, help="density (default 0.001)")
     comp.add_argument("--repeats", type=_positive_int, default=15, help="timed repeats (default 15)")
+    _add_reproduce(sub)
     return parser
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from .reproduce import studies
+
+    listing = "\n".join(f"  {s.name:<10} {s.summary}" for s in studies()) or "  (none registered)"
+    p = sub.add_parser(
+        "reproduce", help="run a study of the papers end to end and print it beside the published figures",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a study end to end with fixed seeds, print our table beside the published figures and "
+                    "write a\nmarkdown report (command, seed, machine, date, wall time) with its PNG plots to "
+                    "DIR/TABLE.md\n(--full) or DIR/TABLE-quick.md (the quick variant CI runs, with assertions). "
+                    "Exits 1 when a check\nfails, 2 on an unknown table.",
+        epilog=f"tables:\n{listing}")
+    p.add_argument("table", nargs="?", metavar="TABLE", help="the table to reproduce (listed below)")
+    p.add_argument("--list", action="store_true", help="list the tables and exit")
+    p.add_argument("--full", action="store_true", help="the full variant (default: the quick one)")
+    p.add_argument("--out", default="results", metavar="DIR", help="folder for the report and plots (default results)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads for the study (default: the study's, "
+                                                         "usually 1: results do not depend on the core count)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import StudySkipped, UnknownStudyError, run_study, studies
+
+    if args.list or args.table is None:
+        if args.table is None and not args.list:
+            print("gradcomp reproduce: error: name a TABLE (or --list)", file=sys.stderr)
+        for s in studies():
+            print(f"{s.name:<10} {s.summary}")
+        return 0 if args.list else 2
+    try:
+        outcome = run_study(args.table, full=args.full, out_dir=args.out, seed=args.seed,
+                            threads=args.threads, progress=not args.no_progress)
+    except UnknownStudyError as error:
+        print(f"gradcomp reproduce: error: {error}", file=sys.stderr)
+        return 2
+    except StudySkipped as error:
+        print(f"gradcomp reproduce {args.table}: skipped: {error}", file=sys.stderr)
+        return 0
+    return 0 if outcome.passed else 1
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -165,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import available
 
         print("\n".join(available()))
+    elif args.command == "reproduce":
+        return _reproduce(args)
     elif args.command == "bench" and args.bench == "compress":
         from .bench.compress import main as bench_compress
 

@@ -1,0 +1,76 @@
+"""``gradcomp reproduce TABLE``: run a study end to end and put our figures beside the published ones.
+
+Every module in this package (other than ``common`` and private ``_*``
+modules) is a study: importing it calls :func:`register` with a
+:class:`Study`.  Adding a table is adding a module::
+
+    # src/gradcomp/reproduce/lm.py
+    from .common import Context, Result, Study, register
+
+    def run(ctx: Context) -> Result:
+        ...   # ctx.full chooses the variant; write plots to ctx.path(".png")
+
+    register(Study("lm", "PTB language model: dense vs DGC, perplexity and ratio", run, order=3))
+
+A module that fails to import is left out of the listing (with a logged
+warning) and its error is raised again when its table is asked for, so one
+broken study never breaks the ``gradcomp`` command.
+
+>>> from gradcomp.reproduce import run_study
+>>> outcome = run_study("ratio", full=False, out_dir="results")   # writes results/ratio-quick.md
+>>> outcome.passed, outcome.report
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+
+from .common import (
+    IMPORT_ERRORS,
+    Check,
+    Context,
+    Outcome,
+    Result,
+    Study,
+    StudySkipped,
+    UnknownStudyError,
+    get_study,
+    register,
+    report_name,
+    run_study,
+    studies,
+)
+
+__all__ = [
+    "Check",
+    "Context",
+    "Outcome",
+    "Result",
+    "Study",
+    "StudySkipped",
+    "UnknownStudyError",
+    "get_study",
+    "register",
+    "report_name",
+    "run_study",
+    "studies",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "common" or info.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as error:  # one broken study must not break the others or the CLI
+            IMPORT_ERRORS[info.name] = error
+            log.warning("gradcomp.reproduce: study module %r failed to import: %s: %s", info.name,
+                        type(error).__name__, error)
+
+
+_discover()

@@ -1,0 +1,406 @@
+"""The machinery every study shares: the registry, the run context, checks and the markdown report.
+
+A study is a function ``run(ctx) -> Result`` registered under a table name
+with :func:`register`.  ``ctx.full`` chooses the variant:
+
+* quick (CI): seconds to a couple of minutes, fixed seeds, and checks that
+  hold with margin on those seeds;
+* full: the table as it is meant to be read, run once and kept as
+  ``results/TABLE.md``.
+
+:func:`run_study` times the study, prints its tables, and writes
+``DIR/TABLE.md`` (full) or ``DIR/TABLE-quick.md`` (quick) holding the command
+that produced it, the seed, the machine, the date and the wall time, then the
+study's own sections, its checks and its plots; the numbers behind the tables
+go to ``DIR/TABLE[-quick].json``.  Nothing in a report is typed in by hand
+except the published figures, which each study keeps in one labelled constant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Check",
+    "Context",
+    "Outcome",
+    "Result",
+    "Study",
+    "StudySkipped",
+    "UnknownStudyError",
+    "canonical_command",
+    "get_study",
+    "machine_info",
+    "markdown_table",
+    "memory_peak_mb",
+    "new_figure",
+    "register",
+    "report_name",
+    "run_study",
+    "save_figure",
+    "studies",
+]
+
+
+class StudySkipped(Exception):
+    """A study cannot run here (its data is missing); the message says why and how to fix it."""
+
+
+class UnknownStudyError(ValueError):
+    """No study is registered under the requested table name."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One assertion of a study: what was checked, whether it held, and the numbers behind it."""
+
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class Context:
+    """What a study is asked to do, and where it may write."""
+
+    full: bool
+    out_dir: Path
+    seed: int = 0
+    progress: bool = True
+    echo: Callable[[str], None] = print
+    #: the file stem of this run's outputs: ``TABLE`` or ``TABLE-quick``
+    stem: str = ""
+
+    def path(self, suffix: str) -> Path:
+        """A file of this run in the output folder: ``path(".png")`` -> ``DIR/TABLE[-quick].png``."""
+        return self.out_dir / f"{self.stem}{suffix}"
+
+    def tqdm(self, *args: Any, **kwargs: Any):
+        """A tqdm progress bar, hidden with ``--no-progress``."""
+        from tqdm import tqdm
+
+        kwargs.setdefault("dynamic_ncols", True)
+        kwargs.setdefault("leave", False)
+        return tqdm(*args, disable=not self.progress, **kwargs)
+
+
+@dataclass
+class Result:
+    """What a study hands back to :func:`run_study`.
+
+    ``console`` is printed (our table beside the published figures);
+    ``markdown`` is the body of the report; ``plots`` are PNGs the study
+    wrote into the output folder (shown in the report); ``data`` is the raw
+    numbers, written as JSON; ``setup`` is a short list of facts about the
+    variant (sizes, epochs, options) shown at the top of the report.
+    """
+
+    title: str
+    console: str
+    markdown: str
+    checks: list[Check] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A reproducible table: ``gradcomp reproduce NAME``.
+
+    ``order`` sorts the listing (the issue numbers the tables 1-5);
+    ``summary`` is one line for ``--help`` and ``--list``.  ``threads`` is
+    the number of torch intra-op threads the study runs with by default
+    (None: torch's default).  One thread keeps results independent of the
+    machine's core count, and small models gain nothing from more: on a
+    busy 2-core machine two threads made a small MLP's steps ten times slower.
+    """
+
+    name: str
+    summary: str
+    run: Callable[[Context], Result]
+    order: int = 100
+    threads: int | None = None
+
+
+_STUDIES: dict[str, Study] = {}
+#: study modules that failed to import: module name -> the exception (raised again when asked for)
+IMPORT_ERRORS: dict[str, BaseException] = {}
+
+
+def register(study: Study) -> Study:
+    """Make ``study`` available as ``gradcomp reproduce study.name``."""
+    if not study.name or not study.name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"a study name must be a plain word, got {study.name!r}")
+    if study.name in _STUDIES and _STUDIES[study.name].run is not study.run:
+        raise ValueError(f"study {study.name!r} is already registered")
+    _STUDIES[study.name] = study
+    return study
+
+
+def studies() -> list[Study]:
+    """The registered studies, in table order."""
+    return sorted(_STUDIES.values(), key=lambda s: (s.order, s.name))
+
+
+def get_study(name: str) -> Study:
+    """The study registered as ``name``; :class:`UnknownStudyError` lists the names otherwise."""
+    if name in _STUDIES:
+        return _STUDIES[name]
+    if name in IMPORT_ERRORS:
+        error = IMPORT_ERRORS[name]
+        raise UnknownStudyError(f"study {name!r} failed to import: {type(error).__name__}: {error}") from error
+    names = ", ".join(s.name for s in studies()) or "(none)"
+    raise UnknownStudyError(f"unknown table {name!r}; available tables: {names}")
+
+
+# ---------------------------------------------------------------- the machine and the run
+
+
+def _git_commit() -> str | None:
+    """``abc1234`` (``+ uncommitted changes`` when the tree is dirty), or None outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return commit + (" + uncommitted changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a study ran: platform, processor, CPU count, torch threads and versions."""
+    from .. import __version__
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gradcomp": __version__,
+    }
+    commit = _git_commit()
+    if commit:
+        info["git_commit"] = commit
+    return info
+
+
+def report_name(table: str, full: bool) -> str:
+    """``TABLE`` for the full variant, ``TABLE-quick`` for the quick one."""
+    return table if full else f"{table}-quick"
+
+
+@dataclass
+class Outcome:
+    """What :func:`run_study` did: the result, the report it wrote and how long it took."""
+
+    study: Study
+    result: Result
+    report: Path
+    data_path: Path
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    item = getattr(obj, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] = "results", seed: int = 0,
+              progress: bool = True, threads: int | None = None, command: str | None = None,
+              echo: Callable[[str], None] = print) -> Outcome:
+    """Run study ``name``, print its tables and write its report; returns the :class:`Outcome`.
+
+    ``threads`` sets torch's intra-op threads for the run (default: the
+    study's own choice, :attr:`Study.threads`; restored afterwards).
+    ``command`` is the command line shown in the report (default: the
+    ``gradcomp reproduce`` command equivalent to the arguments).
+    Raises :class:`UnknownStudyError` for an unknown name and
+    :class:`StudySkipped` when the study cannot run here; the report is
+    written even when checks fail (``Outcome.passed`` says whether they held).
+    """
+    study = get_study(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    if command is None:
+        command = canonical_command(name, full=full, out_dir=out_dir, seed=seed, threads=threads)
+    ctx = Context(full=full, out_dir=out, seed=seed, progress=progress, echo=echo, stem=report_name(name, full))
+    default_threads = torch.get_num_threads()
+    threads = threads if threads is not None else study.threads
+    started = datetime.now().astimezone()
+    start = time.perf_counter()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        machine = machine_info()
+        result = study.run(ctx)
+    finally:
+        torch.set_num_threads(default_threads)
+    seconds = time.perf_counter() - start
+
+    report = ctx.path(".md")
+    data_path = ctx.path(".json")
+    report.write_text(_report_text(study, result, ctx, command, machine, started, seconds), encoding="utf-8")
+    payload = {"table": name, "variant": "full" if full else "quick", "command": command, "seed": seed,
+               "machine": machine, "date": started.isoformat(timespec="seconds"), "wall_seconds": seconds,
+               "checks": [vars(c) for c in result.checks], "data": result.data}
+    data_path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
+
+    echo(result.console)
+    echo("")
+    for c in result.checks:
+        echo(f"  [{'ok' if c.passed else 'FAILED'}] {c.name}" + (f": {c.detail}" if c.detail else ""))
+    verdict = "all checks passed" if result.passed else \
+        f"{sum(not c.passed for c in result.checks)} of {len(result.checks)} checks FAILED"
+    echo(f"{name} ({'full' if full else 'quick'}): {verdict}; {_fmt_seconds(seconds)}; wrote {report}"
+         + "".join(f", {p}" for p in result.plots))
+    return Outcome(study, result, report, data_path, seconds)
+
+
+def canonical_command(name: str, *, full: bool, out_dir: str | os.PathLike[str], seed: int,
+                      threads: int | None = None) -> str:
+    """The ``gradcomp reproduce`` command line that reruns this study with these settings."""
+    import shlex
+
+    parts = ["gradcomp", "reproduce", name]
+    if full:
+        parts.append("--full")
+    if os.fspath(out_dir) != "results":
+        parts += ["--out", os.fspath(out_dir)]
+    if seed != 0:
+        parts += ["--seed", str(seed)]
+    if threads is not None:
+        parts += ["--threads", str(threads)]
+    return shlex.join(parts)
+
+
+def _report_text(study: Study, result: Result, ctx: Context, command: str, machine: dict[str, Any],
+                 started: datetime, seconds: float) -> str:
+    variant = "full" if ctx.full else "quick (CI)"
+    lines = [f"# {result.title}", "",
+             f"Produced by `{command}` — every number below comes from that run, except the columns "
+             "headed *published*.", "",
+             "| | |", "|---|---|",
+             f"| variant | {variant} |",
+             f"| seed | {ctx.seed} |",
+             f"| date | {started.isoformat(timespec='seconds')} |",
+             f"| wall time | {_fmt_seconds(seconds)} |",
+             f"| machine | {machine['platform']}, {machine['processor']}, {machine['cpus']} CPUs "
+             f"({machine['torch_threads']} torch thread{'s' if machine['torch_threads'] != 1 else ''}) |",
+             f"| software | Python {machine['python']}, torch {machine['torch']}, gradcomp {machine['gradcomp']}"
+             + (f" (git {machine['git_commit']})" if "git_commit" in machine else "") + " |"]
+    lines += [f"| setup | {_cell(s)} |" for s in result.setup]
+    lines += ["", result.markdown.strip(), ""]
+    for plot in result.plots:
+        rel = os.path.relpath(plot, ctx.out_dir)
+        lines += [f"![{Path(rel).stem}]({rel})", ""]
+    if result.checks:
+        lines += ["## Checks", ""]
+        lines += [f"- {'✅' if c.passed else '❌ FAILED'} {c.name}" + (f" — {c.detail}" if c.detail else "")
+                  for c in result.checks]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- tables and figures
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A markdown table; ``align`` holds one of ``l``/``r``/``c`` per column (default: first left, rest right).
+
+    Columns are padded so the same text reads as a table in a terminal too.
+    """
+    rows = [[_cell(c) for c in row] for row in rows]
+    headers = [_cell(h) for h in headers]
+    n = len(headers)
+    if any(len(r) != n for r in rows):
+        raise ValueError("every row must have as many cells as there are headers")
+    align = align or "l" + "r" * (n - 1)
+    widths = [max([len(headers[i])] + [len(r[i]) for r in rows] + [3]) for i in range(n)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        out = []
+        for c, w, a in zip(cells, widths, align):
+            out.append(c.ljust(w) if a == "l" else c.rjust(w) if a == "r" else c.center(w))
+        return "| " + " | ".join(out) + " |"
+
+    rule = []
+    for w, a in zip(widths, align):
+        rule.append(":" + "-" * (w - 1) if a == "l" else "-" * (w - 1) + ":" if a == "r"
+                    else ":" + "-" * (w - 2) + ":")
+    return "\n".join([fmt(headers), "| " + " | ".join(rule) + " |"] + [fmt(r) for r in rows])
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib figure drawn by the Agg canvas: no display, no pyplot, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG to ``path`` (through a temporary file, so a reader never sees half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
+def memory_peak_mb() -> float | None:
+    """This process's peak resident memory in MB so far (Linux/macOS), None where unknown."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3

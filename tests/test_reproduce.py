@@ -1,0 +1,187 @@
+"""`gradcomp reproduce`: the quick variants run through the CLI, their reports, tables and assertions.
+
+The full variants are not run here (minutes to half an hour); their reports live in results/.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gradcomp.cli import main
+from gradcomp.reproduce import common
+from gradcomp.reproduce.common import Check, Result, Study, StudySkipped, markdown_table
+from gradcomp.train.models import resnet50
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_cli(args, capsys):
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- ratio (no data needed)
+
+
+@pytest.fixture(scope="module")
+def ratio_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ratio")
+    rc = main(["reproduce", "ratio", "--out", str(out), "--no-progress"])
+    return rc, out
+
+
+def test_ratio_quick_passes_and_writes_its_report(ratio_run):
+    rc, out = ratio_run
+    assert rc == 0
+    report = (out / "ratio-quick.md").read_text()
+    assert f"gradcomp reproduce ratio --out {out}" in report  # the command that produced it
+    for field in ("| seed | 0 |", "| date |", "| wall time |", "| machine |", "torch 2.", "CPUs"):
+        assert field in report, field
+    # our figures beside the published ones
+    assert "ResNet-50" in report and "PTB LSTM-1500" in report
+    assert "97.49" in report and "277x" in report and "194.68" in report and "462x" in report
+    assert "does not match" in report and "66,034,000" in report
+    assert "❌" not in report and "✅" in report
+    assert (out / "ratio-quick.png").read_bytes()[:8] == PNG
+    assert "![ratio-quick](ratio-quick.png)" in report
+
+
+def test_ratio_counts_match_independent_formulas(ratio_run):
+    _, out = ratio_run
+    data = json.loads((out / "ratio-quick.json").read_text())
+    assert all(c["passed"] for c in data["checks"])
+    models = data["data"]["models"]
+    assert set(models) == {"resnet50", "ptb_lstm_1500"}
+    assert set(models["resnet50"]["compressors"]) == {"none", "dgc", "topk", "onebit", "powersgd"}
+
+    # DGC on ResNet-50, recomputed here from the model itself: sparsified tensors send ceil(0.001 n) fp32 values
+    # and int32 indices, the dense ones (1-D or < 1024 entries) 4 bytes per entry
+    params = [p for p in resnet50().parameters()]
+    dense = sum(4 * p.numel() for p in params)
+    dgc = sum(math.ceil(p.numel() / 1000) * 8 if p.dim() > 1 and p.numel() >= 1024 else 4 * p.numel()
+              for p in params)
+    entry = models["resnet50"]
+    assert entry["parameters"] == 25_557_032 and entry["dense_bytes"] == dense
+    assert entry["compressors"]["dgc"]["bytes"] == dgc
+    assert entry["compressors"]["dgc"]["ratio"] == pytest.approx(dense / dgc)
+    assert entry["compressors"]["none"]["bytes"] == dense and entry["compressors"]["none"]["ratio"] == 1.0
+    assert entry["compressors"]["topk"]["bytes"] == sum(math.ceil(p.numel() / 1000) * 8 for p in params)
+    # the paper's LSTM as we build it: 66,034,000 parameters
+    assert models["ptb_lstm_1500"]["parameters"] == 66_034_000
+    for model in models.values():
+        for c in model["compressors"].values():
+            assert c["bytes"] == c["expected_bytes"]
+
+
+# ---------------------------------------------------------------- masking (MNIST)
+
+
+@pytest.fixture(scope="module")
+def masking_run(tmp_path_factory):
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+
+    try:
+        load_dataset("mnist", limit_train=1)
+    except DatasetNotFoundError as error:
+        pytest.skip(f"MNIST not available: {error}")
+    out = tmp_path_factory.mktemp("masking")
+    rc = main(["reproduce", "masking", "--out", str(out), "--no-progress"])
+    return rc, out
+
+
+def test_masking_quick_passes_and_writes_its_report(masking_run):
+    rc, out = masking_run
+    assert rc == 0
+    report = (out / "masking-quick.md").read_text()
+    assert f"gradcomp reproduce masking --out {out}" in report
+    assert "| seed | 0 |" in report and "| wall time |" in report
+    assert "published 1 node" in report and "0.41" in report and "0.24" in report
+    assert "❌" not in report
+    assert (out / "masking-quick.png").read_bytes()[:8] == PNG
+
+
+def test_masking_quick_shape(masking_run):
+    _, out = masking_run
+    data = json.loads((out / "masking-quick.json").read_text())
+    rows = {(r["kind"], r["keep"], r["workers"]): r for r in data["data"]["rows"]}
+    dense = rows[("drop", 100, 1)]
+    assert dense["accuracy"] > 0.85  # far above chance (0.1)
+    assert rows[("drop", 0, 1)]["accuracy"] < 0.3  # keep 0 %: nothing applied, the model stays at its init
+    assert rows[("drop", 0, 1)]["bytes_sent"] == 0
+    assert rows[("dgc", 0.1, 2)]["accuracy"] > rows[("drop", 0.1, 2)]["accuracy"] + 0.03
+    # bytes are the payloads': at 0.1 % plain dropping sends ~500x less than dense
+    assert 400 < rows[("drop", 0.1, 1)]["ratio"] < 600
+    assert dense["ratio"] == 1.0
+    assert all(c["passed"] for c in data["checks"])
+
+
+# ---------------------------------------------------------------- the command itself
+
+
+def test_help_lists_the_registered_studies(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--full" in out and "--out DIR" in out
+    tables = out.split("tables:", 1)[1]
+    assert "ratio" in tables and "masking" in tables
+    assert tables.index("masking") < tables.index("ratio")  # in the issue's order
+
+
+def test_list(capsys):
+    rc, out, _ = _run_cli(["reproduce", "--list"], capsys)
+    assert rc == 0
+    assert [line.split()[0] for line in out.splitlines()][:2] == ["masking", "ratio"]
+
+
+def test_unknown_table_is_a_clear_error(capsys, tmp_path):
+    rc, _, err = _run_cli(["reproduce", "nope", "--out", str(tmp_path)], capsys)
+    assert rc == 2
+    assert "unknown table 'nope'" in err and "masking" in err and "ratio" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_no_table_is_an_error(capsys):
+    rc, out, err = _run_cli(["reproduce"], capsys)
+    assert rc == 2 and "name a TABLE" in err and "ratio" in out
+
+
+def _fake(monkeypatch, name, run):
+    monkeypatch.setitem(common._STUDIES, name, Study(name, "a test study", run, threads=1))
+
+
+def test_failed_check_exits_1_and_is_reported(monkeypatch, capsys, tmp_path):
+    threads = torch.get_num_threads()
+    seen = {}
+
+    def run(ctx):
+        seen["threads"] = torch.get_num_threads()
+        return Result("Fake", "our table", "## body\n\n" + markdown_table(["a", "b"], [["x", 1]]),
+                      checks=[Check("holds", True, "1"), Check("fails", False, "2")], data={"x": 1})
+
+    _fake(monkeypatch, "fake", run)
+    rc, out, _ = _run_cli(["reproduce", "fake", "--full", "--out", str(tmp_path), "--seed", "3"], capsys)
+    assert rc == 1
+    assert seen["threads"] == 1 and torch.get_num_threads() == threads  # the study's threads, then restored
+    report = (tmp_path / "fake.md").read_text()
+    assert f"gradcomp reproduce fake --full --out {tmp_path} --seed 3" in report
+    assert "| seed | 3 |" in report and "| variant | full |" in report
+    assert "❌ FAILED fails — 2" in report and "✅ holds — 1" in report
+    assert "| a   |   b |" in report
+    assert json.loads((tmp_path / "fake.json").read_text())["data"] == {"x": 1}
+    assert "our table" in out and "1 of 2 checks FAILED" in out
+
+
+def test_skipped_study_says_why(monkeypatch, capsys, tmp_path):
+    def run(ctx):
+        raise StudySkipped("MNIST was not found in /nowhere")
+
+    _fake(monkeypatch, "needs-data", run)
+    rc, _, err = _run_cli(["reproduce", "needs-data", "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    assert "skipped" in err and "/nowhere" in err
+    assert not (tmp_path / "needs-data-quick.md").exists()
