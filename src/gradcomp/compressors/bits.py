@@ -14,6 +14,8 @@ from torch import Tensor
 
 __all__ = ["pack", "unpack", "packed_nbytes"]
 
+_BLOCK = 1 << 20  # codes per block for the general widths; a multiple of 8
+
 
 def packed_nbytes(n: int, width: int) -> int:
     """Bytes taken by ``n`` codes of ``width`` bits."""
@@ -35,9 +37,10 @@ def pack(codes: Tensor, width: int) -> Tensor:
             codes = torch.cat([codes, codes.new_zeros(pad)])
         shifts = torch.arange(8 - width, -1, -width, device=codes.device)
         return (codes.view(-1, per) << shifts).sum(1).to(torch.uint8)
-    # General width: expand to bits, then pack 8 bits per byte.
+    # General width: expand to bits, then pack 8 bits per byte, a block of codes at
+    # a time (a multiple of 8 codes ends on a byte boundary) to bound the temporaries.
     shifts = torch.arange(width - 1, -1, -1, device=codes.device)
-    return pack(((codes.unsqueeze(1) >> shifts) & 1).view(-1), 1)
+    return torch.cat([pack(((block.unsqueeze(1) >> shifts) & 1).view(-1), 1) for block in codes.split(_BLOCK)])
 
 
 def unpack(packed: Tensor, width: int, n: int) -> Tensor:
@@ -52,6 +55,12 @@ def unpack(packed: Tensor, width: int, n: int) -> Tensor:
     if width in (1, 2, 4):
         shifts = torch.arange(8 - width, -1, -width, device=packed.device)
         return ((data.unsqueeze(1) >> shifts) & ((1 << width) - 1)).view(-1)[:n]
-    bits = unpack(packed, 1, n * width).view(n, width)
     weights = 1 << torch.arange(width - 1, -1, -1, device=packed.device)
-    return (bits * weights).sum(1)
+    data = packed.reshape(-1)
+    step = _BLOCK * width // 8  # bytes holding one block of codes
+    out = []
+    for start in range(0, n, _BLOCK):
+        count = min(_BLOCK, n - start)
+        raw = data[start * width // 8:start * width // 8 + step][:packed_nbytes(count, width)]
+        out.append((unpack(raw, 1, count * width).view(count, width) * weights).sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=packed.device)
