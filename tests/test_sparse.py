@@ -117,3 +117,13 @@ def test_out_of_range_codes_are_rejected():
     bad = gradcomp.Payload((torch.tensor([2 * 50], dtype=torch.int32),))
     with pytest.raises(ValueError, match="out of range"):
         c.decompress([bad], like=torch.zeros(50))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+@pytest.mark.parametrize("p", [0.0, 0.001, 0.3, 1.0])
+def test_sparse_nonzero_equals_nonzero(n, p):
+    from gradcomp.compressors.sparse import _sparse_nonzero
+
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < p
+    assert torch.equal(_sparse_nonzero(mask), mask.nonzero().view(-1))
+    assert torch.equal(_sparse_nonzero(mask[3:]), mask[3:].nonzero().view(-1))  # unaligned view

