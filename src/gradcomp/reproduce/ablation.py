@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from ..method import DGC, Method
 from ..simulator import Simulator
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, new_figure, register, save_figure
+from .common import (Check, Context, Result, Study, StudySkipped, classification_loss, evaluate_classifier,
+                     markdown_table, new_figure, register, save_figure)
 
 #: Published (DGC paper, Table 1: ResNet-110 on CIFAR-10, 99.9 % sparsity): baseline accuracy and each row's delta.
 PUBLISHED_BASELINE = 92.92
@@ -126,27 +126,6 @@ def _method(key: str, variant: Variant, steps: int) -> tuple[Method, float]:
     return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs), 0.0
 
 
-def _loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-@torch.no_grad()
-def _evaluate(model, data, limit: int | None = None, chunk: int = 1000) -> tuple[float, float]:
-    model.eval()
-    try:
-        correct, loss = 0, 0.0
-        n = len(data.y_test) if limit is None else min(limit, len(data.y_test))
-        for i in range(0, n, chunk):
-            x, y = data.x_test[i:min(i + chunk, n)], data.y_test[i:min(i + chunk, n)]
-            out = model(x)
-            correct += (out.argmax(1) == y).sum().item()
-            loss += F.cross_entropy(out, y, reduction="sum").item()
-        return correct / n, loss / n
-    finally:
-        model.train()
-
-
 def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
     from ..train.data import image_batches, steps_per_epoch
     from ..train.models import CNN
@@ -166,14 +145,14 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
         losses = []
         for shards in image_batches(data.x_train, data.y_train, variant.global_batch, variant.workers, epoch, seed):
             densities.append(sim.method.current_density if dgc else 1.0)  # the density this step sends
-            loss = sim.step(shards, _loss).item()
+            loss = sim.step(shards, classification_loss).item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{row.label}: training loss became {loss}")
             losses.append(loss)
             bar.update(1)
         row.history.append(sum(losses) / len(losses))
     row.final_train_loss = row.history[-1]
-    row.accuracy, row.test_loss = _evaluate(model, data, variant.limit_test)
+    row.accuracy, row.test_loss = evaluate_classifier(model, data, variant.limit_test)
     row.mean_density = sum(densities) / len(densities)
     row.bytes_sent = sim.bytes_sent[0]
     row.dense_bytes = sim.dense_bytes

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 __all__ = [
     "Check",
@@ -404,3 +405,26 @@ def memory_peak_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
+def classification_loss(model, batch):
+    """Cross-entropy of a classifier on an ``(x, y)`` shard: the studies' ``loss_fn``."""
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+@torch.no_grad()
+def evaluate_classifier(model, data, limit: int | None = None, chunk: int = 1000) -> tuple[float, float]:
+    """(test accuracy, mean test loss) on the first ``limit`` test samples (all by default), in chunks."""
+    model.eval()
+    try:
+        correct, loss = 0, 0.0
+        n = len(data.y_test) if limit is None else min(limit, len(data.y_test))
+        for i in range(0, n, chunk):
+            x, y = data.x_test[i:min(i + chunk, n)], data.y_test[i:min(i + chunk, n)]
+            out = model(x)
+            correct += (out.argmax(1) == y).sum().item()
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+        return correct / n, loss / n
+    finally:
+        model.train()

@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from ..compressors.base import get
 from ..memory import Memory
 from ..method import DGC, Method
 from ..simulator import Simulator
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, new_figure, register, save_figure
+from .common import (Check, Context, Result, Study, StudySkipped, classification_loss, evaluate_classifier,
+                     markdown_table, new_figure, register, save_figure)
 
 #: Published shape, from the seed implementation's MNIST tables: about 0.99 down to ~1 % kept, collapse at 0.1 %.
 PUBLISHED_PLATEAU = 0.99  # "about 0.99" for keep >= 1 %
@@ -100,21 +100,6 @@ def _pct(keep: float) -> str:
     return f"{keep:g} %"
 
 
-def _loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-@torch.no_grad()
-def _evaluate(model, data) -> tuple[float, float]:
-    model.eval()
-    try:
-        out = model(data.x_test)
-        return (out.argmax(1) == data.y_test).float().mean().item(), F.cross_entropy(out, data.y_test).item()
-    finally:
-        model.train()
-
-
 def _method(row: Row, variant: Variant) -> tuple[Method, float]:
     """The row's method and the optimizer momentum that goes with it."""
     if row.kind == "dgc":
@@ -132,7 +117,7 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
     model = MLP(data.input_shape, data.num_classes, hidden=variant.hidden)
     start = time.perf_counter()
     if row.keep <= 0:  # nothing is sent, nothing is applied: the model stays at its initialisation
-        row.accuracy, row.test_loss = _evaluate(model, data)
+        row.accuracy, row.test_loss = evaluate_classifier(model, data)
         row.mean_density = 0.0
         row.seconds = time.perf_counter() - start
         return
@@ -148,9 +133,9 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
             sim.set_epoch(epoch + i / steps)
             if row.kind == "dgc":
                 densities.append(sim.method.current_density)
-            sim.step(shards, _loss)
+            sim.step(shards, classification_loss)
             bar.update(1)
-    row.accuracy, row.test_loss = _evaluate(model, data)
+    row.accuracy, row.test_loss = evaluate_classifier(model, data)
     row.bytes_sent = sim.bytes_sent[0]
     row.dense_bytes = sim.dense_bytes
     row.steps = sim.steps
