@@ -23,6 +23,12 @@ from .method import Method, as_method
 __all__ = ["HookState", "ddp_comm_hook", "register_ddp_hook"]
 
 
+def _write(names: list[str], grads: list[Tensor], averages: dict[str, Tensor]) -> None:
+    """Put the averaged gradients into the bucket's gradient views."""
+    for name, grad in zip(names, grads):
+        grad.copy_(averages[name].view_as(grad))
+
+
 class HookState:
     """What the hook keeps between calls: the method (this rank's copy), the communicator and parameter names.
 
@@ -52,9 +58,7 @@ class HookState:
         future = self.comm.exchange({n: self.method.exchange(n, prepared[n], world) for n in names})
 
         def write(f: Future) -> Tensor:
-            averages = f.value()
-            for name, grad in zip(names, grads):
-                grad.copy_(averages[name].view_as(grad))
+            _write(names, grads, f.value())
             return out
 
         return future.then(write)
@@ -72,9 +76,7 @@ class HookState:
             def complete(f: Future, bucket_names=bucket_names, bucket_grads=bucket_grads, out=out,
                          placeholder=placeholder) -> None:
                 try:
-                    averages = f.value()
-                    for name, grad in zip(bucket_names, bucket_grads):
-                        grad.copy_(averages[name].view_as(grad))
+                    _write(bucket_names, bucket_grads, f.value())
                     placeholder.set_result(out)
                 except Exception as error:  # noqa: BLE001 - DDP must see it, not hang
                     placeholder.set_exception(error)
