@@ -59,6 +59,22 @@ def test_resume_continues_exactly(tmp_path, simulate):
     assert [m["epoch"] for m in RunDir(tmp_path / "part").read_metrics()] == [1, 2, 3]
 
 
+def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
+    quick(tmp_path, "decay", simulate=True, workers=2, epochs=3, lr=0.2, lr_milestones=[1, 2], lr_decay=0.5,
+          limit_train=256)
+    lr = RunDir(tmp_path / "decay").load_checkpoint()["optimizer"]["param_groups"][0]["lr"]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.5)
+    for _ in range(2):  # into the third epoch
+        opt.step()
+        sched.step()
+    assert lr == pytest.approx(opt.param_groups[0]["lr"])
+    with pytest.raises(ValueError, match="lr_milestones"):
+        TrainConfig(lr_milestones=[2, 1])
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay=0)
+
+
 @pytest.mark.parametrize("method,options", [(name, {}) for name in gradcomp.available() if name != "dgc"]
                          + [("topk", {"density": 0.01}), ("powersgd", {"rank": 2})])
 def test_every_method_trains(tmp_path, method, options):

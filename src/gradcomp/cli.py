@@ -142,6 +142,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9; DGC applies it itself)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay, applied locally (default 0)")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default 0)")
+    p.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",
+                   help="multiply the learning rate by --lr-decay at the start of each of these epochs")
+    p.add_argument("--lr-decay", type=float, default=0.1, help="step-decay factor for --lr-milestones (default 0.1)")
     p.add_argument("--clip-norm", type=float, help="gradient clipping: DGC clips locally to clip_norm/sqrt(N) "
                                                    "before compressing; other methods clip the averaged gradient")
     p.add_argument("--bptt", type=_positive_int, default=35, help="LM sequence length (default 35)")
@@ -176,7 +179,8 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model, method=args.method,
                        options=options, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                       lr_warmup_epochs=args.lr_warmup_epochs, clip_norm=args.clip_norm, bptt=args.bptt,
+                       lr_warmup_epochs=args.lr_warmup_epochs,
+                       lr_milestones=args.lr_milestones, lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
                        limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, simulate=args.simulate,
                        link_gbps=args.link_gbps, run_dir=args.run_dir, progress=not args.no_progress,
                        label=args.label)

@@ -53,6 +53,7 @@ __all__ = [
     "run_study",
     "save_figure",
     "studies",
+    "train_runs",
 ]
 
 
@@ -428,3 +429,28 @@ def evaluate_classifier(model, data, limit: int | None = None, chunk: int = 1000
         return correct / n, loss / n
     finally:
         model.train()
+
+
+def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple[dict[str, Any], Path]]:
+    """Train each :class:`~gradcomp.train.loop.TrainConfig` with ``gradcomp train``'s own loop.
+
+    Each config runs into ``folder / f"{i}-{method}"`` (its ``run_dir`` and
+    ``progress`` are set here); returns ``(summary, run_dir)`` per config, in
+    order.  The run directories hold the per-epoch metrics that
+    :func:`gradcomp.train.report.plot_runs` draws.
+    """
+    import dataclasses
+
+    from ..train.loop import run as train
+
+    out = []
+    for i, cfg in enumerate(configs):
+        run_dir = folder / f"{i}-{cfg.method}"
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir), progress=ctx.progress)
+        summary = train(cfg, echo=lambda _: None)
+        metric = (f"test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary
+                  else f"test perplexity {summary['test_perplexity']:.2f}")
+        ctx.echo(f"{cfg.label or cfg.describe()}: {metric}, {summary['compression_ratio']:.1f}x, "
+                 f"{1e3 * summary['time_per_step']:.1f} ms per step")
+        out.append((summary, run_dir))
+    return out

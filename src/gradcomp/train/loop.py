@@ -64,6 +64,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_warmup_epochs: float = 0.0
+    #: multiply the learning rate by ``lr_decay`` at each of these epochs (step decay, like ``MultiStepLR``)
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_decay: float = 0.1
     clip_norm: float | None = None
     bptt: int = 35
     limit_train: int | None = None
@@ -92,6 +95,12 @@ class TrainConfig:
         check_range("TrainConfig", "momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_range("TrainConfig", "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
         check_range("TrainConfig", "lr_warmup_epochs", self.lr_warmup_epochs, 0.0, math.inf, high_open=True)
+        check_range("TrainConfig", "lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
+        self.lr_milestones = list(self.lr_milestones)
+        for m in self.lr_milestones:
+            check_int("TrainConfig", "lr_milestones", m, 1)
+        if self.lr_milestones != sorted(set(self.lr_milestones)):
+            raise ValueError(f"TrainConfig.lr_milestones must increase strictly, got {self.lr_milestones}")
         check_range("TrainConfig", "link_gbps", self.link_gbps, 0.0, math.inf, low_open=True, high_open=True)
         if self.clip_norm is not None:
             check_range("TrainConfig", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
@@ -296,8 +305,12 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
         losses = []
         start = time.perf_counter()
         for i, shards in enumerate(bar):
-            if warmup is not None:
-                warmup.apply(front.optimizer, epoch + i / task.steps)
+            if warmup is not None or cfg.lr_milestones:
+                t = epoch + i / task.steps
+                lr = cfg.lr * (warmup.factor(t) if warmup is not None else 1.0) \
+                    * cfg.lr_decay ** sum(t >= m for m in cfg.lr_milestones)
+                for group in front.optimizer.param_groups:
+                    group["lr"] = lr
             losses.append(front.step(shards))
             if i % 5 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}",

@@ -1,0 +1,180 @@
+"""Table ``compare``: every compressor on one image task and one language task, at matched steps.
+
+Each row is a ``gradcomp train`` run in the simulator (4 workers, the same
+seed, data, model, learning rate and number of steps for every row); only the
+method differs.  Columns, in the shape of the PowerSGD paper's comparison:
+final test accuracy (image) or perplexity (language), MB sent per worker per
+epoch (counted from the real payloads), compression ratio, measured time per
+step, and the time per step projected onto 1 Gbit/s links.
+
+* image: the batch-norm CNN (0.39 M parameters) on MNIST;
+* language: the 2-layer character LSTM (256 units) on Tiny Shakespeare.
+
+The measured time per step is the simulator's: the 4 workers' forward,
+backward and compression run one after another in one process, so it is
+about 4x one worker's compute.  The projection takes a quarter of it as one
+worker's compute and adds the ring-algorithm communication time of the bytes
+the row sends (:func:`gradcomp.train.report.estimate_step_time`: all-reduce
+for dense, fp16, random-k and PowerSGD, all-gather for the rest).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
+
+#: Every compressor with the options it runs with here, and its row label.
+METHODS: dict[str, tuple[str, dict, str]] = {
+    "none": ("none", {}, "SGD (dense fp32)"),
+    "fp16": ("fp16", {}, "fp16"),
+    "topk": ("topk", {"density": 0.01}, "gradient dropping (top 1 %)"),
+    "threshold": ("threshold", {"tau": 0.01}, "threshold quantization (τ 0.01)"),
+    "dryden": ("dryden", {"proportion": 0.01}, "Dryden (1 % per sign)"),
+    "randomk": ("randomk", {"density": 0.01}, "random-k (1 %)"),
+    "onebit": ("onebit", {}, "1-bit SGD"),
+    "terngrad": ("terngrad", {}, "TernGrad"),
+    "qsgd": ("qsgd", {"levels": 16}, "QSGD (16 levels)"),
+    "powersgd": ("powersgd", {"rank": 2}, "PowerSGD (rank 2)"),
+    "dgc": ("dgc", {"density": 0.001}, "DGC (99.9 %)"),
+}
+
+#: Published (PowerSGD paper, ResNet-18 on CIFAR-10, 16 workers): test accuracy and data sent per epoch.
+PUBLISHED = {"none": "94.3 %, 1023 MB", "powersgd": "94.4 %, 8 MB"}
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    dataset: str
+    model: str
+    limit_train: int | None
+    epochs: int
+    batch_per_worker: int
+    lr: float
+    limit_test: int | None = None
+    clip_norm: float | None = None
+    workers: int = 4
+
+    @property
+    def metric(self) -> str:
+        return "test_perplexity" if self.dataset in ("ptb", "shakespeare") else "test_accuracy"
+
+
+FULL = (Task("image", "mnist", "cnn", 20_000, 2, 32, 0.05),
+        Task("language", "shakespeare", "lstm", 300_000, 2, 16, 1.0, clip_norm=1.0))
+QUICK = (Task("image", "mnist", "cnn", 2_000, 1, 32, 0.05, limit_test=1_000),
+         Task("language", "shakespeare", "lstm", 30_000, 1, 16, 1.0, limit_test=10_000, clip_norm=1.0))
+
+
+def configs(task: Task, seed: int) -> list:
+    from ..train.loop import TrainConfig
+
+    out = []
+    for key, (method, options, label) in METHODS.items():
+        if method == "dgc":
+            options = {**options, "warmup_epochs": task.epochs / 40}
+        out.append(TrainConfig(dataset=task.dataset, model=task.model, method=method, options=options, label=label,
+                               workers=task.workers, epochs=task.epochs, batch_size=task.batch_per_worker,
+                               lr=task.lr, momentum=0.9, clip_norm=task.clip_norm, limit_train=task.limit_train,
+                               limit_test=task.limit_test, seed=seed, simulate=True))
+    return out
+
+
+def _score(task: Task, summary: dict) -> str:
+    value = summary[task.metric]
+    return f"{100 * value:.2f} %" if task.metric == "test_accuracy" else f"{value:.3f}"
+
+
+def _table(task: Task, rows: dict[str, dict]) -> str:
+    from ..train.report import estimate_step_time
+
+    body = []
+    for key, s in rows.items():
+        per_epoch = s["bytes_sent"] / task.epochs
+        method = METHODS[key][0]
+        collective = "allreduce" if method in ("none", "fp16", "randomk", "powersgd") else "allgather"
+        projected = estimate_step_time(s["time_per_step"] / task.workers, s["bytes_sent"] / s["steps"],
+                                       task.workers, 1.0, collective)
+        body.append([METHODS[key][2], _score(task, s), f"{per_epoch / 1e6:.3g} MB", f"{s['compression_ratio']:.1f}x",
+                     f"{1e3 * s['time_per_step']:.0f} ms", f"{1e3 * projected:.1f} ms",
+                     PUBLISHED.get(key, "") if task.key == "image" else ""])
+    metric = "test acc." if task.metric == "test_accuracy" else "test ppl (chars)"
+    return markdown_table(["method", metric, "sent / epoch / worker", "ratio", "time / step (simulator)",
+                           "projected step at 1 Gbit/s", "published (ResNet-18, CIFAR-10)"], body)
+
+
+def run(ctx: Context) -> Result:
+    from ..train.data import DatasetNotFoundError, load_dataset
+    from ..train.report import plot_runs
+
+    tasks = FULL if ctx.full else QUICK
+    for task in tasks:
+        try:
+            load_dataset(task.dataset, limit_train=1)
+        except DatasetNotFoundError as error:
+            raise StudySkipped(f"{task.dataset} is needed for this table and was not found: {error}") from None
+    results: dict[str, dict[str, dict]] = {}
+    plots = []
+    with tempfile.TemporaryDirectory(prefix="gradcomp-compare-") as tmp:
+        for task in tasks:
+            ctx.echo(f"{task.key} task: {task.dataset}, {task.model}")
+            runs = train_runs(ctx, configs(task, ctx.seed), Path(tmp) / task.key)
+            results[task.key] = {key: s for key, (s, _) in zip(METHODS, runs)}
+            plots.append(plot_runs([d for _, d in runs], ctx.path(f"-{task.key}.png")))
+
+    checks = []
+    for task in tasks:
+        rows = results[task.key]
+        dense = rows["none"]
+        checks.append(Check(f"{task.key}: fp16 sends exactly half of dense fp32",
+                            2 * rows["fp16"]["bytes_sent"] == dense["bytes_sent"],
+                            f"{rows['fp16']['bytes_sent']} vs {dense['bytes_sent']}"))
+        checks.append(Check(f"{task.key}: DGC sends the fewest bytes of all methods",
+                            min(rows, key=lambda k: rows[k]["bytes_sent"]) == "dgc",
+                            ", ".join(f"{k} {v['compression_ratio']:.0f}x" for k, v in rows.items())))
+    image = results["image"]
+    floor = 0.9 if ctx.full else 0.5
+    checks.append(Check(f"image: every method trains (test accuracy > {floor})",
+                        all(s["test_accuracy"] > floor for s in image.values()),
+                        ", ".join(f"{k} {s['test_accuracy']:.3f}" for k, s in image.items())))
+    if ctx.full:
+        checks.append(Check("image: DGC within 1 point of dense at matched steps",
+                            image["dgc"]["test_accuracy"] >= image["none"]["test_accuracy"] - 0.01,
+                            f"{image['dgc']['test_accuracy']:.4f} vs {image['none']['test_accuracy']:.4f}"))
+        lm = results["language"]
+        checks.append(Check("language: DGC within 5 % of dense perplexity at matched steps",
+                            lm["dgc"]["test_perplexity"] <= 1.05 * lm["none"]["test_perplexity"],
+                            f"{lm['dgc']['test_perplexity']:.3f} vs {lm['none']['test_perplexity']:.3f}"))
+
+    title = "Every compressor at matched steps: MNIST CNN and Tiny Shakespeare char-LSTM, 4 workers"
+    sections, setup = [], []
+    for task in tasks:
+        table = _table(task, results[task.key])
+        sections.append((task, table))
+        size = "all" if task.limit_train is None else f"the first {task.limit_train:,}"
+        unit = "characters" if task.dataset == "shakespeare" else "images"
+        setup.append(f"{task.key}: {task.dataset}, {size} training {unit}, model {task.model}, "
+                     f"{task.workers} simulated workers × batch {task.batch_per_worker}, {task.epochs} epochs, SGD lr "
+                     f"{task.lr}, momentum 0.9" + (f", clip norm {task.clip_norm}" if task.clip_norm else ""))
+    setup.append("DGC warm-up: 1/40 of training (the paper's share); every other method as listed, with its "
+                 "error feedback where it has one")
+    markdown = []
+    for task, table in sections:
+        markdown += [f"## {task.key.capitalize()} task: {task.dataset}, {task.model}", "", table, ""]
+    markdown += ["Published (PowerSGD paper, ResNet-18 on CIFAR-10): SGD 94.3 % sending 1023 MB per epoch, "
+                 "rank-2 PowerSGD 94.4 % sending 8 MB.", "",
+                 "Time per step is measured in the simulator (4 workers one after another in one process); the "
+                 "projection is a quarter of it plus ring-algorithm communication at 1 Gbit/s per worker.", ""]
+    console = "\n".join([title, ""] + [f"{t.key}\n{table}\n" for t, table in sections])
+    return Result(title=title, console=console, markdown="\n".join(markdown), checks=checks, plots=plots,
+                  data={"tasks": [{k: getattr(t, k) for k in t.__dataclass_fields__} for t in tasks],
+                        "rows": results, "methods": {k: {"method": m, "options": o, "label": lab}
+                                                      for k, (m, o, lab) in METHODS.items()}},
+                  setup=setup)
+
+
+register(Study("compare", "every compressor at matched steps: accuracy / perplexity, MB per epoch, time per step",
+               run, order=5, threads=1))
