@@ -94,7 +94,7 @@ def test_real_datasets(tmp_path, dataset, model):
     except DatasetNotFoundError as error:
         pytest.skip(str(error))
     summary = quick(tmp_path, dataset, dataset=dataset, model=model, epochs=1, simulate=True, workers=2,
-                    limit_train=1000 if dataset == "mnist" else 8_000, limit_test=500 if dataset == "mnist" else 5000,
+                    limit_train=160 if dataset == "mnist" else 8_000, limit_test=200 if dataset == "mnist" else 5000,
                     batch_size=8, bptt=20)
     key = "test_accuracy" if dataset == "mnist" else "test_perplexity"
     assert summary[key] > 0

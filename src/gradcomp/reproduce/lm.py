@@ -10,7 +10,7 @@ epochs).
 
 Every row is a ``gradcomp train`` run in the simulator (4 workers, per-worker
 batch 20, BPTT 35) on PyTorch's ``word_language_model`` 2-layer LSTM (200
-units, 4.66 M parameters; the paper's 1500-unit model is in the ``ratio``
+units, 4,653,200 parameters; the paper's 1500-unit model is in the ``ratio``
 table).  Test perplexity is on the whole PTB test set (82,430 tokens) in the
 full variant.  Gradient size counts worker 0's payloads per step, dense
 tensors (biases) included, averaged over the run, warm-up included.
@@ -106,14 +106,15 @@ def run(ctx: Context) -> Result:
     dgc, noclip = results["dgc"], results["dgc_noclip"]
     gap, gap_noclip = dgc["test_perplexity"] / dense["test_perplexity"] - 1, \
         noclip["test_perplexity"] / dense["test_perplexity"] - 1
-    checks = [Check("DGC sends under 1 % of the dense bytes", dgc["compression_ratio"] > 100,
+    floor = 100 if ctx.full else 10  # a short run is dominated by its first warm-up steps (25 % density)
+    checks = [Check(f"DGC sends under {100 / floor:g} % of the dense bytes", dgc["compression_ratio"] > floor,
                     f"{dgc['compression_ratio']:.0f}x")]
     if ctx.full:
         checks.append(Check("DGC at 99.9 % within 3 % of the dense perplexity", gap <= 0.03,
                             f"{dgc['test_perplexity']:.2f} vs {dense['test_perplexity']:.2f} ({100 * gap:+.2f} %)"))
     else:
         vocab = load_dataset("ptb", limit_train=1).vocab_size
-        checks.append(Check(f"every row learns: test perplexity below the uniform guess ({vocab:,})",
+        checks.append(Check(f"every row learns: test perplexity below a quarter of the uniform guess ({vocab:,})",
                             all(s["test_perplexity"] < vocab / 4 for s in results.values()),
                             ", ".join(f"{s['test_perplexity']:.0f}" for s in results.values())))
     notes = [f"DGC at 99.9 % sparsity: {100 * gap:+.2f} % perplexity against dense (published: -0.08 %), "
@@ -125,11 +126,12 @@ def run(ctx: Context) -> Result:
     if not all(math.isfinite(s["test_perplexity"]) for s in results.values()):
         notes.append("A row diverged (non-finite perplexity).")
 
+    parameters = dense["dense_bytes"] // (4 * dense["steps"])
     title = "Language modeling on Penn Treebank: dense vs DGC at 99.9 % sparsity, 4 workers"
     tokens = "all 929,589" if variant.limit_train is None else f"the first {variant.limit_train:,}"
     test = "all 82,430" if variant.limit_test is None else f"the first {variant.limit_test:,}"
     setup = [f"data: Penn Treebank, {tokens} training tokens, {test} test tokens",
-             "model: gradcomp.train.models.LSTMLM, 2 layers, 200 units, dropout 0.2 (4,659,600 parameters)",
+             f"model: gradcomp.train.models.LSTMLM, 2 layers, 200 units, dropout 0.2 ({parameters:,} parameters)",
              f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker}, BPTT "
              f"{variant.bptt}, {variant.epochs} epochs, SGD lr {variant.lr}"
              + (f" divided by 4 at epoch {', '.join(map(str, variant.lr_milestones))}" if variant.lr_milestones else "")

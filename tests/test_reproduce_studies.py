@@ -1,0 +1,123 @@
+"""The quick variants of `gradcomp reproduce` ablation, lm and compare, through the CLI.
+
+Each is checked against figures computed here from the models themselves (bytes per step), not against its
+own report.  A study whose dataset is missing is skipped.
+"""
+
+import json
+import math
+
+import pytest
+
+from gradcomp.cli import main
+from gradcomp.train.data import DatasetNotFoundError, load_dataset
+from gradcomp.train.models import build_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _need(*datasets):
+    for name in datasets:
+        try:
+            load_dataset(name, limit_train=1)
+        except DatasetNotFoundError as error:
+            pytest.skip(f"{name} not available: {error}")
+
+
+def _quick(table, tmp_path_factory):
+    out = tmp_path_factory.mktemp(table)
+    rc = main(["reproduce", table, "--out", str(out), "--no-progress"])
+    data = json.loads((out / f"{table}-quick.json").read_text())
+    return rc, out, (out / f"{table}-quick.md").read_text(), data
+
+
+def _params(model, dataset):
+    return [p.numel() for p in build_model(model, dataset).parameters()]
+
+
+# ---------------------------------------------------------------- ablation
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    _need("mnist")
+    return _quick("ablation", tmp_path_factory)
+
+
+def test_ablation_quick_report(ablation):
+    rc, out, report, data = ablation
+    assert rc == 0 and "❌" not in report
+    assert f"gradcomp reproduce ablation --out {out}" in report
+    assert "naive pruning" in report and "DGC (all techniques)" in report and "does not converge" in report
+    assert "avg density" in report and "92.92" in report
+    assert (out / "ablation-quick.png").read_bytes()[:8] == PNG
+
+
+def test_ablation_quick_densities_and_bytes(ablation):
+    *_, data = ablation
+    rows = {r["key"]: r for r in data["data"]["rows"]}
+    assert rows["dense"]["mean_density"] == 1.0 and rows["dense"]["bytes_sent"] == rows["dense"]["dense_bytes"]
+    assert rows["naive"]["mean_density"] == pytest.approx(0.001)  # no warm-up
+    assert rows["dgc"]["mean_density"] > 0.001  # its warm-up starts at 25 %
+    # naive pruning at 0.1 %: sparse tensors send ceil(n / 1000) values and indices, 1-D and small ones are dense
+    per_step = sum(math.ceil(n / 1000) * 8 if dim > 1 and n >= 1024 else 4 * n
+                   for n, dim in ((p.numel(), p.dim()) for p in build_model("cnn", "mnist").parameters()))
+    assert rows["naive"]["bytes_sent"] == per_step * rows["naive"]["steps"]
+
+
+# ---------------------------------------------------------------- lm
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    _need("ptb")
+    return _quick("lm", tmp_path_factory)
+
+
+def test_lm_quick(lm):
+    rc, out, report, data = lm
+    assert rc == 0 and "❌" not in report
+    for published in ("72.30", "72.24", "194.68 MB", "462x"):
+        assert published in report
+    assert "no local clipping" in report
+    rows = data["data"]["rows"]
+    dense_per_step = 4 * sum(_params("lstm", "ptb"))
+    for row in rows.values():
+        assert row["dense_bytes"] == dense_per_step * row["steps"]
+    assert rows["dense"]["bytes_sent"] == rows["dense"]["dense_bytes"]
+    assert rows["dgc"]["bytes_sent"] == rows["dgc_noclip"]["bytes_sent"]  # clipping changes values, not sizes
+    assert rows["dgc"]["test_perplexity"] != rows["dgc_noclip"]["test_perplexity"]
+    assert (out / "lm-quick.png").read_bytes()[:8] == PNG
+
+
+# ---------------------------------------------------------------- compare
+
+
+@pytest.fixture(scope="module")
+def compare(tmp_path_factory):
+    _need("mnist", "shakespeare")
+    return _quick("compare", tmp_path_factory)
+
+
+def test_compare_quick_covers_every_compressor(compare):
+    import gradcomp
+
+    rc, out, report, data = compare
+    assert rc == 0 and "❌" not in report
+    assert "94.3 %, 1023 MB" in report and "94.4 %, 8 MB" in report
+    for task in ("image", "language"):
+        assert set(data["data"]["rows"][task]) == set(gradcomp.available())
+        assert (out / f"compare-quick-{task}.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("task,model,dataset", [("image", "mlp", "mnist"), ("language", "lstm", "shakespeare")])
+def test_compare_quick_bytes_match_the_formulas(compare, task, model, dataset):
+    *_, data = compare
+    rows = data["data"]["rows"][task]
+    sizes = _params(model, dataset)
+    steps = rows["none"]["steps"]
+    assert all(r["steps"] == steps for r in rows.values())  # matched steps
+    assert rows["none"]["bytes_sent"] == 4 * sum(sizes) * steps
+    assert rows["fp16"]["bytes_sent"] == 2 * sum(sizes) * steps
+    # top 1 % of every tensor: ceil(n / 100) fp32 values and int32 indices
+    assert rows["topk"]["bytes_sent"] == sum(math.ceil(n / 100) * 8 for n in sizes) * steps
