@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import gradcomp
 from gradcomp import DGC, LinearLRWarmup, SparsityWarmup
 from helpers import exchange_step
 
