@@ -10,6 +10,8 @@ from dist_workers import build_method, digits64
 
 STEPS = 20
 DGC_SPARSE = ("DGC", {"density": 0.001, "warmup_epochs": 1, "steps_per_epoch": 8})
+# local clipping waits for every bucket (the global norm) before any is compressed: the hook's deferred path
+DGC_CLIP = ("DGC", {"density": 0.01, "clip_norm": 0.05, "warmup_epochs": 1, "steps_per_epoch": 8})
 EACH = {"dgc": {"density": 0.01}, "topk": {"density": 0.01}, "randomk": {"density": 0.05, "seed": 2},
         "terngrad": {"seed": 3}, "qsgd": {"seed": 4, "levels": 4}, "threshold": {"tau": 0.005},
         "dryden": {"proportion": 0.02}, "powersgd": {"rank": 2}}
@@ -41,6 +43,8 @@ def runs(request):
                           momentum=0.0),
         "dgc_hook": dict(front="hook", spec=DGC_SPARSE, steps=STEPS, momentum=0.0),
         "dgc_optim": dict(front="optim", spec=DGC_SPARSE, steps=STEPS, momentum=0.0),
+        "clip_hook": dict(front="hook", spec=DGC_CLIP, steps=10, momentum=0.0),
+        "clip_optim": dict(front="optim", spec=DGC_CLIP, steps=10, momentum=0.0),
         "psgd_hook": dict(front="hook", spec=("powersgd", {"rank": 2}), steps=10, momentum=0.9),
         "psgd_optim": dict(front="optim", spec=("powersgd", {"rank": 2}), steps=10, momentum=0.9),
         "tern_hook": dict(front="hook", spec=("terngrad", {"seed": 1}), steps=10, momentum=0.9),
@@ -81,7 +85,16 @@ def test_dgc_sparse_real_run_equals_the_simulator(runs):
     assert out["dgc_hook"][0]["bytes"] == sim.bytes_sent[0]
 
 
-@pytest.mark.parametrize("method", ["dgc", "psgd", "tern", "thr"])
+def test_dgc_with_local_clipping_through_the_hook_equals_the_simulator(runs):
+    world, out = runs
+    expected, sim = simulate(DGC_CLIP, world, steps=10)
+    unclipped, _ = simulate(("DGC", {**DGC_CLIP[1], "clip_norm": None}), world, steps=10)
+    assert any(not torch.allclose(expected[n], unclipped[n]) for n in expected)  # the clip binds
+    assert_close(out["clip_hook"][0]["params"], expected, 1e-5)
+    assert out["clip_hook"][0]["bytes"] == sim.bytes_sent[0]
+
+
+@pytest.mark.parametrize("method", ["dgc", "psgd", "tern", "thr", "clip"])
 def test_hook_and_distributed_optimizer_agree(runs, method):
     _, out = runs
     hook, optim = out[f"{method}_hook"], out[f"{method}_optim"]
