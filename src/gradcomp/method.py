@@ -48,6 +48,21 @@ def _working(grad: Tensor) -> Tensor:
     return grad.contiguous()
 
 
+def _non_finite(grads: dict[str, Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or an Inf.
+
+    One sum per tensor (a read of memory, no temporary): a finite sum means
+    every entry is finite.  A sum that is not finite (a NaN or Inf inside, or
+    large finite values overflowing) is confirmed entry by entry.
+    """
+    if not grads:
+        return []
+    sums = torch.stack([g.sum().double() for g in grads.values()])
+    if bool(torch.isfinite(sums).all()):
+        return []
+    return [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+
+
 class Method:
     """A compressor with the memory its paper pairs it with (residual error
     feedback for ``error_feedback`` compressors, none otherwise)."""
@@ -73,9 +88,8 @@ class Method:
         Every tensor is checked before any of them touches memory, so a NaN or
         Inf raises :class:`NonFiniteGradientError` with nothing changed.
         """
-        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]) if grads else None
-        if finite is not None and not bool(finite.all()):
-            bad = [name for name, ok in zip(grads, finite.tolist()) if not ok]
+        bad = _non_finite(grads)
+        if bad:
             raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory was changed")
         return {name: _working(g) for name, g in grads.items()}
 
