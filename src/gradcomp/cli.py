@@ -70,6 +70,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--threads", type=_positive_int, help="torch threads for the study (default: the study's, "
                                                          "usually 1: results do not depend on the core count)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="independent runs of a study trained at once, each in its own process (default 1; "
+                        "the results do not depend on it)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -84,7 +87,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 0 if args.list else 2
     try:
         outcome = run_study(args.table, full=args.full, out_dir=args.out, seed=args.seed,
-                            threads=args.threads, progress=not args.no_progress)
+                            threads=args.threads, jobs=args.jobs, progress=not args.no_progress)
     except UnknownStudyError as error:
         print(f"gradcomp reproduce: error: {error}", file=sys.stderr)
         return 2

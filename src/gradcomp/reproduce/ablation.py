@@ -19,12 +19,13 @@ starts from the same initialisation and sees the same batches.  Accuracy is on
 the full 10,000-image test set of each dataset.
 
 Sizes: the full variant trains on 30,000 images of each dataset for 8 epochs
-(per-worker batch 32): about 3 minutes per row on this machine; the quick
+(per-worker batch 32); `--jobs 2` trains two rows at a time; the quick
 variant (CI) trains only the dense, naive and full-DGC rows on a slice of MNIST.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import torch
 from ..method import DGC, Method
 from ..simulator import Simulator
 from .common import (Check, Context, Result, Study, StudySkipped, classification_loss, evaluate_classifier,
-                     markdown_table, new_figure, register, save_figure)
+                     map_runs, markdown_table, new_figure, register, save_figure)
 
 #: Published (DGC paper, Table 1: ResNet-110 on CIFAR-10, 99.9 % sparsity): baseline accuracy and each row's delta.
 PUBLISHED_BASELINE = 92.92
@@ -128,10 +129,20 @@ def _method(key: str, variant: Variant, steps: int) -> tuple[Method, float]:
     return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs), 0.0
 
 
-def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
+@functools.lru_cache(maxsize=2)
+def _load(name: str, limit_train: int | None):
+    from ..train.data import load_dataset
+
+    return load_dataset(name, limit_train=limit_train)
+
+
+def _train(key: str, dataset: str, variant: Variant, seed: int) -> Row:
+    """Train one row from scratch (its own seed and data: rows may run in any order, in any process)."""
     from ..train.data import image_batches, steps_per_epoch
     from ..train.models import CNN
 
+    row = Row(key, dataset)
+    data = _load(dataset, variant.limit_train)
     torch.manual_seed(seed)
     model = CNN(data.input_shape, data.num_classes)
     steps = steps_per_epoch(len(data.y_train), variant.global_batch)
@@ -142,7 +153,6 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
     dgc = isinstance(sim.method, DGC)
     densities: list[float] = []
     start = time.perf_counter()
-    bar.set_postfix_str(row.label)
     for epoch in range(variant.epochs):
         losses = []
         for shards in image_batches(data.x_train, data.y_train, variant.global_batch, variant.workers, epoch, seed):
@@ -151,7 +161,6 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{row.label}: training loss became {loss}")
             losses.append(loss)
-            bar.update(1)
         row.history.append(sum(losses) / len(losses))
     row.final_train_loss = row.history[-1]
     row.accuracy, row.test_loss = evaluate_classifier(model, data, variant.limit_test)
@@ -160,6 +169,7 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
     row.dense_bytes = sim.dense_bytes
     row.steps = sim.steps
     row.seconds = time.perf_counter() - start
+    return row
 
 
 def _find(rows: list[Row], key: str) -> Row | None:
@@ -238,24 +248,18 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
 
 
 def run(ctx: Context) -> Result:
-    from ..train.data import DatasetNotFoundError, load_dataset, steps_per_epoch
+    from ..train.data import DatasetNotFoundError, load_dataset
 
     variant = FULL if ctx.full else QUICK
-    datasets = {}
     for name in variant.datasets:
         try:
-            datasets[name] = load_dataset(name, limit_train=variant.limit_train)
+            load_dataset(name, limit_train=1)
         except DatasetNotFoundError as error:
             raise StudySkipped(f"{NAMES[name]} is needed for this table and was not found: {error}") from None
-    rows = [Row(k, name) for name in variant.datasets for k in variant.rows]
-    total = sum(steps_per_epoch(len(d.y_train), variant.global_batch) for d in datasets.values()) \
-        * variant.epochs * len(variant.rows)
-    with ctx.tqdm(total=total, desc="ablation", unit="step") as bar:
-        for row in rows:
-            _train(row, datasets[row.dataset], variant, ctx.seed, bar)
-            (bar.write if ctx.progress else ctx.echo)(
-                f"{NAMES[row.dataset]}, {row.label}: test accuracy {row.accuracy:.4f}, "
-                f"avg density {100 * row.mean_density:.3g} %")
+    calls = [(k, name, variant, ctx.seed) for name in variant.datasets for k in variant.rows]
+    rows = map_runs(ctx, _train, calls, desc="ablation rows",
+                    describe=lambda r: f"{NAMES[r.dataset]}, {r.label}: test accuracy {r.accuracy:.4f}, "
+                                       f"avg density {100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
 
     checks = []
     tables, notes = [], []

@@ -45,6 +45,7 @@ __all__ = [
     "canonical_command",
     "get_study",
     "machine_info",
+    "map_runs",
     "markdown_table",
     "memory_peak_mb",
     "new_figure",
@@ -85,6 +86,8 @@ class Context:
     echo: Callable[[str], None] = print
     #: the file stem of this run's outputs: ``TABLE`` or ``TABLE-quick``
     stem: str = ""
+    #: independent runs a study may train at once, each in its own process (:func:`map_runs`)
+    jobs: int = 1
 
     def path(self, suffix: str) -> Path:
         """A file of this run in the output folder: ``path(".png")`` -> ``DIR/TABLE[-quick].png``."""
@@ -249,12 +252,15 @@ def _json_default(obj: Any) -> Any:
 
 
 def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] = "results", seed: int = 0,
-              progress: bool = True, threads: int | None = None, command: str | None = None,
+              progress: bool = True, threads: int | None = None, jobs: int = 1, command: str | None = None,
               echo: Callable[[str], None] = print) -> Outcome:
     """Run study ``name``, print its tables and write its report; returns the :class:`Outcome`.
 
     ``threads`` sets torch's intra-op threads for the run (default: the
     study's own choice, :attr:`Study.threads`; restored afterwards).
+    ``jobs`` lets a study train that many independent runs at once in
+    separate processes (each with ``threads`` threads); the results do not
+    depend on it.
     ``command`` is the command line shown in the report (default: the
     ``gradcomp reproduce`` command equivalent to the arguments).
     Raises :class:`UnknownStudyError` for an unknown name and
@@ -266,9 +272,12 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     out.mkdir(parents=True, exist_ok=True)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     if command is None:
         command = canonical_command(name, full=full, out_dir=out_dir, seed=seed, threads=threads)
-    ctx = Context(full=full, out_dir=out, seed=seed, progress=progress, echo=echo, stem=report_name(name, full))
+    ctx = Context(full=full, out_dir=out, seed=seed, progress=progress, echo=echo, stem=report_name(name, full),
+                  jobs=jobs)
     default_threads = torch.get_num_threads()
     threads = threads if threads is not None else study.threads
     started = datetime.now().astimezone()
@@ -429,6 +438,42 @@ def evaluate_classifier(model, data, limit: int | None = None, chunk: int = 1000
         return correct / n, loss / n
     finally:
         model.train()
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def map_runs(ctx: Context, fn: Callable[..., Any], calls: Sequence[tuple], describe: Callable[[Any], str],
+             desc: str = "runs") -> list[Any]:
+    """``[fn(*args) for args in calls]``, up to ``ctx.jobs`` at a time in spawned processes.
+
+    ``fn`` must be a module-level function and every call independent of the
+    others (its own seed, its own data), so the results are the same for any
+    number of jobs.  Each process runs with this process's torch thread
+    count.  ``describe(result)`` is the line printed as each run finishes.
+    A progress bar counts finished runs.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    results: list[Any] = [None] * len(calls)
+    with ctx.tqdm(total=len(calls), desc=desc, unit="run") as bar:
+        say = bar.write if ctx.progress else ctx.echo
+        if ctx.jobs == 1 or len(calls) == 1:
+            for i, args in enumerate(calls):
+                results[i] = fn(*args)
+                say(describe(results[i]))
+                bar.update(1)
+            return results
+        with ProcessPoolExecutor(max_workers=min(ctx.jobs, len(calls)), mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(torch.get_num_threads(),)) as pool:
+            futures = {pool.submit(fn, *args): i for i, args in enumerate(calls)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                say(describe(results[futures[future]]))
+                bar.update(1)
+    return results
 
 
 def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple[dict[str, Any], Path]]:

@@ -98,8 +98,10 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 
 class CNN(nn.Module):
-    """Small batch-norm CNN: ``conv-bn-relu(c0), conv-bn-relu(c1), maxpool, conv-bn-relu(c2), maxpool``,
+    """Small batch-norm CNN: ``conv-bn-relu(c0), maxpool, conv-bn-relu(c1), maxpool, conv-bn-relu(c2)``,
     adaptive average pooling to 3x3, then ``Linear(9*c2, hidden)-ReLU-Dropout-Linear``.
+
+    Pooling early keeps it cheap on a CPU: 7.4 M multiply-adds per 28x28 image.
 
     With the defaults it has 390,634 parameters whatever the input size (the
     adaptive pooling fixes the classifier's width), so it runs on 8x8 digits
@@ -117,8 +119,8 @@ class CNN(nn.Module):
         _positive("hidden", hidden)
         _dropout("dropout", dropout)
         c0, c1, c2 = channels
-        self.features = nn.Sequential(*_conv_bn_relu(c_in, c0), *_conv_bn_relu(c0, c1), nn.MaxPool2d(2),
-                                      *_conv_bn_relu(c1, c2), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(3))
+        self.features = nn.Sequential(*_conv_bn_relu(c_in, c0), nn.MaxPool2d(2), *_conv_bn_relu(c0, c1),
+                                      nn.MaxPool2d(2), *_conv_bn_relu(c1, c2), nn.AdaptiveAvgPool2d(3))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(9 * c2, hidden), nn.ReLU(inplace=True),
                                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
         for m in self.modules():
