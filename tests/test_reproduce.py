@@ -186,3 +186,28 @@ def test_skipped_study_says_why(monkeypatch, capsys, tmp_path):
     assert rc == 0
     assert "skipped" in err and "/nowhere" in err
     assert not (tmp_path / "needs-data-quick.md").exists()
+
+
+def _seeded_draw(seed):
+    torch.manual_seed(seed)
+    return torch.randn(3).tolist(), torch.get_num_threads()
+
+
+def test_map_runs_gives_the_same_results_in_parallel_processes(tmp_path):
+    from gradcomp.reproduce.common import Context, map_runs
+
+    calls = [(s,) for s in (3, 1, 4, 1, 5)]
+    lines = []
+    sequential = map_runs(Context(full=False, out_dir=tmp_path, progress=False, echo=lines.append), _seeded_draw,
+                          calls, describe=str)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        parallel = map_runs(Context(full=False, out_dir=tmp_path, progress=False, jobs=2, echo=lines.append),
+                            _seeded_draw, calls, describe=str)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[0] for r in parallel] == [r[0] for r in sequential]  # in call order, bit for bit
+    assert [r[0] for r in sequential] == [_seeded_draw(s)[0] for (s,) in calls]
+    assert {r[1] for r in parallel} == {1}  # the workers run with the parent's thread count
+    assert len(lines) == 10  # one line per finished run
