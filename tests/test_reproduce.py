@@ -211,3 +211,18 @@ def test_map_runs_gives_the_same_results_in_parallel_processes(tmp_path):
     assert [r[0] for r in sequential] == [_seeded_draw(s)[0] for (s,) in calls]
     assert {r[1] for r in parallel} == {1}  # the workers run with the parent's thread count
     assert len(lines) == 10  # one line per finished run
+
+
+def test_train_runs_reports_a_diverged_run_and_goes_on(tmp_path):
+    from gradcomp.reproduce.common import Context, train_runs
+    from gradcomp.train.loop import TrainConfig
+
+    common = dict(dataset="digits", method="none", workers=2, epochs=2, simulate=True, limit_train=256)
+    lines = []
+    ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lines.append)
+    runs = train_runs(ctx, [TrainConfig(lr=1e30, label="too fast", **common), TrainConfig(lr=0.1, **common)],
+                      tmp_path / "runs")
+    (bad, _), (good, good_dir) = runs
+    assert bad["diverged_in_epoch"] == 1 and "non-finite" in bad["diverged"] and bad["label"] == "too fast"
+    assert "diverged" not in good and math.isfinite(good["test_loss"]) and good_dir == tmp_path / "runs" / "1-none"
+    assert "too fast: diverged in epoch 1" in lines[0] and "test accuracy" in lines[1]

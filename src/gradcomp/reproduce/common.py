@@ -476,26 +476,43 @@ def map_runs(ctx: Context, fn: Callable[..., Any], calls: Sequence[tuple], descr
     return results
 
 
+def _train_one(cfg: Any) -> dict[str, Any]:
+    """One ``gradcomp train`` run; a diverged run returns its last epoch's record with ``diverged`` set."""
+    from ..method import NonFiniteGradientError
+    from ..train.loop import run as train
+    from ..train.report import RunDir
+
+    try:
+        return train(cfg, echo=lambda _: None)
+    except NonFiniteGradientError as error:
+        records = RunDir(cfg.run_dir).read_metrics()
+        return {**(records[-1] if records else {}), "diverged": str(error), "diverged_in_epoch": len(records) + 1,
+                "label": cfg.label}
+
+
+def _describe(summary: dict[str, Any]) -> str:
+    name = summary.get("label") or summary.get("method")
+    if "diverged" in summary:
+        return f"{name}: diverged in epoch {summary['diverged_in_epoch']} ({summary['diverged']})"
+    metric = (f"test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary
+              else f"test perplexity {summary['test_perplexity']:.2f}")
+    return f"{name}: {metric}, {summary['compression_ratio']:.1f}x, {1e3 * summary['time_per_step']:.1f} ms per step"
+
+
 def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple[dict[str, Any], Path]]:
     """Train each :class:`~gradcomp.train.loop.TrainConfig` with ``gradcomp train``'s own loop.
 
-    Each config runs into ``folder / f"{i}-{method}"`` (its ``run_dir`` and
-    ``progress`` are set here); returns ``(summary, run_dir)`` per config, in
-    order.  The run directories hold the per-epoch metrics that
-    :func:`gradcomp.train.report.plot_runs` draws.
+    Each config runs into ``folder / f"{i}-{method}"`` (its ``run_dir`` is set
+    here), up to ``ctx.jobs`` at a time (:func:`map_runs`); returns
+    ``(summary, run_dir)`` per config, in order.  The run directories hold the
+    per-epoch metrics that :func:`gradcomp.train.report.plot_runs` draws.  A
+    run that diverges (its gradients become NaN or Inf) does not stop the
+    others: its summary is its last finished epoch's record (if any) with
+    ``diverged`` set to the message.
     """
     import dataclasses
 
-    from ..train.loop import run as train
-
-    out = []
-    for i, cfg in enumerate(configs):
-        run_dir = folder / f"{i}-{cfg.method}"
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir), progress=ctx.progress)
-        summary = train(cfg, echo=lambda _: None)
-        metric = (f"test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary
-                  else f"test perplexity {summary['test_perplexity']:.2f}")
-        ctx.echo(f"{cfg.label or cfg.describe()}: {metric}, {summary['compression_ratio']:.1f}x, "
-                 f"{1e3 * summary['time_per_step']:.1f} ms per step")
-        out.append((summary, run_dir))
-    return out
+    dirs = [folder / f"{i}-{cfg.method}" for i, cfg in enumerate(configs)]
+    calls = [(dataclasses.replace(cfg, run_dir=str(d), progress=ctx.progress and ctx.jobs == 1),)
+             for cfg, d in zip(configs, dirs)]
+    return list(zip(map_runs(ctx, _train_one, calls, describe=_describe, desc=folder.name), dirs))
