@@ -26,7 +26,7 @@ def _need(*datasets):
 
 def _quick(table, tmp_path_factory):
     out = tmp_path_factory.mktemp(table)
-    rc = main(["reproduce", table, "--out", str(out), "--no-progress"])
+    rc = main(["reproduce", table, "--out", str(out), "--no-progress", "--jobs", "2"])
     data = json.loads((out / f"{table}-quick.json").read_text())
     return rc, out, (out / f"{table}-quick.md").read_text(), data
 
