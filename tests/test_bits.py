@@ -12,7 +12,7 @@ def reference(codes, width):
     return np.packbits(as_bits)
 
 
-@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7, 8, 11])
 @pytest.mark.parametrize("n", [0, 1, 9, 1000, bits._BLOCK + 3])
 def test_pack_matches_numpy_and_round_trips(width, n):
     codes = np.random.default_rng(width * 7 + n).integers(0, 1 << width, n)
