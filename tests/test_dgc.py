@@ -28,8 +28,10 @@ def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None):
         if clip is not None:
             grads = [dict(g) for g in grads]
             for g in grads:
-                norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
-                coef = clip / math.sqrt(workers) / (norm + 1e-6)
+                # the paper's terms: node k's share of the summed gradient is G_k = g_k / N, and each
+                # share is clipped at clip * N^-1/2 (torch's clip_grad_norm_ epsilon)
+                share_norm = math.sqrt(sum(float((t / workers).pow(2).sum()) for t in g.values()))
+                coef = clip * workers**-0.5 / (share_norm + 1e-6)
                 if coef < 1:
                     for k in g:
                         g[k] = g[k] * coef
@@ -71,7 +73,7 @@ SHAPES = {"w1": (30, 40), "b1": (30,), "w2": (10, 30, 2, 2)}
 
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("masking", [False, True])
-@pytest.mark.parametrize("clip", [None, 5.0])
+@pytest.mark.parametrize("clip", [None, 5.0, 20.0])
 def test_dgc_matches_the_papers_equations(nesterov, masking, clip):
     steps, workers, density = 12, 3, 0.02
     grads = [worker_grads(s, workers, SHAPES) for s in range(steps)]

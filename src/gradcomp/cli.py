@@ -148,8 +148,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",
                    help="multiply the learning rate by --lr-decay at the start of each of these epochs")
     p.add_argument("--lr-decay", type=float, default=0.1, help="step-decay factor for --lr-milestones (default 0.1)")
-    p.add_argument("--clip-norm", type=float, help="gradient clipping: DGC clips locally to clip_norm/sqrt(N) "
-                                                   "before compressing; other methods clip the averaged gradient")
+    p.add_argument("--clip-norm", type=float, help="gradient clipping: other methods clip the averaged gradient "
+                                                   "to this norm; DGC clips each worker's gradient before compressing, "
+                                                   "to clip_norm*sqrt(N) (the paper's N^-1/2 share of the summed "
+                                                   "gradient)")
     p.add_argument("--bptt", type=_positive_int, default=35, help="LM sequence length (default 35)")
     p.add_argument("--limit-train", type=_positive_int, help="use only the first N training samples/tokens")
     p.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")

@@ -148,7 +148,7 @@ class DGC(Method):
     Tensors with ``dim() > 1`` and at least ``min_numel`` entries are
     sparsified on worker k with momentum correction and factor masking::
 
-        g = clip(g)                    # local clipping: global norm <= clip_norm / sqrt(N)
+        g = clip(g)                    # local clipping: global norm <= clip_norm * sqrt(N) (see below)
         u = m*u + g;  v = v + u        # Nesterov: u = m*(u + g); v = v + u + g
         send v[idx], idx = top-k |v|,  k = ceil(density * numel)
         v[idx] = 0;  u[idx] = 0        # masking
@@ -212,9 +212,12 @@ class DGC(Method):
     def prepare(self, grads: Mapping[str, Tensor], world_size: int) -> dict[str, Tensor]:
         grads = super().prepare(grads, world_size)
         if self.clip_norm is not None and grads:
-            # Local gradient clipping (section 3.2): scale the worker's norm by N^-1/2.
+            # Local gradient clipping (section 3.2).  The paper sums the nodes' shares
+            # G_k = g_k / N of the gradient and clips each share at clip_norm * N^-1/2 (with
+            # independent noise, |sum_k G_k| ~ sqrt(N) |G_k|).  Here g_k is the worker's mean
+            # gradient, so the same clip reads |g_k| <= clip_norm * sqrt(N).
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
-            scale = self.clip_norm * world_size**-0.5 / (float(total) + 1e-6)
+            scale = self.clip_norm * world_size**-0.5 / (float(total) / world_size + 1e-6)
             if scale < 1.0:
                 grads = {name: g * scale for name, g in grads.items()}
         return grads

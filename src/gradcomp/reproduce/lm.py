@@ -2,8 +2,8 @@
 
 Rows: the dense baseline (``none``; the averaged gradient clipped to norm
 0.25, as LSTMs train); DGC at density 0.001 with local gradient clipping (each
-worker clips its own gradient to ``0.25 / sqrt(4)``, section 3.2 of the
-paper); and the same DGC without clipping, to show clipping's share.  All rows
+worker clips its own mean gradient to ``0.25 * sqrt(4)``: section 3.2 of the
+paper clips each worker's share ``g / 4`` of the summed gradient to ``0.25 / sqrt(4)``); and the same DGC without clipping, to show clipping's share.  All rows
 use momentum 0.9 (in the optimizer for dense, inside DGC otherwise) and the
 same learning rate schedule (divided by 4 for the last epoch); DGC warms up over the paper's share of training (1 of 40
 epochs).
@@ -137,7 +137,7 @@ def run(ctx: Context) -> Result:
              + (f" divided by 4 at epoch {', '.join(map(str, variant.lr_milestones))}" if variant.lr_milestones else "")
              + f", momentum {variant.momentum}, "
              f"clip norm {variant.clip_norm} (dense: after averaging; DGC: locally, "
-             f"{variant.clip_norm}/sqrt({variant.workers}) per worker)",
+             f"{variant.clip_norm}*sqrt({variant.workers}) on each worker's mean gradient)",
              f"sparsity: density {DENSITY}; warm-up {variant.warmup_epochs:g} epochs "
              f"({100 * variant.warmup_share:g} % of training), advancing per step"]
     markdown = "\n".join(["## Test perplexity and gradient size", "", table, "",
