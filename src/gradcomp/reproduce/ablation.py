@@ -211,7 +211,8 @@ def _plot(rows: list[Row], variant: Variant, path) -> None:
             ax.legend(loc="lower right", fontsize="small")
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r.label.replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine], fontsize="small")
-        ax.set_ylim(0, 105)
+        accs = [100 * r.accuracy for r in mine]
+        ax.set_ylim(max(0.0, min(accs) - 5), min(100.0, max(accs)) + 4)  # the differences are tenths of a point
         ax.set_ylabel(f"{NAMES[name]} test accuracy (%)")
         ax.set_title(f"DGC ablation at 99.9 % sparsity, {variant.workers} workers\n"
                      f"BN CNN on {size} {NAMES[name]} images, {variant.epochs} epochs")
