@@ -52,7 +52,7 @@ class Variant:
 
 
 FULL = Variant(limit_train=None, epochs=4, lr_milestones=(3,))
-QUICK = Variant(limit_train=30_000, epochs=1, limit_test=10_000)
+QUICK = Variant(limit_train=20_000, epochs=1, limit_test=3_000)
 
 
 def configs(variant: Variant, seed: int) -> dict[str, object]:
