@@ -25,6 +25,7 @@ variant (CI) trains only the dense, naive and full-DGC rows on a slice of MNIST.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -306,7 +307,7 @@ def run(ctx: Context) -> Result:
         sections += [f"## {NAMES[name]}: test accuracy beside the published deltas", "", table, ""]
     markdown = "\n".join([*sections, published, "", "## Notes", "", *[f"- {n}" for n in notes], ""])
     console = "\n".join([title, "", *[f"{NAMES[n]}\n{t}\n" for n, t in tables], *[f"* {n}" for n in notes]])
-    data_out = {"variant": {k: getattr(variant, k) for k in variant.__dataclass_fields__},
+    data_out = {"variant": dataclasses.asdict(variant),
                 "rows": [{**vars(r), "label": r.label, "byte_share": r.byte_share} for r in rows],
                 "published": {"baseline": PUBLISHED_BASELINE, "delta": PUBLISHED_DELTA}}
     return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,

@@ -20,6 +20,7 @@ for dense, fp16, random-k and PowerSGD, all-gather for the rest).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +99,8 @@ def _table(task: Task, rows: dict[str, dict]) -> str:
                          PUBLISHED.get(key, "") if task.key == "image" else ""])
             continue
         per_epoch = s["bytes_sent"] / task.epochs
-        method = METHODS[key][0]
-        collective = "allreduce" if method in ("none", "fp16", "randomk", "powersgd") else "allgather"
         projected = estimate_step_time(s["time_per_step"] / task.workers, s["bytes_sent"] / s["steps"],
-                                       task.workers, 1.0, collective)
+                                       task.workers, 1.0, s["collective"])
         body.append([METHODS[key][2], _score(task, s), f"{per_epoch / 1e6:.3g} MB", f"{s['compression_ratio']:.1f}x",
                      f"{1e3 * s['time_per_step']:.0f} ms", f"{1e3 * projected:.1f} ms",
                      PUBLISHED.get(key, "") if task.key == "image" else ""])
@@ -198,7 +197,7 @@ def run(ctx: Context) -> Result:
         markdown += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     console = "\n".join([title, ""] + [f"{t.key}\n{table}\n" for t, table in sections] + [f"* {n}" for n in notes])
     return Result(title=title, console=console, markdown="\n".join(markdown), checks=checks, plots=plots,
-                  data={"tasks": [{k: getattr(t, k) for k in t.__dataclass_fields__} for t in tasks],
+                  data={"tasks": [dataclasses.asdict(t) for t in tasks],
                         "rows": results, "methods": {k: {"method": m, "options": o, "label": lab}
                                                       for k, (m, o, lab) in METHODS.items()}},
                   setup=setup)

@@ -18,6 +18,7 @@ tensors (biases) included, averaged over the run, warm-up included.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass
@@ -71,13 +72,9 @@ def configs(variant: Variant, seed: int) -> dict[str, object]:
                                       **common)}
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.3f} MB" if n < 1e7 else f"{n / 1e6:.1f} MB"
-
-
 def run(ctx: Context) -> Result:
     from ..train.data import DatasetNotFoundError, load_dataset
-    from ..train.report import plot_runs
+    from ..train.report import human_bytes, plot_runs
 
     variant = FULL if ctx.full else QUICK
     try:
@@ -96,8 +93,8 @@ def run(ctx: Context) -> Result:
     for key, s in results.items():
         per_step = s["bytes_sent"] / s["steps"]
         delta = "—" if key == "dense" else f"{100 * (s['test_perplexity'] / dense['test_perplexity'] - 1):+.2f} %"
-        body.append([LABELS[key], f"{s['test_perplexity']:.2f}", delta, PUBLISHED[key], _mb(per_step),
-                     _mb(s["dense_bytes"] / s["steps"]), f"{s['compression_ratio']:.0f}x", PUBLISHED_SIZE[key],
+        body.append([LABELS[key], f"{s['test_perplexity']:.2f}", delta, PUBLISHED[key], human_bytes(per_step),
+                     human_bytes(s["dense_bytes"] / s["steps"]), f"{s['compression_ratio']:.0f}x", PUBLISHED_SIZE[key],
                      f"{1e3 * s['time_per_step']:.0f} ms"])
     table = markdown_table(["row", "test ppl", "vs dense", "published ppl (1500 units)",
                             "gradient sent / step", "dense fp32 / step", "ratio", "published size",
@@ -146,7 +143,7 @@ def run(ctx: Context) -> Result:
                           "## Notes", "", *[f"- {n}" for n in notes], ""])
     console = "\n".join([title, "", table, "", *[f"* {n}" for n in notes]])
     return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path],
-                  data={"variant": {k: getattr(variant, k) for k in variant.__dataclass_fields__},
+                  data={"variant": dataclasses.asdict(variant),
                         "rows": results, "published": {"perplexity": PUBLISHED, "size": PUBLISHED_SIZE}},
                   setup=setup)
 

@@ -27,6 +27,7 @@ for 3 epochs in about 20 seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -335,7 +336,7 @@ def run(ctx: Context) -> Result:
                           "", "## Traffic and time per run", "", traffic, "", "## Notes", "",
                           *[f"- {n}" for n in notes], ""])
     console = "\n".join([title, "", accuracy, "", traffic, "", *[f"* {n}" for n in notes]])
-    data_out = {"variant": {k: getattr(variant, k) for k in variant.__dataclass_fields__},
+    data_out = {"variant": dataclasses.asdict(variant),
                 "rows": [{**vars(r), "ratio": r.ratio, "label": r.label} for r in rows],
                 "published": {"plateau": PUBLISHED_PLATEAU, "collapse_at_0.1": PUBLISHED_COLLAPSE}}
     return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,
