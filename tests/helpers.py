@@ -1,4 +1,6 @@
-"""Drive methods outside the simulator's training loop: one call = one step of N workers."""
+"""Drive methods outside the simulator's training loop: one call = one step of N workers; wire-size formulas."""
+
+import math
 
 import torch
 
@@ -17,3 +19,11 @@ def exchange_step(methods, grads_per_worker):
         for name in results[0]:
             assert torch.equal(other[name], results[0][name]), "workers disagree on the average"
     return results[0], sent
+
+
+def compact_nbytes(n, k):
+    """The compact sparse wire, written out from its definition: k float16 values, one float32 scale, and the
+    Elias-Fano code of k indices below n (l = floor(log2(n / k)) low bits each, then k + ((n - 1) >> l) + 1
+    unary bits), each part rounded up to whole bytes."""
+    low = math.floor(math.log2(n / k))
+    return 2 * k + 4 + math.ceil(k * low / 8) + math.ceil((k + ((n - 1) >> low) + 1) / 8)

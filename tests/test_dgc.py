@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from gradcomp import DGC, LinearLRWarmup, SparsityWarmup
-from helpers import exchange_step
+from helpers import compact_nbytes, exchange_step
 
 
 def worker_grads(step, workers, shapes):
@@ -17,8 +18,20 @@ def worker_grads(step, workers, shapes):
     return out
 
 
-def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None):
-    """Lin et al. 2018, written out independently: per worker u, v; exact top-k; dense tensors momentum after mean."""
+def to_wire_half(values):
+    """The compact wire's values: float16 after a power-of-two scale that puts max |value| in [2**14, 2**15)."""
+    peak = float(values.abs().max())
+    if peak == 0:
+        return values.clone()
+    scale = 2.0 ** (math.floor(math.log2(peak)) - 14)
+    # float64 -> float32 -> float16, as torch converts (a float32 accumulator, the usual case, rounds once)
+    return torch.from_numpy((values.numpy() / scale).astype(np.float32).astype(np.float16).astype(np.float64) * scale)
+
+
+def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None, wire="plain", sparsify_all=False):
+    """Lin et al. 2018, written out independently: per worker u, v; exact top-k; dense tensors momentum after mean.
+
+    ``wire="compact"`` sends the values rounded to float16 (scaled) and keeps the rounding error in v."""
     workers = len(grads_by_step[0])
     u = [{} for _ in range(workers)]
     v = [{} for _ in range(workers)]
@@ -37,7 +50,7 @@ def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None):
                         g[k] = g[k] * coef
         out = {}
         for name in grads[0]:
-            if grads[0][name].dim() <= 1:
+            if grads[0][name].dim() <= 1 and not sparsify_all:
                 mean = sum(g[name] for g in grads) / workers
                 b = buf[name] = mean.clone() if name not in buf else m * buf[name] + mean
                 out[name] = mean + m * b if nesterov else b.clone()
@@ -55,10 +68,10 @@ def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None):
                 k = math.ceil(density * vv.numel())
                 idx = torch.argsort(vv.abs().view(-1), descending=True)[:k]
                 sent = torch.zeros_like(vv).view(-1)
-                sent[idx] = vv.view(-1)[idx]
+                sent[idx] = vv.view(-1)[idx] if wire == "plain" else to_wire_half(vv.view(-1)[idx])
                 total += sent.view_as(vv)
                 vv = vv.clone().view(-1)
-                vv[idx] = 0
+                vv[idx] -= sent[idx]  # plain: 0; compact: the rounding error stays
                 uu = uu.clone().view(-1)
                 if masking:
                     uu[idx] = 0
@@ -79,11 +92,30 @@ def test_dgc_matches_the_papers_equations(nesterov, masking, clip):
     grads = [worker_grads(s, workers, SHAPES) for s in range(steps)]
     expected = reference_dgc(grads, density, 0.9, nesterov, masking, clip)
     methods = [DGC(density=density, nesterov=nesterov, momentum_masking=masking, clip_norm=clip,
-                   sample_ratio=1.0, warmup_epochs=0, min_numel=100) for _ in range(workers)]
+                   sample_ratio=1.0, warmup_epochs=0, min_numel=100, wire="plain") for _ in range(workers)]
     for step in range(steps):
         out, _ = exchange_step(methods, grads[step])
         for name in SHAPES:
             torch.testing.assert_close(out[name], expected[step][name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("sparsify_all", [False, True])
+def test_dgc_compact_wire_keeps_the_float16_rounding_in_the_accumulator(nesterov, sparsify_all):
+    steps, workers, density = 12, 3, 0.02
+    grads = [worker_grads(s, workers, SHAPES) for s in range(steps)]
+    expected = reference_dgc(grads, density, 0.9, nesterov, True, wire="compact", sparsify_all=sparsify_all)
+    methods = [DGC(density=density, nesterov=nesterov, sample_ratio=1.0, warmup_epochs=0, min_numel=100,
+                   wire="compact", sparsify_all=sparsify_all) for _ in range(workers)]
+    for step in range(steps):
+        out, sent = exchange_step(methods, grads[step])
+        for name in SHAPES:
+            torch.testing.assert_close(out[name], expected[step][name], rtol=1e-10, atol=1e-12)
+    # the compact wire per sparsified tensor; the 1-D one dense in float64 unless sparsify_all
+    per_worker = sum(8 * math.prod(shape) if len(shape) == 1 and not sparsify_all
+                     else compact_nbytes(math.prod(shape), math.ceil(density * math.prod(shape)))
+                     for shape in SHAPES.values())
+    assert sent == [per_worker] * workers
 
 
 def test_dgc_without_momentum_conserves_the_gradient():
@@ -131,15 +163,10 @@ def test_warmup_density_follows_the_paper():
 
 
 def test_dgc_sends_the_warmup_density():
-    method = DGC(density=0.001, warmup_epochs=4, steps_per_epoch=2, min_numel=100)
-    counts = []
-    for step in range(10):
-        _, sent = exchange_step([method], worker_grads(step, 1, {"w": (100, 100)}))
-        counts.append(sent[0] // 8)  # fp64 value + int32 index = 12 bytes... see below
-    per_entry = 8 + 4
+    per_entry = 8 + 4  # plain wire: a float64 value and an int32 index
     k = [math.ceil(d * 10_000) for d in (0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625, 0.00390625, 0.00390625,
                                          0.001, 0.001)]
-    method2 = DGC(density=0.001, warmup_epochs=4, steps_per_epoch=2, min_numel=100)
+    method2 = DGC(density=0.001, warmup_epochs=4, steps_per_epoch=2, min_numel=100, wire="plain")
     sizes = [exchange_step([method2], worker_grads(s, 1, {"w": (100, 100)}))[1][0] for s in range(10)]
     assert sizes == [kk * per_entry for kk in k]
     assert method2.epoch == pytest.approx(5.0)

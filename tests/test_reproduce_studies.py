@@ -12,6 +12,7 @@ import pytest
 from gradcomp.cli import main
 from gradcomp.train.data import DatasetNotFoundError, load_dataset
 from gradcomp.train.models import build_model
+from helpers import compact_nbytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -59,8 +60,9 @@ def test_ablation_quick_densities_and_bytes(ablation):
     assert rows["dense"]["mean_density"] == 1.0 and rows["dense"]["bytes_sent"] == rows["dense"]["dense_bytes"]
     assert rows["naive"]["mean_density"] == pytest.approx(0.001)  # no warm-up
     assert rows["dgc"]["mean_density"] > 0.001  # its warm-up starts at 25 %
-    # naive pruning at 0.1 %: sparse tensors send ceil(n / 1000) values and indices, 1-D and small ones are dense
-    per_step = sum(math.ceil(n / 1000) * 8 if dim > 1 and n >= 1024 else 4 * n
+    # naive pruning at 0.1 %: sparse tensors send ceil(n / 1000) entries on DGC's compact wire, 1-D and small
+    # ones are dense
+    per_step = sum(compact_nbytes(n, math.ceil(n / 1000)) if dim > 1 and n >= 1024 else 4 * n
                    for n, dim in ((p.numel(), p.dim()) for p in build_model("cnn", "mnist").parameters()))
     assert rows["naive"]["bytes_sent"] == per_step * rows["naive"]["steps"]
 

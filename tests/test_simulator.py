@@ -45,7 +45,8 @@ def test_none_equals_full_batch_training(digits, workers):
 def test_dgc_dense_without_masking_is_momentum_sgd(digits, nesterov):
     """DGC at density 1 without masking is SGD with momentum on the averaged gradient (50 steps)."""
     x, y = digits
-    method = DGC(density=1.0, momentum=0.9, nesterov=nesterov, momentum_masking=False, warmup_epochs=0)
+    method = DGC(density=1.0, momentum=0.9, nesterov=nesterov, momentum_masking=False, warmup_epochs=0,
+                 wire="plain")
     assert method.sparsified(torch.zeros(48, 64)) and not method.sparsified(torch.zeros(48))
     ref = reference_sgd(x, y, steps=50, momentum=0.9, nesterov=nesterov)
     model, _ = simulated(x, y, 50, method, workers=4)
@@ -54,7 +55,7 @@ def test_dgc_dense_without_masking_is_momentum_sgd(digits, nesterov):
 
 def test_dgc_sparse_trains_and_counts_bytes(digits):
     x, y = digits
-    method = DGC(density=0.01, warmup_epochs=0, min_numel=256)
+    method = DGC(density=0.01, warmup_epochs=0, min_numel=256, wire="plain")
     model, sim = simulated(x, y, 60, method, workers=4)
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).double().mean().item()

@@ -7,6 +7,7 @@ import torch
 
 import gradcomp
 from gradcomp.compressors.sparse import select_dgc, select_topk
+from helpers import compact_nbytes
 
 
 def tensors():
@@ -57,11 +58,59 @@ def test_sampled_selection_is_exact_on_normal_data():
 
 def test_sparse_payload_wire_format():
     x = torch.randn(300, 70)
-    p = gradcomp.get("dgc", density=0.001).compress(x)
+    p = gradcomp.get("dgc", density=0.001).compress(x)  # the compressor's default wire is "plain"
     k = math.ceil(0.001 * x.numel())
     assert p.op == "gather" and p.tensors[1].dtype == torch.int32
     assert p.nbytes == k * 4 + k * 4
     torch.testing.assert_close(p.tensors[0], x.view(-1)[p.tensors[1].long()])
+
+
+@pytest.mark.parametrize("compressor", ["topk", "dgc"])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_compact_wire_sends_scaled_float16_values_and_a_coded_index_set(compressor, scale):
+    x = torch.randn(300, 70, generator=torch.Generator().manual_seed(5)) * scale
+    density = 0.01
+    c = gradcomp.get(compressor, density=density, wire="compact")
+    p = c.compress(x)
+    k = math.ceil(density * x.numel())
+    top = torch.argsort(x.abs().view(-1), descending=True)[:k].sort().values
+    half, pow2, code = p.tensors
+    assert half.dtype == torch.float16 and pow2.dtype == torch.float32 and code.dtype == torch.uint8
+    # the scale is a power of two putting the largest magnitude in [2**14, 2**15): no overflow at any scale
+    mantissa, _ = torch.frexp(pow2)
+    assert float(mantissa) == 0.5 and 2**14 <= float(half.float().abs().max()) < 2**15
+    assert p.nbytes == compact_nbytes(x.numel(), k)  # the code is Elias-Fano
+    expected = torch.zeros(x.numel())
+    expected[top] = (x.view(-1)[top] / pow2).half().float() * pow2
+    torch.testing.assert_close(c.decompress([p], like=x).view(-1), expected, rtol=0, atol=0)
+    # error feedback: the accumulator keeps exactly what float16 rounding took off the sent values
+    acc = x.clone()
+    c.subtract_sent(acc, p)
+    torch.testing.assert_close(acc.view(-1), x.view(-1) - expected, rtol=0, atol=0)
+    assert torch.equal(c.sent_indices(p, x.numel()), top)
+
+
+def test_corrupt_sparse_payloads_raise_instead_of_writing_out_of_bounds():
+    x = torch.randn(100, 10)
+    like = torch.zeros_like(x)
+    plain = gradcomp.get("topk", density=0.05)
+    p = plain.compress(x)
+    bad = p.replace(p.tensors[0], p.tensors[1].clone().fill_(1000))
+    with pytest.raises(ValueError, match="out of range"):
+        plain.decompress([bad], like=like)
+    with pytest.raises(ValueError, match="50 values but 49 indices"):
+        plain.decompress([p.replace(p.tensors[0], p.tensors[1][:-1])], like=like)
+    compact = gradcomp.get("topk", density=0.05, wire="compact")
+    q = compact.compress(x)
+    half, scale, code = q.tensors
+    with pytest.raises(ValueError, match="take"):
+        compact.decompress([q.replace(half, scale, code[:-1])], like=like)
+    with pytest.raises(ValueError, match="corrupt index code"):
+        compact.decompress([q.replace(half, scale, torch.full_like(code, 255))], like=like)
+    with pytest.raises(ValueError, match="topk.wire must be one of"):
+        gradcomp.get("topk", wire="zip")
+    with pytest.raises(ValueError, match="DGC.wire must be one of"):
+        gradcomp.DGC(wire="zip")
 
 
 def test_sparse_decompress_sums_workers():

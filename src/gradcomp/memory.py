@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .compressors.base import Compressor, Payload
-from .compressors.sparse import sent_indices
 
 __all__ = ["Memory", "NoMemory", "Residual", "DGCMemory", "Momentum"]
 
@@ -114,7 +113,7 @@ class DGCMemory(Memory):
         if self.accumulate:
             compressor.subtract_sent(accumulator, sent)
         if self.masking and self.correction:
-            self.u[name].view(-1)[sent_indices(sent)] = 0
+            self.u[name].view(-1)[compressor.sent_indices(sent, accumulator.numel())] = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"u": dict(self.u), "v": dict(self.v)}

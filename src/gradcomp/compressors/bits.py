@@ -1,8 +1,9 @@
 """Vectorized bit packing: small unsigned codes packed densely into bytes.
 
 ``pack(codes, width)`` stores each code in ``width`` bits, most significant
-bit first, so ``n`` codes take exactly ``ceil(n * width / 8)`` bytes.  Only
-torch ops are used: no Python loop over entries.
+bit first, so ``n`` codes take exactly ``ceil(n * width / 8)`` bytes.
+``encode_sorted`` codes a sorted set of indices in about ``2 + log2(n / k)``
+bits each (Elias-Fano).  Only torch ops are used: no Python loop over entries.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "unpack", "packed_nbytes"]
+__all__ = ["pack", "unpack", "packed_nbytes", "encode_sorted", "decode_sorted", "sorted_nbytes"]
 
 _BLOCK = 1 << 20  # codes per block for the general widths; a multiple of 8
 
@@ -86,3 +87,71 @@ def unpack(packed: Tensor, width: int, n: int) -> Tensor:
         else:
             out.append((unpack(raw, 1, count * width).view(count, width) * weights).sum(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=packed.device)
+
+
+# ------------------------------------------------------ sorted index sets
+
+
+def _low_width(numel: int, k: int) -> int:
+    """Elias-Fano's low-bit width, floor(log2(numel / k)) (0 when k >= numel)."""
+    return max(0, (numel // k).bit_length() - 1)
+
+
+def _high_bits(numel: int, k: int, low: int) -> int:
+    """Length of the unary-coded high parts: one 1 per entry, one 0 per bucket of 2**low."""
+    return k + ((numel - 1) >> low) + 1
+
+
+def sorted_nbytes(numel: int, k: int) -> int:
+    """Bytes :func:`encode_sorted` takes for ``k`` distinct indices below ``numel``."""
+    if k == 0:
+        return 0
+    low = _low_width(numel, k)
+    return packed_nbytes(k, low) + packed_nbytes(_high_bits(numel, k, low), 1)
+
+
+def encode_sorted(indices: Tensor, numel: int) -> Tensor:
+    """Elias-Fano code of strictly increasing ``indices`` in ``[0, numel)``, as uint8.
+
+    With ``low = floor(log2(numel / k))``, each index keeps its ``low`` low bits
+    verbatim (packed) and its high part ``i >> low`` in unary: bit
+    ``(i >> low) + j`` is set for the j-th index.  That is at most
+    ``2 + log2(numel / k)`` bits per index, against 32 for an int32.  The
+    caller guarantees the order (see :func:`decode_sorted` for the checks).
+    """
+    k = indices.numel()
+    if k == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=indices.device)
+    indices = indices.reshape(-1).to(torch.int64)
+    low = _low_width(numel, k)
+    unary = torch.zeros(_high_bits(numel, k, low), dtype=torch.int64, device=indices.device)
+    unary[(indices >> low) + torch.arange(k, device=indices.device)] = 1
+    high = pack(unary, 1)
+    if low == 0:
+        return high
+    return torch.cat([pack(indices & ((1 << low) - 1), low), high])
+
+
+def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
+    """Inverse of :func:`encode_sorted`: the ``k`` indices, as int64.
+
+    A corrupt code raises ``ValueError`` (wrong length, wrong count, indices
+    out of range or out of order); it never yields an index outside ``[0, numel)``.
+    """
+    if data.dtype != torch.uint8:
+        raise TypeError(f"coded indices must be uint8, got {data.dtype}")
+    if data.numel() != sorted_nbytes(numel, k):
+        raise ValueError(f"{k} indices below {numel} take {sorted_nbytes(numel, k)} bytes, got {data.numel()}")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=data.device)
+    low = _low_width(numel, k)
+    split = packed_nbytes(k, low)
+    positions = unpack(data[split:], 1, _high_bits(numel, k, low)).nonzero().view(-1)
+    if positions.numel() != k:
+        raise ValueError(f"corrupt index code: {positions.numel()} entries where {k} were expected")
+    indices = (positions - torch.arange(k, device=data.device)) << low
+    if low:
+        indices |= unpack(data[:split], low, k)
+    if indices[-1] >= numel or (k > 1 and not bool((indices[1:] > indices[:-1]).all())):
+        raise ValueError(f"corrupt index code: indices out of range [0, {numel}) or not increasing")
+    return indices

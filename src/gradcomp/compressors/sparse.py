@@ -1,7 +1,21 @@
 """Sparsifying compressors: ``topk``, ``dgc``, ``randomk``, ``threshold``, ``dryden``.
 
-A sparse payload is ``(values, indices)`` into the flattened tensor, indices in
-the narrowest integer type that addresses it (int32 below 2**31 entries).
+``topk`` and ``dgc`` send k entries of the flattened tensor in one of two wire
+formats (``wire``):
+
+``"plain"``
+    ``(values, indices)``: values in the tensor's dtype, indices in the
+    narrowest integer type that addresses it (int32 below 2**31 entries):
+    8 bytes per fp32 entry, the format of the papers' code.
+``"compact"``
+    ``(values, scale, code)``: values as float16 times a power-of-two
+    ``scale`` (a float32; nothing overflows float16's range), indices sorted
+    and Elias-Fano coded (:func:`~gradcomp.compressors.bits.encode_sorted`,
+    about ``2 + log2(1 / density)`` bits each): ~3.5 bytes per entry at
+    density 0.001.  What rounding to float16 takes off a value stays in the
+    sender's residual (error feedback subtracts the decoded value), so
+    nothing is lost over steps.
+
 Workers' payloads are all-gathered and scatter-added in rank order, so every
 rank (and the simulator) sums them in the same order.
 """
@@ -15,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import bits
 from .base import Compressor, Payload, check_range, index_dtype, num_selected, register
 
-__all__ = ["Workspace", "TopK", "DGCSelect", "RandomK", "Threshold", "Dryden", "select_topk", "select_dgc", "sent_indices"]
+__all__ = ["Workspace", "TopK", "DGCSelect", "RandomK", "Threshold", "Dryden", "select_topk", "select_dgc", "WIRES"]
 
 
 # ----------------------------------------------------------------- selection
@@ -132,37 +147,78 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 1.3,
 
 # ------------------------------------------------------------ sparse payload
 
-
-def _sparse_payload(flat: Tensor, indices: Tensor) -> Payload:
-    indices = indices.to(index_dtype(flat.numel()))
-    return Payload((flat[indices], indices), op="gather")
+WIRES = ("plain", "compact")
 
 
-def sent_indices(payload: Payload) -> Tensor:
-    """Flat indices a sparse ``(values, indices)`` payload covers."""
-    return payload.tensors[1].long()
+def _check_wire(owner: str, wire: str) -> None:
+    if wire not in WIRES:
+        raise ValueError(f"{owner}.wire must be one of {WIRES}, got {wire!r}")
 
 
-def _scatter_sum(payloads: Sequence[Payload], like: Tensor) -> Tensor:
-    total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-    if payloads:
-        values = torch.cat([p.tensors[0] for p in payloads]).to(like.dtype)
-        indices = torch.cat([p.tensors[1] for p in payloads]).long()
-        total.index_add_(0, indices, values)
-    return total.view(like.shape)
+def _pow2_scale(values: Tensor) -> Tensor:
+    """A power of two s with max |values| / s in [2**14, 2**15): float16 holds every value / s
+    without overflow, the largest ones with its full 11-bit precision."""
+    one = torch.ones(1, dtype=torch.float32, device=values.device)
+    if values.numel() == 0:
+        return one
+    peak = values.abs().max().float()
+    if peak == 0:
+        return one
+    _, exponent = torch.frexp(peak)  # peak = m * 2**exponent, m in [0.5, 1)
+    return torch.ldexp(one, (exponent - 15).clamp(min=-126))
+
+
+def _sparse_payload(flat: Tensor, indices: Tensor, wire: str) -> Payload:
+    if wire == "plain":
+        indices = indices.to(index_dtype(flat.numel()))
+        return Payload((flat[indices], indices), op="gather")
+    indices = indices.sort().values
+    values = flat[indices]
+    scale = _pow2_scale(values)
+    half = (values * scale.reciprocal().to(values.dtype)).to(torch.float16)  # exact: scale is a power of two
+    return Payload((half, scale, bits.encode_sorted(indices, flat.numel())), op="gather")
+
+
+def _decode(payload: Payload, numel: int, wire: str) -> tuple[Tensor, Tensor]:
+    """(values, int64 indices) of a sparse payload; a corrupt one raises ``ValueError``."""
+    if wire == "plain":
+        values, indices = payload.tensors
+        indices = indices.long()
+        if indices.numel() != values.numel():
+            raise ValueError(f"corrupt sparse payload: {values.numel()} values but {indices.numel()} indices")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ValueError(f"corrupt sparse payload: an index is out of range for a tensor of {numel} entries")
+        return values, indices
+    half, scale, code = payload.tensors
+    return half.float() * scale, bits.decode_sorted(code, numel, half.numel())
 
 
 class _Sparse(Compressor):
-    """Shared decode for ``(values, indices)`` payloads; what was sent leaves the accumulator exactly."""
+    """Shared decode for sparse payloads (see ``wire`` above); what was sent leaves the accumulator exactly."""
 
     error_feedback = True
+    wire = "plain"
+
+    def decode(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor]:
+        """The values and flat int64 indices one payload carries."""
+        return _decode(payload, numel, self.wire)
+
+    def sent_indices(self, payload: Payload, numel: int) -> Tensor:
+        """Flat indices this worker's payload covered (DGC masks its momentum there)."""
+        return self.decode(payload, numel)[1]
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
-        return _scatter_sum(payloads, like)
+        total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+        if payloads:
+            decoded = [self.decode(p, like.numel()) for p in payloads]
+            values = torch.cat([v for v, _ in decoded]).to(like.dtype)
+            total.index_add_(0, torch.cat([i for _, i in decoded]), values)
+        return total.view(like.shape)
 
     def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
         flat = accumulator.view(-1)
-        flat.index_put_((sent.tensors[1].long(),), -sent.tensors[0].to(flat.dtype), accumulate=True)
+        values, indices = self.decode(sent, flat.numel())
+        flat.index_put_((indices,), -values.to(flat.dtype), accumulate=True)
 
 
 @register
@@ -176,13 +232,15 @@ class TopK(_Sparse):
 
     name = "topk"
     density: float = 0.01
+    wire: str = "plain"
 
     def __post_init__(self) -> None:
         check_range("topk", "density", self.density, 0.0, 1.0, low_open=True)
+        _check_wire("topk", self.wire)
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
-        return _sparse_payload(flat, select_topk(flat, num_selected(self.density, flat.numel())))
+        return _sparse_payload(flat, select_topk(flat, num_selected(self.density, flat.numel())), self.wire)
 
 
 @register
@@ -200,16 +258,18 @@ class DGCSelect(_Sparse):
     name = "dgc"
     density: float = 0.001
     sample_ratio: float = 0.01
+    wire: str = "plain"
     workspace: Workspace = field(default_factory=Workspace, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_range("dgc", "density", self.density, 0.0, 1.0, low_open=True)
         check_range("dgc", "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
+        _check_wire("dgc", self.wire)
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
         k = num_selected(self.density, flat.numel())
-        return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace))
+        return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
 
 
 @register
@@ -245,11 +305,8 @@ class RandomK(_Sparse):
         indices = self._indices(flat.numel(), state, flat.device)
         return Payload((flat[indices],), op="sum", meta=indices)
 
-    def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
-        return _scatter_sum([Payload((p.tensors[0], p.meta), op="gather") for p in payloads], like)
-
-    def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
-        super().subtract_sent(accumulator, Payload((sent.tensors[0], sent.meta)))
+    def decode(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor]:
+        return payload.tensors[0], payload.meta  # the indices every rank drew alike
 
 
 def _signed_codes(indices: Tensor, negative: Tensor, numel: int) -> Tensor:

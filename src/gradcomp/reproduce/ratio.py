@@ -7,11 +7,14 @@ every registered compressor exactly as the simulator drives them
 bytes are the payloads' ``nbytes``: values, indices, scales and packed bits,
 uncompressed tensors included.  ``ratio = dense fp32 bytes / bytes sent``.
 
-DGC is the whole method, ``gradcomp.DGC(density=0.001, warmup_epochs=0)``:
-tensors with ``dim() > 1`` and at least 1024 entries are sparsified, the
-others (biases, batch-norm parameters) are sent dense and counted.  Every
-compressor's count is also checked against a closed formula of the tensor
-shapes written here independently of the compressors' code.
+DGC is the whole method, ``gradcomp.DGC(density=0.001, warmup_epochs=0)``, in
+three rows: ``dgc-plain`` is the paper's format (fp32 values and int32
+indices for tensors with ``dim() > 1`` and at least 1024 entries, the others
+dense and counted); ``dgc`` is gradcomp's default compact wire (float16
+values, Elias-Fano coded indices); ``dgc-all`` also sparsifies the biases and
+batch-norm parameters (``sparsify_all=True``).  Every compressor's count is
+also checked against a closed formula of the tensor shapes written here
+independently of the compressors' code.
 
 No training and no data: the payload sizes of all compressors but
 ``threshold`` depend only on the shapes (``threshold`` sends every entry with
@@ -56,9 +59,22 @@ QUICK_COMPRESSORS = ("none", "dgc", "topk", "onebit", "powersgd")
 class Measured:
     """One registered compressor as this table runs it."""
 
-    name: str
+    name: str  # the registered compressor
     label: str  # how it is configured, for the table
     build: Callable[[], Method]
+    key: str = ""  # the row: the name, or a variant of it
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.name)
+
+
+#: DGC's rows: the paper's wire format, gradcomp's default compact wire, and compact with every tensor sparsified.
+DGC_VARIANTS = {
+    "dgc-plain": dict(wire="plain"),
+    "dgc": dict(),
+    "dgc-all": dict(sparsify_all=True),
+}
 
 
 def methods(names: list[str] | tuple[str, ...] | None = None) -> list[Measured]:
@@ -66,8 +82,10 @@ def methods(names: list[str] | tuple[str, ...] | None = None) -> list[Measured]:
     out = []
     for name in names if names is not None else available():
         if name == "dgc":
-            out.append(Measured(name, "gradcomp.DGC(density=0.001, warmup_epochs=0)",
-                                lambda: DGC(density=DENSITY, warmup_epochs=0)))
+            for key, options in DGC_VARIANTS.items():
+                text = "".join(f", {k}={v!r}" for k, v in options.items())
+                out.append(Measured(name, f"gradcomp.DGC(density=0.001, warmup_epochs=0{text})",
+                                    lambda options=options: DGC(density=DENSITY, warmup_epochs=0, **options), key))
         elif name in ("topk", "randomk"):
             comp = get(name, density=DENSITY)
             out.append(Measured(name, repr(comp), lambda name=name: Method(get(name, density=DENSITY))))
@@ -104,9 +122,16 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
             total += 4 * n
         elif name == "fp16":
             total += 2 * n
-        elif name == "dgc":  # DGC: k = ceil(0.001 n) fp32 values + int32 indices; 1-D and small tensors dense
-            sparse = len(shape) > 1 and n >= method.min_numel
-            total += 8 * max(1, _ceil_frac(n, Fraction(str(DENSITY)))) if sparse else 4 * n
+        elif name == "dgc":  # k = ceil(0.001 n) entries of the sparsified tensors; the others dense fp32
+            sparse = method.sparsify_all or (len(shape) > 1 and n >= method.min_numel)
+            k = max(1, _ceil_frac(n, Fraction(str(DENSITY))))
+            if not sparse:
+                total += 4 * n
+            elif method.wire == "plain":  # fp32 values + int32 indices
+                total += 8 * k
+            else:  # fp16 values, an fp32 scale, Elias-Fano: l low bits each + k + (n >> l) + 1 unary bits
+                low = math.floor(math.log2(n / k))
+                total += 2 * k + 4 + -(-k * low // 8) + -(-(k + ((n - 1) >> low) + 1) // 8)
         elif name == "topk":
             total += 8 * max(1, _ceil_frac(n, Fraction(str(comp.density))))
         elif name == "randomk":  # values only: every rank draws the same indices
@@ -172,11 +197,11 @@ def measure(model_names, measured: list[Measured], seed: int, ctx: Context) -> d
         params = sum(g.numel() for g in grads.values())
         entry = {"parameters": params, "tensors": len(shapes), "dense_bytes": 4 * params, "compressors": {}}
         for m in measured:
-            bar.set_postfix_str(f"{MODEL_LABELS[model_name]}: {m.name}")
+            bar.set_postfix_str(f"{MODEL_LABELS[model_name]}: {m.key}")
             method = m.build()
             sent = bytes_sent(method, grads)
             expected = expected_bytes(m.name, method, grads)
-            entry["compressors"][m.name] = {"option": m.label, "bytes": sent, "expected_bytes": expected,
+            entry["compressors"][m.key] = {"option": m.label, "bytes": sent, "expected_bytes": expected,
                                             "ratio": 4 * params / sent if sent else math.inf}
             del method
             gc.collect()
@@ -222,16 +247,20 @@ def _notes(results: dict) -> list[str]:
         listed = ", ".join(f"{MODEL_LABELS[m]} {b:.1f}" for m, b in per_entry.items())
         below = [f"{MODEL_LABELS[m]}'s {PUBLISHED[m][2]}x" for m, b in per_entry.items() if b < 8]
         notes.append(
-            "Top-k sparsification sends an fp32 value and an int32 index, 8 bytes, per kept entry, so at density "
-            "0.001 it cannot beat 500x (less once dense tensors are counted; random-k, whose indices come from a "
-            "shared seed, sends 4). The published figures correspond to "
+            "Top-k sparsification with an fp32 value and an int32 index, 8 bytes, per kept entry (`topk`, "
+            "`dgc-plain`) cannot beat 500x at density 0.001 (less once dense tensors are counted; random-k, whose "
+            "indices come from a shared seed, sends 4). The published figures correspond to "
             f"{listed} bytes per kept entry (published sent / (published dense / 4 bytes x 0.001))"
-            + (f": below 8 for {' and '.join(below)}, which needs a more compact coding of values or indices than "
-               "the 8 bytes we send." if below else "."))
+            + (f": below 8 for {' and '.join(below)}, which needs a more compact coding of values or indices."
+               if below else "."))
     notes += [
-        "`dgc` is the whole method, `gradcomp.DGC(density=0.001, warmup_epochs=0)` after warm-up: tensors with "
-        "dim() > 1 and >= 1024 entries send ceil(0.001 n) fp32 values + int32 indices, the rest (biases, "
-        "batch-norm) go dense and are counted. `topk` and `randomk` sparsify every tensor, biases included.",
+        "`dgc-plain`, `dgc` and `dgc-all` are the whole method, `gradcomp.DGC(density=0.001, warmup_epochs=0)` "
+        "after warm-up. `dgc-plain` is the paper's format: tensors with dim() > 1 and >= 1024 entries send "
+        "ceil(0.001 n) fp32 values + int32 indices, the rest (biases, batch-norm) go dense in fp32 and are "
+        "counted. `dgc` (gradcomp's default) sends the same entries as float16 values with one fp32 power-of-two "
+        "scale per tensor and Elias-Fano coded indices (about 2 + log2(1000) = 12 bits each): ~3.5 bytes per "
+        "entry. `dgc-all` also sparsifies the biases and batch-norm parameters. `topk` and `randomk` sparsify "
+        "every tensor, biases included.",
         "`threshold` sends every entry with |g| >= tau as one 32-bit word; its size depends on the gradient's "
         "scale, here N(0, 1) gradients with the default tau = 0.01 (nearly every entry): not a meaningful "
         "ratio for real gradients. Every other size depends only on the tensor shapes.",
@@ -245,15 +274,18 @@ def _published_table(results: dict) -> str:
     rows = []
     for model_name, entry in results.items():
         pub = PUBLISHED.get(model_name)
-        dgc = entry["compressors"].get("dgc")
+        comps = entry["compressors"]
+        cells = []
+        for key in ("dgc-plain", "dgc-all"):
+            c = comps.get(key)
+            cells += [_mib(c["bytes"]), _ratio(c["ratio"])] if c else ["—", "—"]
         rows.append([
             MODEL_LABELS[model_name], f"{entry['parameters']:,}", entry["tensors"], _mib(entry["dense_bytes"]),
-            f"{pub[0]:.2f}" if pub else "—",
-            _mib(dgc["bytes"]) if dgc else "—", f"{pub[1]:.2f}" if pub else "—",
-            _ratio(dgc["ratio"]) if dgc else "—", f"{pub[2]}x" if pub else "—",
+            f"{pub[0]:.2f}" if pub else "—", f"{pub[1]:.2f}" if pub else "—", f"{pub[2]}x" if pub else "—",
+            *cells,
         ])
-    return markdown_table(["model", "parameters", "tensors", "dense MiB", "published", "DGC sent MiB", "published",
-                           "DGC ratio", "published"], rows)
+    return markdown_table(["model", "parameters", "tensors", "dense MiB", "published dense", "published DGC MiB",
+                           "published ratio", "`dgc-plain` MiB", "ratio", "`dgc-all` MiB", "ratio"], rows)
 
 
 def _all_table(results: dict, measured: list[Measured]) -> str:
@@ -262,9 +294,9 @@ def _all_table(results: dict, measured: list[Measured]) -> str:
     for m in measured:
         cells = []
         for model_name in models:
-            c = results[model_name]["compressors"][m.name]
+            c = results[model_name]["compressors"][m.key]
             cells.append(f"{_mib(c['bytes'])} ({_ratio(c['ratio'])})")
-        rows.append([f"`{m.name}`", *cells, m.label])
+        rows.append([f"`{m.key}`", *cells, m.label])
     return markdown_table(["compressor", *[f"{MODEL_LABELS[n]} MiB (ratio)" for n in models], "configuration"],
                           rows, align="l" + "r" * len(models) + "l")
 
@@ -274,27 +306,29 @@ def _plot(results: dict, measured: list[Measured], path) -> None:
     from matplotlib.patches import Patch
 
     models = list(results)
-    names = [m.name for m in measured]
+    names = [m.key for m in measured]
     # compressors from the largest to the smallest payload (mean log size over models), so the bars step down
     names.sort(key=lambda n: -sum(math.log(results[mo]["compressors"][n]["bytes"]) for mo in models))
     fig = new_figure(12.5, 5.6)
     ax = fig.add_subplot()
     width = 0.84 / len(names)
     palette = [f"C{i}" for i in range(10) if i != 3] + ["#222222", "#aec7e8", "#ffbb78", "#98df8a"]
-    others = [n for n in names if n != "dgc"]
-    colors = {n: palette[i % len(palette)] for i, n in enumerate(others)} | {"dgc": "C3"}  # DGC in red
+    others = [n for n in names if n not in DGC_VARIANTS]
+    reds = {"dgc-plain": "#f4a09c", "dgc": "C3", "dgc-all": "#7f0000"}  # DGC in reds
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(others)} | reds
     for j, model_name in enumerate(models):
         entry = results[model_name]
         for i, n in enumerate(names):
             c = entry["compressors"][n]
             x = j + (i - (len(names) - 1) / 2) * width
-            ax.bar(x, c["bytes"] / MIB, width=width * 0.92, color=colors[n], edgecolor="black" if n == "dgc" else
-                   "0.25", linewidth=1.4 if n == "dgc" else 0.4)
+            ours = n in DGC_VARIANTS
+            ax.bar(x, c["bytes"] / MIB, width=width * 0.92, color=colors[n], edgecolor="black" if ours else "0.25",
+                   linewidth=1.4 if ours else 0.4)
             ax.text(x, c["bytes"] / MIB * 1.12, _ratio(c["ratio"]), rotation=90, ha="center", va="bottom",
                     fontsize=6.5, color="0.2")
         pub = PUBLISHED.get(model_name)
-        if pub and "dgc" in names:
-            x = j + (names.index("dgc") - (len(names) - 1) / 2) * width
+        if pub and "dgc-plain" in names:
+            x = j + (names.index("dgc-plain") - (len(names) - 1) / 2) * width
             ax.plot([x], [pub[1]], marker="D", color="black", markersize=5, zorder=5)
     ax.set_yscale("log")
     ax.set_xticks(range(len(models)))
@@ -310,7 +344,7 @@ def _plot(results: dict, measured: list[Measured], path) -> None:
     ax.set_title(f"Bytes one worker sends per step (dgc, topk, randomk at density {DENSITY:g}; others at their "
                  "defaults)\nbar labels: compression ratio against dense fp32")
     handles = [Patch(facecolor=colors[n], edgecolor="0.25", label=n) for n in names]
-    if any(m in PUBLISHED for m in models) and "dgc" in names:
+    if any(m in PUBLISHED for m in models) and "dgc-plain" in names:
         handles.append(Line2D([], [], marker="D", color="black", linestyle="none", label="DGC, published"))
     fig.legend(handles=handles, loc="outside right center", frameon=False, title="compressor")
     save_figure(fig, path)
@@ -336,15 +370,19 @@ def run(ctx: Context) -> Result:
             checks.append(Check(f"{label}: `none` sends exactly the dense fp32 bytes (ratio 1)",
                                 comps["none"]["bytes"] == entry["dense_bytes"],
                                 f"{comps['none']['bytes']:,} vs {entry['dense_bytes']:,}"))
-        if "dgc" in comps:
-            r = comps["dgc"]["ratio"]
+        if "dgc-plain" in comps:
+            r = comps["dgc-plain"]["ratio"]
             checks.append(Check(f"{label}: DGC compresses more than 100x", r > 100, f"{r:.0f}x"))
+            order = [comps[k]["bytes"] for k in DGC_VARIANTS]
+            checks.append(Check(f"{label}: the compact wire sends less than the paper's format, and sparsifying "
+                                "every tensor less again", order[0] > order[1] > order[2],
+                                " > ".join(f"{b:,}" for b in order)))
         pub = PUBLISHED.get(model_name)
-        if pub and "dgc" in comps:
-            r = comps["dgc"]["ratio"]
+        if pub and "dgc-plain" in comps:
+            r = comps["dgc-plain"]["ratio"]
             within = 0.5 * pub[2] <= r <= 2 * pub[2]
-            checks.append(Check(f"{label}: DGC ratio within a factor 2 of the published {pub[2]}x", within,
-                                f"{r:.0f}x"))
+            checks.append(Check(f"{label}: DGC in the paper's format within a factor 2 of the published {pub[2]}x",
+                                within, f"{r:.0f}x"))
     if "resnet50" in results:
         dense = results["resnet50"]["dense_bytes"] / MIB
         checks.append(Check("ResNet-50 dense size equals the published 97.49 MB (MiB)", f"{dense:.2f}" == "97.49",
@@ -359,12 +397,14 @@ def run(ctx: Context) -> Result:
 
     title = "Gradient size and compression ratio per step (DGC paper)"
     setup = [f"models: {', '.join(MODEL_LABELS[m] for m in results)}",
-             f"compressors: {', '.join(m.name for m in measured)}"
+             f"compressors: {', '.join(m.key for m in measured)}"
              + ("" if ctx.full else " (quick subset; --full runs every registered compressor)"),
              f"gradients: N(0, 1), torch.Generator seeded with {ctx.seed}; one worker, one step",
              f"peak memory of the process: {memory_peak_mb():.0f} MB" if memory_peak_mb() else "peak memory: unknown"]
     markdown = "\n".join([
-        "## Beside the published figures (DGC at density 0.1%)", "", published, "",
+        "## Beside the published figures (DGC at density 0.1%)", "",
+        "`dgc-plain` is the paper's wire format; `dgc-all` is gradcomp's compact wire with every tensor "
+        "sparsified (see the notes).", "", published, "",
         "## Every compressor", "", every, "",
         "## Notes", "", *[f"- {n}" for n in notes], ""])
     console = "\n".join([title, "", "Beside the published figures (DGC, density 0.1%; MiB = 2^20 bytes):",
