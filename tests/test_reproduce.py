@@ -165,7 +165,7 @@ def test_no_table_is_an_error(capsys):
 
 
 def _fake(monkeypatch, name, run):
-    monkeypatch.setitem(common._STUDIES, name, Study(name, "a test study", run, threads=1))
+    monkeypatch.setitem(common._STUDIES, ("reproduce", name), Study(name, "a test study", run, threads=1))
 
 
 def test_failed_check_exits_1_and_is_reported(monkeypatch, capsys, tmp_path):

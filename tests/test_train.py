@@ -45,17 +45,17 @@ def test_real_workers_match_the_simulator(tmp_path):
 
 @pytest.mark.parametrize("simulate", [True, False])
 def test_resume_continues_exactly(tmp_path, simulate):
-    kw = dict(workers=2, simulate=simulate, options={"warmup_epochs": 2})
-    full = quick(tmp_path, "full", epochs=3, **kw)
-    quick(tmp_path, "part", epochs=2, **kw)
-    resumed = run(TrainConfig(epochs=3, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    kw = dict(workers=2, simulate=simulate, options={"warmup_epochs": 2})  # warm-up in progress at the stop
+    full = quick(tmp_path, "full", epochs=2, **kw)
+    quick(tmp_path, "part", epochs=1, **kw)
+    resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
     for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
         assert resumed[key] == full[key], key
     a = RunDir(tmp_path / "full").load_checkpoint()["model"]
     b = RunDir(tmp_path / "part").load_checkpoint()["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert [m["epoch"] for m in RunDir(tmp_path / "part").read_metrics()] == [1, 2, 3]
+    assert [m["epoch"] for m in RunDir(tmp_path / "part").read_metrics()] == [1, 2]
 
 
 def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
@@ -92,9 +92,10 @@ def test_real_datasets(tmp_path, dataset, model):
         load_dataset(dataset)
     except DatasetNotFoundError as error:
         pytest.skip(str(error))
+    # DGC past its warm-up: the warm-up's 25 % density would make the 4.6M-parameter PTB model's steps slow
     summary = quick(tmp_path, dataset, dataset=dataset, model=model, epochs=1, simulate=True, workers=2,
                     limit_train=160 if dataset == "mnist" else 8_000, limit_test=200 if dataset == "mnist" else 5000,
-                    batch_size=8, bptt=20)
+                    batch_size=8, bptt=20, options={"warmup_epochs": 0})
     key = "test_accuracy" if dataset == "mnist" else "test_perplexity"
     assert summary[key] > 0
 

@@ -47,8 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gradient size (default: ResNet-50's 25,557,032)")
     comp.add_argument("--density", type=_density, default=0.001, help="density (default 0.001)")
     comp.add_argument("--repeats", type=_positive_int, default=15, help="timed repeats (default 15)")
+    _add_benches(bench_sub)
     _add_reproduce(sub)
     return parser
+
+
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    """The options every study takes, ``gradcomp reproduce`` and ``gradcomp bench`` alike."""
+    p.add_argument("--full", action="store_true", help="the full variant (default: the quick one)")
+    p.add_argument("--out", default="results", metavar="DIR", help="folder for the report and plots (default results)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads for the study (default: the study's, "
+                                                         "usually 1: results do not depend on the core count)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="independent runs of a study trained at once, each in its own process (default 1; "
+                        "the results do not depend on it)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_benches(bench_sub: argparse._SubParsersAction) -> None:
+    from . import bench  # noqa: F401  (importing it registers the benchmarks)
+    from .reproduce import studies
+
+    for s in studies("bench"):
+        p = bench_sub.add_parser(
+            s.name, help=s.summary,
+            description=f"{s.summary}. Writes DIR/bench-{s.name}.md (--full) or DIR/bench-{s.name}-quick.md (the "
+                        "quick variant CI runs) with the command, machine and date, and the numbers as JSON. "
+                        "Exits 1 when a check fails.")
+        _add_study_options(p)
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
@@ -65,15 +92,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         epilog=f"tables:\n{listing}")
     p.add_argument("table", nargs="?", metavar="TABLE", help="the table to reproduce (listed below)")
     p.add_argument("--list", action="store_true", help="list the tables and exit")
-    p.add_argument("--full", action="store_true", help="the full variant (default: the quick one)")
-    p.add_argument("--out", default="results", metavar="DIR", help="folder for the report and plots (default results)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, help="torch threads for the study (default: the study's, "
-                                                         "usually 1: results do not depend on the core count)")
-    p.add_argument("--jobs", type=_positive_int, default=1,
-                   help="independent runs of a study trained at once, each in its own process (default 1; "
-                        "the results do not depend on it)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_study_options(p)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -85,14 +104,20 @@ def _reproduce(args: argparse.Namespace) -> int:
         for s in studies():
             print(f"{s.name:<10} {s.summary}")
         return 0 if args.list else 2
+    return _run_study(args, args.table, "reproduce")
+
+
+def _run_study(args: argparse.Namespace, name: str, kind: str) -> int:
+    from .reproduce import StudySkipped, UnknownStudyError, run_study
+
     try:
-        outcome = run_study(args.table, full=args.full, out_dir=args.out, seed=args.seed,
-                            threads=args.threads, jobs=args.jobs, progress=not args.no_progress)
+        outcome = run_study(name, full=args.full, out_dir=args.out, seed=args.seed, threads=args.threads,
+                            jobs=args.jobs, progress=not args.no_progress, kind=kind)
     except UnknownStudyError as error:
-        print(f"gradcomp reproduce: error: {error}", file=sys.stderr)
+        print(f"gradcomp {kind}: error: {error}", file=sys.stderr)
         return 2
     except StudySkipped as error:
-        print(f"gradcomp reproduce {args.table}: skipped: {error}", file=sys.stderr)
+        print(f"gradcomp {kind} {name}: skipped: {error}", file=sys.stderr)
         return 0
     return 0 if outcome.passed else 1
 
@@ -224,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.compress import main as bench_compress
 
         print(bench_compress(numel=args.numel, density=args.density, repeats=args.repeats))
+    elif args.command == "bench":
+        return _run_study(args, args.bench, "bench")
     return 0
 
 

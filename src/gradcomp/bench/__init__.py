@@ -1,1 +1,10 @@
-"""Benchmarks: speed and bytes, always as ratios against a baseline measured in the same run."""
+"""Benchmarks: speed and bytes, always as ratios against a baseline measured in the same run.
+
+Every module here but ``compress`` registers a study of kind ``"bench"``
+(see :mod:`gradcomp.reproduce.common`): ``gradcomp bench NAME`` runs it and
+writes ``results/bench-NAME.md`` with the command, machine and date.
+"""
+
+from ..reproduce.common import discover
+
+discover(__name__, __path__, "bench")

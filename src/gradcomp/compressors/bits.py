@@ -91,6 +91,18 @@ def unpack(packed: Tensor, width: int, n: int) -> Tensor:
 
 # ------------------------------------------------------ sorted index sets
 
+_BIT_SHIFTS: dict[torch.device, Tensor] = {}
+
+
+def _set_bits(packed: Tensor, n: int) -> Tensor:
+    """Positions of the 1 bits among the first ``n`` bits of ``packed`` (most significant first), as int64."""
+    shifts = _BIT_SHIFTS.get(packed.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[packed.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    flags = (packed.unsqueeze(1) >> shifts) & 1  # uint8 all the way: 1 byte per bit, not 8
+    return flags.view(-1)[:n].nonzero().view(-1)
+
+
 
 def _low_width(numel: int, k: int) -> int:
     """Elias-Fano's low-bit width, floor(log2(numel / k)) (0 when k >= numel)."""
@@ -124,9 +136,12 @@ def encode_sorted(indices: Tensor, numel: int) -> Tensor:
         return torch.zeros(0, dtype=torch.uint8, device=indices.device)
     indices = indices.reshape(-1).to(torch.int64)
     low = _low_width(numel, k)
-    unary = torch.zeros(_high_bits(numel, k, low), dtype=torch.int64, device=indices.device)
-    unary[(indices >> low) + torch.arange(k, device=indices.device)] = 1
-    high = pack(unary, 1)
+    # set bit (i >> low) + j of the unary part: OR one bit into its byte (the positions are distinct,
+    # so a sum of the bits is their OR); O(k), the 0 bits are never touched
+    positions = (indices >> low) + torch.arange(k, device=indices.device)
+    high = torch.zeros(packed_nbytes(_high_bits(numel, k, low), 1), dtype=torch.int32, device=indices.device)
+    high.index_add_(0, positions >> 3, (128 >> (positions & 7)).to(torch.int32))
+    high = high.to(torch.uint8)
     if low == 0:
         return high
     return torch.cat([pack(indices & ((1 << low) - 1), low), high])
@@ -146,7 +161,7 @@ def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
         return torch.zeros(0, dtype=torch.int64, device=data.device)
     low = _low_width(numel, k)
     split = packed_nbytes(k, low)
-    positions = unpack(data[split:], 1, _high_bits(numel, k, low)).nonzero().view(-1)
+    positions = _set_bits(data[split:], _high_bits(numel, k, low))
     if positions.numel() != k:
         raise ValueError(f"corrupt index code: {positions.numel()} entries where {k} were expected")
     indices = (positions - torch.arange(k, device=data.device)) << low

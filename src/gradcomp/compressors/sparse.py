@@ -39,10 +39,20 @@ __all__ = ["Workspace", "TopK", "DGCSelect", "RandomK", "Threshold", "Dryden", "
 
 
 def select_topk(flat: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` entries of largest magnitude (exact, ``torch.topk``)."""
+    """Indices of the ``k`` entries of largest magnitude (exact, ``torch.topk``), in no particular order."""
     if k >= flat.numel():
         return torch.arange(flat.numel(), device=flat.device)
     return torch.topk(flat.abs(), k, sorted=False).indices
+
+
+def _ascending(indices: Tensor, numel: int) -> Tensor:
+    """Distinct ``indices`` below ``numel`` in increasing order: a sort when they are few, a mask over
+    the tensor when they are many (one O(numel) pass instead of an O(k log k) sort)."""
+    if indices.numel() * 32 < numel:
+        return indices.sort().values
+    mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
+    mask[indices] = True
+    return mask.nonzero().view(-1)
 
 
 class Workspace:
@@ -114,12 +124,13 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 1.3,
     in the sample is moved in proportion to the miss.  The exact top-k is
     then taken among the candidates, so the result is exactly the ``k``
     largest magnitudes (exact ``torch.topk`` on the whole tensor is the
-    fallback if refinement fails).  Every entry is touched by one comparison
-    and one ``nonzero``; the ranking runs on ~1% of them.
+    fallback if refinement fails), in increasing order of index.  Every entry
+    is touched by one comparison and one ``nonzero``; the ranking runs on ~1%
+    of them.
     """
     n = flat.numel()
     if k >= n or sample_ratio >= 1.0:
-        return select_topk(flat, k)
+        return _ascending(select_topk(flat, k), n)
     workspace = workspace or Workspace()
     sample = flat[:: max(1, round(1.0 / sample_ratio))].abs()
     m = sample.numel()
@@ -139,10 +150,12 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 1.3,
             break
         rank = new_rank
     if candidates is None or candidates.numel() < k:
-        return select_topk(flat, k)
+        return _ascending(select_topk(flat, k), n)
     if candidates.numel() == k:
         return candidates
-    return candidates[torch.topk(flat[candidates].abs(), k, sorted=False).indices]
+    keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat[candidates].abs(), k, sorted=False).indices] = True
+    return candidates[keep]  # still in increasing order
 
 
 # ------------------------------------------------------------ sparse payload
@@ -172,8 +185,7 @@ def _sparse_payload(flat: Tensor, indices: Tensor, wire: str) -> Payload:
     if wire == "plain":
         indices = indices.to(index_dtype(flat.numel()))
         return Payload((flat[indices], indices), op="gather")
-    indices = indices.sort().values
-    values = flat[indices]
+    values = flat[indices]  # ``indices`` ascending (the callers make sure)
     scale = _pow2_scale(values)
     half = (values * scale.reciprocal().to(values.dtype)).to(torch.float16)  # exact: scale is a power of two
     return Payload((half, scale, bits.encode_sorted(indices, flat.numel())), op="gather")
@@ -240,7 +252,8 @@ class TopK(_Sparse):
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
-        return _sparse_payload(flat, select_topk(flat, num_selected(self.density, flat.numel())), self.wire)
+        indices = select_topk(flat, num_selected(self.density, flat.numel()))
+        return _sparse_payload(flat, _ascending(indices, flat.numel()) if self.wire == "compact" else indices, self.wire)
 
 
 @register

@@ -23,12 +23,7 @@ broken study never breaks the ``gradcomp`` command.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import pkgutil
-
 from .common import (
-    IMPORT_ERRORS,
     Check,
     Context,
     Outcome,
@@ -36,6 +31,7 @@ from .common import (
     Study,
     StudySkipped,
     UnknownStudyError,
+    discover,
     get_study,
     register,
     report_name,
@@ -58,19 +54,4 @@ __all__ = [
     "studies",
 ]
 
-log = logging.getLogger(__name__)
-
-
-def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "common" or info.name.startswith("_"):
-            continue
-        try:
-            importlib.import_module(f"{__name__}.{info.name}")
-        except Exception as error:  # one broken study must not break the others or the CLI
-            IMPORT_ERRORS[info.name] = error
-            log.warning("gradcomp.reproduce: study module %r failed to import: %s: %s", info.name,
-                        type(error).__name__, error)
-
-
-_discover()
+discover(__name__, __path__, "reproduce")

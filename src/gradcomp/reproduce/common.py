@@ -1,7 +1,10 @@
 """The machinery every study shares: the registry, the run context, checks and the markdown report.
 
 A study is a function ``run(ctx) -> Result`` registered under a table name
-with :func:`register`.  ``ctx.full`` chooses the variant:
+with :func:`register`.  Its ``kind`` says which command runs it:
+``gradcomp reproduce TABLE`` (a published result) or ``gradcomp bench NAME``
+(speed and bytes; its report is ``bench-NAME.md``).  ``ctx.full`` chooses the
+variant:
 
 * quick (CI): seconds to a couple of minutes, fixed seeds, and checks that
   hold with margin on those seeds;
@@ -43,6 +46,7 @@ __all__ = [
     "StudySkipped",
     "UnknownStudyError",
     "canonical_command",
+    "discover",
     "get_study",
     "machine_info",
     "map_runs",
@@ -131,7 +135,8 @@ class Study:
     """A reproducible table: ``gradcomp reproduce NAME``.
 
     ``order`` sorts the listing (the issue numbers the tables 1-5);
-    ``summary`` is one line for ``--help`` and ``--list``.  ``threads`` is
+    ``summary`` is one line for ``--help`` and ``--list``; ``kind`` is the
+    command that runs it (``"reproduce"`` or ``"bench"``).  ``threads`` is
     the number of torch intra-op threads the study runs with by default
     (None: torch's default).  One thread keeps results independent of the
     machine's core count, and small models gain nothing from more: on a
@@ -143,37 +148,73 @@ class Study:
     run: Callable[[Context], Result]
     order: int = 100
     threads: int | None = None
+    kind: str = "reproduce"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Study.kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def stem(self) -> str:
+        """The report's file name without variant and suffix: ``TABLE`` or ``bench-NAME``."""
+        return self.name if self.kind == "reproduce" else f"{self.kind}-{self.name}"
 
 
-_STUDIES: dict[str, Study] = {}
-#: study modules that failed to import: module name -> the exception (raised again when asked for)
-IMPORT_ERRORS: dict[str, BaseException] = {}
+KINDS = ("reproduce", "bench")
+_WHAT = {"reproduce": "table", "bench": "benchmark"}
+_STUDIES: dict[tuple[str, str], Study] = {}
+#: study modules that failed to import: (kind, module name) -> the exception (raised again when asked for)
+IMPORT_ERRORS: dict[tuple[str, str], BaseException] = {}
 
 
 def register(study: Study) -> Study:
-    """Make ``study`` available as ``gradcomp reproduce study.name``."""
+    """Make ``study`` available as ``gradcomp {study.kind} {study.name}``."""
     if not study.name or not study.name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"a study name must be a plain word, got {study.name!r}")
-    if study.name in _STUDIES and _STUDIES[study.name].run is not study.run:
-        raise ValueError(f"study {study.name!r} is already registered")
-    _STUDIES[study.name] = study
+    key = (study.kind, study.name)
+    if key in _STUDIES and _STUDIES[key].run is not study.run:
+        raise ValueError(f"{_WHAT[study.kind]} {study.name!r} is already registered")
+    _STUDIES[key] = study
     return study
 
 
-def studies() -> list[Study]:
-    """The registered studies, in table order."""
-    return sorted(_STUDIES.values(), key=lambda s: (s.order, s.name))
+def studies(kind: str = "reproduce") -> list[Study]:
+    """The registered studies of one kind, in table order."""
+    return sorted((s for s in _STUDIES.values() if s.kind == kind), key=lambda s: (s.order, s.name))
 
 
-def get_study(name: str) -> Study:
+def get_study(name: str, kind: str = "reproduce") -> Study:
     """The study registered as ``name``; :class:`UnknownStudyError` lists the names otherwise."""
-    if name in _STUDIES:
-        return _STUDIES[name]
-    if name in IMPORT_ERRORS:
-        error = IMPORT_ERRORS[name]
-        raise UnknownStudyError(f"study {name!r} failed to import: {type(error).__name__}: {error}") from error
-    names = ", ".join(s.name for s in studies()) or "(none)"
-    raise UnknownStudyError(f"unknown table {name!r}; available tables: {names}")
+    if (kind, name) in _STUDIES:
+        return _STUDIES[kind, name]
+    if (kind, name) in IMPORT_ERRORS:
+        error = IMPORT_ERRORS[kind, name]
+        raise UnknownStudyError(f"{_WHAT[kind]} {name!r} failed to import: {type(error).__name__}: {error}") \
+            from error
+    names = ", ".join(s.name for s in studies(kind)) or "(none)"
+    raise UnknownStudyError(f"unknown {_WHAT[kind]} {name!r}; available {_WHAT[kind]}s: {names}")
+
+
+def discover(package: str, path: Iterable[str], kind: str) -> None:
+    """Import every module of ``package`` (but ``common`` and private ``_*`` ones): each registers its study.
+
+    A module that fails to import is left out (with a logged warning) and its
+    error is raised again when its study is asked for, so one broken study
+    never breaks the ``gradcomp`` command.
+    """
+    import importlib
+    import logging
+    import pkgutil
+
+    for info in pkgutil.iter_modules(path):
+        if info.name == "common" or info.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"{package}.{info.name}")
+        except Exception as error:  # one broken study must not break the others or the CLI
+            IMPORT_ERRORS[kind, info.name] = error
+            logging.getLogger(package).warning("%s: module %r failed to import: %s: %s", package, info.name,
+                                               type(error).__name__, error)
 
 
 # ---------------------------------------------------------------- the machine and the run
@@ -214,9 +255,9 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def report_name(table: str, full: bool) -> str:
-    """``TABLE`` for the full variant, ``TABLE-quick`` for the quick one."""
-    return table if full else f"{table}-quick"
+def report_name(stem: str, full: bool) -> str:
+    """``STEM`` for the full variant, ``STEM-quick`` for the quick one (see :attr:`Study.stem`)."""
+    return stem if full else f"{stem}-quick"
 
 
 @dataclass
@@ -253,7 +294,7 @@ def _json_default(obj: Any) -> Any:
 
 def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] = "results", seed: int = 0,
               progress: bool = True, threads: int | None = None, jobs: int = 1, command: str | None = None,
-              echo: Callable[[str], None] = print) -> Outcome:
+              echo: Callable[[str], None] = print, kind: str = "reproduce") -> Outcome:
     """Run study ``name``, print its tables and write its report; returns the :class:`Outcome`.
 
     ``threads`` sets torch's intra-op threads for the run (default: the
@@ -262,12 +303,12 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     separate processes (each with ``threads`` threads); the results do not
     depend on it.
     ``command`` is the command line shown in the report (default: the
-    ``gradcomp reproduce`` command equivalent to the arguments).
+    ``gradcomp reproduce`` (or ``bench``) command equivalent to the arguments).
     Raises :class:`UnknownStudyError` for an unknown name and
     :class:`StudySkipped` when the study cannot run here; the report is
     written even when checks fail (``Outcome.passed`` says whether they held).
     """
-    study = get_study(name)
+    study = get_study(name, kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -275,9 +316,9 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     if command is None:
-        command = canonical_command(name, full=full, out_dir=out_dir, seed=seed, threads=threads)
-    ctx = Context(full=full, out_dir=out, seed=seed, progress=progress, echo=echo, stem=report_name(name, full),
-                  jobs=jobs)
+        command = canonical_command(name, full=full, out_dir=out_dir, seed=seed, threads=threads, kind=kind)
+    ctx = Context(full=full, out_dir=out, seed=seed, progress=progress, echo=echo,
+                  stem=report_name(study.stem, full), jobs=jobs)
     default_threads = torch.get_num_threads()
     threads = threads if threads is not None else study.threads
     started = datetime.now().astimezone()
@@ -311,11 +352,11 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
 
 
 def canonical_command(name: str, *, full: bool, out_dir: str | os.PathLike[str], seed: int,
-                      threads: int | None = None) -> str:
-    """The ``gradcomp reproduce`` command line that reruns this study with these settings."""
+                      threads: int | None = None, kind: str = "reproduce") -> str:
+    """The ``gradcomp reproduce`` (or ``bench``) command line that reruns this study with these settings."""
     import shlex
 
-    parts = ["gradcomp", "reproduce", name]
+    parts = ["gradcomp", kind, name]
     if full:
         parts.append("--full")
     if os.fspath(out_dir) != "results":
