@@ -253,7 +253,9 @@ class TopK(_Sparse):
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
         indices = select_topk(flat, num_selected(self.density, flat.numel()))
-        return _sparse_payload(flat, _ascending(indices, flat.numel()) if self.wire == "compact" else indices, self.wire)
+        if self.wire == "compact":
+            indices = _ascending(indices, flat.numel())
+        return _sparse_payload(flat, indices, self.wire)
 
 
 @register
