@@ -56,11 +56,13 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
     return dist.get_rank(), dist.get_world_size()
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, fn: Callable, args: tuple,
-            results: mp.Queue, threads: int) -> None:
+def _worker(rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float, fn: Callable,
+            args: tuple, results: mp.Queue, threads: int, before_init: Callable[[int], None] | None) -> None:
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        if before_init is not None:
+            before_init(rank)
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
         value = fn(rank, world_size, *args)
         buf = io.BytesIO()
@@ -73,10 +75,14 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout_s: float = 120.0,
-          threads: int | None = None) -> list[Any]:
+          threads: int | None = None, address: str = "127.0.0.1",
+          before_init: Callable[[int], None] | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
 
-    ``fn`` must be importable (a module-level function).  Raises
+    ``fn`` must be importable (a module-level function).  ``address`` is
+    where rank 0 serves the rendezvous; ``before_init(rank)`` (importable
+    too) runs in each worker before it joins the group (the network
+    benchmark moves each worker into its own network namespace there).  Raises
     :class:`WorkerError` if any worker raises, exits abnormally or does not
     finish within ``timeout_s`` seconds (the collectives' own timeout is the
     same, so a rank stuck in a collective fails rather than hangs).
@@ -87,8 +93,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout_s, fn, args, results, threads),
-                         daemon=True) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, address, port, backend, timeout_s, fn, args, results,
+                                               threads, before_init), daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s + 30

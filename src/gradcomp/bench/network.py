@@ -1,0 +1,254 @@
+"""``gradcomp bench network``: time per step through real bandwidth-limited links.
+
+The workers run in their own network namespaces, joined by a bridge, each
+one's egress limited by ``tc tbf`` to the rate asked for
+(:class:`~gradcomp.bench.netns.ShapedLinks`; needs root).  Bandwidth is real;
+latency is not shaped (no ``netem`` here), so none is added.  Over gloo:
+
+1. **Communication alone**, for a gradient the size and shape of ResNet-50's
+   and of the paper's PTB LSTM: the dense fp32 all-reduce, and the
+   collectives of PowerSGD (rank 2 and 4: an all-reduce of the P factors,
+   then of the Q factors and the tensors left dense, as PyTorch's
+   ``powerSGD_hook`` sends them) and of DGC (one all-gather of the payloads
+   the method really produced, compact wire, every tensor sparsified).
+2. **A DDP step**, with the real hooks: plain DDP (dense all-reduce),
+   PyTorch's own ``powerSGD_hook`` (rank 2 and 4) and gradcomp's DGC hook, on
+   a module whose parameters have the model's shapes (in one DDP bucket) and whose gradient is a
+   fixed random tensor per parameter (computing it costs one multiply, so the
+   step is almost all communication and compression).  ``compute`` is the same
+   backward pass without DDP.
+
+Each figure is the median over the timed steps of the slowest rank; ratios
+are against the dense all-reduce measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..launch import spawn
+from ..method import DGC
+from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
+from ..reproduce.ratio import MODEL_LABELS, _shapes
+from ..train.models import PAPER_MODELS, build_model
+from .netns import NetworkSetupError, ShapedLinks
+
+DENSITY = 0.001
+GOAL = 50  # DGC's communication at least 50x below dense at 1 Gbit/s, ResNet-50 size
+METHODS = ("dense", "powersgd-2", "powersgd-4", "dgc")
+LABELS = {"dense": "dense fp32 all-reduce (DDP)", "powersgd-2": "PyTorch powerSGD_hook, rank 2",
+          "powersgd-4": "PyTorch powerSGD_hook, rank 4",
+          "dgc": "gradcomp DGC, density 0.001 (compact wire, every tensor)"}
+
+
+def _dgc() -> DGC:
+    return DGC(density=DENSITY, warmup_epochs=0, sparsify_all=True)
+
+
+class Gradients(nn.Module):
+    """Parameters shaped like a model's; ``forward(scale)`` is ``scale * sum_p <p, d_p>`` for a fixed random
+    ``d_p`` per parameter, so every backward gives the realistic gradient ``scale * d_p`` at the cost of one
+    multiply."""
+
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterList([nn.Parameter(torch.zeros(shape)) for _, shape in shapes])
+        self.directions = [torch.randn(shape, generator=gen) for _, shape in shapes]  # not buffers: never sent
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return sum(torch.dot(p.view(-1), d.view(-1)) for p, d in zip(self.weights, self.directions)) * scale
+
+
+def _median_of_slowest(seconds: list[float]) -> float:
+    """Every rank's per-step times -> the slowest rank's per-step time, median over the steps."""
+    world = dist.get_world_size()
+    mine = torch.tensor(seconds, dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return float(torch.stack(every).max(0).values.median())
+
+
+def _timed(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return _median_of_slowest(seconds)
+
+
+def _powersgd_sizes(shapes: list[tuple[str, tuple[int, ...]]], rank: int) -> tuple[int, int]:
+    """Elements PowerSGD all-reduces in its two rounds (P factors; Q factors + dense tensors), as PyTorch's
+    hook decides: a tensor is compressed when it is a matrix (dims after the first flattened) and
+    (rows + cols) * rank * min_compression_rate (2) < rows * cols."""
+    p_elems, q_and_dense = 0, 0
+    for _, shape in shapes:
+        n = math.prod(shape)
+        if len(shape) >= 2:
+            rows, cols = shape[0], n // shape[0]
+            r = min(rows, cols, rank)
+            if (rows + cols) * r * 2 < rows * cols:
+                p_elems += rows * r
+                q_and_dense += cols * r
+                continue
+        q_and_dense += n
+    return p_elems, q_and_dense
+
+
+def _communication(shapes, warmup: int, repeats: int, seed: int) -> dict[str, float]:
+    numel = sum(math.prod(s) for _, s in shapes)
+    dense = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    out = {"dense": _timed(lambda: dist.all_reduce(dense), warmup, repeats)}
+    for r in (2, 4):
+        p_elems, q_elems = _powersgd_sizes(shapes, r)
+        p, q = torch.randn(p_elems), torch.randn(q_elems)
+
+        def rounds(p=p, q=q) -> None:
+            dist.all_reduce(p)
+            dist.all_reduce(q)
+
+        out[f"powersgd-{r}"] = _timed(rounds, warmup, repeats)
+    # DGC: the payload bytes the method really produces for this gradient, in one all-gather
+    gen = torch.Generator().manual_seed(seed + dist.get_rank())
+    method = _dgc()
+    grads = {name: torch.randn(shape, generator=gen) for name, shape in shapes}
+    payload_bytes = 0
+    for name, g in method.prepare(grads, 1).items():
+        generator = method.exchange(name, g, 1)
+        payload = next(generator)
+        payload_bytes += payload.nbytes
+        generator.close()
+    del grads
+    local = torch.zeros(payload_bytes, dtype=torch.uint8)
+    gathered = torch.empty(payload_bytes * dist.get_world_size(), dtype=torch.uint8)
+    out["dgc"] = _timed(lambda: dist.all_gather_into_tensor(gathered, local), warmup, repeats)
+    out["dgc_payload_bytes"] = payload_bytes
+    return out
+
+
+def _ddp_steps(shapes, warmup: int, repeats: int, seed: int) -> dict[str, float]:
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ..ddp_hook import HookState, ddp_comm_hook
+
+    scale = torch.ones(())
+
+    def backward(model: nn.Module) -> None:
+        model.zero_grad(set_to_none=False)
+        model(scale).backward()
+
+    module = Gradients(shapes, seed)
+    out = {"compute": _timed(lambda: backward(module), 1, repeats)}
+    for key in METHODS:
+        # one bucket for every method: with gloo's two threads, powerSGD_hook's nested waits (a wait inside
+        # a future's callback, one per bucket) deadlock as soon as two buckets are in flight
+        model = DDP(Gradients(shapes, seed), broadcast_buffers=False, bucket_cap_mb=1e6)
+        if key.startswith("powersgd"):
+            state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=int(key.split("-")[1]),
+                                       start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+            model.register_comm_hook(state, psgd.powerSGD_hook)
+        elif key == "dgc":
+            model.register_comm_hook(HookState(_dgc(), model=model), ddp_comm_hook)
+        out[key] = _timed(lambda model=model: backward(model), max(warmup, 3), repeats)
+        del model
+    return out
+
+
+def _model_shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A paper model's parameter shapes, or (quick variant) those of gradcomp's MNIST CNN."""
+    if model in PAPER_MODELS:
+        return _shapes(model)
+    return [(n, tuple(p.shape)) for n, p in build_model("cnn", "mnist").named_parameters()]
+
+
+def _worker(rank: int, world: int, models: tuple[str, ...], warmup: int, repeats: int, seed: int) -> dict:
+    results = {}
+    for model in models:
+        shapes = _model_shapes(model)
+        results[model] = {"communication": _communication(shapes, warmup, repeats, seed),
+                          "ddp": _ddp_steps(shapes, warmup, repeats, seed)}
+    return results
+
+
+def measure(workers: int, rate: str, models: tuple[str, ...], *, warmup: int, repeats: int, seed: int,
+            timeout_s: float = 1800.0) -> dict:
+    """Run the benchmark on ``workers`` ranks behind ``rate`` links; rank 0's results (all ranks agree)."""
+    with ShapedLinks(workers, rate) as links:
+        out = spawn(_worker, workers, models, warmup, repeats, seed, address=links.address(0),
+                    before_init=links.before_init(), timeout_s=timeout_s,
+                    threads=max(1, (torch.get_num_threads() or 1) // workers))
+        leftovers_inside = links.leftovers()
+    return {"results": out[0], "links_existed": bool(leftovers_inside), "leftovers": links.leftovers()}
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f}" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def run(ctx: Context) -> Result:
+    if ctx.full:
+        workers, rates, models, warmup, repeats = 4, ("1gbit", "10gbit"), ("resnet50", "ptb_lstm_1500"), 2, 5
+    else:
+        workers, rates, models, warmup, repeats = 2, ("1gbit",), ("cnn",), 1, 2
+    data, checks, sections = {}, [], []
+    for rate in rates:
+        try:
+            measured = measure(workers, rate, models, warmup=warmup, repeats=repeats, seed=ctx.seed)
+        except NetworkSetupError as error:
+            raise StudySkipped(str(error)) from None
+        data[rate] = measured
+        checks.append(Check(f"{rate}: the namespaces and links existed during the run and are gone after it",
+                            measured["links_existed"] and not measured["leftovers"],
+                            ", ".join(measured["leftovers"]) or "none left"))
+        comm_rows, step_rows = [], []
+        for model, res in measured["results"].items():
+            comm, ddp = res["communication"], res["ddp"]
+            label = MODEL_LABELS.get(model, "MNIST CNN")
+            for key in METHODS:
+                comm_rows.append([label, LABELS[key], _ms(comm[key]), f"{comm['dense'] / comm[key]:.1f}x"])
+                step_rows.append([label, LABELS[key], _ms(ddp[key]), _ms(ddp[key] - ddp["compute"]),
+                                  f"{ddp['dense'] / ddp[key]:.2f}x"])
+                label = ""
+            step_rows.append(["", "compute only (the same backward, no DDP)", _ms(ddp["compute"]), "—", "—"])
+        sections += [f"## {rate} per worker link, {workers} workers", "",
+                     "### Communication alone (ms per step)", "",
+                     markdown_table(["gradient", "method", "ms", "faster than dense"], comm_rows, align="llrr"), "",
+                     "### A DDP step with the real hooks (ms)", "",
+                     markdown_table(["gradient", "method", "step ms", "step - compute ms", "faster than dense"],
+                                    step_rows, align="llrrr"), ""]
+    first = data[rates[0]]["results"]
+    if ctx.full and "resnet50" in first:
+        comm = first["resnet50"]["communication"]
+        ratio = comm["dense"] / comm["dgc"]
+        checks.append(Check(f"ResNet-50 size at {rates[0]}: DGC's communication at least {GOAL}x below dense",
+                            ratio >= GOAL, f"{ratio:.0f}x ({_ms(comm['dgc'])} vs {_ms(comm['dense'])} ms)"))
+    for rate, measured in data.items():
+        for model, res in measured["results"].items():
+            comm = res["communication"]
+            checks.append(Check(f"{rate}, {MODEL_LABELS.get(model, 'MNIST CNN')}: DGC's all-gather is faster than the "
+                                "dense all-reduce", comm["dgc"] < comm["dense"],
+                                f"{_ms(comm['dgc'])} vs {_ms(comm['dense'])} ms"))
+    title = "Time per step through real bandwidth-limited links (network namespaces + tc tbf)"
+    setup = [f"{workers} gloo ranks, each in its own network namespace, egress shaped with tc tbf at "
+             f"{' and '.join(rates)}; latency not shaped (no netem on this kernel), none added",
+             f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in models)}; {warmup} warm-up and {repeats} "
+             "timed steps; each figure is the median over steps of the slowest rank",
+             f"torch threads per rank: {max(1, (torch.get_num_threads() or 1) // workers)}"]
+    markdown = "\n".join(sections)
+    return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
+                  data={"workers": workers, "rates": list(rates), "models": list(models), "runs": data},
+                  setup=setup)
+
+
+register(Study("network", "dense all-reduce vs PowerSGD vs DGC through real 1 and 10 Gbit/s links "
+                          "(network namespaces + tc tbf; needs root)", run, order=3, kind="bench"))
