@@ -72,3 +72,15 @@ def async_all_reduces(rank, world):
     for w in works:
         w.wait()
     return float(sum(x[0] for x in xs))
+
+
+def timed_all_reduce(rank, world, numel):
+    """Seconds one all-reduce of ``numel`` floats takes (after a warm-up one), measured between barriers."""
+    import time
+
+    x = torch.ones(numel)
+    dist.all_reduce(x)
+    dist.barrier()
+    start = time.perf_counter()
+    dist.all_reduce(x)
+    return time.perf_counter() - start

@@ -34,3 +34,48 @@ def test_bench_unknown_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "nonsense"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _can_shape():
+    import os
+    import shutil
+
+    return os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
+
+
+needs_root = pytest.mark.skipif(not _can_shape(), reason="shaping links needs root and iproute2")
+
+
+@needs_root
+def test_shaped_links_limit_the_rate_and_are_torn_down_even_on_error():
+    from gradcomp.bench.netns import ShapedLinks
+    from gradcomp.launch import spawn
+    from dist_workers import timed_all_reduce
+
+    links = ShapedLinks(2, "100mbit")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        with links:
+            assert len(links.leftovers()) == 5  # 2 namespaces, the bridge, 2 veth ends on the bridge
+            # ring all-reduce of 1.25 MB on 2 ranks: each sends 1.25 MB through its 100 Mbit/s link, >= 0.1 s
+            seconds = spawn(timed_all_reduce, 2, 312_500, address=links.address(0),
+                            before_init=links.before_init(), timeout_s=60)
+            assert all(0.09 < s < 1.0 for s in seconds), seconds
+            raise RuntimeError("on purpose")
+    assert links.leftovers() == []
+
+
+@needs_root
+def test_bench_network_quick(tmp_path):
+    assert main(["bench", "network", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "bench-network-quick.json").read_text())["data"]
+    result = data["runs"]["1gbit"]["results"]["cnn"]
+    assert set(result["ddp"]) == {"compute", "dense", "powersgd-2", "powersgd-4", "dgc"}
+    assert result["communication"]["dgc_payload_bytes"] > 0
+
+
+def test_rates_are_validated():
+    from gradcomp.bench.netns import ShapedLinks, parse_rate
+
+    assert parse_rate("1gbit") == 10**9 and parse_rate("100mbit") == 10**8 and parse_rate("2.5gbit") == 25 * 10**8
+    with pytest.raises(ValueError, match="rate must look like"):
+        ShapedLinks(2, "1 gigabit")
