@@ -79,3 +79,24 @@ def test_rates_are_validated():
     assert parse_rate("1gbit") == 10**9 and parse_rate("100mbit") == 10**8 and parse_rate("2.5gbit") == 25 * 10**8
     with pytest.raises(ValueError, match="rate must look like"):
         ShapedLinks(2, "1 gigabit")
+
+
+def test_cost_model_formulas_and_rate_scaling():
+    from gradcomp.bench.scaling import CostModel
+
+    m = CostModel(alpha_reduce=1e-4, alpha_gather=2e-4, beta_reduce=8e-9, beta_gather=9e-9, rate="1gbit")
+    # ring all-reduce of S bytes on n ranks: 2 (n - 1) steps, each rank sends 2 (n - 1) / n * S bytes
+    assert m.all_reduce(4, 1e6) == pytest.approx(6 * 1e-4 + 1.5 * 1e6 * 8e-9)
+    # ring all-gather of s bytes per rank: n - 1 steps, each rank forwards (n - 1) * s bytes
+    assert m.all_gather(4, 1e5) == pytest.approx(3 * 2e-4 + 3 * 1e5 * 9e-9)
+    fast = m.at("10gbit")
+    assert fast.beta_reduce == pytest.approx(8e-10) and fast.alpha_reduce == m.alpha_reduce
+
+
+@needs_root
+def test_bench_scaling_quick_measures_both_collectives(tmp_path):
+    assert main(["bench", "scaling", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "bench-scaling-quick.json").read_text())["data"]
+    assert {r["op"] for r in data["measured"]} == {"all_reduce", "all_gather"}
+    assert all(r["seconds"] > 0 for r in data["measured"])
+    assert (tmp_path / "bench-scaling-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
