@@ -80,6 +80,7 @@ def _median_of_slowest(seconds: list[float]) -> float:
 
 
 def _timed(fn, warmup: int, repeats: int) -> float:
+    """Seconds per call of a collective step ``fn``: the slowest rank's time per repeat (between barriers), median."""
     for _ in range(warmup):
         fn()
     seconds = []

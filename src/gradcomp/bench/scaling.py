@@ -25,7 +25,6 @@ all-gather stops paying against the dense all-reduce.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ from ..launch import spawn
 from ..reproduce.common import (Check, Context, Result, Study, StudySkipped, markdown_table, new_figure, register,
                                 save_figure)
 from .netns import NetworkSetupError, ShapedLinks, parse_rate
+from .network import _timed
 
 #: ResNet-50, one step, bytes per worker (``gradcomp bench wire``): dense fp32, PowerSGD rank 2 (its two
 #: all-reduces together), DGC at density 0.001 on the compact wire with every tensor sparsified.
@@ -90,32 +90,18 @@ def _fit(rows: list[dict], rate: str) -> CostModel:
     return CostModel(*full, rate)
 
 
-def _median_of_slowest(fn, repeats: int) -> float:
-    fn()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    mine = torch.tensor(seconds, dtype=torch.float64)
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return float(torch.stack(every).max(0).values.median())
-
-
 def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: tuple[int, ...],
             repeats: int) -> list[dict]:
     rows = []
     for nbytes in reduce_bytes:
         x = torch.ones(nbytes // 4)
         rows.append({"op": "all_reduce", "workers": world, "bytes": nbytes,
-                     "seconds": _median_of_slowest(lambda: dist.all_reduce(x), repeats)})
+                     "seconds": _timed(lambda: dist.all_reduce(x), 1, repeats)})
     for nbytes in gather_bytes:
         local = torch.ones(nbytes, dtype=torch.uint8)
         out = torch.empty(nbytes * world, dtype=torch.uint8)
         rows.append({"op": "all_gather", "workers": world, "bytes": nbytes,
-                     "seconds": _median_of_slowest(lambda: dist.all_gather_into_tensor(out, local), repeats)})
+                     "seconds": _timed(lambda: dist.all_gather_into_tensor(out, local), 1, repeats)})
     return rows
 
 
