@@ -100,3 +100,11 @@ def test_bench_scaling_quick_measures_both_collectives(tmp_path):
     assert {r["op"] for r in data["measured"]} == {"all_reduce", "all_gather"}
     assert all(r["seconds"] > 0 for r in data["measured"])
     assert (tmp_path / "bench-scaling-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compress_quick_times_every_step(tmp_path):
+    assert main(["bench", "compress", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "bench-compress-quick.json").read_text())["data"]
+    seconds = data["layouts"]["one flat tensor"]["seconds"]
+    assert {"sgd", "topk", "dgc", "dgc-plain", "decompress+aggregate, 32 workers"} <= set(seconds)
+    assert data["layouts"]["one flat tensor"]["numel"] == 2_000_000

@@ -1,52 +1,41 @@
-"""Cost of DGC's compression step against one SGD step on the same elements.
+"""``gradcomp bench compress``: the cost of DGC's step against one SGD step on the same elements.
 
-Times, in steady state (buffers allocated once, warm-up iterations first):
+On ResNet-50's gradient (25,557,032 elements), both as one flat tensor and as
+its 161 real tensors, in steady state (buffers allocated once, warm-up calls
+first), timed round-robin so a noisy neighbour slows every candidate alike:
 
-* ``sgd``       one ``torch.optim.SGD(momentum=0.9)`` step — the baseline (1.0x);
-* ``topk``      exact ``torch.topk`` selection of k = density * numel entries;
-* ``dgc``       DGC's whole compression step: momentum correction (u, v),
-                sampled top-k selection, removal of what was sent and
-                momentum factor masking.
+* ``sgd``    one ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)`` step — the baseline (1.0x);
+* ``topk``   exact ``torch.topk`` selection of k = density * numel entries per tensor;
+* ``dgc``    DGC's whole step per worker: momentum correction (u, v), sampled top-k
+             selection, encoding on the compact wire, removal of what was sent and
+             momentum factor masking (``gradcomp.DGC(sparsify_all=True)``, no
+             communication);
+* ``dgc-plain`` the same on the paper's fp32 + int32 wire;
 
-and prints each as a ratio to ``sgd``.
+and ``decompress + aggregate`` of N workers' payloads (N = 4, 8, 32), as a
+rank does after the all-gather.  Each is printed as a ratio to the SGD step.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ..compressors.base import num_selected
-from ..compressors.sparse import DGCSelect
-from ..memory import DGCMemory
+from ..compressors.base import Payload, num_selected
+from ..method import DGC
+from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
+from ..reproduce.ratio import _shapes
 
+DENSITY = 0.001
+GOAL = 0.6  # issue 5: the whole DGC step <= 0.6x an SGD step, both layouts
 RESNET50_NUMEL = 25_557_032
 
 
-@dataclass
-class Timing:
-    name: str
-    samples: list[float]  # seconds per call
-
-    @property
-    def seconds(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def best(self) -> float:
-        return min(self.samples)
-
-    def ratio(self, baseline: Timing) -> float:
-        return self.seconds / baseline.seconds
-
-
-def measure(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> list[Timing]:
-    """Time the candidates round-robin (interleaved), so a noisy neighbour slows all of them alike."""
+def measure(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, timed round-robin (interleaved)."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -56,54 +45,91 @@ def measure(candidates: dict[str, Callable[[], object]], repeats: int, warmup: i
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return [Timing(name, s) for name, s in samples.items()]
+    return samples
 
 
-def run(numel: int = RESNET50_NUMEL, density: float = 0.001, repeats: int = 15, seed: int = 0) -> list[Timing]:
+def _layout(flat: bool, numel: int | None) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = _shapes("resnet50")
+    total = numel or sum(torch.Size(s).numel() for _, s in shapes)
+    if flat or numel is not None:
+        return [("flat", (total,))]
+    return shapes
+
+
+def _dgc_step(method: DGC, grads: dict[str, torch.Tensor]) -> Callable[[], dict[str, Payload]]:
+    """One worker's DGC step without communication: compensate, select and encode, keep the rest."""
+    memory, selector = method.memory, method.compressor
+
+    def step() -> dict[str, Payload]:
+        sent = {}
+        for name, g in grads.items():
+            acc = memory.compensate(name, g)
+            sent[name] = payload = selector.compress(acc)
+            memory.update(name, acc, selector, payload)
+        return sent
+
+    return step
+
+
+def run_layout(flat: bool, repeats: int, seed: int, numel: int | None = None,
+               workers: tuple[int, ...] = (4, 8, 32)) -> dict:
+    shapes = _layout(flat, numel)
     gen = torch.Generator().manual_seed(seed)
-    grad = torch.randn(numel, generator=gen)
-    param = torch.nn.Parameter(torch.randn(numel, generator=gen))
-    param.grad = grad.clone()
-    sgd = torch.optim.SGD([param], lr=1e-3, momentum=0.9)
-    k = num_selected(density, numel)
-
-    memory = DGCMemory(momentum=0.9)
-    selector = DGCSelect(density=density)
-    shaped = grad.view(1, -1)
-
-    def dgc_step() -> None:
-        acc = memory.compensate("g", shaped)
-        sent = selector.compress(acc)
-        memory.update("g", acc, selector, sent)
-
-    def topk() -> None:
-        torch.topk(grad.abs(), k, sorted=False)
-
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for _, s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    sgd = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    grads = {name: p.grad for (name, _), p in zip(shapes, params)}
+    ks = {name: num_selected(DENSITY, g.numel()) for name, g in grads.items()}
+    candidates: dict[str, Callable[[], object]] = {"sgd": sgd.step}
+    candidates["topk"] = lambda: [torch.topk(g.view(-1).abs(), ks[n], sorted=False) for n, g in grads.items()]
+    compact = DGC(density=DENSITY, warmup_epochs=0, sparsify_all=True)
+    plain = DGC(density=DENSITY, warmup_epochs=0, sparsify_all=True, wire="plain")
+    for m in (compact, plain):
+        m.compressor.density = DENSITY
+    candidates["dgc"] = _dgc_step(compact, grads)
+    candidates["dgc-plain"] = _dgc_step(plain, grads)
     with torch.no_grad():
-        return measure({"sgd": sgd.step, "topk": topk, "dgc": dgc_step}, repeats)
+        payloads = candidates["dgc"]()
+        selector = compact.compressor
+        for n in workers:  # n workers' payloads (the same one n times: decoding costs the same)
+            candidates[f"decompress+aggregate, {n} workers"] = (
+                lambda n=n: [selector.decompress([payloads[name]] * n, like=g) for name, g in grads.items()])
+        samples = measure(candidates, repeats)
+    return {"tensors": len(shapes), "numel": sum(g.numel() for g in grads.values()),
+            "seconds": {name: statistics.median(s) for name, s in samples.items()},
+            "best": {name: min(s) for name, s in samples.items()}}
 
 
-def report(timings: list[Timing], numel: int, density: float) -> str:
-    base = timings[0]
-    by = {t.name: t for t in timings}
-    lines = [
-        f"DGC compression step on {numel:,} elements (density {density}), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
-        "",
-        "| step | median ms | best ms | ratio to SGD step (medians) |",
-        "|---|---:|---:|---:|",
-    ]
-    for t in timings:
-        lines.append(f"| {t.name} | {t.seconds * 1e3:.1f} | {t.best * 1e3:.1f} | {t.ratio(base):.2f}x |")
-    lines += ["", f"dgc step is {by['topk'].seconds / by['dgc'].seconds:.1f}x faster than torch.topk selection"]
-    return "\n".join(lines)
+def run(ctx: Context) -> Result:
+    numel = None if ctx.full else 2_000_000
+    repeats = 15 if ctx.full else 3
+    layouts = {"one flat tensor": run_layout(True, repeats, ctx.seed, numel)}
+    if ctx.full:
+        layouts["ResNet-50's 161 tensors"] = run_layout(False, repeats, ctx.seed)
+    rows, checks = [], []
+    for label, res in layouts.items():
+        base = res["seconds"]["sgd"]
+        for name, seconds in res["seconds"].items():
+            rows.append([label if name == "sgd" else "", name, f"{1e3 * seconds:.1f}", f"{1e3 * res['best'][name]:.1f}",
+                         f"{seconds / base:.2f}x"])
+        ratio = res["seconds"]["dgc"] / base
+        if ctx.full:  # a speed goal: checked on the full run only, never in CI
+            checks.append(Check(f"{label}: the whole DGC step at most {GOAL}x an SGD step", ratio <= GOAL,
+                                f"{ratio:.2f}x"))
+        else:
+            checks.append(Check(f"{label}: every step ran and took time", all(t > 0 for t in res["seconds"].values()),
+                                f"{len(res['seconds'])} timed"))
+    table = markdown_table(["layout", "step", "median ms", "best ms", "ratio to the SGD step (medians)"], rows,
+                           align="llrrr")
+    elements = next(iter(layouts.values()))["numel"]
+    title = "Compression cost: DGC's step against one SGD step on ResNet-50's gradient"
+    setup = [f"{elements:,} elements, density {DENSITY}; torch {torch.__version__}, {torch.get_num_threads()} "
+             f"threads; median of {repeats} round-robin repeats after 2 warm-up calls",
+             "sgd: torch.optim.SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4).step() on the same elements"]
+    return Result(title=title, console=title + "\n\n" + table, markdown=table + "\n", checks=checks, setup=setup,
+                  data={"density": DENSITY, "layouts": layouts})
 
 
-def main(numel: int = RESNET50_NUMEL, density: float = 0.001, repeats: int = 15) -> str:
-    if numel < 1 or not math.isfinite(density) or not 0 < density <= 1:
-        raise ValueError(f"need numel >= 1 and density in (0, 1], got {numel}, {density}")
-    return report(run(numel, density, repeats), numel, density)
-
-
-if __name__ == "__main__":
-    print(main())
+register(Study("compress", "DGC's whole step and its decoding vs one SGD step on ResNet-50's gradient, flat and as "
+                           "161 tensors", run, order=2, kind="bench"))
