@@ -176,3 +176,16 @@ def test_sparse_nonzero_equals_nonzero(n, p):
     mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < p
     assert torch.equal(_sparse_nonzero(mask), mask.nonzero().view(-1))
     assert torch.equal(_sparse_nonzero(mask[3:]), mask[3:].nonzero().view(-1))  # unaligned view
+
+
+@pytest.mark.parametrize("wire", ["plain", "compact"])
+def test_received_payloads_are_decoded_from_their_bytes_not_from_local_meta(wire):
+    """The communicator hands back other ranks' payloads as ``local.replace(*their tensors)``, which keeps
+    this rank's ``meta``: decompress must read the bytes."""
+    c = gradcomp.get("dgc", density=0.01, sample_ratio=1.0, wire=wire)
+    mine, theirs = torch.randn(50, 40), torch.randn(50, 40)
+    local, remote = c.compress(mine), c.compress(theirs)
+    received = local.replace(*remote.tensors)
+    torch.testing.assert_close(c.decompress([received], like=theirs), c.decompress([remote], like=theirs),
+                               rtol=0, atol=0)
+    assert not torch.equal(c.decompress([received], like=theirs), c.decompress([local], like=mine))
