@@ -64,3 +64,15 @@ def test_elias_fano_rejects_corrupt_codes():
         bits.decode_sorted(torch.cat([torch.tensor([255, 255], dtype=torch.uint8), high_only[2:]]), 1000, 1)
     with pytest.raises(TypeError, match="uint8"):
         bits.decode_sorted(code.to(torch.int32), n, 3)
+
+
+def test_elias_fano_decodes_a_stack_of_codes_at_once():
+    rng = np.random.default_rng(1)
+    n, k = 100_003, 97
+    sets = [np.sort(rng.choice(n, k, replace=False)) for _ in range(5)]
+    codes = torch.stack([bits.encode_sorted(torch.from_numpy(s), n) for s in sets])
+    np.testing.assert_array_equal(bits.decode_sorted(codes, n, k).numpy(), np.stack(sets))
+    bad = codes.clone()
+    bad[3, -1] ^= 0x80  # one flipped unary bit in one row: that row has a wrong count
+    with pytest.raises(ValueError, match="corrupt index code"):
+        bits.decode_sorted(bad, n, k)

@@ -107,6 +107,12 @@ def test_corrupt_sparse_payloads_raise_instead_of_writing_out_of_bounds():
         compact.decompress([q.replace(half, scale, code[:-1])], like=like)
     with pytest.raises(ValueError, match="corrupt index code"):
         compact.decompress([q.replace(half, scale, torch.full_like(code, 255))], like=like)
+    with pytest.raises(ValueError, match="corrupt index code"):  # one bad payload among good ones, decoded together
+        compact.decompress([q, q.replace(half, scale, torch.full_like(code, 255)), q], like=like)
+    with pytest.raises(ValueError, match="2 scales"):
+        compact.decompress([q.replace(half, torch.ones(2), code)], like=like)
+    with pytest.raises(ValueError, match="take"):  # a payload with other sizes than the rest
+        compact.decompress([q, q.replace(half[:-1], scale, code)], like=like)
     with pytest.raises(ValueError, match="topk.wire must be one of"):
         gradcomp.get("topk", wire="zip")
     with pytest.raises(ValueError, match="DGC.wire must be one of"):

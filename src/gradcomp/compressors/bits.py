@@ -94,14 +94,12 @@ def unpack(packed: Tensor, width: int, n: int) -> Tensor:
 _BIT_SHIFTS: dict[torch.device, Tensor] = {}
 
 
-def _set_bits(packed: Tensor, n: int) -> Tensor:
-    """Positions of the 1 bits among the first ``n`` bits of ``packed`` (most significant first), as int64."""
-    shifts = _BIT_SHIFTS.get(packed.device)
+def _bit_matrix(rows: Tensor, n: int) -> Tensor:
+    """The first ``n`` bits of each row of packed bytes (most significant first): a uint8 [rows, n] of 0/1."""
+    shifts = _BIT_SHIFTS.get(rows.device)
     if shifts is None:
-        shifts = _BIT_SHIFTS[packed.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    flags = (packed.unsqueeze(1) >> shifts) & 1  # uint8 all the way: 1 byte per bit, not 8
-    return flags.view(-1)[:n].nonzero().view(-1)
-
+        shifts = _BIT_SHIFTS[rows.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=rows.device)
+    return ((rows.unsqueeze(2) >> shifts) & 1).view(rows.shape[0], -1)[:, :n]  # uint8: 1 byte per bit, not 8
 
 
 def _low_width(numel: int, k: int) -> int:
@@ -150,23 +148,33 @@ def encode_sorted(indices: Tensor, numel: int) -> Tensor:
 def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
     """Inverse of :func:`encode_sorted`: the ``k`` indices, as int64.
 
+    ``data`` may also be a [rows, bytes] stack of codes of the same ``numel``
+    and ``k`` (every worker's payload of one tensor): then all of them are
+    decoded at once, as a [rows, k] tensor, in a fixed number of operations.
     A corrupt code raises ``ValueError`` (wrong length, wrong count, indices
     out of range or out of order); it never yields an index outside ``[0, numel)``.
     """
     if data.dtype != torch.uint8:
         raise TypeError(f"coded indices must be uint8, got {data.dtype}")
-    if data.numel() != sorted_nbytes(numel, k):
-        raise ValueError(f"{k} indices below {numel} take {sorted_nbytes(numel, k)} bytes, got {data.numel()}")
+    rows = data.view(1, -1) if data.dim() == 1 else data
+    if rows.dim() != 2 or rows.shape[1] != sorted_nbytes(numel, k):
+        raise ValueError(f"{k} indices below {numel} take {sorted_nbytes(numel, k)} bytes, got {rows.shape[-1]}")
+    n_rows = rows.shape[0]
     if k == 0:
-        return torch.zeros(0, dtype=torch.int64, device=data.device)
+        out = torch.zeros(n_rows, 0, dtype=torch.int64, device=data.device)
+        return out[0] if data.dim() == 1 else out
     low = _low_width(numel, k)
     split = packed_nbytes(k, low)
-    positions = _set_bits(data[split:], _high_bits(numel, k, low))
-    if positions.numel() != k:
-        raise ValueError(f"corrupt index code: {positions.numel()} entries where {k} were expected")
-    indices = (positions - torch.arange(k, device=data.device)) << low
+    row_of, position = _bit_matrix(rows[:, split:], _high_bits(numel, k, low)).nonzero(as_tuple=True)
+    counts = torch.bincount(row_of, minlength=n_rows)
+    if row_of.numel() != n_rows * k or bool((counts != k).any()):
+        found = int(counts[counts != k][0]) if bool((counts != k).any()) else row_of.numel()
+        raise ValueError(f"corrupt index code: {found} entries where {k} were expected")
+    indices = (position.view(n_rows, k) - torch.arange(k, device=data.device)) << low
     if low:
-        indices |= unpack(data[:split], low, k)
-    if indices[-1] >= numel or (k > 1 and not bool((indices[1:] > indices[:-1]).all())):
+        low_bits = _bit_matrix(rows[:, :split], k * low).view(n_rows, k, low)
+        for b in range(low):  # most significant first
+            indices |= low_bits[:, :, b].to(torch.int64) << (low - 1 - b)
+    if bool((indices[:, -1] >= numel).any()) or (k > 1 and not bool((indices[:, 1:] > indices[:, :-1]).all())):
         raise ValueError(f"corrupt index code: indices out of range [0, {numel}) or not increasing")
-    return indices
+    return indices[0] if data.dim() == 1 else indices

@@ -220,7 +220,21 @@ def _decode(payload: Payload, numel: int, wire: str) -> tuple[Tensor, Tensor]:
             raise ValueError(f"corrupt sparse payload: an index is out of range for a tensor of {numel} entries")
         return values, indices
     half, scale, code = payload.tensors
+    if scale.numel() != 1:
+        raise ValueError(f"corrupt sparse payload: {scale.numel()} scales where 1 was expected")
     return half.float() * scale, bits.decode_sorted(code, numel, half.numel())
+
+
+def _decode_compact_stack(payloads: Sequence[Payload], numel: int) -> tuple[Tensor, Tensor]:
+    """Decode N compact payloads of one tensor with the same k in one pass: flat (values, indices), rank order."""
+    half = torch.stack([p.tensors[0] for p in payloads])
+    if payloads[0].tensors[1].numel() != 1:
+        raise ValueError(f"corrupt sparse payload: {payloads[0].tensors[1].numel()} scales where 1 was expected")
+    if half.shape[1] == 0:
+        return half.float().view(-1), torch.zeros(0, dtype=torch.int64, device=half.device)
+    scales = torch.stack([p.tensors[1] for p in payloads])
+    indices = bits.decode_sorted(torch.stack([p.tensors[2] for p in payloads]), numel, half.shape[1])
+    return (half.float() * scales).view(-1), indices.view(-1)
 
 
 class _Sparse(Compressor):
@@ -245,9 +259,12 @@ class _Sparse(Compressor):
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
         if payloads:
-            decoded = [self.decode(p, like.numel()) for p in payloads]
-            values = torch.cat([v for v, _ in decoded]).to(like.dtype)
-            total.index_add_(0, torch.cat([i for _, i in decoded]), values)
+            if self.wire == "compact" and len({tuple(t.numel() for t in p.tensors) for p in payloads}) == 1:
+                values, indices = _decode_compact_stack(payloads, like.numel())  # every worker at once
+            else:
+                decoded = [self.decode(p, like.numel()) for p in payloads]
+                values, indices = torch.cat([v for v, _ in decoded]), torch.cat([i for _, i in decoded])
+            total.index_add_(0, indices, values.to(like.dtype))  # rank order: every rank sums alike
         return total.view(like.shape)
 
     def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
