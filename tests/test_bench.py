@@ -71,6 +71,9 @@ def test_bench_network_quick(tmp_path):
     result = data["runs"]["1gbit"]["results"]["cnn"]
     assert set(result["ddp"]) == {"compute", "dense", "powersgd-2", "powersgd-4", "dgc"}
     assert result["communication"]["dgc_payload_bytes"] > 0
+    runs = data["runs"]["1gbit"]["results"]["time_to_accuracy"]
+    assert set(runs) == {"dense", "powersgd-2", "dgc"}
+    assert all(r["steps"] == 50 and r["seconds"] > 0 and 0.1 < r["accuracy"] <= 1 for r in runs.values())
 
 
 def test_rates_are_validated():

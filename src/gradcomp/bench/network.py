@@ -18,6 +18,13 @@ latency is not shaped (no ``netem`` here), so none is added.  Over gloo:
    step is almost all communication and compression).  ``compute`` is the same
    backward pass without DDP.
 
+3. **Time to accuracy** (``--full``, first rate only): the MNIST CNN trained
+   with plain DDP, DDP + PyTorch's ``powerSGD_hook`` (rank 2) and DDP +
+   gradcomp's DGC hook, each from the same initialisation on the same
+   batches, until the test accuracy (first 2,000 test images, checked every
+   ``EVAL_EVERY`` steps, not timed) reaches ``TARGET``; the training time to
+   get there.
+
 Each figure is the median over the timed steps of the slowest rank; ratios
 are against the dense all-reduce measured in the same run.
 """
@@ -177,20 +184,80 @@ def _model_shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, tuple(p.shape)) for n, p in build_model("cnn", "mnist").named_parameters()]
 
 
-def _worker(rank: int, world: int, models: tuple[str, ...], warmup: int, repeats: int, seed: int) -> dict:
+TARGET = 0.97
+EVAL_EVERY = 50
+BATCH_PER_RANK = 32
+LR = 0.05
+
+
+def _time_to_accuracy(method: str, seed: int, max_steps: int, target: float, limit_train: int | None) -> dict:
+    """Train the MNIST CNN under DDP with ``method``'s hook until ``target`` test accuracy (or ``max_steps``)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ..ddp_hook import HookState, ddp_comm_hook
+    from ..reproduce.common import classification_loss, evaluate_classifier
+    from ..train.data import image_batches, load_dataset, steps_per_epoch
+    from ..train.models import CNN
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = load_dataset("mnist", limit_train=limit_train)
+    torch.manual_seed(seed)
+    model = DDP(CNN(data.input_shape, data.num_classes), bucket_cap_mb=1e6)  # one bucket (see _ddp_steps)
+    momentum = 0.9
+    if method == "powersgd-2":
+        model.register_comm_hook(psgd.PowerSGDState(process_group=None, matrix_approximation_rank=2,
+                                                    start_powerSGD_iter=2), psgd.powerSGD_hook)
+    elif method == "dgc":
+        per_epoch = steps_per_epoch(len(data.y_train), BATCH_PER_RANK * world)
+        dgc = DGC(density=DENSITY, momentum=0.9, warmup_epochs=0.1, steps_per_epoch=per_epoch, sparsify_all=True)
+        model.register_comm_hook(HookState(dgc, model=model), ddp_comm_hook)
+        momentum = 0.0  # DGC applies momentum itself
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, weight_decay=1e-4)
+    steps, seconds, accuracy, epoch = 0, 0.0, 0.0, 0
+    flag = torch.zeros(1)
+    while steps < max_steps and not flag.item():
+        for shards in image_batches(data.x_train, data.y_train, BATCH_PER_RANK * world, world, epoch, seed):
+            dist.barrier()
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            classification_loss(model, shards[rank]).backward()
+            optimizer.step()
+            seconds += time.perf_counter() - start
+            steps += 1
+            if steps % EVAL_EVERY == 0 or steps >= max_steps:
+                if rank == 0:
+                    accuracy = evaluate_classifier(model.module, data, 2000)[0]
+                    flag.fill_(float(accuracy >= target or steps >= max_steps))
+                dist.broadcast(flag, 0)
+                if flag.item():
+                    break
+        epoch += 1
+    reached = torch.tensor([accuracy])
+    dist.broadcast(reached, 0)
+    slowest = torch.tensor([seconds])
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return {"steps": steps, "seconds": float(slowest), "accuracy": float(reached), "reached": float(reached) >= target}
+
+
+def _worker(rank: int, world: int, models: tuple[str, ...], warmup: int, repeats: int, seed: int,
+            accuracy_run: dict | None = None) -> dict:
     results = {}
     for model in models:
         shapes = _model_shapes(model)
         results[model] = {"communication": _communication(shapes, warmup, repeats, seed),
                           "ddp": _ddp_steps(shapes, warmup, repeats, seed)}
+    if accuracy_run is not None:
+        results["time_to_accuracy"] = {m: _time_to_accuracy(m, seed, **accuracy_run) for m in METHODS
+                                       if m != "powersgd-4"}
     return results
 
 
 def measure(workers: int, rate: str, models: tuple[str, ...], *, warmup: int, repeats: int, seed: int,
-            timeout_s: float = 1800.0) -> dict:
+            accuracy_run: dict | None = None, timeout_s: float = 3600.0) -> dict:
     """Run the benchmark on ``workers`` ranks behind ``rate`` links; rank 0's results (all ranks agree)."""
     with ShapedLinks(workers, rate) as links:
-        out = spawn(_worker, workers, models, warmup, repeats, seed, address=links.address(0),
+        out = spawn(_worker, workers, models, warmup, repeats, seed, accuracy_run, address=links.address(0),
                     before_init=links.before_init(), timeout_s=timeout_s,
                     threads=max(1, (torch.get_num_threads() or 1) // workers))
         leftovers_inside = links.leftovers()
@@ -204,12 +271,15 @@ def _ms(seconds: float) -> str:
 def run(ctx: Context) -> Result:
     if ctx.full:
         workers, rates, models, warmup, repeats = 4, ("1gbit", "10gbit"), ("resnet50", "ptb_lstm_1500"), 2, 5
+        accuracy_run = {"max_steps": 2000, "target": TARGET, "limit_train": None}
     else:
         workers, rates, models, warmup, repeats = 2, ("1gbit",), ("cnn",), 1, 2
+        accuracy_run = {"max_steps": EVAL_EVERY, "target": TARGET, "limit_train": 2000}
     data, checks, sections = {}, [], []
     for rate in rates:
         try:
-            measured = measure(workers, rate, models, warmup=warmup, repeats=repeats, seed=ctx.seed)
+            measured = measure(workers, rate, models, warmup=warmup, repeats=repeats, seed=ctx.seed,
+                               accuracy_run=accuracy_run if rate == rates[0] else None)
         except NetworkSetupError as error:
             raise StudySkipped(str(error)) from None
         data[rate] = measured
@@ -217,7 +287,8 @@ def run(ctx: Context) -> Result:
                             measured["links_existed"] and not measured["leftovers"],
                             ", ".join(measured["leftovers"]) or "none left"))
         comm_rows, step_rows = [], []
-        for model, res in measured["results"].items():
+        for model in models:
+            res = measured["results"][model]
             comm, ddp = res["communication"], res["ddp"]
             label = MODEL_LABELS.get(model, "MNIST CNN")
             for key in METHODS:
@@ -232,6 +303,21 @@ def run(ctx: Context) -> Result:
                      "### A DDP step with the real hooks (ms)", "",
                      markdown_table(["gradient", "method", "step ms", "step - compute ms", "faster than dense"],
                                     step_rows, align="llrrr"), ""]
+        runs = measured["results"].get("time_to_accuracy")
+        if runs:
+            rows = [[LABELS[m], r["steps"], f"{100 * r['accuracy']:.2f} %", "yes" if r["reached"] else "no",
+                     f"{r['seconds']:.1f}", f"{runs['dense']['seconds'] / r['seconds']:.2f}x"]
+                    for m, r in runs.items()]
+            sections += [f"### Time to {100 * TARGET:g} % test accuracy, MNIST CNN (training time, evaluation excluded)",
+                         "", markdown_table(["method", "steps", "accuracy", "reached", "seconds", "faster than dense"],
+                                            rows, align="lrrrrr"), ""]
+            if ctx.full:
+                fastest = min((r["seconds"], m) for m, r in runs.items() if r["reached"]) if any(
+                    r["reached"] for r in runs.values()) else (None, None)
+                checks.append(Check(f"{rate}: DDP + gradcomp DGC reaches {100 * TARGET:g} % in the shortest time",
+                                    fastest[1] == "dgc",
+                                    ", ".join(f"{m} {r['seconds']:.1f} s" + ("" if r["reached"] else " (not reached)")
+                                              for m, r in runs.items())))
     first = data[rates[0]]["results"]
     if ctx.full and "resnet50" in first:
         comm = first["resnet50"]["communication"]
@@ -239,8 +325,8 @@ def run(ctx: Context) -> Result:
         checks.append(Check(f"ResNet-50 size at {rates[0]}: DGC's communication at least {GOAL}x below dense",
                             ratio >= GOAL, f"{ratio:.0f}x ({_ms(comm['dgc'])} vs {_ms(comm['dense'])} ms)"))
     for rate, measured in data.items():
-        for model, res in measured["results"].items():
-            comm = res["communication"]
+        for model in models:
+            comm = measured["results"][model]["communication"]
             checks.append(Check(f"{rate}, {MODEL_LABELS.get(model, 'MNIST CNN')}: DGC's all-gather is faster than the "
                                 "dense all-reduce", comm["dgc"] < comm["dense"],
                                 f"{_ms(comm['dgc'])} vs {_ms(comm['dense'])} ms"))
@@ -249,6 +335,9 @@ def run(ctx: Context) -> Result:
              f"{' and '.join(rates)}; latency not shaped (no netem on this kernel), none added",
              f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in models)}; {warmup} warm-up and {repeats} "
              "timed steps; each figure is the median over steps of the slowest rank",
+             f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum 0.9 (inside DGC for DGC, "
+             f"density {DENSITY}, warm-up 0.1 epoch), weight decay 1e-4; test accuracy on 2,000 images every "
+             f"{EVAL_EVERY} steps",
              f"torch threads per rank: {max(1, (torch.get_num_threads() or 1) // workers)}; the ranks share this "
              f"machine's {os.cpu_count()} cores, so compute (compression included) is slower than on one machine "
              "per rank, and the DDP step times carry it"]
