@@ -55,8 +55,12 @@ _OPS = ("sum", "max", "gather")
 class Payload:
     """What one worker puts on the wire for one tensor in one round.
 
-    ``tensors`` are exactly the bytes sent; ``meta`` is local bookkeeping
-    (shapes, counts every rank already knows) and is never sent.
+    ``tensors`` are exactly the bytes sent; ``meta`` is local bookkeeping and
+    is never sent: what every rank already knows (shapes, counts, shared
+    random indices), or what the sender's own payload decodes to (for its
+    error feedback).  A received payload is the receiver's own with the
+    sender's ``tensors`` put in (:meth:`replace`), so decoding reads the
+    tensors, never ``meta``.
     ``variable`` marks payloads whose sizes differ between ranks (the
     communicator then exchanges their lengths first); ``last`` is False on
     every round of a multi-round exchange but its final one.
