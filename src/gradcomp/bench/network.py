@@ -77,17 +77,19 @@ class Gradients(nn.Module):
         return sum(torch.dot(p.view(-1), d.view(-1)) for p, d in zip(self.weights, self.directions)) * scale
 
 
-def _median_of_slowest(seconds: list[float]) -> float:
-    """Every rank's per-step times -> the slowest rank's per-step time, median over the steps."""
+def _slowest(seconds: list[float], statistic: str) -> float:
+    """Every rank's per-step times -> the slowest rank's per-step time, then its median (or min) over the steps."""
     world = dist.get_world_size()
     mine = torch.tensor(seconds, dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
-    return float(torch.stack(every).max(0).values.median())
+    per_step = torch.stack(every).max(0).values
+    return float(per_step.median() if statistic == "median" else per_step.min())
 
 
-def _timed(fn, warmup: int, repeats: int) -> float:
-    """Seconds per call of a collective step ``fn``: the slowest rank's time per repeat (between barriers), median."""
+def _timed(fn, warmup: int, repeats: int, statistic: str = "median") -> float:
+    """Seconds per call of a collective step ``fn``: the slowest rank's time per repeat (between barriers),
+    median over the repeats (``statistic="min"``: the best repeat, for latency fits)."""
     for _ in range(warmup):
         fn()
     seconds = []
@@ -96,7 +98,7 @@ def _timed(fn, warmup: int, repeats: int) -> float:
         start = time.perf_counter()
         fn()
         seconds.append(time.perf_counter() - start)
-    return _median_of_slowest(seconds)
+    return _slowest(seconds, statistic)
 
 
 def _powersgd_sizes(shapes: list[tuple[str, tuple[int, ...]]], rank: int) -> tuple[int, int]:

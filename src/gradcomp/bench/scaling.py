@@ -96,12 +96,12 @@ def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: 
     for nbytes in reduce_bytes:
         x = torch.ones(nbytes // 4)
         rows.append({"op": "all_reduce", "workers": world, "bytes": nbytes,
-                     "seconds": _timed(lambda: dist.all_reduce(x), 1, repeats)})
+                     "seconds": _timed(lambda: dist.all_reduce(x), 1, repeats, "min")})
     for nbytes in gather_bytes:
         local = torch.ones(nbytes, dtype=torch.uint8)
         out = torch.empty(nbytes * world, dtype=torch.uint8)
         rows.append({"op": "all_gather", "workers": world, "bytes": nbytes,
-                     "seconds": _timed(lambda: dist.all_gather_into_tensor(out, local), 1, repeats)})
+                     "seconds": _timed(lambda: dist.all_gather_into_tensor(out, local), 1, repeats, "min")})
     return rows
 
 
@@ -199,6 +199,8 @@ def run(ctx: Context) -> Result:
         for label, times in projection(m).items():
             proj_rows.append([rt, label, *[_ms(times[n]) for n in WORKERS]])
     crossings = {rt: crossover(m) for rt, m in models.items()}
+    # without latency (a fabric whose per-step latency is negligible): where the bytes alone cross
+    bytes_only = crossover(CostModel(0.0, 0.0, model.beta_reduce, model.beta_gather, rate))
     plot_path = ctx.path(".png")
     _plot(models, plot_path)
 
@@ -208,7 +210,8 @@ def run(ctx: Context) -> Result:
     if ctx.full:
         checks.append(Check("the model shows where DGC's all-gather stops paying against the dense all-reduce",
                             any(c is not None for c in crossings.values()),
-                            ", ".join(f"{rt}: {c if c else 'beyond 2^20'} workers" for rt, c in crossings.items())))
+                            ", ".join(f"{rt}: {c if c else 'beyond 2^20'} workers" for rt, c in crossings.items())
+                            + f"; bytes alone: {bytes_only} workers"))
     fitted = (f"all-reduce: alpha = {1e6 * model.alpha_reduce:.0f} us per ring step, beta = "
               f"{model.beta_reduce * 1e9:.2f} ns per byte ({8 / model.beta_reduce / 1e9:.2f} Gbit/s effective); "
               f"all-gather: alpha = {1e6 * model.alpha_gather:.0f} us, beta = {model.beta_gather * 1e9:.2f} ns per "
@@ -218,8 +221,11 @@ def run(ctx: Context) -> Result:
         "small message's time is mostly the wait for a peer to be scheduled (an 8 KB all-gather on 8 ranks took "
         "6 to 21 ms in a separate run, 30 repeats), not the network's latency. alpha is therefore loosely "
         "constrained; the projections below are dominated by bytes except for DGC at few workers.",
-        "Projection: beta scales with the link rate, alpha is kept as measured here (software latency of gloo over "
-        "TCP; faster fabrics have lower alpha, which only helps the sparse methods).",
+        "Projection: beta scales with the link rate, alpha is kept as measured here (the software latency of gloo "
+        "over TCP). The ring all-reduce pays 2 (n - 1) alpha, so at high rates and many workers latency, not "
+        "bytes, dominates the dense curve; on a fabric with negligible latency the bytes alone decide, and "
+        f"DGC's all-gather stops paying at {bytes_only} workers at any rate (where (n - 1) s beta_g exceeds "
+        "2 (n - 1) / n S beta_r).",
         "ResNet-50 bytes per worker and step (`gradcomp bench wire`): dense fp32 "
         f"{RESNET50['dense']:,}, PowerSGD rank 2 {RESNET50['powersgd']:,}, DGC (compact wire, every tensor) "
         f"{RESNET50['dgc']:,}.",
@@ -243,6 +249,7 @@ def run(ctx: Context) -> Result:
     return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
                   plots=[plot_path], setup=setup,
                   data={"measured": rows, "model": vars(model), "crossover": crossings,
+                        "crossover_bytes_only": bytes_only,
                         "projection": {rt: projection(m) for rt, m in models.items()}})
 
 
