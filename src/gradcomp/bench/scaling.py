@@ -155,6 +155,9 @@ def _plot(models: dict[str, CostModel], path) -> None:
                 ys = [model.all_gather(n, RESNET50["dgc"]) for n in workers]
             color, style = styles[label]
             ax.plot(workers, ys, color=color, linestyle=style, marker="o", markersize=3, label=label)
+        bytes_only = [2 * (n - 1) / n * RESNET50["dense"] * model.beta_reduce for n in workers]
+        ax.plot(workers, bytes_only, color="0.35", linestyle="--", linewidth=1,
+                label="dense all-reduce, bytes only (no latency)")
         cross = crossover(model)
         if cross is not None and cross <= workers[-1]:
             ax.axvline(cross, color="C3", linestyle=":", linewidth=1)
@@ -175,7 +178,7 @@ def run(ctx: Context) -> Result:
         # sizes where bytes dominate: on this 2-core machine 8 ranks share the cores, and a small message's
         # time is mostly the wait for a scheduled peer (an 8 KB all-gather on 8 ranks: 6 to 21 ms)
         worlds, reduce_bytes, gather_bytes, repeats = (2, 4, 8), (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20,
-                                                                                              1 << 22), 7
+                                                                                              1 << 22), 15
     else:
         worlds, reduce_bytes, gather_bytes, repeats = (2,), (1 << 18,), (8_192,), 2
     rate = RATES[0]
