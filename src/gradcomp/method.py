@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .compressors.base import Compressor, Payload, check_int, check_range, get
 from .compressors.dense import NoCompression
-from .compressors.sparse import WIRES, DGCSelect
+from .compressors.sparse import DGCSelect, check_wire
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .schedule import SparsityWarmup
 
@@ -198,8 +198,7 @@ class DGC(Method):
             check_range("DGC", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
         check_range("DGC", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
         check_int("DGC", "min_numel", self.min_numel, 1)
-        if self.wire not in WIRES:
-            raise ValueError(f"DGC.wire must be one of {WIRES}, got {self.wire!r}")
+        check_wire("DGC", self.wire)
         if self.steps_per_epoch is not None:
             check_int("DGC", "steps_per_epoch", self.steps_per_epoch, 1)
         if self.nesterov and self.momentum == 0:

@@ -32,7 +32,8 @@ from torch import Tensor
 from . import bits
 from .base import Compressor, Payload, check_range, index_dtype, num_selected, register
 
-__all__ = ["Workspace", "TopK", "DGCSelect", "RandomK", "Threshold", "Dryden", "select_topk", "select_dgc", "WIRES"]
+__all__ = ["Workspace", "TopK", "DGCSelect", "RandomK", "Threshold", "Dryden", "select_topk", "select_dgc", "WIRES",
+           "check_wire"]
 
 
 # ----------------------------------------------------------------- selection
@@ -177,7 +178,8 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0,
 WIRES = ("plain", "compact")
 
 
-def _check_wire(owner: str, wire: str) -> None:
+def check_wire(owner: str, wire: str) -> None:
+    """Raise ValueError naming ``owner.wire`` unless it is one of :data:`WIRES`."""
     if wire not in WIRES:
         raise ValueError(f"{owner}.wire must be one of {WIRES}, got {wire!r}")
 
@@ -219,19 +221,15 @@ def _decode(payload: Payload, numel: int, wire: str) -> tuple[Tensor, Tensor]:
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
             raise ValueError(f"corrupt sparse payload: an index is out of range for a tensor of {numel} entries")
         return values, indices
-    half, scale, code = payload.tensors
-    if scale.numel() != 1:
-        raise ValueError(f"corrupt sparse payload: {scale.numel()} scales where 1 was expected")
-    return half.float() * scale, bits.decode_sorted(code, numel, half.numel())
+    return _decode_compact_stack([payload], numel)
 
 
 def _decode_compact_stack(payloads: Sequence[Payload], numel: int) -> tuple[Tensor, Tensor]:
-    """Decode N compact payloads of one tensor with the same k in one pass: flat (values, indices), rank order."""
+    """Decode N compact payloads of one tensor with the same sizes in one pass: flat (values, indices), rank
+    order.  One payload is the case N = 1."""
     half = torch.stack([p.tensors[0] for p in payloads])
     if payloads[0].tensors[1].numel() != 1:
         raise ValueError(f"corrupt sparse payload: {payloads[0].tensors[1].numel()} scales where 1 was expected")
-    if half.shape[1] == 0:
-        return half.float().view(-1), torch.zeros(0, dtype=torch.int64, device=half.device)
     scales = torch.stack([p.tensors[1] for p in payloads])
     indices = bits.decode_sorted(torch.stack([p.tensors[2] for p in payloads]), numel, half.shape[1])
     return (half.float() * scales).view(-1), indices.view(-1)
@@ -288,7 +286,7 @@ class TopK(_Sparse):
 
     def __post_init__(self) -> None:
         check_range("topk", "density", self.density, 0.0, 1.0, low_open=True)
-        _check_wire("topk", self.wire)
+        check_wire("topk", self.wire)
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
@@ -319,7 +317,7 @@ class DGCSelect(_Sparse):
     def __post_init__(self) -> None:
         check_range("dgc", "density", self.density, 0.0, 1.0, low_open=True)
         check_range("dgc", "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
-        _check_wire("dgc", self.wire)
+        check_wire("dgc", self.wire)
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
