@@ -42,7 +42,8 @@ from torch import nn
 from ..launch import spawn
 from ..method import DGC
 from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
-from ..reproduce.ratio import MODEL_LABELS, _shapes
+from ..compressors.powersgd import PowerSGD
+from ..reproduce.ratio import MODEL_LABELS, _gradients, _shapes, bytes_sent
 from ..train.models import PAPER_MODELS, build_model
 from .netns import NetworkSetupError, ShapedLinks
 
@@ -102,20 +103,17 @@ def _timed(fn, warmup: int, repeats: int, statistic: str = "median") -> float:
 
 
 def _powersgd_sizes(shapes: list[tuple[str, tuple[int, ...]]], rank: int) -> tuple[int, int]:
-    """Elements PowerSGD all-reduces in its two rounds (P factors; Q factors + dense tensors), as PyTorch's
-    hook decides: a tensor is compressed when it is a matrix (dims after the first flattened) and
-    (rows + cols) * rank * min_compression_rate (2) < rows * cols."""
+    """Elements PowerSGD all-reduces in its two rounds (P factors; Q factors + the tensors it sends dense),
+    by :meth:`gradcomp.compressors.powersgd.PowerSGD.matrix_shape` (PyTorch's hook's rule)."""
+    planner = PowerSGD(rank=rank)
     p_elems, q_and_dense = 0, 0
     for _, shape in shapes:
-        n = math.prod(shape)
-        if len(shape) >= 2:
-            rows, cols = shape[0], n // shape[0]
-            r = min(rows, cols, rank)
-            if (rows + cols) * r * 2 < rows * cols:
-                p_elems += rows * r
-                q_and_dense += cols * r
-                continue
-        q_and_dense += n
+        matrix = planner.matrix_shape(torch.empty(shape, device="meta"))
+        if matrix is None:
+            q_and_dense += math.prod(shape)
+        else:
+            p_elems += matrix[0] * rank
+            q_and_dense += matrix[1] * rank
     return p_elems, q_and_dense
 
 
@@ -133,16 +131,7 @@ def _communication(shapes, warmup: int, repeats: int, seed: int) -> dict[str, fl
 
         out[f"powersgd-{r}"] = _timed(rounds, warmup, repeats)
     # DGC: the payload bytes the method really produces for this gradient, in one all-gather
-    gen = torch.Generator().manual_seed(seed + dist.get_rank())
-    method = _dgc()
-    grads = {name: torch.randn(shape, generator=gen) for name, shape in shapes}
-    payload_bytes = 0
-    for name, g in method.prepare(grads, 1).items():
-        generator = method.exchange(name, g, 1)
-        payload = next(generator)
-        payload_bytes += payload.nbytes
-        generator.close()
-    del grads
+    payload_bytes = bytes_sent(_dgc(), _gradients(shapes, seed + dist.get_rank()))
     local = torch.zeros(payload_bytes, dtype=torch.uint8)
     gathered = torch.empty(payload_bytes * dist.get_world_size(), dtype=torch.uint8)
     out["dgc"] = _timed(lambda: dist.all_gather_into_tensor(gathered, local), warmup, repeats)
@@ -310,7 +299,8 @@ def run(ctx: Context) -> Result:
             rows = [[LABELS[m], r["steps"], f"{100 * r['accuracy']:.2f} %", "yes" if r["reached"] else "no",
                      f"{r['seconds']:.1f}", f"{runs['dense']['seconds'] / r['seconds']:.2f}x"]
                     for m, r in runs.items()]
-            sections += [f"### Time to {100 * TARGET:g} % test accuracy, MNIST CNN (training time, evaluation excluded)",
+            sections += [f"### Time to {100 * TARGET:g} % test accuracy, MNIST CNN (training time, evaluation "
+                         "excluded)",
                          "", markdown_table(["method", "steps", "accuracy", "reached", "seconds", "faster than dense"],
                                             rows, align="lrrrrr"), ""]
             if ctx.full:
@@ -335,7 +325,8 @@ def run(ctx: Context) -> Result:
     title = "Time per step through real bandwidth-limited links (network namespaces + tc tbf)"
     setup = [f"{workers} gloo ranks, each in its own network namespace, egress shaped with tc tbf at "
              f"{' and '.join(rates)}; latency not shaped (no netem on this kernel), none added",
-             f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in models)}; {warmup} warm-up and {repeats} "
+             f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in models)}; {warmup} warm-up and "
+             f"{repeats} "
              "timed steps; each figure is the median over steps of the slowest rank",
              f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum 0.9 (inside DGC for DGC, "
              f"density {DENSITY}, warm-up 0.1 epoch), weight decay 1e-4; test accuracy on 2,000 images every "

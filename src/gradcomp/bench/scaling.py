@@ -33,12 +33,12 @@ import torch.distributed as dist
 from ..launch import spawn
 from ..reproduce.common import (Check, Context, Result, Study, StudySkipped, markdown_table, new_figure, register,
                                 save_figure)
+from ..compressors.powersgd import PowerSGD
+from ..method import DGC, Method
+from ..reproduce.ratio import _gradients, _shapes, bytes_sent
 from .netns import NetworkSetupError, ShapedLinks, parse_rate
 from .network import _timed
 
-#: ResNet-50, one step, bytes per worker (``gradcomp bench wire``): dense fp32, PowerSGD rank 2 (its two
-#: all-reduces together), DGC at density 0.001 on the compact wire with every tensor sparsified.
-RESNET50 = {"dense": 102_228_128, "powersgd": 876_408, "dgc": 90_466}
 WORKERS = (8, 16, 32, 64, 128, 256, 512, 1024)
 RATES = ("1gbit", "10gbit", "100gbit")
 
@@ -119,46 +119,50 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.3g}" if seconds < 1 else f"{1e3 * seconds:,.0f}"
 
 
-def projection(model: CostModel) -> dict[str, dict[int, float]]:
-    """Seconds of communication per step for ResNet-50 at each worker count."""
+def resnet50_bytes(seed: int) -> dict[str, int]:
+    """One worker's bytes for one step of ResNet-50, counted from the payloads: dense fp32, PowerSGD rank 2
+    (its two all-reduces together), DGC at density 0.001 on the compact wire with every tensor sparsified."""
+    grads = _gradients(_shapes("resnet50"), seed)
+    return {"dense": 4 * sum(g.numel() for g in grads.values()),
+            "powersgd": bytes_sent(Method(PowerSGD(rank=2)), grads),
+            "dgc": bytes_sent(DGC(density=0.001, warmup_epochs=0, sparsify_all=True), grads)}
+
+
+def projection(model: CostModel, sizes: dict[str, int], workers=WORKERS) -> dict[str, dict[int, float]]:
+    """Seconds of communication per step for a gradient of ``sizes`` bytes at each worker count."""
     return {
-        "dense all-reduce": {n: model.all_reduce(n, RESNET50["dense"]) for n in WORKERS},
-        "PowerSGD rank 2 (all-reduce)": {n: model.all_reduce(n, RESNET50["powersgd"]) for n in WORKERS},
-        "DGC all-gather": {n: model.all_gather(n, RESNET50["dgc"]) for n in WORKERS},
+        "dense all-reduce": {n: model.all_reduce(n, sizes["dense"]) for n in workers},
+        "PowerSGD rank 2 (all-reduce)": {n: model.all_reduce(n, sizes["powersgd"]) for n in workers},
+        "DGC all-gather": {n: model.all_gather(n, sizes["dgc"]) for n in workers},
     }
 
 
-def crossover(model: CostModel) -> int | None:
+def crossover(model: CostModel, sizes: dict[str, int]) -> int | None:
     """The smallest worker count at which DGC's all-gather costs more than the dense all-reduce (None: never
     below 2**20 workers)."""
     n = 2
     while n <= 2**20:
-        if model.all_gather(n, RESNET50["dgc"]) > model.all_reduce(n, RESNET50["dense"]):
+        if model.all_gather(n, sizes["dgc"]) > model.all_reduce(n, sizes["dense"]):
             return n
         n *= 2
     return None
 
 
-def _plot(models: dict[str, CostModel], path) -> None:
+def _plot(models: dict[str, CostModel], sizes: dict[str, int], path) -> None:
     fig = new_figure(5.2 * len(models), 4.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     styles = {"dense all-reduce": ("0.35", "-"), "PowerSGD rank 2 (all-reduce)": ("C0", "-"),
               "DGC all-gather": ("C3", "-")}
     workers = [2**i for i in range(3, 15)]
     for ax, (rate, model) in zip(axes, models.items()):
-        for label in styles:
-            if label.startswith("dense"):
-                ys = [model.all_reduce(n, RESNET50["dense"]) for n in workers]
-            elif label.startswith("PowerSGD"):
-                ys = [model.all_reduce(n, RESNET50["powersgd"]) for n in workers]
-            else:
-                ys = [model.all_gather(n, RESNET50["dgc"]) for n in workers]
+        for label, times in projection(model, sizes, workers).items():
             color, style = styles[label]
-            ax.plot(workers, ys, color=color, linestyle=style, marker="o", markersize=3, label=label)
-        bytes_only = [2 * (n - 1) / n * RESNET50["dense"] * model.beta_reduce for n in workers]
+            ax.plot(workers, list(times.values()), color=color, linestyle=style, marker="o", markersize=3,
+                    label=label)
+        bytes_only = [2 * (n - 1) / n * sizes["dense"] * model.beta_reduce for n in workers]
         ax.plot(workers, bytes_only, color="0.35", linestyle="--", linewidth=1,
                 label="dense all-reduce, bytes only (no latency)")
-        cross = crossover(model)
+        cross = crossover(model, sizes)
         if cross is not None and cross <= workers[-1]:
             ax.axvline(cross, color="C3", linestyle=":", linewidth=1)
             ax.annotate(f"DGC's all-gather\nstops paying: {cross} workers", (cross, ax.get_ylim()[0]),
@@ -197,15 +201,16 @@ def run(ctx: Context) -> Result:
         fit_rows.append([r["op"].replace("_", "-"), r["workers"], f"{r['bytes']:,}", _ms(r["seconds"]),
                          _ms(predicted), f"{100 * err:+.1f} %"])
     models = {rt: model.at(rt) for rt in RATES}
+    sizes = resnet50_bytes(ctx.seed)
     proj_rows = []
     for rt, m in models.items():
-        for label, times in projection(m).items():
+        for label, times in projection(m, sizes).items():
             proj_rows.append([rt, label, *[_ms(times[n]) for n in WORKERS]])
-    crossings = {rt: crossover(m) for rt, m in models.items()}
+    crossings = {rt: crossover(m, sizes) for rt, m in models.items()}
     # without latency (a fabric whose per-step latency is negligible): where the bytes alone cross
-    bytes_only = crossover(CostModel(0.0, 0.0, model.beta_reduce, model.beta_gather, rate))
+    bytes_only = crossover(CostModel(0.0, 0.0, model.beta_reduce, model.beta_gather, rate), sizes)
     plot_path = ctx.path(".png")
-    _plot(models, plot_path)
+    _plot(models, sizes, plot_path)
 
     worst = max(abs(e) for e in errors)
     checks = [Check("the fitted model is within 20 % of every measured run", worst <= 0.20,
@@ -229,9 +234,10 @@ def run(ctx: Context) -> Result:
         "bytes, dominates the dense curve; on a fabric with negligible latency the bytes alone decide, and "
         f"DGC's all-gather stops paying at {bytes_only} workers at any rate (where (n - 1) s beta_g exceeds "
         "2 (n - 1) / n S beta_r).",
-        "ResNet-50 bytes per worker and step (`gradcomp bench wire`): dense fp32 "
-        f"{RESNET50['dense']:,}, PowerSGD rank 2 {RESNET50['powersgd']:,}, DGC (compact wire, every tensor) "
-        f"{RESNET50['dgc']:,}.",
+        "ResNet-50 bytes per worker and step, counted from the payloads of one step (as `gradcomp bench wire`): "
+        "dense fp32 "
+        f"{sizes['dense']:,}, PowerSGD rank 2 {sizes['powersgd']:,}, DGC (compact wire, every tensor) "
+        f"{sizes['dgc']:,}.",
         "DGC's all-gather: every rank receives the other ranks' entries, (n - 1) x its own payload, so its cost "
         "grows linearly with the number of workers while the ring all-reduce's stays near 2 x the gradient: "
         + "; ".join(f"at {rt} it stops paying at {c} workers" if c else f"at {rt} it pays up to 2^20 workers"
@@ -253,7 +259,8 @@ def run(ctx: Context) -> Result:
                   plots=[plot_path], setup=setup,
                   data={"measured": rows, "model": vars(model), "crossover": crossings,
                         "crossover_bytes_only": bytes_only,
-                        "projection": {rt: projection(m) for rt, m in models.items()}})
+                        "resnet50_bytes": sizes,
+                        "projection": {rt: projection(m, sizes) for rt, m in models.items()}})
 
 
 register(Study("scaling", "alpha-beta model of all-reduce and all-gather fitted to 2/4/8-rank shaped-link runs, "
