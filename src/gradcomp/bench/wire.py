@@ -30,19 +30,21 @@ from ..compressors.base import Payload
 from ..compressors.powersgd import PowerSGD
 from ..method import DGC, Method
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
-from ..reproduce.ratio import MODEL_LABELS, _gradients, _shapes
+from ..reproduce.ratio import DGC_VARIANTS, MODEL_LABELS, _gradients, _shapes
 
 DENSITY = 0.001
 GOAL = 1000  # issue 5: at least 1000x on ResNet-50
 FULL_MODELS = ("alexnet", "vgg16", "resnet50", "ptb_lstm_1500")
 QUICK_MODELS = ("resnet50",)
+DGC_LABELS = {
+    "dgc-plain": "DGC, the paper's format (fp32 values, int32 indices, small tensors dense)",
+    "dgc": "DGC, compact wire (fp16 values, Elias-Fano indices), small tensors dense",
+    "dgc-all": "DGC, compact wire, every tensor sparsified",
+}
+#: DGC's configurations are the ratio table's (:data:`~gradcomp.reproduce.ratio.DGC_VARIANTS`), PowerSGD beside them
 VARIANTS = {
-    "dgc-plain": ("DGC, the paper's format (fp32 values, int32 indices, small tensors dense)",
-                  lambda: DGC(density=DENSITY, warmup_epochs=0, wire="plain")),
-    "dgc": ("DGC, compact wire (fp16 values, Elias-Fano indices), small tensors dense",
-            lambda: DGC(density=DENSITY, warmup_epochs=0)),
-    "dgc-all": ("DGC, compact wire, every tensor sparsified",
-                lambda: DGC(density=DENSITY, warmup_epochs=0, sparsify_all=True)),
+    **{key: (DGC_LABELS[key], lambda options=options: DGC(density=DENSITY, warmup_epochs=0, **options))
+       for key, options in DGC_VARIANTS.items()},
     "powersgd-1": ("PowerSGD rank 1", lambda: Method(PowerSGD(rank=1))),
     "powersgd-2": ("PowerSGD rank 2", lambda: Method(PowerSGD(rank=2))),
 }
