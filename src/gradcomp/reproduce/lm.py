@@ -5,7 +5,7 @@ Rows: the dense baseline (``none``; the averaged gradient clipped to norm
 worker clips its own mean gradient to ``0.25 * sqrt(4)``: section 3.2 of the
 paper clips each worker's share ``g / 4`` of the summed gradient to ``0.25 / sqrt(4)``); and the same DGC without clipping, to show clipping's share.  All rows
 use momentum 0.9 (in the optimizer for dense, inside DGC otherwise) and the
-same learning rate schedule (divided by 4 for the last epoch); DGC warms up over the paper's share of training (1 of 40
+same learning rate schedule (divided by 4 at each milestone); DGC warms up over the paper's share of training (1 of 40
 epochs).
 
 Every row is a ``gradcomp train`` run in the simulator (4 workers, per-worker
@@ -52,7 +52,7 @@ class Variant:
         return self.warmup_share * self.epochs
 
 
-FULL = Variant(limit_train=None, epochs=4, lr_milestones=(3,))
+FULL = Variant(limit_train=None, epochs=12, lr_milestones=(8, 10))
 QUICK = Variant(limit_train=20_000, epochs=1, limit_test=3_000)
 
 
