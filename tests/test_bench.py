@@ -94,6 +94,23 @@ def test_cost_model_formulas_and_rate_scaling():
     assert m.all_gather(4, 1e5) == pytest.approx(3 * 2e-4 + 3 * 1e5 * 9e-9)
     fast = m.at("10gbit")
     assert fast.beta_reduce == pytest.approx(8e-10) and fast.alpha_reduce == m.alpha_reduce
+    # two rounds in a row: the latency twice, the bytes once
+    assert m.all_reduce(4, 1e6, rounds=2) == pytest.approx(12 * 1e-4 + 1.5 * 1e6 * 8e-9)
+
+
+def test_scaling_projects_the_shared_index_set_flat_in_the_number_of_workers():
+    from gradcomp.bench.scaling import CostModel, projection, resnet50_bytes
+    from gradcomp.reproduce.ratio import _shapes
+
+    sizes = resnet50_bytes(0)
+    # every tensor sparsified at density 0.001: the leader's index code and float32 values, from the definitions
+    ks = [(math.prod(s), math.ceil(math.prod(s) / 1000)) for _, s in _shapes("resnet50")]
+    assert sizes["dgc_shared"] == sum(compact_nbytes(n, k) - 2 * k - 4 + 4 * k for n, k in ks)
+    bytes_only = CostModel(0.0, 0.0, 8e-9, 8e-9, "1gbit")
+    curves = projection(bytes_only, sizes, workers=(8, 64, 1024))
+    shared, gather = curves["DGC shared indices (all-reduce)"], curves["DGC all-gather"]
+    assert shared[1024] < 2 * sizes["dgc_shared"] * 8e-9 and shared[1024] / shared[8] < 1.15  # flat in n
+    assert gather[1024] / gather[8] == pytest.approx(1023 / 7)  # grows with n
 
 
 @needs_root

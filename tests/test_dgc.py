@@ -28,16 +28,18 @@ def to_wire_half(values):
     return torch.from_numpy((values.numpy() / scale).astype(np.float32).astype(np.float16).astype(np.float64) * scale)
 
 
-def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None, wire="plain", sparsify_all=False):
+def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None, wire="plain", sparsify_all=False,
+                  shared=False):
     """Lin et al. 2018, written out independently: per worker u, v; exact top-k; dense tensors momentum after mean.
 
-    ``wire="compact"`` sends the values rounded to float16 (scaled) and keeps the rounding error in v."""
+    ``wire="compact"`` sends the values rounded to float16 (scaled) and keeps the rounding error in v.
+    ``shared``: at step s every worker sends its v at worker (s mod N)'s top-k indices."""
     workers = len(grads_by_step[0])
     u = [{} for _ in range(workers)]
     v = [{} for _ in range(workers)]
     buf = {}
     outputs = []
-    for grads in grads_by_step:
+    for step, grads in enumerate(grads_by_step):
         if clip is not None:
             grads = [dict(g) for g in grads]
             for g in grads:
@@ -56,6 +58,7 @@ def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None, wire=
                 out[name] = mean + m * b if nesterov else b.clone()
                 continue
             total = torch.zeros_like(grads[0][name])
+            accumulated = []
             for w, g in enumerate(grads):
                 uu = u[w].get(name, torch.zeros_like(g[name]))
                 vv = v[w].get(name, torch.zeros_like(g[name]))
@@ -65,8 +68,11 @@ def reference_dgc(grads_by_step, density, m, nesterov, masking, clip=None, wire=
                 else:
                     uu = m * uu + g[name]
                     vv = vv + uu
-                k = math.ceil(density * vv.numel())
-                idx = torch.argsort(vv.abs().view(-1), descending=True)[:k]
+                accumulated.append((uu, vv))
+            k = math.ceil(density * grads[0][name].numel())
+            top = [torch.argsort(vv.abs().view(-1), descending=True)[:k] for _, vv in accumulated]
+            for w, (g, (uu, vv)) in enumerate(zip(grads, accumulated)):
+                idx = top[step % workers] if shared else top[w]
                 sent = torch.zeros_like(vv).view(-1)
                 sent[idx] = vv.view(-1)[idx] if wire == "plain" else to_wire_half(vv.view(-1)[idx])
                 total += sent.view_as(vv)
@@ -200,8 +206,42 @@ def _save(obj):
 def test_dgc_bad_values_name_the_field():
     for kwargs, field in [({"momentum": 1.0}, "momentum"), ({"sample_ratio": 0}, "sample_ratio"),
                           ({"clip_norm": -1.0}, "clip_norm"), ({"min_numel": 0}, "min_numel"),
-                          ({"warmup_epochs": -1}, "warmup_epochs"), ({"momentum": 0.0, "nesterov": True}, "nesterov")]:
+                          ({"warmup_epochs": -1}, "warmup_epochs"), ({"momentum": 0.0, "nesterov": True}, "nesterov"),
+                          ({"aggregate": "allreduce"}, "aggregate")]:
         with pytest.raises(ValueError, match=f"DGC.{field}"):
             DGC(**kwargs)
     with pytest.raises(ValueError, match="DGC.epoch"):
         DGC().set_epoch(-1)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_dgc_shared_aggregation_sends_every_worker_at_the_leaders_indices(workers):
+    """aggregate="shared": worker (step mod N) picks the indices, every worker's v there is summed exactly;
+    each sends the leader's index code and its values, whatever the number of workers."""
+    steps, density = 9, 0.02
+    grads = [worker_grads(s, workers, SHAPES) for s in range(steps)]
+    expected = reference_dgc(grads, density, 0.9, False, True, shared=True)
+    methods = [DGC(density=density, sample_ratio=1.0, warmup_epochs=0, min_numel=100,
+                   aggregate="shared").for_rank(w) for w in range(workers)]
+    for step in range(steps):
+        out, sent = exchange_step(methods, grads[step])
+        for name in SHAPES:
+            torch.testing.assert_close(out[name], expected[step][name], rtol=1e-10, atol=1e-12)
+    per_worker = 0
+    for shape in SHAPES.values():
+        n = math.prod(shape)
+        if len(shape) == 1:
+            per_worker += 8 * n  # dense, float64
+        else:
+            k = math.ceil(density * n)
+            per_worker += compact_nbytes(n, k) - 2 * k - 4 + 8 * k  # the index code, then float64 values
+    assert sent == [per_worker] * workers
+
+
+def test_dgc_shared_aggregation_rejects_two_leaders():
+    """Ranks that disagree on whose turn it is (a rank's step count off) get an error, not a silent mix."""
+    methods = [DGC(density=0.02, sample_ratio=1.0, warmup_epochs=0, min_numel=100, aggregate="shared").for_rank(w)
+               for w in range(2)]
+    methods[1].steps = 1  # both lead
+    with pytest.raises(ValueError, match="corrupt index code"):
+        exchange_step(methods, worker_grads(0, 2, {"w": (30, 40)}))

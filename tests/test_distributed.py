@@ -11,6 +11,8 @@ from dist_workers import build_method, digits64
 STEPS = 20
 DGC_SPARSE = ("DGC", {"density": 0.001, "warmup_epochs": 1, "steps_per_epoch": 8})
 # local clipping waits for every bucket (the global norm) before any is compressed: the hook's deferred path
+# one rank per step picks the indices for all (the ranks' own selections differ: the real path must follow rank order)
+DGC_SHARED = ("DGC", {"density": 0.01, "aggregate": "shared", "warmup_epochs": 0})
 DGC_CLIP = ("DGC", {"density": 0.01, "clip_norm": 0.05, "warmup_epochs": 1, "steps_per_epoch": 8})
 EACH = {"dgc": {"density": 0.01}, "topk": {"density": 0.01}, "randomk": {"density": 0.05, "seed": 2},
         "terngrad": {"seed": 3}, "qsgd": {"seed": 4, "levels": 4}, "threshold": {"tau": 0.005},
@@ -43,6 +45,7 @@ def runs(request):
                           steps=STEPS, momentum=0.0),
         "dgc_hook": dict(front="hook", spec=DGC_SPARSE, steps=STEPS, momentum=0.0),
         "dgc_optim": dict(front="optim", spec=DGC_SPARSE, steps=STEPS, momentum=0.0),
+        "shared_hook": dict(front="hook", spec=DGC_SHARED, steps=10, momentum=0.0),
         "clip_hook": dict(front="hook", spec=DGC_CLIP, steps=10, momentum=0.0),
         "clip_optim": dict(front="optim", spec=DGC_CLIP, steps=10, momentum=0.0),
         "psgd_hook": dict(front="hook", spec=("powersgd", {"rank": 2}), steps=10, momentum=0.9),
@@ -83,6 +86,13 @@ def test_dgc_sparse_real_run_equals_the_simulator(runs):
     expected, sim = simulate(DGC_SPARSE, world)
     assert_close(out["dgc_hook"][0]["params"], expected, 1e-5)
     assert out["dgc_hook"][0]["bytes"] == sim.bytes_sent[0]
+
+
+def test_dgc_shared_aggregation_real_run_equals_the_simulator(runs):
+    world, out = runs
+    expected, sim = simulate(DGC_SHARED, world, steps=10)
+    assert_close(out["shared_hook"][0]["params"], expected, 1e-5)
+    assert out["shared_hook"][0]["bytes"] == sim.bytes_sent[0]
 
 
 def test_dgc_with_local_clipping_through_the_hook_equals_the_simulator(runs):

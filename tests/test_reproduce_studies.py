@@ -50,6 +50,7 @@ def test_ablation_quick_report(ablation):
     assert rc == 0 and "❌" not in report
     assert f"gradcomp reproduce ablation --out {out}" in report
     assert "naive pruning" in report and "DGC (all techniques)" in report and "does not converge" in report
+    assert "one shared index set per step" in report
     assert "avg density" in report and "92.92" in report
     assert (out / "ablation-quick.png").read_bytes()[:8] == PNG
 

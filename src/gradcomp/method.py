@@ -26,13 +26,16 @@ from torch import Tensor
 
 from .compressors.base import Compressor, Payload, check_int, check_range, get
 from .compressors.dense import NoCompression
-from .compressors.sparse import DGCSelect, check_wire
+from .compressors.sparse import DGCSelect, SharedSelect, check_wire
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .schedule import SparsityWarmup
 
 __all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimizer"]
 
 MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
+
+#: How DGC combines the workers' selections (see :class:`DGC`).
+AGGREGATES = ("gather", "shared")
 
 
 class NonFiniteGradientError(ValueError):
@@ -172,6 +175,13 @@ class DGC(Method):
     entry at density 0.001, the float16 rounding kept in the residual) or
     ``"plain"`` (float32 values and int32 indices, 8 bytes, as the paper's code).
 
+    ``aggregate`` is how the workers' selections are combined: ``"gather"``
+    (the paper: every worker sends its own top-k, all-gathered, so each rank
+    receives ``N - 1`` payloads) or ``"shared"`` (one worker per step, in
+    turn, picks the indices and every worker's values there are all-reduced:
+    bytes per worker that do not grow with ``N``; see
+    :class:`~gradcomp.compressors.sparse.SharedSelect`).
+
     ``momentum_correction=False`` and ``accumulate=False`` switch off the
     corresponding technique for the paper's ablation.
     """
@@ -189,6 +199,7 @@ class DGC(Method):
     steps_per_epoch: int | None = None
     wire: str = "compact"
     sparsify_all: bool = False
+    aggregate: str = "gather"
 
     def __post_init__(self) -> None:
         check_range("DGC", "density", self.density, 0.0, 1.0, low_open=True)
@@ -199,6 +210,8 @@ class DGC(Method):
         check_range("DGC", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
         check_int("DGC", "min_numel", self.min_numel, 1)
         check_wire("DGC", self.wire)
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"DGC.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if self.steps_per_epoch is not None:
             check_int("DGC", "steps_per_epoch", self.steps_per_epoch, 1)
         if self.nesterov and self.momentum == 0:
@@ -207,8 +220,8 @@ class DGC(Method):
                                      initial_density=max(self.density, 0.25))
         memory = DGCMemory(momentum=self.momentum, nesterov=self.nesterov, masking=self.momentum_masking,
                            correction=self.momentum_correction, accumulate=self.accumulate)
-        super().__init__(DGCSelect(density=self.density, sample_ratio=self.sample_ratio, wire=self.wire),
-                         memory=memory)
+        select = SharedSelect if self.aggregate == "shared" else DGCSelect
+        super().__init__(select(density=self.density, sample_ratio=self.sample_ratio, wire=self.wire), memory=memory)
         self.dense_momentum = Momentum(self.momentum, self.nesterov)
         self.owns_momentum = self.momentum > 0
         self.needs_all_gradients = self.clip_norm is not None
@@ -242,6 +255,8 @@ class DGC(Method):
             return self.dense_momentum.apply(name, result.total.div_(world_size))
         selector = self.compressor
         selector.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
+        if isinstance(selector, SharedSelect):
+            selector.lead = self.steps % world_size == selector.rank  # the ranks choose in turn
         accumulator = self.memory.compensate(name, grad)
         result = yield from selector.exchange(accumulator)
         self.memory.update(name, accumulator, selector, result.sent)
@@ -256,7 +271,7 @@ class DGC(Method):
     def config(self) -> dict[str, Any]:
         fields = ("density", "momentum", "nesterov", "sample_ratio", "momentum_masking", "clip_norm",
                   "warmup_epochs", "min_numel", "momentum_correction", "accumulate", "steps_per_epoch", "wire",
-                  "sparsify_all")
+                  "sparsify_all", "aggregate")
         return {"method": "dgc", **{f: getattr(self, f) for f in fields}}
 
     def state_dict(self) -> dict[str, Any]:

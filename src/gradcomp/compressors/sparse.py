@@ -22,6 +22,7 @@ rank (and the simulator) sums them in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ import torch
 from torch import Tensor
 
 from . import bits
-from .base import Compressor, Payload, check_range, index_dtype, num_selected, register
+from .base import Compressor, Exchange, Exchanged, Payload, check_range, index_dtype, num_selected, register
 
-__all__ = ["Workspace", "TopK", "DGCSelect", "RandomK", "Threshold", "Dryden", "select_topk", "select_dgc", "WIRES",
-           "check_wire"]
+__all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "select_topk",
+           "select_dgc", "WIRES", "check_wire"]
 
 
 # ----------------------------------------------------------------- selection
@@ -323,6 +324,52 @@ class DGCSelect(_Sparse):
         flat = tensor.reshape(-1)
         k = num_selected(self.density, flat.numel())
         return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
+
+
+@dataclass(kw_only=True)
+class SharedSelect(DGCSelect):
+    """DGC's selection made by one rank for all: an aggregation whose bytes per worker do not grow with
+    the number of workers (``gradcomp.DGC(aggregate="shared")``).
+
+    Each step one rank, the leader (``lead``, set by the caller in turn), picks
+    its k largest |x| as :class:`DGCSelect` does.  Two all-reduces follow:
+
+    1. the chosen indices, Elias-Fano coded; the other ranks put in zeros of
+       the same length, so the sum is the leader's code;
+    2. every rank's values at those indices (float32), summed.
+
+    Every rank then sends exactly its entries at the shared indices, so they
+    leave its accumulator exactly; the rest waits for a later step.  Per rank
+    that is ``sorted_nbytes(numel, k) + 4 k`` bytes whatever the number of
+    workers, where an all-gather of sparse payloads receives ``(N - 1)`` times
+    its own.
+    """
+
+    name = "dgc-shared"
+    rank: int = 0
+    lead: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def for_rank(self, rank: int) -> SharedSelect:
+        return dataclasses.replace(self, rank=rank)
+
+    def exchange(self, tensor: Tensor, state: dict | None = None) -> Exchange:
+        flat = tensor.reshape(-1)
+        numel, k = flat.numel(), num_selected(self.density, flat.numel())
+        if self.lead:
+            code = bits.encode_sorted(select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), numel)
+        else:
+            code = torch.zeros(bits.sorted_nbytes(numel, k), dtype=torch.uint8, device=flat.device)
+        (chosen,) = yield Payload((code,), op="sum", last=False)
+        indices = bits.decode_sorted(chosen.tensors[0], numel, k)  # a code of two leaders raises here
+        values = flat[indices]
+        sent = Payload((values,), op="sum", meta=(values, indices))
+        (summed,) = yield sent
+        total = torch.zeros_like(flat)
+        total[indices] = summed.tensors[0]
+        return Exchanged(total.view_as(tensor), sent)
+
+    def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        raise NotImplementedError("a shared selection decodes inside its exchange (the indices come first)")
 
 
 @register

@@ -8,7 +8,11 @@ more rows show DGC on other wires: ``dgc`` sends gradcomp's default compact
 wire (float16 values, Elias-Fano indices), ``dgc_plain`` the paper's fp32
 values and int32 indices, and ``dgc_all`` the compact wire with the biases and
 batch-norm parameters sparsified too (the configuration that sends ResNet-50's
-gradient 1130x smaller, ``gradcomp bench wire``).  Every DGC row runs
+gradient 1130x smaller, ``gradcomp bench wire``).  ``dgc_shared`` is DGC
+with the shared index set (``DGC(aggregate="shared")``: one worker per step
+picks the indices, every worker's values there are all-reduced), the
+aggregation whose bytes per worker do not grow with the number of workers
+(``gradcomp bench scaling``).  Every DGC row runs
 ``torch.optim.SGD(momentum=0)``: DGC owns momentum (the dense tensors'
 momentum included); weight decay is the same for every row and stays in the
 optimizer.
@@ -25,7 +29,7 @@ the full 10,000-image test set of each dataset.
 
 Sizes: the full variant trains on 30,000 images of each dataset for 8 epochs
 (per-worker batch 32); `--jobs 2` trains two rows at a time; the quick
-variant (CI) trains only the dense, naive and full-DGC rows on a slice of MNIST.
+variant (CI) trains only the dense, naive, DGC and shared-index DGC rows on a slice of MNIST.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ PUBLISHED_DELTA: dict[str, str] = {
     "dgc": "+0.37",
     "dgc_plain": "—",
     "dgc_all": "—",
+    "dgc_shared": "—",
 }
 
 DENSITY = 0.001
-ALL_ROWS = ("dense", "naive", "accum", "accum_mc", "accum_warmup", "dgc", "dgc_plain", "dgc_all")
+ALL_ROWS = ("dense", "naive", "accum", "accum_mc", "accum_warmup", "dgc", "dgc_plain", "dgc_all", "dgc_shared")
 LABELS = {
     "dense": "dense baseline",
     "naive": "naive pruning",
@@ -68,6 +73,7 @@ LABELS = {
     "dgc": "DGC (all techniques)",
     "dgc_plain": "DGC, the paper's wire (fp32 values + int32 indices)",
     "dgc_all": "DGC, every tensor sparsified",
+    "dgc_shared": "DGC, one shared index set per step (all-reduced)",
 }
 
 
@@ -95,8 +101,8 @@ class Variant:
 
 
 FULL = Variant(datasets=("fashion-mnist", "mnist"), limit_train=30_000, epochs=8, rows=ALL_ROWS)
-QUICK = Variant(datasets=("mnist",), limit_train=3_000, epochs=1, rows=("dense", "naive", "dgc"), batch_per_worker=8, lr=0.05,
-                limit_test=2_000)
+QUICK = Variant(datasets=("mnist",), limit_train=3_000, epochs=1, rows=("dense", "naive", "dgc", "dgc_shared"),
+                batch_per_worker=8, lr=0.05, limit_test=2_000)
 
 
 @dataclass
@@ -137,6 +143,7 @@ def _method(key: str, variant: Variant, steps: int) -> tuple[Method, float]:
         "dgc": dict(warmup_epochs=w),
         "dgc_plain": dict(warmup_epochs=w, wire="plain"),
         "dgc_all": dict(warmup_epochs=w, sparsify_all=True),
+        "dgc_shared": dict(warmup_epochs=w, aggregate="shared"),
     }[key]
     return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs), 0.0
 
@@ -250,6 +257,11 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
         notes.append(f"{name}: DGC vs dense: {100 * (dgc.accuracy - dense.accuracy):+.2f} points (published +0.37), "
                      f"sending {100 * dgc.mean_density:.3g} % of the sparsified entries on average over the run "
                      f"(warm-up of {variant.warmup_epochs:g} epochs included).")
+    shared = _find(rows, "dgc_shared")
+    if shared is not None and dgc is not None:
+        notes.append(f"{name}: DGC with one shared index set per step: {100 * shared.accuracy:.2f} % "
+                     f"({100 * (shared.accuracy - dgc.accuracy):+.2f} points against DGC's own top-k per worker), "
+                     f"sending {100 * shared.byte_share:.3g} % of the dense bytes whatever the number of workers.")
     present = [r for r in (_find(rows, k) for k in _ORDER) if r is not None]
     if len(present) == len(_ORDER):
         bad = [f"{a.label} ({100 * a.accuracy:.2f}) >= {b.label} ({100 * b.accuracy:.2f})"
