@@ -84,3 +84,105 @@ def timed_all_reduce(rank, world, numel):
     start = time.perf_counter()
     dist.all_reduce(x)
     return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ delayed gradient averaging
+
+
+def least_squares_data(rank, step, rows=8, features=5):
+    """Rank ``rank``'s float64 batch at ``step`` for the DGA tests (deterministic, different per rank)."""
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    x = torch.randn(rows, features, generator=g, dtype=torch.float64)
+    return x, x @ torch.linspace(-1, 1, features, dtype=torch.float64) + 0.1 * torch.randn(rows, generator=g,
+                                                                                           dtype=torch.float64)
+
+
+def dga_least_squares(rank, world, delay, correction, steps, lr):
+    """A bias-free linear model trained by DGA with plain SGD; every step's weights on this rank."""
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    torch.nn.init.zeros_(model.weight)
+    opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=lr), model.named_parameters(),
+                                            delay=delay, correction=correction)
+    history = []
+    for step in range(steps):
+        x, y = least_squares_data(rank, step)
+        opt.zero_grad()
+        (0.5 * (model(x).view(-1) - y).pow(2).mean()).backward()
+        opt.step()
+        history.append(model.weight.detach().view(-1).clone())
+    return torch.stack(history)
+
+
+def dga_train(rank, world, spec, delay, steps, momentum, lr=0.1, resume_at=None):
+    """The digits MLP trained with DGA (spec None: plain averaging).  With ``resume_at``, the run is
+    checkpointed there (through torch.save bytes), rebuilt from scratch, restored and finished."""
+    import io
+
+    x, y = digits64()
+
+    def build():
+        model = mlp()
+        opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+                                                model.named_parameters(), delay=delay,
+                                                method=None if spec is None else build_method(spec))
+        return model, opt
+
+    model, opt = build()
+    for step, (xb, yb) in enumerate(batches(x, y, 64, steps)):
+        if step == resume_at:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "dga": opt.state_dict()}, buffer)
+            model, opt = build()
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["dga"])
+        opt.zero_grad()
+        ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def dga_step_times(rank, world, delay, latency_ms, compute_s, steps):
+    """Mean seconds per step of DGA (delay 0: synchronous SGD) with ``compute_s`` of work per step and
+    ``latency_ms`` of emulated latency, after the first ``delay + 1`` steps."""
+    import time
+
+    model = torch.nn.Linear(64, 64)
+    opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
+                                            delay=delay, emulate_latency_ms=latency_ms)
+    x = torch.randn(8, 64)
+    stamps = []
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        time.sleep(compute_s)  # the rest of a step's computation
+        opt.step()
+        stamps.append(time.perf_counter())
+    opt.finish()
+    skip = delay + 1
+    return (stamps[-1] - stamps[skip - 1]) / (steps - skip)
+
+
+DGA_STEPS = 12
+DGA_DGC = ("DGC", {"density": 0.01, "warmup_epochs": 1, "steps_per_epoch": 6})
+
+
+def dga_all(rank, world):
+    """Every multi-process case of test_dga.py in one process group (saves start-ups)."""
+    out = {
+        "ddp": train(rank, world, "ddp", None, DGA_STEPS, momentum=0.9),
+        "dga0": dga_train(rank, world, None, 0, DGA_STEPS, momentum=0.9),
+        "dgc_optim": train(rank, world, "optim", DGA_DGC, DGA_STEPS, momentum=0.0),
+        "dga0_dgc": dga_train(rank, world, DGA_DGC, 0, DGA_STEPS, momentum=0.0),
+        "psgd_optim": train(rank, world, "optim", ("powersgd", {"rank": 2}), DGA_STEPS, momentum=0.9),
+        "dga0_psgd": dga_train(rank, world, ("powersgd", {"rank": 2}), 0, DGA_STEPS, momentum=0.9),
+        "dga2_psgd": dga_train(rank, world, ("powersgd", {"rank": 2}), 2, DGA_STEPS, momentum=0.9),
+    }
+    for correction in (True, False):
+        out[f"lsq_{correction}"] = dga_least_squares(rank, world, 3, correction, 10, 0.2)
+    for spec, momentum in ((None, 0.9), (DGA_DGC, 0.0)):
+        key = "plain" if spec is None else "dgc"
+        out[f"straight_{key}"] = dga_train(rank, world, spec, 3, 15, momentum)
+        out[f"resumed_{key}"] = dga_train(rank, world, spec, 3, 15, momentum, resume_at=7)
+    return out

@@ -1,6 +1,7 @@
 """gradcomp: Deep Gradient Compression and the methods around it, for PyTorch data parallelism."""
 
 from .compressors import Compressor, Payload, available, get, register
+from .dga import DelayedGradientAveraging
 from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .method import DGC, Method, NonFiniteGradientError, as_method
@@ -14,6 +15,7 @@ __all__ = [
     "Compressor",
     "DGC",
     "DGCMemory",
+    "DelayedGradientAveraging",
     "DistributedOptimizer",
     "HookState",
     "LinearLRWarmup",

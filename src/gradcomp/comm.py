@@ -14,13 +14,26 @@ collective per kind of payload:
 Every round but the last waits in the calling thread, so all ranks issue
 their collectives in the same order; the last round completes
 asynchronously and its decoding runs in the future's callback, so
-communication overlaps the rest of the backward pass.
+communication overlaps the rest of the backward pass
+(:meth:`Communicator.exchange`), or on the thread that waits for it, later
+(:meth:`Communicator.exchange_later`, for delayed gradient averaging).
+
+Latency emulation (experiments only): this machine's kernel has no
+``netem``, so network latency cannot be shaped.  ``emulate_latency_ms=L``
+makes each round's result available no earlier than L ms after the round was
+issued: a delay on completion measured from issue time, so rounds in flight
+at once overlap their latency as on a real link.  Bandwidth stays real (see
+``gradcomp bench network``); reports that use this say the latency is
+emulated.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +44,7 @@ from torch.futures import Future
 from .compressors.base import Payload
 from .method import MethodExchange
 
-__all__ = ["Communicator"]
+__all__ = ["Communicator", "Pending"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,50 @@ def _done(value: Any) -> Future:
     fut: Future = Future()
     fut.set_result(value)
     return fut
+
+
+def _not_before(fut: Future, deadline: float) -> Future:
+    """A future with ``fut``'s result (or error) that completes no earlier than ``deadline`` (time.monotonic)."""
+    out: Future = Future()
+
+    def settle(f: Future) -> None:
+        try:
+            out.set_result(f.value())
+        except Exception as error:  # noqa: BLE001 - handed on to whoever waits
+            out.set_exception(error)
+
+    def relay(f: Future) -> None:
+        delay = deadline - time.monotonic()
+        if delay <= 0:
+            settle(f)
+            return
+        timer = threading.Timer(delay, settle, args=(f,))
+        timer.daemon = True
+        timer.start()
+
+    fut.add_done_callback(relay)
+    return out
+
+
+class Pending:
+    """An exchange whose last round may still be in flight (:meth:`Communicator.exchange_later`).
+
+    :meth:`wait` waits for it and finishes it on the calling thread (decoding,
+    memory updates), once; later calls return the same result.
+    """
+
+    def __init__(self, fut: Future, finish: Callable[[Future], dict[str, Tensor]]) -> None:
+        self._fut, self._finish = fut, finish
+        self._result: dict[str, Tensor] | None = None
+
+    def done(self) -> bool:
+        return self._result is not None or self._fut.done()
+
+    def wait(self) -> dict[str, Tensor]:
+        if self._result is None:
+            self._fut.wait()
+            self._result = self._finish(self._fut)
+        return self._result
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -57,11 +114,17 @@ class Communicator:
 
     ``bytes_sent`` counts the payload bytes this rank put on the wire,
     summed over every round (the lengths of variable payloads not included).
+    ``emulate_latency_ms`` delays each round's completion (see the module
+    docstring; for experiments only).
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0) -> None:
+        ok = isinstance(emulate_latency_ms, (int, float)) and not isinstance(emulate_latency_ms, bool)
+        if not (ok and math.isfinite(emulate_latency_ms) and emulate_latency_ms >= 0):
+            raise ValueError(f"emulate_latency_ms must be a finite number >= 0, got {emulate_latency_ms!r}")
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
+        self.latency = emulate_latency_ms / 1e3
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
@@ -70,7 +133,16 @@ class Communicator:
     # -- driving generators ---------------------------------------------------
 
     def exchange(self, gens: Mapping[str, MethodExchange]) -> Future:
-        """Run one bucket's exchanges; a future of ``{name: averaged tensor}``."""
+        """Run one bucket's exchanges; a future of ``{name: averaged tensor}`` (decoded in its callback)."""
+        fut, finish = self._start(gens)
+        return fut.then(finish)
+
+    def exchange_later(self, gens: Mapping[str, MethodExchange]) -> Pending:
+        """As :meth:`exchange`, but the last round is decoded by whoever calls ``wait()``, on that thread."""
+        return Pending(*self._start(gens))
+
+    def _start(self, gens: Mapping[str, MethodExchange]) -> tuple[Future, Callable[[Future], dict[str, Tensor]]]:
+        """Run every round but the last; the last round's future and the function that finishes it."""
         results: dict[str, Tensor] = {}
         pending = self._advance(gens, dict.fromkeys(gens), results)
         while pending:
@@ -83,9 +155,9 @@ class Communicator:
                         raise RuntimeError(f"exchange of {sorted(more)} went on after a payload marked last")
                     return results
 
-                return fut.then(finish)
+                return fut, finish
             pending = self._advance(live, fut.wait(), results)
-        return _done(results)
+        return _done(None), lambda _: results
 
     @staticmethod
     def _advance(gens: Mapping[str, MethodExchange], received: Mapping[str, Any],
@@ -102,6 +174,7 @@ class Communicator:
 
     def _launch(self, payloads: Mapping[str, Payload]) -> Future:
         """Issue this round's collectives; a future of ``{name: received payloads}``."""
+        issued = time.monotonic()
         self.bytes_sent += sum(p.nbytes for p in payloads.values())
         futures, unpackers = [], []
         reduced: dict[tuple, list[str]] = {}
@@ -131,7 +204,8 @@ class Communicator:
                 received.update(unpack())
             return received
 
-        return torch.futures.collect_all(futures).then(unpack_all)
+        fut = torch.futures.collect_all(futures).then(unpack_all)
+        return _not_before(fut, issued + self.latency) if self.latency else fut
 
     def _all_reduce(self, op: str, payloads: dict[str, Payload]):
         flat = torch.cat([t.reshape(-1) for p in payloads.values() for t in p.tensors])

@@ -102,9 +102,27 @@ class Method:
             return torch.zeros_like(grad)
         accumulator = self.memory.compensate(name, grad)
         state = self.compressor_state.setdefault(name, {})
-        result = yield from self.compressor.exchange(accumulator, state)
-        self.memory.update(name, accumulator, self.compressor, result.sent)
-        return result.total.div_(world_size)
+        total = yield from self._exchange(name, accumulator, self.compressor, state)
+        return total.div_(world_size)
+
+    def _exchange(self, name: str, accumulator: Tensor, compressor: Compressor, state: dict) -> MethodExchange:
+        """Exchange ``accumulator``; returns the sum over workers.  Memory learns what was sent as soon as
+        that is known: for a single-round compressor before the payload goes out, so the next step can
+        start before this one's exchange ends (delayed gradient averaging) and find its memory up to date."""
+        if compressor.single_round:
+            payload = compressor.compress(accumulator, state)
+            self.memory.update(name, accumulator, compressor, payload)
+            received = yield payload
+            return compressor.decompress(received, like=accumulator)
+        result = yield from compressor.exchange(accumulator, state)
+        self.memory.update(name, accumulator, compressor, result.sent)
+        return result.total
+
+    @property
+    def memory_waits_for_result(self) -> bool:
+        """True when this method's memory needs the received result (a multi-round compressor with memory,
+        PowerSGD's residual): a step must then wait for the previous step's exchange to end."""
+        return not self.compressor.single_round and type(self.memory) is not Memory
 
     def end_step(self) -> None:
         self.steps += 1
@@ -258,9 +276,7 @@ class DGC(Method):
         if isinstance(selector, SharedSelect):
             selector.lead = self.steps % world_size == selector.rank  # the ranks choose in turn
         accumulator = self.memory.compensate(name, grad)
-        result = yield from selector.exchange(accumulator)
-        self.memory.update(name, accumulator, selector, result.sent)
-        average = result.total.div_(world_size)
+        average = (yield from self._exchange(name, accumulator, selector, {})).div_(world_size)
         return average if self.momentum_correction else self.dense_momentum.apply(name, average)
 
     def end_step(self) -> None:

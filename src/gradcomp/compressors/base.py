@@ -133,6 +133,12 @@ class Compressor:
         received = yield payload
         return Exchanged(self.decompress(received, like=tensor), payload)
 
+    @property
+    def single_round(self) -> bool:
+        """True when one payload, known before anything is received, is all this compressor sends
+        (it keeps the default :meth:`exchange`)."""
+        return type(self).exchange is Compressor.exchange
+
     def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
         """Remove this worker's own contribution from ``accumulator`` in place (error feedback)."""
         accumulator.sub_(self.decompress([sent], like=accumulator))
