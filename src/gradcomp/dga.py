@@ -32,6 +32,7 @@ from torch import Tensor
 from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
 from .method import Method, as_method, check_optimizer
+from .optim import trained_parameters
 
 __all__ = ["DelayedGradientAveraging"]
 
@@ -72,15 +73,7 @@ class DelayedGradientAveraging:
         self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
         self.method = as_method(method if method is not None else "none").for_rank(self.comm.rank)
         check_optimizer(self.method, optimizer)
-        named = [(n, p) for n, p in named_parameters if p.requires_grad]
-        names = [n for n, _ in named]
-        if len(set(names)) != len(names):
-            raise ValueError("named_parameters holds a name twice")
-        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in named if id(p) not in in_optimizer]
-        if missing:
-            raise ValueError(f"parameters not in the optimizer: {', '.join(missing[:5])}")
-        self.params = dict(named)
+        self.params = trained_parameters(named_parameters, optimizer)
         # (this step's local gradients, the pending average of them), oldest first
         self._pending: deque[tuple[dict[str, Tensor], Pending | _Finished]] = deque()
         self.steps = 0

@@ -31,6 +31,20 @@ from .method import Method, as_method, check_optimizer
 __all__ = ["DistributedOptimizer"]
 
 
+def trained_parameters(named_parameters: Iterable[tuple[str, Tensor]], optimizer: torch.optim.Optimizer
+                       ) -> dict[str, Tensor]:
+    """``{name: parameter}`` of those that require grad; each must be in ``optimizer``, each name once."""
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError("named_parameters holds a name twice")
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in named if id(p) not in in_optimizer]
+    if missing:
+        raise ValueError(f"parameters not in the optimizer: {', '.join(missing[:5])}")
+    return dict(named)
+
+
 class DistributedOptimizer:
     """Wrap ``optimizer`` so its gradients are averaged across ranks through ``method``.
 
@@ -52,22 +66,14 @@ class DistributedOptimizer:
         self.method = as_method(method).for_rank(self.comm.rank)
         check_optimizer(self.method, optimizer)
         self.backward_passes_per_step = backward_passes_per_step
-        named = [(n, p) for n, p in named_parameters if p.requires_grad]
-        names = [n for n, _ in named]
-        if len(set(names)) != len(names):
-            raise ValueError("named_parameters holds a name twice")
-        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in named if id(p) not in in_optimizer]
-        if missing:
-            raise ValueError(f"parameters not in the optimizer: {', '.join(missing[:5])}")
-        self.params = dict(named)
-        self.buckets = self._make_buckets(named[::-1], bucket_cap_mb * 2**20)
+        self.params = trained_parameters(named_parameters, optimizer)
+        self.buckets = self._make_buckets(list(self.params.items())[::-1], bucket_cap_mb * 2**20)
         self._bucket_of = {n: b for b, bucket in enumerate(self.buckets) for n in bucket}
         self._passes = dict.fromkeys(self.params, 0)
         self._ready = [0] * len(self.buckets)
         self._futures: list[Future | None] = [None] * len(self.buckets)
         self._next = 0  # first bucket not started yet
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n)) for n, p in named]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n)) for n, p in self.params.items()]
 
     @staticmethod
     def _make_buckets(named: list[tuple[str, Tensor]], cap_bytes: float) -> list[list[str]]:
