@@ -5,7 +5,8 @@ import torch
 
 import gradcomp
 from gradcomp.launch import spawn
-from dist_workers import dga_all, dga_step_times, least_squares_data
+from conftest import batches, ce, mlp
+from dist_workers import DGA_DGC, build_method, dga_all, dga_step_times, digits64, least_squares_data
 
 
 def assert_close(a, b, tol):
@@ -80,6 +81,52 @@ def test_state_dict_round_trip_mid_run_continues_identically(runs, key):
     _, out = runs
     for r in out:
         assert_close(r[f"resumed_{key}"], r[f"straight_{key}"], 0.0)
+
+
+def simulate_dga(spec, world, delay, steps, momentum, lr=0.1, correction=True, resume_at=None):
+    """dist_workers.dga_train in the simulator: every worker's parameters (and the simulator)."""
+    x, y = digits64()
+
+    def build():
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        method = "none" if spec is None else build_method(spec)
+        return gradcomp.Simulator(model, method, world, optimizer=opt, delay=delay, correction=correction), opt
+
+    sim, opt = build()
+    for step, (xb, yb) in enumerate(batches(x, y, 64, steps)):
+        if step == resume_at:
+            saved = {"model": sim.model.state_dict(), "opt": opt.state_dict(), "sim": sim.state_dict()}
+            sim, opt = build()
+            sim.model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            sim.load_state_dict(saved["sim"])
+        sim.step(gradcomp.split_batch((xb, yb), world), ce)
+    return [{n: p.detach().clone() for n, p in m.named_parameters()} for m in sim.models], sim
+
+
+@pytest.mark.parametrize("key", ["plain", "dgc"])
+def test_the_simulator_runs_dga_as_the_real_ranks_do(runs, key):
+    world, out = runs
+    spec, momentum = (None, 0.9) if key == "plain" else (DGA_DGC, 0.0)
+    workers, _ = simulate_dga(spec, world, 3, 15, momentum)
+    for rank, r in enumerate(out):
+        assert_close(r[f"straight_{key}"], workers[rank], 1e-5)
+    assert any(not torch.allclose(workers[0][n], workers[1][n]) for n in workers[0])  # the copies drift apart
+    resumed, _ = simulate_dga(spec, world, 3, 15, momentum, resume_at=7)
+    for a, b in zip(resumed, workers):
+        assert_close(a, b, 0.0)
+
+
+def test_the_simulator_without_correction_applies_the_stale_average_alone():
+    """correction=False: every worker applies the same average, so the copies stay identical after D steps
+    only if they started equal -- they do not (D local steps first), but their differences stop changing."""
+    workers, _ = simulate_dga(None, 2, 2, 8, 0.0, correction=False)
+    later, _ = simulate_dga(None, 2, 2, 12, 0.0, correction=False)
+    diff = {n: workers[0][n] - workers[1][n] for n in workers[0]}
+    later_diff = {n: later[0][n] - later[1][n] for n in later[0]}
+    assert_close(diff, later_diff, 1e-9)
+    assert any(d.abs().max() > 0 for d in diff.values())
 
 
 def test_delay_hides_emulated_latency_that_synchronous_sgd_pays():

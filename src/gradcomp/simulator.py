@@ -6,18 +6,25 @@ communicator combines them across real ranks: summed in rank order for
 ``"sum"``, maximum for ``"max"``, listed in rank order for ``"gather"``.  So
 the maths is the real path's, and a test checks it against real gloo
 processes step for step.  Bytes are counted from the real payloads.
+
+With ``delay=D`` the workers run delayed gradient averaging
+(:class:`gradcomp.DelayedGradientAveraging`): their models drift apart by
+their local correction terms, so each worker trains its own copy of the
+model with its own copy of the optimizer (worker 0's are the ones passed in).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .compressors.base import Compressor, Payload
+from .compressors.base import Compressor, Payload, check_int
 from .method import Method, MethodExchange, as_method, check_optimizer
 
 __all__ = ["Simulator", "combine", "split_batch"]
@@ -81,6 +88,17 @@ def split_batch(batch: Any, num_workers: int) -> list[Any]:
     raise TypeError(f"cannot split a batch of type {type(batch).__name__}")
 
 
+def _optimizer_for(optimizer: torch.optim.Optimizer, model: nn.Module, replica: nn.Module) -> torch.optim.Optimizer:
+    """``optimizer`` (its class, param groups and state) over ``replica``'s parameters instead of ``model``'s."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    params = list(replica.parameters())
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [params[position[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
+    clone = type(optimizer)(groups, **optimizer.defaults)
+    clone.load_state_dict(optimizer.state_dict())
+    return clone
+
+
 class Simulator:
     """N virtual data-parallel workers running ``method`` in one process.
 
@@ -96,14 +114,25 @@ class Simulator:
     """
 
     def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, delay: int | None = None,
+                 correction: bool = True) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         method = as_method(method)
         check_optimizer(method, optimizer)
+        if delay is not None:
+            check_int("Simulator", "delay", delay, 0)
+            if optimizer is None:
+                raise ValueError("Simulator(delay=...) needs the optimizer: every worker steps its own copy")
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
+        self.delay, self.correction = delay, bool(correction)
+        #: every worker's model and optimizer: one shared pair, or one pair per worker with ``delay``
+        self.models = [model] if delay is None else [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
+        self.optimizers = [] if optimizer is None else [optimizer] + [_optimizer_for(optimizer, model, m)
+                                                                      for m in self.models[1:]]
+        self._pending: deque[tuple[list[dict[str, Tensor]], dict[str, Tensor]]] = deque()
         self.methods = [method.for_rank(rank) for rank in range(num_workers)]
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.bytes_sent = [0] * num_workers  # per worker, whole run
@@ -124,19 +153,22 @@ class Simulator:
         """Each worker's gradients on its shard; the model's buffers end as worker 0's (DDP)."""
         if len(shards) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} shards (one per worker), got {len(shards)}")
-        buffers = [b for _, b in self.model.named_buffers()]
+        shared = len(self.models) == 1
+        buffers = [b for _, b in self.model.named_buffers()] if shared else []
         start = [b.clone() for b in buffers]
         after_worker0: list[Tensor] = []
         grads, losses = [], []
         for rank, shard in enumerate(shards):
+            model = self.models[0 if shared else rank]
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             for b, s in zip(buffers, start):
                 b.copy_(s)
-            for p in self.params.values():
+            for p in params.values():
                 p.grad = None
-            loss = loss_fn(self.model, shard)
+            loss = loss_fn(model, shard)
             loss.backward()
             losses.append(loss.detach())
-            grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()})
+            grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()})
             if rank == 0:
                 after_worker0 = [b.clone() for b in buffers]
         for b, s in zip(buffers, after_worker0):
@@ -151,20 +183,44 @@ class Simulator:
         results, sent = run_exchanges(gens)
         for m in self.methods:
             m.end_step()
-        for name, p in self.params.items():
-            p.grad = results[0][name].view_as(p).to(p.dtype)
+        if self.delay is None:
+            for name, p in self.params.items():
+                p.grad = results[0][name].view_as(p).to(p.dtype)
+        else:
+            self._apply_delayed(grads, results[0])
         for rank, b in enumerate(sent):
             self.bytes_sent[rank] += b
         self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
         self.steps += 1
 
+    def _apply_delayed(self, grads: Sequence[dict[str, Tensor]], average: dict[str, Tensor]) -> None:
+        """Delayed gradient averaging: worker k gets g_k,i - g_k,i-D + avg(g_i-D) (g_k,i while i < D)."""
+        self._pending.append(([{n: g.detach().clone() for n, g in worker.items()} for worker in grads], average))
+        old, avg = self._pending.popleft() if len(self._pending) > self.delay else (None, None)
+        for rank, model in enumerate(self.models):
+            for name, p in model.named_parameters():
+                if name not in self.params:
+                    continue
+                local = grads[rank][name]
+                if old is None:
+                    update = local
+                elif self.correction and self.delay:
+                    update = avg[name].view_as(p) + local - old[rank][name]
+                else:
+                    update = avg[name].view_as(p)
+                p.grad = update.to(p.dtype).clone()
+
+    def optimizer_step(self) -> None:
+        """Step every worker's optimizer and clear the gradients."""
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     def step(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Tensor:
         """One data-parallel step; returns the workers' mean loss."""
         grads, loss = self.compute_gradients(shards, loss_fn)
         self.apply(grads)
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step()
         return loss
 
     @property
@@ -174,11 +230,16 @@ class Simulator:
         return self.dense_bytes / sent if sent else float("inf")
 
     def state_dict(self) -> dict[str, Any]:
+        """Methods, counters and, with ``delay``, workers 1..N-1's models and optimizers and the pending
+        steps (worker 0's model and optimizer are the caller's to save)."""
         return {
             "methods": [m.state_dict() for m in self.methods],
             "bytes_sent": list(self.bytes_sent),
             "dense_bytes": self.dense_bytes,
             "steps": self.steps,
+            "replicas": [m.state_dict() for m in self.models[1:]],
+            "optimizers": [o.state_dict() for o in self.optimizers[1:]],
+            "pending": [{"grads": g, "average": a} for g, a in self._pending],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,6 +247,14 @@ class Simulator:
             raise ValueError(f"state holds {len(state['methods'])} workers, this simulator has {self.num_workers}")
         for m, s in zip(self.methods, state["methods"]):
             m.load_state_dict(s)
+        if len(state.get("replicas", [])) != len(self.models) - 1:
+            raise ValueError(f"state holds {len(state.get('replicas', []))} worker models besides worker 0's, this "
+                             f"simulator has {len(self.models) - 1} (delay={self.delay})")
         self.bytes_sent = list(state["bytes_sent"])
         self.dense_bytes = int(state["dense_bytes"])
         self.steps = int(state["steps"])
+        for model, s in zip(self.models[1:], state["replicas"]):
+            model.load_state_dict(s)
+        for optimizer, s in zip(self.optimizers[1:], state.get("optimizers", [])):
+            optimizer.load_state_dict(s)
+        self._pending = deque((list(e["grads"]), dict(e["average"])) for e in state.get("pending", []))
