@@ -58,6 +58,47 @@ def test_resume_continues_exactly(tmp_path, simulate):
     assert [m["epoch"] for m in RunDir(tmp_path / "part").read_metrics()] == [1, 2]
 
 
+@pytest.mark.parametrize("simulate", [True, False])
+def test_dga_resume_continues_exactly(tmp_path, simulate):
+    """Delayed averaging stopped at an epoch's end (3 averages pending, every rank's model its own) and
+    resumed: the same as a run that never stopped, on every rank."""
+    kw = dict(workers=2, simulate=simulate, dga_delay=3, options={"warmup_epochs": 2})
+    full = quick(tmp_path, "full", epochs=2, **kw)
+    quick(tmp_path, "part", epochs=1, **kw)
+    resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
+        assert resumed[key] == full[key], key
+    a, b = (RunDir(tmp_path / name).load_checkpoint() for name in ("full", "part"))
+    models = ([(a["model"], b["model"])] + [(x["model"], y["model"]) for x, y in zip(a["methods"], b["methods"])]
+              if not simulate else [(a["model"], b["model"])] + list(zip(a["simulator"]["replicas"],
+                                                                          b["simulator"]["replicas"])))
+    assert len(models) == (2 if simulate else 3)  # simulated: worker 0 and its copy; real: rank 0, then each rank
+    for x, y in models:
+        for name in x:
+            assert torch.equal(x[name], y[name]), name
+    assert any(not torch.equal(models[0][0][n], models[-1][0][n]) for n in models[0][0])  # workers differ
+
+
+def test_dga_real_workers_match_the_simulator(tmp_path):
+    real = quick(tmp_path, "real", workers=2, epochs=1, dga_delay=2)
+    sim = quick(tmp_path, "sim", workers=2, epochs=1, dga_delay=2, simulate=True)
+    assert real["bytes_sent"] == sim["bytes_sent"]
+    assert real["test_loss"] == pytest.approx(sim["test_loss"], rel=1e-5)
+    sync = quick(tmp_path, "sync", workers=2, epochs=1, simulate=True)
+    assert sync["test_loss"] != sim["test_loss"]
+
+
+def test_dga_settings_are_checked():
+    with pytest.raises(ValueError, match="dga_delay"):
+        TrainConfig(dga_delay=-1)
+    with pytest.raises(ValueError, match="dga_correction"):
+        TrainConfig(dga_correction=False)
+    with pytest.raises(ValueError, match="emulate_latency_ms"):
+        TrainConfig(emulate_latency_ms=10.0, simulate=True)
+    with pytest.raises(ValueError, match="clip_norm"):
+        TrainConfig(method="topk", clip_norm=1.0, dga_delay=2)
+
+
 def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
     quick(tmp_path, "decay", simulate=True, workers=2, epochs=3, lr=0.2, lr_milestones=[1, 2], lr_decay=0.5,
           limit_train=256)

@@ -16,6 +16,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _density(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -176,6 +183,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--simulate", action="store_true", help="N simulated workers in one process")
+    p.add_argument("--dga-delay", type=_non_negative_int, metavar="D",
+                   help="delayed gradient averaging: apply each step's average D steps later, corrected by the "
+                        "newer local gradient (Zhu et al. 2021); 0 is synchronous SGD")
+    p.add_argument("--no-dga-correction", action="store_true",
+                   help="with --dga-delay: apply the stale average alone (the paper's 'w/o correction')")
+    p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
+                   help="experiments only: each collective completes no earlier than L ms after it is issued "
+                        "(this kernel has no netem; bandwidth stays real). Real processes only")
     p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
     p.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
     p.add_argument("--label", help="label of the run in plots and tables")
@@ -206,6 +221,8 @@ def _train_config(args: argparse.Namespace):
                        lr_warmup_epochs=args.lr_warmup_epochs,
                        lr_milestones=args.lr_milestones, lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
                        limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, simulate=args.simulate,
+                       dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
+                       emulate_latency_ms=args.emulate_latency_ms,
                        link_gbps=args.link_gbps, run_dir=args.run_dir, progress=not args.no_progress,
                        label=args.label)
 

@@ -39,8 +39,8 @@ class HookState:
     """
 
     def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
-                 model: nn.Module | None = None) -> None:
-        self.comm = Communicator(process_group)
+                 model: nn.Module | None = None, emulate_latency_ms: float = 0.0) -> None:
+        self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
         self.method = as_method(method).for_rank(self.comm.rank)
         self.names: dict[int, str] = {}
         if model is not None:
@@ -109,8 +109,10 @@ def ddp_comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
 
 
 def register_ddp_hook(model: nn.parallel.DistributedDataParallel, method: Method | Compressor | str,
-                      process_group: dist.ProcessGroup | None = None) -> HookState:
-    """Register gradcomp's hook on a DDP model, with memory keyed by its parameter names; returns the state."""
-    state = HookState(method, process_group, model=model)
+                      process_group: dist.ProcessGroup | None = None, *,
+                      emulate_latency_ms: float = 0.0) -> HookState:
+    """Register gradcomp's hook on a DDP model, with memory keyed by its parameter names; returns the state.
+    ``emulate_latency_ms``: see :class:`~gradcomp.comm.Communicator` (experiments only)."""
+    state = HookState(method, process_group, model=model, emulate_latency_ms=emulate_latency_ms)
     model.register_comm_hook(state, ddp_comm_hook)
     return state

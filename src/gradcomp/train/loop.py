@@ -73,6 +73,11 @@ class TrainConfig:
     limit_test: int | None = None
     seed: int = 0
     simulate: bool = False
+    #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous)
+    dga_delay: int | None = None
+    dga_correction: bool = True
+    #: experiments only: each collective completes no earlier than this many ms after it is issued
+    emulate_latency_ms: float = 0.0
     link_gbps: float = 1.0
     run_dir: str | None = None
     progress: bool = True
@@ -102,6 +107,16 @@ class TrainConfig:
         if self.lr_milestones != sorted(set(self.lr_milestones)):
             raise ValueError(f"TrainConfig.lr_milestones must increase strictly, got {self.lr_milestones}")
         check_range("TrainConfig", "link_gbps", self.link_gbps, 0.0, math.inf, low_open=True, high_open=True)
+        if self.dga_delay is not None:
+            check_int("TrainConfig", "dga_delay", self.dga_delay, 0)
+            if self.clip_norm is not None and self.method != "dgc":
+                raise ValueError("TrainConfig.clip_norm with dga_delay: only DGC clips (locally); the delayed "
+                                 "average is not clipped")
+        elif not self.dga_correction:
+            raise ValueError("TrainConfig.dga_correction=False needs dga_delay")
+        check_range("TrainConfig", "emulate_latency_ms", self.emulate_latency_ms, 0.0, math.inf, high_open=True)
+        if self.emulate_latency_ms and self.simulate:
+            raise ValueError("TrainConfig.emulate_latency_ms needs real processes (the simulator has no network)")
         if self.clip_norm is not None:
             check_range("TrainConfig", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
         self.build_method(steps_per_epoch=1)  # options are checked now, not in a worker
@@ -214,18 +229,26 @@ class _Front:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=momentum,
                                          weight_decay=config.weight_decay)
         self.clip_after_average = config.clip_norm if config.method != "dgc" else None
+        self.dga = None
         if config.simulate:
             from ..simulator import Simulator
 
-            self.sim = Simulator(model, method, world)
+            self.sim = Simulator(model, method, world, optimizer=self.optimizer, delay=config.dga_delay,
+                                 correction=config.dga_correction)
             self.methods = self.sim.methods
+        elif config.dga_delay is not None:
+            from ..dga import DelayedGradientAveraging
+
+            self.dga = DelayedGradientAveraging(self.optimizer, model.named_parameters(), config.dga_delay, method,
+                                                config.dga_correction, emulate_latency_ms=config.emulate_latency_ms)
+            self.methods = [self.dga.method]
         else:
             from torch.nn.parallel import DistributedDataParallel
 
             from ..ddp_hook import register_ddp_hook
 
             self.net = DistributedDataParallel(model)
-            self.state = register_ddp_hook(self.net, method)
+            self.state = register_ddp_hook(self.net, method, emulate_latency_ms=config.emulate_latency_ms)
             self.methods = [self.state.method]
         self.dense_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -233,31 +256,50 @@ class _Front:
         for m in self.methods:
             m.set_epoch(epoch)
 
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.sim.optimizers if self.config.simulate else [self.optimizer]:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
     def step(self, shards: list[tuple]) -> float:
         if self.config.simulate:
             grads, loss = self.sim.compute_gradients(shards, self.task.loss)
             self.sim.apply(grads)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.task.loss(self.net, shards[self.rank])
+            if self.clip_after_average is not None:
+                for model in self.sim.models:
+                    nn.utils.clip_grad_norm_(model.parameters(), self.clip_after_average)
+            self.sim.optimizer_step()
+            return float(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dga is not None:
+            loss = self.task.loss(self.model, shards[self.rank])
             loss.backward()
+            self.dga.step()
+            return float(loss.detach())
+        loss = self.task.loss(self.net, shards[self.rank])
+        loss.backward()
         if self.clip_after_average is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_after_average)
         self.optimizer.step()
-        if self.config.simulate:
-            self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     @property
+    def comm(self):
+        """This rank's communicator (real ranks)."""
+        return self.dga.comm if self.dga is not None else self.state.comm
+
+    @property
     def bytes_sent(self) -> int:
-        return self.sim.bytes_sent[0] if self.config.simulate else self.state.comm.bytes_sent
+        return self.sim.bytes_sent[0] if self.config.simulate else self.comm.bytes_sent
 
     def method_states(self) -> list[dict]:
         """Every worker's method state (gathered to rank 0 on real ranks)."""
         if self.config.simulate:
             return [m.state_dict() for m in self.methods]
         states = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(self.methods[0].state_dict(), states, dst=0)
+        mine = self.methods[0].state_dict() if self.dga is None else \
+            {"model": self.model.state_dict(), "dga": self.dga.state_dict()}  # DGA: every rank's model differs
+        dist.gather_object(mine, states, dst=0)
         return states
 
     def load_method_states(self, states: list[dict]) -> None:
@@ -266,6 +308,9 @@ class _Front:
         if self.config.simulate:
             for m, s in zip(self.methods, states):
                 m.load_state_dict(s)
+        elif self.dga is not None:
+            self.model.load_state_dict(states[self.rank]["model"])
+            self.dga.load_state_dict(states[self.rank]["dga"])
         else:
             self.methods[0].load_state_dict(states[self.rank])
 
@@ -295,7 +340,7 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
         if cfg.simulate:
             front.sim.load_state_dict({"methods": ckpt["methods"], **ckpt["simulator"]})
         else:
-            front.state.comm.bytes_sent = ckpt["bytes_sent"]
+            front.comm.bytes_sent = ckpt["bytes_sent"]
     lead = rank == 0
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -309,8 +354,7 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
                 t = epoch + i / task.steps
                 lr = cfg.lr * (warmup.factor(t) if warmup is not None else 1.0) \
                     * cfg.lr_decay ** sum(t >= m for m in cfg.lr_milestones)
-                for group in front.optimizer.param_groups:
-                    group["lr"] = lr
+                front.set_lr(lr)
             losses.append(front.step(shards))
             if i % 5 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}",
