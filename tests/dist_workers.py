@@ -143,6 +143,19 @@ def dga_train(rank, world, spec, delay, steps, momentum, lr=0.1, resume_at=None)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def fedavg_train(rank, world, period, steps, momentum, lr=0.1):
+    """The digits MLP trained with gradcomp.FedAvg: this rank's parameters."""
+    x, y = digits64()
+    model = mlp()
+    opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), model.named_parameters(),
+                          period=period)
+    for xb, yb in batches(x, y, 64, steps):
+        opt.zero_grad()
+        ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "bytes": opt.comm.bytes_sent}
+
+
 def dga_step_times(rank, world, delay, latency_ms, compute_s, steps):
     """Mean seconds per step of DGA (delay 0: synchronous SGD) with ``compute_s`` of work per step and
     ``latency_ms`` of emulated latency, after the first ``delay + 1`` steps."""
@@ -179,6 +192,9 @@ def dga_all(rank, world):
         "dga0_psgd": dga_train(rank, world, ("powersgd", {"rank": 2}), 0, DGA_STEPS, momentum=0.9),
         "dga2_psgd": dga_train(rank, world, ("powersgd", {"rank": 2}), 2, DGA_STEPS, momentum=0.9),
     }
+    out["ddp_sgd"] = train(rank, world, "ddp", None, DGA_STEPS, momentum=0.0)
+    out["fedavg1"] = fedavg_train(rank, world, 1, DGA_STEPS, momentum=0.0)
+    out["fedavg3"] = fedavg_train(rank, world, 3, 10, momentum=0.9)
     for correction in (True, False):
         out[f"lsq_{correction}"] = dga_least_squares(rank, world, 3, correction, 10, 0.2)
     for spec, momentum in ((None, 0.9), (DGA_DGC, 0.0)):

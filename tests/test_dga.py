@@ -129,6 +129,29 @@ def test_the_simulator_without_correction_applies_the_stale_average_alone():
     assert any(d.abs().max() > 0 for d in diff.values())
 
 
+def test_fedavg_every_step_with_plain_sgd_equals_synchronous_sgd(runs):
+    """Averaging the weights after each plain SGD step from equal weights is averaging the gradients."""
+    _, out = runs
+    for r in out:
+        assert_close(r["fedavg1"]["params"], r["ddp_sgd"]["params"], 1e-6)
+
+
+def test_fedavg_real_ranks_match_the_simulator(runs):
+    """K=3, 10 steps: averaged at steps 3, 6 and 9, then one local step; each rank as its simulated worker."""
+    world, out = runs
+    x, y = digits64()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sim = gradcomp.Simulator(model, "none", world, optimizer=opt, local_steps=3)
+    for xb, yb in batches(x, y, 64, 10):
+        sim.step(gradcomp.split_batch((xb, yb), world), ce)
+    for rank, r in enumerate(out):
+        assert_close(r["fedavg3"]["params"], dict(sim.models[rank].named_parameters()), 1e-6)
+        assert r["fedavg3"]["bytes"] == sim.bytes_sent[rank] == 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    assert any(not torch.equal(out[0]["fedavg3"]["params"][n], out[1]["fedavg3"]["params"][n])
+               for n in out[0]["fedavg3"]["params"])  # the last step was local
+
+
 def test_delay_hides_emulated_latency_that_synchronous_sgd_pays():
     """Latency L emulated, compute c per step, D c >= L: DGA's step time stays near the zero-latency one;
     synchronous SGD pays about L per step.  (Generous bounds: behaviour, not speed; the benchmark prints
@@ -149,3 +172,7 @@ def test_bad_settings_name_the_value():
     for bad in (-1.0, float("nan"), "10"):
         with pytest.raises(ValueError, match="emulate_latency_ms"):
             gradcomp.DelayedGradientAveraging(opt, model.named_parameters(), delay=2, emulate_latency_ms=bad)
+    with pytest.raises(ValueError, match="FedAvg.period"):
+        gradcomp.FedAvg(opt, model.named_parameters(), period=0)
+    with pytest.raises(ValueError, match="not both"):
+        gradcomp.Simulator(model, "none", 2, optimizer=opt, delay=1, local_steps=2)

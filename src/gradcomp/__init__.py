@@ -1,7 +1,7 @@
 """gradcomp: Deep Gradient Compression and the methods around it, for PyTorch data parallelism."""
 
 from .compressors import Compressor, Payload, available, get, register
-from .dga import DelayedGradientAveraging
+from .dga import DelayedGradientAveraging, FedAvg
 from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .method import DGC, Method, NonFiniteGradientError, as_method
@@ -17,6 +17,7 @@ __all__ = [
     "DGCMemory",
     "DelayedGradientAveraging",
     "DistributedOptimizer",
+    "FedAvg",
     "HookState",
     "LinearLRWarmup",
     "Memory",

@@ -34,7 +34,7 @@ from .compressors.base import Compressor, check_int
 from .method import Method, as_method, check_optimizer
 from .optim import trained_parameters
 
-__all__ = ["DelayedGradientAveraging"]
+__all__ = ["DelayedGradientAveraging", "FedAvg"]
 
 
 class _Finished:
@@ -146,3 +146,59 @@ class DelayedGradientAveraging:
         self.method.load_state_dict(state["method"])
         self.steps = int(state["steps"])
         self._pending = deque((dict(e["local"]), _Finished(dict(e["average"]))) for e in state["pending"])
+
+
+class FedAvg:
+    """Local SGD / federated averaging (McMahan et al. 2017), the other way to save communication rounds:
+    every worker takes ``period`` optimizer steps on its own gradients, then the workers' weights are
+    averaged (one dense all-reduce of the parameters, through the same communicator).
+
+    >>> opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), period=10)
+    >>> loss.backward(); opt.step(); opt.zero_grad()
+
+    Optimizer state (momentum) stays local.  ``emulate_latency_ms``: see :mod:`gradcomp.comm`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
+                 period: int, process_group: dist.ProcessGroup | None = None, *,
+                 emulate_latency_ms: float = 0.0) -> None:
+        check_int("FedAvg", "period", period, 1)
+        self.optimizer = optimizer
+        self.period = period
+        self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
+        self.params = trained_parameters(named_parameters, optimizer)
+        self._average = as_method("none")
+        self.steps = 0
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        out = self.optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.period == 0:
+            self.average()
+        return out
+
+    @torch.no_grad()
+    def average(self) -> None:
+        """Replace every worker's weights by their average now."""
+        world = self.comm.world_size
+        weights = self._average.prepare({n: p.detach() for n, p in self.params.items()}, world)  # NaN/Inf raise
+        averages = self.comm.exchange({n: self._average.exchange(n, w, world) for n, w in weights.items()}).wait()
+        for n, p in self.params.items():
+            p.copy_(averages[n].view_as(p))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "period": self.period, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["period"] != self.period:
+            raise ValueError(f"the checkpoint was saved with period={state['period']}, this FedAvg has "
+                             f"period={self.period}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])

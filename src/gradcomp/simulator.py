@@ -11,6 +11,9 @@ With ``delay=D`` the workers run delayed gradient averaging
 (:class:`gradcomp.DelayedGradientAveraging`): their models drift apart by
 their local correction terms, so each worker trains its own copy of the
 model with its own copy of the optimizer (worker 0's are the ones passed in).
+With ``local_steps=K`` they run local SGD / FedAvg (:class:`gradcomp.FedAvg`)
+the same way: each worker steps on its own gradient, and every K steps the
+workers' weights are averaged.
 """
 
 from __future__ import annotations
@@ -115,21 +118,25 @@ class Simulator:
 
     def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
                  optimizer: torch.optim.Optimizer | None = None, delay: int | None = None,
-                 correction: bool = True) -> None:
+                 correction: bool = True, local_steps: int | None = None) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         method = as_method(method)
         check_optimizer(method, optimizer)
-        if delay is not None:
-            check_int("Simulator", "delay", delay, 0)
-            if optimizer is None:
-                raise ValueError("Simulator(delay=...) needs the optimizer: every worker steps its own copy")
+        for field, value in (("delay", delay), ("local_steps", local_steps)):
+            if value is not None:
+                check_int("Simulator", field, value, 0 if field == "delay" else 1)
+                if optimizer is None:
+                    raise ValueError(f"Simulator({field}=...) needs the optimizer: every worker steps its own copy")
+        if delay is not None and local_steps is not None:
+            raise ValueError("Simulator takes delay (DGA) or local_steps (FedAvg), not both")
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
-        self.delay, self.correction = delay, bool(correction)
-        #: every worker's model and optimizer: one shared pair, or one pair per worker with ``delay``
-        self.models = [model] if delay is None else [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
+        self.delay, self.correction, self.local_steps = delay, bool(correction), local_steps
+        #: every worker's model and optimizer: one shared pair, or one pair per worker with delay or local_steps
+        self.models = [model] if delay is None and local_steps is None else \
+            [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
         self.optimizers = [] if optimizer is None else [optimizer] + [_optimizer_for(optimizer, model, m)
                                                                       for m in self.models[1:]]
         self._pending: deque[tuple[list[dict[str, Tensor]], dict[str, Tensor]]] = deque()
@@ -176,7 +183,16 @@ class Simulator:
         return grads, torch.stack(losses).mean()
 
     def apply(self, grads: Sequence[dict[str, Tensor]]) -> None:
-        """Exchange the workers' gradients through the method and write the average to ``p.grad``."""
+        """Exchange the workers' gradients through the method and write the average to ``p.grad``
+        (local SGD: each worker's own gradient, nothing exchanged)."""
+        if self.local_steps is not None:
+            for model, worker in zip(self.models, grads):
+                for name, p in model.named_parameters():
+                    if name in self.params:
+                        p.grad = worker[name]
+            self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
+            self.steps += 1
+            return
         n = self.num_workers
         prepared = [m.prepare(g, n) for m, g in zip(self.methods, grads)]  # every check before any memory
         gens = [{name: m.exchange(name, g[name], n) for name in self.params} for m, g in zip(self.methods, prepared)]
@@ -215,6 +231,23 @@ class Simulator:
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if self.local_steps is not None and self.steps % self.local_steps == 0:
+            self.average_models()
+
+    @torch.no_grad()
+    def average_models(self) -> None:
+        """FedAvg: every worker's weights become their average (summed in rank order, as the all-reduce);
+        each worker sends its float32 weights."""
+        named = [dict(m.named_parameters()) for m in self.models]
+        for name in self.params:
+            total = named[0][name].detach().clone()
+            for other in named[1:]:
+                total.add_(other[name])
+            total.div_(self.num_workers)
+            for worker in named:
+                worker[name].copy_(total)
+        for rank in range(self.num_workers):
+            self.bytes_sent[rank] += sum(p.numel() * p.element_size() for p in self.params.values())
 
     def step(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Tensor:
         """One data-parallel step; returns the workers' mean loss."""
