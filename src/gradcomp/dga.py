@@ -32,7 +32,7 @@ from torch import Tensor
 from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
 from .method import Method, as_method, check_optimizer
-from .optim import trained_parameters
+from .optim import OptimizerWrapper, trained_parameters
 
 __all__ = ["DelayedGradientAveraging", "FedAvg"]
 
@@ -50,7 +50,7 @@ class _Finished:
         return self._result
 
 
-class DelayedGradientAveraging:
+class DelayedGradientAveraging(OptimizerWrapper):
     """Wrap ``optimizer``: each ``step()`` starts averaging this step's gradients (``async_op``) and applies
     the average started ``delay`` steps ago, with the correction term unless ``correction=False``.
 
@@ -116,13 +116,6 @@ class DelayedGradientAveraging:
         for _, pending in self._pending:
             pending.wait()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, method and the ``delay`` pending steps: their local gradients and their averages
         (in-flight ones are waited for first, on every rank alike)."""
@@ -148,7 +141,7 @@ class DelayedGradientAveraging:
         self._pending = deque((dict(e["local"]), _Finished(dict(e["average"]))) for e in state["pending"])
 
 
-class FedAvg:
+class FedAvg(OptimizerWrapper):
     """Local SGD / federated averaging (McMahan et al. 2017), the other way to save communication rounds:
     every worker takes ``period`` optimizer steps on its own gradients, then the workers' weights are
     averaged (one dense all-reduce of the parameters, through the same communicator).
@@ -185,13 +178,6 @@ class FedAvg:
         averages = self.comm.exchange({n: self._average.exchange(n, w, world) for n, w in weights.items()}).wait()
         for n, p in self.params.items():
             p.copy_(averages[n].view_as(p))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "period": self.period, "steps": self.steps}

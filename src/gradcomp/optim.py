@@ -28,7 +28,7 @@ from .comm import Communicator
 from .compressors.base import Compressor
 from .method import Method, as_method, check_optimizer
 
-__all__ = ["DistributedOptimizer"]
+__all__ = ["DistributedOptimizer", "OptimizerWrapper"]
 
 
 def trained_parameters(named_parameters: Iterable[tuple[str, Tensor]], optimizer: torch.optim.Optimizer
@@ -45,7 +45,20 @@ def trained_parameters(named_parameters: Iterable[tuple[str, Tensor]], optimizer
     return dict(named)
 
 
-class DistributedOptimizer:
+class OptimizerWrapper:
+    """What gradcomp's optimizer wrappers pass through to the optimizer they wrap."""
+
+    optimizer: torch.optim.Optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+
+class DistributedOptimizer(OptimizerWrapper):
     """Wrap ``optimizer`` so its gradients are averaged across ranks through ``method``.
 
     ``backward_passes_per_step`` backward passes accumulate locally before
@@ -142,13 +155,6 @@ class DistributedOptimizer:
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         self.synchronize()
         return self.optimizer.step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict()}
