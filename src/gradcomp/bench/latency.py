@@ -1,0 +1,113 @@
+"""``gradcomp bench latency``: delayed gradient averaging and FedAvg against emulated network latency.
+
+This machine's kernel has no ``netem``, so the latency is emulated: every
+collective completes no earlier than L ms after it was issued
+(``Communicator(emulate_latency_ms=L)``); the bytes travel over loopback.
+Real gloo ranks train a small MLP; each step also sleeps ``compute`` seconds,
+standing in for a larger model's forward and backward.  For each latency the
+step time of synchronous SGD (DGA with delay 0), DGA with delay D and FedAvg
+with period K is printed as a ratio to the same method's step time without
+latency, measured in the same run.  DGA hides the latency when D steps of
+computation cover it (``D * step >= L``); synchronous SGD pays about L every
+step and FedAvg about L every K steps.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..dga import DelayedGradientAveraging, FedAvg
+from ..launch import spawn
+from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
+
+
+def _mean_step(rank: int, world: int, kind: str, param: int, latency_ms: float, compute_s: float,
+               steps: int) -> float:
+    """Seconds per step of one method on this rank, after ``param + 1`` steps of warm-up."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = (FedAvg(sgd, model.named_parameters(), param, emulate_latency_ms=latency_ms) if kind == "fedavg" else
+           DelayedGradientAveraging(sgd, model.named_parameters(), param, emulate_latency_ms=latency_ms))
+    x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
+    stamps = []
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        time.sleep(compute_s)
+        opt.step()
+        stamps.append(time.perf_counter())
+    if kind == "dga":
+        opt.finish()
+    dist.barrier()
+    skip = param + 1
+    return (stamps[-1] - stamps[skip - 1]) / (steps - skip)
+
+
+def _worker(rank: int, world: int, plan: list[tuple[str, int, float]], compute_s: float, steps: int) -> list[float]:
+    return [_mean_step(rank, world, kind, param, latency, compute_s, steps) for kind, param, latency in plan]
+
+
+def run(ctx: Context) -> Result:
+    if ctx.full:
+        world, latencies, compute_s, delay, period, steps = 4, (0.0, 50.0, 100.0, 200.0), 0.025, 10, 10, 60
+    else:
+        world, latencies, compute_s, delay, period, steps = 2, (0.0, 60.0), 0.02, 4, 4, 16
+    methods = [("synchronous SGD (DGA delay 0)", "dga", 0), (f"DGA, delay {delay}", "dga", delay),
+               (f"FedAvg, period {period}", "fedavg", period)]
+    plan = [(kind, param, latency) for latency in latencies for _, kind, param in methods]
+    per_rank = spawn(_worker, world, plan, compute_s, steps, timeout_s=900, threads=1)
+    seconds = {key: max(r[i] for r in per_rank) for i, key in enumerate(plan)}  # the slowest rank sets the pace
+
+    body, ratios = [], {}
+    for label, kind, param in methods:
+        base = seconds[(kind, param, 0.0)]
+        row = [label]
+        for latency in latencies:
+            t = seconds[(kind, param, latency)]
+            ratios[(kind, param, latency)] = t / base
+            row.append(f"{1e3 * t:.1f} ms ({t / base:.2f}x)")
+        body.append(row)
+    table = markdown_table(["method", *[f"L = {lat:g} ms" for lat in latencies]], body,
+                           align="l" + "r" * len(latencies))
+
+    sync = seconds[("dga", 0, 0.0)]
+    covered = [lat for lat in latencies if lat and delay * sync >= lat / 1e3]
+    checks = []
+    # the computation alone: DGA's zero-latency step (its exchanges overlap the next steps).  A synchronous
+    # step is that plus the wait for its average, max(L, the exchange): about L once L exceeds the exchange.
+    compute = seconds[("dga", delay, 0.0)]
+    for lat in latencies[1:]:
+        checks.append(Check(f"L = {lat:g} ms: synchronous SGD pays about L per step (its step >= the computation "
+                            "+ 0.8 L)", seconds[("dga", 0, lat)] - compute >= 0.8 * lat / 1e3,
+                            f"{1e3 * seconds[('dga', 0, lat)]:.1f} ms vs computation {1e3 * compute:.1f} ms"))
+    for lat in covered:
+        limit = 1.15 if ctx.full else 1.5  # the issue's 15 %; the quick run only shows the behaviour
+        checks.append(Check(f"L = {lat:g} ms, D x step >= L: DGA's step within {100 * (limit - 1):.0f} % of its "
+                            "zero-latency step", ratios[("dga", delay, lat)] <= limit,
+                            f"{ratios[('dga', delay, lat)]:.2f}x"))
+    notes = [
+        "Latency is emulated (no netem on this kernel): a collective's result is released no earlier than L ms "
+        "after it was issued; rounds in flight overlap their latency as on a real link. Bandwidth is loopback's.",
+        f"Zero-latency step: {1e3 * sync:.1f} ms ({1e3 * compute_s:.0f} ms of it the stand-in computation), so "
+        f"DGA with delay {delay} covers up to {1e3 * delay * sync:.0f} ms of latency.",
+        "Synchronous SGD waits for every average: about L per step. FedAvg averages every "
+        f"{period} steps: about L / {period} per step. DGA waits for the average of {delay} steps ago, which has "
+        "arrived when D steps take longer than L.",
+    ]
+    title = "Delayed gradient averaging under emulated latency: step time against the same method without latency"
+    markdown = "\n".join(["## Step time (slowest rank) and ratio to L = 0", "", table, "", "## Notes", "",
+                          *[f"- {n}" for n in notes], ""])
+    setup = [f"{world} gloo ranks on this machine, a 256-256-10 MLP, batch 32 per rank, plus {1e3 * compute_s:g} ms "
+             f"of sleep per step; {steps} steps per method and latency, the first D + 1 (K + 1) not timed"]
+    return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks, plots=[],
+                  setup=setup, data={"seconds": {f"{k}-{p}-{lat:g}": t for (k, p, lat), t in seconds.items()},
+                                     "ratios": {f"{k}-{p}-{lat:g}": r for (k, p, lat), r in ratios.items()},
+                                     "world": world, "compute_s": compute_s, "delay": delay, "period": period})
+
+
+register(Study("latency", "DGA, FedAvg and synchronous SGD under emulated latency: step-time ratios", run, order=5,
+               kind="bench", threads=1))
