@@ -34,7 +34,14 @@ from .compressors.base import Compressor, check_int
 from .method import Method, as_method, check_optimizer
 from .optim import OptimizerWrapper, trained_parameters
 
-__all__ = ["DelayedGradientAveraging", "FedAvg"]
+__all__ = ["DelayedGradientAveraging", "FedAvg", "delayed_update"]
+
+
+def delayed_update(average: Tensor, local: Tensor, stale_local: Tensor, correct: bool) -> Tensor:
+    """What a worker applies when the average of step i - D arrives at step i: ``avg(g_{i-D}) + g_i - g_{i-D}``
+    (the paper's correction) or, with ``correct=False``, the average alone.  The one place of DGA's rule,
+    for the real ranks and the simulator alike."""
+    return average + local - stale_local if correct else average
 
 
 class _Finished:
@@ -94,10 +101,8 @@ class DelayedGradientAveraging(OptimizerWrapper):
             old, pending = self._pending.popleft()
             average = pending.wait()
             for n, p in self.params.items():
-                update = average[n].view_as(p)
-                if self.correction and self.delay:
-                    update = update + local[n] - old[n]
-                self._write(p, update)
+                self._write(p, delayed_update(average[n].view_as(p), local[n], old[n],
+                                              self.correction and self.delay > 0))
         else:
             for n, p in self.params.items():
                 self._write(p, local[n])

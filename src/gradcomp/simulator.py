@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .compressors.base import Compressor, Payload, check_int
+from .dga import delayed_update
 from .method import Method, MethodExchange, as_method, check_optimizer
 
 __all__ = ["Simulator", "combine", "split_batch"]
@@ -218,12 +219,8 @@ class Simulator:
                 if name not in self.params:
                     continue
                 local = grads[rank][name]
-                if old is None:
-                    update = local
-                elif self.correction and self.delay:
-                    update = avg[name].view_as(p) + local - old[rank][name]
-                else:
-                    update = avg[name].view_as(p)
+                update = local if old is None else delayed_update(avg[name].view_as(p), local, old[rank][name],
+                                                                  self.correction and self.delay > 0)
                 p.grad = update.to(p.dtype).clone()
 
     def optimizer_step(self) -> None:
@@ -236,18 +233,18 @@ class Simulator:
 
     @torch.no_grad()
     def average_models(self) -> None:
-        """FedAvg: every worker's weights become their average (summed in rank order, as the all-reduce);
-        each worker sends its float32 weights."""
-        named = [dict(m.named_parameters()) for m in self.models]
-        for name in self.params:
-            total = named[0][name].detach().clone()
-            for other in named[1:]:
-                total.add_(other[name])
-            total.div_(self.num_workers)
-            for worker in named:
-                worker[name].copy_(total)
-        for rank in range(self.num_workers):
-            self.bytes_sent[rank] += sum(p.numel() * p.element_size() for p in self.params.values())
+        """FedAvg: every worker's weights become their average, exchanged as :class:`gradcomp.FedAvg` does
+        (a dense ``"none"`` exchange of the weights, summed in rank order); bytes counted from the payloads."""
+        n = self.num_workers
+        average = as_method("none")  # stateless: one for every worker
+        named = [{name: p for name, p in m.named_parameters() if name in self.params} for m in self.models]
+        weights = [average.prepare({name: p.detach() for name, p in worker.items()}, n) for worker in named]
+        results, sent = run_exchanges([{name: average.exchange(name, w[name], n) for name in w} for w in weights])
+        for worker, result in zip(named, results):
+            for name, p in worker.items():
+                p.copy_(result[name].view_as(p))
+        for rank, b in enumerate(sent):
+            self.bytes_sent[rank] += b
 
     def step(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Tensor:
         """One data-parallel step; returns the workers' mean loss."""
@@ -278,11 +275,11 @@ class Simulator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["methods"]) != self.num_workers:
             raise ValueError(f"state holds {len(state['methods'])} workers, this simulator has {self.num_workers}")
-        for m, s in zip(self.methods, state["methods"]):
-            m.load_state_dict(s)
-        if len(state.get("replicas", [])) != len(self.models) - 1:
+        if len(state.get("replicas", [])) != len(self.models) - 1:  # checked before anything is loaded
             raise ValueError(f"state holds {len(state.get('replicas', []))} worker models besides worker 0's, this "
                              f"simulator has {len(self.models) - 1} (delay={self.delay})")
+        for m, s in zip(self.methods, state["methods"]):
+            m.load_state_dict(s)
         self.bytes_sent = list(state["bytes_sent"])
         self.dense_bytes = int(state["dense_bytes"])
         self.steps = int(state["steps"])
