@@ -98,6 +98,24 @@ def test_cost_model_formulas_and_rate_scaling():
     assert m.all_reduce(4, 1e6, rounds=2) == pytest.approx(12 * 1e-4 + 1.5 * 1e6 * 8e-9)
 
 
+def test_scaling_fit_recovers_the_model_that_made_the_times_and_keeps_every_coefficient_non_negative():
+    from gradcomp.bench.scaling import CostModel, _fit
+
+    truth = CostModel(alpha_reduce=1e-4, alpha_gather=3e-5, beta_reduce=8e-9, beta_gather=9e-9, rate="1gbit")
+    rows = [{"op": op, "workers": n, "bytes": s,
+             "seconds": truth.all_reduce(n, s) if op == "all_reduce" else truth.all_gather(n, s)}
+            for n in (2, 4) for op in ("all_reduce", "all_gather") for s in (1 << 16, 1 << 20)]
+    fitted = _fit(rows, "1gbit")
+    for name in ("alpha_reduce", "alpha_gather", "beta_reduce", "beta_gather"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+    # times that fall faster than the bytes (a negative latency would fit them): alpha is held at 0
+    shrunk = [{**r, "seconds": r["seconds"] - (2e-4 if r["op"] == "all_reduce" else 6e-5) * (r["workers"] - 1)}
+              for r in rows]
+    fitted = _fit(shrunk, "1gbit")
+    assert fitted.alpha_reduce == 0 and fitted.alpha_gather == 0
+    assert fitted.beta_reduce > 0 and fitted.beta_gather > 0
+
+
 def test_scaling_projects_the_shared_index_set_flat_in_the_number_of_workers():
     from gradcomp.bench.scaling import CostModel, projection, resnet50_bytes
     from gradcomp.reproduce.ratio import _shapes
