@@ -154,6 +154,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                       "(default: $GRADCOMP_DATA, then ../shared/data beside the checkout)")
     p.add_argument("--model", choices=sorted(MODELS), help="model (default: mlp for digits, cnn for (fashion-)mnist, "
                                                            "lstm for ptb/shakespeare)")
+    p.add_argument("--model-option", dest="model_options", action="append", type=_option, default=[],
+                   metavar="KEY=VALUE", help="an option of the model, e.g. --model-option hidden=128 (lstm); "
+                                             "repeatable")
     p.add_argument("--compressor", "--method", dest="method", default="dgc",
                    help="method: 'dgc' (the whole of DGC) or any compressor of 'gradcomp list'; 'none' is the dense "
                         "baseline (default dgc)")
@@ -188,6 +191,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "newer local gradient (Zhu et al. 2021); 0 is synchronous SGD")
     p.add_argument("--no-dga-correction", action="store_true",
                    help="with --dga-delay: apply the stale average alone (the paper's 'w/o correction')")
+    p.add_argument("--fedavg-period", type=_positive_int, metavar="K",
+                   help="FedAvg / local SGD: each worker steps on its own gradients, the weights are averaged every "
+                        "K steps (with --compressor none)")
+    p.add_argument("--partition", choices=("iid", "skewed"), default="iid",
+                   help="how the training data is split among workers: iid (default), or skewed: each worker only "
+                        "a few classes (images) or speakers (shakespeare)")
     p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="experiments only: each collective completes no earlier than L ms after it is issued "
                         "(this kernel has no netem; bandwidth stays real). Real processes only")
@@ -215,13 +224,15 @@ def _train_config(args: argparse.Namespace):
             options["nesterov"] = True
     elif args.warmup_epochs is not None or args.no_momentum_masking or args.nesterov:
         raise ValueError("--warmup-epochs, --no-momentum-masking and --nesterov are DGC options (--compressor dgc)")
-    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model, method=args.method,
+    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                       model_options=dict(args.model_options), method=args.method,
                        options=options, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                       lr_warmup_epochs=args.lr_warmup_epochs,
-                       lr_milestones=args.lr_milestones, lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
+                       lr_warmup_epochs=args.lr_warmup_epochs, lr_milestones=args.lr_milestones,
+                       lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
                        limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, simulate=args.simulate,
                        dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
+                       fedavg_period=args.fedavg_period, partition=args.partition,
                        emulate_latency_ms=args.emulate_latency_ms,
                        link_gbps=args.link_gbps, run_dir=args.run_dir, progress=not args.no_progress,
                        label=args.label)

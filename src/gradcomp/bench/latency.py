@@ -15,6 +15,7 @@ step and FedAvg about L every K steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,20 +25,18 @@ from ..launch import spawn
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
 
 
-def _mean_step(rank: int, world: int, kind: str, param: int, latency_ms: float, compute_s: float,
-               steps: int) -> float:
-    """Seconds per step of one method on this rank, after ``param + 1`` steps of warm-up."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+def step_time(kind: str, param: int, latency_ms: float, steps: int, model: torch.nn.Module,
+              loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> float:
+    """Seconds per training step of ``model`` on this rank under ``latency_ms`` of emulated latency:
+    ``kind`` "dga" (delay ``param``; 0 is synchronous SGD) or "fedavg" (period ``param``); each step is
+    ``loss_fn(model).backward()`` and the wrapper's step.  The first ``param + 1`` steps are not timed."""
     sgd = torch.optim.SGD(model.parameters(), lr=0.01)
     opt = (FedAvg(sgd, model.named_parameters(), param, emulate_latency_ms=latency_ms) if kind == "fedavg" else
            DelayedGradientAveraging(sgd, model.named_parameters(), param, emulate_latency_ms=latency_ms))
-    x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
     stamps = []
     for _ in range(steps):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        time.sleep(compute_s)
+        loss_fn(model).backward()
         opt.step()
         stamps.append(time.perf_counter())
     if kind == "dga":
@@ -48,8 +47,16 @@ def _mean_step(rank: int, world: int, kind: str, param: int, latency_ms: float, 
 
 
 def _worker(rank: int, world: int, plan: list[tuple[str, int, float]], compute_s: float, steps: int) -> list[float]:
-    _mean_step(rank, world, "dga", 0, 0.0, compute_s, 4)  # warm-up, not timed: first collectives, allocations
-    return [_mean_step(rank, world, kind, param, latency, compute_s, steps) for kind, param, latency in plan]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
+
+    def loss_fn(m: torch.nn.Module) -> torch.Tensor:
+        time.sleep(compute_s)  # the rest of a larger model's forward and backward
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    step_time("dga", 0, 0.0, 4, model, loss_fn)  # warm-up, not timed: first collectives, allocations
+    return [step_time(kind, param, latency, steps, model, loss_fn) for kind, param, latency in plan]
 
 
 def run(ctx: Context) -> Result:

@@ -58,6 +58,8 @@ class Task:
     limit_test: int | None = None
     clip_norm: float | None = None
     workers: int = 4
+    #: the model's options (``TrainConfig.model_options``), as (key, value) pairs
+    model_options: tuple[tuple[str, object], ...] = ()
 
     @property
     def metric(self) -> str:
@@ -77,10 +79,11 @@ def configs(task: Task, seed: int) -> list:
     for key, (method, options, label) in METHODS.items():
         if method == "dgc":
             options = {**options, "warmup_epochs": task.epochs / 40}
-        out.append(TrainConfig(dataset=task.dataset, model=task.model, method=method, options=options, label=label,
-                               workers=task.workers, epochs=task.epochs, batch_size=task.batch_per_worker,
-                               lr=task.lr, momentum=0.9, clip_norm=task.clip_norm, limit_train=task.limit_train,
-                               limit_test=task.limit_test, seed=seed, simulate=True))
+        out.append(TrainConfig(dataset=task.dataset, model=task.model, model_options=dict(task.model_options),
+                               method=method, options=options, label=label, workers=task.workers,
+                               epochs=task.epochs, batch_size=task.batch_per_worker, lr=task.lr, momentum=0.9,
+                               clip_norm=task.clip_norm, limit_train=task.limit_train, limit_test=task.limit_test,
+                               seed=seed, simulate=True))
     return out
 
 

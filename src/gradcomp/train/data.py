@@ -74,6 +74,9 @@ __all__ = [
     "lm_batches",
     "lm_steps",
     "load_dataset",
+    "PARTITIONS",
+    "skewed_parts",
+    "speaker_grouped",
     "read_idx",
     "steps_per_epoch",
 ]
@@ -81,6 +84,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "ptb", "shakespeare")
+#: How training data is split among workers: ``iid`` (every worker draws from all of it) or ``skewed`` (each
+#: worker from its own part: a few classes of an image dataset, a few speakers of Tiny Shakespeare).
+PARTITIONS = ("iid", "skewed")
 ENV_VAR = "GRADCOMP_DATA"
 DIGITS_SPLIT_SEED = 0
 #: (mean, std) of the pixels scaled to [0, 1], over the training set.
@@ -477,15 +483,54 @@ def steps_per_epoch(n: int, global_batch: int, drop_last: bool = True) -> int:
     return n // global_batch if drop_last else -(-n // global_batch)
 
 
-def epoch_permutation(n: int, epoch: int, seed: int) -> Tensor:
-    """The sample order of one epoch: ``numpy.random.default_rng([seed, epoch]).permutation(n)``, as int64."""
+def epoch_permutation(n: int, epoch: int, seed: int, worker: int | None = None) -> Tensor:
+    """The sample order of one epoch: ``numpy.random.default_rng([seed, epoch]).permutation(n)``, as int64
+    (``[seed, epoch, worker]`` with ``worker``: one worker's own part)."""
     if not (isinstance(seed, int) and seed >= 0 and isinstance(epoch, int) and epoch >= 0):
         raise ValueError(f"seed and epoch must be integers >= 0, got seed={seed!r}, epoch={epoch!r}")
-    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64))
+    key = [seed, epoch] if worker is None else [seed, epoch, worker]
+    return torch.from_numpy(np.random.default_rng(key).permutation(n).astype(np.int64))
+
+
+def skewed_parts(y: Tensor, num_workers: int, seed: int) -> list[Tensor]:
+    """A non-i.i.d. split of a labelled training set: the sample indices sorted by label (ties in a seeded
+    random order), cut into ``num_workers`` equal contiguous parts (the remainder dropped).  With 10
+    classes and 4 workers each worker holds 2 or 3 classes and no other."""
+    _check_positive("num_workers", num_workers)
+    per = len(y) // num_workers
+    if per == 0:
+        raise ValueError(f"{len(y)} samples cannot be split among {num_workers} workers")
+    order = epoch_permutation(len(y), 0, seed)
+    order = order[torch.argsort(y[order], stable=True)]
+    return list(order[:per * num_workers].split(per))
+
+
+def speaker_grouped(stream: Tensor, vocab: tuple[str, ...], num_workers: int) -> Tensor:
+    """Tiny Shakespeare's characters reordered for a non-i.i.d. split: its speeches (blocks separated by a
+    blank line, whose first line names the speaker) grouped by speaker, the speakers dealt to
+    ``num_workers`` groups of nearly equal length (largest first, each to the shortest group), the groups
+    in worker order.  :func:`batchify` then gives worker ``w`` (rows block ``w``) about group ``w``'s text."""
+    _check_positive("num_workers", num_workers)
+    codes = np.array([ord(c) for c in vocab])
+    if np.any(np.diff(codes) <= 0):
+        raise ValueError("vocab must be the sorted characters of the text (Tiny Shakespeare's)")
+    text = "".join(vocab[i] for i in stream.tolist())
+    by_speaker: dict[str, list[str]] = {}
+    for speech in text.split("\n\n"):
+        by_speaker.setdefault(speech.split("\n", 1)[0], []).append(speech + "\n\n")
+    groups: list[list[str]] = [[] for _ in range(num_workers)]
+    lengths = [0] * num_workers
+    for speaker in sorted(by_speaker, key=lambda k: -sum(map(len, by_speaker[k]))):
+        w = lengths.index(min(lengths))
+        groups[w] += by_speaker[speaker]
+        lengths[w] += sum(map(len, by_speaker[speaker]))
+    out = "".join("".join(g) for g in groups)[:len(text)]  # the last speech had no blank line after it
+    ids = np.searchsorted(codes, np.frombuffer(out.encode("utf-32-le"), dtype="<u4"))
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 def image_batches(x: Tensor, y: Tensor, global_batch: int, num_workers: int, epoch: int, seed: int,
-                  drop_last: bool = True) -> Iterator[list[tuple[Tensor, Tensor]]]:
+                  drop_last: bool = True, parts: list[Tensor] | None = None) -> Iterator[list[tuple[Tensor, Tensor]]]:
     """One epoch of data-parallel batches: per step, a list of ``num_workers`` ``(x, y)`` shards.
 
     The epoch's order is :func:`epoch_permutation` ``(len(x), epoch, seed)``,
@@ -498,6 +543,11 @@ def image_batches(x: Tensor, y: Tensor, global_batch: int, num_workers: int, epo
     With ``drop_last=False`` the last, smaller batch is yielded too, split as
     evenly as possible (shard sizes then differ by at most one; a worker gets
     an empty shard if fewer samples than workers remain).
+
+    ``parts`` (one index tensor per worker, e.g. :func:`skewed_parts`): each
+    worker draws only from its own part, in the order
+    ``epoch_permutation(len(part), epoch, seed, worker)``, for as many full
+    steps as the shortest part allows.
     """
     _check_positive("global_batch", global_batch)
     _check_positive("num_workers", num_workers)
@@ -509,8 +559,18 @@ def image_batches(x: Tensor, y: Tensor, global_batch: int, num_workers: int, epo
     steps = steps_per_epoch(n, global_batch, drop_last)
     if steps == 0:
         raise ValueError(f"global_batch {global_batch} is larger than the {n} samples (drop_last={drop_last})")
-    order = epoch_permutation(n, epoch, seed)
     per_worker = global_batch // num_workers
+    if parts is not None:
+        if len(parts) != num_workers:
+            raise ValueError(f"{len(parts)} parts for {num_workers} workers")
+        orders = [part[epoch_permutation(len(part), epoch, seed, w)] for w, part in enumerate(parts)]
+        steps = min(len(o) for o in orders) // per_worker
+        if steps == 0:
+            raise ValueError(f"a part of {min(len(o) for o in orders)} samples is smaller than the per-worker batch "
+                             f"{per_worker}")
+        return ([(x[i], y[i]) for i in (o[s * per_worker:(s + 1) * per_worker] for o in orders)]
+                for s in range(steps))
+    order = epoch_permutation(n, epoch, seed)
 
     def generate() -> Iterator[list[tuple[Tensor, Tensor]]]:
         for step in range(steps):

@@ -35,8 +35,9 @@ from tqdm import tqdm
 from ..compressors.base import available, check_int, check_range, get
 from ..method import DGC, Method
 from ..schedule import LinearLRWarmup
-from .data import DATASETS, Dataset, batchify, image_batches, lm_batches, lm_steps, load_dataset, steps_per_epoch
-from .models import build_model, detach_hidden
+from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_batches, lm_steps, load_dataset,
+                   skewed_parts, speaker_grouped, steps_per_epoch)
+from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
 __all__ = ["TrainConfig", "run", "train_worker"]
@@ -54,6 +55,8 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     model: str | None = None
+    #: options of the model, overriding its per-dataset defaults (``build_model(model, data, **model_options)``)
+    model_options: dict[str, Any] = field(default_factory=dict)
     method: str = "dgc"
     #: compressor options (``gradcomp.get(method, **options)``) or DGC's options for ``method="dgc"``
     options: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +79,10 @@ class TrainConfig:
     #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous)
     dga_delay: int | None = None
     dga_correction: bool = True
+    #: FedAvg / local SGD instead of averaging gradients: average the weights every this many steps
+    fedavg_period: int | None = None
+    #: how the training data is split among workers: "iid" or "skewed" (see :class:`Task`)
+    partition: str = "iid"
     #: experiments only: each collective completes no earlier than this many ms after it is issued
     emulate_latency_ms: float = 0.0
     link_gbps: float = 1.0
@@ -114,6 +121,24 @@ class TrainConfig:
                                  "average is not clipped")
         elif not self.dga_correction:
             raise ValueError("TrainConfig.dga_correction=False needs dga_delay")
+        if self.fedavg_period is not None:
+            check_int("TrainConfig", "fedavg_period", self.fedavg_period, 1)
+            if self.dga_delay is not None or self.method != "none":
+                raise ValueError("TrainConfig.fedavg_period averages weights, dense: it takes method='none' and no "
+                                 "dga_delay")
+            if self.clip_norm is not None:
+                raise ValueError("TrainConfig.clip_norm with fedavg_period: there is no averaged gradient to clip")
+        if self.model_options:
+            model = self.model or DEFAULT_MODEL[self.dataset]
+            unknown = sorted(set(self.model_options) - set(MODELS[model].options())) if model in MODELS else []
+            if unknown:
+                raise ValueError(f"TrainConfig.model_options: {model!r} has no option {', '.join(map(repr, unknown))} "
+                                 f"(it takes {', '.join(MODELS[model].options())})")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"TrainConfig.partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if self.partition == "skewed" and self.dataset == "ptb":
+            raise ValueError("TrainConfig.partition='skewed' needs classes (images) or speakers (shakespeare); "
+                             "ptb has neither")
         check_range("TrainConfig", "emulate_latency_ms", self.emulate_latency_ms, 0.0, math.inf, high_open=True)
         if self.emulate_latency_ms and self.simulate:
             raise ValueError("TrainConfig.emulate_latency_ms needs real processes (the simulator has no network)")
@@ -145,15 +170,27 @@ class TrainConfig:
 
 
 class Task:
-    """Loss, batches and evaluation for one kind of dataset."""
+    """Loss, batches and evaluation for one kind of dataset.
+
+    ``config.partition="skewed"`` gives each worker its own part of the training data:
+    :func:`~gradcomp.train.data.skewed_parts` (a few classes each) for images,
+    :func:`~gradcomp.train.data.speaker_grouped` (a few speakers each) for Tiny Shakespeare.
+    """
 
     def __init__(self, data: Dataset, config: TrainConfig, workers: int) -> None:
         self.data, self.config, self.workers = data, config, workers
         self.global_batch = config.batch_size * workers
+        skewed = config.partition == "skewed"
+        self.parts = skewed_parts(data.y_train, workers, config.seed) if skewed and data.kind != "lm" else None
         if data.kind == "lm":
-            self.train_rows = batchify(data.train, self.global_batch)
+            if skewed and data.name != "shakespeare":
+                raise ValueError(f"partition 'skewed' needs classes or speakers; {data.name} has neither")
+            train = speaker_grouped(data.train, data.vocab, workers) if skewed else data.train
+            self.train_rows = batchify(train, self.global_batch)
             self.steps = lm_steps(self.train_rows, config.bptt)
             self.hidden: dict[int, Any] = {}
+        elif self.parts is not None:
+            self.steps = min(len(p) for p in self.parts) // config.batch_size
         else:
             self.steps = steps_per_epoch(len(data.y_train), self.global_batch)
             if self.steps == 0:
@@ -167,7 +204,7 @@ class Task:
             batches = lm_batches(self.train_rows, self.config.bptt, self.workers)
         else:
             batches = image_batches(self.data.x_train, self.data.y_train, self.global_batch, self.workers, epoch,
-                                    self.config.seed)
+                                    self.config.seed, parts=self.parts)
         for shards in batches:
             yield [(w, *shard) for w, shard in enumerate(shards)]
 
@@ -229,19 +266,28 @@ class _Front:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=momentum,
                                          weight_decay=config.weight_decay)
         self.clip_after_average = config.clip_norm if config.method != "dgc" else None
-        self.dga = None
+        #: DGA or FedAvg on a real rank: an optimizer wrapper that does its own exchanges (every rank's model
+        #: differs, so each rank's model is checkpointed beside its state, under ``wrapper_key``)
+        self.wrapper, self.wrapper_key = None, None
         if config.simulate:
             from ..simulator import Simulator
 
             self.sim = Simulator(model, method, world, optimizer=self.optimizer, delay=config.dga_delay,
-                                 correction=config.dga_correction)
+                                 correction=config.dga_correction, local_steps=config.fedavg_period)
             self.methods = self.sim.methods
         elif config.dga_delay is not None:
             from ..dga import DelayedGradientAveraging
 
-            self.dga = DelayedGradientAveraging(self.optimizer, model.named_parameters(), config.dga_delay, method,
-                                                config.dga_correction, emulate_latency_ms=config.emulate_latency_ms)
-            self.methods = [self.dga.method]
+            self.wrapper = DelayedGradientAveraging(self.optimizer, model.named_parameters(), config.dga_delay,
+                                                    method, config.dga_correction,
+                                                    emulate_latency_ms=config.emulate_latency_ms)
+            self.wrapper_key, self.methods = "dga", [self.wrapper.method]
+        elif config.fedavg_period is not None:
+            from ..dga import FedAvg
+
+            self.wrapper = FedAvg(self.optimizer, model.named_parameters(), config.fedavg_period,
+                                  emulate_latency_ms=config.emulate_latency_ms)
+            self.wrapper_key, self.methods = "fedavg", []
         else:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -271,10 +317,10 @@ class _Front:
             self.sim.optimizer_step()
             return float(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dga is not None:
+        if self.wrapper is not None:
             loss = self.task.loss(self.model, shards[self.rank])
             loss.backward()
-            self.dga.step()
+            self.wrapper.step()
             return float(loss.detach())
         loss = self.task.loss(self.net, shards[self.rank])
         loss.backward()
@@ -286,7 +332,7 @@ class _Front:
     @property
     def comm(self):
         """This rank's communicator (real ranks)."""
-        return self.dga.comm if self.dga is not None else self.state.comm
+        return self.wrapper.comm if self.wrapper is not None else self.state.comm
 
     @property
     def bytes_sent(self) -> int:
@@ -297,8 +343,8 @@ class _Front:
         if self.config.simulate:
             return [m.state_dict() for m in self.methods]
         states = [None] * self.world if self.rank == 0 else None
-        mine = self.methods[0].state_dict() if self.dga is None else \
-            {"model": self.model.state_dict(), "dga": self.dga.state_dict()}  # DGA: every rank's model differs
+        mine = self.methods[0].state_dict() if self.wrapper is None else \
+            {"model": self.model.state_dict(), self.wrapper_key: self.wrapper.state_dict()}
         dist.gather_object(mine, states, dst=0)
         return states
 
@@ -308,9 +354,9 @@ class _Front:
         if self.config.simulate:
             for m, s in zip(self.methods, states):
                 m.load_state_dict(s)
-        elif self.dga is not None:
+        elif self.wrapper is not None:
             self.model.load_state_dict(states[self.rank]["model"])
-            self.dga.load_state_dict(states[self.rank]["dga"])
+            self.wrapper.load_state_dict(states[self.rank][self.wrapper_key])
         else:
             self.methods[0].load_state_dict(states[self.rank])
 
@@ -322,7 +368,7 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
     task = Task(data, cfg, world)
-    model = build_model(cfg.model, data)
+    model = build_model(cfg.model, data, **cfg.model_options)
     method = cfg.build_method(steps_per_epoch=task.steps)
     front = _Front(model, cfg, method, task, rank, world)
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
