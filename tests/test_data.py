@@ -23,6 +23,8 @@ from gradcomp.train.data import (
     lm_steps,
     load_dataset,
     read_idx,
+    skewed_parts,
+    speaker_grouped,
     steps_per_epoch,
 )
 
@@ -231,6 +233,46 @@ def test_image_shards_disjoint_and_union_is_the_global_batch():
     tail = list(image_batches(x, y, 12, 4, epoch=0, seed=0, drop_last=False))
     assert len(tail) == steps_per_epoch(103, 12, drop_last=False) == 9
     assert sorted(torch.cat([s[1] for b in tail for s in b]).tolist()) == list(range(103))
+
+
+def test_skewed_parts_are_label_blocks_and_each_worker_draws_only_from_its_own():
+    y = torch.arange(10).repeat_interleave(12)[torch.randperm(120, generator=torch.Generator().manual_seed(1))]
+    x = torch.arange(120, dtype=torch.float32).view(-1, 1)
+    parts = skewed_parts(y, 4, seed=3)
+    assert [len(p) for p in parts] == [30] * 4 and len(set(torch.cat(parts).tolist())) == 120
+    # the reference: the labels in sorted order, cut in four
+    assert [sorted(y[p].tolist()) for p in parts] == [sorted(y.tolist())[w * 30:(w + 1) * 30] for w in range(4)]
+    assert [len(set(y[p].tolist())) for p in parts] == [3, 3, 3, 3]  # 12 of each class: 2.5 classes a worker
+    steps = list(image_batches(x, y, 8, 4, epoch=2, seed=3, parts=parts))
+    assert len(steps) == 30 // 2
+    for w in range(4):
+        drawn = torch.cat([step[w][0].view(-1) for step in steps]).long()
+        assert sorted(drawn.tolist()) == sorted(parts[w].tolist())  # its own part, each sample once
+    again = list(image_batches(x, y, 8, 4, epoch=3, seed=3, parts=parts))
+    assert not torch.equal(again[0][0][0], steps[0][0][0])  # reshuffled each epoch
+    with pytest.raises(ValueError, match="3 parts for 4 workers"):
+        next(image_batches(x, y, 8, 4, epoch=0, seed=0, parts=parts[:3]))
+    with pytest.raises(ValueError, match="cannot be split"):
+        skewed_parts(y[:3], 4, seed=0)
+
+
+def test_speaker_grouped_keeps_every_character_and_gives_each_worker_its_own_speakers(shakespeare):
+    stream = shakespeare.train
+    grouped = speaker_grouped(stream, shakespeare.vocab, 4)
+    assert torch.equal(grouped.sort().values, stream.sort().values)  # a permutation of the characters
+    text = "".join(shakespeare.vocab[i] for i in grouped.tolist())
+    quarter = len(text) // 4
+    speakers = []
+    for w in range(4):  # the speeches that start inside worker w's quarter of the stream
+        block = text[w * quarter:(w + 1) * quarter]
+        speakers.append({s.split("\n", 1)[0] for s in block.split("\n\n")[1:-1]})
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert len(speakers[a] & speakers[b]) <= 2, (a, b)  # at most the speakers cut by a boundary
+    # the original order is by play: the first quarter of the text already mixes many speakers of all
+    original = "".join(shakespeare.vocab[i] for i in stream.tolist())
+    first = {s.split("\n", 1)[0] for s in original[:quarter].split("\n\n")}
+    assert len(first & set().union(*speakers[1:])) > 20
 
 
 def test_non_divisible_or_too_large_batch_raises_at_call():

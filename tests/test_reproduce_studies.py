@@ -1,4 +1,4 @@
-"""The quick variants of `gradcomp reproduce` ablation, lm and compare, through the CLI.
+"""The quick variants of `gradcomp reproduce` ablation, lm, compare and dga, through the CLI.
 
 Each is checked against figures computed here from the models themselves (bytes per step), not against its
 own report.  A study whose dataset is missing is skipped.
@@ -124,3 +124,35 @@ def test_compare_quick_bytes_match_the_formulas(compare, task, model, dataset):
     assert rows["fp16"]["bytes_sent"] == 2 * sum(sizes) * steps
     # top 1 % of every tensor: ceil(n / 100) fp32 values and int32 indices
     assert rows["topk"]["bytes_sent"] == sum(math.ceil(n / 100) * 8 for n in sizes) * steps
+
+
+# ---------------------------------------------------------------- dga
+
+
+@pytest.fixture(scope="module")
+def dga(tmp_path_factory):
+    _need("fashion-mnist", "shakespeare")
+    return _quick("dga", tmp_path_factory)
+
+
+def test_dga_quick_rows_bytes_and_speed(dga):
+    rc, out, report, data = dga
+    assert rc == 0 and "❌" not in report
+    assert "88.7 %" in report and "89.2 %" in report and "emulated" in report
+    rows = data["data"]["rows"]
+    for task, model, dataset, opts in (("image", "mlp", "fashion-mnist", {}),
+                                       ("language", "lstm", "shakespeare", {"hidden": 128, "layers": 1})):
+        dense = 4 * sum(p.numel() for p in build_model(model, dataset, **opts).parameters())
+        for partition in ("iid", "skewed"):
+            r = {k.split("/")[2]: v for k, v in rows.items() if k.startswith(f"{task}/{partition}/")}
+            assert set(r) == {"sync", "dga5", "dga5_nc", "fedavg5"}
+            steps = r["sync"]["steps"]
+            for key in ("sync", "dga5"):  # every step averages the dense gradient
+                assert r[key]["bytes_sent"] == dense * steps
+            assert r["fedavg5"]["bytes_sent"] == dense * (steps // 5)  # the weights, every 5 steps
+    seconds = data["data"]["seconds"]
+    for task in ("image", "language"):
+        t = seconds[task]
+        assert t["dga-0-40"] >= 0.040  # a synchronous step waits for its average: at least the latency
+        assert t["dga-5-40"] < t["dga-0-40"]
+    assert (out / "dga-quick.png").read_bytes()[:8] == PNG

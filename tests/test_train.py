@@ -99,6 +99,62 @@ def test_dga_settings_are_checked():
         TrainConfig(method="topk", clip_norm=1.0, dga_delay=2)
 
 
+def test_fedavg_real_workers_match_the_simulator_and_resume_exactly(tmp_path):
+    """FedAvg through the loop: the simulator's local steps and gradcomp.FedAvg on real ranks agree, and a run
+    stopped between two averages (period 5 does not divide the 22 steps of an epoch) resumes exactly."""
+    kw = dict(method="none", workers=2, fedavg_period=5)
+    real = quick(tmp_path, "real", epochs=1, **kw)
+    sim = quick(tmp_path, "sim", epochs=2, simulate=True, **kw)
+    first = RunDir(tmp_path / "sim").read_metrics()[0]
+    assert real["bytes_sent"] == first["bytes_sent"] == (22 // 5) * 4 * sum(
+        p.numel() for p in gradcomp.train.models.build_model("mlp", "digits").parameters())
+    assert real["test_loss"] == pytest.approx(first["test_loss"], rel=1e-5)
+    quick(tmp_path, "part", epochs=1, simulate=True, **kw)
+    resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
+        assert resumed[key] == sim[key], key
+    assert quick(tmp_path, "sync", method="none", workers=2, epochs=1, simulate=True)["test_loss"] != first["test_loss"]
+
+
+def test_skewed_partition_gives_each_worker_its_own_classes(tmp_path):
+    from gradcomp.train.data import load_dataset
+    from gradcomp.train.loop import Task
+
+    cfg = TrainConfig(method="none", workers=4, partition="skewed", simulate=True, **QUIET)
+    data = load_dataset("digits")
+    task = Task(data, cfg, 4)
+    seen = [set() for _ in range(4)]
+    steps = 0
+    for shards in task.epoch(0):
+        steps += 1
+        for w, _, y in shards:
+            seen[w] |= set(y.tolist())
+    assert steps == task.steps == (len(data.y_train) // 4) // cfg.batch_size
+    assert all(len(s) <= 4 for s in seen) and set().union(*seen) == set(range(10))  # 10 classes over 4 workers
+    summary = quick(tmp_path, "skewed", epochs=1, method="none", workers=4, partition="skewed", simulate=True)
+    assert summary["steps"] == task.steps
+
+
+def test_model_options_reach_the_model(tmp_path):
+    summary = quick(tmp_path, "small", epochs=1, simulate=True, method="none", model_options={"hidden": [16]})
+    assert summary["dense_bytes"] // summary["steps"] == 4 * (64 * 16 + 16 + 16 * 10 + 10)
+
+
+def test_new_settings_are_checked():
+    with pytest.raises(ValueError, match="fedavg_period"):
+        TrainConfig(fedavg_period=0, method="none")
+    with pytest.raises(ValueError, match="fedavg_period"):
+        TrainConfig(fedavg_period=5, method="dgc")
+    with pytest.raises(ValueError, match="fedavg_period"):
+        TrainConfig(fedavg_period=5, method="none", dga_delay=2)
+    with pytest.raises(ValueError, match="partition"):
+        TrainConfig(partition="by-class")
+    with pytest.raises(ValueError, match="ptb has neither"):
+        TrainConfig(dataset="ptb", partition="skewed")
+    with pytest.raises(ValueError, match="'width'"):
+        TrainConfig(model_options={"width": 3})
+
+
 def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
     quick(tmp_path, "decay", simulate=True, workers=2, epochs=3, lr=0.2, lr_milestones=[1, 2], lr_decay=0.5,
           limit_train=256)
