@@ -143,7 +143,9 @@ def _score(task: Task, summary: dict) -> str:
     if "diverged" in summary:
         return f"diverged (epoch {summary['diverged_in_epoch']})"
     value = summary[task.metric]
-    return f"{100 * value:.2f} %" if task.metric == "test_accuracy" else f"{value:.3f}"
+    if task.metric == "test_accuracy":
+        return f"{100 * value:.2f} %"
+    return f"{value:.3f}" if value < 1e4 else f"{value:.1e} (blew up)"
 
 
 def _value(task: Task, summary: dict) -> float:
