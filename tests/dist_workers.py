@@ -156,25 +156,26 @@ def fedavg_train(rank, world, period, steps, momentum, lr=0.1):
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "bytes": opt.comm.bytes_sent}
 
 
-def dga_step_times(rank, world, delay, latency_ms, compute_s, steps):
-    """Mean seconds per step of DGA (delay 0: synchronous SGD) with ``compute_s`` of work per step and
-    ``latency_ms`` of emulated latency, after the first ``delay + 1`` steps."""
+def dga_step_times(rank, world, plan, compute_s, steps, rounds):
+    """Seconds per step of DGA for each ``(delay, latency_ms)`` of ``plan`` (delay 0: synchronous SGD), with
+    ``compute_s`` of work per step: the best of ``rounds``, the plan's entries interleaved so that a change
+    in the machine's load falls on all of them alike."""
     import time
 
+    from gradcomp.bench.latency import step_time
+
     model = torch.nn.Linear(64, 64)
-    opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
-                                            delay=delay, emulate_latency_ms=latency_ms)
     x = torch.randn(8, 64)
-    stamps = []
-    for _ in range(steps):
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
+
+    def loss_fn(m):
         time.sleep(compute_s)  # the rest of a step's computation
-        opt.step()
-        stamps.append(time.perf_counter())
-    opt.finish()
-    skip = delay + 1
-    return (stamps[-1] - stamps[skip - 1]) / (steps - skip)
+        return m(x).pow(2).mean()
+
+    best = [float("inf")] * len(plan)
+    for _ in range(rounds):
+        for i, (delay, latency_ms) in enumerate(plan):
+            best[i] = min(best[i], step_time("dga", delay, latency_ms, steps, model, loss_fn))
+    return best
 
 
 DGA_STEPS = 12

@@ -15,6 +15,7 @@ barrier, and only then destroys the process group and exits.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import multiprocessing as mp
 import os
@@ -58,6 +59,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
 
 def _worker(rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float, fn: Callable,
             args: tuple, results: mp.Queue, threads: int, before_init: Callable[[int], None] | None) -> None:
+    faulthandler.enable()  # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack
     torch.set_num_threads(threads)
     try:
         if before_init is not None:
