@@ -239,3 +239,31 @@ def test_train_runs_reports_a_diverged_run_and_goes_on(tmp_path):
     assert bad["diverged_in_epoch"] == 1 and "non-finite" in bad["diverged"] and bad["label"] == "too fast"
     assert "diverged" not in good and math.isfinite(good["test_loss"]) and good_dir == tmp_path / "runs" / "1-none"
     assert "too fast: diverged in epoch 1" in lines[0] and "test accuracy" in lines[1]
+
+
+def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
+    """--runs keeps the runs; the same study run again continues each from its checkpoint (one of them
+    stopped after its first epoch here) and ends where an uninterrupted run ends."""
+    from gradcomp.reproduce.common import Context, train_runs
+    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.report import RunDir
+
+    common = dict(dataset="digits", method="dgc", options={"warmup_epochs": 2}, workers=2, simulate=True,
+                  limit_train=512, progress=False)
+    ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None, runs_dir=tmp_path / "keep")
+    with ctx.runs_folder("table") as folder:
+        assert folder == tmp_path / "keep" / "table"
+        train_runs(ctx, [TrainConfig(epochs=1, **common)], folder)  # "stopped" after epoch 1
+        [(resumed, run_dir)] = train_runs(ctx, [TrainConfig(epochs=2, **common)], folder)
+    [(straight, _)] = train_runs(Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None),
+                                 [TrainConfig(epochs=2, **common)], tmp_path / "straight")
+    for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
+        assert resumed[key] == straight[key], key
+    assert [m["epoch"] for m in RunDir(run_dir).read_metrics()] == [1, 2]
+    [(again, _)] = train_runs(ctx, [TrainConfig(epochs=2, **common)], tmp_path / "keep" / "table")  # finished
+    assert again["test_loss"] == straight["test_loss"]
+    with pytest.raises(ValueError, match=r"0-dgc holds a run with other settings \(lr\)"):
+        train_runs(ctx, [TrainConfig(epochs=2, lr=0.5, **common)], tmp_path / "keep" / "table")
+    with Context(full=False, out_dir=tmp_path).runs_folder("table") as temporary:
+        assert temporary.is_dir() and tmp_path not in temporary.parents
+    assert not temporary.exists()

@@ -62,6 +62,9 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="independent runs of a study trained at once, each in its own process (default 1; "
                         "the results do not depend on it)")
+    p.add_argument("--runs", metavar="DIR", help="keep the training runs in DIR/TABLE/ and continue the unfinished "
+                                                 "ones found there: run the same command again to resume a study "
+                                                 "that stopped (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -113,7 +116,7 @@ def _run_study(args: argparse.Namespace, name: str, kind: str) -> int:
 
     try:
         outcome = run_study(name, full=args.full, out_dir=args.out, seed=args.seed, threads=args.threads,
-                            jobs=args.jobs, progress=not args.no_progress, kind=kind)
+                            jobs=args.jobs, progress=not args.no_progress, kind=kind, runs_dir=args.runs)
     except UnknownStudyError as error:
         print(f"gradcomp {kind}: error: {error}", file=sys.stderr)
         return 2

@@ -27,8 +27,10 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -92,10 +94,24 @@ class Context:
     stem: str = ""
     #: independent runs a study may train at once, each in its own process (:func:`map_runs`)
     jobs: int = 1
+    #: where training runs are kept (``--runs``): None trains them in a temporary folder
+    runs_dir: Path | None = None
 
     def path(self, suffix: str) -> Path:
         """A file of this run in the output folder: ``path(".png")`` -> ``DIR/TABLE[-quick].png``."""
         return self.out_dir / f"{self.stem}{suffix}"
+
+    @contextmanager
+    def runs_folder(self, name: str) -> Iterator[Path]:
+        """The folder a study trains its runs in: ``runs_dir / name`` (kept, and the unfinished runs found
+        there resumed by :func:`train_runs`), or a temporary folder removed afterwards."""
+        if self.runs_dir is None:
+            with tempfile.TemporaryDirectory(prefix=f"gradcomp-{name}-") as tmp:
+                yield Path(tmp)
+        else:
+            folder = self.runs_dir / name
+            folder.mkdir(parents=True, exist_ok=True)
+            yield folder
 
     def tqdm(self, *args: Any, **kwargs: Any):
         """A tqdm progress bar, hidden with ``--no-progress``."""
@@ -294,7 +310,8 @@ def _json_default(obj: Any) -> Any:
 
 def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] = "results", seed: int = 0,
               progress: bool = True, threads: int | None = None, jobs: int = 1, command: str | None = None,
-              echo: Callable[[str], None] = print, kind: str = "reproduce") -> Outcome:
+              echo: Callable[[str], None] = print, kind: str = "reproduce",
+              runs_dir: str | os.PathLike[str] | None = None) -> Outcome:
     """Run study ``name``, print its tables and write its report; returns the :class:`Outcome`.
 
     ``threads`` sets torch's intra-op threads for the run (default: the
@@ -302,6 +319,8 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     ``jobs`` lets a study train that many independent runs at once in
     separate processes (each with ``threads`` threads); the results do not
     depend on it.
+    ``runs_dir`` keeps the study's training runs (see :meth:`Context.runs_folder`): a study stopped
+    part-way continues from its runs' checkpoints when run again with the same ``runs_dir``.
     ``command`` is the command line shown in the report (default: the
     ``gradcomp reproduce`` (or ``bench``) command equivalent to the arguments).
     Raises :class:`UnknownStudyError` for an unknown name and
@@ -318,7 +337,8 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     if command is None:
         command = canonical_command(name, full=full, out_dir=out_dir, seed=seed, threads=threads, kind=kind)
     ctx = Context(full=full, out_dir=out, seed=seed, progress=progress, echo=echo,
-                  stem=report_name(study.stem, full), jobs=jobs)
+                  stem=report_name(study.stem, full), jobs=jobs,
+                  runs_dir=None if runs_dir is None else Path(runs_dir))
     default_threads = torch.get_num_threads()
     threads = threads if threads is not None else study.threads
     started = datetime.now().astimezone()
@@ -524,11 +544,29 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     from ..train.report import RunDir
 
     try:
+        if RunDir(cfg.run_dir).has_checkpoint():
+            return train(_resumable(cfg), resume=cfg.run_dir, echo=lambda _: None)
         return train(cfg, echo=lambda _: None)
     except NonFiniteGradientError as error:
         records = RunDir(cfg.run_dir).read_metrics()
         return {**(records[-1] if records else {}), "diverged": str(error), "diverged_in_epoch": len(records) + 1,
                 "label": cfg.label}
+
+
+def _resumable(cfg: Any) -> Any:
+    """``cfg``, checked against the config saved in its run directory: a run there from other settings is
+    not continued (ValueError naming the folder and the settings that differ)."""
+    import dataclasses
+
+    from ..train.report import RunDir
+
+    saved = dataclasses.asdict(type(cfg)(**RunDir(cfg.run_dir).read_config()))  # settings added since: defaults
+    free = {"run_dir", "progress", "epochs", "data_dir"}  # the length of training may grow on resume
+    differ = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved[k] != v)
+    if differ:
+        raise ValueError(f"{cfg.run_dir} holds a run with other settings ({', '.join(differ)}): remove it or "
+                         "choose another --runs folder")
+    return cfg
 
 
 def _describe(summary: dict[str, Any]) -> str:

@@ -21,9 +21,7 @@ for dense, fp16, random-k and PowerSGD, all-gather for the rest).
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
 
@@ -124,10 +122,10 @@ def run(ctx: Context) -> Result:
             raise StudySkipped(f"{task.dataset} is needed for this table and was not found: {error}") from None
     results: dict[str, dict[str, dict]] = {}
     plots = []
-    with tempfile.TemporaryDirectory(prefix="gradcomp-compare-") as tmp:
+    with ctx.runs_folder("compare") as folder:
         for task in tasks:
             ctx.echo(f"{task.key} task: {task.dataset}, {task.model}")
-            runs = train_runs(ctx, configs(task, ctx.seed), Path(tmp) / task.key)
+            runs = train_runs(ctx, configs(task, ctx.seed), folder / task.key)
             results[task.key] = {key: s for key, (s, _) in zip(METHODS, runs)}
             plots.append(plot_runs([d for _, d in runs], ctx.path(f"-{task.key}.png")))
 

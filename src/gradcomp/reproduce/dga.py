@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,8 +227,8 @@ def run(ctx: Context) -> Result:
         except DatasetNotFoundError as error:
             raise StudySkipped(f"{task.dataset} is needed for this table and was not found: {error}") from None
     runs = configs(variant, ctx.seed)
-    with tempfile.TemporaryDirectory(prefix="gradcomp-dga-") as tmp:
-        summaries = train_runs(ctx, [cfg for *_, cfg in runs], Path(tmp))
+    with ctx.runs_folder("dga") as folder:
+        summaries = train_runs(ctx, [cfg for *_, cfg in runs], folder)
     results = {(t, p, k): s for (t, p, k, _), (s, _) in zip(runs, summaries)}
     ctx.echo(f"speed: {variant.ranks} gloo ranks, emulated latency {variant.latency_ms:g} ms")
     seconds = measure_speed(variant, ctx.seed)

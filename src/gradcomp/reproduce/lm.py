@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
 
@@ -83,8 +81,8 @@ def run(ctx: Context) -> Result:
         raise StudySkipped(f"Penn Treebank is needed for this table and was not found: {error}") from None
     rows = configs(variant, ctx.seed)
     plot_path = ctx.path(".png")
-    with tempfile.TemporaryDirectory(prefix="gradcomp-lm-") as tmp:
-        runs = dict(zip(rows, train_runs(ctx, list(rows.values()), Path(tmp))))
+    with ctx.runs_folder("lm") as folder:
+        runs = dict(zip(rows, train_runs(ctx, list(rows.values()), folder)))
         plot_runs([d for _, d in runs.values()], plot_path)
     results = {k: s for k, (s, _) in runs.items()}
 
