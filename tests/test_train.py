@@ -140,6 +140,24 @@ def test_model_options_reach_the_model(tmp_path):
     assert summary["dense_bytes"] // summary["steps"] == 4 * (64 * 16 + 16 + 16 * 10 + 10)
 
 
+def test_a_language_model_that_blew_up_evaluates_to_infinite_perplexity_not_an_error():
+    from gradcomp.train.data import load_dataset
+    from gradcomp.train.loop import Task
+    from gradcomp.train.models import build_model
+
+    try:
+        data = load_dataset("shakespeare", limit_train=2_000)
+    except gradcomp.train.data.DatasetNotFoundError as error:
+        pytest.skip(str(error))
+    task = Task(data, TrainConfig(dataset="shakespeare", method="none", limit_test=500, **QUIET), 1)
+    model = build_model("lstm", data, hidden=16, layers=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e4)  # logits of order 1e8: the cross-entropy is far beyond exp's range
+    result = task.evaluate(model)
+    assert result["test_loss"] > 709 and result["test_perplexity"] == float("inf")
+
+
 def test_new_settings_are_checked():
     with pytest.raises(ValueError, match="fedavg_period"):
         TrainConfig(fedavg_period=0, method="none")

@@ -144,7 +144,7 @@ def _score(task: Task, summary: dict) -> str:
     value = summary[task.metric]
     if task.metric == "test_accuracy":
         return f"{100 * value:.2f} %"
-    return f"{value:.3f}" if value < 1e4 else f"{value:.1e} (blew up)"
+    return f"{value:.3f}" if value < 1e4 else f"{value:.1e} (blew up)"  # inf: beyond a float's range
 
 
 def _value(task: Task, summary: dict) -> float:
@@ -196,8 +196,8 @@ def _plot(variant: Variant, results: dict, path: Path) -> None:
         for partition, style in zip(PARTITIONS, ("-", "--")):
             def y(key: str) -> float:
                 s = results[(task.key, partition, key)]
-                if "diverged" in s:
-                    return math.nan
+                if "diverged" in s or not math.isfinite(s[task.metric]):
+                    return math.nan  # no point: the run stopped, or its perplexity overflowed
                 return 100 * s[task.metric] if task.metric == "test_accuracy" else s[task.metric]
 
             name = PARTITIONS[partition]

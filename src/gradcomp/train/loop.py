@@ -230,7 +230,8 @@ class Task:
                     total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                              reduction="sum").item()
                     count += y.numel()
-                return {"test_loss": total / count, "test_perplexity": math.exp(total / count)}
+                loss = total / count
+                return {"test_loss": loss, "test_perplexity": math.exp(loss) if loss < 709 else math.inf}
             losses, correct = 0.0, 0
             x_test, y_test = self.data.x_test[:limit], self.data.y_test[:limit]
             for start in range(0, len(y_test), 1000):
