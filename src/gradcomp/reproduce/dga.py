@@ -160,9 +160,9 @@ def _accuracy_table(variant: Variant, task: Task, results: dict) -> str:
         published = ""
         if task.key == "image" and "dga_delay" in fields and fields["dga_delay"] in PUBLISHED:
             published = PUBLISHED[fields["dga_delay"]][1 if fields.get("dga_correction", True) else 0]
-        s = results[(task.key, "iid", key)]
-        body.append([label, *[_score(task, results[(task.key, p, key)]) for p in PARTITIONS],
-                     f"{s['bytes_sent'] / s['steps'] / 1e6:.3g} MB", published])
+        done = [results[(task.key, p, key)] for p in PARTITIONS if "bytes_sent" in results[(task.key, p, key)]]
+        sent = f"{done[0]['bytes_sent'] / done[0]['steps'] / 1e6:.3g} MB" if done else "—"  # diverged at once
+        body.append([label, *[_score(task, results[(task.key, p, key)]) for p in PARTITIONS], sent, published])
     metric = "test acc." if task.metric == "test_accuracy" else "test ppl (chars)"
     return markdown_table(["row", *[f"{metric}, {name}" for name in PARTITIONS.values()], "sent / step / worker",
                            "published (ResNet-18, CIFAR-10)"], body)
