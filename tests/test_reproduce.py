@@ -264,6 +264,11 @@ def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
     assert again["test_loss"] == straight["test_loss"]
     with pytest.raises(ValueError, match=r"0-dgc holds a run with other settings \(lr\)"):
         train_runs(ctx, [TrainConfig(epochs=2, lr=0.5, **common)], tmp_path / "keep" / "table")
+    stopped = tmp_path / "keep" / "other" / "0-dgc"  # a kept run that stopped before its first checkpoint
+    stopped.mkdir(parents=True)
+    (stopped / "config.json").write_text("{}")
+    [(fresh, _)] = train_runs(ctx, [TrainConfig(epochs=2, **common)], stopped.parent)
+    assert fresh["test_loss"] == straight["test_loss"]
     with Context(full=False, out_dir=tmp_path).runs_folder("table") as temporary:
         assert temporary.is_dir() and tmp_path not in temporary.parents
     assert not temporary.exists()

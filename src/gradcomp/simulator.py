@@ -283,7 +283,7 @@ class Simulator:
         self.bytes_sent = list(state["bytes_sent"])
         self.dense_bytes = int(state["dense_bytes"])
         self.steps = int(state["steps"])
-        for model, s in zip(self.models[1:], state["replicas"]):
+        for model, s in zip(self.models[1:], state.get("replicas", [])):
             model.load_state_dict(s)
         for optimizer, s in zip(self.optimizers[1:], state.get("optimizers", [])):
             optimizer.load_state_dict(s)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -546,6 +547,8 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     try:
         if RunDir(cfg.run_dir).has_checkpoint():
             return train(_resumable(cfg), resume=cfg.run_dir, echo=lambda _: None)
+        if Path(cfg.run_dir).is_dir():  # a kept run that stopped before its first checkpoint: start it again
+            shutil.rmtree(cfg.run_dir)
         return train(cfg, echo=lambda _: None)
     except NonFiniteGradientError as error:
         records = RunDir(cfg.run_dir).read_metrics()
