@@ -349,6 +349,9 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
             torch.set_num_threads(threads)
         machine = machine_info()
         result = study.run(ctx)
+        if runs_dir is not None:
+            result.setup.append(f"training runs kept in {runs_dir} (--runs): a run that had finished there was "
+                                "loaded, not trained again, so the wall time is this invocation's only")
     finally:
         torch.set_num_threads(default_threads)
     seconds = time.perf_counter() - start
