@@ -196,8 +196,8 @@ def _plot(variant: Variant, results: dict, path: Path) -> None:
         for partition, style in zip(PARTITIONS, ("-", "--")):
             def y(key: str) -> float:
                 s = results[(task.key, partition, key)]
-                if "diverged" in s or not math.isfinite(s[task.metric]):
-                    return math.nan  # no point: the run stopped, or its perplexity overflowed
+                if "diverged" in s or not s[task.metric] < 1e4:
+                    return math.nan  # no point: the run stopped, or its perplexity blew up (the table has it)
                 return 100 * s[task.metric] if task.metric == "test_accuracy" else s[task.metric]
 
             name = PARTITIONS[partition]
@@ -208,7 +208,9 @@ def _plot(variant: Variant, results: dict, path: Path) -> None:
             ax.plot(variant.periods, [y(f"fedavg{k}") for k in variant.periods], "^" + style, color="C2",
                     label=f"FedAvg (x = period K), {name}")
         ax.set_xlabel("delay D (steps)")
-        ax.set_ylabel("test accuracy (%)" if task.metric == "test_accuracy" else "test perplexity")
+        ax.set_ylabel("test accuracy (%)" if task.metric == "test_accuracy" else "test perplexity (log)")
+        if task.metric != "test_accuracy":
+            ax.set_yscale("log")
         ax.set_title(f"{task.key}: {task.dataset}, {task.model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
