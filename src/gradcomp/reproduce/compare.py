@@ -85,9 +85,15 @@ def configs(task: Task, seed: int) -> list:
     return out
 
 
-def _score(task: Task, summary: dict) -> str:
+def score(task: Task, summary: dict) -> str:
+    """A run's result as the tables print it: accuracy in %, perplexity to 3 decimals (in powers of ten
+    once it has blown up past 1e4, or inf), or the epoch the run diverged in."""
+    if "diverged" in summary:
+        return f"diverged (epoch {summary['diverged_in_epoch']})"
     value = summary[task.metric]
-    return f"{100 * value:.2f} %" if task.metric == "test_accuracy" else f"{value:.3f}"
+    if task.metric == "test_accuracy":
+        return f"{100 * value:.2f} %"
+    return f"{value:.3f}" if value < 1e4 else f"{value:.1e} (blew up)"  # inf: beyond a float's range
 
 
 def _table(task: Task, rows: dict[str, dict]) -> str:
@@ -102,7 +108,7 @@ def _table(task: Task, rows: dict[str, dict]) -> str:
         per_epoch = s["bytes_sent"] / task.epochs
         projected = estimate_step_time(s["time_per_step"] / task.workers, s["bytes_sent"] / s["steps"],
                                        task.workers, 1.0, s["collective"])
-        body.append([METHODS[key][2], _score(task, s), f"{per_epoch / 1e6:.3g} MB", f"{s['compression_ratio']:.1f}x",
+        body.append([METHODS[key][2], score(task, s), f"{per_epoch / 1e6:.3g} MB", f"{s['compression_ratio']:.1f}x",
                      f"{1e3 * s['time_per_step']:.0f} ms", f"{1e3 * projected:.1f} ms",
                      PUBLISHED.get(key, "") if task.key == "image" else ""])
     metric = "test acc." if task.metric == "test_accuracy" else "test ppl (chars)"
@@ -161,9 +167,9 @@ def run(ctx: Context) -> Result:
             learned = {k: r["test_perplexity"] < floor for k, r in ok.items()}
             what = f"perplexity below the uniform guess, {floor}"
         checks.append(Check(f"{task.key}: dense, DGC and PowerSGD learn ({what})", all(learned[k] for k in core),
-                            ", ".join(f"{k} {_score(task, ok[k])}" for k in core)))
+                            ", ".join(f"{k} {score(task, ok[k])}" for k in core)))
         for k in (k for k, good in learned.items() if not good):
-            notes.append(f"{task.key}: {METHODS[k][2]} did not learn ({_score(task, ok[k])}: {what.split(';')[0]} "
+            notes.append(f"{task.key}: {METHODS[k][2]} did not learn ({score(task, ok[k])}: {what.split(';')[0]} "
                          "fails) with the shared learning rate and momentum 0.9 on top of its error feedback.")
         if ctx.full and {"none", "dgc"} <= ok.keys():
             if task.metric == "test_accuracy":

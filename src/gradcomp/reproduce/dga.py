@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
-from .compare import Task
+from .compare import Task, score
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,10 @@ def _speed_plan(variant: Variant) -> list[tuple[str, int]]:
 def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[str, list[float]]:
     """Per task: seconds per step of each plan entry, without latency and with ``variant.latency_ms``."""
     import torch
-    import torch.nn.functional as F
 
     from ..bench.latency import step_time
-    from ..train.data import batchify, load_dataset
+    from ..train.data import load_dataset
+    from ..train.loop import Task as Batches, TrainConfig
     from ..train.models import build_model
 
     out = {}
@@ -107,18 +107,14 @@ def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[st
         torch.manual_seed(seed)
         data = load_dataset(task.dataset, limit_train=task.limit_train)
         model = build_model(task.model, data, **dict(task.model_options))
-        if data.kind == "lm":
-            rows = batchify(data.train, task.batch_per_worker)
-            x, y = rows[:, :35], rows[:, 1:36]
+        cfg = TrainConfig(dataset=task.dataset, model=task.model, model_options=dict(task.model_options),
+                          method="none", batch_size=task.batch_per_worker, limit_train=task.limit_train, seed=seed,
+                          progress=False)
+        batches = Batches(data, cfg, 1)  # one worker's batches and loss, as gradcomp train computes them
+        [shard] = next(batches.epoch(0))
 
-            def loss_fn(m, x=x, y=y):
-                logits, _ = m(x)
-                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        else:
-            x, y = data.x_train[:task.batch_per_worker], data.y_train[:task.batch_per_worker]
-
-            def loss_fn(m, x=x, y=y):
-                return F.cross_entropy(m(x), y)
+        def loss_fn(m, batches=batches, shard=shard):
+            return batches.loss(m, shard)
 
         step_time("dga", 0, 0.0, 4, model, loss_fn)  # warm-up, not timed
         out[task.key] = [step_time(kind, param, latency, variant.timed_steps, model, loss_fn)
@@ -138,15 +134,6 @@ def measure_speed(variant: Variant, seed: int) -> dict[str, dict[tuple[str, int,
 
 # ----------------------------------------------------------------------------- the table
 
-def _score(task: Task, summary: dict) -> str:
-    if "diverged" in summary:
-        return f"diverged (epoch {summary['diverged_in_epoch']})"
-    value = summary[task.metric]
-    if task.metric == "test_accuracy":
-        return f"{100 * value:.2f} %"
-    return f"{value:.3f}" if value < 1e4 else f"{value:.1e} (blew up)"  # inf: beyond a float's range
-
-
 def _value(task: Task, summary: dict) -> float:
     """Higher is better: accuracy, or minus the perplexity; -inf for a diverged run."""
     if "diverged" in summary:
@@ -162,7 +149,7 @@ def _accuracy_table(variant: Variant, task: Task, results: dict) -> str:
             published = PUBLISHED[fields["dga_delay"]][1 if fields.get("dga_correction", True) else 0]
         done = [results[(task.key, p, key)] for p in PARTITIONS if "bytes_sent" in results[(task.key, p, key)]]
         sent = f"{done[0]['bytes_sent'] / done[0]['steps'] / 1e6:.3g} MB" if done else "—"  # diverged at once
-        body.append([label, *[_score(task, results[(task.key, p, key)]) for p in PARTITIONS], sent, published])
+        body.append([label, *[score(task, results[(task.key, p, key)]) for p in PARTITIONS], sent, published])
     metric = "test acc." if task.metric == "test_accuracy" else "test ppl (chars)"
     return markdown_table(["row", *[f"{metric}, {name}" for name in PARTITIONS.values()], "sent / step / worker",
                            "published (ResNet-18, CIFAR-10)"], body)
@@ -251,7 +238,7 @@ def run(ctx: Context) -> Result:
             learned = all(-_value(task, s) < vocab / 2 for s in r.values())
             what = f"perplexity under half the uniform guess, {vocab}"
         checks.append(Check(f"{task.key}, i.i.d.: synchronous SGD, DGA and FedAvg learn ({what})", learned,
-                            ", ".join(_score(task, s) for s in r.values())))
+                            ", ".join(score(task, s) for s in r.values())))
         if ctx.full:
             sync_iid, dga_iid = results[(task.key, "iid", "sync")], results[(task.key, "iid", f"dga{d}")]
             close = (_value(task, dga_iid) >= _value(task, sync_iid) - 0.01 if task.metric == "test_accuracy"
@@ -260,14 +247,14 @@ def run(ctx: Context) -> Result:
                                 + ("1 point" if task.metric == "test_accuracy" else "5 %")
                                 + " of synchronous SGD (the paper, CIFAR-10: 88.7 % at D = 20 with the correction)",
                                 close,
-                                f"{_score(task, dga_iid)} vs {_score(task, sync_iid)}"))
+                                f"{score(task, dga_iid)} vs {score(task, sync_iid)}"))
             for partition in PARTITIONS:
                 with_c = results[(task.key, partition, f"dga{d}")]
                 without = results[(task.key, partition, f"dga{d}_nc")]
                 checks.append(Check(f"{task.key}, {PARTITIONS[partition]}: at D = {d} the correction does at least as "
                                     "well as the stale average alone (the paper's finding)",
                                     _value(task, with_c) >= _value(task, without),
-                                    f"{_score(task, with_c)} vs {_score(task, without)}"))
+                                    f"{score(task, with_c)} vs {score(task, without)}"))
         t = seconds[task.key]
         sync, dga = t[("dga", 0, lat)], t[("dga", d, lat)]
         if ctx.full:
@@ -278,12 +265,12 @@ def run(ctx: Context) -> Result:
             checks.append(Check(f"{task.key}: at L = {lat:g} ms, DGA (D = {d}) steps faster than synchronous SGD",
                                 dga < sync, f"{1e3 * dga:.1f} vs {1e3 * sync:.1f} ms ({sync / dga:.2f}x)"))
         for partition in PARTITIONS:
-            score = {k: _score(task, results[(task.key, partition, k)]) for k in rows(variant)}
+            shown = {k: score(task, results[(task.key, partition, k)]) for k in rows(variant)}
             best = max(variant.periods, key=lambda k: _value(task, results[(task.key, partition, f"fedavg{k}")]))
             k = max(variant.periods)
-            notes.append(f"{task.key}, {PARTITIONS[partition]}: synchronous {score['sync']}; DGA D = {d} "
-                         f"{score[f'dga{d}']} (w/o correction {score[f'dga{d}_nc']}); FedAvg K = {k} "
-                         f"{score[f'fedavg{k}']} (its best period here: K = {best}).")
+            notes.append(f"{task.key}, {PARTITIONS[partition]}: synchronous {shown['sync']}; DGA D = {d} "
+                         f"{shown[f'dga{d}']} (w/o correction {shown[f'dga{d}_nc']}); FedAvg K = {k} "
+                         f"{shown[f'fedavg{k}']} (its best period here: K = {best}).")
 
     title = "Delayed gradient averaging: accuracy for delay D with and without correction, FedAvg, and speed " \
             "under emulated latency"

@@ -518,12 +518,13 @@ def speaker_grouped(stream: Tensor, vocab: tuple[str, ...], num_workers: int) ->
     by_speaker: dict[str, list[str]] = {}
     for speech in text.split("\n\n"):
         by_speaker.setdefault(speech.split("\n", 1)[0], []).append(speech + "\n\n")
+    size = {speaker: sum(map(len, speeches)) for speaker, speeches in by_speaker.items()}
     groups: list[list[str]] = [[] for _ in range(num_workers)]
     lengths = [0] * num_workers
-    for speaker in sorted(by_speaker, key=lambda k: -sum(map(len, by_speaker[k]))):
+    for speaker in sorted(by_speaker, key=lambda k: -size[k]):
         w = lengths.index(min(lengths))
         groups[w] += by_speaker[speaker]
-        lengths[w] += sum(map(len, by_speaker[speaker]))
+        lengths[w] += size[speaker]
     out = "".join("".join(g) for g in groups)[:len(text)]  # the last speech had no blank line after it
     ids = np.searchsorted(codes, np.frombuffer(out.encode("utf-32-le"), dtype="<u4"))
     return torch.from_numpy(ids.astype(np.int64))
