@@ -100,16 +100,16 @@ def test_non_finite_gradient_changes_no_memory(name):
 
 
 def test_finite_check_is_exact_for_large_finite_and_half_precision_values():
-    from gradcomp.method import _non_finite
+    from gradcomp.method import non_finite
 
     big = torch.full((10,), 3e38)  # finite, but its float32 sum overflows to inf
     half = torch.full((100,), 60000.0, dtype=torch.float16)  # finite, its fp16 sum overflows
-    assert _non_finite({"big": big, "half": half, "empty": torch.zeros(0)}) == []
+    assert non_finite({"big": big, "half": half, "empty": torch.zeros(0)}) == []
     assert torch.isinf(big.sum()) and torch.isinf(half.sum())  # the fast path really was not enough
     for value in (float("nan"), float("inf"), float("-inf")):
         bad = big.clone()
         bad[7] = value
-        assert _non_finite({"big": big, "bad": bad, "half": half}) == ["bad"]
+        assert non_finite({"big": big, "bad": bad, "half": half}) == ["bad"]
 
 
 def _roundtrip(state):

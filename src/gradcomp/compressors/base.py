@@ -43,8 +43,12 @@ __all__ = [
     "Exchanged",
     "Payload",
     "available",
+    "check_indices",
+    "check_payloads",
+    "check_tensor",
     "get",
     "register",
+    "tensors_of",
 ]
 
 Op = Literal["sum", "max", "gather"]
@@ -189,6 +193,60 @@ def num_selected(density: float, numel: int) -> int:
 def index_dtype(numel: int) -> torch.dtype:
     """The narrowest index type that addresses ``numel`` entries."""
     return torch.int32 if numel <= 2**31 - 1 else torch.int64
+
+
+# ------------------------------------------------------- received payloads
+#
+# A received payload came over the network: decoders check it before they index with it, so that a corrupt
+# one raises ValueError naming the field, what was expected and what came, and never writes out of bounds
+# (on CPU torch would raise an opaque IndexError; on CUDA an out-of-range index is a device-side assert that
+# kills the process's CUDA context).  The checks are O(1) or one vectorized min/max: no loop over entries.
+
+
+def check_payloads(owner: str, payloads: Sequence[Payload]) -> None:
+    """At least one payload: a collective always hands back one (sum/max) or one per worker (gather)."""
+    if len(payloads) == 0:
+        raise ValueError(f"{owner}: corrupt exchange: expected at least 1 payload, got 0")
+
+
+def tensors_of(owner: str, payload: Payload, count: int) -> tuple[Tensor, ...]:
+    """The payload's tensors, which must number ``count``."""
+    if len(payload.tensors) != count:
+        raise ValueError(f"{owner}: corrupt payload: expected {count} tensor(s), got {len(payload.tensors)}")
+    return payload.tensors
+
+
+_KINDS = {"floating-point": lambda d: d.is_floating_point,
+          "integer": lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool}
+
+
+def check_tensor(owner: str, field: str, t: Tensor, *, numel: int | None = None, shape: tuple | None = None,
+                 dtype: torch.dtype | None = None, kind: str | None = None, dim: int | None = None) -> None:
+    """Raise ValueError naming ``owner``'s payload ``field`` unless ``t`` has the given size, shape and type
+    (``kind``: "floating-point" or "integer")."""
+    def bad(what: str, expected: Any, got: Any) -> ValueError:
+        return ValueError(f"{owner}: corrupt payload: {field} {what} must be {expected}, got {got}")
+
+    if dtype is not None and t.dtype != dtype:
+        raise bad("dtype", dtype, t.dtype)
+    if kind is not None and not _KINDS[kind](t.dtype):
+        raise bad("dtype", f"an {kind} type" if kind == "integer" else f"a {kind} type", t.dtype)
+    if dim is not None and t.dim() != dim:
+        raise bad("dimension", dim, t.dim())
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise bad("shape", tuple(shape), tuple(t.shape))
+    if numel is not None and t.numel() != numel:
+        raise bad("size", numel, t.numel())
+
+
+def check_indices(owner: str, field: str, indices: Tensor, numel: int) -> None:
+    """Integer, 1-d, every entry in ``[0, numel)`` (one min and one max)."""
+    check_tensor(owner, field, indices, kind="integer", dim=1)
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= numel:
+            raise ValueError(f"{owner}: corrupt payload: {field} must lie in [0, {numel}) for a tensor of {numel} "
+                             f"entries, got an index of {low if low < 0 else high} (out of range)")
 
 
 # ------------------------------------------------------------------ registry

@@ -8,15 +8,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Compressor, Payload, register
+from .base import Compressor, Payload, check_payloads, check_tensor, register, tensors_of
 
 __all__ = ["NoCompression", "FP16"]
 
 
-def _sum_dense(payloads: Sequence[Payload], like: Tensor) -> Tensor:
-    total = payloads[0].tensors[0].to(like.dtype).view(like.shape).clone()
-    for p in payloads[1:]:
-        total.add_(p.tensors[0].view(like.shape).to(like.dtype))
+def _sum_dense(owner: str, payloads: Sequence[Payload], like: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Sum of the payloads' tensors (each ``like.numel()`` entries of ``dtype``; None: ``like``'s)."""
+    check_payloads(owner, payloads)
+    values = []
+    for p in payloads:
+        (t,) = tensors_of(owner, p, 1)
+        check_tensor(owner, "values", t, dtype=dtype or like.dtype, numel=like.numel())
+        values.append(t)
+    total = values[0].to(like.dtype).reshape(like.shape).clone()
+    for t in values[1:]:
+        total.add_(t.reshape(like.shape).to(like.dtype))
     return total
 
 
@@ -31,7 +38,7 @@ class NoCompression(Compressor):
         return Payload((tensor.reshape(-1),), op="sum")
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
-        return _sum_dense(payloads, like)
+        return _sum_dense("none", payloads, like, None)
 
 
 @register
@@ -52,4 +59,4 @@ class FP16(Compressor):
         return Payload((half,), op="sum")
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
-        return _sum_dense(payloads, like)
+        return _sum_dense("fp16", payloads, like, torch.float16)

@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Compressor, Exchange, Exchanged, Payload, check_int, check_range, register
+from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
+                   register, tensors_of)
 
 __all__ = ["PowerSGD"]
 
@@ -83,13 +84,16 @@ def _orthogonalize(p: Tensor) -> Tensor:
     return torch.linalg.qr(p, mode="reduced").Q
 
 
-def _summed(received: Sequence[Payload]) -> Tensor:
-    """The combined tensor of a ``"sum"`` round (one payload; several are summed)."""
+def _summed(received: Sequence[Payload], field: str, **expected: object) -> Tensor:
+    """The combined tensor of a ``"sum"`` round (one payload; several are summed), checked against
+    ``expected`` (see :func:`~gradcomp.compressors.base.check_tensor`)."""
     if len(received) == 0:
         raise ValueError("powersgd: received no payload for a 'sum' round")
-    total = received[0].tensors[0]
-    for p in received[1:]:
-        total = total + p.tensors[0]
+    total = None
+    for p in received:
+        (t,) = tensors_of("powersgd", p, 1)
+        check_tensor("powersgd", field, t, **expected)
+        total = t if total is None else total + t
     return total
 
 
@@ -194,7 +198,8 @@ class PowerSGD(Compressor):
             payload = Payload((tensor.reshape(-1),), op="sum", meta=_DENSE)
             received = yield payload
             # a fresh tensor: callers may scale ``total`` in place, and the combined payload is shared
-            total = _summed(received).reshape(tensor.shape).to(tensor.dtype, copy=True)
+            total = _summed(received, "dense values", numel=tensor.numel()).reshape(tensor.shape).to(
+                tensor.dtype, copy=True)
             return Exchanged(total, payload)
 
         n, m = shape
@@ -204,11 +209,11 @@ class PowerSGD(Compressor):
 
         p_local = matrix @ q  # P_w = M_w Q
         received = yield Payload((p_local,), op="sum", meta=_P, last=False)
-        p_hat = _orthogonalize(_summed(received))  # P^ = ORTH(sum_w P_w)
+        p_hat = _orthogonalize(_summed(received, "P", shape=(n, self.rank), dtype=dtype))  # P^ = ORTH(sum_w P_w)
 
         q_local = matrix.T @ p_hat  # Q_w = M_w^T P^
         received = yield Payload((q_local,), op="sum", meta=_Q)
-        q_sum = _summed(received)  # Q' = sum_w Q_w
+        q_sum = _summed(received, "Q", shape=(m, self.rank), dtype=dtype)  # Q' = sum_w Q_w
 
         total = (p_hat @ q_sum.T).reshape(tensor.shape).to(tensor.dtype)
         self._finish_state(state, q_sum)
@@ -221,9 +226,10 @@ class PowerSGD(Compressor):
         (from :meth:`compress` or the rounds of :meth:`exchange`) raise
         ``NotImplementedError``: PowerSGD needs both rounds of :meth:`exchange`.
         """
-        if len(payloads) == 0:
-            raise ValueError("powersgd: decompress needs at least one payload")
+        check_payloads("powersgd", payloads)
         total = torch.zeros(like.shape, dtype=_compute_dtype(like.dtype), device=like.device)
+        n = like.shape[0] if like.dim() else 1
+        m = like.numel() // n if n else 0
         for payload in payloads:
             if payload.meta in (_P, _Q):
                 raise NotImplementedError(
@@ -232,6 +238,9 @@ class PowerSGD(Compressor):
                 )
             if len(payload.tensors) == 2:
                 p_hat, q = payload.tensors
+                check_tensor("powersgd", "P", p_hat, kind="floating-point", dim=2)
+                check_tensor("powersgd", "P", p_hat, shape=(n, p_hat.shape[1]))
+                check_tensor("powersgd", "Q", q, kind="floating-point", shape=(m, p_hat.shape[1]))
                 total += (p_hat @ q.T).reshape(like.shape).to(total.dtype)
             elif len(payload.tensors) == 1 and payload.tensors[0].numel() == like.numel():
                 total += payload.tensors[0].reshape(like.shape).to(total.dtype)

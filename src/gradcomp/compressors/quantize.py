@@ -51,7 +51,8 @@ import torch
 from torch import Tensor
 
 from . import bits
-from .base import Compressor, Exchange, Exchanged, Payload, check_int, check_range, register
+from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
+                   register, tensors_of)
 
 __all__ = ["OneBit", "TernGrad", "QSGD"]
 
@@ -114,9 +115,18 @@ def _uniform(seed: int | None, state: dict | None, n: int, dtype: torch.dtype, d
 
 
 def _tensors(payload: Payload, count: int, owner: str) -> tuple[Tensor, ...]:
-    if len(payload.tensors) != count:
-        raise ValueError(f"{owner}: a payload must carry {count} tensors, got {len(payload.tensors)}")
-    return payload.tensors
+    return tensors_of(owner, payload, count)
+
+
+def _unpack(owner: str, packed: Tensor, width: int, n: int, high: int, device: torch.device) -> Tensor:
+    """``n`` codes of ``width`` bits from a received payload, each checked to be at most ``high``."""
+    check_tensor(owner, "packed codes", packed, dtype=torch.uint8, numel=bits.packed_nbytes(n, width))
+    codes = bits.unpack(packed.to(device), width, n)
+    if n and high < (1 << width) - 1:
+        top = int(codes.max())
+        if top > high:
+            raise ValueError(f"{owner}: corrupt payload: packed codes must lie in [0, {high}], got {top}")
+    return codes
 
 
 # ------------------------------------------------------------------- 1-bit
@@ -170,11 +180,13 @@ class OneBit(Compressor):
         cd = _compute_dtype(like.dtype)
         rows, cols = self._matrix_shape(like.shape)
         total = torch.zeros(rows, cols, dtype=cd, device=like.device)
+        check_payloads("onebit", payloads)
         for p in payloads:
             packed, values = _tensors(p, 2, "onebit")
             if values.shape != (2, cols):
                 raise ValueError(f"onebit: expected values of shape (2, {cols}), got {tuple(values.shape)}")
-            signs = bits.unpack(packed.to(like.device), 1, rows * cols).view(rows, cols).bool()
+            check_tensor("onebit", "values", values, kind="floating-point")
+            signs = _unpack("onebit", packed, 1, rows * cols, 1, like.device).view(rows, cols).bool()
             values = values.to(like.device, cd)
             total += torch.where(signs, values[0], values[1])
         return total.reshape(like.shape).to(like.dtype)
@@ -251,15 +263,18 @@ class TernGrad(Compressor):
         cd = _compute_dtype(tensor.dtype)
         flat = tensor.reshape(-1).to(cd)
         received = yield Payload((self._local_scale(flat),), op="max", last=False)
+        check_payloads("terngrad", received)
         (scale,) = _tensors(received[0], 1, "terngrad")
+        check_tensor("terngrad", "scale", scale, kind="floating-point", numel=1)
         scale = scale.to(tensor.device, torch.float32).reshape(1)
         packed = bits.pack(self._codes(flat, scale, state), 2)
         received = yield Payload((packed,), op="gather")
         n = flat.numel()
         ints = torch.zeros(n, dtype=torch.int64, device=tensor.device)
+        check_payloads("terngrad", received)
         for p in received:
             (codes,) = _tensors(p, 1, "terngrad")
-            ints += bits.unpack(codes.to(tensor.device), 2, n) - 1
+            ints += _unpack("terngrad", codes, 2, n, 2, tensor.device) - 1
         total = (scale.to(cd) * ints.to(cd)).reshape(tensor.shape).to(tensor.dtype)
         return Exchanged(total, Payload((packed, scale), op="gather"))
 
@@ -267,9 +282,11 @@ class TernGrad(Compressor):
         cd = _compute_dtype(like.dtype)
         n = like.numel()
         total = torch.zeros(n, dtype=cd, device=like.device)
+        check_payloads("terngrad", payloads)
         for p in payloads:
             packed, scale = _tensors(p, 2, "terngrad")
-            ternary = (bits.unpack(packed.to(like.device), 2, n) - 1).to(cd)
+            check_tensor("terngrad", "scale", scale, kind="floating-point", numel=1)
+            ternary = (_unpack("terngrad", packed, 2, n, 2, like.device) - 1).to(cd)
             total += scale.to(like.device, cd).reshape(()) * ternary
         return total.reshape(like.shape).to(like.dtype)
 
@@ -351,11 +368,13 @@ class QSGD(Compressor):
         n, d, s = like.numel(), self.bucket_size, self.levels
         nb = -(-n // d)
         total = torch.zeros(nb, d, dtype=cd, device=like.device)
+        check_payloads("qsgd", payloads)
         for p in payloads:
             norms, packed = _tensors(p, 2, "qsgd")
             if norms.numel() != nb:
                 raise ValueError(f"qsgd: {n} entries in buckets of {d} need {nb} norms, got {norms.numel()}")
-            levels = bits.unpack(packed.to(like.device), self.width, n) - s
+            check_tensor("qsgd", "norms", norms, kind="floating-point", dim=1)
+            levels = _unpack("qsgd", packed, self.width, n, 2 * s, like.device) - s
             levels = torch.cat([levels, levels.new_zeros(nb * d - n)]).view(nb, d).to(cd)
             total += norms.to(like.device, cd).unsqueeze(1) * levels / s
         return total.reshape(-1)[:n].reshape(like.shape).to(like.dtype)

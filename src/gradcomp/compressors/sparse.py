@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from . import bits
-from .base import Compressor, Exchange, Exchanged, Payload, check_range, index_dtype, num_selected, register
+from .base import (Compressor, Exchange, Exchanged, Payload, check_indices, check_payloads, check_range,
+                   check_tensor, index_dtype, num_selected, register, tensors_of)
 
 __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "select_topk",
            "select_dgc", "WIRES", "check_wire"]
@@ -212,26 +213,30 @@ def _sparse_payload(flat: Tensor, indices: Tensor, wire: str) -> Payload:
                    meta=(half.float() * scale, indices.long()))
 
 
-def _decode(payload: Payload, numel: int, wire: str) -> tuple[Tensor, Tensor]:
+def _decode(payload: Payload, numel: int, wire: str, owner: str = "sparse") -> tuple[Tensor, Tensor]:
     """(values, int64 indices) of a sparse payload; a corrupt one raises ``ValueError``."""
     if wire == "plain":
-        values, indices = payload.tensors
-        indices = indices.long()
+        values, indices = tensors_of(owner, payload, 2)
+        check_tensor(owner, "values", values, kind="floating-point", dim=1)
         if indices.numel() != values.numel():
-            raise ValueError(f"corrupt sparse payload: {values.numel()} values but {indices.numel()} indices")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-            raise ValueError(f"corrupt sparse payload: an index is out of range for a tensor of {numel} entries")
-        return values, indices
-    return _decode_compact_stack([payload], numel)
+            raise ValueError(f"{owner}: corrupt sparse payload: {values.numel()} values but {indices.numel()} indices")
+        check_indices(owner, "indices", indices, numel)
+        return values, indices.long()
+    return _decode_compact_stack([payload], numel, owner)
 
 
-def _decode_compact_stack(payloads: Sequence[Payload], numel: int) -> tuple[Tensor, Tensor]:
+def _decode_compact_stack(payloads: Sequence[Payload], numel: int, owner: str = "sparse") -> tuple[Tensor, Tensor]:
     """Decode N compact payloads of one tensor with the same sizes in one pass: flat (values, indices), rank
     order.  One payload is the case N = 1."""
+    for p in payloads:  # a few attribute checks per worker, none per entry
+        half, scale, code = tensors_of(owner, p, 3)
+        check_tensor(owner, "values", half, dtype=torch.float16, dim=1)
+        if scale.numel() != 1:
+            raise ValueError(f"{owner}: corrupt sparse payload: {scale.numel()} scales where 1 was expected")
+        check_tensor(owner, "scale", scale, dtype=torch.float32)
+        check_tensor(owner, "index code", code, dtype=torch.uint8, dim=1)
     half = torch.stack([p.tensors[0] for p in payloads])
-    if payloads[0].tensors[1].numel() != 1:
-        raise ValueError(f"corrupt sparse payload: {payloads[0].tensors[1].numel()} scales where 1 was expected")
-    scales = torch.stack([p.tensors[1] for p in payloads])
+    scales = torch.stack([p.tensors[1].reshape(1) for p in payloads])
     indices = bits.decode_sorted(torch.stack([p.tensors[2] for p in payloads]), numel, half.shape[1])
     return (half.float() * scales).view(-1), indices.view(-1)
 
@@ -244,7 +249,7 @@ class _Sparse(Compressor):
 
     def decode(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor]:
         """The values and flat int64 indices one payload carries."""
-        return _decode(payload, numel, self.wire)
+        return _decode(payload, numel, self.wire, self.name)
 
     def _own(self, sent: Payload, numel: int) -> tuple[Tensor, Tensor]:
         """What this worker's own payload decodes to: kept by :func:`_sparse_payload` in ``meta``.
@@ -256,14 +261,14 @@ class _Sparse(Compressor):
         return self._own(payload, numel)[1]
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        check_payloads(self.name, payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-        if payloads:
-            if self.wire == "compact" and len({tuple(t.numel() for t in p.tensors) for p in payloads}) == 1:
-                values, indices = _decode_compact_stack(payloads, like.numel())  # every worker at once
-            else:
-                decoded = [self.decode(p, like.numel()) for p in payloads]
-                values, indices = torch.cat([v for v, _ in decoded]), torch.cat([i for _, i in decoded])
-            total.index_add_(0, indices, values.to(like.dtype))  # rank order: every rank sums alike
+        if self.wire == "compact" and len({tuple(t.shape for t in p.tensors) for p in payloads}) == 1:
+            values, indices = _decode_compact_stack(payloads, like.numel(), self.name)  # every worker at once
+        else:
+            decoded = [self.decode(p, like.numel()) for p in payloads]
+            values, indices = torch.cat([v for v, _ in decoded]), torch.cat([i for _, i in decoded])
+        total.index_add_(0, indices, values.to(like.dtype))  # rank order: every rank sums alike
         return total.view(like.shape)
 
     def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
@@ -364,8 +369,10 @@ class SharedSelect(DGCSelect):
         values = flat[indices]
         sent = Payload((values,), op="sum", meta=(values, indices))
         (summed,) = yield sent
+        (values_sum,) = tensors_of("dgc-shared", summed, 1)
+        check_tensor("dgc-shared", "values", values_sum, kind="floating-point", numel=k)
         total = torch.zeros_like(flat)
-        total[indices] = summed.tensors[0]
+        total[indices] = values_sum.reshape(-1).to(flat.dtype)
         return Exchanged(total.view_as(tensor), sent)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
@@ -406,7 +413,10 @@ class RandomK(_Sparse):
         return Payload((flat[indices],), op="sum", meta=indices)
 
     def decode(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor]:
-        return payload.tensors[0], payload.meta  # the indices every rank drew alike
+        (values,) = tensors_of("randomk", payload, 1)
+        indices = payload.meta  # the indices every rank drew alike (the receiver's own, never sent)
+        check_tensor("randomk", "values", values, kind="floating-point", dim=1, numel=indices.numel())
+        return values, indices
 
 
 def _signed_codes(indices: Tensor, negative: Tensor, numel: int) -> Tensor:
@@ -419,9 +429,14 @@ def _split_codes(codes: Tensor) -> tuple[Tensor, Tensor]:
     return codes >> 1, codes & 1
 
 
-def _check_codes(payload: Payload, numel: int) -> None:
-    if payload.tensors[0].numel() and int(payload.tensors[0].max()) >= 2 * numel:
-        raise ValueError(f"corrupt payload: an index is out of range for a tensor of {numel} entries")
+def _check_codes(owner: str, codes: Tensor, numel: int) -> None:
+    """Signed codes ``index * 2 + sign`` must address ``[0, numel)``: codes in ``[0, 2 * numel)``."""
+    check_tensor(owner, "codes", codes, kind="integer", dim=1)
+    if codes.numel():
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= 2 * numel:
+            raise ValueError(f"{owner}: corrupt payload: codes (index * 2 + sign) must lie in [0, {2 * numel}) for a "
+                             f"tensor of {numel} entries, got {low if low < 0 else high} (index out of range)")
 
 
 @register
@@ -446,10 +461,12 @@ class Threshold(Compressor):
         return Payload((_signed_codes(indices, flat[indices] < 0, flat.numel()),), op="gather", variable=True)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        check_payloads("threshold", payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
         for p in payloads:
-            _check_codes(p, like.numel())
-            indices, negative = _split_codes(p.tensors[0])
+            (codes,) = tensors_of("threshold", p, 1)
+            _check_codes("threshold", codes, like.numel())
+            indices, negative = _split_codes(codes)
             total.index_add_(0, indices, self.tau * (1 - 2 * negative).to(like.dtype))
         return total.view(like.shape)
 
@@ -486,9 +503,12 @@ class Dryden(Compressor):
                        variable=True)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        check_payloads("dryden", payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
         for p in payloads:
-            _check_codes(p, like.numel())
-            indices, negative = _split_codes(p.tensors[0])
-            total.index_add_(0, indices, p.tensors[1].to(like.dtype)[negative])
+            codes, means = tensors_of("dryden", p, 2)
+            _check_codes("dryden", codes, like.numel())
+            check_tensor("dryden", "means", means, kind="floating-point", numel=2)
+            indices, negative = _split_codes(codes)
+            total.index_add_(0, indices, means.reshape(2).to(like.dtype)[negative])
         return total.view(like.shape)
