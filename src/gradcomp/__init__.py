@@ -3,6 +3,7 @@
 from .compressors import Compressor, Payload, available, get, register
 from .dga import DelayedGradientAveraging, FedAvg
 from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
+from .guard import SettingsMismatchError
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .method import DGC, Method, NonFiniteGradientError, as_method
 from .optim import DistributedOptimizer
@@ -26,6 +27,7 @@ __all__ = [
     "NonFiniteGradientError",
     "Payload",
     "Residual",
+    "SettingsMismatchError",
     "Simulator",
     "SparsityWarmup",
     "__version__",

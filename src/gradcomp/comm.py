@@ -48,6 +48,9 @@ __all__ = ["Communicator", "Pending"]
 
 log = logging.getLogger(__name__)
 
+#: The name of the threads that complete latency-emulated rounds (:func:`gradcomp.launch.shutdown` waits for them).
+LATENCY_THREAD = "gradcomp-emulated-latency"
+
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
@@ -73,7 +76,7 @@ def _not_before(fut: Future, deadline: float) -> Future:
             settle(f)
             return
         timer = threading.Timer(delay, settle, args=(f,))
-        timer.daemon = True
+        timer.name, timer.daemon = LATENCY_THREAD, True
         timer.start()
 
     fut.add_done_callback(relay)
@@ -129,6 +132,23 @@ class Communicator:
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.bytes_sent = 0
+
+    # -- agreement (control traffic: not payloads, not counted in bytes_sent) --------
+
+    def all_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (small, picklable), in rank order."""
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, obj, group=self.group)
+        return every
+
+    def count_per_rank(self, count: int, device: torch.device | str = "cpu") -> list[int]:
+        """Every rank's ``count``, in rank order: one all-reduce of ``world_size`` int32 (latency emulated)."""
+        counts = torch.zeros(self.world_size, dtype=torch.int32, device=device)
+        counts[self.rank] = count
+        issued = time.monotonic()
+        fut = dist.all_reduce(counts, group=self.group, async_op=True).get_future()
+        (_not_before(fut, issued + self.latency) if self.latency else fut).wait()
+        return counts.tolist()
 
     # -- driving generators ---------------------------------------------------
 

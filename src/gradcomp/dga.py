@@ -17,6 +17,18 @@ synchronous data-parallel SGD.
 
 The workers' models differ by their local terms; momentum and weight decay
 stay the wrapped optimizer's, applied to the corrected gradient.
+
+Non-finite gradients (``nonfinite="skip"``, the default): the ranks cannot
+agree on a step before it is taken without paying the latency DGA hides, so
+the verdict travels with the step's average (one float32 more in its dense
+all-reduce).  The rank that sees a NaN or Inf applies and sends zeros
+instead (through a spare copy of its method: its own memory untouched); when
+the step's average arrives, ``delay`` steps later, every rank learns of it,
+applies no average for that step and withdraws its own gradient of it (the
+correction term), so the step leaves no trace on any rank's weights beyond
+the ``delay`` steps it was applied locally.  With a method that keeps memory
+(residuals, DGC's momentum), the other ranks' memory has taken that step
+before they could know.  ``nonfinite="raise"`` raises at once.
 """
 
 from __future__ import annotations
@@ -25,16 +37,25 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
-from .method import Method, as_method, check_optimizer
+from .compressors.dense import NoCompression
+from .guard import check_nonfinite, check_settings
+from .method import Method, MethodExchange, NonFiniteGradientError, as_method, check_optimizer, non_finite
 from .optim import OptimizerWrapper, trained_parameters
 
 __all__ = ["DelayedGradientAveraging", "FedAvg", "delayed_update"]
+
+log = logging.getLogger(__name__)
+
+#: The key under which a step's non-finite verdict travels with its average (not a parameter name: it has a NUL).
+NONFINITE_KEY = "\0nonfinite"
 
 
 def delayed_update(average: Tensor, local: Tensor, stale_local: Tensor, correct: bool) -> Tensor:
@@ -42,6 +63,24 @@ def delayed_update(average: Tensor, local: Tensor, stale_local: Tensor, correct:
     (the paper's correction) or, with ``correct=False``, the average alone.  The one place of DGA's rule,
     for the real ranks and the simulator alike."""
     return average + local - stale_local if correct else average
+
+
+def flag_exchange(bad: bool, device: torch.device) -> MethodExchange:
+    """The exchange of a step's non-finite verdict: 1.0 from each rank that saw one, summed (dense float32, so it
+    joins the step's dense all-reduce)."""
+    result = yield from NoCompression().exchange(torch.full((1,), float(bad), device=device))
+    return result.total
+
+
+def nonfinite_step(local: dict[str, Tensor], nonfinite: str, where: str, what_now: str) -> bool:
+    """Whether ``local`` holds a NaN or Inf (logged with ``what_now``); raises instead with ``nonfinite="raise"``."""
+    bad = non_finite(local)
+    if bad and nonfinite == "raise":
+        raise NonFiniteGradientError(f"{where}: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory "
+                                     "was changed")
+    if bad:
+        log.warning("%s: non-finite gradient (NaN or Inf) in %s; %s", where, ", ".join(bad[:5]), what_now)
+    return bool(bad)
 
 
 class _Finished:
@@ -67,39 +106,64 @@ class DelayedGradientAveraging(OptimizerWrapper):
     result (a multi-round compressor with memory: PowerSGD) cannot have two
     steps in flight: each step then waits for the previous step's exchange,
     and latency is not hidden.  ``emulate_latency_ms`` is the communicator's
-    latency emulation (experiments only; see :mod:`gradcomp.comm`).
+    latency emulation (experiments only; see :mod:`gradcomp.comm`);
+    ``nonfinite`` is ``"skip"`` or ``"raise"`` (see the module docstring).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  delay: int, method: Method | Compressor | str | None = None, correction: bool = True,
-                 process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0) -> None:
+                 process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0,
+                 nonfinite: str = "skip") -> None:
         check_int("DelayedGradientAveraging", "delay", delay, 0)
+        self.nonfinite = check_nonfinite("DelayedGradientAveraging", nonfinite)
         self.optimizer = optimizer
         self.delay = delay
         self.correction = bool(correction)
         self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
-        self.method = as_method(method if method is not None else "none").for_rank(self.comm.rank)
+        self.configured = as_method(method if method is not None else "none")  # the same on every rank
+        self.method = self.configured.for_rank(self.comm.rank)
         check_optimizer(self.method, optimizer)
+        self._spare = self.configured.for_rank(self.comm.rank)  # sends the zeros of a step this rank skips
         self.params = trained_parameters(named_parameters, optimizer)
         # (this step's local gradients, the pending average of them), oldest first
         self._pending: deque[tuple[dict[str, Tensor], Pending | _Finished]] = deque()
         self.steps = 0
+        self.skipped = 0
+        self._settings_checked = False
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Start averaging this step's gradients; apply the (corrected) average of step ``i - delay``."""
         local = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in self.params.items()}
         world = self.comm.world_size
-        prepared = self.method.prepare(local, world)  # raises on NaN/Inf before any memory changes
-        if self.method.memory_waits_for_result and self._pending:
+        if not self._settings_checked:  # at the first step (also after a resume), before any payload
+            self._settings_checked = True
+            check_settings(self.comm, self.configured, local, delay=self.delay, correction=self.correction,
+                           nonfinite=self.nonfinite)
+        method = self.method
+        if nonfinite_step(local, self.nonfinite, f"rank {self.comm.rank}, step {self.steps}",
+                          "this rank sends zeros and every rank skips the step when its average arrives"):
+            local = {n: torch.zeros_like(g) for n, g in local.items()}  # nothing of it enters memory or weights
+            method, self._spare.epoch, self._spare.steps = self._spare, self.method.epoch, self.method.steps
+        prepared = method.prepare(local, world)
+        if method.memory_waits_for_result and self._pending:
             self._pending[-1][1].wait()  # its memory must be settled before this step compensates
-        gens = {n: self.method.exchange(n, prepared[n], world) for n in self.params}
+        gens = {n: method.exchange(n, prepared[n], world) for n in self.params}
+        if self.nonfinite == "skip":
+            gens[NONFINITE_KEY] = flag_exchange(method is self._spare, next(iter(local.values())).device)
         self._pending.append((local, self.comm.exchange_later(gens)))
         self.method.end_step()
         self.steps += 1
         if len(self._pending) > self.delay:
             old, pending = self._pending.popleft()
             average = pending.wait()
+            if average.get(NONFINITE_KEY, 0):
+                self.skipped += 1
+                log.warning("step %d skipped on every rank: a rank's gradient was not finite",
+                            self.steps - 1 - self.delay)
+                if self.delay == 0:
+                    return None  # synchronous: the optimizer does not step, as GradScaler skips
+                average = {n: torch.zeros_like(g) for n, g in old.items()}  # and the correction withdraws old
             for n, p in self.params.items():
                 self._write(p, delayed_update(average[n].view_as(p), local[n], old[n],
                                               self.correction and self.delay > 0))
@@ -135,7 +199,7 @@ class DelayedGradientAveraging(OptimizerWrapper):
                              f"delay={self.delay}")
         for entry in state["pending"]:
             for key in ("local", "average"):
-                unknown = set(entry[key]) ^ set(self.params)
+                unknown = (set(entry[key]) - {NONFINITE_KEY}) ^ set(self.params)
                 if unknown:
                     raise ValueError(f"the checkpoint's pending {key} gradients do not match the parameters: "
                                      f"{', '.join(sorted(unknown)[:5])}")
@@ -154,22 +218,34 @@ class FedAvg(OptimizerWrapper):
     >>> opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), period=10)
     >>> loss.backward(); opt.step(); opt.zero_grad()
 
-    Optimizer state (momentum) stays local.  ``emulate_latency_ms``: see :mod:`gradcomp.comm`.
+    Optimizer state (momentum) stays local.  ``emulate_latency_ms``: see :mod:`gradcomp.comm`.  A worker whose
+    gradient holds a NaN or Inf skips that local step (``nonfinite="skip"``; the others need not know, nothing is
+    exchanged) or raises (``"raise"``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  period: int, process_group: dist.ProcessGroup | None = None, *,
-                 emulate_latency_ms: float = 0.0) -> None:
+                 emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
         check_int("FedAvg", "period", period, 1)
+        self.nonfinite = check_nonfinite("FedAvg", nonfinite)
         self.optimizer = optimizer
         self.period = period
         self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
         self.params = trained_parameters(named_parameters, optimizer)
         self._average = as_method("none")
         self.steps = 0
+        self.skipped = 0  # local steps skipped for a non-finite gradient
+        self._settings_checked = False
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        out = self.optimizer.step(closure)
+        if not self._settings_checked:
+            self._settings_checked = True
+            check_settings(self.comm, self._average, self.params, period=self.period, nonfinite=self.nonfinite)
+        grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        skip = nonfinite_step(grads, self.nonfinite, f"rank {self.comm.rank}, step {self.steps}",
+                              "this rank skips its local step")
+        out = self.optimizer.step(closure) if not skip else None
+        self.skipped += skip
         self.steps += 1
         if self.steps % self.period == 0:
             self.average()

@@ -51,7 +51,7 @@ def _working(grad: Tensor) -> Tensor:
     return grad.contiguous()
 
 
-def _non_finite(grads: dict[str, Tensor]) -> list[str]:
+def non_finite(grads: dict[str, Tensor]) -> list[str]:
     """The names of the tensors holding a NaN or an Inf.
 
     One sum per tensor (a read of memory, no temporary): a finite sum means
@@ -91,7 +91,7 @@ class Method:
         Every tensor is checked before any of them touches memory, so a NaN or
         Inf raises :class:`NonFiniteGradientError` with nothing changed.
         """
-        bad = _non_finite(grads)
+        bad = non_finite(grads)
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory was changed")
         return {name: _working(g) for name, g in grads.items()}

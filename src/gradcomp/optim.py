@@ -12,6 +12,12 @@ Buckets start strictly in order so every rank issues the same collectives
 in the same order.  ``step()`` starts any bucket still waiting (parameters
 that got no gradient count as zero), waits, writes the averaged gradients
 to ``p.grad`` and steps the wrapped optimizer.
+
+With ``nonfinite="skip"`` (the default) the exchanges wait for the last
+gradient: the ranks first agree that none of them holds a NaN or Inf (see
+:mod:`gradcomp.guard`).  A step where one does is skipped on every rank:
+memory unchanged, ``p.grad`` set to None, the wrapped optimizer not stepped,
+``step_skipped`` True.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch.futures import Future
 
 from .comm import Communicator
 from .compressors.base import Compressor
+from .guard import StepGuard
 from .method import Method, as_method, check_optimizer
 
 __all__ = ["DistributedOptimizer", "OptimizerWrapper"]
@@ -64,19 +71,24 @@ class DistributedOptimizer(OptimizerWrapper):
     ``backward_passes_per_step`` backward passes accumulate locally before
     the exchange (gradient accumulation).  With :class:`~gradcomp.DGC` the
     method owns momentum: the wrapped optimizer must be SGD with
-    ``momentum=0`` (weight decay stays there and is never sent).
+    ``momentum=0`` (weight decay stays there and is never sent).  ``nonfinite``: ``"skip"`` or ``"raise"``
+    (see :mod:`gradcomp.guard`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
-                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0) -> None:
+                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0, nonfinite: str = "skip") -> None:
         if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         self.optimizer = optimizer
+        self.guard = StepGuard(nonfinite)
+        #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
+        self.step_skipped = False
         self.comm = Communicator(process_group)
-        self.method = as_method(method).for_rank(self.comm.rank)
+        self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
+        self.method = self.configured.for_rank(self.comm.rank)
         check_optimizer(self.method, optimizer)
         self.backward_passes_per_step = backward_passes_per_step
         self.params = trained_parameters(named_parameters, optimizer)
@@ -105,18 +117,23 @@ class DistributedOptimizer(OptimizerWrapper):
             self._passes[name] += 1
             if self._passes[name] == self.backward_passes_per_step:
                 self._ready[self._bucket_of[name]] += 1
-                if not self.method.needs_all_gradients:
+                if not self._defer:
                     self._start_ready_buckets()
         return hook
 
     def _start_ready_buckets(self, *, all_remaining: bool = False) -> None:
         while self._next < len(self.buckets) and (
                 all_remaining or self._ready[self._next] == len(self.buckets[self._next])):
-            if self.method.needs_all_gradients:
+            if self._defer:
                 self._start_all_at_once()
                 return
             self._futures[self._next] = self._start(self.buckets[self._next])
             self._next += 1
+
+    @property
+    def _defer(self) -> bool:
+        """Whether exchanges wait for every gradient (see :attr:`HookState.defer <gradcomp.HookState.defer>`)."""
+        return self.method.needs_all_gradients or self.guard.nonfinite == "skip" or not self.guard.settings_checked
 
     def _grad(self, name: str) -> Tensor:
         p = self.params[name]
@@ -129,23 +146,29 @@ class DistributedOptimizer(OptimizerWrapper):
         return self.comm.exchange({n: self.method.exchange(n, prepared[n], world) for n in names})
 
     def _start_all_at_once(self) -> None:
-        prepared = self.method.prepare({n: self._grad(n) for n in self.params}, self.comm.world_size)
+        grads = {n: self._grad(n) for n in self.params}
+        self.step_skipped = not self.guard.check(self.comm, self.configured, grads)
+        self._next = len(self.buckets)
+        if self.step_skipped:
+            return
+        prepared = self.method.prepare(grads, self.comm.world_size)
         for b, names in enumerate(self.buckets):
             self._futures[b] = self._start(names, {n: prepared[n] for n in names})
-        self._next = len(self.buckets)
 
     def synchronize(self) -> None:
         """Finish every exchange of this step and write the averaged gradients to ``p.grad``."""
+        self.step_skipped = False
         self._start_ready_buckets(all_remaining=True)
         for b, names in enumerate(self.buckets):
-            averages = self._futures[b].wait()
+            averages = self._futures[b].wait() if not self.step_skipped else dict.fromkeys(names)
             for n in names:
                 p = self.params[n]
-                avg = averages[n].view_as(p).to(p.dtype)
-                if p.grad is None:
-                    p.grad = avg
+                if averages[n] is None:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = averages[n].view_as(p).to(p.dtype)
                 else:
-                    p.grad.copy_(avg)
+                    p.grad.copy_(averages[n].view_as(p))
         self._passes = dict.fromkeys(self.params, 0)
         self._ready = [0] * len(self.buckets)
         self._futures = [None] * len(self.buckets)
@@ -154,14 +177,16 @@ class DistributedOptimizer(OptimizerWrapper):
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         self.synchronize()
-        return self.optimizer.step(closure)
+        return self.optimizer.step(closure) if not self.step_skipped else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        self.guard.load_state_dict(state.get("guard", {}))
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -14,6 +14,12 @@ model with its own copy of the optimizer (worker 0's are the ones passed in).
 With ``local_steps=K`` they run local SGD / FedAvg (:class:`gradcomp.FedAvg`)
 the same way: each worker steps on its own gradient, and every K steps the
 workers' weights are averaged.
+
+Non-finite gradients follow the real front doors (``nonfinite="skip"`` or
+``"raise"``, see :mod:`gradcomp.guard`): a NaN or Inf on any worker skips the
+step for every worker, memory unchanged (with ``delay``: as
+:class:`~gradcomp.DelayedGradientAveraging`; with ``local_steps``: that
+worker's local step only).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .compressors.base import Compressor, Payload, check_int
-from .dga import delayed_update
+from .dga import NONFINITE_KEY, delayed_update, flag_exchange, nonfinite_step
+from .guard import check_nonfinite
 from .method import Method, MethodExchange, as_method, check_optimizer
 
 __all__ = ["Simulator", "combine", "split_batch"]
@@ -119,7 +126,7 @@ class Simulator:
 
     def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
                  optimizer: torch.optim.Optimizer | None = None, delay: int | None = None,
-                 correction: bool = True, local_steps: int | None = None) -> None:
+                 correction: bool = True, local_steps: int | None = None, nonfinite: str = "skip") -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         method = as_method(method)
@@ -131,6 +138,7 @@ class Simulator:
                     raise ValueError(f"Simulator({field}=...) needs the optimizer: every worker steps its own copy")
         if delay is not None and local_steps is not None:
             raise ValueError("Simulator takes delay (DGA) or local_steps (FedAvg), not both")
+        self.nonfinite = check_nonfinite("Simulator", nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
@@ -142,10 +150,12 @@ class Simulator:
                                                                       for m in self.models[1:]]
         self._pending: deque[tuple[list[dict[str, Tensor]], dict[str, Tensor]]] = deque()
         self.methods = [method.for_rank(rank) for rank in range(num_workers)]
+        self._spares = [method.for_rank(rank) for rank in range(num_workers)] if delay is not None else []
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.bytes_sent = [0] * num_workers  # per worker, whole run
         self.dense_bytes = 0  # fp32 bytes of the gradients one worker would send uncompressed
         self.steps = 0
+        self.skipped = 0  # steps skipped for a non-finite gradient
 
     @property
     def method(self) -> Method:
@@ -186,17 +196,35 @@ class Simulator:
     def apply(self, grads: Sequence[dict[str, Tensor]]) -> None:
         """Exchange the workers' gradients through the method and write the average to ``p.grad``
         (local SGD: each worker's own gradient, nothing exchanged)."""
+        bad = [nonfinite_step(g, self.nonfinite, f"worker {rank}, step {self.steps}", "the step is skipped")
+               for rank, g in enumerate(grads)]  # every check before any memory
+        self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
+        self.steps += 1
         if self.local_steps is not None:
-            for model, worker in zip(self.models, grads):
+            for model, worker, skip in zip(self.models, grads, bad):
                 for name, p in model.named_parameters():
                     if name in self.params:
-                        p.grad = worker[name]
-            self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
-            self.steps += 1
+                        p.grad = worker[name] if not skip else None
             return
         n = self.num_workers
-        prepared = [m.prepare(g, n) for m, g in zip(self.methods, grads)]  # every check before any memory
-        gens = [{name: m.exchange(name, g[name], n) for name in self.params} for m, g in zip(self.methods, prepared)]
+        if any(bad) and self.delay is None:
+            self.skipped += 1
+            for m in self.methods:
+                m.end_step()
+            for p in self.params.values():
+                p.grad = None
+            return
+        methods, grads = list(self.methods), list(grads)
+        for rank, skip in enumerate(bad):  # delayed: the worker sends zeros through a spare method (as dga.py)
+            if skip:
+                grads[rank] = {name: torch.zeros_like(g) for name, g in grads[rank].items()}
+                spare = methods[rank] = self._spares[rank]
+                spare.epoch, spare.steps = self.methods[rank].epoch, self.methods[rank].steps
+        prepared = [m.prepare(g, n) for m, g in zip(methods, grads)]
+        gens = [{name: m.exchange(name, g[name], n) for name in self.params} for m, g in zip(methods, prepared)]
+        if self.delay is not None and self.nonfinite == "skip":
+            for worker, skip, g in zip(gens, bad, prepared):
+                worker[NONFINITE_KEY] = flag_exchange(skip, next(iter(g.values())).device)
         results, sent = run_exchanges(gens)
         for m in self.methods:
             m.end_step()
@@ -207,13 +235,19 @@ class Simulator:
             self._apply_delayed(grads, results[0])
         for rank, b in enumerate(sent):
             self.bytes_sent[rank] += b
-        self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
-        self.steps += 1
 
     def _apply_delayed(self, grads: Sequence[dict[str, Tensor]], average: dict[str, Tensor]) -> None:
         """Delayed gradient averaging: worker k gets g_k,i - g_k,i-D + avg(g_i-D) (g_k,i while i < D)."""
         self._pending.append(([{n: g.detach().clone() for n, g in worker.items()} for worker in grads], average))
         old, avg = self._pending.popleft() if len(self._pending) > self.delay else (None, None)
+        if avg is not None and avg.get(NONFINITE_KEY, 0):
+            self.skipped += 1
+            if self.delay == 0:
+                for model in self.models:
+                    for p in model.parameters():
+                        p.grad = None
+                return
+            avg = {name: torch.zeros_like(g) for name, g in old[0].items()}  # the correction withdraws old
         for rank, model in enumerate(self.models):
             for name, p in model.named_parameters():
                 if name not in self.params:

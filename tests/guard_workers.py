@@ -1,0 +1,121 @@
+"""Worker functions for tests/test_guard.py (module level, so spawned processes can import them)."""
+
+import copy
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradcomp
+from conftest import batches, ce, mlp
+from dist_workers import build_method, digits64
+
+
+def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, nan_rank=1, drop=(),
+                  nonfinite="skip", lr=0.1, batch_size=64):
+    """Train ``steps`` batches through ``front`` ('hook' or 'optim'); on rank ``nan_rank`` the loss of step
+    ``nan_at`` is multiplied by NaN (every gradient of that rank non-finite); batches in ``drop`` are left out
+    (the reference for a skipped step).  Returns the parameters, the skipped count and, around the NaN step,
+    whether this rank's method memory stayed bit for bit the same."""
+    x, y = digits64()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if front == "hook":
+        net = DDP(model)
+        state = gradcomp.register_ddp_hook(net, build_method(spec), nonfinite=nonfinite)
+        method, skipped = (lambda: state.method), (lambda: state.guard.skipped)
+    else:
+        net = model
+        opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec), nonfinite=nonfinite)
+        method, skipped = (lambda: opt.method), (lambda: opt.guard.skipped)
+    memory_kept = None
+    for step, (xb, yb) in enumerate(batches(x, y, batch_size, steps)):
+        if step in drop:
+            continue
+        shard = (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])
+        opt.zero_grad()
+        loss = ce(net, shard)
+        if step == nan_at:
+            before = copy.deepcopy(method().state_dict())
+            if rank == nan_rank:
+                loss = loss * float("nan")
+        loss.backward()
+        if front == "hook":
+            if not state.step_skipped:
+                opt.step()
+        else:
+            opt.step()
+        if step == nan_at:
+            after = method().state_dict()
+            memory_kept = all(torch.equal(a, b) for a, b in zip(_tensors(before["memory"]), _tensors(after["memory"])))
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "skipped": skipped(),
+            "memory_kept": memory_kept}
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj):
+            yield from _tensors(obj[key])
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def dga_guarded(rank, world, delay, steps, nan_at, nan_rank=1, momentum=0.9, lr=0.1, batch_size=64):
+    """Delayed averaging (method none) with a NaN on ``nan_rank`` at step ``nan_at``: every rank's model, and
+    how many steps each skipped."""
+    x, y = digits64()
+    model = mlp()
+    opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+                                            model.named_parameters(), delay)
+    for step, (xb, yb) in enumerate(batches(x, y, batch_size, steps)):
+        opt.zero_grad()
+        loss = ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]))
+        if step == nan_at and rank == nan_rank:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "skipped": opt.skipped,
+            "bytes": opt.comm.bytes_sent}
+
+
+def mismatched(rank, world, front, density_on_rank1=0.01, hidden_on_rank1=48, delay_on_rank1=2):
+    """Start the ranks with different settings; return the error each rank raised (or None)."""
+    x, y = digits64()
+    model = mlp(hidden=48 if rank == 0 else hidden_on_rank1)
+    spec = ("DGC", {"density": 0.001 if rank == 0 else density_on_rank1, "warmup_epochs": 0})
+    try:
+        if front == "hook":
+            net = DDP(model)
+            gradcomp.register_ddp_hook(net, build_method(spec))
+            ce(net, (x[:32], y[:32])).backward()
+        elif front == "optim":
+            opt = gradcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                                model.named_parameters(), build_method(spec))
+            ce(model, (x[:32], y[:32])).backward()
+            opt.step()
+        else:
+            opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=0.1),
+                                                    model.named_parameters(), 2 if rank == 0 else delay_on_rank1)
+            ce(model, (x[:32], y[:32])).backward()
+            opt.step()
+    except gradcomp.SettingsMismatchError as error:
+        return str(error)
+    return None
+
+
+def nan_raises(rank, world):
+    """``nonfinite="raise"``: the rank with the NaN raises; the job ends (the launcher stops the others)."""
+    x, y = digits64()
+    model = mlp()
+    net = DDP(model)
+    gradcomp.register_ddp_hook(net, gradcomp.DGC(density=0.01, warmup_epochs=0), nonfinite="raise")
+    loss = ce(net, (x[:32], y[:32]))
+    (loss * float("nan") if rank == 1 else loss).backward()
+    return True
+
+
+def runs(rank, world, jobs):
+    """Several guarded_train runs in one process group."""
+    return [guarded_train(rank, world, **job) for job in jobs]

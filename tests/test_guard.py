@@ -1,0 +1,131 @@
+"""Settings that differ between ranks, and non-finite gradients: the ranks agree before any memory changes."""
+
+import time
+
+import pytest
+import torch
+
+import gradcomp
+from conftest import batches, ce, mlp
+from gradcomp.guard import mismatches
+from gradcomp.launch import WorkerError, spawn
+
+DGC = ("DGC", {"density": 0.01, "warmup_epochs": 0})
+
+
+def test_mismatches_name_each_differing_setting_on_every_rank():
+    ranks = [{"method": {"density": 0.001, "momentum": 0.9}, "parameters": {"w": "[4, 3] float32"}},
+             {"method": {"density": 0.01, "momentum": 0.9}, "parameters": {"w": "[4, 2] float32"}},
+             {"method": {"density": 0.001, "momentum": 0.9}, "parameters": {"w": "[4, 3] float32", "b": "[4]"}}]
+    assert mismatches(ranks) == [
+        "method.density: rank 0 0.001, rank 1 0.01, rank 2 0.001",
+        "parameters.b: rank 0 (none), rank 1 (none), rank 2 '[4]'",
+        "parameters.w: rank 0 '[4, 3] float32', rank 1 '[4, 2] float32', rank 2 '[4, 3] float32'",
+    ]
+    assert mismatches(ranks[:1] * 3) == []
+
+
+@pytest.mark.parametrize("front, args, expected", [
+    ("hook", (0.01, 48, 2), "method.density: rank 0 0.001, rank 1 0.01"),
+    ("optim", (0.001, 32, 2), "parameters.0.weight: rank 0 '[48, 64] float64', rank 1 '[32, 64] float64'"),
+    ("dga", (0.001, 48, 3), "delay: rank 0 2, rank 1 3"),
+])
+def test_ranks_started_with_different_settings_all_raise_naming_the_difference(front, args, expected):
+    from guard_workers import mismatched
+
+    start = time.monotonic()
+    errors = spawn(mismatched, 2, front, *args, timeout_s=60)
+    assert time.monotonic() - start < 60
+    for rank, error in enumerate(errors):
+        assert error is not None and expected in error, (rank, error)
+
+
+@pytest.mark.parametrize("front", ["hook", "optim"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_and_changes_no_memory(front):
+    """Reference: the same run without that step's batch.  Every rank's DGC memory (residuals, momenta) is
+    bit for bit what it was before the step, and the weights end equal to the reference's."""
+    from guard_workers import runs
+
+    jobs = [{"front": front, "spec": DGC, "steps": 6, "nan_at": 2}, {"front": front, "spec": DGC, "steps": 6,
+                                                                     "drop": (2,)}]
+    for rank, (skipped, reference) in enumerate(spawn(runs, 2, jobs, timeout_s=90)):
+        assert (skipped["skipped"], reference["skipped"]) == (1, 0), rank
+        assert skipped["memory_kept"] is True, rank
+        for name, p in reference["params"].items():
+            assert torch.isfinite(p).all()
+            assert torch.equal(skipped["params"][name], p), (rank, name)
+
+
+def test_nonfinite_raise_ends_the_job_with_the_error_instead_of_skipping():
+    from guard_workers import nan_raises
+
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1: non-finite gradient \(NaN or Inf\) in .*no memory was changed"):
+        spawn(nan_raises, 2, timeout_s=30)
+    assert time.monotonic() - start < 60
+
+
+def test_delayed_averaging_skips_a_nan_step_on_every_rank_as_the_simulator_does():
+    """Real ranks (the verdict travels with the step's average) against the simulator's rule; the NaN rank's
+    gradient never reaches any weights."""
+    from dist_workers import digits64
+    from guard_workers import dga_guarded
+
+    delay, steps, nan_at = 2, 7, 2
+    real = spawn(dga_guarded, 2, delay, steps, nan_at, timeout_s=90)
+    x, y = digits64()
+    model = mlp()
+    sim = gradcomp.Simulator(model, "none", 2, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                             delay=delay)
+
+    def loss(m, shard):
+        worker, batch = shard
+        value = ce(m, batch)
+        return value * float("nan") if worker == 1 and sim.steps == nan_at else value
+
+    for xb, yb in batches(x, y, 64, steps):
+        sim.step(list(enumerate(zip(xb.tensor_split(2), yb.tensor_split(2)))), loss)
+    assert sim.skipped == 1 and [r["skipped"] for r in real] == [1, 1]
+    assert real[0]["bytes"] == sim.bytes_sent[0]
+    for rank, out in enumerate(real):
+        for name, p in sim.models[rank].named_parameters():
+            assert torch.isfinite(out["params"][name]).all()
+            torch.testing.assert_close(out["params"][name], p.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_simulator_skip_and_raise():
+    """One worker's NaN: the step is skipped for all (memory and weights unchanged) or raises."""
+    from dist_workers import digits64
+
+    x, y = digits64()
+    model = mlp()
+    sim = gradcomp.Simulator(model, gradcomp.DGC(density=0.01, warmup_epochs=0), 2,
+                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    shards = list(zip(x[:64].tensor_split(2), y[:64].tensor_split(2)))
+    sim.step(shards, ce)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    memory = [m.state_dict()["memory"] for m in sim.methods]
+    before = [{k: {n: t.clone() for n, t in v.items()} for k, v in m.items()} for m in memory]
+    bad = [shards[0], (shards[1][0] * float("nan"), shards[1][1])]
+    sim.step(bad, ce)
+    assert sim.skipped == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    for b, m in zip(before, sim.methods):
+        after = m.state_dict()["memory"]
+        for kind in b:
+            for n in b[kind]:
+                assert torch.equal(after[kind][n], b[kind][n]), (kind, n)
+    strict = gradcomp.Simulator(model, "none", 2, nonfinite="raise")
+    with pytest.raises(gradcomp.NonFiniteGradientError, match="worker 1, step 0"):
+        strict.step(bad, ce)
+    with pytest.raises(ValueError, match="nonfinite must be one of 'skip', 'raise', got 'ignore'"):
+        gradcomp.Simulator(model, "none", 2, nonfinite="ignore")
+
+
+def test_train_config_checks_nonfinite():
+    from gradcomp.train.loop import TrainConfig
+
+    assert TrainConfig(nonfinite="raise").nonfinite == "raise"
+    with pytest.raises(ValueError, match="TrainConfig: nonfinite must be one of 'skip', 'raise', got 'ignore'"):
+        TrainConfig(nonfinite="ignore")
