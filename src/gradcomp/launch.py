@@ -2,39 +2,67 @@
 
 Used by ``gradcomp train`` to run its own workers and by the multi-process
 tests.  Every worker runs ``fn(rank, world_size, *args)``; its return value
-comes back to the parent.  The parent bounds the whole run in time: a worker
-that fails, hangs or dies makes :func:`spawn` terminate the others and raise
-:class:`WorkerError` with every rank's outcome, instead of waiting forever.
+comes back to the parent.
+
+No hang.  One knob, ``timeout_s`` (of :func:`spawn` and of
+:func:`init_from_env`), bounds how long any rank waits for a peer: in
+``init_process_group`` (a rank that never joins), in every collective (a
+rank that stalls or died) and in the final barrier.  A rank whose wait runs
+out raises; a rank that dies closes its sockets, so its peers raise at once
+("Connection closed by peer").  The parent watches every worker's result pipe
+and process: on the first failure it gives the others :data:`GRACE_S` seconds
+to report their own errors, then kills whoever is left, reaps every process
+and raises :class:`WorkerError` saying, rank by rank and in the order it
+happened, who raised what, who died of which signal, who never joined and
+who was still running.  ``deadline_s`` optionally bounds the whole run too
+(for ranks that all stall outside any collective, which no peer can see).
+Each worker also exits if the parent dies, so no orphan is left behind.
 
 Teardown order matters.  A gloo process that exits while collectives are
 pending, or that destroys its group while a peer is still inside a
-collective, aborts in C++ ("terminate called without an active
-exception").  So each worker waits for its own work, meets the others in a
-barrier, and only then destroys the process group and exits.
+collective, aborts in C++.  So each worker waits for its own work, meets the
+others in a barrier, and only then destroys the process group.  It then
+leaves with ``os._exit`` after flushing its output and running its ``atexit``
+handlers, skipping the interpreter's finalization: a thread that runs Python
+code from C++ while the interpreter finalizes (a torch future's ``then``
+callback on a gloo thread, or a ``threading.Timer`` that completes a future,
+as latency emulation does in :mod:`gradcomp.comm`) is stopped with
+``pthread_exit``, whose unwinding through C++ frames aborts the process:
+"terminate called without an active exception" (SIGABRT) after a run that
+succeeded.
 """
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import io
+import logging
 import multiprocessing as mp
 import os
-import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["WorkerError", "free_port", "spawn", "init_from_env", "shutdown"]
+__all__ = ["WorkerError", "free_port", "spawn", "init_from_env", "shutdown", "GRACE_S"]
+
+#: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
+#: makes them raise at once) are reported too, before it kills whoever is left.
+GRACE_S = 2.0
 
 
 class WorkerError(RuntimeError):
-    """One or more workers failed, hung past the timeout, or died."""
+    """One or more workers failed, hung past the timeout, died or never joined; the message says which."""
 
 
 def free_port() -> int:
@@ -44,96 +72,290 @@ def free_port() -> int:
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly: barrier (no peer still inside a collective), then destroy."""
+    """Leave the process group cleanly: no emulated-latency round still completing a future (see the module
+    docstring), barrier (no peer still inside a collective), then destroy."""
+    from .comm import LATENCY_THREAD
+
+    for thread in threading.enumerate():
+        if thread.name == LATENCY_THREAD:
+            thread.join()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
-    """Join a ``torchrun`` launch (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set)."""
+    """Join a ``torchrun`` launch (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set).
+
+    ``timeout_s`` is how long this rank waits for its peers, at the rendezvous
+    and in every collective, before it raises instead of hanging (a peer that
+    died, stalled or never joined).  torchrun then stops the other ranks.
+    """
+    _check_timeout("timeout_s", timeout_s)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one store for all restarts (pytorch/pytorch#135712): the keys the killed attempt's ranks
+        # wrote (each rank's address) are still there, and a restarted rank that reads one before its peer
+        # overwrites it connects to a dead port.  Each attempt gets keys of its own.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        store = dist.PrefixStore(f"gradcomp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
+def _check_timeout(field: str, value: float | None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    if not ok:
+        raise ValueError(f"{field} must be a finite number of seconds > 0{' or None' if optional else ''}, "
+                         f"got {value!r}")
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _exit_with_parent() -> None:
+    """A daemon thread that ends this worker if the parent dies (no orphan left waiting in a collective)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(70)
+
+    threading.Thread(target=watch, name="gradcomp-parent-watch", daemon=True).start()
+
+
+def _leave(code: int) -> None:
+    """Exit now, without the interpreter's finalization (see the module docstring), output flushed first."""
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+                pass
+    finally:
+        os._exit(code)
+
+
 def _worker(rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float, fn: Callable,
-            args: tuple, results: mp.Queue, threads: int, before_init: Callable[[int], None] | None) -> None:
+            args: tuple, conn: Connection, threads: int, before_init: Callable[[int], None] | None) -> None:
     faulthandler.enable()  # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack
+    _exit_with_parent()
     torch.set_num_threads(threads)
+    phase = "before_init"
+    code = 0
     try:
         if before_init is not None:
             before_init(rank)
+        phase = "init"
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
+        conn.send(("joined", None))
+        phase = "run"
         value = fn(rank, world_size, *args)
         buf = io.BytesIO()
         torch.save(value, buf)
-        results.put((rank, True, buf.getvalue()))
+        conn.send(("ok", buf.getvalue()))
+        phase = "shutdown"
         shutdown()
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        results.put((rank, False, traceback.format_exc()))
-        raise SystemExit(1)
+        code = 1
+        try:
+            conn.send(("error", (phase, traceback.format_exc())))
+        except OSError:  # the parent is gone
+            pass
+    conn.close()
+    _leave(code)
+
+
+# ------------------------------------------------------------------ parent side
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by signal {name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+_WHERE = {"before_init": "in before_init, before joining the process group",
+          "init": "while joining the process group (init_process_group)",
+          "run": "while running", "shutdown": "after reporting its result, while leaving the process group"}
+
+
+class _Rank:
+    """What the parent knows of one worker."""
+
+    def __init__(self, rank: int, proc: Any, conn: Connection) -> None:
+        self.rank, self.proc, self.conn = rank, proc, conn
+        self.joined = False
+        self.result: bytes | None = None
+        self.error: tuple[str, str] | None = None  # (phase, traceback)
+        self.failed_at: float | None = None  # when the parent learnt of its failure
+        self.exited_at: float | None = None
+        self.stopped: str | None = None  # why the launcher killed it
+
+    def receive(self, now: float) -> None:
+        try:
+            kind, value = self.conn.recv()
+        except (EOFError, OSError):  # the process is gone and every message has been read
+            self.close(now)
+            return
+        if kind == "joined":
+            self.joined = True
+        elif kind == "ok":
+            self.result = value
+        else:
+            self.error = value
+            self.failed_at = self.failed_at or now
+
+    def close(self, now: float) -> None:
+        self.conn.close()
+        self.conn = None
+        if self.error is None and self.result is None and self.failed_at is None:
+            self.failed_at = now  # died without a word
+
+    def describe(self, timeout_s: float) -> tuple[str, str]:
+        """(one line, details) for a failed rank."""
+        r, code = self.rank, self.proc.exitcode
+        if self.error is not None:
+            phase, tb = self.error
+            last = tb.rstrip().splitlines()[-1] if tb.strip() else "an exception"
+            hint = ""
+            if "timed out" in tb.lower() or "timeout" in last.lower():
+                hint = f" (a peer did not answer within timeout_s={timeout_s:g} s)"
+            line = f"rank {r} raised {_WHERE.get(phase, phase)}{hint}: {last}"
+            return line, tb.rstrip()
+        if self.stopped is not None:
+            if not self.joined:
+                line = (f"rank {r} never joined the process group: still in before_init or init_process_group "
+                        f"{self.stopped}; the launcher killed it")
+            elif self.result is not None:
+                line = (f"rank {r} reported its result but was still waiting in the final barrier {self.stopped}; "
+                        f"the launcher killed it")
+            else:
+                line = f"rank {r} did not finish: still running (stalled?) {self.stopped}; the launcher killed it"
+            return line, ""
+        if self.result is not None:
+            return f"rank {r} reported its result but then {_describe_exit(code)} while leaving the process group", ""
+        where = "during the run" if self.joined else "before joining the process group"
+        return f"rank {r} died {where} without reporting: {_describe_exit(code)}", ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.stopped is None and self.result is not None and self.proc.exitcode == 0
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout_s: float = 120.0,
-          threads: int | None = None, address: str = "127.0.0.1",
-          before_init: Callable[[int], None] | None = None) -> list[Any]:
+          threads: int | None = None, address: str = "127.0.0.1", before_init: Callable[[int], None] | None = None,
+          deadline_s: float | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
 
     ``fn`` must be importable (a module-level function).  ``address`` is
     where rank 0 serves the rendezvous; ``before_init(rank)`` (importable
     too) runs in each worker before it joins the group (the network
-    benchmark moves each worker into its own network namespace there).  Raises
-    :class:`WorkerError` if any worker raises, exits abnormally or does not
-    finish within ``timeout_s`` seconds (the collectives' own timeout is the
-    same, so a rank stuck in a collective fails rather than hangs).
+    benchmark moves each worker into its own network namespace there).
+
+    ``timeout_s`` is the configurable timeout: how long a rank waits for a
+    peer (to join, inside a collective, in the final barrier) before it
+    raises.  A rank that dies fails the job at once; one that stalls or never
+    joins fails it about ``timeout_s`` seconds after its peers started
+    waiting for it; either way :func:`spawn` then kills the others and raises
+    :class:`WorkerError` saying what happened to each rank.  ``deadline_s``
+    (None: no limit) bounds the whole run as well, for the one hang no peer
+    sees: every rank stalled outside any collective.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    _check_timeout("timeout_s", timeout_s)
+    _check_timeout("deadline_s", deadline_s, optional=True)
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
-    results: mp.Queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, address, port, backend, timeout_s, fn, args, results,
-                                               threads, before_init), daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s + 30
-    outcomes: dict[int, tuple[bool, Any]] = {}
+    ranks: list[_Rank] = []
     try:
-        while len(outcomes) < world_size and time.monotonic() < deadline:
-            try:
-                rank, ok, value = results.get(timeout=0.2)
-                outcomes[rank] = (ok, value)
-                if not ok:
-                    break
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
-                    time.sleep(0.5)  # let a failing worker's report arrive
-                    if results.empty():
-                        break
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()) if all(ok for ok, _ in outcomes.values()) else 1.0)
+        for r in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(r, world_size, address, port, backend, timeout_s, fn, args,
+                                                     writer, threads, before_init), daemon=True)
+            ranks.append(_Rank(r, proc, reader))
+            proc.start()
+            writer.close()  # the child holds its own copy: the reader sees EOF when the child is gone
+        start = time.monotonic()
+        _watch(ranks, start, deadline_s)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    while not results.empty():
-        rank, ok, value = results.get_nowait()
-        outcomes.setdefault(rank, (ok, value))
-    failed = {r: v for r, (ok, v) in outcomes.items() if not ok}
-    missing = [r for r in range(world_size) if r not in outcomes]
-    bad_exit = [r for r, p in enumerate(procs) if p.exitcode not in (0, None) and r not in failed]
-    if failed or missing or bad_exit:
-        lines = [f"{len(failed) + len(missing)} of {world_size} workers failed"]
-        for r, tb in sorted(failed.items()):
-            lines.append(f"--- rank {r} raised:\n{tb.rstrip()}")
-        for r in missing:
-            lines.append(f"--- rank {r} gave no result (exit code {procs[r].exitcode}; killed after the timeout "
-                         f"if None or -9)")
-        for r in bad_exit:
-            lines.append(f"--- rank {r} exited with code {procs[r].exitcode} after reporting")
+        for w in ranks:
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.proc.join()
+            if w.conn is not None:
+                w.conn.close()
+    failed = [w for w in ranks if not w.ok]
+    if failed:
+        # the causes first: who died, then who raised (by time), then who the launcher had to stop
+        failed.sort(key=lambda w: (w.stopped is not None, w.error is not None, w.failed_at or 0.0, w.rank))
+        described = [w.describe(timeout_s) for w in failed]
+        lines = [f"{len(failed)} of {world_size} workers failed (timeout_s={timeout_s:g}):"]
+        lines += [f"  {line}" for line, _ in described]
+        for w, (_, details) in zip(failed, described):
+            if details:
+                lines.append(f"--- rank {w.rank}:\n{details}")
         raise WorkerError("\n".join(lines))
-    return [torch.load(io.BytesIO(outcomes[r][1]), weights_only=False) for r in range(world_size)]
+    return [torch.load(io.BytesIO(w.result), weights_only=False) for w in ranks]
+
+
+def _watch(ranks: list[_Rank], start: float, deadline_s: float | None) -> None:
+    """Listen to the workers until every one has exited, or until GRACE_S after the first failure, or past the
+    deadline; mark the ones still running as stopped (the caller kills them)."""
+    first_failure: float | None = None
+    reason = ""
+    while any(w.conn is not None for w in ranks):
+        now = time.monotonic()
+        if first_failure is not None and now - first_failure >= GRACE_S:
+            reason = f"{now - first_failure:.1f} s after the first failure"
+            break
+        if deadline_s is not None and now - start >= deadline_s:
+            reason = f"when the run's deadline_s={deadline_s:g} s was reached"
+            break
+        limit = 0.5
+        if first_failure is not None:
+            limit = min(limit, GRACE_S - (now - first_failure))
+        if deadline_s is not None:
+            limit = min(limit, deadline_s - (now - start))
+        open_ranks = [w for w in ranks if w.conn is not None]
+        ready = wait([w.conn for w in open_ranks] + [w.proc.sentinel for w in open_ranks], timeout=max(0.0, limit))
+        now = time.monotonic()
+        for w in open_ranks:
+            if w.conn in ready:
+                w.receive(now)
+            if w.exited_at is None and w.proc.exitcode is not None:
+                w.exited_at = now
+            if w.conn is not None and w.exited_at is not None and now - w.exited_at > 1.0 and not w.conn.poll():
+                w.close(now)  # exited, yet the pipe stays open: a process it started holds the other end
+            if w.proc.exitcode not in (None, 0) and w.failed_at is None:
+                w.failed_at = now  # exited abnormally after reporting its result
+            if w.failed_at is not None:
+                first_failure = min(first_failure or w.failed_at, w.failed_at)
+    if not reason:  # every pipe is closed: the workers are on their way out
+        for w in ranks:
+            w.proc.join(timeout=5.0)
+        reason = "5 s after it closed its result pipe"
+    for w in ranks:
+        if w.proc.is_alive():
+            w.stopped = reason
+            w.failed_at = w.failed_at or time.monotonic()
