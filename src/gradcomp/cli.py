@@ -23,6 +23,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _density(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -151,7 +158,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
                     "           --rdzv-id job1 -m gradcomp train --dataset mnist      (on every node)\n"
                     "--simulate runs the same job with N simulated workers in one process.\n\n"
-                    "Writes a run directory: config.json, metrics.jsonl, checkpoint.pt, summary.json, curves.png.")
+                    "Writes a run directory: config.json, metrics.jsonl, checkpoint.pt (the one before it kept as\n"
+                    "checkpoint.prev.pt), summary.json, curves.png.\n\n"
+                    "Surviving a failure: --max-restarts K restarts the workers from the last checkpoint when one\n"
+                    "fails; under torchrun, use torchrun's own --max-restarts K and a fixed --run-dir (the default\n"
+                    "run directory there is named after torchrun's run id): a restarted rank resumes from the\n"
+                    "checkpoint it finds. --checkpoint-every N bounds what a failure loses to N steps.")
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default digits: offline anywhere)")
     p.add_argument("--data-dir", help="folder holding mnist/, fashion-mnist/, ptb/, tinyshakespeare/ "
                                       "(default: $GRADCOMP_DATA, then ../shared/data beside the checkout)")
@@ -203,12 +215,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="experiments only: each collective completes no earlier than L ms after it is issued "
                         "(this kernel has no netem; bandwidth stays real). Real processes only")
+    p.add_argument("--nonfinite", choices=("skip", "raise"), default="skip",
+                   help="a NaN or Inf gradient on any rank: skip the step on every rank, memory and weights "
+                        "unchanged, and log it (default), or raise")
     p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
     p.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
     p.add_argument("--label", help="label of the run in plots and tables")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint (its config is used; "
-                                                       "--epochs may extend it)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a hung job is stopped (default 3600)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, mid-epoch too, exactly "
+                                                       "as if it had not stopped (its config is used; --epochs, "
+                                                       "--max-steps and --checkpoint-every may change)")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also write the checkpoint every N steps, not only at epoch ends: a failure loses at most N "
+                        "steps (default: epoch ends only)")
+    p.add_argument("--max-steps", type=_positive_int, metavar="N",
+                   help="stop after N steps in total, with a checkpoint there; continue later with --resume")
+    p.add_argument("--max-restarts", type=_non_negative_int, default=0, metavar="K",
+                   help="when a worker process fails or dies, restart all workers from the last checkpoint, up to K "
+                        "times (default 0). Under torchrun use torchrun's --max-restarts instead")
+    p.add_argument("--timeout", type=_positive_float, default=3600.0, metavar="SECONDS",
+                   help="how long a rank waits for a peer (to join, inside a collective) before the job fails "
+                        "instead of hanging; with --max-restarts it is then restarted (default 3600)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -236,9 +262,9 @@ def _train_config(args: argparse.Namespace):
                        limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, simulate=args.simulate,
                        dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
                        fedavg_period=args.fedavg_period, partition=args.partition,
-                       emulate_latency_ms=args.emulate_latency_ms,
-                       link_gbps=args.link_gbps, run_dir=args.run_dir, progress=not args.no_progress,
-                       label=args.label)
+                       emulate_latency_ms=args.emulate_latency_ms, nonfinite=args.nonfinite,
+                       link_gbps=args.link_gbps, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
+                       max_steps=args.max_steps, progress=not args.no_progress, label=args.label)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,14 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
+        from .launch import WorkerError
         from .train.data import DatasetNotFoundError
         from .train.loop import run
 
         try:
-            run(_train_config(args), resume=args.resume, timeout_s=args.timeout)
+            run(_train_config(args), resume=args.resume, timeout_s=args.timeout, max_restarts=args.max_restarts)
         except (ValueError, DatasetNotFoundError, FileExistsError) as error:
             print(f"gradcomp train: error: {error}", file=sys.stderr)
             return 2
+        except WorkerError as error:
+            print(f"gradcomp train: error: {error}", file=sys.stderr)
+            return 1
     elif args.command == "plot":
         from .train.report import compare_table, plot_runs
 

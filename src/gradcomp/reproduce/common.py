@@ -542,11 +542,15 @@ def map_runs(ctx: Context, fn: Callable[..., Any], calls: Sequence[tuple], descr
 
 
 def _train_one(cfg: Any) -> dict[str, Any]:
-    """One ``gradcomp train`` run; a diverged run returns its last epoch's record with ``diverged`` set."""
+    """One ``gradcomp train`` run; a diverged run returns its last epoch's record with ``diverged`` set
+    (a study stops a run at its first non-finite gradient instead of skipping steps, so divergence shows)."""
+    import dataclasses
+
     from ..method import NonFiniteGradientError
     from ..train.loop import run as train
     from ..train.report import RunDir
 
+    cfg = dataclasses.replace(cfg, nonfinite="raise")
     try:
         if RunDir(cfg.run_dir).has_checkpoint():
             return train(_resumable(cfg), resume=cfg.run_dir, echo=lambda _: None)
@@ -564,10 +568,11 @@ def _resumable(cfg: Any) -> Any:
     not continued (ValueError naming the folder and the settings that differ)."""
     import dataclasses
 
+    from ..train.loop import RESUMABLE
     from ..train.report import RunDir
 
     saved = dataclasses.asdict(type(cfg)(**RunDir(cfg.run_dir).read_config()))  # settings added since: defaults
-    free = {"run_dir", "progress", "epochs", "data_dir"}  # the length of training may grow on resume
+    free = {"run_dir", "data_dir", *RESUMABLE}  # may change on resume
     differ = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved[k] != v)
     if differ:
         raise ValueError(f"{cfg.run_dir} holds a run with other settings ({', '.join(differ)}): remove it or "

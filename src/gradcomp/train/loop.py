@@ -8,14 +8,23 @@ The same loop runs in three ways:
 
 Real ranks train a DDP model with gradcomp's communication hook; rank 0
 evaluates, writes the run directory (config, metrics, checkpoint, plot) and
-returns the summary.  Every epoch ends with a checkpoint holding the model,
-the optimizer, every rank's method memory and the RNG states, so
-``resume`` continues exactly where the last epoch ended.
+returns the summary.  Every epoch ends with a checkpoint (and, with
+``checkpoint_every``, every that many steps), holding the model, the
+optimizer, every rank's method memory, the RNG states and LSTM states, the
+learning-rate schedule and the data position, so ``resume`` continues
+exactly where the checkpoint was written, mid-epoch too: the result is
+bit-identical to a run that never stopped.
+
+Restarts after a failure resume from the last checkpoint: under ``torchrun
+--max-restarts K`` (``TORCHELASTIC_RESTART_COUNT > 0`` and a checkpoint in the
+run directory) and with ``run(max_restarts=K)`` for the workers started here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import logging
 import math
 import os
@@ -33,6 +42,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..compressors.base import available, check_int, check_range, get
+from ..guard import check_nonfinite
 from ..method import DGC, Method
 from ..schedule import LinearLRWarmup
 from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_batches, lm_steps, load_dataset,
@@ -46,6 +56,10 @@ log = logging.getLogger(__name__)
 
 #: Methods whose payloads are summed with an all-reduce (the rest are all-gathered).
 ALLREDUCE_METHODS = {"none", "fp16", "powersgd", "randomk"}
+#: Settings a resumed run may change: the length of training, how often it checkpoints, the display.
+RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "progress")
+#: Settings that do not decide what a checkpoint holds (not compared on resume).
+NOT_CHECKED = (*RESUMABLE, "run_dir", "data_dir", "label", "link_gbps")
 
 
 @dataclass(kw_only=True)
@@ -85,8 +99,14 @@ class TrainConfig:
     partition: str = "iid"
     #: experiments only: each collective completes no earlier than this many ms after it is issued
     emulate_latency_ms: float = 0.0
+    #: a NaN or Inf gradient on any rank: "skip" the step on every rank (memory unchanged) or "raise"
+    nonfinite: str = "skip"
     link_gbps: float = 1.0
     run_dir: str | None = None
+    #: also write a checkpoint every this many steps (None: at epoch ends only); resume continues mid-epoch
+    checkpoint_every: int | None = None
+    #: stop after this many steps in total, with a checkpoint there (None: train all ``epochs``)
+    max_steps: int | None = None
     progress: bool = True
     label: str | None = None
 
@@ -100,7 +120,7 @@ class TrainConfig:
         check_int("TrainConfig", "batch_size", self.batch_size, 1)
         check_int("TrainConfig", "bptt", self.bptt, 1)
         check_int("TrainConfig", "seed", self.seed, 0)
-        for name in ("limit_train", "limit_test"):
+        for name in ("limit_train", "limit_test", "checkpoint_every", "max_steps"):
             if getattr(self, name) is not None:
                 check_int("TrainConfig", name, getattr(self, name), 1)
         check_range("TrainConfig", "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
@@ -140,6 +160,7 @@ class TrainConfig:
             raise ValueError("TrainConfig.partition='skewed' needs classes (images) or speakers (shakespeare); "
                              "ptb has neither")
         check_range("TrainConfig", "emulate_latency_ms", self.emulate_latency_ms, 0.0, math.inf, high_open=True)
+        check_nonfinite("TrainConfig", self.nonfinite)
         if self.emulate_latency_ms and self.simulate:
             raise ValueError("TrainConfig.emulate_latency_ms needs real processes (the simulator has no network)")
         if self.clip_norm is not None:
@@ -160,6 +181,10 @@ class TrainConfig:
     @property
     def collective(self) -> str:
         return "allreduce" if self.method in ALLREDUCE_METHODS else "allgather"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must have been written with to be resumed by this run (plain JSON values)."""
+        return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_CHECKED}))
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
@@ -182,11 +207,12 @@ class Task:
         self.global_batch = config.batch_size * workers
         skewed = config.partition == "skewed"
         self.parts = skewed_parts(data.y_train, workers, config.seed) if skewed and data.kind != "lm" else None
+        #: language models: each worker's LSTM state, carried from step to step within an epoch
+        self.hidden: dict[int, Any] = {}
         if data.kind == "lm":  # TrainConfig allows "skewed" only where there are classes or speakers
             train = speaker_grouped(data.train, data.vocab, workers) if skewed else data.train
             self.train_rows = batchify(train, self.global_batch)
             self.steps = lm_steps(self.train_rows, config.bptt)
-            self.hidden: dict[int, Any] = {}
         elif self.parts is not None:
             self.steps = min(len(p) for p in self.parts) // config.batch_size
         else:
@@ -195,15 +221,17 @@ class Task:
                 raise ValueError(f"a global batch of {self.global_batch} is larger than the "
                                  f"{len(data.y_train)} training samples; lower batch_size or workers")
 
-    def epoch(self, epoch: int) -> Any:
-        """Per step: one shard per worker, each tagged with its worker index."""
+    def epoch(self, epoch: int, start: int = 0) -> Any:
+        """Per step: one shard per worker, each tagged with its worker index; from step ``start`` on (a
+        mid-epoch resume: the LSTM states ``hidden`` are then the restored ones, not reset)."""
         if self.data.kind == "lm":
-            self.hidden = {}
+            if start == 0:
+                self.hidden = {}
             batches = lm_batches(self.train_rows, self.config.bptt, self.workers)
         else:
             batches = image_batches(self.data.x_train, self.data.y_train, self.global_batch, self.workers, epoch,
                                     self.config.seed, parts=self.parts)
-        for shards in batches:
+        for shards in itertools.islice(batches, start, None):
             yield [(w, *shard) for w, shard in enumerate(shards)]
 
     def loss(self, model: nn.Module, shard: tuple) -> Tensor:
@@ -272,20 +300,22 @@ class _Front:
             from ..simulator import Simulator
 
             self.sim = Simulator(model, method, world, optimizer=self.optimizer, delay=config.dga_delay,
-                                 correction=config.dga_correction, local_steps=config.fedavg_period)
+                                 correction=config.dga_correction, local_steps=config.fedavg_period,
+                                 nonfinite=config.nonfinite)
             self.methods = self.sim.methods
         elif config.dga_delay is not None:
             from ..dga import DelayedGradientAveraging
 
             self.wrapper = DelayedGradientAveraging(self.optimizer, model.named_parameters(), config.dga_delay,
                                                     method, config.dga_correction,
-                                                    emulate_latency_ms=config.emulate_latency_ms)
+                                                    emulate_latency_ms=config.emulate_latency_ms,
+                                                    nonfinite=config.nonfinite)
             self.wrapper_key, self.methods = "dga", [self.wrapper.method]
         elif config.fedavg_period is not None:
             from ..dga import FedAvg
 
             self.wrapper = FedAvg(self.optimizer, model.named_parameters(), config.fedavg_period,
-                                  emulate_latency_ms=config.emulate_latency_ms)
+                                  emulate_latency_ms=config.emulate_latency_ms, nonfinite=config.nonfinite)
             self.wrapper_key, self.methods = "fedavg", []
         else:
             from torch.nn.parallel import DistributedDataParallel
@@ -293,9 +323,11 @@ class _Front:
             from ..ddp_hook import register_ddp_hook
 
             self.net = DistributedDataParallel(model)
-            self.state = register_ddp_hook(self.net, method, emulate_latency_ms=config.emulate_latency_ms)
+            self.state = register_ddp_hook(self.net, method, emulate_latency_ms=config.emulate_latency_ms,
+                                           nonfinite=config.nonfinite)
             self.methods = [self.state.method]
         self.dense_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.skipped_before = 0  # steps skipped for a non-finite gradient before a resume
 
     def set_epoch(self, epoch: int) -> None:
         for m in self.methods:
@@ -323,10 +355,19 @@ class _Front:
             return float(loss.detach())
         loss = self.task.loss(self.net, shards[self.rank])
         loss.backward()
+        if self.state.step_skipped:  # a non-finite gradient on some rank: every rank skips the step
+            return float(loss.detach())
         if self.clip_after_average is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_after_average)
         self.optimizer.step()
         return float(loss.detach())
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient (FedAvg: this rank's local steps), the whole run."""
+        live = self.sim.skipped if self.config.simulate else \
+            self.state.guard.skipped if self.wrapper is None else self.wrapper.skipped
+        return self.skipped_before + live
 
     @property
     def comm(self):
@@ -360,9 +401,97 @@ class _Front:
             self.methods[0].load_state_dict(states[self.rank])
 
 
+@dataclass
+class _Position:
+    """Where training is: ``step`` steps into epoch ``epoch`` (= epochs completed), ``steps`` in all, and the
+    running sums of the epoch in progress (its losses) and of the run (seconds)."""
+
+    epoch: int = 0
+    step: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, pos: _Position
+                ) -> dict[str, Any] | None:
+    """The checkpoint at ``pos``: rank 0 gets it, the other ranks None.  Every rank must call it (it gathers
+    each rank's method memory, RNG state and LSTM states)."""
+    states = front.method_states()
+    mine = {"rng": _rng_state(), "hidden": front.task.hidden}
+    if cfg.simulate:
+        ranks = [mine]
+    else:
+        ranks = [None] * front.world if front.rank == 0 else None
+        dist.gather_object(mine, ranks, dst=0)
+    if front.rank != 0:
+        return None
+    ckpt = {"model": front.model.state_dict(), "optimizer": front.optimizer.state_dict(), "methods": states,
+            "rng": [r["rng"] for r in ranks], "hidden": [r["hidden"] for r in ranks],
+            "epoch": pos.epoch, "epoch_step": pos.step, "epoch_losses": list(pos.losses) if pos.step else [],
+            "steps": pos.steps, "seconds": pos.seconds, "bytes_sent": front.bytes_sent, "skipped": front.skipped,
+            "lr_warmup": warmup.state_dict() if warmup is not None else {}, "config": cfg.fingerprint()}
+    if cfg.simulate:
+        ckpt["simulator"] = {k: v for k, v in front.sim.state_dict().items() if k != "methods"}
+    return ckpt
+
+
+def _restore(ckpt: dict[str, Any], cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None) -> _Position:
+    """Load a checkpoint written by :func:`_checkpoint` into this rank; return where training continues."""
+    front.model.load_state_dict(ckpt["model"])
+    front.optimizer.load_state_dict(ckpt["optimizer"])
+    front.load_method_states(ckpt["methods"])
+    if warmup is not None:
+        warmup.load_state_dict(ckpt["lr_warmup"])
+    me = 0 if cfg.simulate else front.rank
+    _set_rng_state(ckpt["rng"][me])
+    front.task.hidden = dict(ckpt["hidden"][me]) if "hidden" in ckpt else {}
+    if cfg.simulate:
+        front.sim.load_state_dict({"methods": ckpt["methods"], **ckpt["simulator"]})
+    else:
+        front.comm.bytes_sent = ckpt["bytes_sent"]
+    front.skipped_before = ckpt.get("skipped", 0)
+    return _Position(epoch=ckpt["epoch"], step=ckpt.get("epoch_step", 0), steps=ckpt["steps"],
+                     seconds=ckpt["seconds"], losses=list(ckpt.get("epoch_losses", [])))
+
+
+def check_checkpoint(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, world: int, name: str) -> None:
+    """Refuse (``ValueError`` naming the mismatch) a checkpoint that another run wrote: other method or
+    settings, other model (parameter names and shapes), other number of workers, or one that lacks a part."""
+    missing = [k for k in ("model", "optimizer", "methods", "rng", "epoch", "steps", "seconds") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{name} is not a gradcomp train checkpoint (it has no {', '.join(map(repr, missing))})")
+    saved = ckpt.get("config")  # absent in checkpoints written before it was stored
+    if saved is not None and saved.get("method") != cfg.method:
+        raise ValueError(f"{name} was written by method {saved.get('method')!r}, this run uses {cfg.method!r}")
+    theirs, ours = ckpt["model"], model.state_dict()
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        if key not in theirs or key not in ours:
+            where = "the checkpoint" if key in theirs else "the model"
+            raise ValueError(f"{name} does not fit this run's model: parameter {key!r} is only in {where}")
+        if theirs[key].shape != ours[key].shape:
+            raise ValueError(f"parameter {key!r} has shape {list(theirs[key].shape)} in {name}, "
+                             f"{list(ours[key].shape)} in the model")
+    if len(ckpt["methods"]) != world:
+        raise ValueError(f"{name} holds the state of {len(ckpt['methods'])} workers, this run has {world}")
+    if saved is not None:
+        differ = [f"{k}={saved[k]!r} in the checkpoint, {v!r} in this run"
+                  for k, v in cfg.fingerprint().items() if k in saved and saved[k] != v]
+        if differ:
+            raise ValueError(f"{name} was written with other settings: {'; '.join(differ)}")
+
+
+def load_checked(rd: RunDir, cfg: TrainConfig, model: nn.Module, world: int) -> dict[str, Any]:
+    """``rd``'s checkpoint, checked against this run (:func:`check_checkpoint`)."""
+    ckpt = rd.load_checkpoint()
+    check_checkpoint(ckpt, cfg, model, world, str(rd.checkpoint_path))
+    return ckpt
+
+
 def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool = False
                  ) -> dict[str, Any] | None:
-    """Train on this rank (or, simulated, on every worker); rank 0 returns the summary."""
+    """Train on this rank (or, simulated, on every worker); rank 0 returns the summary (or, stopped by
+    ``max_steps`` before the end, ``{"stopped_after_step": n}``)."""
     cfg = TrainConfig(**config)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
@@ -372,68 +501,64 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
     front = _Front(model, cfg, method, task, rank, world)
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
     rd = RunDir(run_dir)
-    start_epoch, elapsed, steps_done = 0, 0.0, 0
-    if resume:
-        ckpt = rd.load_checkpoint()
-        model.load_state_dict(ckpt["model"])
-        front.optimizer.load_state_dict(ckpt["optimizer"])
-        front.load_method_states(ckpt["methods"])
-        if warmup is not None:
-            warmup.load_state_dict(ckpt["lr_warmup"])
-        _set_rng_state(ckpt["rng"][rank if not cfg.simulate else 0])
-        start_epoch, elapsed, steps_done = ckpt["epoch"], ckpt["seconds"], ckpt["steps"]
-        if cfg.simulate:
-            front.sim.load_state_dict({"methods": ckpt["methods"], **ckpt["simulator"]})
-        else:
-            front.comm.bytes_sent = ckpt["bytes_sent"]
+    pos = _restore(load_checked(rd, cfg, model, world), cfg, front, warmup) if resume else _Position()
     lead = rank == 0
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        front.set_epoch(epoch)
-        bar = tqdm(task.epoch(epoch), total=task.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (lead and cfg.progress), leave=False, dynamic_ncols=True)
-        losses = []
+    stop = cfg.max_steps is not None and pos.steps >= cfg.max_steps
+    for epoch in range(pos.epoch, cfg.epochs):
+        if stop:
+            break
+        first = pos.step  # > 0: resumed mid-epoch, the method's schedule and the losses so far are restored
+        if first == 0:
+            front.set_epoch(epoch)
+            pos.losses = []
+        bar = tqdm(task.epoch(epoch, start=first), total=task.steps, initial=first,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (lead and cfg.progress), leave=False,
+                   dynamic_ncols=True)
         start = time.perf_counter()
-        for i, shards in enumerate(bar):
+        for i, shards in enumerate(bar, start=first):
             if warmup is not None or cfg.lr_milestones:
                 t = epoch + i / task.steps
                 lr = cfg.lr * (warmup.factor(t) if warmup is not None else 1.0) \
                     * cfg.lr_decay ** sum(t >= m for m in cfg.lr_milestones)
                 front.set_lr(lr)
-            losses.append(front.step(shards))
+            pos.losses.append(front.step(shards))
+            pos.step, pos.steps = i + 1, pos.steps + 1
             if i % 5 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}",
+                bar.set_postfix(loss=f"{pos.losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}",
                                 **{k.removeprefix("test_"): f"{metrics[k]:.4g}" for k in ("test_accuracy",
                                    "test_perplexity") if k in metrics})
-        elapsed += time.perf_counter() - start
-        steps_done += task.steps
-        states = front.method_states()
-        rngs = [None] * world if lead and not cfg.simulate else None
-        if not cfg.simulate:
-            dist.gather_object(_rng_state(), rngs, dst=0)
-        else:
-            rngs = [_rng_state()]
-        if lead:
-            metrics = {"epoch": epoch + 1, "step": steps_done, "train_loss": sum(losses) / len(losses),
-                       **task.evaluate(model), "bytes_sent": front.bytes_sent,
-                       "dense_bytes": front.dense_per_step * steps_done,
-                       "compression_ratio": front.dense_per_step * steps_done / max(1, front.bytes_sent),
-                       "seconds": elapsed, "time_per_step": elapsed / steps_done}
-            ckpt = {"model": model.state_dict(), "optimizer": front.optimizer.state_dict(), "methods": states,
-                    "rng": rngs, "epoch": epoch + 1, "steps": steps_done, "seconds": elapsed,
-                    "bytes_sent": front.bytes_sent,
-                    "lr_warmup": warmup.state_dict() if warmup is not None else {}}
-            if cfg.simulate:
-                ckpt["simulator"] = {k: v for k, v in front.sim.state_dict().items() if k != "methods"}
-            rd.save_checkpoint(ckpt)
-            rd.append_metrics(metrics)
-            shown = {k: metrics[k] for k in ("test_accuracy", "test_perplexity") if k in metrics}
-            # one line per epoch, also without progress bars
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
-                       + f" sent {front.bytes_sent / 1e6:.3f} MB")
+            end = pos.step == task.steps
+            stop = cfg.max_steps is not None and pos.steps >= cfg.max_steps
+            if not (end or stop or (cfg.checkpoint_every and pos.steps % cfg.checkpoint_every == 0)):
+                continue
+            pos.seconds += time.perf_counter() - start
+            if end:
+                losses, pos.epoch, pos.step = pos.losses, epoch + 1, 0
+            ckpt = _checkpoint(cfg, front, warmup, pos)
+            if lead and end:  # the record first: a crash before the checkpoint leaves a record that resume drops
+                metrics = {"epoch": epoch + 1, "step": pos.steps, "train_loss": sum(losses) / len(losses),
+                           **task.evaluate(model), "bytes_sent": front.bytes_sent,
+                           "dense_bytes": front.dense_per_step * pos.steps,
+                           "compression_ratio": front.dense_per_step * pos.steps / max(1, front.bytes_sent),
+                           "seconds": pos.seconds, "time_per_step": pos.seconds / pos.steps,
+                           "skipped_steps": front.skipped}
+                rd.append_metrics(metrics)
+            if lead:
+                rd.save_checkpoint(ckpt)
+            if lead and end:
+                shown = {k: metrics[k] for k in ("test_accuracy", "test_perplexity") if k in metrics}
+                # one line per epoch, also without progress bars
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
+                           + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                           + f" sent {front.bytes_sent / 1e6:.3f} MB")
+            if stop:
+                break
+            start = time.perf_counter()  # the time to checkpoint (and evaluate) is not training time
     if not lead:
         return None
+    if pos.epoch < cfg.epochs:
+        return {"stopped_after_step": pos.steps}
     if not metrics:  # resumed a finished run
         metrics = rd.read_metrics()[-1]
     summary = {"dataset": cfg.dataset, "model": cfg.model or type(model).__name__.lower(), "method": cfg.method,
@@ -447,44 +572,75 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
     return summary
 
 
+def _torchrun_restart() -> int:
+    """How many times torchrun has restarted this job's workers (0: first attempt, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def default_run_dir(cfg: TrainConfig) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``runs/DATASET-METHOD-Nw-STAMP``: STAMP is the time, or under torchrun its run id, the same on every
+    rank and every restart (so a restarted job finds its checkpoint)."""
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{cfg.dataset}-{cfg.method}-{cfg.workers}w-{stamp}")
 
 
 def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout_s: float = 3600.0,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
+        max_restarts: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a training job (new, or resumed from ``resume``'s checkpoint) and return its summary.
 
     Inside a ``torchrun`` launch (``RANK`` and ``WORLD_SIZE`` set) this
-    process is one rank; otherwise it starts ``config.workers`` local gloo
-    processes, or runs the simulator when ``config.simulate``.
+    process is one rank; when torchrun restarts it (``--max-restarts``) and
+    the run directory holds a checkpoint, it resumes from there.  Otherwise
+    it starts ``config.workers`` local gloo processes, restarting them all
+    from the last checkpoint up to ``max_restarts`` times when one fails, or
+    runs the simulator when ``config.simulate``.  ``timeout_s`` is how long a
+    rank waits for a peer (to join, inside a collective) before it fails.
+    A run stopped by ``max_steps`` returns ``{"stopped_after_step": n}``.
     """
+    check_range("run", "timeout_s", timeout_s, 0.0, math.inf, low_open=True, high_open=True)
+    check_int("run", "max_restarts", max_restarts, 0)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cfg = config or TrainConfig()
+    if max_restarts and (under_torchrun or cfg.simulate):
+        raise ValueError(f"max_restarts={max_restarts} restarts the worker processes gradcomp starts itself; "
+                         + ("under torchrun use torchrun's --max-restarts" if under_torchrun
+                            else "the simulator (simulate=True) has none"))
+    restarted = under_torchrun and _torchrun_restart() > 0
+    if resume is None and restarted:
+        run_dir = cfg.run_dir or default_run_dir(cfg)
+        if RunDir(run_dir).has_checkpoint():
+            log.warning("torchrun restart %d: resuming from the checkpoint in %s", _torchrun_restart(), run_dir)
+            resume = run_dir
     if resume is not None:
         rd = RunDir(resume)
         if not rd.has_checkpoint():
             raise FileNotFoundError(f"no checkpoint to resume from in {resume!r}")
         saved = rd.read_config()
-        if config is not None:  # only the length of training and the display may change on resume
-            saved.update(epochs=config.epochs, progress=config.progress)
+        if config is not None:  # only the length of training, checkpointing and the display may change on resume
+            saved.update({k: getattr(config, k) for k in RESUMABLE})
         cfg = TrainConfig(**saved)
-        done = rd.load_checkpoint()["epoch"]
-        rd.truncate_metrics(done)
         run_dir = resume
     else:
-        cfg = config or TrainConfig()
         run_dir = cfg.run_dir or default_run_dir(cfg)
         cfg = dataclasses.replace(cfg, run_dir=run_dir)
-    load_dataset(cfg.dataset, cfg.data_dir, limit_train=1)  # a missing dataset fails here, before any worker starts
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if resume is None and (not under_torchrun or int(os.environ["RANK"]) == 0):
-        RunDir.create(run_dir).write_config(dataclasses.asdict(cfg))
+    if under_torchrun:
+        cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
+    lead = not under_torchrun or int(os.environ["RANK"]) == 0
+    data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=1)  # a missing dataset fails here, before any worker
+    if resume is not None:  # a foreign or damaged checkpoint fails here, before anything is written
+        done = load_checked(rd, cfg, build_model(cfg.model, data, **cfg.model_options), cfg.workers)["epoch"]
+        if lead:
+            rd.truncate_metrics(done)
+    elif lead:  # a torchrun restart before the first checkpoint starts again in the same directory
+        fresh = RunDir.create(run_dir, exist_ok=restarted)
+        fresh.write_config(dataclasses.asdict(cfg))
+        if restarted:
+            fresh.truncate_metrics(0)
     config_dict = dataclasses.asdict(cfg)
     if under_torchrun:
         from ..launch import init_from_env, shutdown
 
-        rank, world = init_from_env()
-        config_dict["workers"] = world
+        rank, world = init_from_env(timeout_s=timeout_s)
         dist.barrier()  # rank 0 has created the run directory
         try:
             summary = train_worker(rank, world, config_dict, run_dir, resume is not None)
@@ -493,10 +649,33 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     elif cfg.simulate:
         summary = train_worker(0, cfg.workers, config_dict, run_dir, resume is not None)
     else:
-        from ..launch import spawn
-
-        summary = spawn(train_worker, cfg.workers, config_dict, run_dir, resume is not None, timeout_s=timeout_s)[0]
-    if summary is not None:
+        summary = _spawn(config_dict, run_dir, resume is not None, timeout_s, max_restarts, echo)
+    if summary and "stopped_after_step" in summary:
+        echo(f"stopped after step {summary['stopped_after_step']} (max_steps); continue with: "
+             f"gradcomp train --resume {run_dir}")
+    elif summary is not None:
         echo(format_summary(summary, link_gbps=cfg.link_gbps))
         echo(f"run directory: {run_dir}")
     return summary or {}
+
+
+def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float, max_restarts: int,
+           echo: Callable[[str], None]) -> dict[str, Any]:
+    """Start the local workers; when one fails, start them all again from the last checkpoint, up to
+    ``max_restarts`` times (like ``torchrun --max-restarts``)."""
+    from ..launch import WorkerError, spawn
+
+    rd = RunDir(run_dir)
+    for attempt in range(max_restarts + 1):
+        try:
+            return spawn(train_worker, config["workers"], config, run_dir, resume, timeout_s=timeout_s)[0]
+        except WorkerError as error:
+            if attempt == max_restarts:
+                raise
+            log.warning("%s", error)
+            resume = rd.has_checkpoint()
+            done = rd.load_checkpoint() if resume else {"epoch": 0, "steps": 0}
+            rd.truncate_metrics(done["epoch"])
+            echo(f"{str(error).splitlines()[0]}; restart {attempt + 1} of {max_restarts} from "
+                 + (f"the checkpoint at step {done['steps']}" if resume else "the start (no checkpoint yet)"))
+    raise AssertionError("unreachable")

@@ -6,6 +6,8 @@ A run directory holds everything one training run leaves behind::
       config.json      the resolved config                     RunDir.write_config / read_config
       metrics.jsonl    one JSON object per epoch, appended      RunDir.append_metrics / read_metrics
       checkpoint.pt    latest state, replaced atomically        RunDir.save_checkpoint / load_checkpoint
+      checkpoint.prev.pt  the checkpoint saved before it (kept at each save: a damaged latest file still
+                       leaves a good one)
       summary.json     final summary                            RunDir.write_summary / read_summary
       curves.png       training curves                          plot_run
 
@@ -71,6 +73,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -95,6 +98,7 @@ logger = logging.getLogger(__name__)
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint.prev.pt"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 
@@ -140,8 +144,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it and move it into place.
+def _atomic_write(path: Path, write, before_replace=None) -> None:
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it and move it into place
+    (calling ``before_replace()`` just before, once the new file is complete).
 
     On any error the temporary file is removed and ``path`` is left as it was.
     """
@@ -151,6 +156,8 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -211,6 +218,10 @@ class RunDir:
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
+
+    @property
+    def prev_checkpoint_path(self) -> Path:
+        return self.path / PREV_CHECKPOINT
 
     @property
     def summary_path(self) -> Path:
@@ -354,9 +365,23 @@ class RunDir:
 
         Written to a temporary file in the run directory, fsynced, then moved
         over the old checkpoint with ``os.replace``: a crash at any point
-        leaves the previous checkpoint loadable.
+        leaves the previous checkpoint loadable.  Once the new file is
+        complete, the checkpoint it replaces is kept as ``checkpoint.prev.pt``
+        (a hard link, or a copy where links are not supported), so a latest
+        file damaged later still leaves the one before it.
         """
-        _atomic_write(self.checkpoint_path, lambda f: torch.save(dict(state), f))
+        _atomic_write(self.checkpoint_path, lambda f: torch.save(dict(state), f), self._keep_previous)
+
+    def _keep_previous(self) -> None:
+        if not self.checkpoint_path.is_file():
+            return
+        tmp = self.path / f".{PREV_CHECKPOINT}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint_path, tmp)
+        except OSError:
+            shutil.copyfile(self.checkpoint_path, tmp)
+        os.replace(tmp, self.prev_checkpoint_path)
 
     def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
         """Load ``checkpoint.pt`` with ``torch.load(weights_only=True)``.
@@ -378,8 +403,11 @@ class RunDir:
                           "a checkpoint must hold only tensors and plain values")
             else:
                 reason = "is truncated or corrupt"
+            prev = self.prev_checkpoint_path
+            hint = (f"; the checkpoint saved before it is kept: to resume from it, move {str(prev)!r} to "
+                    f"{str(path)!r}" if prev.is_file() else "")
             raise ValueError(f"checkpoint {str(path)!r} {reason}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict")
         return state
