@@ -7,6 +7,7 @@ from shared/data/README.md and from the README's own numpy snippets.
 """
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -139,6 +140,21 @@ def test_idx_parser_rejects_corrupt_files_naming_them(tmp_path):
             read_idx(path, 2051)
     with pytest.raises(ValueError, match="magic number 2051, expected 2049"):
         read_idx(ok, 2049)
+
+
+def test_a_file_read_again_is_reread_when_it_changed(tmp_path):
+    """Files are kept after the first read (studies load their dataset once per run), but never stale."""
+    path = tmp_path / "x-idx3-ubyte.gz"
+    first = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    path.write_bytes(gzip.compress(_idx_bytes(first, 2051)))
+    np.testing.assert_array_equal(read_idx(path, 2051), first)
+    np.testing.assert_array_equal(read_idx(path, 2051), first)
+    second = (first[:1] + 7) % 256  # another size
+    path.write_bytes(gzip.compress(_idx_bytes(second, 2051)))
+    np.testing.assert_array_equal(read_idx(path, 2051), second)
+    path.write_bytes(gzip.compress(_idx_bytes((second + 1) % 256, 2051)))  # the same size, a later mtime
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(read_idx(path, 2051), (second + 1) % 256)
 
 
 def test_truncated_real_mnist_copy_raises_naming_file(tmp_path):

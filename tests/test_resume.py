@@ -147,10 +147,10 @@ def test_dense_language_model_resume_carries_each_ranks_lstm_state(tmp_path):
 
 # ---------------------------------------------------------------- 2. a killed worker
 
-#: slow enough (emulated 4 ms per collective) to be killed mid-run: 4 epochs of 44 steps
-KILL_ARGS = ["--dataset", "digits", "--compressor", "dgc", "--workers", "2", "--epochs", "4", "--batch-size", "16",
+#: slow enough (emulated 4 ms per collective) to be killed mid-run: 3 epochs of 44 steps
+KILL_ARGS = ["--dataset", "digits", "--compressor", "dgc", "--workers", "2", "--epochs", "3", "--batch-size", "16",
              "--limit-test", "100", "--checkpoint-every", "20", "--no-progress", "--timeout", "120"]
-KILL_CONFIG = dict(dataset="digits", method="dgc", workers=2, epochs=4, batch_size=16, limit_test=100, progress=False)
+KILL_CONFIG = dict(dataset="digits", method="dgc", workers=2, epochs=3, batch_size=16, limit_test=100, progress=False)
 KILL_AT = 60  # steps in the checkpoint before one worker is killed
 
 
@@ -183,6 +183,18 @@ def _cmdline(pid):
         return ""
 
 
+def _parent(pid):
+    try:
+        return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("PPid:")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+def _is_forkserver_child(pid):
+    """A worker of gradcomp's launcher: forked by the forkserver (which has the same command line)."""
+    return "forkserver" in _cmdline(pid) and "forkserver" in _cmdline(_parent(pid))
+
+
 def _kill_one_worker_and_finish(cmd, tmp_path, is_worker):
     """Start ``cmd``, wait for a checkpoint at step >= KILL_AT, SIGKILL one worker; return the finished job."""
     rd = RunDir(tmp_path / "run")
@@ -201,7 +213,7 @@ def _kill_one_worker_and_finish(cmd, tmp_path, is_worker):
                     steps = rd.load_checkpoint()["steps"]
                 except (FileNotFoundError, ValueError):
                     pass
-            workers = [p for p in _descendants(proc.pid) if is_worker(_cmdline(p))]
+            workers = [p for p in _descendants(proc.pid) if is_worker(p)]
             assert len(workers) == 2, [_cmdline(p) for p in _descendants(proc.pid)]
             assert not rd.summary_path.exists()
             os.kill(workers[-1], signal.SIGKILL)
@@ -222,7 +234,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, un
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "-m", "gradcomp", "train", *KILL_ARGS, "--emulate-latency-ms", "4",
            "--run-dir", str(tmp_path / "run")]
-    code, out, err = _kill_one_worker_and_finish(cmd, tmp_path, lambda c: "gradcomp train" in c)
+    code, out, err = _kill_one_worker_and_finish(cmd, tmp_path, lambda p: "gradcomp train" in _cmdline(p))
     assert code == 0, err[-3000:]
     assert "resuming from the checkpoint" in err
     assert_same_run(uninterrupted, tmp_path / "run")
@@ -232,7 +244,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, un
 def test_own_launcher_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path, uninterrupted):
     cmd = [sys.executable, "-m", "gradcomp", "train", *KILL_ARGS, "--emulate-latency-ms", "4", "--max-restarts", "1",
            "--run-dir", str(tmp_path / "run")]
-    code, out, err = _kill_one_worker_and_finish(cmd, tmp_path, lambda c: "spawn_main" in c)
+    code, out, err = _kill_one_worker_and_finish(cmd, tmp_path, _is_forkserver_child)
     assert code == 0, err[-3000:]
     assert "restart 1 of 1 from the checkpoint at step" in out and "exit code -9" in err
     assert_same_run(uninterrupted, tmp_path / "run")

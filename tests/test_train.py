@@ -43,9 +43,9 @@ def test_real_workers_match_the_simulator(tmp_path):
     assert real["test_accuracy"] == pytest.approx(sim["test_accuracy"], abs=1 / 360)
 
 
-@pytest.mark.parametrize("simulate", [True, False])
-def test_resume_continues_exactly(tmp_path, simulate):
-    kw = dict(workers=2, simulate=simulate, options={"warmup_epochs": 2})  # warm-up in progress at the stop
+def test_resume_continues_exactly(tmp_path):
+    """At an epoch's end, simulated (real workers, stopped mid-epoch: tests/test_resume.py)."""
+    kw = dict(workers=2, simulate=True, options={"warmup_epochs": 2})  # warm-up in progress at the stop
     full = quick(tmp_path, "full", epochs=2, **kw)
     quick(tmp_path, "part", epochs=1, **kw)
     resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
@@ -58,21 +58,19 @@ def test_resume_continues_exactly(tmp_path, simulate):
     assert [m["epoch"] for m in RunDir(tmp_path / "part").read_metrics()] == [1, 2]
 
 
-@pytest.mark.parametrize("simulate", [True, False])
-def test_dga_resume_continues_exactly(tmp_path, simulate):
-    """Delayed averaging stopped at an epoch's end (3 averages pending, every rank's model its own) and
-    resumed: the same as a run that never stopped, on every rank."""
-    kw = dict(workers=2, simulate=simulate, dga_delay=3, options={"warmup_epochs": 2})
+def test_dga_resume_continues_exactly(tmp_path):
+    """Delayed averaging stopped at an epoch's end (3 averages pending, every worker's model its own) and
+    resumed: the same as a run that never stopped, on every worker (real workers, stopped mid-epoch:
+    tests/test_resume.py)."""
+    kw = dict(workers=2, simulate=True, dga_delay=3, options={"warmup_epochs": 2})
     full = quick(tmp_path, "full", epochs=2, **kw)
     quick(tmp_path, "part", epochs=1, **kw)
     resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
     for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
         assert resumed[key] == full[key], key
     a, b = (RunDir(tmp_path / name).load_checkpoint() for name in ("full", "part"))
-    models = ([(a["model"], b["model"])] + [(x["model"], y["model"]) for x, y in zip(a["methods"], b["methods"])]
-              if not simulate else [(a["model"], b["model"])] + list(zip(a["simulator"]["replicas"],
-                                                                          b["simulator"]["replicas"])))
-    assert len(models) == (2 if simulate else 3)  # simulated: worker 0 and its copy; real: rank 0, then each rank
+    models = [(a["model"], b["model"]), *zip(a["simulator"]["replicas"], b["simulator"]["replicas"])]
+    assert len(models) == 2  # worker 0, and worker 1's copy
     for x, y in models:
         for name in x:
             assert torch.equal(x[name], y[name]), name

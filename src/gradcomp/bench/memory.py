@@ -238,7 +238,7 @@ def run(ctx: Context) -> Result:
     if ctx.full:
         steps, warmup, trace_steps, collect_every = 2000, 500, 2000, 50
     else:
-        steps, warmup, trace_steps, collect_every = 200, 50, 200, 25
+        steps, warmup, trace_steps, collect_every = 120, 30, 60, 15
     methods = {"dgc": f"DGC (density {DENSITY}, sparsity warm-up over {warmup} steps)",
                "none": "baseline: dense all-reduce (\"none\"), momentum SGD"}
     runs = {}

@@ -553,10 +553,10 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, nonfinite="raise")
     try:
         if RunDir(cfg.run_dir).has_checkpoint():
-            return train(_resumable(cfg), resume=cfg.run_dir, echo=lambda _: None)
+            return train(_resumable(cfg), resume=cfg.run_dir, plot=False, echo=lambda _: None)
         if Path(cfg.run_dir).is_dir():  # a kept run that stopped before its first checkpoint: start it again
             shutil.rmtree(cfg.run_dir)
-        return train(cfg, echo=lambda _: None)
+        return train(cfg, plot=False, echo=lambda _: None)
     except NonFiniteGradientError as error:
         records = RunDir(cfg.run_dir).read_metrics()
         return {**(records[-1] if records else {}), "diverged": str(error), "diverged_in_epoch": len(records) + 1,

@@ -66,8 +66,8 @@ class Task:
 
 FULL = (Task("image", "mnist", "mlp", None, 2, 32, 0.05),
         Task("language", "shakespeare", "lstm", 300_000, 2, 16, 1.0, clip_norm=1.0))
-QUICK = (Task("image", "mnist", "mlp", 4_000, 1, 32, 0.05, limit_test=1_000),
-         Task("language", "shakespeare", "lstm", 30_000, 1, 16, 1.0, limit_test=3_000, clip_norm=1.0))
+QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
+         Task("language", "shakespeare", "lstm", 15_000, 1, 16, 1.0, limit_test=2_000, clip_norm=1.0))
 
 
 def configs(task: Task, seed: int) -> list:

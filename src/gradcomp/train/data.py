@@ -296,7 +296,14 @@ def _locate(name: str, data_dir: str | os.PathLike | None) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- reading files
 
 def _read_bytes(path: Path) -> bytes:
-    """The file's contents, gunzipped when it is gzip (by magic bytes, whatever its name)."""
+    """The file's contents, gunzipped when it is gzip (by magic bytes, whatever its name).  Kept for the
+    next call while the file is unchanged (a study loads its dataset once per run)."""
+    st = path.stat()
+    return _read_bytes_of(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _read_bytes_of(path: Path, mtime_ns: int, size: int) -> bytes:
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:

@@ -568,7 +568,6 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
                "collective": cfg.collective, "link_gbps": [cfg.link_gbps], "simulated": cfg.simulate,
                **{k: metrics[k] for k in ("test_accuracy", "test_perplexity", "test_loss") if k in metrics}}
     rd.write_summary(summary)
-    plot_run(rd)
     return summary
 
 
@@ -585,7 +584,7 @@ def default_run_dir(cfg: TrainConfig) -> str:
 
 
 def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout_s: float = 3600.0,
-        max_restarts: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+        max_restarts: int = 0, plot: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a training job (new, or resumed from ``resume``'s checkpoint) and return its summary.
 
     Inside a ``torchrun`` launch (``RANK`` and ``WORLD_SIZE`` set) this
@@ -595,7 +594,9 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     from the last checkpoint up to ``max_restarts`` times when one fails, or
     runs the simulator when ``config.simulate``.  ``timeout_s`` is how long a
     rank waits for a peer (to join, inside a collective) before it fails.
-    A run stopped by ``max_steps`` returns ``{"stopped_after_step": n}``.
+    A finished run's curves are drawn to ``curves.png`` unless ``plot`` is
+    False (a study of many runs draws its own figures).  A run stopped by
+    ``max_steps`` returns ``{"stopped_after_step": n}``.
     """
     check_range("run", "timeout_s", timeout_s, 0.0, math.inf, low_open=True, high_open=True)
     check_int("run", "max_restarts", max_restarts, 0)
@@ -654,6 +655,8 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
         echo(f"stopped after step {summary['stopped_after_step']} (max_steps); continue with: "
              f"gradcomp train --resume {run_dir}")
     elif summary is not None:
+        if plot:
+            plot_run(run_dir)
         echo(format_summary(summary, link_gbps=cfg.link_gbps))
         echo(f"run directory: {run_dir}")
     return summary or {}
