@@ -46,8 +46,8 @@ from torch import Tensor
 from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
 from .compressors.dense import NoCompression
-from .guard import check_nonfinite, check_settings
-from .method import Method, MethodExchange, NonFiniteGradientError, as_method, check_optimizer, non_finite
+from .guard import check_nonfinite, check_settings, nonfinite_in
+from .method import Method, MethodExchange, as_method, check_optimizer
 from .optim import OptimizerWrapper, trained_parameters
 
 __all__ = ["DelayedGradientAveraging", "FedAvg", "delayed_update"]
@@ -74,10 +74,7 @@ def flag_exchange(bad: bool, device: torch.device) -> MethodExchange:
 
 def nonfinite_step(local: dict[str, Tensor], nonfinite: str, where: str, what_now: str) -> bool:
     """Whether ``local`` holds a NaN or Inf (logged with ``what_now``); raises instead with ``nonfinite="raise"``."""
-    bad = non_finite(local)
-    if bad and nonfinite == "raise":
-        raise NonFiniteGradientError(f"{where}: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory "
-                                     "was changed")
+    bad = nonfinite_in(local, nonfinite, where)
     if bad:
         log.warning("%s: non-finite gradient (NaN or Inf) in %s; %s", where, ", ".join(bad[:5]), what_now)
     return bool(bad)

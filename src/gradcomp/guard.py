@@ -35,7 +35,7 @@ from torch import Tensor
 from .method import Method, NonFiniteGradientError, non_finite
 
 __all__ = ["NONFINITE", "SettingsMismatchError", "StepGuard", "check_nonfinite", "check_settings", "mismatches",
-           "settings_of"]
+           "nonfinite_in", "settings_of"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ def check_nonfinite(owner: str, value: str) -> str:
     if value not in NONFINITE:
         raise ValueError(f"{owner}: nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {value!r}")
     return value
+
+
+def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: str, where: str) -> list[str]:
+    """The names of the gradients holding a NaN or Inf; with ``nonfinite="raise"`` a
+    :class:`~gradcomp.NonFiniteGradientError` naming them instead (``where``: the rank or worker and step)."""
+    bad = non_finite(grads)
+    if bad and nonfinite == "raise":
+        raise NonFiniteGradientError(f"{where}: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory "
+                                     "was changed")
+    return bad
 
 
 def settings_of(method: Method, params: Mapping[str, Tensor], **extra: Any) -> dict[str, Any]:
@@ -111,11 +121,8 @@ class StepGuard:
         if not self.settings_checked:
             self.settings_checked = True
             check_settings(comm, method, grads, nonfinite=self.nonfinite, **extra)
-        bad = non_finite(grads)
+        bad = nonfinite_in(grads, self.nonfinite, f"rank {comm.rank}")
         if self.nonfinite == "raise":
-            if bad:
-                raise NonFiniteGradientError(f"rank {comm.rank}: non-finite gradient (NaN or Inf) in "
-                                             f"{', '.join(bad)}; no memory was changed")
             return True
         counts = comm.count_per_rank(len(bad), device=next(iter(grads.values())).device)
         if not any(counts):
