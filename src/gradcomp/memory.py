@@ -109,6 +109,17 @@ class DGCMemory(Memory):
             v = self.v[name] = torch.zeros_like(grad)
         return v.add_(increment)
 
+    def fused_step(self, name: str, grad: Tensor, selector: Any) -> Payload | None:
+        """:meth:`compensate`, ``selector.compress`` and :meth:`update` in one call of the compiled kernel
+        (``DGCSelect.fused_step``); ``None`` where it does not apply (then nothing changed)."""
+        if not (self.correction and self.accumulate):
+            return None
+        for buffers in (self.u, self.v):
+            if name not in buffers:
+                buffers[name] = torch.zeros_like(grad)
+        return selector.fused_step(grad, self.u[name], self.v[name], momentum=self.momentum, nesterov=self.nesterov,
+                                   masking=self.masking)
+
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
         if self.accumulate:
             compressor.subtract_sent(accumulator, sent)

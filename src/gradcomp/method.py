@@ -275,9 +275,24 @@ class DGC(Method):
         selector.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
         if isinstance(selector, SharedSelect):
             selector.lead = self.steps % world_size == selector.rank  # the ranks choose in turn
-        accumulator = self.memory.compensate(name, grad)
-        average = (yield from self._exchange(name, accumulator, selector, {})).div_(world_size)
+        if selector.single_round:
+            received = yield self.sparsify(name, grad)
+            total = selector.decompress(received, like=grad)
+        else:
+            total = yield from self._exchange(name, self.memory.compensate(name, grad), selector, {})
+        average = total.div_(world_size)
         return average if self.momentum_correction else self.dense_momentum.apply(name, average)
+
+    def sparsify(self, name: str, grad: Tensor) -> Payload:
+        """This worker's part of a step for one sparsified tensor: momentum correction, selection at the
+        selector's density, the payload, and masking of what it sends (the compiled kernel where it
+        applies, torch ops otherwise)."""
+        payload = self.memory.fused_step(name, grad, self.compressor)
+        if payload is None:
+            accumulator = self.memory.compensate(name, grad)
+            payload = self.compressor.compress(accumulator, {})
+            self.memory.update(name, accumulator, self.compressor, payload)
+        return payload
 
     def end_step(self) -> None:
         super().end_step()

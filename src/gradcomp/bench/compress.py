@@ -58,17 +58,7 @@ def _layout(flat: bool, numel: int | None) -> list[tuple[str, tuple[int, ...]]]:
 
 def _dgc_step(method: DGC, grads: dict[str, torch.Tensor]) -> Callable[[], dict[str, Payload]]:
     """One worker's DGC step without communication: compensate, select and encode, keep the rest."""
-    memory, selector = method.memory, method.compressor
-
-    def step() -> dict[str, Payload]:
-        sent = {}
-        for name, g in grads.items():
-            acc = memory.compensate(name, g)
-            sent[name] = payload = selector.compress(acc)
-            memory.update(name, acc, selector, payload)
-        return sent
-
-    return step
+    return lambda: {name: method.sparsify(name, g) for name, g in grads.items()}
 
 
 def run_layout(flat: bool, repeats: int, seed: int, numel: int | None = None,

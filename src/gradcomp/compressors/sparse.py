@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import kernels
 from . import bits
 from .base import (Compressor, Exchange, Exchanged, Payload, check_indices, check_payloads, check_range,
                    check_tensor, index_dtype, num_selected, register, tensors_of)
@@ -64,13 +65,26 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
+        self._addresses: dict[tuple, tuple[int, int]] = {}
+        self.plans: dict[tuple, tuple] = {}  # per tensor size: what the compiled kernel's calls take
 
-    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = (dtype, device)
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device, slot: str = "") -> Tensor:
+        """At least ``numel`` entries; calls with another ``slot`` never share memory."""
+        key = (slot, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
+
+    def address(self, numel: int, dtype: torch.dtype, slot: str) -> int:
+        """The address of a CPU buffer of at least ``numel`` entries (for the compiled kernel; a ``slot``
+        used here is never passed to :meth:`get`)."""
+        key = (slot, dtype)
+        found = self._addresses.get(key)
+        if found is None or found[0] < numel:
+            buf = self.get(numel, dtype, torch.device("cpu"), slot)
+            found = self._addresses[key] = (numel, buf.data_ptr())
+        return found[1]
 
     def __deepcopy__(self, memo: dict) -> Workspace:
         return Workspace()
@@ -127,8 +141,22 @@ SMALL = 1 << 16
 #: every miss costs another pass over the tensor).
 MIN_RANK = 64
 
+#: The refinement accepts a threshold that lets between k and ``UPPER * k`` entries pass.
+UPPER = 2.0
 
-def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0, max_iters: int = 8,
+
+def _exact(n: int, k: int, sample_ratio: float) -> bool:
+    """Whether DGC's selection ranks the whole tensor instead of sampling it."""
+    return k >= n or sample_ratio >= 1.0 or n <= SMALL
+
+
+def _stride(k: int, sample_ratio: float, upper: float) -> int:
+    """The sample's stride: ``1 / sample_ratio``, less when the threshold's rank in it would fall below
+    ``MIN_RANK``."""
+    return max(1, min(round(1.0 / sample_ratio), math.floor((1.0 + upper) / 2.0 * k / MIN_RANK)))
+
+
+def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = UPPER, max_iters: int = 8,
                workspace: Workspace | None = None) -> Tensor:
     """DGC's top-k: estimate the threshold from a strided sample of |x|, then refine.
 
@@ -145,12 +173,11 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0,
     of them.
     """
     n = flat.numel()
-    if k >= n or sample_ratio >= 1.0 or n <= SMALL:
+    if _exact(n, k, sample_ratio):
         return _ascending(select_topk(flat, k), n)
     workspace = workspace or Workspace()
     target = (1.0 + upper) / 2.0
-    stride = max(1, min(round(1.0 / sample_ratio), math.floor(target * k / MIN_RANK)))
-    sample = flat[::stride].abs()
+    sample = flat[::_stride(k, sample_ratio, upper)].abs()
     m = sample.numel()
     rank = min(m, max(1, math.ceil(target * k * m / n)))
     ranked = torch.topk(sample, min(m, 8 * rank), sorted=True).values
@@ -329,6 +356,55 @@ class DGCSelect(_Sparse):
         flat = tensor.reshape(-1)
         k = num_selected(self.density, flat.numel())
         return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
+
+    def fused_step(self, grad: Tensor, u: Tensor, v: Tensor, *, momentum: float, nesterov: bool,
+                   masking: bool) -> Payload | None:
+        """DGC's whole step on one tensor in the compiled kernel (:mod:`gradcomp.kernels`).
+
+        Momentum correction into ``u`` and ``v`` (as
+        :meth:`gradcomp.memory.DGCMemory.compensate`), this selection of ``v``,
+        the payload (as :meth:`compress`), and ``v`` less what was sent, ``u``
+        zeroed there with ``masking`` (as ``DGCMemory.update``): the same
+        result in about two passes over memory and one call.  Ties at the
+        threshold go to the lower index.  Returns ``None``, with nothing
+        changed, where the kernel does not apply (not float32, contiguous and
+        on CPU, or no kernel).
+        """
+        lib = kernels.library()
+        if lib is None or not all(t.dtype is torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                                  for t in (grad, u, v)):
+            return None
+        n, threads, space = grad.numel(), kernels.threads(), self.workspace
+        k = num_selected(self.density, n)
+        plan = space.plans.get((n, k, threads))
+        if plan is None:
+            exact = _exact(n, k, self.sample_ratio)
+            stride = 1 if exact else _stride(k, self.sample_ratio, UPPER)
+            cap = math.floor(UPPER * k) + 1  # candidates per thread
+            ranked = 8 * math.ceil((1.0 + UPPER) / 2.0 * k)  # the sample's top entries it ranks, at most
+            plan = space.plans[(n, k, threads)] = (
+                exact, stride, 0 if exact else -(-n // stride), cap, max(threads * cap, ranked, n if exact else 0),
+                bits.sorted_nbytes(n, k), index_dtype(n) == torch.int32)
+        exact, stride, samples, cap, size, code_bytes, int32 = plan
+        sample = space.address(max(samples, 1), torch.float32, "kernel-sample")
+        lib.gc_compensate(grad.data_ptr(), u.data_ptr(), v.data_ptr(), n, momentum, nesterov, stride,
+                          sample if samples else None, threads)
+        candidates = space.get(size, torch.int64, grad.device, "kernel-candidates")
+        lib.gc_select(v.data_ptr(), n, k, exact, sample, samples, UPPER, 8, candidates.data_ptr(), cap,
+                      space.address(size, torch.float32, "kernel-scratch"), threads)
+        indices = candidates[:k].clone()
+        masked = u.data_ptr() if masking else None
+        if self.wire == "compact":
+            half, scale = torch.empty(k, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+            code, sent = torch.empty(code_bytes, dtype=torch.uint8), torch.empty(k)
+            lib.gc_finish(v.data_ptr(), masked, n, indices.data_ptr(), k, half.data_ptr(), scale.data_ptr(),
+                          code.data_ptr(), code_bytes, sent.data_ptr(), None)
+            return Payload((half, scale, code), op="gather", meta=(sent, indices))
+        values = torch.empty(k)
+        wire_indices = torch.empty(k, dtype=torch.int32) if int32 else indices
+        lib.gc_finish(v.data_ptr(), masked, n, indices.data_ptr(), k, None, None, None, 0, values.data_ptr(),
+                      wire_indices.data_ptr() if int32 else None)
+        return Payload((values, wire_indices), op="gather", meta=(values, indices))
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,125 @@
+"""DGC's compiled kernel against the torch ops it replaces, and against an independent top-k."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from gradcomp import kernels
+from gradcomp.compressors.base import num_selected
+from gradcomp.method import DGC
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernel is not built")
+
+
+def _gradients(label, shape, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    for _ in range(steps):
+        if label == "normal":
+            yield torch.randn(shape, generator=g)
+        elif label == "ties":  # few distinct values: ties at the threshold
+            yield torch.randint(-2, 3, shape, generator=g).float()
+        elif label == "zeros":  # mostly zero: the sampled threshold is 0
+            yield torch.where(torch.rand(n, generator=g) < 0.0002, 1.0, 0.0).view(shape)
+
+
+def _run(shape, label, fused, monkeypatch, steps=3, **options):
+    """Payloads and the final memory of ``steps`` DGC steps through the kernel or the torch ops."""
+    if not fused:
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    method = DGC(warmup_epochs=0, sparsify_all=True, **options)
+    payloads = [method.sparsify("w", g) for g in _gradients(label, shape, steps)]
+    monkeypatch.undo()
+    return payloads, method.memory
+
+
+def _top_k_lowest_index_first(v, k):
+    """The k largest |v|, the lower index first among equal magnitudes (a stable sort), ascending."""
+    order = torch.sort(v.abs().view(-1).double(), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+# sizes reaching every path: the whole tensor ranked (a heap, or quickselect at density > 1/64), the
+# sampled threshold (one thread, and the blocks split over threads past 262,144 entries)
+SHAPES = [(7,), (300, 300), (2_000, 200), (600_000,)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", [dict(), dict(wire="plain"), dict(nesterov=True), dict(momentum_masking=False),
+                                     dict(density=0.05)], ids=["compact", "plain", "nesterov", "no-masking", "dense"])
+def test_the_kernel_sends_and_keeps_exactly_what_the_torch_ops_do(shape, options, monkeypatch):
+    fused, fused_memory = _run(shape, "normal", True, monkeypatch, **options)
+    ref, ref_memory = _run(shape, "normal", False, monkeypatch, **options)
+    for a, b in zip(fused, ref):
+        assert torch.equal(a.meta[1], b.meta[1]) and torch.equal(a.meta[0], b.meta[0])
+        for x, y in zip(a.tensors, b.tensors):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    for buffers in ("u", "v"):
+        assert torch.equal(getattr(fused_memory, buffers)["w"], getattr(ref_memory, buffers)["w"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("label", ["ties", "zeros"])
+@pytest.mark.parametrize("shape", [(40_000,), (600_000,)])
+def test_ties_go_to_the_lower_index(label, shape, monkeypatch):
+    """Against a stable sort of the accumulated v (what the kernel selected from: v after the step plus
+    what it sent), including a mostly-zero tensor where the sampled threshold is 0."""
+    method = DGC(warmup_epochs=0, sparsify_all=True, wire="plain", density=0.001)
+    for g in _gradients(label, shape, 3):
+        payload = method.sparsify("w", g)
+        values, indices = payload.meta
+        v = method.memory.v["w"].view(-1).clone()
+        v[indices] += values
+        assert torch.equal(indices, _top_k_lowest_index_first(v, num_selected(0.001, v.numel())))
+
+
+@needs_kernel
+def test_the_result_does_not_depend_on_the_number_of_threads(monkeypatch):
+    runs = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(kernels, "threads", lambda threads=threads: threads)
+        payloads, memory = _run((700_000,), "normal", True, monkeypatch)
+        runs.append((payloads, memory.v["w"]))
+    for payloads, v in runs[1:]:
+        assert torch.equal(v, runs[0][1])
+        assert all(torch.equal(a.tensors[2], b.tensors[2]) for a, b in zip(payloads, runs[0][0]))
+
+
+def test_without_a_compiler_it_warns_once_and_the_torch_ops_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("GRADCOMP_CACHE", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled kernel is unavailable.*torch ops"):
+            assert kernels.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernels.library() is None  # cached: no second warning
+            payload = DGC(warmup_epochs=0).sparsify("w", torch.randn(100, 100))
+        assert payload.meta[1].numel() == 10
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_gradcomp_kernels_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("GRADCOMP_KERNELS", "0")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
+
+
+@needs_kernel
+def test_float64_and_noncontiguous_gradients_take_the_torch_ops(monkeypatch):
+    calls = []
+    lib = kernels.library()
+    monkeypatch.setattr(kernels, "library", lambda: calls.append(1) or lib)
+    method = DGC(warmup_epochs=0)
+    method.sparsify("d", torch.randn(100, 100, dtype=torch.float64))
+    assert method.memory.v["d"].dtype == torch.float64  # the torch ops did the step
+    method.sparsify("f", torch.randn(100, 100))
+    assert len(calls) == 2
