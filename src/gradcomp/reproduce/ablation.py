@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,6 +193,24 @@ def _train(key: str, dataset: str, variant: Variant, seed: int) -> Row:
     return row
 
 
+def _train_kept(key: str, dataset: str, variant: Variant, seed: int, folder: str) -> Row:
+    """:func:`_train`, its row kept as ``folder/DATASET-KEY.json`` and read back when it was trained with
+    the same variant and seed (``--runs``: a stopped study resumes with the rows it had finished)."""
+    path = Path(folder) / f"{dataset}-{key}.json"
+    settings = {"variant": dataclasses.asdict(variant), "seed": seed}
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["settings"] == json.loads(json.dumps(settings)):
+            return Row(**kept["row"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent, unreadable or from other settings: train it again
+    row = _train(key, dataset, variant, seed)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "row": dataclasses.asdict(row)}), encoding="utf-8")
+    tmp.replace(path)
+    return row
+
+
 def _find(rows: list[Row], key: str) -> Row | None:
     return next((r for r in rows if r.key == key), None)
 
@@ -281,10 +301,11 @@ def run(ctx: Context) -> Result:
             load_dataset(name, limit_train=1)
         except DatasetNotFoundError as error:
             raise StudySkipped(f"{NAMES[name]} is needed for this table and was not found: {error}") from None
-    calls = [(k, name, variant, ctx.seed) for name in variant.datasets for k in variant.rows]
-    rows = map_runs(ctx, _train, calls, desc="ablation rows",
-                    describe=lambda r: f"{NAMES[r.dataset]}, {r.label}: test accuracy {r.accuracy:.4f}, "
-                                       f"avg density {100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
+    with ctx.runs_folder("ablation") as folder:
+        calls = [(k, name, variant, ctx.seed, str(folder)) for name in variant.datasets for k in variant.rows]
+        rows = map_runs(ctx, _train_kept, calls, desc="ablation rows",
+                        describe=lambda r: f"{NAMES[r.dataset]}, {r.label}: test accuracy {r.accuracy:.4f}, "
+                                           f"avg density {100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
 
     checks = []
     tables, notes = [], []
