@@ -272,3 +272,23 @@ def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
     with Context(full=False, out_dir=tmp_path).runs_folder("table") as temporary:
         assert temporary.is_dir() and tmp_path not in temporary.parents
     assert not temporary.exists()
+
+
+def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatch):
+    """--runs for the ablation: a row trained once is read back (same numbers, no training) while its variant
+    and seed match; other settings or a damaged file train it again."""
+    from gradcomp.reproduce import ablation
+
+    pytest.importorskip("sklearn")
+    tiny = ablation.Variant(datasets=("digits",), limit_train=128, epochs=1, rows=("naive",), workers=2,
+                            batch_per_worker=16)
+    first = ablation._train_kept("naive", "digits", tiny, 0, str(tmp_path))
+    trained = []
+    real_train = ablation._train
+    monkeypatch.setattr(ablation, "_train", lambda *args: trained.append(args) or real_train(*args))
+    assert ablation._train_kept("naive", "digits", tiny, 0, str(tmp_path)) == first and not trained
+    other = ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path))  # another seed: trained, kept
+    assert len(trained) == 1 and other.history != first.history
+    (tmp_path / "digits-naive.json").write_text('{"settings": ')  # cut short
+    assert ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path)).history == other.history
+    assert len(trained) == 2
