@@ -41,9 +41,9 @@ def _top_k_lowest_index_first(v, k):
     return order[:k].sort().values
 
 
-# sizes reaching every path: the whole tensor ranked (a heap, or quickselect at density > 1/64), the
-# sampled threshold (one thread, and the blocks split over threads past 262,144 entries)
-SHAPES = [(7,), (300, 300), (2_000, 200), (600_000,)]
+# sizes reaching every path: every entry sent (k = n), one part, and the blocks split over threads past
+# 262,144 entries
+SHAPES = [(1,), (7,), (300, 300), (2_000, 200), (600_000,)]
 
 
 @needs_kernel
@@ -123,3 +123,22 @@ def test_float64_and_noncontiguous_gradients_take_the_torch_ops(monkeypatch):
     assert method.memory.v["d"].dtype == torch.float64  # the torch ops did the step
     method.sparsify("f", torch.randn(100, 100))
     assert len(calls) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("hint", [0.0, 1e-30, 1.5, 1e30, math.nan], ids=["none", "tiny", "close", "huge", "nan"])
+def test_the_hint_changes_the_speed_not_the_result(hint, monkeypatch):
+    """The kernel starts each step's streaming selection from a hint (the tensor's last threshold, lowered);
+    any hint, one far too high included (then v is read again), gives the torch ops' result."""
+    ref, ref_memory = _run((600_000,), "normal", False, monkeypatch, steps=4)
+    method = DGC(warmup_epochs=0, sparsify_all=True)
+    space = method.compressor.workspace
+    payloads = []
+    for g in _gradients("normal", (600_000,), 4):
+        for key in space.hints:
+            space.hints[key] = hint
+        payloads.append(method.sparsify("w", g))
+    for a, b in zip(payloads, ref):
+        assert torch.equal(a.meta[1], b.meta[1]) and all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+    assert torch.equal(method.memory.v["w"], ref_memory.v["w"])
+    assert space.rescanned == (3 if hint == 1e30 else 0)  # the first step has no hint

@@ -34,10 +34,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
-    "gc_compensate": (ctypes.c_int, [_ptr, _ptr, _ptr, _i64, _f32, ctypes.c_int, _i64, _ptr, ctypes.c_int]),
-    "gc_select": (_i64, [_ptr, _i64, _i64, ctypes.c_int, _ptr, _i64, ctypes.c_double, ctypes.c_int, _ptr, _i64,
-                         _ptr, ctypes.c_int]),
-    "gc_finish": (ctypes.c_int, [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr]),
+    "gc_step": (_i64, [_ptr, _ptr, _ptr, _i64, _f32, ctypes.c_int, ctypes.c_int, _i64, _f32, _ptr, _ptr, _ptr,
+                               _i64, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr]),
 }
 
 

@@ -22,6 +22,7 @@ rank (and the simulator) sums them in the same order.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -66,7 +67,10 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
         self._addresses: dict[tuple, tuple[int, int]] = {}
-        self.plans: dict[tuple, tuple] = {}  # per tensor size: what the compiled kernel's calls take
+        self.plans: dict[tuple, _Plan] = {}  # per tensor size: what the compiled kernel's call takes
+        self.hints: dict[tuple, float] = {}  # per tensor: the compiled kernel's threshold for its next step
+        self.kth = (ctypes.c_float * 1)()  # where the compiled kernel reports the k-th largest |v|
+        self.rescanned = 0  # kernel calls whose hint was too high: the selection read v a second time
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device, slot: str = "") -> Tensor:
         """At least ``numel`` entries; calls with another ``slot`` never share memory."""
@@ -329,6 +333,27 @@ class TopK(_Sparse):
         return _sparse_payload(flat, indices, self.wire)
 
 
+#: The compiled kernel's hint for a tensor's next step: this fraction of its k-th largest |v| now.  Entries
+#: pile up just below the threshold as they accumulate, so a hint much lower lets many more through (each
+#: costs a little), and one above the next k-th costs a second read of v.
+HINT = 0.9
+
+
+@dataclass
+class _Plan:
+    """What the compiled kernel's call takes for one tensor size and k: its candidate buffers (one part of
+    ``cap`` entries per thread) and the payload's sizes."""
+
+    cap: int
+    code_bytes: int
+    int32: bool
+    buffers: tuple[Tensor, Tensor, Tensor]  # candidate indices, their |v|, scratch
+    addresses: tuple[int, int, int] = ()
+
+    def __post_init__(self) -> None:
+        self.addresses = tuple(b.data_ptr() for b in self.buffers)
+
+
 @register
 @dataclass(kw_only=True)
 class DGCSelect(_Sparse):
@@ -362,13 +387,13 @@ class DGCSelect(_Sparse):
         """DGC's whole step on one tensor in the compiled kernel (:mod:`gradcomp.kernels`).
 
         Momentum correction into ``u`` and ``v`` (as
-        :meth:`gradcomp.memory.DGCMemory.compensate`), this selection of ``v``,
-        the payload (as :meth:`compress`), and ``v`` less what was sent, ``u``
-        zeroed there with ``masking`` (as ``DGCMemory.update``): the same
-        result in about two passes over memory and one call.  Ties at the
-        threshold go to the lower index.  Returns ``None``, with nothing
-        changed, where the kernel does not apply (not float32, contiguous and
-        on CPU, or no kernel).
+        :meth:`gradcomp.memory.DGCMemory.compensate`) with the selection of
+        ``v`` streamed in the same pass, the payload (as :meth:`compress`),
+        and ``v`` less what was sent, ``u`` zeroed there with ``masking`` (as
+        ``DGCMemory.update``): the same result in one pass over memory.  Ties
+        at the threshold go to the lower index.  Returns ``None``, with
+        nothing changed, where the kernel does not apply (not float32,
+        contiguous and on CPU, or no kernel).
         """
         lib = kernels.library()
         if lib is None or not all(t.dtype is torch.float32 and t.is_contiguous() and t.device.type == "cpu"
@@ -378,33 +403,28 @@ class DGCSelect(_Sparse):
         k = num_selected(self.density, n)
         plan = space.plans.get((n, k, threads))
         if plan is None:
-            exact = _exact(n, k, self.sample_ratio)
-            stride = 1 if exact else _stride(k, self.sample_ratio, UPPER)
-            cap = math.floor(UPPER * k) + 1  # candidates per thread
-            ranked = 8 * math.ceil((1.0 + UPPER) / 2.0 * k)  # the sample's top entries it ranks, at most
-            plan = space.plans[(n, k, threads)] = (
-                exact, stride, 0 if exact else -(-n // stride), cap, max(threads * cap, ranked, n if exact else 0),
-                bits.sorted_nbytes(n, k), index_dtype(n) == torch.int32)
-        exact, stride, samples, cap, size, code_bytes, int32 = plan
-        sample = space.address(max(samples, 1), torch.float32, "kernel-sample")
-        lib.gc_compensate(grad.data_ptr(), u.data_ptr(), v.data_ptr(), n, momentum, nesterov, stride,
-                          sample if samples else None, threads)
-        candidates = space.get(size, torch.int64, grad.device, "kernel-candidates")
-        lib.gc_select(v.data_ptr(), n, k, exact, sample, samples, UPPER, 8, candidates.data_ptr(), cap,
-                      space.address(size, torch.float32, "kernel-scratch"), threads)
-        indices = candidates[:k].clone()
-        masked = u.data_ptr() if masking else None
-        if self.wire == "compact":
-            half, scale = torch.empty(k, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
-            code, sent = torch.empty(code_bytes, dtype=torch.uint8), torch.empty(k)
-            lib.gc_finish(v.data_ptr(), masked, n, indices.data_ptr(), k, half.data_ptr(), scale.data_ptr(),
-                          code.data_ptr(), code_bytes, sent.data_ptr(), None)
-            return Payload((half, scale, code), op="gather", meta=(sent, indices))
-        values = torch.empty(k)
-        wire_indices = torch.empty(k, dtype=torch.int32) if int32 else indices
-        lib.gc_finish(v.data_ptr(), masked, n, indices.data_ptr(), k, None, None, None, 0, values.data_ptr(),
-                      wire_indices.data_ptr() if int32 else None)
-        return Payload((values, wire_indices), op="gather", meta=(values, indices))
+            cap = min(2 * k + 1, n)  # candidates per thread: more than k
+            plan = space.plans[(n, k, threads)] = _Plan(
+                cap, bits.sorted_nbytes(n, k), index_dtype(n) == torch.int32,
+                (torch.empty(threads * cap, dtype=torch.int64), torch.empty(threads * cap), torch.empty(threads * cap)))
+        compact = self.wire == "compact"
+        indices, sent = torch.empty(k, dtype=torch.int64), torch.empty(k)
+        half = scale = code = idx32 = None
+        if compact:
+            half, scale, code = (torch.empty(k, dtype=torch.float16), torch.empty(1),
+                                 torch.empty(plan.code_bytes, dtype=torch.uint8))
+        elif plan.int32:
+            idx32 = torch.empty(k, dtype=torch.int32)
+        hint = (v.data_ptr(), k)  # a speed hint only: any value gives the same result
+        found = lib.gc_step(grad.data_ptr(), u.data_ptr(), v.data_ptr(), n, momentum, nesterov, masking, k,
+                            space.hints.get(hint, 0.0), *plan.addresses, plan.cap, threads, space.kth,
+                            indices.data_ptr(), *(None if t is None else t.data_ptr() for t in (half, scale, code)),
+                            plan.code_bytes if compact else 0, sent.data_ptr(),
+                            None if idx32 is None else idx32.data_ptr())
+        space.hints[hint] = HINT * space.kth[0]
+        space.rescanned += found < k < n
+        wire = (half, scale, code) if compact else (sent, indices if idx32 is None else idx32)
+        return Payload(wire, op="gather", meta=(sent, indices))
 
 
 @dataclass(kw_only=True)
