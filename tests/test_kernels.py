@@ -8,6 +8,7 @@ import torch
 
 from gradcomp import kernels
 from gradcomp.compressors.base import num_selected
+from gradcomp.compressors import bits
 from gradcomp.method import DGC
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernel is not built")
@@ -142,3 +143,55 @@ def test_the_hint_changes_the_speed_not_the_result(hint, monkeypatch):
         assert torch.equal(a.meta[1], b.meta[1]) and all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
     assert torch.equal(method.memory.v["w"], ref_memory.v["w"])
     assert space.rescanned == (3 if hint == 1e30 else 0)  # the first step has no hint
+
+
+def _worker_payloads(workers, n, density, seed=3):
+    """Each worker's real compact DGC payload for one tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return [DGC(warmup_epochs=0, sparsify_all=True, density=density).sparsify("w", torch.randn(n, generator=g))
+            for _ in range(workers)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("workers", [1, 4, 32])
+@pytest.mark.parametrize("n, density", [(1, 0.001), (5_000, 0.001), (300_000, 0.01), (70_000, 0.5)])
+def test_decompress_in_the_kernel_sums_exactly_what_the_torch_ops_do(workers, n, density, monkeypatch):
+    payloads = _worker_payloads(workers, n, density)
+    selector = DGC(sparsify_all=True, density=density).compressor
+    fused = selector.decompress(payloads, torch.empty(n))
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    assert torch.equal(fused, selector.decompress(payloads, torch.empty(n)))
+
+
+@needs_kernel
+def test_decompress_in_the_kernel_rejects_what_the_torch_decoder_rejects(monkeypatch):
+    """Corrupt index codes: too few entries, too many, indices past the end or out of order."""
+    payloads = _worker_payloads(2, 50_000, 0.01)
+    selector = DGC(sparsify_all=True, density=0.01).compressor
+    half, scale, code = payloads[1].tensors
+
+    def corrupt(change):
+        bad = code.clone()
+        change(bad)
+        return [payloads[0], payloads[1].replace(half, scale, bad)]
+
+    low_bytes = bits.packed_nbytes(half.numel(), (50_000 // half.numel()).bit_length() - 1)
+
+    def no_entries(c):
+        c[low_bytes:] = 0
+
+    def too_many(c):
+        c[low_bytes:] = 255
+
+    def out_of_order(c):  # equal high parts, every low part the same: repeated indices
+        c[:low_bytes] = 255
+
+    cases = [corrupt(no_entries), corrupt(too_many), corrupt(out_of_order)]
+    for case in cases:
+        with pytest.raises(ValueError, match="corrupt index code") as fused:
+            selector.decompress(case, torch.empty(50_000))
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "library", lambda: None)
+            with pytest.raises(ValueError, match="corrupt index code") as reference:
+                selector.decompress(case, torch.empty(50_000))
+        assert str(fused.value) == str(reference.value)

@@ -285,6 +285,44 @@ static void encode_sorted(const int64_t *idx, int64_t k, int64_t n, uint8_t *cod
     }
 }
 
+/* Sum N workers' compact payloads of one tensor into total (float32, zeroed by the caller), in rank order:
+ * total[idx] += half * scale, row r of codes (code_bytes each), half (k each) and scales being worker r's.
+ * Returns 0; a corrupt code returns -1 - (the entries its row holds) for a wrong count, else -2 for indices
+ * out of range or out of order (total is then partly summed: the caller drops it). */
+int64_t gc_decompress(const uint8_t *codes, int64_t code_bytes, const uint16_t *half, const float *scales,
+                      int64_t rows, int64_t k, int64_t n, float *total) {
+    int low = 0;
+    for (int64_t q = n / k; q > 1; q >>= 1) low++;
+    int64_t split = nbytes(k * low), high_bits = k + ((n - 1) >> low) + 1;
+    uint64_t mask = low ? (1ull << low) - 1 : 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *code = codes + r * code_bytes, *high = code + split, *in = code;
+        const uint16_t *h = half + r * k;
+        float s = scales[r];
+        uint64_t acc = 0;
+        int held = 0;
+        int64_t j = 0, prev = -1, count = 0, full = high_bits / 8;
+        for (int64_t byte = 0; byte < full; byte++) count += __builtin_popcount(high[byte]);
+        if (high_bits % 8) count += __builtin_popcount(high[full] >> (8 - high_bits % 8));
+        if (count != k) return -1 - count;
+        for (int64_t byte = 0; byte * 8 < high_bits; byte++) {
+            for (unsigned b = high[byte]; b;) {
+                int bit = __builtin_clz(b) - 24; /* most significant first */
+                int64_t p = byte * 8 + bit;
+                b &= ~(128u >> bit);
+                if (p >= high_bits) break; /* padding of the last byte */
+                for (; held < low; held += 8) acc = acc << 8 | *in++;
+                held -= low;
+                int64_t i = (p - j) << low | (int64_t)((acc >> held) & mask);
+                if (i >= n || i <= prev) return -2;
+                total[i] += from_half(h[j]) * s;
+                prev = i, j++;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Payload of the k ascending idx of v (mag: their |v|), then v[idx] -= the value sent and (u != NULL)
  * u[idx] = 0.
  *   compact (code != NULL): half[k], scale[1], code[code_bytes], sent[k] = half * scale;

@@ -36,6 +36,7 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "gc_step": (_i64, [_ptr, _ptr, _ptr, _i64, _f32, ctypes.c_int, ctypes.c_int, _i64, _f32, _ptr, _ptr, _ptr,
                                _i64, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr]),
+    "gc_decompress": (_i64, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr]),
 }
 
 

@@ -256,9 +256,9 @@ def _decode(payload: Payload, numel: int, wire: str, owner: str = "sparse") -> t
     return _decode_compact_stack([payload], numel, owner)
 
 
-def _decode_compact_stack(payloads: Sequence[Payload], numel: int, owner: str = "sparse") -> tuple[Tensor, Tensor]:
-    """Decode N compact payloads of one tensor with the same sizes in one pass: flat (values, indices), rank
-    order.  One payload is the case N = 1."""
+def _compact_stack(payloads: Sequence[Payload], owner: str) -> tuple[Tensor, Tensor, Tensor]:
+    """N compact payloads of one tensor with the same sizes, checked and stacked: (values [N, k] float16,
+    scales [N, 1], index codes [N, bytes])."""
     for p in payloads:  # a few attribute checks per worker, none per entry
         half, scale, code = tensors_of(owner, p, 3)
         check_tensor(owner, "values", half, dtype=torch.float16, dim=1)
@@ -266,10 +266,38 @@ def _decode_compact_stack(payloads: Sequence[Payload], numel: int, owner: str = 
             raise ValueError(f"{owner}: corrupt sparse payload: {scale.numel()} scales where 1 was expected")
         check_tensor(owner, "scale", scale, dtype=torch.float32)
         check_tensor(owner, "index code", code, dtype=torch.uint8, dim=1)
-    half = torch.stack([p.tensors[0] for p in payloads])
-    scales = torch.stack([p.tensors[1].reshape(1) for p in payloads])
-    indices = bits.decode_sorted(torch.stack([p.tensors[2] for p in payloads]), numel, half.shape[1])
+    return (torch.stack([p.tensors[0] for p in payloads]), torch.stack([p.tensors[1].reshape(1) for p in payloads]),
+            torch.stack([p.tensors[2] for p in payloads]))
+
+
+def _decode_compact_stack(payloads: Sequence[Payload], numel: int, owner: str = "sparse") -> tuple[Tensor, Tensor]:
+    """Decode N compact payloads of one tensor with the same sizes in one pass: flat (values, indices), rank
+    order.  One payload is the case N = 1."""
+    half, scales, codes = _compact_stack(payloads, owner)
+    indices = bits.decode_sorted(codes, numel, half.shape[1])
     return (half.float() * scales).view(-1), indices.view(-1)
+
+
+def _sum_compact(payloads: Sequence[Payload], total: Tensor, owner: str) -> bool:
+    """Add N compact payloads of one tensor (same sizes) into ``total`` in rank order with the compiled kernel,
+    as :func:`_decode_compact_stack` and ``index_add_`` do; False, with nothing done, where it does not apply
+    (no kernel, or not a float32 CPU tensor).  A corrupt code raises as :func:`bits.decode_sorted`."""
+    lib = kernels.library()
+    if lib is None or total.dtype is not torch.float32 or total.device.type != "cpu":
+        return False
+    half, scales, codes = _compact_stack(payloads, owner)
+    numel, k = total.numel(), half.shape[1]
+    if codes.shape[1] != bits.sorted_nbytes(numel, k):
+        raise ValueError(f"{k} indices below {numel} take {bits.sorted_nbytes(numel, k)} bytes, got {codes.shape[1]}")
+    if k == 0:
+        return True
+    code = lib.gc_decompress(codes.data_ptr(), codes.shape[1], half.data_ptr(), scales.data_ptr(), len(payloads),
+                             k, numel, total.data_ptr())
+    if code == -2:
+        raise ValueError(f"corrupt index code: indices out of range [0, {numel}) or not increasing")
+    if code < 0:
+        raise ValueError(f"corrupt index code: {-1 - code} entries where {k} were expected")
+    return True
 
 
 class _Sparse(Compressor):
@@ -295,6 +323,8 @@ class _Sparse(Compressor):
         check_payloads(self.name, payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
         if self.wire == "compact" and len({tuple(t.shape for t in p.tensors) for p in payloads}) == 1:
+            if _sum_compact(payloads, total, self.name):  # decoded and summed in one call
+                return total.view(like.shape)
             values, indices = _decode_compact_stack(payloads, like.numel(), self.name)  # every worker at once
         else:
             decoded = [self.decode(p, like.numel()) for p in payloads]
