@@ -213,14 +213,14 @@ static int64_t compensate_all(const float *g, float *u, float *v, int64_t n, flo
 }
 
 /* Exactly the k largest |v| (the lower index first among ties), ascending, into cand[0..k), and the k-th
- * largest |v| into *kth; returns k.  given: the candidates compensate_all left (fewer than k: its hint was
+ * largest |v| into *kth.  given: the candidates compensate_all left (fewer than k: its hint was
  * too high, and v is scanned again from 0). */
-static int64_t select_k(const float *v, int64_t n, int64_t k, int64_t given, int64_t *cand, float *mags, float *tmp,
-                        int64_t cap, int threads, float *kth) {
+static void select_k(const float *v, int64_t n, int64_t k, int64_t given, int64_t *cand, float *mags, float *tmp,
+                     int64_t cap, int threads, float *kth) {
     *kth = 0.0f;
     if (k >= n) {
         for (int64_t i = 0; i < n; i++) cand[i] = i, mags[i] = fabsf(v[i]);
-        return n;
+        return;
     }
     int64_t c = given;
     if (c < k) {
@@ -242,7 +242,6 @@ static int64_t select_k(const float *v, int64_t n, int64_t k, int64_t given, int
         *kth = mags[0];
         for (int64_t j = 1; j < k; j++) *kth = fminf(*kth, mags[j]);
     }
-    return k;
 }
 
 /* -------------------------------------------------------------- payload */

@@ -66,29 +66,17 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
-        self._addresses: dict[tuple, tuple[int, int]] = {}
         self.plans: dict[tuple, _Plan] = {}  # per tensor size: what the compiled kernel's call takes
         self.hints: dict[tuple, float] = {}  # per tensor: the compiled kernel's threshold for its next step
         self.kth = (ctypes.c_float * 1)()  # where the compiled kernel reports the k-th largest |v|
         self.rescanned = 0  # kernel calls whose hint was too high: the selection read v a second time
 
-    def get(self, numel: int, dtype: torch.dtype, device: torch.device, slot: str = "") -> Tensor:
-        """At least ``numel`` entries; calls with another ``slot`` never share memory."""
-        key = (slot, dtype, device)
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
-
-    def address(self, numel: int, dtype: torch.dtype, slot: str) -> int:
-        """The address of a CPU buffer of at least ``numel`` entries (for the compiled kernel; a ``slot``
-        used here is never passed to :meth:`get`)."""
-        key = (slot, dtype)
-        found = self._addresses.get(key)
-        if found is None or found[0] < numel:
-            buf = self.get(numel, dtype, torch.device("cpu"), slot)
-            found = self._addresses[key] = (numel, buf.data_ptr())
-        return found[1]
 
     def __deepcopy__(self, memo: dict) -> Workspace:
         return Workspace()
@@ -145,22 +133,8 @@ SMALL = 1 << 16
 #: every miss costs another pass over the tensor).
 MIN_RANK = 64
 
-#: The refinement accepts a threshold that lets between k and ``UPPER * k`` entries pass.
-UPPER = 2.0
 
-
-def _exact(n: int, k: int, sample_ratio: float) -> bool:
-    """Whether DGC's selection ranks the whole tensor instead of sampling it."""
-    return k >= n or sample_ratio >= 1.0 or n <= SMALL
-
-
-def _stride(k: int, sample_ratio: float, upper: float) -> int:
-    """The sample's stride: ``1 / sample_ratio``, less when the threshold's rank in it would fall below
-    ``MIN_RANK``."""
-    return max(1, min(round(1.0 / sample_ratio), math.floor((1.0 + upper) / 2.0 * k / MIN_RANK)))
-
-
-def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = UPPER, max_iters: int = 8,
+def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0, max_iters: int = 8,
                workspace: Workspace | None = None) -> Tensor:
     """DGC's top-k: estimate the threshold from a strided sample of |x|, then refine.
 
@@ -177,11 +151,12 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = UPPE
     of them.
     """
     n = flat.numel()
-    if _exact(n, k, sample_ratio):
+    if k >= n or sample_ratio >= 1.0 or n <= SMALL:
         return _ascending(select_topk(flat, k), n)
     workspace = workspace or Workspace()
     target = (1.0 + upper) / 2.0
-    sample = flat[::_stride(k, sample_ratio, upper)].abs()
+    stride = max(1, min(round(1.0 / sample_ratio), math.floor(target * k / MIN_RANK)))
+    sample = flat[::stride].abs()
     m = sample.numel()
     rank = min(m, max(1, math.ceil(target * k * m / n)))
     ranked = torch.topk(sample, min(m, 8 * rank), sorted=True).values
