@@ -1,6 +1,7 @@
 """DGC's compiled kernel against the torch ops it replaces, and against an independent top-k."""
 
 import math
+import re
 import warnings
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from gradcomp import kernels
 from gradcomp.compressors.base import num_selected
-from gradcomp.compressors import bits
+from gradcomp.compressors import bits, sparse
+from gradcomp.compressors.sparse import FIELDS, WIDE_MIN
 from gradcomp.method import DGC
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernel is not built")
@@ -26,12 +28,12 @@ def _gradients(label, shape, steps, seed=1):
             yield torch.where(torch.rand(n, generator=g) < 0.0002, 1.0, 0.0).view(shape)
 
 
-def _run(shape, label, fused, monkeypatch, steps=3, **options):
+def _run(shape, label, fused, monkeypatch, steps=3, seed=1, **options):
     """Payloads and the final memory of ``steps`` DGC steps through the kernel or the torch ops."""
     if not fused:
         monkeypatch.setattr(kernels, "library", lambda: None)
     method = DGC(warmup_epochs=0, sparsify_all=True, **options)
-    payloads = [method.sparsify("w", g) for g in _gradients(label, shape, steps)]
+    payloads = [method.sparsify({"w": g})["w"] for g in _gradients(label, shape, steps, seed)]
     monkeypatch.undo()
     return payloads, method.memory
 
@@ -55,7 +57,6 @@ def test_the_kernel_sends_and_keeps_exactly_what_the_torch_ops_do(shape, options
     fused, fused_memory = _run(shape, "normal", True, monkeypatch, **options)
     ref, ref_memory = _run(shape, "normal", False, monkeypatch, **options)
     for a, b in zip(fused, ref):
-        assert torch.equal(a.meta[1], b.meta[1]) and torch.equal(a.meta[0], b.meta[0])
         for x, y in zip(a.tensors, b.tensors):
             assert x.dtype == y.dtype and torch.equal(x, y)
     for buffers in ("u", "v"):
@@ -70,8 +71,7 @@ def test_ties_go_to_the_lower_index(label, shape, monkeypatch):
     what it sent), including a mostly-zero tensor where the sampled threshold is 0."""
     method = DGC(warmup_epochs=0, sparsify_all=True, wire="plain", density=0.001)
     for g in _gradients(label, shape, 3):
-        payload = method.sparsify("w", g)
-        values, indices = payload.meta
+        values, indices = method.compressor.decode(method.sparsify({"w": g})["w"], g.numel())
         v = method.memory.v["w"].view(-1).clone()
         v[indices] += values
         assert torch.equal(indices, _top_k_lowest_index_first(v, num_selected(0.001, v.numel())))
@@ -89,6 +89,47 @@ def test_the_result_does_not_depend_on_the_number_of_threads(monkeypatch):
         assert all(torch.equal(a.tensors[2], b.tensors[2]) for a, b in zip(payloads, runs[0][0]))
 
 
+# One step's tensors: every path of the one call at once (with 2 and 3 threads the 600,000-entry tensor is
+# wide, split over the threads; with 3 the 400,000-entry one too; the others are shared out whole), k = n
+# included
+MANY = {"a": (300, 300), "b": (7,), "c": (600_000,), "d": (1,), "e": (2_000, 200), "f": (40_000,)}
+
+
+@needs_kernel
+@pytest.mark.parametrize("wire", ["compact", "plain", "plain-int64"])
+def test_one_call_for_many_tensors_gives_the_torch_ops_result_tensor_by_tensor(wire, monkeypatch):
+    if wire == "plain-int64":  # as tensors of 2**31 entries or more have: int64 indices on the wire
+        monkeypatch.setattr(sparse, "index_dtype", lambda numel: torch.int64)
+        wire = "plain"
+    steps = {name: list(_gradients("normal", shape, 3, seed=i)) for i, (name, shape) in enumerate(MANY.items())}
+    ref_payloads = {}
+    for name in MANY:
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "library", lambda: None)
+            method = DGC(warmup_epochs=0, sparsify_all=True, wire=wire)
+            payloads = [method.sparsify({"w": g})["w"] for g in steps[name]]
+        ref_payloads[name] = (payloads, method.memory.u["w"], method.memory.v["w"])
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(kernels, "threads", lambda threads=threads: threads)
+        method = DGC(warmup_epochs=0, sparsify_all=True, wire=wire)
+        sent = [method.sparsify({name: steps[name][s] for name in MANY}) for s in range(3)]
+        (plan,) = method.compressor.workspace.plans.values()
+        assert int(plan.rows[:, FIELDS.index("wide")].sum()) == threads - 1  # the paths above were taken
+        for name in MANY:
+            payloads, u, v = ref_payloads[name]
+            for a, b in zip([step[name] for step in sent], payloads):
+                assert len(a.tensors) == len(b.tensors)
+                assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+            assert torch.equal(method.memory.u[name], u) and torch.equal(method.memory.v[name], v)
+
+
+def test_the_kernels_table_and_wide_size_match_the_c_source():
+    source = kernels.SOURCE.read_text()
+    enum = re.search(r"enum \{(.*?)\};", source, re.S).group(1)
+    assert re.findall(r"\bF_([A-Z0-9_]+)", enum) == [f.upper() for f in FIELDS] + ["FIELDS"]
+    assert int(re.search(r"#define PARALLEL_MIN (\d+)", source).group(1)) == WIDE_MIN
+
+
 def test_without_a_compiler_it_warns_once_and_the_torch_ops_run(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("GRADCOMP_CACHE", str(tmp_path))
@@ -99,7 +140,7 @@ def test_without_a_compiler_it_warns_once_and_the_torch_ops_run(monkeypatch, tmp
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert kernels.library() is None  # cached: no second warning
-            payload = DGC(warmup_epochs=0).sparsify("w", torch.randn(100, 100))
+            payload = DGC(warmup_epochs=0).sparsify({"w": torch.randn(100, 100)})["w"]
         assert payload.meta[1].numel() == 10
     finally:
         kernels.library.cache_clear()
@@ -120,9 +161,9 @@ def test_float64_and_noncontiguous_gradients_take_the_torch_ops(monkeypatch):
     lib = kernels.library()
     monkeypatch.setattr(kernels, "library", lambda: calls.append(1) or lib)
     method = DGC(warmup_epochs=0)
-    method.sparsify("d", torch.randn(100, 100, dtype=torch.float64))
+    method.sparsify({"d": torch.randn(100, 100, dtype=torch.float64)})
     assert method.memory.v["d"].dtype == torch.float64  # the torch ops did the step
-    method.sparsify("f", torch.randn(100, 100))
+    method.sparsify({"f": torch.randn(100, 100)})
     assert len(calls) == 2
 
 
@@ -136,11 +177,11 @@ def test_the_hint_changes_the_speed_not_the_result(hint, monkeypatch):
     space = method.compressor.workspace
     payloads = []
     for g in _gradients("normal", (600_000,), 4):
-        for key in space.hints:
-            space.hints[key] = hint
-        payloads.append(method.sparsify("w", g))
+        for plan in space.plans.values():
+            plan.hints.fill_(hint)
+        payloads.append(method.sparsify({"w": g})["w"])
     for a, b in zip(payloads, ref):
-        assert torch.equal(a.meta[1], b.meta[1]) and all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
     assert torch.equal(method.memory.v["w"], ref_memory.v["w"])
     assert space.rescanned == (3 if hint == 1e30 else 0)  # the first step has no hint
 
@@ -148,7 +189,7 @@ def test_the_hint_changes_the_speed_not_the_result(hint, monkeypatch):
 def _worker_payloads(workers, n, density, seed=3):
     """Each worker's real compact DGC payload for one tensor."""
     g = torch.Generator().manual_seed(seed)
-    return [DGC(warmup_epochs=0, sparsify_all=True, density=density).sparsify("w", torch.randn(n, generator=g))
+    return [DGC(warmup_epochs=0, sparsify_all=True, density=density).sparsify({"w": torch.randn(n, generator=g)})["w"]
             for _ in range(workers)]
 
 

@@ -3,7 +3,7 @@
  * torch headers).  The torch ops of gradcomp.memory / gradcomp.compressors.sparse
  * are the reference it is tested against, and the fallback without a compiler.
  *
- * gc_step, one call per tensor and step:
+ * gc_steps, one call per step for all of a step's tensors, on each tensor:
  *   compensate  u = m*u + g; v += u (Nesterov: u = m*(u + g); v += u + g), and
  *               while each new v is in registers (or its block in cache) a
  *               streaming top-k: entries at or above a threshold (first the
@@ -18,9 +18,11 @@
  *               Elias-Fano coded indices, or float32 values and int32/int64
  *               indices), then v[idx] -= sent value and, with masking, u[idx] = 0.
  *
- * Large tensors are split into one part per OpenMP thread (the runtime torch
- * loaded: the same libgomp.so.1), each with its own buffer, merged in index
- * order: results do not depend on the number of threads.
+ * The tensors of a step are shared out among the OpenMP threads (the runtime
+ * torch loaded: the same libgomp.so.1); a tensor too large for one thread's
+ * share ("wide") is split into one part per thread instead, each with its own
+ * buffer, merged in index order: results do not depend on the number of
+ * threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -324,10 +326,10 @@ int64_t gc_decompress(const uint8_t *codes, int64_t code_bytes, const uint16_t *
 
 /* Payload of the k ascending idx of v (mag: their |v|), then v[idx] -= the value sent and (u != NULL)
  * u[idx] = 0.
- *   compact (code != NULL): half[k], scale[1], code[code_bytes], sent[k] = half * scale;
- *   plain: sent[k] = v[idx], and idx32 (when not NULL) the indices as int32. */
+ *   compact (code != NULL): half[k], scale[1], code[code_bytes]; the value sent is half * scale;
+ *   plain: values[k] = v[idx], sent as they are, and the indices as int32 (idx32 != NULL) or int64 (idx64). */
 static void finish(float *v, float *u, int64_t n, const int64_t *idx, const float *mag, int64_t k, uint16_t *half,
-                   float *scale, uint8_t *code, int64_t code_bytes, float *sent, int32_t *idx32) {
+                   float *scale, uint8_t *code, int64_t code_bytes, float *values, int32_t *idx32, int64_t *idx64) {
     float s = 1.0f, inv = 1.0f;
     if (code) {
         float peak = 0.0f;
@@ -341,26 +343,86 @@ static void finish(float *v, float *u, int64_t n, const int64_t *idx, const floa
         encode_sorted(idx, k, n, code, code_bytes);
     }
     for (int64_t j = 0; j < k; j++) {
-        float x = v[idx[j]];
-        if (code) half[j] = to_half(x * inv), sent[j] = from_half(half[j]) * s;
-        else sent[j] = x;
-        if (idx32) idx32[j] = (int32_t)idx[j];
-        v[idx[j]] = x - sent[j];
+        float x = v[idx[j]], sent = x;
+        if (code) {
+            half[j] = to_half(x * inv), sent = from_half(half[j]) * s;
+        } else {
+            values[j] = x;
+            if (idx32) idx32[j] = (int32_t)idx[j];
+            else idx64[j] = idx[j];
+        }
+        v[idx[j]] = x - sent;
         if (u) u[idx[j]] = 0.0f;
     }
 }
 
 /* ------------------------------------------------------------ the step */
 
-/* DGC's step on one tensor: compensate_all from the hint, select_k into idx[0..k) (ascending; the k-th
- * largest |v| into *kth, for the caller's next hint), finish (u masked when masking).  Returns how many
- * candidates the pass found (fewer than k: the hint was too high and v was read a second time). */
-int64_t gc_step(const float *g, float *u, float *v, int64_t n, float m, int nesterov, int masking, int64_t k,
-                float hint, int64_t *cand, float *mags, float *tmp, int64_t cap, int threads, float *kth, int64_t *idx,
-                uint16_t *half, float *scale, uint8_t *code, int64_t code_bytes, float *sent, int32_t *idx32) {
-    int64_t given = compensate_all(g, u, v, n, m, nesterov, k, hint, cand, mags, tmp, cap, threads);
-    select_k(v, n, k, given, cand, mags, tmp, cap, threads, kth);
-    memcpy(idx, cand, (size_t)k * sizeof(int64_t));
-    finish(v, masking ? u : NULL, n, idx, mags, k, half, scale, code, code_bytes, sent, idx32);
-    return given;
+/* gc_steps' arguments for one tensor: a row of int64 fields. */
+enum {
+    F_N, F_K,        /* its size and the entries to send */
+    F_WIDE,          /* 1: its blocks are split over every thread (its candidate buffers hold threads * cap) */
+    F_CAP,           /* candidates per buffer, more than k (or n) */
+    F_CAND,          /* the offset of its candidate buffers in cand, mags and tmp */
+    F_OUT,           /* the offset of its k entries in half, values, idx32 and idx64 */
+    F_CODE, F_CODE_BYTES, /* its index code in code (compact wire) */
+    F_INT32,         /* 1: its indices as int32, else int64 (plain wire) */
+    F_SLOT,          /* its place in the call's addresses, hints and scale */
+    F_FIELDS
+};
+
+/* What the tensors of one gc_steps call share: the method's settings and the buffers their rows point into. */
+typedef struct {
+    float m, lower;
+    int nesterov, masking, compact;
+    const int64_t *addresses;
+    float *hints, *mags, *tmp, *scale, *values;
+    int64_t *cand, *idx64;
+    uint16_t *half;
+    uint8_t *code;
+    int32_t *idx32;
+} Batch;
+
+/* DGC's step on one tensor, its blocks split into `parts`: compensate_all from its hint, select_k (its
+ * indices ascending at the front of its candidates), finish (u masked when masking), and its next hint.
+ * Returns 1 when its hint was too high (v was read a second time), else 0. */
+static int step(const Batch *b, const int64_t *row, int parts) {
+    int64_t n = row[F_N], k = row[F_K], cap = row[F_CAP], at = row[F_CAND], out = row[F_OUT], slot = row[F_SLOT];
+    const float *g = (const float *)(intptr_t)b->addresses[3 * slot];
+    float *u = (float *)(intptr_t)b->addresses[3 * slot + 1], *v = (float *)(intptr_t)b->addresses[3 * slot + 2];
+    int64_t *cand = b->cand + at;
+    float *mags = b->mags + at, *tmp = b->tmp + at, kth;
+    int64_t given = compensate_all(g, u, v, n, b->m, b->nesterov, k, b->hints[slot], cand, mags, tmp, cap, parts);
+    select_k(v, n, k, given, cand, mags, tmp, cap, parts, &kth);
+    if (b->compact)
+        finish(v, b->masking ? u : NULL, n, cand, mags, k, b->half + out, b->scale + slot, b->code + row[F_CODE],
+               row[F_CODE_BYTES], NULL, NULL, NULL);
+    else
+        finish(v, b->masking ? u : NULL, n, cand, mags, k, NULL, NULL, NULL, 0, b->values + out,
+               row[F_INT32] ? b->idx32 + out : NULL, row[F_INT32] ? NULL : b->idx64 + out);
+    b->hints[slot] = b->lower * kth;
+    return given < k && k < n;
+}
+
+/* DGC's step on `count` tensors (rows of F_FIELDS fields, see above) in one call: the wide ones one after
+ * the other, each split over every thread, then the others shared out among the threads, one tensor per
+ * thread at a time, in the order of the rows (largest first balances the threads best).  addresses[3 * slot]
+ * and the two after it: the tensor's gradient, momentum u and accumulator v (float32, n each); hints[slot]:
+ * its starting threshold, replaced by `lower` times its k-th largest |v| (its next step's hint).  The
+ * payloads: compact wire, half (at the row's F_OUT), scale[slot] and code (at F_CODE); plain wire, values
+ * and the indices in idx32 (rows with F_INT32) or idx64, at F_OUT.  Returns how many tensors were read a
+ * second time because their hint was too high. */
+int64_t gc_steps(const int64_t *rows, int64_t count, const int64_t *addresses, float m, int nesterov, int masking,
+                 int compact, float *hints, float lower, int64_t *cand, float *mags, float *tmp, int threads,
+                 uint16_t *half, float *scale, uint8_t *code, float *values, int32_t *idx32, int64_t *idx64) {
+    Batch b = {m, lower, nesterov, masking, compact, addresses, hints, mags, tmp, scale, values, cand, idx64, half,
+               code, idx32};
+    int64_t rescanned = 0;
+    for (int64_t t = 0; t < count; t++)
+        if (rows[t * F_FIELDS + F_WIDE]) rescanned += step(&b, rows + t * F_FIELDS, threads);
+#pragma omp parallel for num_threads(threads) if (threads > 1 && count > 1) schedule(dynamic, 1) \
+    reduction(+ : rescanned)
+    for (int64_t t = 0; t < count; t++)
+        if (!rows[t * F_FIELDS + F_WIDE]) rescanned += step(&b, rows + t * F_FIELDS, 1);
+    return rescanned;
 }

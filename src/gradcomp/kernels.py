@@ -32,10 +32,10 @@ __all__ = ["library", "enabled", "SOURCE"]
 SOURCE = Path(__file__).with_name("_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
-_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
-    "gc_step": (_i64, [_ptr, _ptr, _ptr, _i64, _f32, ctypes.c_int, ctypes.c_int, _i64, _f32, _ptr, _ptr, _ptr,
-                               _i64, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr]),
+    "gc_steps": (_i64, [_ptr, _i64, _ptr, _f32, _int, _int, _int, _ptr, _f32, _ptr, _ptr, _ptr, _int, _ptr, _ptr,
+                        _ptr, _ptr, _ptr, _ptr]),
     "gc_decompress": (_i64, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr]),
 }
 

@@ -8,6 +8,7 @@ survive bucket rebuilds and load into another front door.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -109,16 +110,20 @@ class DGCMemory(Memory):
             v = self.v[name] = torch.zeros_like(grad)
         return v.add_(increment)
 
-    def fused_step(self, name: str, grad: Tensor, selector: Any) -> Payload | None:
-        """:meth:`compensate`, ``selector.compress`` and :meth:`update` in one call of the compiled kernel
-        (``DGCSelect.fused_step``); ``None`` where it does not apply (then nothing changed)."""
+    def fused_steps(self, grads: Mapping[str, Tensor], selector: Any) -> dict[str, Payload] | None:
+        """:meth:`compensate`, ``selector.compress`` and :meth:`update` for every tensor of ``grads`` in one
+        call of the compiled kernel (``DGCSelect.fused_steps``); ``None`` where it does not apply (then the
+        memory holds what it held, zero buffers for new names aside)."""
         if not (self.correction and self.accumulate):
             return None
-        for buffers in (self.u, self.v):
-            if name not in buffers:
-                buffers[name] = torch.zeros_like(grad)
-        return selector.fused_step(grad, self.u[name], self.v[name], momentum=self.momentum, nesterov=self.nesterov,
-                                   masking=self.masking)
+        for name, grad in grads.items():
+            for buffers in (self.u, self.v):
+                if name not in buffers:
+                    buffers[name] = torch.zeros_like(grad)
+        payloads = selector.fused_steps(list(grads.values()), [self.u[n] for n in grads], [self.v[n] for n in grads],
+                                        momentum=self.momentum, nesterov=self.nesterov, masking=self.masking,
+                                        key=tuple(grads))
+        return None if payloads is None else dict(zip(grads, payloads))
 
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
         if self.accumulate:

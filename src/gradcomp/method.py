@@ -3,7 +3,7 @@
 Every front door (simulator, DDP hook, DistributedOptimizer, DGA) drives a
 :class:`Method` the same way each step::
 
-    grads = method.prepare(named_grads, world_size)    # checks, local clipping
+    grads = method.prepare(named_grads, world_size)    # checks; DGC: local clipping and this worker's step
     for name, g in grads.items():                       # each exchange is a generator:
         gen = method.exchange(name, g, world_size)      #   it yields payloads and
         ...                                             #   receives the combined ones
@@ -243,6 +243,7 @@ class DGC(Method):
         self.dense_momentum = Momentum(self.momentum, self.nesterov)
         self.owns_momentum = self.momentum > 0
         self.needs_all_gradients = self.clip_norm is not None
+        self._sent: dict[str, Payload] = {}  # prepare's payloads, each taken by its tensor's exchange
 
     @property
     def current_density(self) -> float:
@@ -263,6 +264,9 @@ class DGC(Method):
             scale = self.clip_norm * world_size**-0.5 / (float(total) / world_size + 1e-6)
             if scale < 1.0:
                 grads = {name: g * scale for name, g in grads.items()}
+        self.compressor.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
+        if self.compressor.single_round:  # this worker's part of the step, every tensor in one kernel call
+            self._sent = self.sparsify({name: g for name, g in grads.items() if g.numel() and self.sparsified(g)})
         return grads
 
     def exchange(self, name: str, grad: Tensor, world_size: int) -> MethodExchange:
@@ -272,27 +276,30 @@ class DGC(Method):
             result = yield from NoCompression().exchange(grad)
             return self.dense_momentum.apply(name, result.total.div_(world_size))
         selector = self.compressor
-        selector.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
+        selector.density = self.current_density
         if isinstance(selector, SharedSelect):
             selector.lead = self.steps % world_size == selector.rank  # the ranks choose in turn
         if selector.single_round:
-            received = yield self.sparsify(name, grad)
+            payload = self._sent.pop(name, None)  # sparsified by prepare, unless exchange is called alone
+            received = yield payload if payload is not None else self.sparsify({name: grad})[name]
             total = selector.decompress(received, like=grad)
         else:
             total = yield from self._exchange(name, self.memory.compensate(name, grad), selector, {})
         average = total.div_(world_size)
         return average if self.momentum_correction else self.dense_momentum.apply(name, average)
 
-    def sparsify(self, name: str, grad: Tensor) -> Payload:
-        """This worker's part of a step for one sparsified tensor: momentum correction, selection at the
-        selector's density, the payload, and masking of what it sends (the compiled kernel where it
-        applies, torch ops otherwise)."""
-        payload = self.memory.fused_step(name, grad, self.compressor)
-        if payload is None:
-            accumulator = self.memory.compensate(name, grad)
-            payload = self.compressor.compress(accumulator, {})
-            self.memory.update(name, accumulator, self.compressor, payload)
-        return payload
+    def sparsify(self, grads: Mapping[str, Tensor]) -> dict[str, Payload]:
+        """This worker's part of a step for sparsified tensors: momentum correction, selection at the
+        selector's density, the payloads, and masking of what they send (one call of the compiled kernel
+        for all of them where it applies, torch ops otherwise)."""
+        payloads = self.memory.fused_steps(grads, self.compressor) if grads else {}
+        if payloads is None:
+            payloads = {}
+            for name, grad in grads.items():
+                accumulator = self.memory.compensate(name, grad)
+                payloads[name] = self.compressor.compress(accumulator, {})
+                self.memory.update(name, accumulator, self.compressor, payloads[name])
+        return payloads
 
     def end_step(self) -> None:
         super().end_step()

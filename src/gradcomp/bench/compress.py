@@ -58,7 +58,7 @@ def _layout(flat: bool, numel: int | None) -> list[tuple[str, tuple[int, ...]]]:
 
 def _dgc_step(method: DGC, grads: dict[str, torch.Tensor]) -> Callable[[], dict[str, Payload]]:
     """One worker's DGC step without communication: compensate, select and encode, keep the rest."""
-    return lambda: {name: method.sparsify(name, g) for name, g in grads.items()}
+    return lambda: method.sparsify(grads)
 
 
 def run_layout(flat: bool, repeats: int, seed: int, numel: int | None = None,

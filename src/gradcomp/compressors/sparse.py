@@ -66,10 +66,8 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
-        self.plans: dict[tuple, _Plan] = {}  # per tensor size: what the compiled kernel's call takes
-        self.hints: dict[tuple, float] = {}  # per tensor: the compiled kernel's threshold for its next step
-        self.kth = (ctypes.c_float * 1)()  # where the compiled kernel reports the k-th largest |v|
-        self.rescanned = 0  # kernel calls whose hint was too high: the selection read v a second time
+        self.plans: dict[tuple, _Plan] = {}  # per list of tensors: what the compiled kernel's call takes
+        self.rescanned = 0  # tensors whose hint was too high in the kernel: the selection read v a second time
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         key = (dtype, device)
@@ -286,8 +284,9 @@ class _Sparse(Compressor):
         return _decode(payload, numel, self.wire, self.name)
 
     def _own(self, sent: Payload, numel: int) -> tuple[Tensor, Tensor]:
-        """What this worker's own payload decodes to: kept by :func:`_sparse_payload` in ``meta``.
-        (Never used for received payloads: their ``meta`` is the receiver's own.)"""
+        """What this worker's own payload decodes to: kept by :func:`_sparse_payload` in ``meta``, else (the
+        compiled kernel's payloads) decoded.  (Never used for received payloads: their ``meta`` is the
+        receiver's own.)"""
         return sent.meta if isinstance(sent.meta, tuple) else self.decode(sent, numel)
 
     def sent_indices(self, payload: Payload, numel: int) -> Tensor:
@@ -344,19 +343,43 @@ class TopK(_Sparse):
 HINT = 0.9
 
 
-@dataclass
+#: The fields of a row of the compiled kernel's table, one row per tensor (``F_*`` in ``_kernels.c``).
+FIELDS = ("n", "k", "wide", "cap", "cand", "out", "code", "code_bytes", "int32", "slot")
+#: Tensors of at least this many entries that are more than a thread's share of a step are "wide": split over
+#: every thread (``PARALLEL_MIN`` in ``_kernels.c``); the others are shared out among the threads whole.
+WIDE_MIN = 1 << 18
+
+
 class _Plan:
-    """What the compiled kernel's call takes for one tensor size and k: its candidate buffers (one part of
-    ``cap`` entries per thread) and the payload's sizes."""
+    """What one call of the compiled kernel takes for a list of tensors of given sizes at a density: the
+    table of their rows (largest tensor first), the candidate buffers, where each tensor's payload lies in
+    the call's outputs, and each tensor's hint."""
 
-    cap: int
-    code_bytes: int
-    int32: bool
-    buffers: tuple[Tensor, Tensor, Tensor]  # candidate indices, their |v|, scratch
-    addresses: tuple[int, int, int] = ()
-
-    def __post_init__(self) -> None:
+    def __init__(self, ns: list[int], density: float, threads: int, hints: Tensor | None) -> None:
+        self.ns, self.density = ns, density
+        self.ks = [num_selected(density, n) for n in ns]
+        self.int32 = [index_dtype(n) == torch.int32 for n in ns]
+        self.code_sizes = [bits.sorted_nbytes(n, k) for n, k in zip(ns, self.ks)]
+        total = sum(ns)
+        caps = [min(2 * k + 1, n) for n, k in zip(ns, self.ks)]  # candidates per buffer: more than k
+        wide = [threads > 1 and n >= WIDE_MIN and n * threads > total for n in ns]
+        sizes = [cap * (threads if w else 1) for cap, w in zip(caps, wide)]
+        cand, out, code = (_offsets(x) for x in (sizes, self.ks, self.code_sizes))
+        order = sorted(range(len(ns)), key=lambda t: -ns[t])
+        self.rows = torch.tensor([[ns[t], self.ks[t], wide[t], caps[t], cand[t], out[t], code[t], self.code_sizes[t],
+                                   self.int32[t], t] for t in order], dtype=torch.int64)
+        self.buffers = (torch.empty(sum(sizes), dtype=torch.int64), torch.empty(sum(sizes)), torch.empty(sum(sizes)))
         self.addresses = tuple(b.data_ptr() for b in self.buffers)
+        self.hints = hints if hints is not None and len(hints) == len(ns) else torch.zeros(len(ns))
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """Where each of consecutive blocks of these sizes starts."""
+    starts, at = [], 0
+    for size in sizes:
+        starts.append(at)
+        at += size
+    return starts
 
 
 @register
@@ -387,49 +410,51 @@ class DGCSelect(_Sparse):
         k = num_selected(self.density, flat.numel())
         return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
 
-    def fused_step(self, grad: Tensor, u: Tensor, v: Tensor, *, momentum: float, nesterov: bool,
-                   masking: bool) -> Payload | None:
-        """DGC's whole step on one tensor in the compiled kernel (:mod:`gradcomp.kernels`).
+    def fused_steps(self, grads: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], *, momentum: float,
+                    nesterov: bool, masking: bool, key: tuple = ()) -> list[Payload] | None:
+        """DGC's whole step on each tensor, all of them in one call of the compiled kernel
+        (:mod:`gradcomp.kernels`).
 
-        Momentum correction into ``u`` and ``v`` (as
+        For each gradient, momentum correction into its ``u`` and ``v`` (as
         :meth:`gradcomp.memory.DGCMemory.compensate`) with the selection of
         ``v`` streamed in the same pass, the payload (as :meth:`compress`),
         and ``v`` less what was sent, ``u`` zeroed there with ``masking`` (as
-        ``DGCMemory.update``): the same result in one pass over memory.  Ties
-        at the threshold go to the lower index.  Returns ``None``, with
-        nothing changed, where the kernel does not apply (not float32,
-        contiguous and on CPU, or no kernel).
+        ``DGCMemory.update``): the same result in one pass over memory, the
+        tensors shared out among the threads.  Ties at the threshold go to the
+        lower index.  Returns ``None``, with nothing changed, where the kernel
+        does not apply (a tensor not float32, contiguous and on CPU, or no
+        kernel).  ``key`` names the list of tensors (their names, say): what
+        the call needs for them is kept between steps under it.
         """
         lib = kernels.library()
-        if lib is None or not all(t.dtype is torch.float32 and t.is_contiguous() and t.device.type == "cpu"
-                                  for t in (grad, u, v)):
+        if lib is None or not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+                                  for group in (grads, us, vs) for t in group):
             return None
-        n, threads, space = grad.numel(), kernels.threads(), self.workspace
-        k = num_selected(self.density, n)
-        plan = space.plans.get((n, k, threads))
-        if plan is None:
-            cap = min(2 * k + 1, n)  # candidates per thread: more than k
-            plan = space.plans[(n, k, threads)] = _Plan(
-                cap, bits.sorted_nbytes(n, k), index_dtype(n) == torch.int32,
-                (torch.empty(threads * cap, dtype=torch.int64), torch.empty(threads * cap), torch.empty(threads * cap)))
-        compact = self.wire == "compact"
-        indices, sent = torch.empty(k, dtype=torch.int64), torch.empty(k)
-        half = scale = code = idx32 = None
-        if compact:
-            half, scale, code = (torch.empty(k, dtype=torch.float16), torch.empty(1),
-                                 torch.empty(plan.code_bytes, dtype=torch.uint8))
-        elif plan.int32:
-            idx32 = torch.empty(k, dtype=torch.int32)
-        hint = (v.data_ptr(), k)  # a speed hint only: any value gives the same result
-        found = lib.gc_step(grad.data_ptr(), u.data_ptr(), v.data_ptr(), n, momentum, nesterov, masking, k,
-                            space.hints.get(hint, 0.0), *plan.addresses, plan.cap, threads, space.kth,
-                            indices.data_ptr(), *(None if t is None else t.data_ptr() for t in (half, scale, code)),
-                            plan.code_bytes if compact else 0, sent.data_ptr(),
-                            None if idx32 is None else idx32.data_ptr())
-        space.hints[hint] = HINT * space.kth[0]
-        space.rescanned += found < k < n
-        wire = (half, scale, code) if compact else (sent, indices if idx32 is None else idx32)
-        return Payload(wire, op="gather", meta=(sent, indices))
+        threads, space = kernels.threads(), self.workspace
+        ns = [g.numel() for g in grads]
+        plan = space.plans.get((threads, key))
+        if plan is None or plan.ns != ns or plan.density != self.density:  # the warm-up changes k: a new plan
+            plan = space.plans[(threads, key)] = _Plan(ns, self.density, threads, plan and plan.hints)
+        ks = plan.ks
+        addresses = (ctypes.c_int64 * (3 * len(ns)))(*[t.data_ptr() for group in zip(grads, us, vs) for t in group])
+        total = sum(ks)
+        if self.wire == "compact":
+            outputs = (torch.empty(total, dtype=torch.float16), torch.empty(len(ns)),
+                       torch.empty(sum(plan.code_sizes), dtype=torch.uint8), None, None, None)
+        else:
+            outputs = (None, None, None, torch.empty(total), torch.empty(total, dtype=torch.int32),
+                       None if all(plan.int32) else torch.empty(total, dtype=torch.int64))
+        space.rescanned += lib.gc_steps(plan.rows.data_ptr(), len(ns), addresses, momentum, nesterov, masking,
+                                        self.wire == "compact", plan.hints.data_ptr(), HINT, *plan.addresses, threads,
+                                        *(None if t is None else t.data_ptr() for t in outputs))
+        half, scale, code, values, idx32, idx64 = outputs
+        if self.wire == "compact":
+            wires = zip(half.split(ks), scale.split(1), code.split(plan.code_sizes))
+        else:
+            wires = zip(values.split(ks), idx32.split(ks) if idx64 is None else
+                        [i if narrow else j for i, j, narrow in zip(idx32.split(ks), idx64.split(ks), plan.int32)])
+        # meta: none; the memory is up to date, and a payload's values and indices decode from its wire
+        return [Payload(w, op="gather") for w in wires]
 
 
 @dataclass(kw_only=True)
