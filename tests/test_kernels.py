@@ -123,6 +123,21 @@ def test_one_call_for_many_tensors_gives_the_torch_ops_result_tensor_by_tensor(w
             assert torch.equal(method.memory.u[name], u) and torch.equal(method.memory.v[name], v)
 
 
+@needs_kernel
+def test_an_accumulator_of_nan_still_gives_k_entries_in_bounds():
+    """An accumulator that overflowed holds NaN, which is never a candidate: where fewer than k other entries
+    remain, the first NaNs are taken too (never an index from an unfilled buffer)."""
+    method = DGC(warmup_epochs=0, sparsify_all=True, wire="plain", density=0.01)
+    method.sparsify({"w": torch.randn(1_000)})
+    v = method.memory.v["w"]
+    v.fill_(math.nan)
+    method.memory.u["w"].zero_()
+    v[[5, 500, 900]] = 1.0
+    values, indices = method.compressor.decode(method.sparsify({"w": torch.zeros(1_000)})["w"], 1_000)
+    assert indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 500, 900]
+    assert values[[5, 8, 9]].tolist() == [1.0, 1.0, 1.0] and values[:5].isnan().all()
+
+
 def test_the_kernels_table_and_wide_size_match_the_c_source():
     source = kernels.SOURCE.read_text()
     enum = re.search(r"enum \{(.*?)\};", source, re.S).group(1)

@@ -216,7 +216,8 @@ static int64_t compensate_all(const float *g, float *u, float *v, int64_t n, flo
 
 /* Exactly the k largest |v| (the lower index first among ties), ascending, into cand[0..k), and the k-th
  * largest |v| into *kth.  given: the candidates compensate_all left (fewer than k: its hint was
- * too high, and v is scanned again from 0). */
+ * too high, and v is scanned again from 0).  Where v holds NaN (an accumulator that overflowed) and fewer
+ * than k other entries, the first NaNs are taken too: k entries whatever v holds. */
 static void select_k(const float *v, int64_t n, int64_t k, int64_t given, int64_t *cand, float *mags, float *tmp,
                      int64_t cap, int threads, float *kth) {
     *kth = 0.0f;
@@ -237,6 +238,12 @@ static void select_k(const float *v, int64_t n, int64_t k, int64_t given, int64_
             tops[p] = s;
         }
         c = merge(tops, parts, cand, mags);
+    }
+    if (c < k) { /* NaN entries, never offered, make up the rest: all the others and the first NaNs, in order */
+        int64_t nans = k - c;
+        c = 0;
+        for (int64_t i = 0; i < n && c < k; i++)
+            if (!isnan(v[i]) || nans-- > 0) cand[c] = i, mags[c++] = fabsf(v[i]);
     }
     if (c > k) {
         *kth = keep_k(cand, mags, c, k, tmp);
