@@ -61,7 +61,6 @@ TOLERANCE_MB = 4.0
 PY_TOLERANCE_KB = 64.0
 DENSITY = 0.001
 GLOBAL_BATCH = 64
-_KEEP: list = []  # each worker's model, optimizer and hook state, alive until the worker exits (see _pass)
 
 
 def read_rss_mb() -> tuple[float, float]:
@@ -168,12 +167,10 @@ def _pass(rank: int, world: int, method_name: str, steps: int, warmup_steps: int
                 break
         epoch += 1
     seconds = time.perf_counter() - start
-    if trace:
-        tracemalloc.stop()
-    # Held until the process leaves (launch.spawn's workers exit without finalization), as a training script
-    # holds its model.  Tearing DDP and the hook down here, before the launcher's final barrier, segfaulted a
-    # background (gloo) thread in 2 of about 20 runs (torch 2.13, Python 3.11).
-    _KEEP.append((ddp, opt, state))
+    # tracemalloc stays on until the process leaves.  Stopped here, it raced a gloo thread still finishing the
+    # last step's future callbacks (pybind11 makes and frees that thread's Python thread state through the
+    # raw allocator tracemalloc wraps): a segfault in that thread, "<no Python frame>", in about 1 run in 10
+    # on a loaded machine.  That is CPython's python/cpython#128679, fixed in 3.12 and 3.13, not in 3.11.
     return {"rss_mb": list(rss), "peak_mb": list(peak), "py_kb": list(py) if trace else [], "live_kb": list(live),
             "seconds": seconds, "loss_first": loss_first, "loss_last": loss_last,
             "density": getattr(state.method, "current_density", 1.0)}
