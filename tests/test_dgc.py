@@ -178,6 +178,16 @@ def test_dgc_sends_the_warmup_density():
     assert method2.epoch == pytest.approx(5.0)
 
 
+def test_min_entries_sends_at_least_that_many_of_every_tensor_all_of_a_smaller_one():
+    method = DGC(density=0.001, warmup_epochs=0, sparsify_all=True, min_entries=32, wire="plain")
+    shapes = {"big": (100, 1_000), "head": (10, 256), "bias": (7,)}
+    sizes = exchange_step([method], worker_grads(0, 1, shapes))[1][0]
+    per_entry = 8 + 4  # plain wire: a float64 value and an int32 index
+    assert sizes == (100 + 32 + 7) * per_entry  # ceil(0.001 * 100,000) = 100; 3 -> 32; 1 -> all 7
+    # the ranks' settings check sees it
+    assert DGC(min_entries=32).config()["min_entries"] == 32
+
+
 def test_lr_warmup():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.4)
@@ -207,7 +217,8 @@ def test_dgc_bad_values_name_the_field():
     for kwargs, field in [({"momentum": 1.0}, "momentum"), ({"sample_ratio": 0}, "sample_ratio"),
                           ({"clip_norm": -1.0}, "clip_norm"), ({"min_numel": 0}, "min_numel"),
                           ({"warmup_epochs": -1}, "warmup_epochs"), ({"momentum": 0.0, "nesterov": True}, "nesterov"),
-                          ({"aggregate": "allreduce"}, "aggregate")]:
+                          ({"aggregate": "allreduce"}, "aggregate"), ({"min_entries": 0}, "min_entries"),
+                          ({"min_entries": 2.5}, "min_entries")]:
         with pytest.raises(ValueError, match=f"DGC.{field}"):
             DGC(**kwargs)
     with pytest.raises(ValueError, match="DGC.epoch"):

@@ -52,7 +52,8 @@ SHAPES = [(1,), (7,), (300, 300), (2_000, 200), (600_000,)]
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("options", [dict(), dict(wire="plain"), dict(nesterov=True), dict(momentum_masking=False),
-                                     dict(density=0.05)], ids=["compact", "plain", "nesterov", "no-masking", "dense"])
+                                     dict(density=0.05), dict(min_entries=500)],
+                         ids=["compact", "plain", "nesterov", "no-masking", "dense", "min-entries"])
 def test_the_kernel_sends_and_keeps_exactly_what_the_torch_ops_do(shape, options, monkeypatch):
     fused, fused_memory = _run(shape, "normal", True, monkeypatch, **options)
     ref, ref_memory = _run(shape, "normal", False, monkeypatch, **options)

@@ -3,6 +3,7 @@
 The full variants are not run here (minutes to half an hour); their reports live in results/.
 """
 
+import dataclasses
 import json
 import math
 
@@ -56,8 +57,8 @@ def test_ratio_counts_match_independent_formulas(ratio_run):
     assert all(c["passed"] for c in data["checks"])
     models = data["data"]["models"]
     assert set(models) == {"resnet50", "ptb_lstm_1500"}
-    assert set(models["resnet50"]["compressors"]) == {"none", "dgc-plain", "dgc", "dgc-all", "topk", "onebit",
-                                                      "powersgd"}
+    assert set(models["resnet50"]["compressors"]) == {"none", "dgc-plain", "dgc", "dgc-all", "dgc-all32", "topk",
+                                                      "onebit", "powersgd"}
 
     # DGC on ResNet-50, recomputed here from the model itself: sparsified tensors send k = ceil(0.001 n) entries,
     # the dense ones (1-D or < 1024 entries) 4 bytes per entry.  Paper's format: fp32 value + int32 index.
@@ -73,13 +74,15 @@ def test_ratio_counts_match_independent_formulas(ratio_run):
         "dgc-plain": sum(math.ceil(p.numel() / 1000) * 8 if m else 4 * p.numel() for p, m in zip(params, matrix)),
         "dgc": sum(compact(p.numel()) if m else 4 * p.numel() for p, m in zip(params, matrix)),
         "dgc-all": sum(compact(p.numel()) for p in params),
+        "dgc-all32": sum(compact_nbytes(p.numel(), min(p.numel(), max(32, math.ceil(p.numel() / 1000))))
+                         for p in params),
     }
     entry = models["resnet50"]
     assert entry["parameters"] == 25_557_032 and entry["dense_bytes"] == dense
     for key, nbytes in want.items():
         assert entry["compressors"][key]["bytes"] == nbytes, key
         assert entry["compressors"][key]["ratio"] == pytest.approx(dense / nbytes)
-    assert dense / want["dgc-all"] > 1000  # issue 5's goal for ResNet-50
+    assert dense / want["dgc-all"] > 1000 and dense / want["dgc-all32"] > 1000  # issue 5's goal for ResNet-50
     assert entry["compressors"]["none"]["bytes"] == dense and entry["compressors"]["none"]["ratio"] == 1.0
     assert entry["compressors"]["topk"]["bytes"] == sum(math.ceil(p.numel() / 1000) * 8 for p in params)
     # the paper's LSTM as we build it: 66,034,000 parameters
@@ -276,7 +279,7 @@ def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
 
 def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatch):
     """--runs for the ablation: a row trained once is read back (same numbers, no training) while its variant
-    and seed match; other settings or a damaged file train it again."""
+    (other rows aside) and seed match; other settings or a damaged file train it again."""
     from gradcomp.reproduce import ablation
 
     pytest.importorskip("sklearn")
@@ -287,6 +290,12 @@ def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatc
     real_train = ablation._train
     monkeypatch.setattr(ablation, "_train", lambda *args: trained.append(args) or real_train(*args))
     assert ablation._train_kept("naive", "digits", tiny, 0, str(tmp_path)) == first and not trained
+    more_rows = dataclasses.replace(tiny, rows=("naive", "dgc"))  # a study with another row: this one is kept
+    assert ablation._train_kept("naive", "digits", more_rows, 0, str(tmp_path)) == first and not trained
+    assert ablation._train_kept("naive", "digits", dataclasses.replace(tiny, lr=0.05), 0, str(tmp_path)) != first
+    assert len(trained) == 1  # another learning rate trains again
+    trained.clear()
+    (tmp_path / "digits-naive.json").unlink()
     other = ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path))  # another seed: trained, kept
     assert len(trained) == 1 and other.history != first.history
     (tmp_path / "digits-naive.json").write_text('{"settings": ')  # cut short

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import kernels
 from . import bits
-from .base import (Compressor, Exchange, Exchanged, Payload, check_indices, check_payloads, check_range,
+from .base import (Compressor, Exchange, Exchanged, Payload, check_indices, check_int, check_payloads, check_range,
                    check_tensor, index_dtype, num_selected, register, tensors_of)
 
 __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "select_topk",
@@ -351,13 +351,12 @@ WIDE_MIN = 1 << 18
 
 
 class _Plan:
-    """What one call of the compiled kernel takes for a list of tensors of given sizes at a density: the
+    """What one call of the compiled kernel takes for a list of tensors of given sizes and k: the
     table of their rows (largest tensor first), the candidate buffers, where each tensor's payload lies in
     the call's outputs, and each tensor's hint."""
 
-    def __init__(self, ns: list[int], density: float, threads: int, hints: Tensor | None) -> None:
-        self.ns, self.density = ns, density
-        self.ks = [num_selected(density, n) for n in ns]
+    def __init__(self, ns: list[int], ks: list[int], setting: tuple, threads: int, hints: Tensor | None) -> None:
+        self.ns, self.ks, self.setting = ns, ks, setting
         self.int32 = [index_dtype(n) == torch.int32 for n in ns]
         self.code_sizes = [bits.sorted_nbytes(n, k) for n, k in zip(ns, self.ks)]
         total = sum(ns)
@@ -385,8 +384,9 @@ def _offsets(sizes: list[int]) -> list[int]:
 @register
 @dataclass(kw_only=True)
 class DGCSelect(_Sparse):
-    """DGC's selection (Lin et al. 2018): exactly k = ceil(density * numel) largest |x|,
-    threshold estimated from a strided ``sample_ratio`` sample (see :func:`select_dgc`).
+    """DGC's selection (Lin et al. 2018): exactly k = ceil(density * numel) largest |x| (at least
+    ``min_entries``, all of a smaller tensor), threshold estimated from a strided ``sample_ratio`` sample
+    (see :func:`select_dgc`).
 
     Every rank sends the same number of entries, so payloads all-gather without
     padding.  ``sample_ratio=1.0`` is exact ``torch.topk``.  This is only the
@@ -398,16 +398,23 @@ class DGCSelect(_Sparse):
     density: float = 0.001
     sample_ratio: float = 0.01
     wire: str = "plain"
+    min_entries: int = 1
     workspace: Workspace = field(default_factory=Workspace, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_range("dgc", "density", self.density, 0.0, 1.0, low_open=True)
         check_range("dgc", "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
         check_wire("dgc", self.wire)
+        check_int("dgc", "min_entries", self.min_entries, 1)
+
+    def entries(self, numel: int) -> int:
+        """k for a tensor of ``numel`` entries: ceil(density * numel), at least ``min_entries`` (all of a
+        smaller tensor)."""
+        return min(numel, max(num_selected(self.density, numel), self.min_entries))
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
-        k = num_selected(self.density, flat.numel())
+        k = self.entries(flat.numel())
         return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
 
     def fused_steps(self, grads: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], *, momentum: float,
@@ -432,9 +439,10 @@ class DGCSelect(_Sparse):
             return None
         threads, space = kernels.threads(), self.workspace
         ns = [g.numel() for g in grads]
-        plan = space.plans.get((threads, key))
-        if plan is None or plan.ns != ns or plan.density != self.density:  # the warm-up changes k: a new plan
-            plan = space.plans[(threads, key)] = _Plan(ns, self.density, threads, plan and plan.hints)
+        plan, setting = space.plans.get((threads, key)), (self.density, self.min_entries)
+        if plan is None or plan.ns != ns or plan.setting != setting:  # the warm-up changes k: a new plan
+            plan = space.plans[(threads, key)] = _Plan(ns, [self.entries(n) for n in ns], setting, threads,
+                                                       plan and plan.hints)
         ks = plan.ks
         addresses = (ctypes.c_int64 * (3 * len(ns)))(*[t.data_ptr() for group in zip(grads, us, vs) for t in group])
         total = sum(ks)
@@ -485,7 +493,7 @@ class SharedSelect(DGCSelect):
 
     def exchange(self, tensor: Tensor, state: dict | None = None) -> Exchange:
         flat = tensor.reshape(-1)
-        numel, k = flat.numel(), num_selected(self.density, flat.numel())
+        numel, k = flat.numel(), self.entries(flat.numel())
         if self.lead:
             code = bits.encode_sorted(select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), numel)
         else:
