@@ -179,12 +179,14 @@ class DGC(Method):
     then get ordinary momentum, unless ``sparsify_all=True``: then every
     tensor goes through the steps above (the paper sends them dense; with
     accumulation nothing of them is lost, and for ResNet-50 they are 53 % of
-    what DGC sends otherwise).  ``min_entries``: each sparsified tensor sends
-    at least this many entries per step (all of a smaller one), so that small
-    layers are not starved: at density 0.001 a 2,560-entry classifier sends 3
-    a step, one entry every ~850 steps on average.  The method therefore owns momentum: pair it
+    what DGC sends otherwise).  The method therefore owns momentum: pair it
     with ``torch.optim.SGD(momentum=0)``; weight decay stays in the optimizer
     and is never sent.
+
+    ``min_entries``: each sparsified tensor sends at least this many entries
+    a step (all of a smaller one), so that small layers are not starved: at
+    density 0.001 a 2,560-entry classifier sends 3 a step, each of its entries
+    once in ~850 steps on average.
 
     Warm-up: the density follows :class:`~gradcomp.schedule.SparsityWarmup`
     (25%, 6.25%, 1.5625%, 0.39% over ``warmup_epochs``, then ``density``).

@@ -150,11 +150,10 @@ def run(ctx: Context) -> Result:
                             "B per kept entry"], rows, align="ll" + "r" * 8)
     notes = [
         f"One worker, one step after warm-up, density {DENSITY}: k = ceil({DENSITY} n) entries per sparsified "
-        "tensor. Bytes (B) are counted from the payloads the method produced; the ratio is dense fp32 bytes / "
-        "bytes sent.",
+        "tensor (`dgc-all32`: at least 32, all of a smaller tensor). Bytes (B) are counted from the payloads the "
+        "method produced; the ratio is dense fp32 bytes / bytes sent.",
         "*B per kept entry* (for `dgc-all` and `dgc-all32`, where every tensor is sparse): (values + indices) / "
-        "number of kept "
-        "entries. The paper's format costs 8; float16 values cost 2 and Elias-Fano indices about "
+        "number of kept entries. The paper's format costs 8; float16 values cost 2 and Elias-Fano indices about "
         "(2 + log2(1 / density)) / 8 = 1.5.",
         "The compact wire's float16 rounding is not lost: the sender subtracts the decoded (rounded) values "
         "from its accumulator, so the rounding error is sent in a later step (tests/test_dgc.py checks this "

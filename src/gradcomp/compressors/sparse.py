@@ -443,20 +443,20 @@ class DGCSelect(_Sparse):
         if plan is None or plan.ns != ns or plan.setting != setting:  # the warm-up changes k: a new plan
             plan = space.plans[(threads, key)] = _Plan(ns, [self.entries(n) for n in ns], setting, threads,
                                                        plan and plan.hints)
-        ks = plan.ks
+        ks, compact = plan.ks, self.wire == "compact"
         addresses = (ctypes.c_int64 * (3 * len(ns)))(*[t.data_ptr() for group in zip(grads, us, vs) for t in group])
         total = sum(ks)
-        if self.wire == "compact":
+        if compact:
             outputs = (torch.empty(total, dtype=torch.float16), torch.empty(len(ns)),
                        torch.empty(sum(plan.code_sizes), dtype=torch.uint8), None, None, None)
         else:
             outputs = (None, None, None, torch.empty(total), torch.empty(total, dtype=torch.int32),
                        None if all(plan.int32) else torch.empty(total, dtype=torch.int64))
         space.rescanned += lib.gc_steps(plan.rows.data_ptr(), len(ns), addresses, momentum, nesterov, masking,
-                                        self.wire == "compact", plan.hints.data_ptr(), HINT, *plan.addresses, threads,
+                                        compact, plan.hints.data_ptr(), HINT, *plan.addresses, threads,
                                         *(None if t is None else t.data_ptr() for t in outputs))
         half, scale, code, values, idx32, idx64 = outputs
-        if self.wire == "compact":
+        if compact:
             wires = zip(half.split(ks), scale.split(1), code.split(plan.code_sizes))
         else:
             wires = zip(values.split(ks), idx32.split(ks) if idx64 is None else
