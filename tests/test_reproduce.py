@@ -301,3 +301,21 @@ def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatc
     (tmp_path / "digits-naive.json").write_text('{"settings": ')  # cut short
     assert ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path)).history == other.history
     assert len(trained) == 2
+
+
+def test_ablation_learning_rate_drops_10x_at_the_decay_points():
+    """The ablation's schedule: the same steps as a constant rate before the drop, other steps after it; a drop
+    at the very end of training changes nothing; a drop at the start equals training at a tenth of the rate."""
+    from gradcomp.reproduce import ablation
+
+    pytest.importorskip("sklearn")
+    flat = ablation.Variant(datasets=("digits",), limit_train=256, epochs=2, rows=("dense",), workers=2,
+                            batch_per_worker=16, decay_at=())
+    constant = ablation._train("dense", "digits", flat, 0)
+    decayed = ablation._train("dense", "digits", dataclasses.replace(flat, decay_at=(0.5,)), 0)
+    assert decayed.history[0] == constant.history[0] and decayed.history[1] != constant.history[1]
+    assert ablation._train("dense", "digits", dataclasses.replace(flat, decay_at=(1.0,)), 0).history == \
+        constant.history
+    tenth = ablation._train("dense", "digits", dataclasses.replace(flat, lr=flat.lr / 10), 0)
+    at_start = ablation._train("dense", "digits", dataclasses.replace(flat, decay_at=(0.0,)), 0)
+    assert at_start.history == pytest.approx(tenth.history, rel=1e-6)
