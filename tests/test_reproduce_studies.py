@@ -32,8 +32,8 @@ def _quick(table, tmp_path_factory):
     return rc, out, (out / f"{table}-quick.md").read_text(), data
 
 
-def _params(model, dataset):
-    return [p.numel() for p in build_model(model, dataset).parameters()]
+def _params(model, dataset, **options):
+    return [p.numel() for p in build_model(model, dataset, **options).parameters()]
 
 
 # ---------------------------------------------------------------- ablation
@@ -113,11 +113,12 @@ def test_compare_quick_covers_every_compressor(compare):
         assert (out / f"compare-quick-{task}.png").read_bytes()[:8] == PNG
 
 
-@pytest.mark.parametrize("task,model,dataset", [("image", "mlp", "mnist"), ("language", "lstm", "shakespeare")])
-def test_compare_quick_bytes_match_the_formulas(compare, task, model, dataset):
+@pytest.mark.parametrize("task,model,dataset,options", [("image", "mlp", "mnist", {}),
+                                                        ("language", "lstm", "shakespeare", {"hidden": 128, "layers": 1})])
+def test_compare_quick_bytes_match_the_formulas(compare, task, model, dataset, options):
     *_, data = compare
     rows = data["data"]["rows"][task]
-    sizes = _params(model, dataset)
+    sizes = _params(model, dataset, **options)
     steps = rows["none"]["steps"]
     assert all(r["steps"] == steps for r in rows.values())  # matched steps
     assert rows["none"]["bytes_sent"] == 4 * sum(sizes) * steps

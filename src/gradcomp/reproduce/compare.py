@@ -63,11 +63,21 @@ class Task:
     def metric(self) -> str:
         return "test_perplexity" if self.dataset in ("ptb", "shakespeare") else "test_accuracy"
 
+    def describe(self) -> str:
+        """``key: data, model, workers x batch`` for a report's setup."""
+        size = "all" if self.limit_train is None else f"the first {self.limit_train:,}"
+        unit = "characters" if self.dataset == "shakespeare" else "images"
+        opts = ", ".join(f"{k}={v}" for k, v in self.model_options)
+        model = f"{self.model} ({opts})" if opts else self.model
+        return (f"{self.key}: {self.dataset}, {size} training {unit}, model {model}, {self.workers} simulated workers "
+                f"× batch {self.batch_per_worker}")
+
 
 FULL = (Task("image", "mnist", "mlp", None, 2, 32, 0.05),
         Task("language", "shakespeare", "lstm", 300_000, 2, 16, 1.0, clip_norm=1.0))
 QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
-         Task("language", "shakespeare", "lstm", 15_000, 1, 16, 1.0, limit_test=2_000, clip_norm=1.0))
+         Task("language", "shakespeare", "lstm", 15_000, 1, 16, 1.0, limit_test=2_000, clip_norm=1.0,
+              model_options=(("hidden", 128), ("layers", 1))))  # a smaller LSTM: CI time
 
 
 def configs(task: Task, seed: int) -> list:
@@ -186,11 +196,8 @@ def run(ctx: Context) -> Result:
     for task in tasks:
         table = _table(task, results[task.key])
         sections.append((task, table))
-        size = "all" if task.limit_train is None else f"the first {task.limit_train:,}"
-        unit = "characters" if task.dataset == "shakespeare" else "images"
-        setup.append(f"{task.key}: {task.dataset}, {size} training {unit}, model {task.model}, "
-                     f"{task.workers} simulated workers × batch {task.batch_per_worker}, {task.epochs} epochs, SGD lr "
-                     f"{task.lr}, momentum 0.9" + (f", clip norm {task.clip_norm}" if task.clip_norm else ""))
+        setup.append(f"{task.describe()}, {task.epochs} epochs, SGD lr {task.lr}, momentum 0.9"
+                     + (f", clip norm {task.clip_norm}" if task.clip_norm else ""))
     setup.append("DGC warm-up: 1/40 of training (the paper's share); every other method as listed, with its "
                  "error feedback where it has one")
     markdown = []

@@ -289,13 +289,8 @@ def run(ctx: Context) -> Result:
     markdown = "\n".join(sections)
     setup = []
     for task in variant.tasks:
-        size = "all" if task.limit_train is None else f"the first {task.limit_train:,}"
-        unit = "characters" if task.dataset == "shakespeare" else "images"
-        opts = ", ".join(f"{k}={v}" for k, v in task.model_options)
-        setup.append(f"{task.key}: {task.dataset}, {size} training {unit}, model {task.model}"
-                     + (f" ({opts})" if opts else "") + f", {task.workers} simulated workers × batch "
-                     f"{task.batch_per_worker}, {task.epochs} epoch(s), SGD lr {task.lr}, momentum 0.9 (the "
-                     "optimizer's own, applied to the corrected gradient), no clipping")
+        setup.append(f"{task.describe()}, {task.epochs} epoch(s), SGD lr {task.lr}, momentum 0.9 (the optimizer's "
+                     "own, applied to the corrected gradient), no clipping")
     setup.append("partitions: i.i.d. (images: a random global batch split among workers; characters: each worker a "
                  "contiguous block of rows of the text) and skewed (images: sorted by class, each worker a quarter, "
                  "2 or 3 classes; characters: speeches grouped by speaker, each worker its own speakers)")
