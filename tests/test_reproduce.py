@@ -290,15 +290,15 @@ def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatc
     real_train = ablation._train
     monkeypatch.setattr(ablation, "_train", lambda *args: trained.append(args) or real_train(*args))
     assert ablation._train_kept("naive", "digits", tiny, 0, str(tmp_path)) == first and not trained
-    more_rows = dataclasses.replace(tiny, rows=("naive", "dgc"))  # a study with another row: this one is kept
-    assert ablation._train_kept("naive", "digits", more_rows, 0, str(tmp_path)) == first and not trained
+    more_rows = dataclasses.replace(tiny, rows=("dense", "naive", "dgc"), seed_rows=("dense", "naive"), seeds=3)
+    assert ablation._train_kept("naive", "digits", more_rows, 0, str(tmp_path)) == first and not trained  # kept
     assert ablation._train_kept("naive", "digits", dataclasses.replace(tiny, lr=0.05), 0, str(tmp_path)) != first
     assert len(trained) == 1  # another learning rate trains again
     trained.clear()
-    (tmp_path / "digits-naive.json").unlink()
+    (tmp_path / "digits-naive-seed0.json").unlink()
     other = ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path))  # another seed: trained, kept
-    assert len(trained) == 1 and other.history != first.history
-    (tmp_path / "digits-naive.json").write_text('{"settings": ')  # cut short
+    assert len(trained) == 1 and other.history != first.history and (first.seed, other.seed) == (0, 1)
+    (tmp_path / "digits-naive-seed1.json").write_text('{"settings": ')  # cut short
     assert ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path)).history == other.history
     assert len(trained) == 2
 
@@ -319,3 +319,44 @@ def test_ablation_learning_rate_drops_10x_at_the_decay_points():
     tenth = ablation._train("dense", "digits", dataclasses.replace(flat, lr=flat.lr / 10), 0)
     at_start = ablation._train("dense", "digits", dataclasses.replace(flat, decay_at=(0.0,)), 0)
     assert at_start.history == pytest.approx(tenth.history, rel=1e-6)
+
+
+def test_ablation_trains_the_seed_rows_with_more_seeds_and_reports_their_means(tmp_path, monkeypatch):
+    """seed_rows x seeds: those rows of the first dataset train again with the next seeds (other weights,
+    other batches); the report's seed table holds each seed's accuracy and the means, recomputed here."""
+    from gradcomp.reproduce import ablation
+
+    pytest.importorskip("sklearn")
+    tiny = ablation.Variant(datasets=("digits",), limit_train=512, epochs=2, rows=("dense", "naive", "dgc"),
+                            workers=2, batch_per_worker=16, seed_rows=("dense", "dgc"), seeds=2)
+    monkeypatch.setattr(ablation, "QUICK", tiny)
+    monkeypatch.setitem(ablation.NAMES, "digits", "Digits")
+    main(["reproduce", "ablation", "--out", str(tmp_path), "--no-progress", "--runs", str(tmp_path / "runs")])
+    data = json.loads((tmp_path / "ablation-quick.json").read_text())["data"]
+    assert [r["key"] for r in data["rows"]] == ["dense", "naive", "dgc"] and {r["seed"] for r in data["rows"]} == {0}
+    repeats = {(r["key"], r["seed"]): r for r in data["seed_rows"]}
+    assert sorted(repeats) == [("dense", 0), ("dense", 1), ("dgc", 0), ("dgc", 1)] and data["seeds"] == [0, 1]
+    for r in data["rows"]:
+        if r["key"] in ("dense", "dgc"):
+            assert repeats[r["key"], 0]["history"] == r["history"]  # seed 0 is the main table's row
+    assert repeats["dgc", 1]["history"] != repeats["dgc", 0]["history"]
+    report = (tmp_path / "ablation-quick.md").read_text()
+    mean = {k: (repeats[k, 0]["accuracy"] + repeats[k, 1]["accuracy"]) / 2 for k in ("dense", "dgc")}
+    assert repeats["dgc", 0]["accuracy"] != repeats["dgc", 1]["accuracy"]  # (else the mean checks nothing)
+    row = next(line for line in report.splitlines() if line.startswith("| DGC (all techniques)") and "seed" not in line
+               and line.count("|") == 7)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"{100 * mean['dgc']:.2f} %" and cells[5] == f"{100 * (mean['dgc'] - mean['dense']):+.2f}"
+    assert sorted(p.name for p in (tmp_path / "runs" / "ablation").iterdir()) == \
+        ["digits-dense-seed0.json", "digits-dense-seed1.json", "digits-dgc-seed0.json", "digits-dgc-seed1.json",
+         "digits-naive-seed0.json"]
+
+
+def test_ablation_variant_refuses_seed_rows_it_cannot_compare():
+    from gradcomp.reproduce import ablation
+
+    for bad, match in ((dict(seeds=0), "seeds must be at least 1"),
+                       (dict(seed_rows=("dense", "dgc_all")), r"seed_rows \['dgc_all'\] are not among"),
+                       (dict(seed_rows=("dgc",), seeds=2), "need the dense row")):
+        with pytest.raises(ValueError, match=match):
+            ablation.Variant(datasets=("mnist",), limit_train=10, epochs=1, rows=("dense", "dgc"), **bad)
