@@ -26,8 +26,8 @@ row prints its average density over the whole run (the mean of the schedule's
 density over the steps, for the sparsified tensors) and the share of dense
 bytes it sent, beside its accuracy.
 
-8 workers are simulated in one process (``gradcomp.Simulator``); every row
-starts from the same initialisation and sees the same batches.  Accuracy is on
+8 workers are simulated in one process (``gradcomp.Simulator``); for a given
+seed every row starts from the same initialisation and sees the same batches.  Accuracy is on
 the full 10,000-image test set of each dataset.
 
 Sizes: the full variant trains on 30,000 images of each dataset for 8 epochs
@@ -420,7 +420,7 @@ def run(ctx: Context) -> Result:
     sections = []
     for name, table in tables:
         sections += [f"## {NAMES[name]}: test accuracy beside the published deltas", "", table, ""]
-    seeds_title = f"{NAMES[first]}, seeds {', '.join(map(str, seeds))}: the dense row and DGC as gradcomp ships it"
+    seeds_title = f"{NAMES[first]} over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
     if seeds_table:
         sections += [f"## {seeds_title}", "", "Each seed draws its own initial weights and batch order; the checks "
                      "compare these means.", "", seeds_table, ""]
