@@ -61,9 +61,9 @@ COMM_LABELS = {"dense": "dense fp32 all-reduce", "powersgd-2": "PowerSGD rank 2:
                "dgc": "DGC: all-gather of its real payloads (compact wire, every tensor, >= 32 entries each)"}
 
 
-def _dgc(**schedule) -> DGC:
+def _dgc(warmup_epochs: float = 0.0, **options) -> DGC:
     """DGC as this bench runs it: every tensor sparsified, at least 32 entries of each (1028x on ResNet-50)."""
-    return DGC(density=DENSITY, sparsify_all=True, min_entries=32, **{"warmup_epochs": 0, **schedule})
+    return DGC(density=DENSITY, sparsify_all=True, min_entries=32, warmup_epochs=warmup_epochs, **options)
 
 
 class Gradients(nn.Module):

@@ -27,8 +27,8 @@ density over the steps, for the sparsified tensors) and the share of dense
 bytes it sent, beside its accuracy.
 
 8 workers are simulated in one process (``gradcomp.Simulator``); for a given
-seed every row starts from the same initialisation and sees the same batches.  Accuracy is on
-the full 10,000-image test set of each dataset.
+seed every row starts from the same initialisation and sees the same batches.
+Accuracy is on the full 10,000-image test set of each dataset.
 
 Sizes: the full variant trains on 30,000 images of each dataset for 8 epochs
 (per-worker batch 32), and the dense, DGC and every-tensor-at-least-32-entries
@@ -407,9 +407,10 @@ def run(ctx: Context) -> Result:
              f"model: gradcomp.train.models.CNN (batch norm, 390,634 parameters; torch.manual_seed({ctx.seed}) "
              "before each row: every row starts from the same weights)",
              f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker} (global "
-             f"{variant.global_batch}), {variant.epochs} epochs, SGD lr {variant.lr} (10x lower at "
-             f"{', '.join(f'{100 * s:g} %' for s in variant.decay_at) or 'no point'} of the steps), weight decay "
-             f"{variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense row, inside DGC "
+             f"{variant.global_batch}), {variant.epochs} epochs, SGD lr {variant.lr}"
+             + (f" (10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps)"
+                if variant.decay_at else "")
+             + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense row, inside DGC "
              "(optimizer momentum 0) for the others",
              *([f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} on "
                 f"{NAMES[first]}; {ctx.seed} for the others"] if variant.seeds > 1 else []),
