@@ -98,22 +98,32 @@ def test_cost_model_formulas_and_rate_scaling():
     assert m.all_reduce(4, 1e6, rounds=2) == pytest.approx(12 * 1e-4 + 1.5 * 1e6 * 8e-9)
 
 
-def test_scaling_fit_recovers_the_model_that_made_the_times_and_keeps_every_coefficient_non_negative():
+def test_scaling_fit_recovers_the_betas_that_made_the_times_given_the_alphas():
     from gradcomp.bench.scaling import CostModel, _fit
 
     truth = CostModel(alpha_reduce=1e-4, alpha_gather=3e-5, beta_reduce=8e-9, beta_gather=9e-9, rate="1gbit")
     rows = [{"op": op, "workers": n, "bytes": s,
              "seconds": truth.all_reduce(n, s) if op == "all_reduce" else truth.all_gather(n, s)}
-            for n in (2, 4) for op in ("all_reduce", "all_gather") for s in (1 << 16, 1 << 20)]
-    fitted = _fit(rows, "1gbit")
-    for name in ("alpha_reduce", "alpha_gather", "beta_reduce", "beta_gather"):
-        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
-    # times that fall faster than the bytes (a negative latency would fit them): alpha is held at 0
-    shrunk = [{**r, "seconds": r["seconds"] - (2e-4 if r["op"] == "all_reduce" else 6e-5) * (r["workers"] - 1)}
-              for r in rows]
-    fitted = _fit(shrunk, "1gbit")
-    assert fitted.alpha_reduce == pytest.approx(0, abs=1e-12) and fitted.alpha_gather == pytest.approx(0, abs=1e-12)
-    assert fitted.beta_reduce > 0 and fitted.beta_gather > 0
+            for n in (2, 4, 8) for op in ("all_reduce", "all_gather") for s in (1 << 16, 1 << 20)]
+    fitted = _fit(rows, "1gbit", truth.alpha_reduce, truth.alpha_gather)
+    assert fitted == CostModel(truth.alpha_reduce, truth.alpha_gather, pytest.approx(8e-9, rel=1e-9),
+                               pytest.approx(9e-9, rel=1e-9), "1gbit")
+    # every run of a latency-free model 10 % slower: beta absorbs it exactly, whatever the size and rank count
+    bytes_only = CostModel(0.0, 0.0, 8e-9, 9e-9, "1gbit")
+    slow = [{**r, "seconds": 1.1 * (bytes_only.all_reduce(r["workers"], r["bytes"]) if r["op"] == "all_reduce"
+                                    else bytes_only.all_gather(r["workers"], r["bytes"]))} for r in rows]
+    fitted = _fit(slow, "1gbit", 0.0, 0.0)
+    assert (fitted.beta_reduce, fitted.beta_gather) == (pytest.approx(8.8e-9), pytest.approx(9.9e-9))
+
+
+def test_scaling_latency_is_seconds_per_ring_step_of_the_fastest_small_run():
+    from gradcomp.bench.scaling import latency
+
+    rows = [{"op": "all_reduce", "workers": 2, "bytes": 256, "seconds": 6e-4},  # 2 ring steps
+            {"op": "all_reduce", "workers": 4, "bytes": 256, "seconds": 3e-3},  # 6 steps: 500 us each
+            {"op": "all_gather", "workers": 2, "bytes": 256, "seconds": 4e-4},  # 1 step
+            {"op": "all_gather", "workers": 4, "bytes": 256, "seconds": 9e-4}]  # 3 steps: 300 us each
+    assert latency(rows) == (pytest.approx(3e-4), pytest.approx(3e-4))
 
 
 def test_scaling_projects_the_shared_index_set_flat_in_the_number_of_workers():

@@ -9,10 +9,15 @@ rank contributes to an all-gather)::
 
 ``beta`` is seconds per byte of one rank's link as each collective achieves
 it, and ``alpha`` the cost of one ring step (software and kernel latency; no
-latency is added on these links).  They are fitted by least squares (relative
-errors; an alpha that comes out negative is fixed at 0 and the rest refitted) to runs on 2, 4 and 8 ranks behind real
-``tc tbf`` links (:class:`~gradcomp.bench.netns.ShapedLinks`), and every
-measurement is printed beside the model's prediction.
+latency is added on these links).  alpha is measured on messages too small
+for their bytes to count, between 2 ranks; beta is fitted by least squares
+(relative errors) to big messages on 2, 4 and 8 ranks behind real ``tc tbf``
+links (:class:`~gradcomp.bench.netns.ShapedLinks`) of 100 Mbit/s, and every
+run is printed beside the model's prediction.  100 Mbit/s because this
+machine has 2 cores, and at 1 Gbit/s 8 ranks wait for a core at every ring
+step.  The same runs at 1 Gbit/s are printed beside the model scaled to that
+rate, and the betas refitted on their 2- and 4-rank runs check that bytes
+cost in inverse proportion to the rate, as the projection assumes.
 
 The fitted model then projects one step's communication for ResNet-50's
 gradient, 8 to 1024 workers, at 1, 10 and 100 Gbit/s (``beta`` scaled by the
@@ -43,6 +48,7 @@ from .network import _timed
 
 WORKERS = (8, 16, 32, 64, 128, 256, 512, 1024)
 RATES = ("1gbit", "10gbit", "100gbit")
+FIT_RATE = "100mbit"  # the full variant's links: see run()
 
 
 @dataclass(frozen=True)
@@ -71,26 +77,31 @@ class CostModel:
         return (n - 1) * self.alpha_gather + (n - 1) * nbytes_per_rank * self.beta_gather
 
 
-def _fit(rows: list[dict], rate: str) -> CostModel:
-    """Least squares of the relative errors over every measurement: (alpha_r, alpha_g, beta_r, beta_g).
-    A coefficient that comes out negative (an alpha hidden in the noise) is fixed at 0 and the rest refitted."""
-    def coeffs(r: dict) -> list[float]:
-        n, s = r["workers"], r["bytes"]
-        if r["op"] == "all_reduce":
-            return [2 * (n - 1), 0.0, 2 * (n - 1) / n * s, 0.0]
-        return [0.0, n - 1, 0.0, (n - 1) * s]
+STEPS = {"all_reduce": lambda n: 2 * (n - 1), "all_gather": lambda n: n - 1}  # ring steps on n ranks
+SMALL = 256  # bytes: a message whose time is latency alone
 
-    free = [0, 1, 2, 3]
-    while True:
-        a = torch.tensor([[coeffs(r)[j] / r["seconds"] for j in free] for r in rows], dtype=torch.float64)
-        solution = torch.linalg.lstsq(a, torch.ones(len(rows), 1, dtype=torch.float64)).solution.view(-1).tolist()
-        values = dict(zip(free, solution))
-        negative = [j for j in free if values[j] < 0]
-        if not negative:
-            break
-        free.remove(negative[0])
-    full = [values.get(j, 0.0) for j in range(4)]
-    return CostModel(*full, rate)
+
+def latency(rows: list[dict]) -> tuple[float, float]:
+    """(alpha_r, alpha_g): seconds per ring step of each collective, from runs of messages too small for their
+    bytes to count."""
+    per_step = {op: min(r["seconds"] / STEPS[op](r["workers"]) for r in rows if r["op"] == op) for op in STEPS}
+    return per_step["all_reduce"], per_step["all_gather"]
+
+
+def _fit(rows: list[dict], rate: str, alpha_reduce: float, alpha_gather: float) -> CostModel:
+    """Each collective's beta by least squares of the relative errors over its runs, its alpha given: beta
+    minimises sum_runs ((steps alpha + c beta) / t - 1)^2, c the bytes each rank sends."""
+    betas = {}
+    for op, alpha in (("all_reduce", alpha_reduce), ("all_gather", alpha_gather)):
+        num = den = 0.0
+        for r in rows:
+            if r["op"] == op:
+                n, t = r["workers"], r["seconds"]
+                x = STEPS[op](n) * r["bytes"] / (n if op == "all_reduce" else 1) / t
+                num += x * (1 - STEPS[op](n) * alpha / t)
+                den += x * x
+        betas[op] = num / den
+    return CostModel(alpha_reduce, alpha_gather, betas["all_reduce"], betas["all_gather"], rate)
 
 
 def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: tuple[int, ...],
@@ -115,7 +126,14 @@ def measure(worlds: tuple[int, ...], rate: str, reduce_bytes: tuple[int, ...], g
         with ShapedLinks(world, rate) as links:
             rows += spawn(_worker, world, reduce_bytes, gather_bytes, repeats, address=links.address(0),
                           before_init=links.before_init(), timeout_s=900, threads=1)[0]
-    return rows
+    return [{**r, "rate": rate} for r in rows]
+
+
+def predict(model: CostModel, row: dict) -> float:
+    """The model's seconds for one measured run (at the run's own link rate)."""
+    m = model.at(row.get("rate", model.rate))
+    return m.all_reduce(row["workers"], row["bytes"]) if row["op"] == "all_reduce" else m.all_gather(
+        row["workers"], row["bytes"])
 
 
 def _effective(beta: float) -> str:
@@ -166,6 +184,8 @@ def _plot(models: dict[str, CostModel], sizes: dict[str, int], path) -> None:
               "DGC all-gather": ("C3", "-"), "DGC shared indices (all-reduce)": ("C2", "-")}
     workers = [2**i for i in range(3, 15)]
     for ax, (rate, model) in zip(axes, models.items()):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         for label, times in projection(model, sizes, workers).items():
             color, style = styles[label]
             ax.plot(workers, list(times.values()), color=color, linestyle=style, marker="o", markersize=3,
@@ -178,8 +198,6 @@ def _plot(models: dict[str, CostModel], sizes: dict[str, int], path) -> None:
             ax.axvline(cross, color="C3", linestyle=":", linewidth=1)
             ax.annotate(f"DGC's all-gather\nstops paying: {cross} workers", (cross, ax.get_ylim()[0]),
                         xytext=(4, 12), textcoords="offset points", fontsize="x-small", color="C3")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xlabel("workers")
         ax.set_ylabel("communication per step (s), ResNet-50")
         ax.set_title(f"{rate} links (alpha-beta model)")
@@ -188,30 +206,45 @@ def _plot(models: dict[str, CostModel], sizes: dict[str, int], path) -> None:
     save_figure(fig, path)
 
 
+def _fit_table(model: CostModel, rows: list[dict]) -> tuple[list[list], list[float]]:
+    """Each run beside the model's prediction: the table's rows and the relative errors."""
+    table, errors = [], []
+    for r in rows:
+        predicted = predict(model, r)
+        errors.append(predicted / r["seconds"] - 1)
+        table.append([r["op"].replace("_", "-"), r["workers"], r["rate"], f"{r['bytes']:,}", _ms(r["seconds"]),
+                      _ms(predicted), f"{100 * errors[-1]:+.1f} %"])
+    return table, errors
+
+
+def max_error(rows: list[dict], errors: list[float], workers: tuple[int, ...]) -> float:
+    """The largest relative error of the runs of 1 MB and more on any of ``workers`` ranks."""
+    return max(abs(e) for r, e in zip(rows, errors) if r["workers"] in workers and r["bytes"] >= 1 << 20)
+
+
 def run(ctx: Context) -> Result:
+    sizes_full = (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20, 1 << 22)
     if ctx.full:
-        # sizes where bytes dominate: on this 2-core machine 8 ranks share the cores, and a small message's
-        # time is mostly the wait for a scheduled peer (an 8 KB all-gather on 8 ranks: 6 to 21 ms)
-        worlds, reduce_bytes, gather_bytes, repeats = (2, 4, 8), (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20,
-                                                                                              1 << 22), 15
+        # fitted where the links, not the cores, set the pace: at 1 Gbit/s, 8 ranks on this 2-core machine
+        # wait for a core at every ring step (a 1 MB all-reduce took 43 ms where 2 and 4 ranks predict 14);
+        # at 100 Mbit/s each step's bytes take 10x longer.  The same runs at 1 Gbit/s check the rate scaling.
+        rate, worlds, (reduce_bytes, gather_bytes), repeats = FIT_RATE, (2, 4, 8), sizes_full, 7
+        check_rate, check_repeats = RATES[0], 15
     else:
-        # two sizes per collective (enough to fit its alpha and beta), both past the links' 1 ms burst
-        worlds, reduce_bytes, gather_bytes, repeats = (2,), (1 << 20, 1 << 22), (1 << 20, 1 << 22), 5
-    rate = RATES[0]
+        # two sizes per collective, both past the links' 1 ms burst
+        rate, worlds, reduce_bytes, gather_bytes, repeats = RATES[0], (2,), (1 << 20, 1 << 22), (1 << 20, 1 << 22), 5
+        check_rate = None
     try:
+        # alpha from small messages between 2 ranks that each have a core; beta fitted to the big ones
+        alphas = latency(measure((2,), rate, (SMALL,), (SMALL,), 30))
         rows = measure(worlds, rate, reduce_bytes, gather_bytes, repeats)
+        check_rows = measure(worlds, check_rate, reduce_bytes, gather_bytes, check_repeats) if check_rate else []
     except NetworkSetupError as error:
         raise StudySkipped(str(error)) from None
-    model = _fit(rows, rate)
-    errors = []
-    fit_rows = []
-    for r in rows:
-        predicted = (model.all_reduce(r["workers"], r["bytes"]) if r["op"] == "all_reduce"
-                     else model.all_gather(r["workers"], r["bytes"]))
-        err = predicted / r["seconds"] - 1
-        errors.append(err)
-        fit_rows.append([r["op"].replace("_", "-"), r["workers"], f"{r['bytes']:,}", _ms(r["seconds"]),
-                         _ms(predicted), f"{100 * err:+.1f} %"])
+    model = _fit(rows, rate, *alphas)
+    fit_rows, errors = _fit_table(model, rows)
+    check_table, check_errors = _fit_table(model, check_rows)
+    refit = _fit([r for r in check_rows if r["workers"] <= 4], check_rate, *alphas) if check_rate else None
     models = {rt: model.at(rt) for rt in RATES}
     sizes = resnet50_bytes(ctx.seed)
     proj_rows = []
@@ -226,29 +259,45 @@ def run(ctx: Context) -> Result:
 
     worst = max(abs(e) for e in errors)
     if ctx.full:
-        checks = [Check("the fitted model is within 20 % of every measured run", worst <= 0.20,
-                        f"worst {100 * worst:.1f} %")]
+        checks = [Check(f"the model is within 20 % of every run it was fitted to ({', '.join(map(str, worlds))} ranks "
+                        f"at {rate})", worst <= 0.20, f"worst {100 * worst:.1f} %")]
+        # the projection's assumption, tested on the ranks that each have a core at 1 Gbit/s: refitted there,
+        # the betas are the 100 Mbit/s ones divided by 10
+        scaled = model.at(check_rate)
+        drift = [refit.beta_reduce / scaled.beta_reduce - 1, refit.beta_gather / scaled.beta_gather - 1]
+        checks.append(Check(f"bytes cost in inverse proportion to the link rate: refitted on the 2- and 4-rank "
+                            f"{check_rate} runs, both betas are within 20 % of the {rate} ones scaled",
+                            max(map(abs, drift)) <= 0.20,
+                            f"all-reduce {100 * drift[0]:+.1f} %, all-gather {100 * drift[1]:+.1f} %"))
         checks.append(Check("the model shows where DGC's all-gather stops paying against the dense all-reduce",
                             any(c is not None for c in crossings.values()),
                             ", ".join(f"{rt}: {c if c else 'beyond 2^20'} workers" for rt, c in crossings.items())
                             + f"; bytes alone: {bytes_only} workers"))
-    else:  # two sizes on one pair of ranks: the fit passes through them unless a run is an outlier
+    else:
         checks = [Check("every measured run's bytes cost time (both betas of the fit are positive)",
                         model.beta_reduce > 0 and model.beta_gather > 0, f"worst fit error {100 * worst:.1f} %")]
-    fitted = (f"all-reduce: alpha = {1e6 * model.alpha_reduce:.0f} us per ring step, beta = "
+    fitted = (f"all-reduce: alpha = {1e6 * model.alpha_reduce:.0f} us per ring step (measured), beta = "
               f"{model.beta_reduce * 1e9:.2f} ns per byte ({_effective(model.beta_reduce)}); "
-              f"all-gather: alpha = {1e6 * model.alpha_gather:.0f} us, beta = {model.beta_gather * 1e9:.2f} ns per "
-              f"byte ({_effective(model.beta_gather)}); links shaped at {rate}")
+              f"all-gather: alpha = {1e6 * model.alpha_gather:.0f} us (measured), beta = "
+              f"{model.beta_gather * 1e9:.2f} ns per byte ({_effective(model.beta_gather)}); links shaped at {rate}")
     notes = [
-        "The fit uses messages of 256 KB and more: on this 2-core machine up to 8 ranks share the cores, and a "
-        "small message's time is mostly the wait for a peer to be scheduled (an 8 KB all-gather on 8 ranks took "
-        "6 to 21 ms in a separate run, 30 repeats), not the network's latency. alpha is therefore loosely "
-        "constrained; the projections below are dominated by bytes except for DGC at few workers.",
-        "Projection: beta scales with the link rate, alpha is kept as measured here (the software latency of gloo "
-        "over TCP). The ring all-reduce pays 2 (n - 1) alpha, so at high rates and many workers latency, not "
-        "bytes, dominates the dense curve; on a fabric with negligible latency the bytes alone decide, and "
-        f"DGC's all-gather stops paying at {bytes_only} workers at any rate (where (n - 1) s beta_g exceeds "
-        "2 (n - 1) / n S beta_r).",
+        f"alpha is the latency of one ring step, measured on {SMALL}-byte messages between 2 ranks (each with "
+        "a core), where the bytes do not count; beta is fitted to messages of 256 KB and more. Small messages on "
+        "8 ranks would measure this 2-core machine's scheduler instead: each ring step waits for a peer to get a "
+        "core (an 8 KB all-gather on 8 ranks took 6 to 21 ms in a separate run, 30 repeats)."
+        + (f" For the same reason the full variant fits at {rate}: at {check_rate} that wait spoils the 8-rank "
+           f"runs (the second table: the model predicts the 2- and 4-rank {check_rate} runs of 1 MB and more "
+           f"within {100 * max_error(check_rows, check_errors, (2, 4)):.0f} %, the 8-rank ones within "
+           f"{100 * max_error(check_rows, check_errors, (8,)):.0f} %), at {rate} each step's bytes take 10x "
+           "longer than the wait." if check_rate else ""),
+        "Projection: beta scales with the link rate"
+        + (f" (refitted on the 2- and 4-rank {check_rate} runs the betas give {_effective(refit.beta_reduce)} "
+           f"and {_effective(refit.beta_gather)}: the check below)" if check_rate else "")
+        + ", alpha stays as measured: the latency of gloo over TCP between processes on this machine, more than a "
+        "datacenter fabric's. The ring all-reduce pays 2 (n - 1) alpha, so at high rates and many workers "
+        "latency, not bytes, dominates every curve, the dense one too; with no latency at all the bytes alone "
+        f"decide, and DGC's all-gather stops paying at {bytes_only} workers at any rate (where (n - 1) s beta_g "
+        "exceeds 2 (n - 1) / n S beta_r).",
         "ResNet-50 bytes per worker and step, counted from the payloads of one step (as `gradcomp bench wire`): "
         "dense fp32 "
         f"{sizes['dense']:,}, PowerSGD rank 2 {sizes['powersgd']:,}, DGC (compact wire, every tensor) "
@@ -263,12 +312,18 @@ def run(ctx: Context) -> Result:
         "DGC's all-gather: every rank receives the other ranks' entries, (n - 1) x its own payload, so its cost "
         "grows linearly with the number of workers while the ring all-reduce's stays near 2 x the gradient: "
         + "; ".join(f"at {rt} it stops paying at {c} workers" if c else f"at {rt} it pays up to 2^20 workers"
-                    for rt, c in crossings.items()) + ".",
+                    for rt, c in crossings.items()) + "."
+        + (f" Latency moves the crossing {'earlier' if model.alpha_gather > 2 * model.alpha_reduce else 'later'} "
+           f"than the bytes alone: one all-gather step costs alpha_g ({1e6 * model.alpha_gather:.0f} us), one "
+           f"position of the ring all-reduce 2 alpha_r ({2e6 * model.alpha_reduce:.0f} us)."),
     ]
     markdown = "\n".join([
         "## The model fitted to the measured runs", "", fitted, "",
-        markdown_table(["collective", "ranks", "bytes", "measured ms", "model ms", "error"], fit_rows,
-                       align="lrrrrr"), "",
+        markdown_table(["collective", "ranks", "links", "bytes", "measured ms", "model ms", "error"], fit_rows,
+                       align="lrlrrrr"), "",
+        *([f"## The same model at {check_rate} (scaled, not refitted) beside runs at {check_rate}", "",
+           markdown_table(["collective", "ranks", "links", "bytes", "measured ms", "model ms", "error"],
+                          check_table, align="lrlrrrr"), ""] if check_rate else []),
         "## Projected communication per step for ResNet-50 (ms)", "",
         markdown_table(["links", "method", *[str(n) for n in WORKERS]], proj_rows, align="ll" + "r" * len(WORKERS)),
         "", "## Notes", "", *[f"- {n}" for n in notes], ""])
@@ -277,11 +332,13 @@ def run(ctx: Context) -> Result:
              f"(each rank in its own network namespace); all-reduce of {', '.join(f'{b:,}' for b in reduce_bytes)} "
              f"bytes, all-gather of {', '.join(f'{b:,}' for b in gather_bytes)} bytes per rank; the best of "
              f"{repeats} runs of the slowest rank"]
+    if check_rate:
+        setup.append(f"checked: the same collectives on the same ranks behind {check_rate} links, the best of "
+                     f"{check_repeats} runs")
     return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
                   plots=[plot_path], setup=setup,
-                  data={"measured": rows, "model": vars(model), "crossover": crossings,
-                        "crossover_bytes_only": bytes_only,
-                        "resnet50_bytes": sizes,
+                  data={"measured": rows, "checked": check_rows, "model": vars(model),
+                        "crossover": crossings, "crossover_bytes_only": bytes_only, "resnet50_bytes": sizes,
                         "projection": {rt: projection(m, sizes) for rt, m in models.items()}})
 
 
