@@ -228,7 +228,7 @@ def run(ctx: Context) -> Result:
         # fitted where the links, not the cores, set the pace: at 1 Gbit/s, 8 ranks on this 2-core machine
         # wait for a core at every ring step (a 1 MB all-reduce took 43 ms where 2 and 4 ranks predict 14);
         # at 100 Mbit/s each step's bytes take 10x longer.  The same runs at 1 Gbit/s check the rate scaling.
-        rate, worlds, (reduce_bytes, gather_bytes), repeats = FIT_RATE, (2, 4, 8), sizes_full, 7
+        rate, worlds, (reduce_bytes, gather_bytes), repeats = FIT_RATE, (2, 4, 8), sizes_full, 15
         check_rate, check_repeats = RATES[0], 15
     else:
         # two sizes per collective, both past the links' 1 ms burst
