@@ -77,28 +77,39 @@ class CostModel:
         return (n - 1) * self.alpha_gather + (n - 1) * nbytes_per_rank * self.beta_gather
 
 
-STEPS = {"all_reduce": lambda n: 2 * (n - 1), "all_gather": lambda n: n - 1}  # ring steps on n ranks
 SMALL = 256  # bytes: a message whose time is latency alone
+
+
+def _seconds(model: CostModel, row: dict) -> float:
+    """The model's seconds for one run's collective, at the model's rate."""
+    if row["op"] == "all_reduce":
+        return model.all_reduce(row["workers"], row["bytes"])
+    return model.all_gather(row["workers"], row["bytes"])
+
+
+#: one ring step's latency and one byte per second: _seconds gives a run's ring steps, and its bytes on the link
+_STEPS, _BYTES = CostModel(1.0, 1.0, 0.0, 0.0, "1gbit"), CostModel(0.0, 0.0, 1.0, 1.0, "1gbit")
 
 
 def latency(rows: list[dict]) -> tuple[float, float]:
     """(alpha_r, alpha_g): seconds per ring step of each collective, from runs of messages too small for their
     bytes to count."""
-    per_step = {op: min(r["seconds"] / STEPS[op](r["workers"]) for r in rows if r["op"] == op) for op in STEPS}
+    per_step = {op: min(r["seconds"] / _seconds(_STEPS, r) for r in rows if r["op"] == op)
+                for op in ("all_reduce", "all_gather")}
     return per_step["all_reduce"], per_step["all_gather"]
 
 
 def _fit(rows: list[dict], rate: str, alpha_reduce: float, alpha_gather: float) -> CostModel:
     """Each collective's beta by least squares of the relative errors over its runs, its alpha given: beta
     minimises sum_runs ((steps alpha + c beta) / t - 1)^2, c the bytes each rank sends."""
+    alphas = CostModel(alpha_reduce, alpha_gather, 0.0, 0.0, rate)
     betas = {}
-    for op, alpha in (("all_reduce", alpha_reduce), ("all_gather", alpha_gather)):
+    for op in ("all_reduce", "all_gather"):
         num = den = 0.0
         for r in rows:
             if r["op"] == op:
-                n, t = r["workers"], r["seconds"]
-                x = STEPS[op](n) * r["bytes"] / (n if op == "all_reduce" else 1) / t
-                num += x * (1 - STEPS[op](n) * alpha / t)
+                x = _seconds(_BYTES, r) / r["seconds"]
+                num += x * (1 - _seconds(alphas, r) / r["seconds"])
                 den += x * x
         betas[op] = num / den
     return CostModel(alpha_reduce, alpha_gather, betas["all_reduce"], betas["all_gather"], rate)
@@ -131,9 +142,7 @@ def measure(worlds: tuple[int, ...], rate: str, reduce_bytes: tuple[int, ...], g
 
 def predict(model: CostModel, row: dict) -> float:
     """The model's seconds for one measured run (at the run's own link rate)."""
-    m = model.at(row.get("rate", model.rate))
-    return m.all_reduce(row["workers"], row["bytes"]) if row["op"] == "all_reduce" else m.all_gather(
-        row["workers"], row["bytes"])
+    return _seconds(model.at(row.get("rate", model.rate)), row)
 
 
 def _effective(beta: float) -> str:
@@ -218,12 +227,12 @@ def _fit_table(model: CostModel, rows: list[dict]) -> tuple[list[list], list[flo
 
 
 def run(ctx: Context) -> Result:
-    sizes_full = (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20, 1 << 22)
     if ctx.full:
         # fitted where the links, not the cores, set the pace: at 1 Gbit/s, 8 ranks on this 2-core machine
-        # wait for a core at every ring step (a 1 MB all-reduce took 43 ms where 2 and 4 ranks predict 14);
-        # at 100 Mbit/s each step's bytes take 10x longer.  The same runs at 1 Gbit/s check the rate scaling.
-        rate, worlds, (reduce_bytes, gather_bytes), repeats = FIT_RATE, (2, 4, 8), sizes_full, 15
+        # wait for a core at every ring step (the report's second table shows it); at 100 Mbit/s each step's
+        # bytes take 10x longer.  The same runs at 1 Gbit/s check the rate scaling.
+        rate, worlds, repeats = FIT_RATE, (2, 4, 8), 15
+        reduce_bytes, gather_bytes = (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20, 1 << 22)
         check_rate, check_repeats = RATES[0], 15
     else:
         # two sizes per collective, both past the links' 1 ms burst

@@ -411,8 +411,8 @@ def run(ctx: Context) -> Result:
              f"{variant.global_batch}), {variant.epochs} epochs, SGD lr {variant.lr}"
              + (f" (10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps)"
                 if variant.decay_at else "")
-             + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense row, inside DGC "
-             "(optimizer momentum 0) for the others",
+             + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense "
+             "row, inside DGC (optimizer momentum 0) for the others",
              *([f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} on "
                 f"{NAMES[first]}; {ctx.seed} for the others"] if variant.seeds > 1 else []),
              f"sparsity: density {DENSITY} (99.9 %); warm-up {variant.warmup_epochs:g} epochs "
