@@ -301,6 +301,12 @@ def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatc
     (tmp_path / "digits-naive-seed1.json").write_text('{"settings": ')  # cut short
     assert ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path)).history == other.history
     assert len(trained) == 2
+    kept = json.loads((tmp_path / "digits-naive-seed1.json").read_text())
+    assert kept["settings"]["optimizer"] == {"momentum": 0.0, "weight_decay": pytest.approx(1e-3)}  # DGC's
+    del kept["settings"]["optimizer"]  # a run from before the optimizer was recorded: trained again
+    (tmp_path / "digits-naive-seed1.json").write_text(json.dumps(kept))
+    ablation._train_kept("naive", "digits", tiny, 1, str(tmp_path))
+    assert len(trained) == 3
 
 
 def test_ablation_learning_rate_drops_10x_at_the_decay_points():

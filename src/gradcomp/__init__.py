@@ -5,7 +5,7 @@ from .dga import DelayedGradientAveraging, FedAvg
 from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
 from .guard import SettingsMismatchError
 from .memory import DGCMemory, Memory, Momentum, Residual
-from .method import DGC, Method, NonFiniteGradientError, as_method
+from .method import DGC, Method, NonFiniteGradientError, as_method, sgd_settings
 from .optim import DistributedOptimizer
 from .schedule import LinearLRWarmup, SparsityWarmup
 from .simulator import Simulator, split_batch
@@ -37,5 +37,6 @@ __all__ = [
     "get",
     "register",
     "register_ddp_hook",
+    "sgd_settings",
     "split_batch",
 ]

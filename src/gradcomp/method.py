@@ -180,8 +180,9 @@ class DGC(Method):
     tensor goes through the steps above (the paper sends them dense; with
     accumulation nothing of them is lost, and for ResNet-50 they are 53 % of
     what DGC sends otherwise).  The method therefore owns momentum: pair it
-    with ``torch.optim.SGD(momentum=0)``; weight decay stays in the optimizer
-    and is never sent.
+    with ``torch.optim.SGD(momentum=0)`` and the weight decay that
+    :func:`sgd_settings` scales to match momentum SGD's; it stays in the
+    optimizer and is never sent.
 
     ``min_entries``: each sparsified tensor sends at least this many entries
     a step (all of a smaller one), so that small layers are not starved: at
@@ -342,6 +343,30 @@ def as_method(method: Method | Compressor | str) -> Method:
     raise TypeError(f"expected a gradcomp Method, Compressor or compressor name, got {type(method).__name__}")
 
 
+def sgd_settings(method: Method, momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, float]:
+    """``torch.optim.SGD``'s ``momentum`` and ``weight_decay`` for training through ``method`` what dense
+    training runs with ``SGD(momentum=momentum, weight_decay=weight_decay)``.
+
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, **sgd_settings(dgc, momentum=0.9, weight_decay=1e-4))
+
+    A method that owns momentum (DGC) gets ``momentum=0`` and the weight decay
+    scaled by ``1 / (1 - m)``, ``m`` the method's own momentum.  In momentum SGD
+    the decay ``wd * p`` goes through the momentum buffer, so a step applies
+    ``lr * wd * p / (1 - m)`` once the buffer has settled (exactly, for ``p``
+    held still); an optimizer without momentum and with the same ``wd`` would
+    decay ``1 / (1 - m)`` times (10x at 0.9) less than the dense run DGC is
+    compared with.  The paper's code keeps a momentum buffer for the decay term
+    alone, to the same effect.  Either way weight decay is never sent: each rank
+    applies it to its own weights, identical on every rank.  Other methods keep
+    both values.
+    """
+    check_range("sgd_settings", "momentum", momentum, 0.0, 1.0, high_open=True)
+    check_range("sgd_settings", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+    if not method.owns_momentum:
+        return {"momentum": momentum, "weight_decay": weight_decay}
+    return {"momentum": 0.0, "weight_decay": weight_decay / (1.0 - method.momentum)}
+
+
 def check_optimizer(method: Method, optimizer: torch.optim.Optimizer | None) -> None:
     """A method that applies momentum itself must not be paired with a momentum optimizer."""
     if optimizer is None or not method.owns_momentum:
@@ -351,5 +376,6 @@ def check_optimizer(method: Method, optimizer: torch.optim.Optimizer | None) -> 
             raise ValueError(
                 f"{type(method).__name__} applies momentum itself (momentum correction), but the optimizer's "
                 f"param group {i} has momentum too ({type(optimizer).__name__}); use "
-                "torch.optim.SGD(params, lr, momentum=0, weight_decay=...) or set the method's momentum=0"
+                "torch.optim.SGD(params, lr, **gradcomp.sgd_settings(method, momentum, weight_decay)) or set the "
+                "method's momentum=0"
             )

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..launch import spawn
-from ..method import DGC
+from ..method import DGC, sgd_settings
 from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
 from ..compressors.powersgd import PowerSGD
 from ..reproduce.ratio import MODEL_LABELS, _gradients, _shapes, bytes_sent
@@ -200,7 +200,7 @@ def _time_to_accuracy(method: str, seed: int, max_steps: int, target: float, lim
     data = load_dataset("mnist", limit_train=limit_train)
     torch.manual_seed(seed)
     model = DDP(CNN(data.input_shape, data.num_classes), bucket_cap_mb=1e6)  # one bucket (see _ddp_steps)
-    momentum = 0.9
+    settings = {"momentum": 0.9, "weight_decay": 1e-4}  # SGD's, for dense DDP and PowerSGD
     if method == "powersgd-2":
         model.register_comm_hook(psgd.PowerSGDState(process_group=None, matrix_approximation_rank=2,
                                                     start_powerSGD_iter=2), psgd.powerSGD_hook)
@@ -208,8 +208,8 @@ def _time_to_accuracy(method: str, seed: int, max_steps: int, target: float, lim
         per_epoch = steps_per_epoch(len(data.y_train), BATCH_PER_RANK * world)
         dgc = _dgc(momentum=0.9, warmup_epochs=0.1, steps_per_epoch=per_epoch)
         model.register_comm_hook(HookState(dgc, model=model), ddp_comm_hook)
-        momentum = 0.0  # DGC applies momentum itself
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, weight_decay=1e-4)
+        settings = sgd_settings(dgc, **settings)  # DGC applies momentum itself
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, **settings)
     steps, seconds, accuracy, epoch = 0, 0.0, 0.0, 0
     flag = torch.zeros(1)
     while steps < max_steps and not flag.item():
@@ -344,7 +344,8 @@ def run(ctx: Context) -> Result:
              f"{repeats} "
              "timed steps; each figure is the median over steps of the slowest rank",
              f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum 0.9 (inside DGC for DGC, "
-             f"density {DENSITY}, warm-up 0.1 epoch), weight decay 1e-4; test accuracy on 2,000 images every "
+             f"density {DENSITY}, warm-up 0.1 epoch), weight decay 1e-4 (1e-3 with DGC's optimizer momentum 0: "
+             "gradcomp.sgd_settings); test accuracy on 2,000 images every "
              f"{EVAL_EVERY} steps",
              f"torch threads per rank: {max(1, (torch.get_num_threads() or 1) // workers)}; the ranks share this "
              f"machine's {os.cpu_count()} cores, so compute (compression included) is slower than on one machine "

@@ -14,8 +14,9 @@ picks the indices, every worker's values there are all-reduced), the
 aggregation whose bytes per worker do not grow with the number of workers
 (``gradcomp bench scaling``).  Every DGC row runs
 ``torch.optim.SGD(momentum=0)``: DGC owns momentum (the dense tensors'
-momentum included); weight decay is the same for every row and stays in the
-optimizer.
+momentum included); weight decay stays in the optimizer, scaled by
+``1 / (1 - momentum)`` (:func:`gradcomp.sgd_settings`) so that every row
+decays its weights as much as the dense row's momentum SGD does.
 
 The warm-up takes the paper's share of training (4 of 160 epochs, 2.5 %), so a
 short run does not flatter DGC; its schedule advances per step
@@ -53,7 +54,7 @@ from typing import Any
 
 import torch
 
-from ..method import DGC, Method
+from ..method import DGC, Method, sgd_settings
 from ..simulator import Simulator
 from .common import (Check, Context, Result, Study, StudySkipped, classification_loss, evaluate_classifier,
                      map_runs, markdown_table, new_figure, register, save_figure)
@@ -158,12 +159,12 @@ class Row:
         return self.bytes_sent / self.dense_bytes if self.dense_bytes else math.nan
 
 
-def _method(key: str, variant: Variant, steps: int) -> tuple[Method, float]:
-    """The row's method and the optimizer momentum that goes with it."""
+def _method(key: str, variant: Variant, steps: int) -> Method:
+    """The row's method."""
     from ..compressors.base import get
 
     if key == "dense":
-        return Method(get("none")), variant.momentum
+        return Method(get("none"))
     w = variant.warmup_epochs
     kwargs: dict[str, Any] = {
         "naive": dict(accumulate=False, momentum_correction=False, warmup_epochs=0),
@@ -176,7 +177,7 @@ def _method(key: str, variant: Variant, steps: int) -> tuple[Method, float]:
         "dgc_all32": dict(warmup_epochs=w, sparsify_all=True, min_entries=32),
         "dgc_shared": dict(warmup_epochs=w, aggregate="shared"),
     }[key]
-    return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs), 0.0
+    return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs)
 
 
 @functools.lru_cache(maxsize=2)
@@ -196,9 +197,9 @@ def _train(key: str, dataset: str, variant: Variant, seed: int) -> Row:
     torch.manual_seed(seed)
     model = CNN(data.input_shape, data.num_classes)
     steps = steps_per_epoch(len(data.y_train), variant.global_batch)
-    method, momentum = _method(row.key, variant, steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=variant.lr, momentum=momentum,
-                                weight_decay=variant.weight_decay)
+    method = _method(row.key, variant, steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=variant.lr,
+                                **sgd_settings(method, variant.momentum, variant.weight_decay))
     total = variant.epochs * steps
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(s * total) for s in variant.decay_at], 0.1)
     sim = Simulator(model, method, variant.workers, optimizer=optimizer)
@@ -230,7 +231,8 @@ def _train_kept(key: str, dataset: str, variant: Variant, seed: int, folder: str
     with the same variant (whatever other rows and seeds the study has) and seed (``--runs``: a stopped study
     resumes with the rows it had finished, and a new row or seed trains alone)."""
     path = Path(folder) / f"{dataset}-{key}-seed{seed}.json"
-    settings = {"variant": dataclasses.asdict(variant), "seed": seed}
+    optimizer = sgd_settings(_method(key, variant, 1), variant.momentum, variant.weight_decay)
+    settings = {"variant": dataclasses.asdict(variant), "seed": seed, "optimizer": optimizer}
 
     def training(kept: dict) -> dict:  # what trains this row: the study's other rows and seeds do not matter
         kept = json.loads(json.dumps(kept))
@@ -412,7 +414,8 @@ def run(ctx: Context) -> Result:
              + (f" (10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps)"
                 if variant.decay_at else "")
              + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense "
-             "row, inside DGC (optimizer momentum 0) for the others",
+             f"row, inside DGC for the others (optimizer momentum 0, weight decay "
+             f"{variant.weight_decay / (1 - variant.momentum):g}: the dense row's, as its momentum applies it)",
              *([f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} on "
                 f"{NAMES[first]}; {ctx.seed} for the others"] if variant.seeds > 1 else []),
              f"sparsity: density {DENSITY} (99.9 %); warm-up {variant.warmup_epochs:g} epochs "

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ..compressors.base import available, check_int, check_range, get
 from ..guard import check_nonfinite
-from ..method import DGC, Method
+from ..method import DGC, Method, sgd_settings
 from ..schedule import LinearLRWarmup
 from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_batches, lm_steps, load_dataset,
                    skewed_parts, speaker_grouped, steps_per_epoch)
@@ -288,10 +288,9 @@ class _Front:
     def __init__(self, model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int,
                  world: int) -> None:
         self.config, self.task, self.rank, self.world = config, task, rank, world
-        momentum = 0.0 if method.owns_momentum else config.momentum
         self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
+                                         **sgd_settings(method, config.momentum, config.weight_decay))
         self.clip_after_average = config.clip_norm if config.method != "dgc" else None
         #: DGA or FedAvg on a real rank: an optimizer wrapper that does its own exchanges (every rank's model
         #: differs, so each rank's model is checkpointed beside its state, under ``wrapper_key``)
