@@ -65,7 +65,7 @@ def test_sgd_settings_give_dgc_the_weight_decay_of_momentum_sgd(digits):
 
     def dgc_run(weight_decay):
         method = DGC(density=1.0, momentum=0.9, momentum_masking=False, warmup_epochs=0, wire="plain")
-        return simulated(x, y, steps, method, workers=4, weight_decay=weight_decay)[0]
+        return simulated(x, y, steps, method, workers=2, weight_decay=weight_decay)[0]
 
     def distance(model):
         return sum((p - q).norm() ** 2 for p, q in zip(model.parameters(), ref.parameters())).sqrt().item()

@@ -189,12 +189,10 @@ def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
 
 def test_weight_decay_with_dgc_decays_as_much_as_momentum_sgd(tmp_path):
     """--weight-decay means momentum SGD's: DGC, which owns momentum, gets it scaled by 1/(1 - momentum)."""
-    for method, want in [("dgc", {"momentum": 0.0, "weight_decay": 1e-3}),
-                         ("none", {"momentum": 0.9, "weight_decay": 1e-4})]:
-        quick(tmp_path, method, method=method, simulate=True, workers=2, epochs=1, momentum=0.9, weight_decay=1e-4,
-              limit_train=256)
-        group = RunDir(tmp_path / method).load_checkpoint()["optimizer"]["param_groups"][0]
-        assert {k: group[k] for k in want} == pytest.approx(want), method
+    quick(tmp_path, "dgc", method="dgc", simulate=True, workers=2, epochs=1, momentum=0.9, weight_decay=1e-4,
+          limit_train=256)
+    group = RunDir(tmp_path / "dgc").load_checkpoint()["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.0, pytest.approx(1e-3))
 
 
 @pytest.mark.parametrize("method,options", [(name, {}) for name in gradcomp.available() if name != "dgc"]
