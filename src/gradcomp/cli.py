@@ -187,7 +187,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size per worker (default 16)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9; DGC applies it itself)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay, applied locally, never sent (default 0); with dgc, which owns momentum, "
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="weight decay, applied locally, never sent (default 0); with dgc, which owns momentum, "
                         "scaled by 1/(1 - momentum) to decay as much as momentum SGD does")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default 0)")
     p.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",

@@ -71,7 +71,8 @@ class DistributedOptimizer(OptimizerWrapper):
     ``backward_passes_per_step`` backward passes accumulate locally before
     the exchange (gradient accumulation).  With :class:`~gradcomp.DGC` the
     method owns momentum: the wrapped optimizer must be SGD with
-    ``momentum=0`` (weight decay stays there and is never sent).  ``nonfinite``: ``"skip"`` or ``"raise"``
+    ``momentum=0`` (weight decay stays there, never sent, scaled by
+    :func:`~gradcomp.sgd_settings`).  ``nonfinite``: ``"skip"`` or ``"raise"``
     (see :mod:`gradcomp.guard`).
     """
 
