@@ -184,6 +184,7 @@ TARGET = 0.97
 EVAL_EVERY = 50
 BATCH_PER_RANK = 32
 LR = 0.05
+SGD = {"momentum": 0.9, "weight_decay": 1e-4}  # the optimizer's, for dense DDP and PowerSGD
 
 
 def _time_to_accuracy(method: str, seed: int, max_steps: int, target: float, limit_train: int | None) -> dict:
@@ -200,15 +201,15 @@ def _time_to_accuracy(method: str, seed: int, max_steps: int, target: float, lim
     data = load_dataset("mnist", limit_train=limit_train)
     torch.manual_seed(seed)
     model = DDP(CNN(data.input_shape, data.num_classes), bucket_cap_mb=1e6)  # one bucket (see _ddp_steps)
-    settings = {"momentum": 0.9, "weight_decay": 1e-4}  # SGD's, for dense DDP and PowerSGD
+    settings = SGD
     if method == "powersgd-2":
         model.register_comm_hook(psgd.PowerSGDState(process_group=None, matrix_approximation_rank=2,
                                                     start_powerSGD_iter=2), psgd.powerSGD_hook)
     elif method == "dgc":
         per_epoch = steps_per_epoch(len(data.y_train), BATCH_PER_RANK * world)
-        dgc = _dgc(momentum=0.9, warmup_epochs=0.1, steps_per_epoch=per_epoch)
+        dgc = _dgc(momentum=SGD["momentum"], warmup_epochs=0.1, steps_per_epoch=per_epoch)
         model.register_comm_hook(HookState(dgc, model=model), ddp_comm_hook)
-        settings = sgd_settings(dgc, **settings)  # DGC applies momentum itself
+        settings = sgd_settings(dgc, **SGD)  # DGC applies momentum itself
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, **settings)
     steps, seconds, accuracy, epoch = 0, 0.0, 0.0, 0
     flag = torch.zeros(1)
@@ -343,10 +344,10 @@ def run(ctx: Context) -> Result:
              f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in models)}; {warmup} warm-up and "
              f"{repeats} "
              "timed steps; each figure is the median over steps of the slowest rank",
-             f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum 0.9 (inside DGC for DGC, "
-             f"density {DENSITY}, warm-up 0.1 epoch), weight decay 1e-4 (1e-3 with DGC's optimizer momentum 0: "
-             "gradcomp.sgd_settings); test accuracy on 2,000 images every "
-             f"{EVAL_EVERY} steps",
+             f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum {SGD['momentum']:g} (inside "
+             f"DGC for DGC, density {DENSITY}, warm-up 0.1 epoch), weight decay {SGD['weight_decay']:g} "
+             f"({sgd_settings(_dgc(momentum=SGD['momentum']), **SGD)['weight_decay']:g} with DGC's optimizer momentum "
+             f"0: gradcomp.sgd_settings); test accuracy on 2,000 images every {EVAL_EVERY} steps",
              f"torch threads per rank: {max(1, (torch.get_num_threads() or 1) // workers)}; the ranks share this "
              f"machine's {os.cpu_count()} cores, so compute (compression included) is slower than on one machine "
              "per rank, and the DDP step times carry it"]

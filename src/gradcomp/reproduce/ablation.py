@@ -180,6 +180,11 @@ def _method(key: str, variant: Variant, steps: int) -> Method:
     return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs)
 
 
+def _sgd(key: str, variant: Variant) -> dict[str, float]:
+    """The row's ``torch.optim.SGD`` momentum and weight decay (the dense row's, as DGC owning momentum needs them)."""
+    return sgd_settings(_method(key, variant, 1), variant.momentum, variant.weight_decay)
+
+
 @functools.lru_cache(maxsize=2)
 def _load(name: str, limit_train: int | None):
     from ..train.data import load_dataset
@@ -198,8 +203,7 @@ def _train(key: str, dataset: str, variant: Variant, seed: int) -> Row:
     model = CNN(data.input_shape, data.num_classes)
     steps = steps_per_epoch(len(data.y_train), variant.global_batch)
     method = _method(row.key, variant, steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=variant.lr,
-                                **sgd_settings(method, variant.momentum, variant.weight_decay))
+    optimizer = torch.optim.SGD(model.parameters(), lr=variant.lr, **_sgd(row.key, variant))
     total = variant.epochs * steps
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(s * total) for s in variant.decay_at], 0.1)
     sim = Simulator(model, method, variant.workers, optimizer=optimizer)
@@ -231,8 +235,7 @@ def _train_kept(key: str, dataset: str, variant: Variant, seed: int, folder: str
     with the same variant (whatever other rows and seeds the study has) and seed (``--runs``: a stopped study
     resumes with the rows it had finished, and a new row or seed trains alone)."""
     path = Path(folder) / f"{dataset}-{key}-seed{seed}.json"
-    optimizer = sgd_settings(_method(key, variant, 1), variant.momentum, variant.weight_decay)
-    settings = {"variant": dataclasses.asdict(variant), "seed": seed, "optimizer": optimizer}
+    settings = {"variant": dataclasses.asdict(variant), "seed": seed, "optimizer": _sgd(key, variant)}
 
     def training(kept: dict) -> dict:  # what trains this row: the study's other rows and seeds do not matter
         kept = json.loads(json.dumps(kept))
@@ -415,7 +418,7 @@ def run(ctx: Context) -> Result:
                 if variant.decay_at else "")
              + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense "
              f"row, inside DGC for the others (optimizer momentum 0, weight decay "
-             f"{variant.weight_decay / (1 - variant.momentum):g}: the dense row's, as its momentum applies it)",
+             f"{_sgd('dgc', variant)['weight_decay']:g}: the dense row's, as its momentum applies it)",
              *([f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} on "
                 f"{NAMES[first]}; {ctx.seed} for the others"] if variant.seeds > 1 else []),
              f"sparsity: density {DENSITY} (99.9 %); warm-up {variant.warmup_epochs:g} epochs "
