@@ -68,6 +68,31 @@ def test_ablation_quick_densities_and_bytes(ablation):
     assert rows["naive"]["bytes_sent"] == per_step * rows["naive"]["steps"]
 
 
+# ---------------------------------------------------------------- ablation-long
+
+
+def test_ablation_long_quick_pairs_seeds(tmp_path_factory):
+    """The longer ablation: every seed trains both rows; its paired difference is recomputed here from the rows,
+    and its dense row of seed 1 is what training that row directly gives."""
+    import statistics
+
+    from gradcomp.reproduce import ablation
+
+    _need("mnist")
+    rc, out, report, data = _quick("ablation-long", tmp_path_factory)
+    assert rc == 0 and "❌" not in report and (out / "ablation-long-quick.png").read_bytes()[:8] == PNG
+    data = data["data"]
+    rows = {(r["key"], r["seed"]): r for r in data["rows"]}
+    assert set(rows) == {(k, s) for k in ("dense", "dgc_all32") for s in (0, 1)}
+    diffs = [rows["dgc_all32", s]["accuracy"] - rows["dense", s]["accuracy"] for s in (0, 1)]
+    assert data["paired"]["mean"] == pytest.approx(statistics.mean(diffs))
+    assert data["paired"]["standard_error"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
+    assert f"{100 * statistics.mean(diffs):+.2f} points on average" in report
+    direct = ablation._train("dense", "mnist", ablation.LONG_QUICK, 1)
+    assert direct.accuracy == rows["dense", 1]["accuracy"] and direct.history == rows["dense", 1]["history"]
+    assert rows["dgc_all32", 0]["bytes_sent"] < 0.01 * rows["dgc_all32", 0]["dense_bytes"]
+
+
 # ---------------------------------------------------------------- lm
 
 

@@ -351,15 +351,20 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
     return notes
 
 
-def run(ctx: Context) -> Result:
+def _need(variant: Variant) -> None:
+    """:class:`StudySkipped` naming the dataset that is missing."""
     from ..train.data import DatasetNotFoundError, load_dataset
 
-    variant = FULL if ctx.full else QUICK
     for name in variant.datasets:
         try:
             load_dataset(name, limit_train=1)
         except DatasetNotFoundError as error:
             raise StudySkipped(f"{NAMES[name]} is needed for this table and was not found: {error}") from None
+
+
+def run(ctx: Context) -> Result:
+    variant = FULL if ctx.full else QUICK
+    _need(variant)
     seeds = [ctx.seed + i for i in range(variant.seeds)]
     first = variant.datasets[0]
     with ctx.runs_folder("ablation") as folder:
@@ -445,3 +450,101 @@ def run(ctx: Context) -> Result:
 
 register(Study("ablation", "DGC ablation at 99.9 % sparsity: 8 workers, BN CNN, Fashion-MNIST and MNIST", run,
                order=2, threads=1))
+
+
+# ---------------------------------------------------------------- ablation-long: the same rows trained twice as long
+
+#: ``gradcomp reproduce ablation-long``: dense and DGC at 1028x (every tensor sparsified, at least 32 entries of
+#: each) on Fashion-MNIST, 16 epochs instead of 8, five seeds.  At density 0.001 a worker sends each weight about
+#: once in 940 steps, so the 8-epoch run ends before DGC's delayed updates have caught up; the paper's runs are
+#: tens of thousands of steps long.
+LONG = Variant(datasets=("fashion-mnist",), limit_train=30_000, epochs=16, rows=("dense", "dgc_all32"),
+               seed_rows=("dense", "dgc_all32"), seeds=5)
+LONG_QUICK = Variant(datasets=("mnist",), limit_train=1_024, epochs=2, rows=("dense", "dgc_all32"), workers=4,
+                     batch_per_worker=8, lr=0.05, limit_test=2_000, seed_rows=("dense", "dgc_all32"), seeds=2)
+
+
+def _paired(rows: list[Row], key: str, seeds: list[int]) -> tuple[float, float]:
+    """Mean and standard error of ``key``'s accuracy minus dense's, seed by seed (a seed gives both rows the same
+    initial weights and batches, so the differences are paired)."""
+    by = {(r.key, r.seed): r.accuracy for r in rows}
+    diffs = torch.tensor([by[key, s] - by["dense", s] for s in seeds], dtype=torch.float64)
+    error = float(diffs.std() / math.sqrt(len(seeds))) if len(seeds) > 1 else math.nan
+    return float(diffs.mean()), error
+
+
+def _plot_seeds(rows: list[Row], variant: Variant, seeds: list[int], path) -> None:
+    fig = new_figure(7.0, 4.4)
+    ax = fig.subplots()
+    for i, key in enumerate(variant.seed_rows):
+        accs = [100 * next(r.accuracy for r in rows if r.key == key and r.seed == s) for s in seeds]
+        ax.plot(seeds, accs, marker="o", color="0.4" if key == "dense" else f"C{i + 1}", label=LABELS[key])
+        ax.axhline(sum(accs) / len(accs), color="0.4" if key == "dense" else f"C{i + 1}", linestyle="--",
+                   linewidth=0.8)
+    ax.set_xticks(seeds)
+    ax.set_xlabel("seed (initial weights and batch order, shared by both rows)")
+    ax.set_ylabel(f"{NAMES[variant.datasets[0]]} test accuracy (%)")
+    ax.set_title(f"Dense vs DGC at 1028x, {variant.epochs} epochs, {variant.workers} workers (dashed: means)")
+    ax.legend(loc="lower right", fontsize="small")
+    save_figure(fig, path)
+
+
+def run_long(ctx: Context) -> Result:
+    variant = LONG if ctx.full else LONG_QUICK
+    _need(variant)
+    name = variant.datasets[0]
+    seeds = [ctx.seed + i for i in range(variant.seeds)]
+    with ctx.runs_folder("ablation-long") as folder:
+        calls = [(k, name, variant, seed, str(folder)) for seed in seeds for k in variant.rows]
+        rows = map_runs(ctx, _train_kept, calls, desc="ablation-long rows",
+                        describe=lambda r: f"{r.label} (seed {r.seed}): test accuracy {r.accuracy:.4f}, "
+                                           f"avg density {100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
+    table, means = _seeds_table(rows, variant, seeds)
+    diff, error = _paired(rows, "dgc_all32", seeds)
+    dgc = [r for r in rows if r.key == "dgc_all32"]
+    dense = {r.seed: r.accuracy for r in rows if r.key == "dense"}
+    ahead = sum(r.accuracy > dense[r.seed] for r in dgc)
+    paired = (f"Seed by seed, DGC at 1028x minus dense: {100 * diff:+.2f} points on average (standard error "
+              f"{100 * error:.2f}), DGC ahead on {ahead} of {len(seeds)} seeds; it sends {100 * sum(r.byte_share for r in dgc) / len(dgc):.3g} % of the dense "
+              f"bytes over the run (warm-up included).")
+    losses = markdown_table(["row", *[f"seed {s}" for s in seeds]],
+                            [[LABELS[k], *[f"{next(r.final_train_loss for r in rows if r.key == k and r.seed == s):.3f}"
+                                           for s in seeds]] for k in variant.rows])
+    if ctx.full:
+        checks = [Check(f"{NAMES[name]}, {variant.epochs} epochs: {LABELS['dgc_all32']} at 99.9 %, mean of "
+                        f"{len(seeds)} seeds, within 0.5 points of the dense baseline's mean",
+                        means["dgc_all32"] >= means["dense"] - 0.005,
+                        f"{means['dgc_all32']:.4f} vs {means['dense']:.4f}")]
+    else:
+        checks = [Check(f"{NAMES[name]}: every row trains above chance (> 0.2)", all(r.accuracy > 0.2 for r in rows),
+                        ", ".join(f"{r.accuracy:.4f}" for r in rows))]
+    plot_path = ctx.path(".png")
+    _plot_seeds(rows, variant, seeds, plot_path)
+    title = (f"DGC at 1028x against dense over {len(seeds)} seeds: {variant.epochs} epochs, {variant.workers} "
+             f"workers, {NAMES[name]}")
+    size = "all" if variant.limit_train is None else f"the first {variant.limit_train:,}"
+    test = "all 10,000" if variant.limit_test is None else f"the first {variant.limit_test:,}"
+    setup = [f"data: {NAMES[name]}, {size} training images, {test} test images",
+             "model: gradcomp.train.models.CNN (batch norm, 390,634 parameters)",
+             f"training: as `gradcomp reproduce ablation` (results/ablation.md) but {variant.epochs} epochs: "
+             f"{variant.workers} simulated workers, per-worker batch {variant.batch_per_worker}, SGD lr {variant.lr} "
+             f"(10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps), weight decay "
+             f"{variant.weight_decay} (DGC: {_sgd('dgc_all32', variant)['weight_decay']:g} with optimizer momentum "
+             f"0), momentum {variant.momentum}",
+             f"DGC: density {DENSITY}, every tensor sparsified, at least 32 entries of each (the configuration that "
+             f"sends ResNet-50's gradient 1028x smaller, results/bench-wire.md); warm-up {variant.warmup_epochs:g} "
+             f"epochs ({100 * variant.warmup_share:g} % of training)",
+             f"seeds: {', '.join(map(str, seeds))}; for a seed both rows start from the same weights and see the same "
+             "batches"]
+    markdown = "\n".join([f"## {NAMES[name]}: test accuracy by seed", "", table, "", paired, "",
+                          "### Last-epoch training loss", "", losses, ""])
+    console = "\n".join([title, "", table, "", paired, "", losses])
+    data_out = {"variant": dataclasses.asdict(variant), "seeds": seeds, "means": means,
+                "paired": {"mean": diff, "standard_error": error},
+                "rows": [{**vars(r), "label": r.label, "byte_share": r.byte_share} for r in rows]}
+    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,
+                  setup=setup)
+
+
+register(Study("ablation-long", "dense vs DGC at 1028x trained twice as long (16 epochs), 5 seeds, Fashion-MNIST",
+               run_long, order=2, threads=1))
