@@ -71,9 +71,14 @@ def test_bench_network_quick(tmp_path):
     result = data["runs"]["1gbit"]["results"]["cnn"]
     assert set(result["ddp"]) == {"compute", "dense", "powersgd-2", "powersgd-4", "dgc"}
     assert result["communication"]["dgc_payload_bytes"] > 0
-    runs = data["runs"]["1gbit"]["results"]["time_to_accuracy"]
+    runs = data["runs"]["1gbit"]["results"]["time_to_accuracy"]["cnn-wide"]
     assert set(runs) == {"dense", "powersgd-2", "dgc"}
     assert all(r["steps"] == 50 and r["seconds"] > 0 and 0.1 < r["accuracy"] <= 1 for r in runs.values())
+    for r in runs.values():  # each target: not reached, or reached at an evaluation (the 50th step), in that time
+        assert set(r["targets"]) == {"0.97", "0.98", "0.99"}
+        reached = [c for t, c in r["targets"].items() if c is not None]
+        assert all(c["steps"] == 50 and c["seconds"] == r["seconds"] for c in reached)
+        assert (r["targets"]["0.97"] is not None) == (r["accuracy"] >= 0.97)
 
 
 def test_rates_are_validated():
