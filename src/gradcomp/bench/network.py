@@ -295,8 +295,7 @@ def _ms(seconds: float) -> str:
 def run(ctx: Context) -> Result:
     if ctx.full:
         workers, rates, models, warmup, repeats = 4, ("1gbit", "10gbit"), ("resnet50", "ptb_lstm_1500"), 2, 5
-        # the MNIST CNN's step is mostly compute on this machine at 1 Gbit/s (at 100 Mbit/s mostly communication);
-        # the wide one's is about half communication at 1 Gbit/s
+        # at 1 Gbit/s the default CNN's step is mostly compute on this machine, the wide one's half communication
         accuracy_at = {"1gbit": ("cnn-wide", "cnn")}
         accuracy_run = {"max_steps": 2000, "targets": TARGETS, "limit_train": None}
     else:
