@@ -85,8 +85,8 @@ def test_ablation_long_quick_pairs_seeds(tmp_path_factory):
     rows = {(r["key"], r["seed"]): r for r in data["rows"]}
     assert set(rows) == {(k, s) for k in ("dense", "dgc_all32") for s in (0, 1)}
     diffs = [rows["dgc_all32", s]["accuracy"] - rows["dense", s]["accuracy"] for s in (0, 1)]
-    assert data["paired"]["mean"] == pytest.approx(statistics.mean(diffs))
-    assert data["paired"]["standard_error"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
+    assert data["paired"]["dgc_all32"]["mean"] == pytest.approx(statistics.mean(diffs))
+    assert data["paired"]["dgc_all32"]["standard_error"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
     assert f"{100 * statistics.mean(diffs):+.2f} points on average" in report
     import torch
 
