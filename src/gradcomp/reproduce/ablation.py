@@ -367,6 +367,26 @@ def _need(variant: Variant) -> None:
             raise StudySkipped(f"{NAMES[name]} is needed for this table and was not found: {error}") from None
 
 
+def _setup(variant: Variant, seed: int) -> list[str]:
+    """The report's setup lines for ``variant``: data, model, training, sparsity."""
+    names = " and ".join(NAMES[n] for n in variant.datasets)
+    size = "all 60,000" if variant.limit_train is None else f"the first {variant.limit_train:,}"
+    test = "all 10,000" if variant.limit_test is None else f"the first {variant.limit_test:,}"
+    each = " each" if len(variant.datasets) > 1 else ""
+    return [f"data: {names}, {size} training images{each}, {test} test images",
+            f"model: gradcomp.train.models.CNN (batch norm, 390,634 parameters; torch.manual_seed({seed}) "
+            "before each row: every row starts from the same weights)",
+            f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker} (global "
+            f"{variant.global_batch}), {variant.epochs} epochs, SGD lr {variant.lr}"
+            + (f" (10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps)"
+               if variant.decay_at else "")
+            + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense "
+            f"row, inside DGC for the others (optimizer momentum 0, weight decay "
+            f"{_sgd('dgc', variant)['weight_decay']:g}: the dense row's, as its momentum applies it)",
+            f"sparsity: density {DENSITY} (99.9 %); warm-up {variant.warmup_epochs:g} epochs "
+            f"({100 * variant.warmup_share:g} % of training, the paper's 4 of 160), advancing per step"]
+
+
 def run(ctx: Context) -> Result:
     variant = FULL if ctx.full else QUICK
     _need(variant)
@@ -417,22 +437,10 @@ def run(ctx: Context) -> Result:
 
     names = " and ".join(NAMES[n] for n in variant.datasets)
     title = f"DGC ablation at 99.9 % sparsity: 8 workers, batch-norm CNN, {names}"
-    size = "all 60,000" if variant.limit_train is None else f"the first {variant.limit_train:,}"
-    test = "all 10,000" if variant.limit_test is None else f"the first {variant.limit_test:,}"
-    setup = [f"data: {names}, {size} training images each, {test} test images",
-             f"model: gradcomp.train.models.CNN (batch norm, 390,634 parameters; torch.manual_seed({ctx.seed}) "
-             "before each row: every row starts from the same weights)",
-             f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker} (global "
-             f"{variant.global_batch}), {variant.epochs} epochs, SGD lr {variant.lr}"
-             + (f" (10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps)"
-                if variant.decay_at else "")
-             + f", weight decay {variant.weight_decay}; momentum {variant.momentum} in the optimizer for the dense "
-             f"row, inside DGC for the others (optimizer momentum 0, weight decay "
-             f"{_sgd('dgc', variant)['weight_decay']:g}: the dense row's, as its momentum applies it)",
-             *([f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} on "
-                f"{NAMES[first]}; {ctx.seed} for the others"] if variant.seeds > 1 else []),
-             f"sparsity: density {DENSITY} (99.9 %); warm-up {variant.warmup_epochs:g} epochs "
-             f"({100 * variant.warmup_share:g} % of training, the paper's 4 of 160), advancing per step"]
+    setup = _setup(variant, ctx.seed)
+    if variant.seeds > 1:
+        setup.insert(3, f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} "
+                        f"on {NAMES[first]}; {ctx.seed} for the others")
     published = (f"Published (DGC paper, Table 1, ResNet-110 on CIFAR-10): baseline {PUBLISHED_BASELINE} %; "
                  "naive pruning does not converge; -1.56, -0.36, -1.03 and +0.37 points for the other rows.")
     sections = []
@@ -469,24 +477,22 @@ LONG_QUICK = Variant(datasets=("mnist",), limit_train=1_024, epochs=2, rows=("de
                      batch_per_worker=8, lr=0.05, limit_test=2_000, seed_rows=("dense", "dgc_all32"), seeds=2)
 
 
-def _paired(rows: list[Row], key: str, seeds: list[int]) -> tuple[float, float]:
-    """Mean and standard error of ``key``'s accuracy minus dense's, seed by seed (a seed gives both rows the same
-    initial weights and batches, so the differences are paired)."""
-    by = {(r.key, r.seed): r.accuracy for r in rows}
-    diffs = torch.tensor([by[key, s] - by["dense", s] for s in seeds], dtype=torch.float64)
+def _paired(by: dict[tuple[str, int], Row], key: str, seeds: list[int]) -> dict[str, float]:
+    """``key``'s accuracy minus dense's, seed by seed (a seed gives both rows the same initial weights and batches,
+    so the differences are paired): their mean, its standard error and on how many seeds ``key`` is ahead."""
+    diffs = torch.tensor([by[key, s].accuracy - by["dense", s].accuracy for s in seeds], dtype=torch.float64)
     error = float(diffs.std() / math.sqrt(len(seeds))) if len(seeds) > 1 else math.nan
-    return float(diffs.mean()), error
+    return {"mean": float(diffs.mean()), "standard_error": error, "ahead": int((diffs > 0).sum())}
 
 
-def _plot_seeds(rows: list[Row], variant: Variant, seeds: list[int], path) -> None:
+def _plot_seeds(by: dict[tuple[str, int], Row], variant: Variant, seeds: list[int], path) -> None:
     fig = new_figure(7.0, 4.4)
     ax = fig.subplots()
     for i, key in enumerate(variant.seed_rows):
-        accs = [100 * next(r.accuracy for r in rows if r.key == key and r.seed == s) for s in seeds]
-        ax.plot(seeds, accs, marker="o", linestyle="none", color="0.4" if key == "dense" else f"C{i + 1}",
-                label=LABELS[key])
-        ax.axhline(sum(accs) / len(accs), color="0.4" if key == "dense" else f"C{i + 1}", linestyle="--",
-                   linewidth=0.8)
+        accs = [100 * by[key, s].accuracy for s in seeds]
+        color = "0.4" if key == "dense" else f"C{i + 1}"
+        ax.plot(seeds, accs, marker="o", linestyle="none", color=color, label=LABELS[key])
+        ax.axhline(sum(accs) / len(accs), color=color, linestyle="--", linewidth=0.8)
     ax.set_xticks(seeds)
     ax.set_xlabel("seed (initial weights and batch order, shared by both rows)")
     ax.set_ylabel(f"{NAMES[variant.datasets[0]]} test accuracy (%)")
@@ -506,22 +512,16 @@ def run_long(ctx: Context) -> Result:
                         describe=lambda r: f"{r.label} (seed {r.seed}): test accuracy {r.accuracy:.4f}, "
                                            f"avg density {100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
     table, means = _seeds_table(rows, variant, seeds)
-    dense = {r.seed: r.accuracy for r in rows if r.key == "dense"}
+    by = {(r.key, r.seed): r for r in rows}
     compared = [k for k in variant.rows if k != "dense"]
-    pairs, sentences = {}, []
-    for key in compared:
-        diff, error = _paired(rows, key, seeds)
-        pairs[key] = {"mean": diff, "standard_error": error}
-        mine = [r for r in rows if r.key == key]
-        ahead = sum(r.accuracy > dense[r.seed] for r in mine)
-        sentences.append(f"Seed by seed, {LABELS[key]} minus dense: {100 * diff:+.2f} points on average (standard "
-                         f"error {100 * error:.2f}), ahead on {ahead} of {len(seeds)} seeds; it sends "
-                         f"{100 * sum(r.byte_share for r in mine) / len(mine):.3g} % of the dense bytes over the run "
-                         "(warm-up included).")
-    paired = "\n\n".join(sentences)
+    pairs = {key: _paired(by, key, seeds) for key in compared}
+    paired = "\n\n".join(
+        f"Seed by seed, {LABELS[key]} minus dense: {100 * p['mean']:+.2f} points on average (standard error "
+        f"{100 * p['standard_error']:.2f}), ahead on {p['ahead']} of {len(seeds)} seeds; it sends "
+        f"{100 * sum(by[key, s].byte_share for s in seeds) / len(seeds):.3g} % of the dense bytes over the run "
+        "(warm-up included)." for key, p in pairs.items())
     losses = markdown_table(["row", *[f"seed {s}" for s in seeds]],
-                            [[LABELS[k], *[f"{next(r.final_train_loss for r in rows if r.key == k and r.seed == s):.3f}"
-                                           for s in seeds]] for k in variant.rows])
+                            [[LABELS[k], *[f"{by[k, s].final_train_loss:.3f}" for s in seeds]] for k in variant.rows])
     if ctx.full:
         checks = [Check(f"{NAMES[name]}, {variant.epochs} epochs: {LABELS[k]} at 99.9 %, mean of {len(seeds)} seeds, "
                         "within 0.5 points of the dense baseline's mean", means[k] >= means["dense"] - 0.005,
@@ -530,29 +530,17 @@ def run_long(ctx: Context) -> Result:
         checks = [Check(f"{NAMES[name]}: every row trains above chance (> 0.2)", all(r.accuracy > 0.2 for r in rows),
                         ", ".join(f"{r.accuracy:.4f}" for r in rows))]
     plot_path = ctx.path(".png")
-    _plot_seeds(rows, variant, seeds, plot_path)
+    _plot_seeds(by, variant, seeds, plot_path)
     title = (f"DGC against dense over {len(seeds)} seeds: {variant.epochs} epochs, {variant.workers} workers, "
              f"{NAMES[name]}")
-    size = "all" if variant.limit_train is None else f"the first {variant.limit_train:,}"
-    test = "all 10,000" if variant.limit_test is None else f"the first {variant.limit_test:,}"
-    setup = [f"data: {NAMES[name]}, {size} training images, {test} test images",
-             "model: gradcomp.train.models.CNN (batch norm, 390,634 parameters)",
-             f"training: as `gradcomp reproduce ablation` (results/ablation.md) but {variant.epochs} epochs: "
-             f"{variant.workers} simulated workers, per-worker batch {variant.batch_per_worker}, SGD lr {variant.lr} "
-             f"(10x lower at {', '.join(f'{100 * s:g} %' for s in variant.decay_at)} of the steps), weight decay "
-             f"{variant.weight_decay} (DGC: {_sgd('dgc_all32', variant)['weight_decay']:g} with optimizer momentum "
-             f"0), momentum {variant.momentum}",
-             f"DGC: density {DENSITY}; the paper's configuration (1-D and small tensors dense) and every tensor "
-             "sparsified with at least 32 entries of each (the configuration that sends ResNet-50's gradient 1028x "
-             f"smaller, results/bench-wire.md); warm-up {variant.warmup_epochs:g} epochs "
-             f"({100 * variant.warmup_share:g} % of training)",
-             f"seeds: {', '.join(map(str, seeds))}; for a seed every row starts from the same weights and sees the same "
-             "batches"]
+    setup = [*_setup(variant, ctx.seed),
+             f"rows: {', '.join(LABELS[k] for k in variant.rows)} (the last is the configuration that sends "
+             "ResNet-50's gradient 1028x smaller, results/bench-wire.md); seeds "
+             f"{', '.join(map(str, seeds))}, each giving every row the same weights and batches"]
     markdown = "\n".join([f"## {NAMES[name]}: test accuracy by seed", "", table, "", paired, "",
                           "### Last-epoch training loss", "", losses, ""])
     console = "\n".join([title, "", table, "", paired, "", losses])
-    data_out = {"variant": dataclasses.asdict(variant), "seeds": seeds, "means": means,
-                "paired": pairs,
+    data_out = {"variant": dataclasses.asdict(variant), "seeds": seeds, "means": means, "paired": pairs,
                 "rows": [{**vars(r), "label": r.label, "byte_share": r.byte_share} for r in rows]}
     return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,
                   setup=setup)
