@@ -74,6 +74,30 @@ def async_all_reduces(rank, world):
     return float(sum(x[0] for x in xs))
 
 
+def hook_then_shutdown(rank, world, keep_model):
+    """DDP with the DGC hook for 3 steps, then ``gradcomp.shutdown()`` (deleting the model first unless
+    ``keep_model``): how many gloo worker threads the OS still lists afterwards, and the warnings raised."""
+    import warnings
+
+    from gradcomp.launch import GLOO_THREAD, _os_threads
+
+    x, y = digits64()
+    model = DDP(mlp())
+    gradcomp.register_ddp_hook(model, gradcomp.DGC(density=0.05, warmup_epochs=0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for xb, yb in batches(x, y, 64, 3):
+        opt.zero_grad()
+        ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
+        opt.step()
+    before = _os_threads().count(GLOO_THREAD)
+    if not keep_model:
+        del model, opt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gradcomp.shutdown()
+    return before, _os_threads().count(GLOO_THREAD), [str(w.message) for w in caught]
+
+
 def timed_all_reduce(rank, world, numel):
     """Seconds one all-reduce of ``numel`` floats takes (after a warm-up one), measured between barriers."""
     import time

@@ -148,6 +148,25 @@ def test_teardown_is_clean_every_time():
         assert spawn(async_all_reduces, 2, timeout_s=30) == [4.0, 4.0]
 
 
+def test_shutdown_ends_gloo_threads_after_ddp():
+    """The cause of the teardown abort: a gloo worker thread drops a finished collective's tensors (taking the
+    GIL) after completing it, and dies inside that C++ destructor if the interpreter is finalizing.  Destroying
+    the group must end those threads; DDP would pin the group for good through torch.distributed.nn's default
+    arguments were that module first imported after init_process_group (gradcomp imports it first)."""
+    from dist_workers import hook_then_shutdown
+
+    for before, after, warned in spawn(hook_then_shutdown, 2, False, timeout_s=60):
+        assert before > 0 and after == 0 and warned == []
+
+
+def test_shutdown_warns_when_the_group_outlives_it():
+    from dist_workers import hook_then_shutdown
+
+    for before, after, warned in spawn(hook_then_shutdown, 2, True, timeout_s=60):
+        assert after == before > 0
+        assert len(warned) == 1 and "outlived destroy_process_group" in warned[0] and "DDP model" in warned[0]
+
+
 def test_a_failing_rank_fails_the_job_instead_of_hanging():
     from dist_workers import fail_on_rank
 

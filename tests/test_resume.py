@@ -253,7 +253,7 @@ def test_own_launcher_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path
 #: a torchrun worker of attempt RESTART: joins through gradcomp's init_from_env, sums its rank + 1 with the other
 _ATTEMPT = """
 import os, sys, time, torch, torch.distributed as dist
-from gradcomp.launch import init_from_env
+from gradcomp.launch import init_from_env, shutdown
 time.sleep(float(sys.argv[1]))
 init_from_env(timeout_s=30)
 t = torch.tensor([dist.get_rank() + 1.0])
@@ -261,7 +261,7 @@ dist.all_reduce(t)
 print(t.item(), flush=True)
 if sys.argv[2] == "killed":
     os._exit(0)  # as a killed rank: no destroy_process_group, which would have taken its keys out of the store
-dist.destroy_process_group()
+shutdown()
 """
 
 

@@ -4,6 +4,7 @@ from .compressors import Compressor, Payload, available, get, register
 from .dga import DelayedGradientAveraging, FedAvg
 from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
 from .guard import SettingsMismatchError
+from .launch import shutdown
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .method import DGC, Method, NonFiniteGradientError, as_method, sgd_settings
 from .optim import DistributedOptimizer
@@ -38,5 +39,6 @@ __all__ = [
     "register",
     "register_ddp_hook",
     "sgd_settings",
+    "shutdown",
     "split_batch",
 ]

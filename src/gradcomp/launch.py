@@ -21,21 +21,38 @@ Each worker also exits if the parent dies, so no orphan is left behind.
 Teardown order matters.  A gloo process that exits while collectives are
 pending, or that destroys its group while a peer is still inside a
 collective, aborts in C++.  So each worker waits for its own work, meets the
-others in a barrier, and only then destroys the process group.  It then
-leaves with ``os._exit`` after flushing its output and running its ``atexit``
-handlers, skipping the interpreter's finalization: a thread that runs Python
-code from C++ while the interpreter finalizes (a torch future's ``then``
-callback on a gloo thread, or a ``threading.Timer`` that completes a future,
-as latency emulation does in :mod:`gradcomp.comm`) is stopped with
-``pthread_exit``, whose unwinding through C++ frames aborts the process:
-"terminate called without an active exception" (SIGABRT) after a run that
-succeeded.
+others in a barrier, and only then destroys the process group
+(:func:`shutdown`).  Destroying the group must also end gloo's worker
+threads.  A worker thread marks a collective complete and only then drops its
+last reference to it; the collective's tensors have Python objects, so
+dropping them takes the GIL.  If the interpreter is already finalizing, the
+GIL is refused and the thread is stopped with ``pthread_exit``, whose
+unwinding through that C++ destructor aborts the process: "terminate called
+without an active exception" (SIGABRT) after a run that succeeded, now and
+then (the main thread has to reach finalization first).  The threads end
+when the group's C++ object is freed (it joins them with the GIL released,
+so a thread still letting go of a collective finishes first), and it is not
+freed while anything still refers to it: a live DDP model does, and so, for good, do the default
+arguments (``group=group.WORLD``) of :mod:`torch.distributed.nn.functional`,
+which DDP imports the first time it is built, after the group exists.
+gradcomp imports that module itself, before any group exists (importing
+this module does it), so DDP does not pin the group; :func:`shutdown` frees
+what only reference cycles hold and warns when a gloo thread outlives
+``destroy_process_group`` anyway.
+
+Workers started here also leave with ``os._exit`` after flushing their
+output and running their ``atexit`` handlers, skipping the interpreter's
+finalization: a thread that runs Python code from C++ while the interpreter
+finalizes (a torch future's ``then`` callback, or a ``threading.Timer`` that
+completes a future, as latency emulation does in :mod:`gradcomp.comm`) is
+stopped the same way.
 """
 
 from __future__ import annotations
 
 import atexit
 import faulthandler
+import gc
 import io
 import logging
 import multiprocessing as mp
@@ -46,6 +63,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -53,6 +71,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
 __all__ = ["WorkerError", "free_port", "spawn", "init_from_env", "shutdown", "GRACE_S"]
 
@@ -71,17 +90,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: What torch names gloo's worker threads (``ProcessGroupGloo::runLoop``); :func:`shutdown` looks for them.
+GLOO_THREAD = "pt_gloo_runloop"
+
+
 def shutdown() -> None:
-    """Leave the process group cleanly: no emulated-latency round still completing a future (see the module
-    docstring), barrier (no peer still inside a collective), then destroy."""
+    """Leave the process group cleanly (see the module docstring): no emulated-latency round still completing
+    a future, a barrier (no peer still inside a collective), then destroy the group, freeing what only
+    reference cycles hold first so that gloo's worker threads end with it.  Warns if one does not: something
+    still refers to the group (a DDP model not deleted?) and the interpreter's exit may abort."""
     from .comm import LATENCY_THREAD
 
     for thread in threading.enumerate():
         if thread.name == LATENCY_THREAD:
             thread.join()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    left = _os_threads().count(GLOO_THREAD)
+    if left:
+        warnings.warn(f"{left} gloo worker thread(s) outlived destroy_process_group: something still refers to the "
+                      "process group (a DDP model not deleted?), and this process may abort at exit "
+                      "(\"terminate called without an active exception\"); delete it before shutdown()",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _os_threads() -> list[str]:
+    """The names of this process's threads as the OS sees them (C++ threads included); empty off Linux."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
