@@ -79,7 +79,7 @@ def hook_then_shutdown(rank, world, keep_model):
     ``keep_model``): how many gloo worker threads the OS still lists afterwards, and the warnings raised."""
     import warnings
 
-    from gradcomp.launch import GLOO_THREAD, _os_threads
+    from gradcomp.launch import gloo_threads
 
     x, y = digits64()
     model = DDP(mlp())
@@ -89,13 +89,13 @@ def hook_then_shutdown(rank, world, keep_model):
         opt.zero_grad()
         ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
         opt.step()
-    before = _os_threads().count(GLOO_THREAD)
+    before = gloo_threads()
     if not keep_model:
         del model, opt
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gradcomp.shutdown()
-    return before, _os_threads().count(GLOO_THREAD), [str(w.message) for w in caught]
+    return before, gloo_threads(), [str(w.message) for w in caught]
 
 
 def timed_all_reduce(rank, world, numel):

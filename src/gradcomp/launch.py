@@ -32,9 +32,10 @@ without an active exception" (SIGABRT) after a run that succeeded, now and
 then (the main thread has to reach finalization first).  The threads end
 when the group's C++ object is freed (it joins them with the GIL released,
 so a thread still letting go of a collective finishes first), and it is not
-freed while anything still refers to it: a live DDP model does, and so, for good, do the default
-arguments (``group=group.WORLD``) of :mod:`torch.distributed.nn.functional`,
-which DDP imports the first time it is built, after the group exists.
+freed while anything still refers to it: a live DDP model does, and so, for
+good, do the default arguments (``group=group.WORLD``) of
+:mod:`torch.distributed.nn.functional`, which DDP imports the first time it
+is built, after the group exists.
 gradcomp imports that module itself, before any group exists (importing
 this module does it), so DDP does not pin the group; :func:`shutdown` frees
 what only reference cycles hold and warns when a gloo thread outlives
@@ -73,7 +74,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
-__all__ = ["WorkerError", "free_port", "spawn", "init_from_env", "shutdown", "GRACE_S"]
+__all__ = ["WorkerError", "free_port", "spawn", "init_from_env", "shutdown", "gloo_threads", "GRACE_S"]
 
 #: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
 #: makes them raise at once) are reported too, before it kills whoever is left.
@@ -88,10 +89,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-#: What torch names gloo's worker threads (``ProcessGroupGloo::runLoop``); :func:`shutdown` looks for them.
-GLOO_THREAD = "pt_gloo_runloop"
 
 
 def shutdown() -> None:
@@ -109,7 +106,7 @@ def shutdown() -> None:
     dist.barrier()
     gc.collect()
     dist.destroy_process_group()
-    left = _os_threads().count(GLOO_THREAD)
+    left = gloo_threads()
     if left:
         warnings.warn(f"{left} gloo worker thread(s) outlived destroy_process_group: something still refers to the "
                       "process group (a DDP model not deleted?), and this process may abort at exit "
@@ -117,20 +114,21 @@ def shutdown() -> None:
                       RuntimeWarning, stacklevel=2)
 
 
-def _os_threads() -> list[str]:
-    """The names of this process's threads as the OS sees them (C++ threads included); empty off Linux."""
-    names = []
+def gloo_threads() -> int:
+    """How many gloo worker threads (``ProcessGroupGloo::runLoop``, named ``pt_gloo_runloop`` by torch) this
+    process has, as the OS lists them; 0 off Linux."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return names
+        return 0
+    count = 0
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/comm") as f:
-                names.append(f.read().strip())
+                count += f.read().strip() == "pt_gloo_runloop"
         except OSError:  # the thread ended meanwhile
             pass
-    return names
+    return count
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
