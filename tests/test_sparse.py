@@ -44,7 +44,7 @@ def test_dgc_selection_agrees_with_topk_at_full_sample():
             b = set(torch.argsort(x.abs(), descending=True)[:k].tolist())
             assert a == b, label
             # and the DGC compressor payload holds exactly those entries
-            p = gradcomp.get("dgc", density=density, sample_ratio=1.0).compress(x)
+            p = gradcomp.get("sampled-topk", density=density, sample_ratio=1.0).compress(x)
             assert set(p.tensors[1].tolist()) == b
             q = gradcomp.get("topk", density=density).compress(x)
             assert set(q.tensors[1].tolist()) == b
@@ -58,14 +58,14 @@ def test_sampled_selection_is_exact_on_normal_data():
 
 def test_sparse_payload_wire_format():
     x = torch.randn(300, 70)
-    p = gradcomp.get("dgc", density=0.001).compress(x)  # the compressor's default wire is "plain"
+    p = gradcomp.get("sampled-topk", density=0.001).compress(x)  # the compressor's default wire is "plain"
     k = math.ceil(0.001 * x.numel())
     assert p.op == "gather" and p.tensors[1].dtype == torch.int32
     assert p.nbytes == k * 4 + k * 4
     torch.testing.assert_close(p.tensors[0], x.view(-1)[p.tensors[1].long()])
 
 
-@pytest.mark.parametrize("compressor", ["topk", "dgc"])
+@pytest.mark.parametrize("compressor", ["topk", "sampled-topk"])
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
 def test_compact_wire_sends_scaled_float16_values_and_a_coded_index_set(compressor, scale):
     x = torch.randn(300, 70, generator=torch.Generator().manual_seed(5)) * scale
@@ -188,7 +188,7 @@ def test_sparse_nonzero_equals_nonzero(n, p):
 def test_received_payloads_are_decoded_from_their_bytes_not_from_local_meta(wire):
     """The communicator hands back other ranks' payloads as ``local.replace(*their tensors)``, which keeps
     this rank's ``meta``: decompress must read the bytes."""
-    c = gradcomp.get("dgc", density=0.01, sample_ratio=1.0, wire=wire)
+    c = gradcomp.get("sampled-topk", density=0.01, sample_ratio=1.0, wire=wire)
     mine, theirs = torch.randn(50, 40), torch.randn(50, 40)
     local, remote = c.compress(mine), c.compress(theirs)
     received = local.replace(*remote.tensors)

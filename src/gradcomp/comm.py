@@ -7,7 +7,7 @@ collective per kind of payload:
 * ``"sum"`` / ``"max"`` payloads: their tensors are flattened into one buffer
   per dtype and all-reduced together;
 * ``"gather"`` payloads: their tensors are viewed as bytes, concatenated into
-  one buffer and all-gathered with ``all_gather_into_tensor``.  gloo needs
+  one buffer and all-gathered with ``all_gather_single``.  gloo needs
   equal sizes on every rank; ``variable`` payloads (threshold, Dryden) first
   all-gather their lengths, then pad to the longest.
 
@@ -44,7 +44,7 @@ from torch.futures import Future
 from .compressors.base import Payload
 from .method import MethodExchange
 
-__all__ = ["Communicator", "Pending"]
+__all__ = ["Communicator", "Pending", "check_latency"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ log = logging.getLogger(__name__)
 LATENCY_THREAD = "gradcomp-emulated-latency"
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+#: All-gather of equal-sized tensors into one: ``all_gather_single`` where torch has it (2.13 deprecates
+#: ``all_gather_single`` with a FutureWarning), else its older name.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def check_latency(emulate_latency_ms: float) -> float:
+    """``emulate_latency_ms`` if it is a finite number >= 0, else ValueError naming it."""
+    ok = isinstance(emulate_latency_ms, (int, float)) and not isinstance(emulate_latency_ms, bool)
+    if not (ok and math.isfinite(emulate_latency_ms) and emulate_latency_ms >= 0):
+        raise ValueError(f"emulate_latency_ms must be a finite number >= 0, got {emulate_latency_ms!r}")
+    return float(emulate_latency_ms)
 
 
 def _done(value: Any) -> Future:
@@ -122,9 +134,7 @@ class Communicator:
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0) -> None:
-        ok = isinstance(emulate_latency_ms, (int, float)) and not isinstance(emulate_latency_ms, bool)
-        if not (ok and math.isfinite(emulate_latency_ms) and emulate_latency_ms >= 0):
-            raise ValueError(f"emulate_latency_ms must be a finite number >= 0, got {emulate_latency_ms!r}")
+        check_latency(emulate_latency_ms)
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
         self.latency = emulate_latency_ms / 1e3
@@ -251,7 +261,7 @@ class Communicator:
         if any(p.variable for p in payloads.values()):
             numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
             every = torch.empty(n * len(tensors), dtype=torch.int64, device=device)
-            dist.all_gather_into_tensor(every, numels, group=self.group)
+            all_gather_single(every, numels, group=self.group)
             counts = every.view(n, -1).tolist()
         else:
             counts = [[t.numel() for t in tensors]] * n
@@ -260,7 +270,7 @@ class Communicator:
         if local.numel() < longest:
             local = torch.cat([local, local.new_zeros(longest - local.numel())])
         out = torch.empty(n * longest, dtype=torch.uint8, device=device)
-        work = dist.all_gather_into_tensor(out, local, group=self.group, async_op=True)
+        work = all_gather_single(out, local, group=self.group, async_op=True)
 
         def unpack() -> dict[str, list[Payload]]:
             received: dict[str, list[Payload]] = {name: [] for name in payloads}

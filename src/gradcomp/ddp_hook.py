@@ -1,14 +1,21 @@
 """gradcomp as a DDP communication hook.
 
 >>> ddp = DistributedDataParallel(model)
->>> state = gradcomp.HookState(gradcomp.DGC(density=0.001), model=ddp)
->>> ddp.register_comm_hook(state, gradcomp.ddp_comm_hook)
+>>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, **gradcomp.sgd_settings(method, momentum=0.9))
+>>> state = gradcomp.register_ddp_hook(ddp, gradcomp.DGC(density=0.001), optimizer=opt)
 
-Works wherever DDP does: plain DDP, Lightning (``DDPStrategy(ddp_comm_hook=
-gradcomp.ddp_comm_hook, ddp_comm_state=state)``) and Accelerate (register on the
-model ``prepare()`` returns).  Memory is keyed by parameter name, so DDP's
-bucket rebuild after the first iteration changes nothing: every step, the
-first one included, runs the method as configured.
+Works wherever DDP does: plain DDP, Accelerate (register on the model
+``prepare()`` returns) and Lightning (through the callback
+:class:`gradcomp.lightning.GradientCompression`: Lightning's own
+``ddp_comm_hook`` argument registers hooks on CUDA only).  Memory is keyed by
+parameter name, so DDP's bucket rebuild after the first iteration changes
+nothing: every step, the first one included, runs the method as configured.
+The state can be built before ``init_process_group``: it binds to the group
+at the first step.
+
+A bucket of sparse gradients (``nn.Embedding(sparse=True)``) is averaged
+as PyTorch's ``allreduce_hook`` averages it, uncompressed (noted once in the
+log).
 
 Before any memory changes, the ranks check their settings agree (first step)
 and that no rank holds a NaN or Inf (every step, :class:`~gradcomp.guard.StepGuard`).
@@ -24,17 +31,20 @@ weight decay would still move the weights)::
 ``nonfinite="raise"`` raises instead, on the rank that saw it.
 """
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.futures import Future
 
-from .comm import Communicator
 from .compressors.base import Compressor
-from .guard import StepGuard
-from .method import Method, as_method
+from .core import Core
+from .method import Method
 
 __all__ = ["HookState", "ddp_comm_hook", "register_ddp_hook"]
+
+log = logging.getLogger(__name__)
 
 
 def _write(names: list[str], grads: list[Tensor], averages: dict[str, Tensor]) -> None:
@@ -43,111 +53,159 @@ def _write(names: list[str], grads: list[Tensor], averages: dict[str, Tensor]) -
         grad.copy_(averages[name].view_as(grad))
 
 
-class HookState:
-    """What the hook keeps between calls: the method (this rank's copy), the communicator and parameter names.
+class _Bucket:
+    """One bucket DDP handed to the hook: its parameter names, gradient views, buffer and the future DDP waits on."""
 
-    Pass ``model`` (the DDP model or the module it wraps) so memory is keyed by
-    the real parameter names; without it, names are ``param0, param1, ...``
-    in the order DDP first hands the parameters to the hook (deterministic
-    for a given model, but not the names other front doors use).
+    def __init__(self, names: list[str], grads: list[Tensor], buffer: Tensor) -> None:
+        self.names, self.grads, self.buffer = names, grads, buffer
+        self.sparse = buffer.is_sparse or any(g.is_sparse for g in grads)
+        self.future: Future = Future()
+
+    def settle(self, averages: Future | None) -> None:
+        """Complete :attr:`future` once ``averages`` (a future of ``{name: average}``) completes."""
+        def complete(f: Future) -> None:
+            try:
+                _write(self.names, self.grads, f.value())
+                self.future.set_result(self.buffer)
+            except Exception as error:  # noqa: BLE001 - DDP must see it, not hang
+                self.future.set_exception(error)
+
+        averages.then(complete)
+
+
+class HookState:
+    """What the hook keeps between calls: this rank's :class:`~gradcomp.core.Core` and the parameter names.
+
+    Args:
+        method: a :class:`~gradcomp.Method` (e.g. :class:`~gradcomp.DGC`), a
+            :class:`~gradcomp.Compressor` or a registered name (``"dgc"`` is
+            the whole of DGC).
+        process_group: the group to average over (None: the default group).
+        model: the DDP model or the module it wraps, so memory is keyed by
+            the real parameter names; without it, names are ``param0, param1,
+            ...`` in the order DDP first hands the parameters to the hook.
+        optimizer: the optimizer that applies the averages, checked against
+            the method (DGC applies momentum itself; see
+            :func:`~gradcomp.sgd_settings`).  Without it a method that owns
+            momentum warns once at the first step.
+        emulate_latency_ms: see :class:`~gradcomp.comm.Communicator` (experiments only).
+        nonfinite: ``"skip"`` or ``"raise"`` (see the module docstring).
+
+    Raises:
+        ValueError: a bad setting, or an optimizer the method cannot be paired with.
     """
 
     def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
-                 model: nn.Module | None = None, emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
-        self.guard = StepGuard(nonfinite)
-        self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
-        self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
-        self.method = self.configured.for_rank(self.comm.rank)
+                 model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
+        self.core = Core(method, process_group, owner="HookState", nonfinite=nonfinite,
+                         emulate_latency_ms=emulate_latency_ms, optimizer=optimizer, optimizer_visible=False)
         #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
         self.step_skipped = False
         self.names: dict[int, str] = {}
         if model is not None:
             module = getattr(model, "module", model)
             self.names = {id(p): name for name, p in module.named_parameters()}
-        self._deferred: list = []  # (names, grads, bucket buffer, future) waiting for the last bucket
+        self._deferred: list[_Bucket] = []  # buckets waiting for the last one
+        self._sparse_noted = False
 
     @property
-    def defer(self) -> bool:
-        """Whether this step's buckets wait for the last one: the guard (and DGC's clipping) needs every
-        gradient; with ``nonfinite="raise"`` and no clipping, only the first step (the settings check) waits."""
-        return self.method.needs_all_gradients or self.guard.nonfinite == "skip" or not self.guard.settings_checked
+    def method(self) -> Method:
+        """This rank's copy of the method (its memory and counters)."""
+        return self.core.method
+
+    @property
+    def configured(self) -> Method:
+        """The method as configured (the same on every rank)."""
+        return self.core.configured
+
+    @property
+    def comm(self):
+        return self.core.comm
+
+    @property
+    def guard(self):
+        return self.core.guard
 
     def name_of(self, param: Tensor) -> str:
         return self.names.setdefault(id(param), f"param{len(self.names)}")
 
-    def run(self, names: list[str], grads: list[Tensor], out: Tensor) -> Future:
-        """Exchange one bucket; the future completes with ``out`` (the bucket buffer) holding the averages."""
-        world = self.comm.world_size
-        prepared = self.method.prepare(dict(zip(names, grads)), world)
-        future = self.comm.exchange({n: self.method.exchange(n, prepared[n], world) for n in names})
+    def run(self, buckets: list[_Bucket]) -> None:
+        """Exchange ``buckets`` (in order); after the guard's verdict when they are the whole step."""
+        core = self.core
+        if core.defer:
+            grads = {n: g for b in buckets for n, g in zip(b.names, b.grads)}
+            self.step_skipped = not core.check(grads)
+            if self.step_skipped:
+                for b in buckets:
+                    b.buffer.zero_()
+                    for g in b.grads:  # views into the buffer on CPU and CUDA alike, but not promised by DDP
+                        g.zero_()
+                    b.future.set_result(b.buffer)
+                return
+        dense = {n: g for b in buckets if not b.sparse for n, g in zip(b.names, b.grads)}
+        prepared = core.method.prepare(dense, core.world_size)
+        for b in buckets:
+            b.settle(self._all_reduce_sparse(b) if b.sparse else core.comm.exchange(core.exchanges(prepared, b.names)))
 
-        def write(f: Future) -> Tensor:
-            _write(names, grads, f.value())
-            return out
-
-        return future.then(write)
-
-    def run_deferred(self) -> None:
-        """Methods that need every gradient first (DGC's local clipping by the global norm) run at the last bucket."""
-        buckets, self._deferred = self._deferred, []
-        world = self.comm.world_size
-        names = [n for b in buckets for n in b[0]]
-        grads = [g for b in buckets for g in b[1]]
-        self.step_skipped = not self.guard.check(self.comm, self.configured, dict(zip(names, grads)))
-        if self.step_skipped:
-            for _, bucket_grads, out, placeholder in buckets:
-                out.zero_()
-                for g in bucket_grads:  # views into ``out`` on CPU and CUDA alike, but not promised by DDP
-                    g.zero_()
-                placeholder.set_result(out)
-            return
-        prepared = self.method.prepare(dict(zip(names, grads)), world)
-        for bucket_names, bucket_grads, out, placeholder in buckets:
-            future = self.comm.exchange({n: self.method.exchange(n, prepared[n], world) for n in bucket_names})
-
-            def complete(f: Future, bucket_names=bucket_names, bucket_grads=bucket_grads, out=out,
-                         placeholder=placeholder) -> None:
-                try:
-                    _write(bucket_names, bucket_grads, f.value())
-                    placeholder.set_result(out)
-                except Exception as error:  # noqa: BLE001 - DDP must see it, not hang
-                    placeholder.set_exception(error)
-
-            future.then(complete)
+    def _all_reduce_sparse(self, bucket: _Bucket) -> Future:
+        """A sparse bucket, averaged as PyTorch's ``allreduce_hook`` averages it (not compressed)."""
+        if not self._sparse_noted:
+            self._sparse_noted = True
+            log.info("sparse gradients (%s) are averaged uncompressed, as PyTorch's allreduce_hook does",
+                     ", ".join(bucket.names))
+        core = self.core
+        tensor = bucket.buffer.div_(core.world_size)
+        return dist.all_reduce(tensor, group=core.process_group, async_op=True).get_future().then(
+            lambda f: {name: f.value()[0] for name in bucket.names})
 
     def state_dict(self) -> dict:
-        return {"method": self.method.state_dict(), "guard": self.guard.state_dict()}
+        """This rank's own state (memory, counters, the guard's count): plain tensors and values."""
+        return self.core.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.method.load_state_dict(state["method"])
-        self.guard.load_state_dict(state.get("guard", {}))
+        self.core.load_state_dict(state)
 
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations as objects.
 def ddp_comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: compress, exchange and average one bucket with ``state.method``."""
-    names = [state.name_of(p) for p in bucket.parameters()]
-    grads = list(bucket.gradients())
+    b = _Bucket([state.name_of(p) for p in bucket.parameters()], list(bucket.gradients()), bucket.buffer())
     try:
-        if state.defer:
-            placeholder: Future = Future()
-            state._deferred.append((names, grads, bucket.buffer(), placeholder))
+        if state.core.defer:
+            state._deferred.append(b)
             if bucket.is_last():
-                state.run_deferred()
-            return placeholder
-        return state.run(names, grads, bucket.buffer())
+                buckets, state._deferred = state._deferred, []
+                state.run(buckets)
+        else:
+            state.run([b])
+        return b.future
     finally:
         if bucket.is_last():
-            state.method.end_step()
+            state.core.end_step()
 
 
 def register_ddp_hook(model: nn.parallel.DistributedDataParallel, method: Method | Compressor | str,
                       process_group: dist.ProcessGroup | None = None, *,
-                      emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> HookState:
+                      optimizer: torch.optim.Optimizer | None = None, emulate_latency_ms: float = 0.0,
+                      nonfinite: str = "skip") -> HookState:
     """Register gradcomp's hook on a DDP model, with memory keyed by its parameter names; returns the state.
-    ``emulate_latency_ms``: see :class:`~gradcomp.comm.Communicator` (experiments only); ``nonfinite``:
-    ``"skip"`` or ``"raise"`` (see the module docstring)."""
-    state = HookState(method, process_group, model=model, emulate_latency_ms=emulate_latency_ms,
-                      nonfinite=nonfinite)
+
+    Args:
+        model: the ``DistributedDataParallel`` model.
+        method, process_group, optimizer, emulate_latency_ms, nonfinite: see :class:`HookState`.
+
+    Returns:
+        The :class:`HookState`: ``state.step_skipped`` after each backward, ``state.state_dict()`` for checkpoints.
+
+    Example::
+
+        >>> ddp = DistributedDataParallel(model)
+        >>> method = gradcomp.DGC(density=0.001)
+        >>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, **gradcomp.sgd_settings(method, momentum=0.9))
+        >>> state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt)
+    """
+    state = HookState(method, process_group, model=model, optimizer=optimizer,
+                      emulate_latency_ms=emulate_latency_ms, nonfinite=nonfinite)
     model.register_comm_hook(state, ddp_comm_hook)
     return state

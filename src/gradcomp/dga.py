@@ -43,41 +43,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import Communicator, Pending
+from .comm import Pending
 from .compressors.base import Compressor, check_int
-from .compressors.dense import NoCompression
-from .guard import check_nonfinite, check_settings, nonfinite_in
-from .method import Method, MethodExchange, as_method, check_optimizer
+from .core import Core
+from .guard import NONFINITE_KEY, flag_exchange, nonfinite_step
+from .method import Method
 from .optim import OptimizerWrapper, trained_parameters
 
 __all__ = ["DelayedGradientAveraging", "FedAvg", "delayed_update"]
 
 log = logging.getLogger(__name__)
 
-#: The key under which a step's non-finite verdict travels with its average (not a parameter name: it has a NUL).
-NONFINITE_KEY = "\0nonfinite"
-
-
 def delayed_update(average: Tensor, local: Tensor, stale_local: Tensor, correct: bool) -> Tensor:
     """What a worker applies when the average of step i - D arrives at step i: ``avg(g_{i-D}) + g_i - g_{i-D}``
     (the paper's correction) or, with ``correct=False``, the average alone.  The one place of DGA's rule,
     for the real ranks and the simulator alike."""
     return average + local - stale_local if correct else average
-
-
-def flag_exchange(bad: bool, device: torch.device) -> MethodExchange:
-    """The exchange of a step's non-finite verdict: 1.0 from each rank that saw one, summed (dense float32, so it
-    joins the step's dense all-reduce)."""
-    result = yield from NoCompression().exchange(torch.full((1,), float(bad), device=device))
-    return result.total
-
-
-def nonfinite_step(local: dict[str, Tensor], nonfinite: str, where: str, what_now: str) -> bool:
-    """Whether ``local`` holds a NaN or Inf (logged with ``what_now``); raises instead with ``nonfinite="raise"``."""
-    bad = nonfinite_in(local, nonfinite, where)
-    if bad:
-        log.warning("%s: non-finite gradient (NaN or Inf) in %s; %s", where, ", ".join(bad[:5]), what_now)
-    return bool(bad)
 
 
 class _Finished:
@@ -112,45 +93,52 @@ class DelayedGradientAveraging(OptimizerWrapper):
                  process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0,
                  nonfinite: str = "skip") -> None:
         check_int("DelayedGradientAveraging", "delay", delay, 0)
-        self.nonfinite = check_nonfinite("DelayedGradientAveraging", nonfinite)
         self.optimizer = optimizer
         self.delay = delay
         self.correction = bool(correction)
-        self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
-        self.configured = as_method(method if method is not None else "none")  # the same on every rank
-        self.method = self.configured.for_rank(self.comm.rank)
-        check_optimizer(self.method, optimizer)
-        self._spare = self.configured.for_rank(self.comm.rank)  # sends the zeros of a step this rank skips
+        self.core = Core(method if method is not None else "none", process_group, owner="DelayedGradientAveraging",
+                         nonfinite=nonfinite, emulate_latency_ms=emulate_latency_ms, optimizer=optimizer)
+        self._spare: Method | None = None  # sends the zeros of a step this rank skips
         self.params = trained_parameters(named_parameters, optimizer)
         # (this step's local gradients, the pending average of them), oldest first
         self._pending: deque[tuple[dict[str, Tensor], Pending | _Finished]] = deque()
-        self.steps = 0
         self.skipped = 0
-        self._settings_checked = False
+
+    @property
+    def method(self) -> Method:
+        """This rank's copy of the method (its memory and counters)."""
+        return self.core.method
+
+    @property
+    def comm(self):
+        return self.core.comm
+
+    @property
+    def steps(self) -> int:
+        return self.core.steps
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Start averaging this step's gradients; apply the (corrected) average of step ``i - delay``."""
         local = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in self.params.items()}
-        world = self.comm.world_size
-        if not self._settings_checked:  # at the first step (also after a resume), before any payload
-            self._settings_checked = True
-            check_settings(self.comm, self.configured, local, delay=self.delay, correction=self.correction,
-                           nonfinite=self.nonfinite)
-        method = self.method
-        if nonfinite_step(local, self.nonfinite, f"rank {self.comm.rank}, step {self.steps}",
+        core = self.core
+        # at the first step (also after a resume), before any payload
+        core.check_settings(local, delay=self.delay, correction=self.correction)
+        method = core.method
+        if nonfinite_step(local, core.guard.nonfinite, f"rank {core.rank}, step {self.steps}",
                           "this rank sends zeros and every rank skips the step when its average arrives"):
             local = {n: torch.zeros_like(g) for n, g in local.items()}  # nothing of it enters memory or weights
-            method, self._spare.epoch, self._spare.steps = self._spare, self.method.epoch, self.method.steps
-        prepared = method.prepare(local, world)
+            if self._spare is None:
+                self._spare = core.configured.for_rank(core.rank)
+            method, self._spare.epoch, self._spare.steps = self._spare, core.method.epoch, core.method.steps
+        prepared = method.prepare(local, core.world_size)
         if method.memory_waits_for_result and self._pending:
             self._pending[-1][1].wait()  # its memory must be settled before this step compensates
-        gens = {n: method.exchange(n, prepared[n], world) for n in self.params}
-        if self.nonfinite == "skip":
+        gens = core.exchanges(prepared, list(self.params), method=method)
+        if core.guard.nonfinite == "skip":
             gens[NONFINITE_KEY] = flag_exchange(method is self._spare, next(iter(local.values())).device)
-        self._pending.append((local, self.comm.exchange_later(gens)))
-        self.method.end_step()
-        self.steps += 1
+        self._pending.append((local, core.comm.exchange_later(gens)))
+        core.end_step()
         if len(self._pending) > self.delay:
             old, pending = self._pending.popleft()
             average = pending.wait()
@@ -186,7 +174,7 @@ class DelayedGradientAveraging(OptimizerWrapper):
         """Optimizer, method and the ``delay`` pending steps: their local gradients and their averages
         (in-flight ones are waited for first, on every rank alike)."""
         self.finish()
-        return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+        return {"optimizer": self.optimizer.state_dict(), "method": self.core.state_dict()["method"],
                 "delay": self.delay, "steps": self.steps,
                 "pending": [{"local": local, "average": pending.wait()} for local, pending in self._pending]}
 
@@ -202,8 +190,7 @@ class DelayedGradientAveraging(OptimizerWrapper):
                                      f"{', '.join(sorted(unknown)[:5])}")
         self.finish()
         self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
-        self.steps = int(state["steps"])
+        self.core.load_state_dict({"method": state["method"]})
         self._pending = deque((dict(e["local"]), _Finished(dict(e["average"]))) for e in state["pending"])
 
 
@@ -224,26 +211,31 @@ class FedAvg(OptimizerWrapper):
                  period: int, process_group: dist.ProcessGroup | None = None, *,
                  emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
         check_int("FedAvg", "period", period, 1)
-        self.nonfinite = check_nonfinite("FedAvg", nonfinite)
         self.optimizer = optimizer
         self.period = period
-        self.comm = Communicator(process_group, emulate_latency_ms=emulate_latency_ms)
+        # the weights are averaged densely ("none"): the core keeps the step count, the guard, the communicator
+        self.core = Core("none", process_group, owner="FedAvg", nonfinite=nonfinite,
+                         emulate_latency_ms=emulate_latency_ms)
         self.params = trained_parameters(named_parameters, optimizer)
-        self._average = as_method("none")
-        self.steps = 0
         self.skipped = 0  # local steps skipped for a non-finite gradient
-        self._settings_checked = False
+
+    @property
+    def comm(self):
+        return self.core.comm
+
+    @property
+    def steps(self) -> int:
+        return self.core.steps
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        if not self._settings_checked:
-            self._settings_checked = True
-            check_settings(self.comm, self._average, self.params, period=self.period, nonfinite=self.nonfinite)
+        core = self.core
+        core.check_settings(self.params, period=self.period)
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
-        skip = nonfinite_step(grads, self.nonfinite, f"rank {self.comm.rank}, step {self.steps}",
+        skip = nonfinite_step(grads, core.guard.nonfinite, f"rank {core.rank}, step {self.steps}",
                               "this rank skips its local step")
         out = self.optimizer.step(closure) if not skip else None
         self.skipped += skip
-        self.steps += 1
+        core.end_step()
         if self.steps % self.period == 0:
             self.average()
         return out
@@ -251,9 +243,7 @@ class FedAvg(OptimizerWrapper):
     @torch.no_grad()
     def average(self) -> None:
         """Replace every worker's weights by their average now."""
-        world = self.comm.world_size
-        weights = self._average.prepare({n: p.detach() for n, p in self.params.items()}, world)  # NaN/Inf raise
-        averages = self.comm.exchange({n: self._average.exchange(n, w, world) for n, w in weights.items()}).wait()
+        averages = self.core.exchange({n: p.detach() for n, p in self.params.items()}).wait()  # NaN/Inf raise
         for n, p in self.params.items():
             p.copy_(averages[n].view_as(p))
 
@@ -265,4 +255,4 @@ class FedAvg(OptimizerWrapper):
             raise ValueError(f"the checkpoint was saved with period={state['period']}, this FedAvg has "
                              f"period={self.period}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.steps = int(state["steps"])
+        self.core.load_state_dict({"method": {**self.core.state_dict()["method"], "steps": int(state["steps"])}})

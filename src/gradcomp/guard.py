@@ -32,19 +32,50 @@ from typing import Any
 
 from torch import Tensor
 
-from .method import Method, NonFiniteGradientError, non_finite
+import torch
 
-__all__ = ["NONFINITE", "SettingsMismatchError", "StepGuard", "check_nonfinite", "check_settings", "mismatches",
-           "nonfinite_in", "settings_of"]
+from .compressors.dense import NoCompression
+
+__all__ = ["NONFINITE", "NONFINITE_KEY", "NonFiniteGradientError", "SettingsMismatchError", "StepGuard",
+           "check_nonfinite", "check_settings", "flag_exchange", "mismatches", "non_finite", "nonfinite_in",
+           "nonfinite_step", "settings_of"]
 
 log = logging.getLogger(__name__)
 
 #: What a front door does with a non-finite gradient.
 NONFINITE = ("skip", "raise")
 
+#: The key under which a delayed step's non-finite verdict travels with its average (not a parameter name:
+#: it holds a NUL).
+NONFINITE_KEY = "\0nonfinite"
+
 
 class SettingsMismatchError(ValueError):
     """The ranks were started with different settings (raised on every rank, at the first step)."""
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient holds NaN or Inf; raised before it reaches any memory."""
+
+
+def _values(g: Tensor) -> Tensor:
+    """The stored entries of ``g`` (a sparse COO gradient's values; a dense tensor itself)."""
+    return g.coalesce().values() if g.is_sparse else g
+
+
+def non_finite(grads: Mapping[str, Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or an Inf.
+
+    One sum per tensor (a read of memory, no temporary): a finite sum means
+    every entry is finite.  A sum that is not finite (a NaN or Inf inside, or
+    large finite values overflowing) is confirmed entry by entry.
+    """
+    if not grads:
+        return []
+    sums = torch.stack([_values(g).sum().double() for g in grads.values()])
+    if bool(torch.isfinite(sums).all()):
+        return []
+    return [name for name, g in grads.items() if not bool(torch.isfinite(_values(g)).all())]
 
 
 def check_nonfinite(owner: str, value: str) -> str:
@@ -63,11 +94,27 @@ def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: str, where: str) -> lis
     return bad
 
 
-def settings_of(method: Method, params: Mapping[str, Tensor], **extra: Any) -> dict[str, Any]:
+def nonfinite_step(local: Mapping[str, Tensor], nonfinite: str, where: str, what_now: str) -> bool:
+    """For the doors that decide alone (delayed averaging, local steps, the simulator's workers): whether
+    ``local`` holds a NaN or Inf (logged with ``what_now``); raises instead with ``nonfinite="raise"``."""
+    bad = nonfinite_in(local, nonfinite, where)
+    if bad:
+        log.warning("%s: non-finite gradient (NaN or Inf) in %s; %s", where, ", ".join(bad[:5]), what_now)
+    return bool(bad)
+
+
+def flag_exchange(bad: bool, device: torch.device):
+    """The exchange of a delayed step's non-finite verdict: 1.0 from each rank that saw one, summed (dense
+    float32, so it joins the step's dense all-reduce, under :data:`NONFINITE_KEY`)."""
+    result = yield from NoCompression().exchange(torch.full((1,), float(bad), device=device))
+    return result.total
+
+
+def settings_of(method: Any, params: Mapping[str, Tensor], **extra: Any) -> dict[str, Any]:
     """The fingerprint ranks compare: the method's configuration (as the user gave it, before
     :meth:`~gradcomp.Method.for_rank` offsets per-rank seeds), each parameter's shape and dtype, ``extra``."""
     return {"method": method.config(),
-            "parameters": {name: f"{list(p.shape)} {str(p.dtype).removeprefix('torch.')}"
+            "parameters": {name: f"{list(p.shape)} {str(p.dtype).removeprefix('torch.')}{' sparse' * p.is_sparse}"
                            for name, p in params.items()},
             **extra}
 
@@ -97,7 +144,7 @@ def mismatches(every_rank: list[Mapping[str, Any]], limit: int = 8) -> list[str]
     return lines
 
 
-def check_settings(comm, method: Method, params: Mapping[str, Tensor], **extra: Any) -> None:
+def check_settings(comm, method: Any, params: Mapping[str, Tensor], **extra: Any) -> None:
     """Exchange the fingerprint (:func:`settings_of`) and raise :class:`SettingsMismatchError` on every rank
     if any setting differs (one ``all_gather_object``: call it at the first step, before any payload)."""
     lines = mismatches(comm.all_objects(settings_of(method, params, **extra)))
@@ -117,7 +164,7 @@ class StepGuard:
         self.settings_checked = False
         self.skipped = 0
 
-    def check(self, comm, method: Method, grads: Mapping[str, Tensor], **extra: Any) -> bool:
+    def check(self, comm, method: Any, grads: Mapping[str, Tensor], **extra: Any) -> bool:
         if not self.settings_checked:
             self.settings_checked = True
             check_settings(comm, method, grads, nonfinite=self.nonfinite, **extra)

@@ -19,14 +19,15 @@ import copy
 import math
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .compressors.base import Compressor, Payload, check_int, check_range, get
+from .compressors.base import Compressor, Payload, check_int, check_range, get, register
 from .compressors.dense import NoCompression
 from .compressors.sparse import DGCSelect, SharedSelect, check_wire
+from .guard import NonFiniteGradientError, non_finite
 from .memory import DGCMemory, Memory, Momentum, Residual
 from .schedule import SparsityWarmup
 
@@ -38,10 +39,6 @@ MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 AGGREGATES = ("gather", "shared")
 
 
-class NonFiniteGradientError(ValueError):
-    """A gradient holds NaN or Inf; raised before it reaches any memory."""
-
-
 def _working(grad: Tensor) -> Tensor:
     """Contiguous, and float32 for 16-bit gradients: residuals and momenta must not round to 8 bits."""
     if grad.dtype in (torch.float16, torch.bfloat16):
@@ -49,21 +46,6 @@ def _working(grad: Tensor) -> Tensor:
     if not grad.is_floating_point():
         raise TypeError(f"gradients must be floating point, got {grad.dtype}")
     return grad.contiguous()
-
-
-def non_finite(grads: dict[str, Tensor]) -> list[str]:
-    """The names of the tensors holding a NaN or an Inf.
-
-    One sum per tensor (a read of memory, no temporary): a finite sum means
-    every entry is finite.  A sum that is not finite (a NaN or Inf inside, or
-    large finite values overflowing) is confirmed entry by entry.
-    """
-    if not grads:
-        return []
-    sums = torch.stack([g.sum().double() for g in grads.values()])
-    if bool(torch.isfinite(sums).all()):
-        return []
-    return [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
 
 
 class Method:
@@ -77,6 +59,8 @@ class Method:
     needs_all_gradients = False
 
     def __init__(self, compressor: Compressor, *, memory: Memory | None = None) -> None:
+        if not isinstance(compressor, Compressor):
+            raise TypeError(f"Method takes a Compressor, got {type(compressor).__name__} (a whole method already?)")
         self.compressor = compressor
         self.memory = memory if memory is not None else (Residual() if compressor.error_feedback else Memory())
         self.compressor_state: dict[str, dict[str, Any]] = {}
@@ -162,6 +146,11 @@ class Method:
         return f"Method({self.compressor!r}, memory={type(self.memory).__name__})"
 
 
+#: The steps of DGC's default sparsity warm-up (the paper's four stages, 250 steps each).
+DEFAULT_WARMUP_STEPS = 1000
+
+
+@register
 @dataclass(kw_only=True, eq=False, repr=False)
 class DGC(Method):
     """Deep Gradient Compression (Lin, Han, Mao, Wang, Dally; ICLR 2018).
@@ -190,9 +179,23 @@ class DGC(Method):
     once in ~850 steps on average.
 
     Warm-up: the density follows :class:`~gradcomp.schedule.SparsityWarmup`
-    (25%, 6.25%, 1.5625%, 0.39% over ``warmup_epochs``, then ``density``).
-    The epoch comes from :meth:`set_epoch` or, when ``steps_per_epoch`` is
-    given, advances by itself at every :meth:`end_step`.
+    (25%, 6.25%, 1.5625%, 0.39%, then ``density``), advancing by itself with
+    the steps the front door takes (:meth:`end_step`):
+
+    * ``warmup_steps=N``: the four stages over the first N steps;
+    * ``warmup_epochs=E`` with ``steps_per_epoch=S``: over the first E
+      epochs of S steps (:meth:`set_epoch` may also set the epoch, like
+      ``DistributedSampler.set_epoch``); ``warmup_epochs`` without
+      ``steps_per_epoch`` is refused, since the warm-up could not advance;
+    * neither: the paper's four stages over the first
+      :data:`DEFAULT_WARMUP_STEPS` (1,000) steps, 250 each;
+    * ``warmup_epochs=0`` or ``warmup_steps=0``: none.
+
+    With Adam or AdamW, which keep moments of their own, use
+    ``DGC(momentum=0)``: error-feedback top-k with DGC's sampled selection,
+    warm-up and clipping, the optimizer's moments on the averaged sparse
+    gradient.  DGC with momentum refuses an optimizer that has momentum
+    (:func:`check_optimizer`).
 
     ``wire`` is the sparse wire format (see :mod:`gradcomp.compressors.sparse`):
     ``"compact"`` (float16 values, Elias-Fano coded indices, ~3.5 bytes per
@@ -210,13 +213,16 @@ class DGC(Method):
     corresponding technique for the paper's ablation.
     """
 
+    name: ClassVar[str] = "dgc"
+
     density: float = 0.001
     momentum: float = 0.9
     nesterov: bool = False
     sample_ratio: float = 0.01
     momentum_masking: bool = True
     clip_norm: float | None = None
-    warmup_epochs: float = 4.0
+    warmup_epochs: float | None = None
+    warmup_steps: int | None = None
     min_numel: int = 1024
     momentum_correction: bool = True
     accumulate: bool = True
@@ -232,7 +238,19 @@ class DGC(Method):
         check_range("DGC", "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
         if self.clip_norm is not None:
             check_range("DGC", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
-        check_range("DGC", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
+        if self.warmup_epochs is not None and self.warmup_steps is not None:
+            raise ValueError(f"DGC takes warmup_steps or warmup_epochs, not both (got warmup_steps="
+                             f"{self.warmup_steps!r}, warmup_epochs={self.warmup_epochs!r})")
+        if self.warmup_epochs is None and self.warmup_steps is None:
+            self.warmup_steps = DEFAULT_WARMUP_STEPS
+        if self.warmup_steps is not None:
+            check_int("DGC", "warmup_steps", self.warmup_steps, 0)
+        else:
+            check_range("DGC", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
+            if self.warmup_epochs > 0 and self.steps_per_epoch is None:
+                raise ValueError(f"DGC.warmup_epochs={self.warmup_epochs!r} needs steps_per_epoch (the optimizer "
+                                 "steps in one epoch) so the warm-up can advance; or give warmup_steps=N, or "
+                                 "warmup_epochs=0 for no warm-up")
         check_int("DGC", "min_numel", self.min_numel, 1)
         check_int("DGC", "min_entries", self.min_entries, 1)
         check_wire("DGC", self.wire)
@@ -242,8 +260,10 @@ class DGC(Method):
             check_int("DGC", "steps_per_epoch", self.steps_per_epoch, 1)
         if self.nesterov and self.momentum == 0:
             raise ValueError("DGC.nesterov needs DGC.momentum > 0")
-        self.warmup = SparsityWarmup(final_density=self.density, warmup_epochs=self.warmup_epochs,
-                                     initial_density=max(self.density, 0.25))
+        # the schedule's unit is steps with warmup_steps, epochs with warmup_epochs
+        self.warmup = SparsityWarmup(final_density=self.density, initial_density=max(self.density, 0.25),
+                                     warmup_epochs=float(self.warmup_steps if self.warmup_steps is not None
+                                                         else self.warmup_epochs))
         memory = DGCMemory(momentum=self.momentum, nesterov=self.nesterov, masking=self.momentum_masking,
                            correction=self.momentum_correction, accumulate=self.accumulate)
         select = SharedSelect if self.aggregate == "shared" else DGCSelect
@@ -256,7 +276,8 @@ class DGC(Method):
 
     @property
     def current_density(self) -> float:
-        return self.warmup.density(self.epoch)
+        """The density of this step: the warm-up's at this step (``warmup_steps``) or epoch."""
+        return self.warmup.density(self.steps if self.warmup_steps is not None else self.epoch)
 
     def sparsified(self, grad: Tensor) -> bool:
         """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small; or every one with ``sparsify_all``)."""
@@ -317,7 +338,7 @@ class DGC(Method):
 
     def config(self) -> dict[str, Any]:
         fields = ("density", "momentum", "nesterov", "sample_ratio", "momentum_masking", "clip_norm",
-                  "warmup_epochs", "min_numel", "momentum_correction", "accumulate", "steps_per_epoch", "wire",
+                  "warmup_epochs", "warmup_steps", "min_numel", "momentum_correction", "accumulate", "steps_per_epoch", "wire",
                   "sparsify_all", "min_entries", "aggregate")
         return {"method": "dgc", **{f: getattr(self, f) for f in fields}}
 
@@ -333,13 +354,13 @@ class DGC(Method):
 
 
 def as_method(method: Method | Compressor | str) -> Method:
-    """Accept a Method, a Compressor or a registered compressor name."""
+    """Accept a Method, a Compressor or a registered name (``"dgc"``: the whole of :class:`DGC`)."""
+    if isinstance(method, str):
+        method = get(method)
     if isinstance(method, Method):
         return method
     if isinstance(method, Compressor):
         return Method(method)
-    if isinstance(method, str):
-        return Method(get(method))
     raise TypeError(f"expected a gradcomp Method, Compressor or compressor name, got {type(method).__name__}")
 
 
@@ -372,7 +393,15 @@ def check_optimizer(method: Method, optimizer: torch.optim.Optimizer | None) -> 
     if optimizer is None or not method.owns_momentum:
         return
     for i, group in enumerate(optimizer.param_groups):
-        if group.get("momentum", 0) or "betas" in group:
+        if "betas" in group:
+            raise ValueError(
+                f"{type(method).__name__} applies momentum itself (momentum correction), and "
+                f"{type(optimizer).__name__} keeps moments of its own (param group {i}); with Adam or AdamW use "
+                f"{type(method).__name__}(momentum=0) (error-feedback top-k, the optimizer's moments on the "
+                "averaged gradient), or torch.optim.SGD(params, lr, **gradcomp.sgd_settings(method, momentum, "
+                "weight_decay))"
+            )
+        if group.get("momentum", 0):
             raise ValueError(
                 f"{type(method).__name__} applies momentum itself (momentum correction), but the optimizer's "
                 f"param group {i} has momentum too ({type(optimizer).__name__}); use "

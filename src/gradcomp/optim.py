@@ -30,10 +30,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-from .comm import Communicator
 from .compressors.base import Compressor
-from .guard import StepGuard
-from .method import Method, as_method, check_optimizer
+from .core import Core
+from .method import Method
 
 __all__ = ["DistributedOptimizer", "OptimizerWrapper"]
 
@@ -84,13 +83,10 @@ class DistributedOptimizer(OptimizerWrapper):
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         self.optimizer = optimizer
-        self.guard = StepGuard(nonfinite)
+        self.core = Core(method, process_group, owner="DistributedOptimizer", nonfinite=nonfinite,
+                         optimizer=optimizer)
         #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
         self.step_skipped = False
-        self.comm = Communicator(process_group)
-        self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
-        self.method = self.configured.for_rank(self.comm.rank)
-        check_optimizer(self.method, optimizer)
         self.backward_passes_per_step = backward_passes_per_step
         self.params = trained_parameters(named_parameters, optimizer)
         self.buckets = self._make_buckets(list(self.params.items())[::-1], bucket_cap_mb * 2**20)
@@ -100,6 +96,19 @@ class DistributedOptimizer(OptimizerWrapper):
         self._futures: list[Future | None] = [None] * len(self.buckets)
         self._next = 0  # first bucket not started yet
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n)) for n, p in self.params.items()]
+
+    @property
+    def method(self) -> Method:
+        """This rank's copy of the method (its memory and counters)."""
+        return self.core.method
+
+    @property
+    def comm(self):
+        return self.core.comm
+
+    @property
+    def guard(self):
+        return self.core.guard
 
     @staticmethod
     def _make_buckets(named: list[tuple[str, Tensor]], cap_bytes: float) -> list[list[str]]:
@@ -118,43 +127,36 @@ class DistributedOptimizer(OptimizerWrapper):
             self._passes[name] += 1
             if self._passes[name] == self.backward_passes_per_step:
                 self._ready[self._bucket_of[name]] += 1
-                if not self._defer:
+                if not self.core.defer:
                     self._start_ready_buckets()
         return hook
 
     def _start_ready_buckets(self, *, all_remaining: bool = False) -> None:
         while self._next < len(self.buckets) and (
                 all_remaining or self._ready[self._next] == len(self.buckets[self._next])):
-            if self._defer:
+            if self.core.defer:
                 self._start_all_at_once()
                 return
             self._futures[self._next] = self._start(self.buckets[self._next])
             self._next += 1
 
-    @property
-    def _defer(self) -> bool:
-        """Whether exchanges wait for every gradient (see :attr:`HookState.defer <gradcomp.HookState.defer>`)."""
-        return self.method.needs_all_gradients or self.guard.nonfinite == "skip" or not self.guard.settings_checked
-
     def _grad(self, name: str) -> Tensor:
         p = self.params[name]
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
-    def _start(self, names: list[str], prepared: dict[str, Tensor] | None = None) -> Future:
-        world = self.comm.world_size
-        if prepared is None:
-            prepared = self.method.prepare({n: self._grad(n) for n in names}, world)
-        return self.comm.exchange({n: self.method.exchange(n, prepared[n], world) for n in names})
+    def _start(self, names: list[str]) -> Future:
+        return self.core.exchange({n: self._grad(n) for n in names})
 
     def _start_all_at_once(self) -> None:
         grads = {n: self._grad(n) for n in self.params}
-        self.step_skipped = not self.guard.check(self.comm, self.configured, grads)
+        self.step_skipped = not self.core.check(grads)
         self._next = len(self.buckets)
         if self.step_skipped:
             return
-        prepared = self.method.prepare(grads, self.comm.world_size)
+        core = self.core
+        prepared = core.method.prepare(grads, core.world_size)
         for b, names in enumerate(self.buckets):
-            self._futures[b] = self._start(names, {n: prepared[n] for n in names})
+            self._futures[b] = core.comm.exchange(core.exchanges(prepared, names))
 
     def synchronize(self) -> None:
         """Finish every exchange of this step and write the averaged gradients to ``p.grad``."""
@@ -174,20 +176,18 @@ class DistributedOptimizer(OptimizerWrapper):
         self._ready = [0] * len(self.buckets)
         self._futures = [None] * len(self.buckets)
         self._next = 0
-        self.method.end_step()
+        self.core.end_step()
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         self.synchronize()
         return self.optimizer.step(closure) if not self.step_skipped else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "guard": self.guard.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), **self.core.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
-        self.guard.load_state_dict(state.get("guard", {}))
+        self.core.load_state_dict(state)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .compressors.base import Compressor, Payload, check_int
-from .dga import NONFINITE_KEY, delayed_update, flag_exchange, nonfinite_step
-from .guard import check_nonfinite
+from .dga import delayed_update
+from .guard import NONFINITE_KEY, check_nonfinite, flag_exchange, nonfinite_step
 from .method import Method, MethodExchange, as_method, check_optimizer
 
 __all__ = ["Simulator", "combine", "split_batch"]

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..comm import all_gather_single
 from ..launch import spawn
 from ..method import DGC, sgd_settings
 from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
@@ -140,7 +141,7 @@ def _communication(shapes, warmup: int, repeats: int, seed: int) -> dict[str, fl
     payload_bytes = bytes_sent(_dgc(), _gradients(shapes, seed + dist.get_rank()))
     local = torch.zeros(payload_bytes, dtype=torch.uint8)
     gathered = torch.empty(payload_bytes * dist.get_world_size(), dtype=torch.uint8)
-    out["dgc"] = _timed(lambda: dist.all_gather_into_tensor(gathered, local), warmup, repeats)
+    out["dgc"] = _timed(lambda: all_gather_single(gathered, local), warmup, repeats)
     out["dgc_payload_bytes"] = payload_bytes
     return out
 

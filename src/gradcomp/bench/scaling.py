@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..comm import all_gather_single
 from ..launch import spawn
 from ..reproduce.common import (Check, Context, Result, Study, StudySkipped, markdown_table, new_figure, register,
                                 save_figure)
@@ -126,7 +127,7 @@ def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: 
         local = torch.ones(nbytes, dtype=torch.uint8)
         out = torch.empty(nbytes * world, dtype=torch.uint8)
         rows.append({"op": "all_gather", "workers": world, "bytes": nbytes,
-                     "seconds": _timed(lambda: dist.all_gather_into_tensor(out, local), 1, repeats, "min")})
+                     "seconds": _timed(lambda: all_gather_single(out, local), 1, repeats, "min")})
     return rows
 
 

@@ -251,11 +251,12 @@ def check_indices(owner: str, field: str, indices: Tensor, numel: int) -> None:
 
 # ------------------------------------------------------------------ registry
 
-_REGISTRY: dict[str, type[Compressor]] = {}
+_REGISTRY: dict[str, type] = {}
 
 
-def register(cls: type[Compressor]) -> type[Compressor]:
-    """Class decorator: make ``cls`` available as ``gradcomp.get(cls.name)``."""
+def register(cls: type) -> type:
+    """Class decorator: make ``cls`` (a compressor, or a whole method such as :class:`gradcomp.DGC`)
+    available as ``gradcomp.get(cls.name)``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
@@ -269,16 +270,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, **options: Any) -> Compressor:
-    """Build the compressor registered as ``name`` with ``options``.
+def get(name: str, **options: Any) -> Any:
+    """Build the compressor (or method) registered as ``name`` with ``options``.
 
     >>> gradcomp.get("topk", density=0.01)
     TopK(density=0.01)
+    >>> gradcomp.get("sampled-topk", density=0.001)          # the whole of DGC: a gradcomp.DGC
     """
     try:
         cls = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown compressor {name!r}; available: {', '.join(available())}") from None
+        raise ValueError(f"unknown compressor or method {name!r}; available: {', '.join(available())}") from None
     allowed = [p for p in inspect.signature(cls).parameters]
     unknown = sorted(set(options) - set(allowed))
     if unknown:

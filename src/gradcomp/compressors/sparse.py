@@ -394,7 +394,7 @@ class DGCSelect(_Sparse):
     warm-up) is :class:`gradcomp.DGC`.
     """
 
-    name = "dgc"
+    name = "sampled-topk"
     density: float = 0.001
     sample_ratio: float = 0.01
     wire: str = "plain"
@@ -402,10 +402,10 @@ class DGCSelect(_Sparse):
     workspace: Workspace = field(default_factory=Workspace, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_range("dgc", "density", self.density, 0.0, 1.0, low_open=True)
-        check_range("dgc", "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
-        check_wire("dgc", self.wire)
-        check_int("dgc", "min_entries", self.min_entries, 1)
+        check_range(self.name, "density", self.density, 0.0, 1.0, low_open=True)
+        check_range(self.name, "sample_ratio", self.sample_ratio, 0.0, 1.0, low_open=True)
+        check_wire(self.name, self.wire)
+        check_int(self.name, "min_entries", self.min_entries, 1)
 
     def entries(self, numel: int) -> int:
         """k for a tensor of ``numel`` entries: ceil(density * numel), at least ``min_entries`` (all of a

@@ -101,10 +101,11 @@ def _pct(keep: float) -> str:
     return f"{keep:g} %"
 
 
-def _method(row: Row, variant: Variant) -> tuple[Method, float]:
+def _method(row: Row, variant: Variant, steps_per_epoch: int) -> tuple[Method, float]:
     """The row's method and the optimizer momentum that goes with it."""
     if row.kind == "dgc":
-        return DGC(density=row.keep / 100, momentum=variant.momentum, warmup_epochs=variant.warmup_epochs), 0.0
+        return DGC(density=row.keep / 100, momentum=variant.momentum, warmup_epochs=variant.warmup_epochs,
+                   steps_per_epoch=steps_per_epoch), 0.0
     if row.keep >= 100:
         return Method(get("none")), variant.momentum
     return Method(get("topk", density=row.keep / 100), memory=Memory()), variant.momentum
@@ -122,7 +123,7 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
         row.mean_density = 0.0
         row.seconds = time.perf_counter() - start
         return
-    method, momentum = _method(row, variant)
+    method, momentum = _method(row, variant, steps_per_epoch(len(data.y_train), variant.global_batch))
     optimizer = torch.optim.SGD(model.parameters(), lr=variant.lr, momentum=momentum)
     sim = Simulator(model, method, row.workers, optimizer=optimizer)
     steps = steps_per_epoch(len(data.y_train), variant.global_batch)

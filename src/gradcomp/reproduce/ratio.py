@@ -83,6 +83,8 @@ def methods(names: list[str] | tuple[str, ...] | None = None) -> list[Measured]:
     """Every registered compressor (or ``names``): density 0.001 where there is one, defaults otherwise."""
     out = []
     for name in names if names is not None else available():
+        if name == "sampled-topk":
+            continue  # DGC's selection alone: measured inside the "dgc" rows
         if name == "dgc":
             for key, options in DGC_VARIANTS.items():
                 text = "".join(f", {k}={v!r}" for k, v in options.items())

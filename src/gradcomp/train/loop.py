@@ -171,6 +171,8 @@ class TrainConfig:
         """The method: DGC (momentum, clipping and warm-up its own) or a compressor with its memory."""
         if self.method == "dgc":
             opts = {"momentum": self.momentum, "clip_norm": self.clip_norm, **self.options}
+            if "warmup_steps" not in opts:
+                opts.setdefault("warmup_epochs", 4.0)  # the paper's: four epochs
             try:
                 return DGC(steps_per_epoch=steps_per_epoch, **opts)
             except TypeError as error:
@@ -322,8 +324,8 @@ class _Front:
             from ..ddp_hook import register_ddp_hook
 
             self.net = DistributedDataParallel(model)
-            self.state = register_ddp_hook(self.net, method, emulate_latency_ms=config.emulate_latency_ms,
-                                           nonfinite=config.nonfinite)
+            self.state = register_ddp_hook(self.net, method, optimizer=self.optimizer,
+                                           emulate_latency_ms=config.emulate_latency_ms, nonfinite=config.nonfinite)
             self.methods = [self.state.method]
         self.dense_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.skipped_before = 0  # steps skipped for a non-finite gradient before a resume

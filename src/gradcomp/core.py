@@ -1,0 +1,187 @@
+"""One rank's gradcomp: the single object behind every front door.
+
+A :class:`Core` owns what each front door (the DDP hook's :class:`~gradcomp.HookState`,
+:class:`~gradcomp.DistributedOptimizer`, :class:`~gradcomp.DelayedGradientAveraging`,
+:class:`~gradcomp.FedAvg`) would otherwise keep a copy of:
+
+* the method as the user configured it (compared between ranks) and this
+  rank's own copy of it (:meth:`~gradcomp.Method.for_rank`: its memory, its
+  seeds, its step and epoch counters, which drive the warm-up schedules);
+* the guard (:class:`~gradcomp.guard.StepGuard`: settings agreement at the
+  first step, the non-finite verdict every step);
+* the communicator on the process group;
+* the optimizer-pairing check.
+
+It binds to the process group lazily, at the first step, so a front door can
+be built before ``torch.distributed.init_process_group`` (Lightning,
+Accelerate and ``torchrun`` scripts often build the training objects first).
+A state loaded before that is kept and applied when it binds.
+
+Its :meth:`state_dict` is this rank's own state; the checkpoint integrations
+(:mod:`gradcomp.checkpoint`, :mod:`gradcomp.lightning`) store one per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .comm import Communicator, check_latency
+from .compressors.base import Compressor
+from .guard import StepGuard, check_settings
+from .method import Method, MethodExchange, as_method, check_optimizer
+
+__all__ = ["Core"]
+
+log = logging.getLogger(__name__)
+
+
+class Core:
+    """This rank's method, memory, guard, communicator and counters.
+
+    Args:
+        method: a :class:`~gradcomp.Method` (e.g. :class:`~gradcomp.DGC`), a
+            :class:`~gradcomp.Compressor` or a registered name (``"dgc"``,
+            ``"topk"``, ...).
+        process_group: the group to communicate on (None: the default group).
+        owner: the front door's name, for error messages.
+        nonfinite: ``"skip"`` or ``"raise"`` (see :mod:`gradcomp.guard`).
+        emulate_latency_ms: see :class:`~gradcomp.comm.Communicator` (experiments only).
+        optimizer: the optimizer the averaged gradients go to, checked against
+            the method (:func:`~gradcomp.method.check_optimizer`).  A door
+            that cannot see it passes ``None`` and warns once at the first
+            step when the method applies momentum itself.
+
+    Raises:
+        ValueError: a bad setting, or an optimizer the method cannot be paired with.
+    """
+
+    def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
+                 owner: str, nonfinite: str = "skip", emulate_latency_ms: float = 0.0,
+                 optimizer: torch.optim.Optimizer | None = None, optimizer_visible: bool = True) -> None:
+        self.owner = owner
+        self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
+        self.guard = StepGuard(nonfinite)
+        self.process_group = process_group
+        self.emulate_latency_ms = check_latency(emulate_latency_ms)
+        self.optimizer_checked = optimizer is not None or not optimizer_visible
+        self.set_optimizer(optimizer)
+        self._comm: Communicator | None = None
+        self._method: Method | None = None
+        self._loaded: dict[str, Any] | None = None  # a state loaded before binding
+
+    # -- binding ----------------------------------------------------------------
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Check ``optimizer`` against the method (raises ValueError naming the fix)."""
+        if optimizer is not None:
+            check_optimizer(self.configured, optimizer)
+            self.optimizer_checked = True
+
+    @property
+    def bound(self) -> bool:
+        return self._comm is not None
+
+    def bind(self) -> None:
+        """Join the process group (once): the communicator and this rank's copy of the method."""
+        if self._comm is not None:
+            return
+        if not dist.is_initialized():
+            raise RuntimeError(f"{self.owner}: torch.distributed is not initialized at the first step; call "
+                               "torch.distributed.init_process_group first (torchrun scripts, Lightning and "
+                               "Accelerate do it for you)")
+        if not self.optimizer_checked and self.configured.owns_momentum:
+            warnings.warn(f"{self.owner} cannot see the optimizer: {type(self.configured).__name__} applies "
+                          "momentum itself, so the optimizer must have none (torch.optim.SGD(params, lr, "
+                          "**gradcomp.sgd_settings(method, momentum, weight_decay))); pass optimizer= to have it "
+                          "checked", UserWarning, stacklevel=3)
+            self.optimizer_checked = True
+        comm = Communicator(self.process_group, emulate_latency_ms=self.emulate_latency_ms)
+        method = self.configured.for_rank(comm.rank)
+        if self._loaded is not None:
+            method.load_state_dict(self._loaded)
+            self.guard.load_state_dict(self._loaded_guard)
+            self._loaded = None
+        self._comm, self._method = comm, method
+
+    @property
+    def comm(self) -> Communicator:
+        self.bind()
+        return self._comm
+
+    @property
+    def method(self) -> Method:
+        """This rank's copy of the method (binds to the process group)."""
+        self.bind()
+        return self._method
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    # -- a step -------------------------------------------------------------------
+
+    def check(self, grads: Mapping[str, Tensor], **extra: Any) -> bool:
+        """The guard, for the doors whose ranks step together: True when the step may go on, False when
+        every rank skips it (``nonfinite="skip"``); the settings check at the first step."""
+        return self.guard.check(self.comm, self.configured, grads, **extra)
+
+    def check_settings(self, params: Mapping[str, Tensor], **extra: Any) -> None:
+        """The settings check alone (the doors that decide on non-finite gradients by themselves)."""
+        if not self.guard.settings_checked:
+            self.guard.settings_checked = True
+            check_settings(self.comm, self.configured, params, nonfinite=self.guard.nonfinite, **extra)
+
+    @property
+    def defer(self) -> bool:
+        """Whether a step's exchanges wait for its last gradient: the guard (``nonfinite="skip"``, and the
+        settings check at the first step) and DGC's local clipping need every gradient at once."""
+        return self.method.needs_all_gradients or self.guard.nonfinite == "skip" or not self.guard.settings_checked
+
+    def exchanges(self, prepared: Mapping[str, Tensor], names: list[str] | None = None,
+                  method: Method | None = None) -> dict[str, MethodExchange]:
+        """The exchange generators of ``names`` (default: all) of the ``prepared`` gradients."""
+        method = method or self.method
+        world = self.world_size
+        return {n: method.exchange(n, prepared[n], world) for n in (names if names is not None else prepared)}
+
+    def exchange(self, grads: Mapping[str, Tensor]) -> torch.futures.Future:
+        """Prepare and exchange ``grads`` (one bucket); a future of ``{name: average}``."""
+        return self.comm.exchange(self.exchanges(self.method.prepare(grads, self.world_size)))
+
+    def end_step(self) -> None:
+        """The step is over: advance the method's counters (and with them its schedules)."""
+        self.method.end_step()
+
+    @property
+    def steps(self) -> int:
+        return self._method.steps if self._method is not None else int((self._loaded or {}).get("steps", 0))
+
+    # -- state ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's own state: the method's memory and counters, the guard's count."""
+        if self._method is None:
+            method = self._loaded if self._loaded is not None else self.configured.state_dict()
+            return {"method": method, "guard": self.guard.state_dict() if self._loaded is None
+                    else self._loaded_guard}
+        return {"method": self._method.state_dict(), "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; before binding, kept and applied at the first step."""
+        if self._method is None:
+            self.configured.for_rank(0).load_state_dict(state["method"])  # validates the state now
+            self._loaded, self._loaded_guard = dict(state["method"]), dict(state.get("guard", {}))
+            return
+        self._method.load_state_dict(state["method"])
+        self.guard.load_state_dict(state.get("guard", {}))
