@@ -1,4 +1,4 @@
-"""Every rank's gradcomp state in torch.distributed.checkpoint (gradcomp.checkpoint.RankState).
+"""Every rank's gradcomp state in torch.distributed.checkpoint and in Accelerate checkpoints (gradcomp.checkpoint).
 
 Real gloo processes: a run checkpointed at step K and resumed in a fresh model, optimizer and hook (whose memory
 does not exist yet) ends bit-identical to a run that never stopped, on every rank, and each rank gets its own
@@ -6,14 +6,22 @@ memory back; checkpoints of another number of ranks, density or model are refuse
 """
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gradcomp.checkpoint import RankState
-from gradcomp.launch import spawn
+import gradcomp
+from gradcomp.checkpoint import RankState, load_rank_state, rank_file, save_rank_state
+from gradcomp.launch import free_port, spawn
+from helpers import exchange_step
 
-K = 3  # the workers' checkpoint step (checkpoint_workers.K)
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+K = 3  # the workers' checkpoint step (checkpoint_workers.K, accelerate_resume.K)
 
 
 def same(a, b):
@@ -120,3 +128,97 @@ def test_dcp_refuses_a_checkpoint_of_fewer_ranks_before_reading_anything(dcp_run
         assert out["fewer_params_unchanged"]
         untouched = out["fewer_untouched"]["method"]
         assert not tensors(untouched["memory"]) and untouched["steps"] == 0
+
+
+def test_rank_files_round_trip_and_refusals_in_one_process(tmp_path):
+    """save_rank_state / load_rank_state without a process group (rank 0 of 1): a method with memory."""
+    method = gradcomp.as_method(gradcomp.get("topk", density=0.25))
+    grad = torch.linspace(-1, 1, 64, dtype=torch.float64).view(8, 8)
+    exchange_step([method], [{"w": grad}])
+    model = {"w": torch.zeros(8, 8, dtype=torch.float64)}
+    path = save_rank_state(method, tmp_path, model=model)
+    assert path == rank_file(tmp_path, 0) == tmp_path / "gradcomp_rank0.pt"
+    stored = torch.load(path, weights_only=True)
+    assert stored["meta"] == {"format": 1, "world_size": 1, "method": method.config(),
+                              "parameters": {"w": "[8, 8] float64"}}
+
+    fresh = gradcomp.as_method(gradcomp.get("topk", density=0.25))
+    load_rank_state(fresh, tmp_path, model=model)
+    assert same(fresh.state_dict(), method.state_dict()) and tensors(fresh.state_dict()["memory"])
+
+    other = gradcomp.as_method(gradcomp.get("topk", density=0.5))
+    with pytest.raises(ValueError, match=r"^gradcomp checkpoint .* saved with density=0.25, this run has "
+                                         r"density=0.5; nothing was loaded$"):
+        load_rank_state(other, tmp_path, model=model)
+    assert not tensors(other.state_dict()) and other.steps == 0
+    other = gradcomp.as_method(gradcomp.get("topk", density=0.25))
+    with pytest.raises(ValueError, match=r"saved parameter 'w' as \[8, 8\] float64, this run's model has "
+                                         r"\[4\] float64"):
+        load_rank_state(other, tmp_path, model={"w": torch.zeros(4, dtype=torch.float64)})
+    assert not tensors(other.state_dict()) and other.steps == 0
+    with pytest.raises(ValueError, match="holds no gradcomp state"):
+        load_rank_state(fresh, tmp_path / "elsewhere")
+    (tmp_path / "more").mkdir()
+    os.replace(path, tmp_path / "more" / "gradcomp_rank1.pt")  # a directory with rank 1's file only
+    with pytest.raises(ValueError, match=r"saved by 1 rank, this run has 1 \(no gradcomp_rank0.pt\)"):
+        load_rank_state(fresh, tmp_path / "more")
+
+    with pytest.raises(TypeError, match="state_dict"):
+        RankState(object())
+
+
+# ------------------------------------------------------------------ Accelerate
+
+
+def launcher(name, port):
+    """The command that starts tests/accelerate_resume.py in 2 processes.  ``accelerate launch --multi_gpu`` runs
+    torchrun's agent in-process; ``--cpu --num_processes 2`` would start a single process (Accelerate's simple
+    launcher, whose multi-CPU mode needs mpirun).  ACCELERATE_USE_CPU=true makes Accelerator() use gloo on CPU."""
+    if name == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(port)]
+
+
+# torchrun alone: the same worker code as under accelerate launch (which runs torchrun's agent), 7 s more
+@pytest.fixture(scope="module", params=["accelerate", pytest.param("torchrun", marks=pytest.mark.slow)])
+def accelerate_run(request, tmp_path_factory, digits):
+    """tests/accelerate_resume.py under a real launcher, 2 gloo CPU processes; what each rank saw."""
+    pytest.importorskip("accelerate")
+    out = tmp_path_factory.mktemp(request.param)
+    torch.save(digits, out / "data.pt")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    command = launcher(request.param, free_port()) + [str(TESTS / "accelerate_resume.py"), str(out)]
+    proc = subprocess.run(command, env=env, cwd=TESTS, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "outlived destroy_process_group" not in proc.stderr
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_accelerate_launch_runs_two_gloo_processes(accelerate_run):
+    for out in accelerate_run[1]:
+        assert out["multi_cpu"] and out["world"] == 2 and out["backend"] == "gloo"
+
+
+def test_accelerate_resume_is_bit_identical_and_each_rank_gets_its_own_memory(accelerate_run):
+    root, outs = accelerate_run
+    assert not same(outs[0]["saved"]["method"]["memory"], outs[1]["saved"]["method"]["memory"])
+    for rank, out in enumerate(outs):
+        assert same(out["restored"], out["saved"]) and out["restored"]["method"]["steps"] == K
+        for name, reference in out["reference"].items():
+            assert torch.equal(out["resumed"][name], reference), f"rank {rank}: {name}"
+        stored = torch.load(rank_file(root / "ckpt", rank), weights_only=True)
+        assert stored["rank"] == rank and same(stored["state"], out["saved"])
+        assert stored["meta"]["world_size"] == 2 and stored["meta"]["parameters"]["0.weight"] == "[48, 64] float64"
+
+
+def test_accelerate_refuses_another_density_before_loading_anything(accelerate_run):
+    root, outs = accelerate_run
+    for out in outs:
+        assert out["refused"] == (f"gradcomp checkpoint {root / 'ckpt'} saved with density=0.01, this run has "
+                                  "density=0.02; nothing was loaded")
+        assert not tensors(out["untouched"]["method"]["memory"]) and out["untouched"]["method"]["steps"] == 0
+        assert out["params_unchanged"]  # the pre-hook refused before Accelerate loaded the model

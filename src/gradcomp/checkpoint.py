@@ -1,33 +1,42 @@
-"""Every rank's gradcomp state in ``torch.distributed.checkpoint`` (DCP).
+"""Every rank's gradcomp state in ``torch.distributed.checkpoint`` (DCP) and in Accelerate checkpoints.
 
 A front door's state (:class:`~gradcomp.HookState`, :class:`~gradcomp.DistributedOptimizer`, ...) holds
 *this rank's* memory: residuals, DGC's momenta, step counters.  Every rank's differs, so a checkpoint must
-keep one per rank and give each rank back its own.  DCP does not do that for a custom object as it is:
-it keeps one copy of each key saved by several ranks (``_dedup_save_plans.dedup_save_plans``), and loads
-into the template that ``state_dict()`` returns in the loading process (``default_planner.
-create_default_local_load_plan`` reads exactly the template's keys), while gradcomp creates its memory
-lazily, at the first step: the template of a process that has not stepped yet is empty.
+keep one per rank and give each rank back its own.  Neither DCP nor Accelerate does that for a custom
+object as it is:
 
-:class:`RankState` stores each rank's state under its own name, as one opaque ``bytes`` entry (a non-tensor
-DCP entry is loaded whole, whatever the template held).  Beside it goes a fingerprint of the run: the
-number of ranks, the method's configuration (``method.config()``) and, when the model is known, every
-parameter's name, shape and dtype.  Loading compares it with this run first and refuses a checkpoint that
-does not fit with a one-line :class:`ValueError` naming the difference, before anything of the gradcomp
-state changes.
+* DCP keeps one copy of each key saved by several ranks (``_dedup_save_plans.dedup_save_plans``), and loads
+  into the template that ``state_dict()`` returns in the loading process (``default_planner.
+  create_default_local_load_plan`` reads exactly the template's keys), while gradcomp creates its memory
+  lazily, at the first step: the template of a process that has not stepped yet is empty.
+* Accelerate's ``register_for_checkpointing`` writes the main process's ``state_dict()`` only
+  (``accelerate.utils.save``) and loads that one file on every rank (``checkpointing.load_custom_state``):
+  after ``load_state`` every rank would hold rank 0's memory.
+
+Here, each rank's state is stored under its own name: for DCP as one opaque ``bytes`` entry per rank
+(:class:`RankState`; a non-tensor DCP entry is loaded whole, whatever the template held), for Accelerate
+and plain loops as one file per rank (:func:`save_rank_state`, :func:`load_rank_state`,
+:func:`register_with_accelerate`).  Beside it goes a fingerprint of the run: the number of ranks, the
+method's configuration (``method.config()``) and, when the model is known, every parameter's name, shape
+and dtype.  Loading compares it with this run first and refuses a checkpoint that does not fit with a
+one-line :class:`ValueError` naming the difference, before anything of the gradcomp state changes.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["RankState"]
+__all__ = ["RankState", "load_rank_state", "rank_file", "register_with_accelerate", "save_rank_state"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,8 @@ FORMAT = 1
 #: How a refused DCP load ends its message: the model's and optimizer's entries of the same ``dcp.load`` may
 #: have been read in place already, gradcomp's state is left as it was.
 _NOT_LOADED = "gradcomp's state was not loaded"
+
+_RANK_FILE = re.compile(r"^gradcomp_rank(\d+)\.pt$")
 
 
 # ------------------------------------------------------------------ the fingerprint
@@ -237,3 +248,138 @@ class RankState:
                              f"{_NOT_LOADED}")
         self.state.load_state_dict(payload["state"])
         log.info("rank %d: gradcomp state loaded from its own checkpoint entry", rank)
+
+
+# ------------------------------------------------------------------ one file per rank (Accelerate, plain loops)
+
+
+def rank_file(directory: str | os.PathLike, rank: int) -> Path:
+    """The file that holds rank ``rank``'s gradcomp state in ``directory``: ``gradcomp_rank<rank>.pt``."""
+    return Path(directory) / f"gradcomp_rank{rank}.pt"
+
+
+def save_rank_state(state: Any, directory: str | os.PathLike, *,
+                    model: nn.Module | Mapping[str, Tensor] | None = None,
+                    process_group: dist.ProcessGroup | None = None) -> Path:
+    """Write this rank's gradcomp state to its own file in ``directory``; call it on every rank.
+
+    The file (:func:`rank_file`) holds plain dicts of tensors and plain values (``torch.load(...,
+    weights_only=True)`` reads it): ``{"meta": fingerprint, "rank": r, "state": state.state_dict()}``.
+    It is written to a temporary name and renamed, so a crash never leaves half a file.  No collective.
+
+    Args:
+        state: this rank's gradcomp state (see :class:`RankState`).
+        directory: the checkpoint directory (created if missing).
+        model: the model whose parameter names key the memory (see :class:`RankState`).
+        process_group: ranks are numbered in this group (None: the default group).
+
+    Returns:
+        Path: the file written.
+
+    Example::
+
+        >>> save_rank_state(state, "ckpt/step_100", model=ddp)     # on every rank, beside the model's checkpoint
+    """
+    rank, world = _rank_and_world(process_group)
+    params = _named_parameters(state, model)
+    path = rank_file(directory, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save({"meta": _fingerprint(state, params, world), "rank": rank, "state": state.state_dict()}, partial)
+    os.replace(partial, path)
+    log.info("rank %d: gradcomp state saved to %s", rank, path)
+    return path
+
+
+def load_rank_state(state: Any, directory: str | os.PathLike, *,
+                    model: nn.Module | Mapping[str, Tensor] | None = None,
+                    process_group: dist.ProcessGroup | None = None, map_location: Any = None) -> None:
+    """Load this rank's own gradcomp state from ``directory`` (written by :func:`save_rank_state`).
+
+    The saved fingerprint is compared with this run first; nothing is loaded unless it fits.  Every rank
+    checks its own file (each holds the fingerprint), without collectives, so a refused checkpoint fails
+    every rank alike and none waits for another.
+
+    Args:
+        state: this rank's gradcomp state (see :class:`RankState`).
+        directory: the checkpoint directory.
+        model: the model whose parameter names key the memory (see :class:`RankState`).
+        process_group: ranks are numbered in this group (None: the default group).
+        map_location: as in :class:`RankState`.
+
+    Raises:
+        ValueError: ``directory`` holds no gradcomp state, or one saved by another number of ranks, with
+            another method configuration or for another model (the message names the difference); the
+            state is left as it was.
+
+    Example::
+
+        >>> load_rank_state(state, "ckpt/step_100", model=ddp)     # on every rank, before the first step
+    """
+    rank, world = _rank_and_world(process_group)
+    params = _named_parameters(state, model)
+    path = rank_file(directory, rank)
+    if not path.is_file():
+        saved = sorted(int(m[1]) for m in map(_RANK_FILE.match, os.listdir(directory)) if m) \
+            if Path(directory).is_dir() else []
+        if not saved:
+            raise ValueError(f"gradcomp checkpoint {directory} holds no gradcomp state (no gradcomp_rank*.pt)")
+        raise ValueError(f"gradcomp checkpoint {directory} saved by {_ranks(len(saved))}, this run has {world} "
+                         f"(no {path.name}); nothing was loaded")
+    location = map_location if map_location is not None else _device_of(params)
+    saved = torch.load(path, map_location=location, weights_only=True)
+    _check(saved["meta"], _fingerprint(state, params, world), f" {directory}", "nothing was loaded")
+    if saved["rank"] != rank:
+        raise ValueError(f"{path} holds rank {saved['rank']}'s state; nothing was loaded")
+    state.load_state_dict(saved["state"])
+    log.info("rank %d: gradcomp state loaded from %s", rank, path)
+
+
+def register_with_accelerate(accelerator: Any, state: Any, *, model: nn.Module | None = None,
+                             process_group: dist.ProcessGroup | None = None, map_location: Any = None) -> tuple:
+    """Make ``accelerator.save_state`` / ``load_state`` save and restore every rank's own gradcomp state.
+
+    Registers a save-state and a load-state pre-hook (``Accelerator.register_save_state_pre_hook`` /
+    ``register_load_state_pre_hook``), which Accelerate calls on every rank: each rank writes
+    :func:`rank_file` in the checkpoint directory (:func:`save_rank_state`) and reads its own back
+    (:func:`load_rank_state`).  The load hook runs before Accelerate loads the model and optimizer, so a
+    checkpoint that does not fit is refused before anything is loaded.  Do not use
+    ``register_for_checkpointing`` for gradcomp's state: Accelerate writes the main process's copy only
+    and gives it to every rank.
+
+    Under ``accelerate launch`` on CPU, start the processes with ``--multi_gpu --num_processes N`` and
+    ``ACCELERATE_USE_CPU=true`` (or ``Accelerator(cpu=True)``): ``--cpu --num_processes N`` alone starts a
+    single process (Accelerate's simple launcher, whose multi-CPU mode needs ``mpirun``).  Under
+    ``torchrun``, the same environment variable (or ``cpu=True``) makes Accelerate join with gloo.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` (accelerate itself is not imported here).
+        state: this rank's gradcomp state, e.g. ``gradcomp.register_ddp_hook(model, method)`` on the model
+            ``accelerator.prepare`` returned.
+        model: the model whose parameter names key the memory; default: the model Accelerate hands its
+            hooks when it manages exactly one (else parameters are not checked).
+        process_group: ranks are numbered in this group (None: the default group).
+        map_location: as in :class:`RankState`.
+
+    Returns:
+        tuple: the two hooks' ``RemovableHandle`` (save, load).
+
+    Example::
+
+        >>> model, optimizer = accelerator.prepare(model, optimizer)
+        >>> state = gradcomp.register_ddp_hook(model, gradcomp.DGC(density=0.01))
+        >>> register_with_accelerate(accelerator, state)
+        >>> accelerator.save_state("ckpt")   # ... later, in a fresh run:  accelerator.load_state("ckpt")
+    """
+
+    def which(models: list) -> nn.Module | None:
+        return model if model is not None else (models[0] if len(models) == 1 else None)
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        save_rank_state(state, output_dir, model=which(models), process_group=process_group)
+
+    def load(models: list, input_dir: str) -> None:
+        load_rank_state(state, input_dir, model=which(models), process_group=process_group,
+                        map_location=map_location)
+
+    return accelerator.register_save_state_pre_hook(save), accelerator.register_load_state_pre_hook(load)
