@@ -127,7 +127,7 @@ def test_the_callback_is_built_and_checked_before_any_process_group():
     assert not dist.is_initialized()
     assert GradientCompression("topk").state is None
     assert GradientCompression(gradcomp.DGC(density=0.01), nonfinite="raise").nonfinite == "raise"
-    with pytest.raises(ValueError, match="unknown compressor 'nope'"):
+    with pytest.raises(ValueError, match="unknown compressor or method 'nope'"):
         GradientCompression("nope")
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         GradientCompression("topk", nonfinite="ignore")

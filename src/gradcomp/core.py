@@ -64,13 +64,13 @@ class Core:
 
     def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
                  owner: str, nonfinite: str = "skip", emulate_latency_ms: float = 0.0,
-                 optimizer: torch.optim.Optimizer | None = None, optimizer_visible: bool = True) -> None:
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
         self.owner = owner
         self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
         self.guard = StepGuard(nonfinite)
         self.process_group = process_group
         self.emulate_latency_ms = check_latency(emulate_latency_ms)
-        self.optimizer_checked = optimizer is not None or not optimizer_visible
+        self.optimizer_checked = False
         self.set_optimizer(optimizer)
         self._comm: Communicator | None = None
         self._method: Method | None = None

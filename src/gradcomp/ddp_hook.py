@@ -99,7 +99,7 @@ class HookState:
                  model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                  emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
         self.core = Core(method, process_group, owner="HookState", nonfinite=nonfinite,
-                         emulate_latency_ms=emulate_latency_ms, optimizer=optimizer, optimizer_visible=False)
+                         emulate_latency_ms=emulate_latency_ms, optimizer=optimizer)
         #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
         self.step_skipped = False
         self.names: dict[int, str] = {}

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .compressors.base import Compressor
 from .ddp_hook import HookState, ddp_comm_hook
 from .guard import check_nonfinite
-from .method import Method, as_method, check_optimizer
+from .method import Method, as_method
 
 try:
     import pytorch_lightning as pl
@@ -138,10 +138,10 @@ class GradientCompression(pl.Callback):
             raise ValueError(f"GradientCompression needs Lightning's DDPStrategy (strategy=\"ddp\"), which wraps the "
                              f"model in DistributedDataParallel; found {type(trainer.strategy).__name__} with a "
                              f"{type(ddp).__name__} model")
-        for optimizer in trainer.optimizers:
-            check_optimizer(self.method, optimizer)
         # A fresh state per fit, like the optimizers Lightning builds per fit; a checkpoint fills it below.
         self._state = HookState(self.method, self.process_group, model=ddp, nonfinite=self.nonfinite)
+        for optimizer in trainer.optimizers:
+            self._state.core.set_optimizer(optimizer)  # refuses an optimizer the method cannot be paired with
         self._apply_loaded(ddp)
         try:
             ddp.register_comm_hook(self._state, ddp_comm_hook)

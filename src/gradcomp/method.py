@@ -66,6 +66,7 @@ class Method:
         self.compressor_state: dict[str, dict[str, Any]] = {}
         self.epoch = 0.0
         self.steps = 0
+        self._epoch_origin = (0.0, 0)  # (epoch, steps) when the epoch was last set: epochs advance from there
 
     # -- per step ---------------------------------------------------------
 
@@ -122,6 +123,7 @@ class Method:
         """Tell schedules where training is (fractional epochs allowed), like ``DistributedSampler.set_epoch``."""
         check_range(type(self).__name__, "epoch", epoch, 0.0, math.inf, high_open=True)
         self.epoch = float(epoch)
+        self._epoch_origin = (self.epoch, self.steps)
 
     # -- description and state ---------------------------------------------
 
@@ -134,6 +136,7 @@ class Method:
             "compressor_state": {n: dict(s) for n, s in self.compressor_state.items()},
             "epoch": self.epoch,
             "steps": self.steps,
+            "epoch_origin": list(self._epoch_origin),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -141,6 +144,8 @@ class Method:
         self.compressor_state = {n: dict(s) for n, s in state["compressor_state"].items()}
         self.epoch = float(state["epoch"])
         self.steps = int(state["steps"])
+        origin = state.get("epoch_origin", (self.epoch, self.steps))
+        self._epoch_origin = (float(origin[0]), int(origin[1]))
 
     def __repr__(self) -> str:
         return f"Method({self.compressor!r}, memory={type(self.memory).__name__})"
@@ -333,8 +338,9 @@ class DGC(Method):
 
     def end_step(self) -> None:
         super().end_step()
-        if self.steps_per_epoch is not None:
-            self.epoch += 1.0 / self.steps_per_epoch
+        if self.steps_per_epoch is not None:  # counted from integers: no drift from adding 1/S again and again
+            epoch, steps = self._epoch_origin
+            self.epoch = epoch + (self.steps - steps) / self.steps_per_epoch
 
     def config(self) -> dict[str, Any]:
         fields = ("density", "momentum", "nesterov", "sample_ratio", "momentum_masking", "clip_norm",

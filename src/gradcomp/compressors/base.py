@@ -275,7 +275,7 @@ def get(name: str, **options: Any) -> Any:
 
     >>> gradcomp.get("topk", density=0.01)
     TopK(density=0.01)
-    >>> gradcomp.get("sampled-topk", density=0.001)          # the whole of DGC: a gradcomp.DGC
+    >>> gradcomp.get("dgc", density=0.001)          # the whole of DGC: a gradcomp.DGC
     """
     try:
         cls = _REGISTRY[name]
