@@ -170,3 +170,10 @@ def test_torchrun_example(tmp_path):
     sent = sorted(line for line in proc.stdout.splitlines() if "bytes" in line)
     assert len(sent) == 2 and sent[0].startswith("rank 0: sent ") and sent[1].startswith("rank 1: sent ")
     assert all(int(line.split()[3]) > 0 for line in sent)
+
+
+def test_the_readme_shows_this_example_verbatim():
+    from lightning_workers import README_EXAMPLE
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert README_EXAMPLE in readme
