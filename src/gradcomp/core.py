@@ -37,7 +37,7 @@ from .compressors.base import Compressor
 from .guard import StepGuard, check_settings
 from .method import Method, MethodExchange, as_method, check_optimizer
 
-__all__ = ["Core"]
+__all__ = ["Core", "Door"]
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,27 @@ class Core:
             return
         self._method.load_state_dict(state["method"])
         self.guard.load_state_dict(state.get("guard", {}))
+
+
+class Door:
+    """What every front door passes through to its :class:`Core` (``self.core``)."""
+
+    core: Core
+
+    @property
+    def method(self) -> Method:
+        """This rank's copy of the method (its memory and counters; binds to the process group)."""
+        return self.core.method
+
+    @property
+    def comm(self) -> Communicator:
+        return self.core.comm
+
+    @property
+    def guard(self) -> StepGuard:
+        return self.core.guard
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (restored from a checkpoint too)."""
+        return self.core.steps

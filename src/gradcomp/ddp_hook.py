@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.futures import Future
 
 from .compressors.base import Compressor
-from .core import Core
+from .core import Core, Door
 from .method import Method
 
 __all__ = ["HookState", "ddp_comm_hook", "register_ddp_hook"]
@@ -73,7 +73,7 @@ class _Bucket:
         averages.then(complete)
 
 
-class HookState:
+class HookState(Door):
     """What the hook keeps between calls: this rank's :class:`~gradcomp.core.Core` and the parameter names.
 
     Args:
@@ -110,22 +110,9 @@ class HookState:
         self._sparse_noted = False
 
     @property
-    def method(self) -> Method:
-        """This rank's copy of the method (its memory and counters)."""
-        return self.core.method
-
-    @property
     def configured(self) -> Method:
         """The method as configured (the same on every rank)."""
         return self.core.configured
-
-    @property
-    def comm(self):
-        return self.core.comm
-
-    @property
-    def guard(self):
-        return self.core.guard
 
     def name_of(self, param: Tensor) -> str:
         return self.names.setdefault(id(param), f"param{len(self.names)}")

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .comm import Pending
 from .compressors.base import Compressor, check_int
-from .core import Core
+from .core import Core, Door
 from .guard import NONFINITE_KEY, flag_exchange, nonfinite_step
 from .method import Method
 from .optim import OptimizerWrapper, trained_parameters
@@ -74,7 +74,7 @@ class _Finished:
         return self._result
 
 
-class DelayedGradientAveraging(OptimizerWrapper):
+class DelayedGradientAveraging(OptimizerWrapper, Door):
     """Wrap ``optimizer``: each ``step()`` starts averaging this step's gradients (``async_op``) and applies
     the average started ``delay`` steps ago, with the correction term unless ``correction=False``.
 
@@ -103,19 +103,6 @@ class DelayedGradientAveraging(OptimizerWrapper):
         # (this step's local gradients, the pending average of them), oldest first
         self._pending: deque[tuple[dict[str, Tensor], Pending | _Finished]] = deque()
         self.skipped = 0
-
-    @property
-    def method(self) -> Method:
-        """This rank's copy of the method (its memory and counters)."""
-        return self.core.method
-
-    @property
-    def comm(self):
-        return self.core.comm
-
-    @property
-    def steps(self) -> int:
-        return self.core.steps
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Start averaging this step's gradients; apply the (corrected) average of step ``i - delay``."""
@@ -194,7 +181,7 @@ class DelayedGradientAveraging(OptimizerWrapper):
         self._pending = deque((dict(e["local"]), _Finished(dict(e["average"]))) for e in state["pending"])
 
 
-class FedAvg(OptimizerWrapper):
+class FedAvg(OptimizerWrapper, Door):
     """Local SGD / federated averaging (McMahan et al. 2017), the other way to save communication rounds:
     every worker takes ``period`` optimizer steps on its own gradients, then the workers' weights are
     averaged (one dense all-reduce of the parameters, through the same communicator).
@@ -218,14 +205,6 @@ class FedAvg(OptimizerWrapper):
                          emulate_latency_ms=emulate_latency_ms)
         self.params = trained_parameters(named_parameters, optimizer)
         self.skipped = 0  # local steps skipped for a non-finite gradient
-
-    @property
-    def comm(self):
-        return self.core.comm
-
-    @property
-    def steps(self) -> int:
-        return self.core.steps
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         core = self.core

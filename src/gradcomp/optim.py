@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from .compressors.base import Compressor
-from .core import Core
+from .core import Core, Door
 from .method import Method
 
 __all__ = ["DistributedOptimizer", "OptimizerWrapper"]
@@ -64,7 +64,7 @@ class OptimizerWrapper:
         return self.optimizer.param_groups
 
 
-class DistributedOptimizer(OptimizerWrapper):
+class DistributedOptimizer(OptimizerWrapper, Door):
     """Wrap ``optimizer`` so its gradients are averaged across ranks through ``method``.
 
     ``backward_passes_per_step`` backward passes accumulate locally before
@@ -96,19 +96,6 @@ class DistributedOptimizer(OptimizerWrapper):
         self._futures: list[Future | None] = [None] * len(self.buckets)
         self._next = 0  # first bucket not started yet
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n)) for n, p in self.params.items()]
-
-    @property
-    def method(self) -> Method:
-        """This rank's copy of the method (its memory and counters)."""
-        return self.core.method
-
-    @property
-    def comm(self):
-        return self.core.comm
-
-    @property
-    def guard(self):
-        return self.core.guard
 
     @staticmethod
     def _make_buckets(named: list[tuple[str, Tensor]], cap_bytes: float) -> list[list[str]]:

@@ -285,48 +285,18 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
 
 
 class _Front:
-    """The front door a worker trains through: DDP + hook on a real rank, or the simulator."""
+    """The front door a worker trains through (:func:`_front` picks one): one training step, the counters
+    and every worker's method state.  Subclasses differ in how a step exchanges."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int,
                  world: int) -> None:
         self.config, self.task, self.rank, self.world = config, task, rank, world
-        self.model = model
+        self.model, self.given = model, method  # the method as configured; each door makes its own copies
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
                                          **sgd_settings(method, config.momentum, config.weight_decay))
         self.clip_after_average = config.clip_norm if config.method != "dgc" else None
-        #: DGA or FedAvg on a real rank: an optimizer wrapper that does its own exchanges (every rank's model
-        #: differs, so each rank's model is checkpointed beside its state, under ``wrapper_key``)
-        self.wrapper, self.wrapper_key = None, None
-        if config.simulate:
-            from ..simulator import Simulator
-
-            self.sim = Simulator(model, method, world, optimizer=self.optimizer, delay=config.dga_delay,
-                                 correction=config.dga_correction, local_steps=config.fedavg_period,
-                                 nonfinite=config.nonfinite)
-            self.methods = self.sim.methods
-        elif config.dga_delay is not None:
-            from ..dga import DelayedGradientAveraging
-
-            self.wrapper = DelayedGradientAveraging(self.optimizer, model.named_parameters(), config.dga_delay,
-                                                    method, config.dga_correction,
-                                                    emulate_latency_ms=config.emulate_latency_ms,
-                                                    nonfinite=config.nonfinite)
-            self.wrapper_key, self.methods = "dga", [self.wrapper.method]
-        elif config.fedavg_period is not None:
-            from ..dga import FedAvg
-
-            self.wrapper = FedAvg(self.optimizer, model.named_parameters(), config.fedavg_period,
-                                  emulate_latency_ms=config.emulate_latency_ms, nonfinite=config.nonfinite)
-            self.wrapper_key, self.methods = "fedavg", []
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            from ..ddp_hook import register_ddp_hook
-
-            self.net = DistributedDataParallel(model)
-            self.state = register_ddp_hook(self.net, method, optimizer=self.optimizer,
-                                           emulate_latency_ms=config.emulate_latency_ms, nonfinite=config.nonfinite)
-            self.methods = [self.state.method]
+        self.optimizers = [self.optimizer]
+        self.methods: list[Method] = []
         self.dense_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.skipped_before = 0  # steps skipped for a non-finite gradient before a resume
 
@@ -335,25 +305,99 @@ class _Front:
             m.set_epoch(epoch)
 
     def set_lr(self, lr: float) -> None:
-        for optimizer in self.sim.optimizers if self.config.simulate else [self.optimizer]:
+        for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
     def step(self, shards: list[tuple]) -> float:
-        if self.config.simulate:
-            grads, loss = self.sim.compute_gradients(shards, self.task.loss)
-            self.sim.apply(grads)
-            if self.clip_after_average is not None:
-                for model in self.sim.models:
-                    nn.utils.clip_grad_norm_(model.parameters(), self.clip_after_average)
-            self.sim.optimizer_step()
-            return float(loss.detach())
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient (FedAvg: this rank's local steps), the whole run."""
+        return self.skipped_before + self.door.skipped
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.comm.bytes_sent
+
+    @property
+    def comm(self):
+        """This rank's communicator (real ranks)."""
+        return self.door.comm
+
+    def my_state(self) -> dict:
+        """This rank's method state (what a checkpoint keeps per rank)."""
+        return self.methods[0].state_dict()
+
+    def method_states(self) -> list[dict]:
+        """Every worker's method state (gathered to rank 0 on real ranks)."""
+        states = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(self.my_state(), states, dst=0)
+        return states
+
+    def load_method_states(self, states: list[dict]) -> None:
+        if len(states) != self.world:
+            raise ValueError(f"the checkpoint holds {len(states)} workers' method state, this run has {self.world}")
+        self.load_my_state(states[self.rank])
+
+    def load_my_state(self, state: dict) -> None:
+        self.methods[0].load_state_dict(state)
+
+
+class _Simulated(_Front):
+    """Every worker in this process: the :class:`~gradcomp.Simulator` (DGC, DGA or FedAvg)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        from ..simulator import Simulator
+
+        config = self.config
+        self.sim = self.door = Simulator(self.model, self.given, self.world, optimizer=self.optimizer,
+                                         delay=config.dga_delay, correction=config.dga_correction,
+                                         local_steps=config.fedavg_period, nonfinite=config.nonfinite)
+        self.methods, self.optimizers = self.sim.methods, self.sim.optimizers
+
+    def step(self, shards: list[tuple]) -> float:
+        grads, loss = self.sim.compute_gradients(shards, self.task.loss)
+        self.sim.apply(grads)
+        if self.clip_after_average is not None:
+            for model in self.sim.models:
+                nn.utils.clip_grad_norm_(model.parameters(), self.clip_after_average)
+        self.sim.optimizer_step()
+        return float(loss.detach())
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.sim.bytes_sent[0]
+
+    def method_states(self) -> list[dict]:
+        return [m.state_dict() for m in self.methods]
+
+    def load_method_states(self, states: list[dict]) -> None:
+        if len(states) != self.world:
+            raise ValueError(f"the checkpoint holds {len(states)} workers' method state, this run has {self.world}")
+        for m, s in zip(self.methods, states):
+            m.load_state_dict(s)
+
+
+class _Hooked(_Front):
+    """A real rank: DDP with gradcomp's communication hook."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        from torch.nn.parallel import DistributedDataParallel
+
+        from ..ddp_hook import register_ddp_hook
+
+        self.net = DistributedDataParallel(self.model)
+        self.state = register_ddp_hook(self.net, self.given, optimizer=self.optimizer,
+                                       emulate_latency_ms=self.config.emulate_latency_ms,
+                                       nonfinite=self.config.nonfinite)
+        self.methods = [self.state.method]
+
+    def step(self, shards: list[tuple]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.wrapper is not None:
-            loss = self.task.loss(self.model, shards[self.rank])
-            loss.backward()
-            self.wrapper.step()
-            return float(loss.detach())
         loss = self.task.loss(self.net, shards[self.rank])
         loss.backward()
         if self.state.step_skipped:  # a non-finite gradient on some rank: every rank skips the step
@@ -365,41 +409,53 @@ class _Front:
 
     @property
     def skipped(self) -> int:
-        """Steps skipped for a non-finite gradient (FedAvg: this rank's local steps), the whole run."""
-        live = self.sim.skipped if self.config.simulate else \
-            self.state.guard.skipped if self.wrapper is None else self.wrapper.skipped
-        return self.skipped_before + live
+        return self.skipped_before + self.state.guard.skipped
 
     @property
     def comm(self):
-        """This rank's communicator (real ranks)."""
-        return self.wrapper.comm if self.wrapper is not None else self.state.comm
+        return self.state.comm
 
-    @property
-    def bytes_sent(self) -> int:
-        return self.sim.bytes_sent[0] if self.config.simulate else self.comm.bytes_sent
 
-    def method_states(self) -> list[dict]:
-        """Every worker's method state (gathered to rank 0 on real ranks)."""
-        if self.config.simulate:
-            return [m.state_dict() for m in self.methods]
-        states = [None] * self.world if self.rank == 0 else None
-        mine = self.methods[0].state_dict() if self.wrapper is None else \
-            {"model": self.model.state_dict(), self.wrapper_key: self.wrapper.state_dict()}
-        dist.gather_object(mine, states, dst=0)
-        return states
+class _Wrapped(_Front):
+    """A real rank whose optimizer wrapper does its own exchanges (DGA, FedAvg): every rank's model differs,
+    so each rank's model is checkpointed beside its state, under ``key``."""
 
-    def load_method_states(self, states: list[dict]) -> None:
-        if len(states) != self.world:
-            raise ValueError(f"the checkpoint holds {len(states)} workers' method state, this run has {self.world}")
-        if self.config.simulate:
-            for m, s in zip(self.methods, states):
-                m.load_state_dict(s)
-        elif self.wrapper is not None:
-            self.model.load_state_dict(states[self.rank]["model"])
-            self.wrapper.load_state_dict(states[self.rank][self.wrapper_key])
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        from ..dga import DelayedGradientAveraging, FedAvg
+
+        config = self.config
+        if config.dga_delay is not None:
+            self.door = DelayedGradientAveraging(self.optimizer, self.model.named_parameters(), config.dga_delay,
+                                                 self.given, config.dga_correction,
+                                                 emulate_latency_ms=config.emulate_latency_ms,
+                                                 nonfinite=config.nonfinite)
+            self.key, self.methods = "dga", [self.door.method]
         else:
-            self.methods[0].load_state_dict(states[self.rank])
+            self.door = FedAvg(self.optimizer, self.model.named_parameters(), config.fedavg_period,
+                               emulate_latency_ms=config.emulate_latency_ms, nonfinite=config.nonfinite)
+            self.key = "fedavg"
+
+    def step(self, shards: list[tuple]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.task.loss(self.model, shards[self.rank])
+        loss.backward()
+        self.door.step()
+        return float(loss.detach())
+
+    def my_state(self) -> dict:
+        return {"model": self.model.state_dict(), self.key: self.door.state_dict()}
+
+    def load_my_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.door.load_state_dict(state[self.key])
+
+
+def _front(model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int, world: int) -> _Front:
+    """The front door for ``config``: simulated workers, an optimizer wrapper (DGA, FedAvg) or the DDP hook."""
+    kind = _Simulated if config.simulate else _Wrapped if (config.dga_delay is not None or
+                                                            config.fedavg_period is not None) else _Hooked
+    return kind(model, config, method, task, rank, world)
 
 
 @dataclass
@@ -499,7 +555,7 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
     task = Task(data, cfg, world)
     model = build_model(cfg.model, data, **cfg.model_options)
     method = cfg.build_method(steps_per_epoch=task.steps)
-    front = _Front(model, cfg, method, task, rank, world)
+    front = _front(model, cfg, method, task, rank, world)
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
     rd = RunDir(run_dir)
     pos = _restore(load_checked(rd, cfg, model, world), cfg, front, warmup) if resume else _Position()
