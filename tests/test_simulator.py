@@ -77,8 +77,9 @@ def test_sgd_settings_give_dgc_the_weight_decay_of_momentum_sgd(digits):
 
 
 def test_sgd_settings_leave_other_methods_alone():
-    for method in [gradcomp.Method(gradcomp.get("none")), DGC(momentum=0.0)]:  # neither owns momentum
+    for method in [gradcomp.Method(gradcomp.get("none")), DGC(momentum=0.0), gradcomp.get("topk"), "qsgd"]:
         assert gradcomp.sgd_settings(method, 0.9, 1e-4) == {"momentum": 0.9, "weight_decay": 1e-4}
+    assert gradcomp.sgd_settings("dgc", 0.9, 1e-4) == gradcomp.sgd_settings(DGC(), 0.9, 1e-4)
     for kwargs, name in [({"momentum": 1.0}, "momentum"), ({"weight_decay": -1e-4}, "weight_decay")]:
         with pytest.raises(ValueError, match=name):
             gradcomp.sgd_settings(DGC(), **kwargs)
@@ -167,3 +168,75 @@ def test_simulator_state_round_trip_continues_identically(digits, tmp_path):
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
     assert sim_a.bytes_sent == sim_b.bytes_sent and sim_a.method.epoch == sim_b.method.epoch
+
+
+def test_simulator_workers_are_the_real_front_doors():
+    """The simulated workers are the library's own doors on an in-process group: the sync rule's cores, a
+    DelayedGradientAveraging or a FedAvg per worker, each with its own copy of the method."""
+    from gradcomp.simulator import LocalCommunicator
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = Simulator(model, DGC(momentum=0.0), 3, optimizer=opt)
+    assert [c.rank for c in (core.comm for core in sync.cores)] == [0, 1, 2]
+    assert all(isinstance(core.comm, LocalCommunicator) for core in sync.cores)
+    assert len({id(m) for m in sync.methods}) == 3 and len({id(m.compressor) for m in sync.methods}) >= 1
+    dga = Simulator(model, "topk", 3, optimizer=opt, delay=2)
+    assert all(isinstance(d, gradcomp.DelayedGradientAveraging) and d.delay == 2 for d in dga.doors)
+    fed = Simulator(model, "none", 3, optimizer=opt, local_steps=4)
+    assert all(isinstance(d, gradcomp.FedAvg) and d.period == 4 for d in fed.doors)
+
+
+def test_local_group_is_deterministic_with_the_global_generator(digits):
+    """One worker runs at a time in a fixed order: TernGrad drawing from torch's global generator (seed=None)
+    gives the same weights twice."""
+    x, y = digits
+
+    def run():
+        torch.manual_seed(0)
+        model, sim = simulated(x, y, 5, gradcomp.get("terngrad"), 3)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_local_group_names_workers_that_disagree_and_never_hangs():
+    """Workers that issue different collectives, or fail, end the run with an error naming them."""
+    from gradcomp.simulator import LocalGroup
+
+    group = LocalGroup(3)
+    with pytest.raises(RuntimeError, match=r"workers \[1\] wait in collectives no other worker will join"):
+        group.run(lambda rank: group.comms[rank].all_objects(rank) if rank == 1 else None)
+    with pytest.raises(RuntimeError, match="worker 2 issued count_per_rank as collective 1, another worker "
+                                           "all_objects"):
+        group.run(lambda rank: group.comms[rank].count_per_rank(rank) if rank == 2 else
+                  group.comms[rank].all_objects(rank))
+
+    def fail_on_2(rank):
+        if rank == 2:
+            raise KeyError("worker two")
+        return group.comms[rank].all_objects(rank)
+
+    with pytest.raises(KeyError, match="worker two"):
+        group.run(fail_on_2)
+    assert group.run(lambda rank: group.comms[rank].all_objects(rank * 10)) == [[0, 10, 20]] * 3  # usable again
+    assert group.run(lambda rank: group.comms[rank].count_per_rank(rank + 1)) == [[1, 2, 3]] * 3
+
+
+def test_local_group_keeps_each_workers_grad_mode():
+    """torch.no_grad is thread-local: a worker inside it across a collective must still be inside it when it
+    resumes, whatever the others did meanwhile (FedAvg averages weights under no_grad)."""
+    from gradcomp.simulator import LocalGroup
+
+    group = LocalGroup(3)
+
+    def fn(rank):
+        if rank == 1:
+            group.comms[rank].count_per_rank(0)
+            return torch.is_grad_enabled()
+        with torch.no_grad():
+            group.comms[rank].count_per_rank(0)
+            return torch.is_grad_enabled()
+
+    assert group.run(fn) == [False, True, False] and torch.is_grad_enabled()

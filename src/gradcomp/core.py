@@ -49,7 +49,9 @@ class Core:
         method: a :class:`~gradcomp.Method` (e.g. :class:`~gradcomp.DGC`), a
             :class:`~gradcomp.Compressor` or a registered name (``"dgc"``,
             ``"topk"``, ...).
-        process_group: the group to communicate on (None: the default group).
+        process_group: the group to communicate on (None: the default group), or
+            a :class:`~gradcomp.comm.Communicator` already made (the
+            :class:`~gradcomp.Simulator`'s in-process workers).
         owner: the front door's name, for error messages.
         nonfinite: ``"skip"`` or ``"raise"`` (see :mod:`gradcomp.guard`).
         emulate_latency_ms: see :class:`~gradcomp.comm.Communicator` (experiments only).
@@ -62,7 +64,8 @@ class Core:
         ValueError: a bad setting, or an optimizer the method cannot be paired with.
     """
 
-    def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
+    def __init__(self, method: Method | Compressor | str,
+                 process_group: dist.ProcessGroup | Communicator | None = None, *,
                  owner: str, nonfinite: str = "skip", emulate_latency_ms: float = 0.0,
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         self.owner = owner
@@ -73,6 +76,7 @@ class Core:
         self.optimizer_checked = False
         self.set_optimizer(optimizer)
         self._comm: Communicator | None = None
+        self._given = process_group if isinstance(process_group, Communicator) else None
         self._method: Method | None = None
         self._loaded: dict[str, Any] | None = None  # a state loaded before binding
 
@@ -92,7 +96,7 @@ class Core:
         """Join the process group (once): the communicator and this rank's copy of the method."""
         if self._comm is not None:
             return
-        if not dist.is_initialized():
+        if self._given is None and not dist.is_initialized():
             raise RuntimeError(f"{self.owner}: torch.distributed is not initialized at the first step; call "
                                "torch.distributed.init_process_group first (torchrun scripts, Lightning and "
                                "Accelerate do it for you)")
@@ -102,7 +106,8 @@ class Core:
                           "**gradcomp.sgd_settings(method, momentum, weight_decay))); pass optimizer= to have it "
                           "checked", UserWarning, stacklevel=3)
             self.optimizer_checked = True
-        comm = Communicator(self.process_group, emulate_latency_ms=self.emulate_latency_ms)
+        comm = self._given if self._given is not None else Communicator(self.process_group,
+                                                                          emulate_latency_ms=self.emulate_latency_ms)
         method = self.configured.for_rank(comm.rank)
         if self._loaded is not None:
             method.load_state_dict(self._loaded)

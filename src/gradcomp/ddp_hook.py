@@ -61,7 +61,7 @@ class _Bucket:
         self.sparse = buffer.is_sparse or any(g.is_sparse for g in grads)
         self.future: Future = Future()
 
-    def settle(self, averages: Future | None) -> None:
+    def settle(self, averages: Future) -> None:
         """Complete :attr:`future` once ``averages`` (a future of ``{name: average}``) completes."""
         def complete(f: Future) -> None:
             try:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import Pending
+from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
 from .core import Core, Door
 from .guard import NONFINITE_KEY, flag_exchange, nonfinite_step
@@ -90,7 +90,7 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  delay: int, method: Method | Compressor | str | None = None, correction: bool = True,
-                 process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0,
+                 process_group: dist.ProcessGroup | Communicator | None = None, *, emulate_latency_ms: float = 0.0,
                  nonfinite: str = "skip") -> None:
         check_int("DelayedGradientAveraging", "delay", delay, 0)
         self.optimizer = optimizer
@@ -104,8 +104,10 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
         self._pending: deque[tuple[dict[str, Tensor], Pending | _Finished]] = deque()
         self.skipped = 0
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        """Start averaging this step's gradients; apply the (corrected) average of step ``i - delay``."""
+    def synchronize(self) -> None:
+        """Start averaging this step's gradients; write the (corrected) average of step ``i - delay`` to
+        ``p.grad`` (``step()`` then steps the wrapped optimizer)."""
+        self.step_skipped = False
         local = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in self.params.items()}
         core = self.core
@@ -134,7 +136,8 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
                 log.warning("step %d skipped on every rank: a rank's gradient was not finite",
                             self.steps - 1 - self.delay)
                 if self.delay == 0:
-                    return None  # synchronous: the optimizer does not step, as GradScaler skips
+                    self.step_skipped = True  # synchronous: the optimizer does not step, as GradScaler skips
+                    return
                 average = {n: torch.zeros_like(g) for n, g in old.items()}  # and the correction withdraws old
             for n, p in self.params.items():
                 self._write(p, delayed_update(average[n].view_as(p), local[n], old[n],
@@ -142,7 +145,6 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
         else:
             for n, p in self.params.items():
                 self._write(p, local[n])
-        return self.optimizer.step(closure)
 
     @staticmethod
     def _write(p: Tensor, update: Tensor) -> None:
@@ -195,7 +197,7 @@ class FedAvg(OptimizerWrapper, Door):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
-                 period: int, process_group: dist.ProcessGroup | None = None, *,
+                 period: int, process_group: dist.ProcessGroup | Communicator | None = None, *,
                  emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
         check_int("FedAvg", "period", period, 1)
         self.optimizer = optimizer
@@ -206,15 +208,20 @@ class FedAvg(OptimizerWrapper, Door):
         self.params = trained_parameters(named_parameters, optimizer)
         self.skipped = 0  # local steps skipped for a non-finite gradient
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
+    def synchronize(self) -> None:
+        """Nothing to exchange before a local step: the settings check (first step) and this rank's own
+        non-finite check."""
         core = self.core
         core.check_settings(self.params, period=self.period)
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
-        skip = nonfinite_step(grads, core.guard.nonfinite, f"rank {core.rank}, step {self.steps}",
-                              "this rank skips its local step")
-        out = self.optimizer.step(closure) if not skip else None
-        self.skipped += skip
-        core.end_step()
+        self.step_skipped = nonfinite_step(grads, core.guard.nonfinite, f"rank {core.rank}, step {self.steps}",
+                                           "this rank skips its local step")
+        self.skipped += self.step_skipped
+
+    def step_optimizer(self, closure: Callable[[], float] | None = None) -> Any:
+        """The local step; every ``period`` steps, the weights' average."""
+        out = super().step_optimizer(closure)
+        self.core.end_step()
         if self.steps % self.period == 0:
             self.average()
         return out

@@ -370,7 +370,7 @@ def as_method(method: Method | Compressor | str) -> Method:
     raise TypeError(f"expected a gradcomp Method, Compressor or compressor name, got {type(method).__name__}")
 
 
-def sgd_settings(method: Method, momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, float]:
+def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, float]:
     """``torch.optim.SGD``'s ``momentum`` and ``weight_decay`` for training through ``method`` what dense
     training runs with ``SGD(momentum=momentum, weight_decay=weight_decay)``.
 
@@ -389,6 +389,7 @@ def sgd_settings(method: Method, momentum: float = 0.0, weight_decay: float = 0.
     """
     check_range("sgd_settings", "momentum", momentum, 0.0, 1.0, high_open=True)
     check_range("sgd_settings", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+    method = as_method(method)  # a compressor or a name: the plain method around it
     if not method.owns_momentum:
         return {"momentum": momentum, "weight_decay": weight_decay}
     return {"momentum": 0.0, "weight_decay": weight_decay / (1.0 - method.momentum)}

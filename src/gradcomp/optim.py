@@ -52,9 +52,25 @@ def trained_parameters(named_parameters: Iterable[tuple[str, Tensor]], optimizer
 
 
 class OptimizerWrapper:
-    """What gradcomp's optimizer wrappers pass through to the optimizer they wrap."""
+    """What gradcomp's optimizer wrappers share: ``step()`` is :meth:`synchronize` (the exchanges, the
+    gradients written to ``p.grad``) then :meth:`step_optimizer` (the wrapped optimizer's step, unless every
+    rank skipped it), so a caller may act on the gradients in between (clip them, for example)."""
 
     optimizer: torch.optim.Optimizer
+    #: True when this step was skipped (a non-finite gradient): the wrapped optimizer does not step
+    step_skipped: bool = False
+
+    def synchronize(self) -> None:
+        """This step's exchanges; the gradients to apply end in ``p.grad``."""
+        raise NotImplementedError
+
+    def step_optimizer(self, closure: Callable[[], float] | None = None) -> Any:
+        """The wrapped optimizer's step after :meth:`synchronize` (none when the step was skipped)."""
+        return self.optimizer.step(closure) if not self.step_skipped else None
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        self.synchronize()
+        return self.step_optimizer(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -85,8 +101,6 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         self.optimizer = optimizer
         self.core = Core(method, process_group, owner="DistributedOptimizer", nonfinite=nonfinite,
                          optimizer=optimizer)
-        #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
-        self.step_skipped = False
         self.backward_passes_per_step = backward_passes_per_step
         self.params = trained_parameters(named_parameters, optimizer)
         self.buckets = self._make_buckets(list(self.params.items())[::-1], bucket_cap_mb * 2**20)
@@ -164,10 +178,6 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         self._futures = [None] * len(self.buckets)
         self._next = 0
         self.core.end_step()
-
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
-        self.synchronize()
-        return self.optimizer.step(closure) if not self.step_skipped else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), **self.core.state_dict()}

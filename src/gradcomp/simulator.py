@@ -1,46 +1,47 @@
 """N data-parallel workers in one process, for fast accuracy studies.
 
-Each worker computes its gradient on its own shard, runs its own copy of the
-method (its own memory), and the payloads are combined exactly as the
-communicator combines them across real ranks: summed in rank order for
-``"sum"``, maximum for ``"max"``, listed in rank order for ``"gather"``.  So
-the maths is the real path's, and a test checks it against real gloo
-processes step for step.  Bytes are counted from the real payloads.
+The workers are the real front doors on an in-process group: each worker is
+a :class:`~gradcomp.core.Core` (synchronous steps; the DDP hook's and
+:class:`~gradcomp.DistributedOptimizer`'s rule), a
+:class:`~gradcomp.DelayedGradientAveraging` (``delay=D``) or a
+:class:`~gradcomp.FedAvg` (``local_steps=K``) whose communicator is a
+:class:`LocalCommunicator`.  The workers take turns on the calling thread
+(greenlets); a :class:`LocalGroup` meets their collectives and combines the
+payloads exactly as the collectives would across real ranks: summed in rank
+order for ``"sum"``, maximum for ``"max"``, listed in rank order for
+``"gather"``.  So the maths, the memory, the guard (settings and non-finite
+agreement) and the byte counts are the real path's, and a test checks the
+simulator against real gloo processes step for step.
 
-With ``delay=D`` the workers run delayed gradient averaging
-(:class:`gradcomp.DelayedGradientAveraging`): their models drift apart by
-their local correction terms, so each worker trains its own copy of the
-model with its own copy of the optimizer (worker 0's are the ones passed in).
-With ``local_steps=K`` they run local SGD / FedAvg (:class:`gradcomp.FedAvg`)
-the same way: each worker steps on its own gradient, and every K steps the
-workers' weights are averaged.
-
-Non-finite gradients follow the real front doors (``nonfinite="skip"`` or
-``"raise"``, see :mod:`gradcomp.guard`): a NaN or Inf on any worker skips the
-step for every worker, memory unchanged (with ``delay``: as
-:class:`~gradcomp.DelayedGradientAveraging`; with ``local_steps``: that
-worker's local step only).
+With ``delay`` or ``local_steps`` the workers' models drift apart, so each
+worker trains its own copy of the model with its own copy of the optimizer
+(worker 0's are the ones passed in).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
+from greenlet import greenlet
 from torch import Tensor, nn
+from torch.futures import Future
 
+from .comm import Communicator
 from .compressors.base import Compressor, Payload, check_int
-from .dga import delayed_update
-from .guard import NONFINITE_KEY, check_nonfinite, flag_exchange, nonfinite_step
-from .method import Method, MethodExchange, as_method, check_optimizer
+from .core import Core
+from .dga import DelayedGradientAveraging, FedAvg
+from .guard import check_nonfinite
+from .method import Method, MethodExchange, as_method
 
-__all__ = ["Simulator", "combine", "split_batch"]
+__all__ = ["LocalCommunicator", "LocalGroup", "Simulator", "combine", "run_exchanges", "split_batch"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def combine(payloads: Sequence[Payload]) -> list[Payload]:
@@ -63,28 +64,135 @@ def combine(payloads: Sequence[Payload]) -> list[Payload]:
     return [first.replace(*tensors)]
 
 
+def _combine_round(every: list[Mapping[str, Payload]]) -> list[dict[str, list[Payload]]]:
+    """One round of every worker's payloads; what each worker receives."""
+    names = list(every[0])
+    for rank, payloads in enumerate(every[1:], 1):
+        if list(payloads) != names:
+            raise RuntimeError(f"worker {rank} exchanged {sorted(payloads)[:5]} where worker 0 exchanged "
+                               f"{sorted(names)[:5]}")
+    combined = {name: combine([payloads[name] for payloads in every]) for name in names}
+    # a reduced tensor is every worker's own (decoding may write to it), gathered payloads are shared: each is
+    # read, never written, by every worker's decode (N^2 copies otherwise)
+    return [{name: [p.replace(*(t.clone() for t in p.tensors)) if p.op != "gather" else p for p in received]
+             for name, received in combined.items()} for _ in every]
+
+
+class LocalGroup:
+    """``world_size`` workers of one process whose collectives meet here: the n-th collective of every worker
+    completes once all have issued it, combined in rank order.
+
+    :meth:`run` runs ``fn(rank)`` for every worker, each as a greenlet on the calling thread: one worker runs
+    at a time, worker 0 until its first collective, then worker 1, and so on; the worker that completes a
+    collective goes on, and the others resume in rank order after it.  So a run is deterministic (draws from
+    torch's global generator, the order of log lines), the workers never touch what they share at the same
+    time, and torch's intra-op threads stay the calling thread's (new threads would start new OpenMP pools:
+    3x slower on small models).  Each worker keeps its own grad mode (``torch.no_grad`` is thread-local
+    state, which greenlets on one thread would otherwise share).  A worker that fails ends the run with its
+    error; workers waiting in collectives no other worker will join are an error naming them, never a hang.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.comms = [LocalCommunicator(self, rank) for rank in range(world_size)]
+        self._rounds: dict[int, tuple[str, list[Any]]] = {}
+        self._waiting: dict[int, Any] = {}  # worker -> what it receives, once its collective completed
+        self._scheduler: greenlet | None = None
+
+    def meet(self, rank: int, seq: int, kind: str, value: Any,
+             combine_all: Callable[[list[Any]], list[Any]]) -> Any:
+        """Worker ``rank``'s part of collective number ``seq``; what it receives, once every worker joined."""
+        first_kind, values = self._rounds.setdefault(seq, (kind, [_MISSING] * self.world_size))
+        if kind != first_kind:
+            raise RuntimeError(f"worker {rank} issued {kind} as collective {seq}, another worker {first_kind}: "
+                               "the workers disagree on their exchanges")
+        values[rank] = value
+        if any(v is _MISSING for v in values):
+            self._waiting[rank] = _MISSING
+            return self._scheduler.switch()  # the others' turns; back here with what this worker receives
+        del self._rounds[seq]
+        received = combine_all(values)
+        for other in self._waiting:
+            self._waiting[other] = received[other]
+        return received[rank]
+
+    def run(self, fn: Callable[[int], T]) -> list[T]:
+        """``fn(rank)`` for every worker, in turns (see the class); the results in rank order, or the first
+        failure raised."""
+        n = self.world_size
+        self._rounds.clear()
+        self._waiting.clear()
+        for comm in self.comms:
+            comm.seq = 0
+        self._scheduler = greenlet.getcurrent()
+        workers = [greenlet(lambda rank=rank: fn(rank)) for rank in range(n)]
+        results: list[Any] = [None] * n
+        started, done = [False] * n, [False] * n
+        caller_grad_mode = torch.is_grad_enabled()
+        grad_modes = [caller_grad_mode] * n
+        rank = 0
+        try:
+            while not all(done):
+                ready = [r % n for r in range(rank, rank + n)
+                         if not done[r % n] and self._waiting.get(r % n, None) is not _MISSING]
+                if not ready:
+                    where = "; ".join(f"collective {seq} ({kind}) has workers "
+                                      f"{[r for r, v in enumerate(values) if v is not _MISSING]}"
+                                      for seq, (kind, values) in sorted(self._rounds.items()))
+                    raise RuntimeError(f"workers {sorted(self._waiting)} wait in collectives no other worker will "
+                                       f"join ({where}): the workers disagree on their exchanges")
+                rank = ready[0]
+                torch.set_grad_enabled(grad_modes[rank])  # thread-local, so each worker's is kept here
+                out = workers[rank].switch(*(() if not started[rank] else (self._waiting.pop(rank),)))
+                grad_modes[rank] = torch.is_grad_enabled()
+                torch.set_grad_enabled(caller_grad_mode)
+                started[rank] = True
+                if workers[rank].dead:
+                    results[rank], done[rank] = out, True
+                rank += 1
+        finally:
+            torch.set_grad_enabled(caller_grad_mode)
+            self._scheduler = None
+            for w in workers:  # a failed run: unwind the others (GreenletExit in each)
+                if not w.dead:
+                    w.throw()
+        return results
+
+
+_MISSING = object()
+
+
+class LocalCommunicator(Communicator):
+    """Worker ``rank``'s :class:`~gradcomp.comm.Communicator` on a :class:`LocalGroup`: the same driving of
+    the exchange generators and the same byte count, with the collectives met in this process."""
+
+    def __init__(self, group: LocalGroup, rank: int) -> None:  # no process group: nothing of Communicator's
+        self.local, self.rank, self.world_size = group, rank, group.world_size
+        self.latency, self.bytes_sent, self.seq = 0.0, 0, 0
+
+    def _meet(self, kind: str, value: Any, combine_all: Callable[[list[Any]], list[Any]]) -> Any:
+        self.seq += 1
+        return self.local.meet(self.rank, self.seq, kind, value, combine_all)
+
+    def all_objects(self, obj: Any) -> list[Any]:
+        return self._meet("all_objects", copy.deepcopy(obj), lambda every: [list(every)] * len(every))
+
+    def count_per_rank(self, count: int, device: torch.device | str = "cpu") -> list[int]:
+        return self._meet("count_per_rank", int(count), lambda every: [list(every)] * len(every))
+
+    def _launch(self, payloads: Mapping[str, Payload]) -> Future:
+        self.bytes_sent += sum(p.nbytes for p in payloads.values())
+        fut: Future = Future()
+        fut.set_result(self._meet("exchange", dict(payloads), _combine_round))
+        return fut
+
+
 def run_exchanges(workers: Sequence[dict[str, MethodExchange]]) -> tuple[list[dict[str, Tensor]], list[int]]:
-    """Drive every worker's exchange generators in lockstep; returns each worker's results and bytes sent."""
-    results: list[dict[str, Tensor]] = [{} for _ in workers]
-    sent = [0] * len(workers)
-    for name in workers[0]:
-        received: list[Payload] | None = None
-        while True:
-            payloads = []
-            for rank, gens in enumerate(workers):
-                try:
-                    payload = gens[name].send(received)
-                except StopIteration as stop:
-                    results[rank][name] = stop.value
-                    continue
-                payloads.append(payload)
-                sent[rank] += payload.nbytes
-            if not payloads:
-                break
-            if len(payloads) != len(workers):
-                raise RuntimeError(f"workers disagree on the number of exchange rounds for {name!r}")
-            received = combine(payloads)
-    return results, sent
+    """Drive every worker's exchange generators on a :class:`LocalGroup`; each worker's results and bytes
+    sent."""
+    group = LocalGroup(len(workers))
+    results = group.run(lambda rank: group.comms[rank].exchange(workers[rank]).wait())
+    return results, [c.bytes_sent for c in group.comms]
 
 
 def split_batch(batch: Any, num_workers: int) -> list[Any]:
@@ -122,15 +230,18 @@ class Simulator:
     momentum: use ``torch.optim.SGD`` with ``momentum=0`` (a momentum optimizer
     raises ``ValueError``).  Buffers (batch-norm statistics) follow DDP's
     ``broadcast_buffers=True``: every worker starts from worker 0's.
+    ``delay`` runs :class:`~gradcomp.DelayedGradientAveraging` (with
+    ``correction``), ``local_steps`` :class:`~gradcomp.FedAvg`; ``nonfinite``
+    is ``"skip"`` or ``"raise"`` as at every front door (see :mod:`gradcomp.guard`).
     """
 
     def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
                  optimizer: torch.optim.Optimizer | None = None, delay: int | None = None,
                  correction: bool = True, local_steps: int | None = None, nonfinite: str = "skip") -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         method = as_method(method)
-        check_optimizer(method, optimizer)
+        check_nonfinite("Simulator", nonfinite)
         for field, value in (("delay", delay), ("local_steps", local_steps)):
             if value is not None:
                 check_int("Simulator", field, value, 0 if field == "delay" else 1)
@@ -138,29 +249,56 @@ class Simulator:
                     raise ValueError(f"Simulator({field}=...) needs the optimizer: every worker steps its own copy")
         if delay is not None and local_steps is not None:
             raise ValueError("Simulator takes delay (DGA) or local_steps (FedAvg), not both")
-        self.nonfinite = check_nonfinite("Simulator", nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
-        self.delay, self.correction, self.local_steps = delay, bool(correction), local_steps
-        #: every worker's model and optimizer: one shared pair, or one pair per worker with delay or local_steps
-        self.models = [model] if delay is None and local_steps is None else \
-            [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
-        self.optimizers = [] if optimizer is None else [optimizer] + [_optimizer_for(optimizer, model, m)
-                                                                      for m in self.models[1:]]
-        self._pending: deque[tuple[list[dict[str, Tensor]], dict[str, Tensor]]] = deque()
-        self.methods = [method.for_rank(rank) for rank in range(num_workers)]
-        self._spares = [method.for_rank(rank) for rank in range(num_workers)] if delay is not None else []
+        self.group = LocalGroup(num_workers)
+        comms = self.group.comms
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self.bytes_sent = [0] * num_workers  # per worker, whole run
+        if delay is None and local_steps is None:
+            #: one shared model and optimizer: every worker applies the same average
+            self.models, self.optimizers = [model], [] if optimizer is None else [optimizer]
+            self.doors: list[DelayedGradientAveraging | FedAvg] = []
+            self.cores = [Core(method, comm, owner="Simulator", nonfinite=nonfinite, optimizer=optimizer)
+                          for comm in comms]
+        else:  # each worker its own model and optimizer, behind its own front door
+            self.models = [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
+            self.optimizers = [optimizer] + [_optimizer_for(optimizer, model, m) for m in self.models[1:]]
+            if delay is not None:
+                self.doors = [DelayedGradientAveraging(o, m.named_parameters(), delay, method, correction, comm,
+                                                       nonfinite=nonfinite)
+                              for m, o, comm in zip(self.models, self.optimizers, comms)]
+            else:
+                self.doors = [FedAvg(o, m.named_parameters(), local_steps, comm, nonfinite=nonfinite)
+                              for m, o, comm in zip(self.models, self.optimizers, comms)]
+            self.cores = [door.core for door in self.doors]
         self.dense_bytes = 0  # fp32 bytes of the gradients one worker would send uncompressed
-        self.steps = 0
-        self.skipped = 0  # steps skipped for a non-finite gradient
+        self.step_skipped = False
+
+    @property
+    def methods(self) -> list[Method]:
+        """Every worker's own copy of the method (its memory and counters)."""
+        return [core.method for core in self.cores]
 
     @property
     def method(self) -> Method:
         """Worker 0's method (all workers share configuration and schedules)."""
-        return self.methods[0]
+        return self.cores[0].method
+
+    @property
+    def steps(self) -> int:
+        return self.cores[0].steps
+
+    @property
+    def skipped(self) -> int:
+        """Steps worker 0 skipped for a non-finite gradient since it was made or loaded (every worker's,
+        except with ``local_steps``)."""
+        return self.doors[0].skipped if self.doors else self.cores[0].guard.skipped
+
+    @property
+    def bytes_sent(self) -> list[int]:
+        """Per worker, whole run."""
+        return [core.comm.bytes_sent for core in self.cores]
 
     def set_epoch(self, epoch: float) -> None:
         for m in self.methods:
@@ -194,91 +332,40 @@ class Simulator:
         return grads, torch.stack(losses).mean()
 
     def apply(self, grads: Sequence[dict[str, Tensor]]) -> None:
-        """Exchange the workers' gradients through the method and write the average to ``p.grad``
-        (local SGD: each worker's own gradient, nothing exchanged)."""
-        bad = [nonfinite_step(g, self.nonfinite, f"worker {rank}, step {self.steps}", "the step is skipped")
-               for rank, g in enumerate(grads)]  # every check before any memory
+        """Every worker's step up to its optimizer: the exchanges, and what to apply in ``p.grad`` (worker
+        0's average on the shared model; with ``delay`` or ``local_steps``, each worker's on its own)."""
+        if len(grads) != self.num_workers:
+            raise ValueError(f"expected {self.num_workers} workers' gradients, got {len(grads)}")
         self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
-        self.steps += 1
-        if self.local_steps is not None:
-            for model, worker, skip in zip(self.models, grads, bad):
+        if self.doors:
+            for model, worker in zip(self.models, grads):
                 for name, p in model.named_parameters():
                     if name in self.params:
-                        p.grad = worker[name] if not skip else None
+                        p.grad = worker[name]
+            self.group.run(lambda rank: self.doors[rank].synchronize())
+            self.step_skipped = self.doors[0].step_skipped
             return
-        n = self.num_workers
-        if any(bad) and self.delay is None:
-            self.skipped += 1
-            for m in self.methods:
-                m.end_step()
-            for p in self.params.values():
-                p.grad = None
-            return
-        methods, grads = list(self.methods), list(grads)
-        for rank, skip in enumerate(bad):  # delayed: the worker sends zeros through a spare method (as dga.py)
-            if skip:
-                grads[rank] = {name: torch.zeros_like(g) for name, g in grads[rank].items()}
-                spare = methods[rank] = self._spares[rank]
-                spare.epoch, spare.steps = self.methods[rank].epoch, self.methods[rank].steps
-        prepared = [m.prepare(g, n) for m, g in zip(methods, grads)]
-        gens = [{name: m.exchange(name, g[name], n) for name in self.params} for m, g in zip(methods, prepared)]
-        if self.delay is not None and self.nonfinite == "skip":
-            for worker, skip, g in zip(gens, bad, prepared):
-                worker[NONFINITE_KEY] = flag_exchange(skip, next(iter(g.values())).device)
-        results, sent = run_exchanges(gens)
-        for m in self.methods:
-            m.end_step()
-        if self.delay is None:
-            for name, p in self.params.items():
-                p.grad = results[0][name].view_as(p).to(p.dtype)
-        else:
-            self._apply_delayed(grads, results[0])
-        for rank, b in enumerate(sent):
-            self.bytes_sent[rank] += b
+        average = self.group.run(lambda rank: self._average(self.cores[rank], grads[rank]))[0]
+        self.step_skipped = average is None
+        for name, p in self.params.items():
+            p.grad = None if average is None else average[name].view_as(p).to(p.dtype)
 
-    def _apply_delayed(self, grads: Sequence[dict[str, Tensor]], average: dict[str, Tensor]) -> None:
-        """Delayed gradient averaging: worker k gets g_k,i - g_k,i-D + avg(g_i-D) (g_k,i while i < D)."""
-        self._pending.append(([{n: g.detach().clone() for n, g in worker.items()} for worker in grads], average))
-        old, avg = self._pending.popleft() if len(self._pending) > self.delay else (None, None)
-        if avg is not None and avg.get(NONFINITE_KEY, 0):
-            self.skipped += 1
-            if self.delay == 0:
-                for model in self.models:
-                    for p in model.parameters():
-                        p.grad = None
-                return
-            avg = {name: torch.zeros_like(g) for name, g in old[0].items()}  # the correction withdraws old
-        for rank, model in enumerate(self.models):
-            for name, p in model.named_parameters():
-                if name not in self.params:
-                    continue
-                local = grads[rank][name]
-                update = local if old is None else delayed_update(avg[name].view_as(p), local, old[rank][name],
-                                                                  self.correction and self.delay > 0)
-                p.grad = update.to(p.dtype).clone()
+    @staticmethod
+    def _average(core: Core, grads: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """One worker's synchronous step (the hook's rule): the guard, then one exchange of every gradient;
+        None when every worker skips the step."""
+        average = core.exchange(grads).wait() if core.check(grads) else None
+        core.end_step()
+        return average
 
     def optimizer_step(self) -> None:
-        """Step every worker's optimizer and clear the gradients."""
+        """Step every worker's optimizer (not where the step was skipped) and clear the gradients."""
+        if self.doors:
+            self.group.run(lambda rank: self.doors[rank].step_optimizer())
+        elif self.optimizer is not None and not self.step_skipped:
+            self.optimizer.step()
         for optimizer in self.optimizers:
-            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if self.local_steps is not None and self.steps % self.local_steps == 0:
-            self.average_models()
-
-    @torch.no_grad()
-    def average_models(self) -> None:
-        """FedAvg: every worker's weights become their average, exchanged as :class:`gradcomp.FedAvg` does
-        (a dense ``"none"`` exchange of the weights, summed in rank order); bytes counted from the payloads."""
-        n = self.num_workers
-        average = as_method("none")  # stateless: one for every worker
-        named = [{name: p for name, p in m.named_parameters() if name in self.params} for m in self.models]
-        weights = [average.prepare({name: p.detach() for name, p in worker.items()}, n) for worker in named]
-        results, sent = run_exchanges([{name: average.exchange(name, w[name], n) for name in w} for w in weights])
-        for worker, result in zip(named, results):
-            for name, p in worker.items():
-                p.copy_(result[name].view_as(p))
-        for rank, b in enumerate(sent):
-            self.bytes_sent[rank] += b
 
     def step(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Tensor:
         """One data-parallel step; returns the workers' mean loss."""
@@ -294,31 +381,33 @@ class Simulator:
         return self.dense_bytes / sent if sent else float("inf")
 
     def state_dict(self) -> dict[str, Any]:
-        """Methods, counters and, with ``delay``, workers 1..N-1's models and optimizers and the pending
-        steps (worker 0's model and optimizer are the caller's to save)."""
+        """Every worker's method, the byte counts and, with ``delay`` or ``local_steps``, workers
+        1..N-1's models and every worker's front door (its optimizer, DGA's pending steps); worker 0's model
+        and optimizer are the caller's to save."""
         return {
             "methods": [m.state_dict() for m in self.methods],
-            "bytes_sent": list(self.bytes_sent),
+            "bytes_sent": self.bytes_sent,
             "dense_bytes": self.dense_bytes,
-            "steps": self.steps,
             "replicas": [m.state_dict() for m in self.models[1:]],
-            "optimizers": [o.state_dict() for o in self.optimizers[1:]],
-            "pending": [{"grads": g, "average": a} for g, a in self._pending],
+            "doors": [{k: v for k, v in door.state_dict().items() if k != "method"} for door in self.doors],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in ("methods", "bytes_sent", "dense_bytes", "replicas", "doors")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"not a Simulator state (no {', '.join(missing)}): saved by another gradcomp version?")
         if len(state["methods"]) != self.num_workers:
             raise ValueError(f"state holds {len(state['methods'])} workers, this simulator has {self.num_workers}")
-        if len(state.get("replicas", [])) != len(self.models) - 1:  # checked before anything is loaded
-            raise ValueError(f"state holds {len(state.get('replicas', []))} worker models besides worker 0's, this "
-                             f"simulator has {len(self.models) - 1} (delay={self.delay})")
-        for m, s in zip(self.methods, state["methods"]):
-            m.load_state_dict(s)
-        self.bytes_sent = list(state["bytes_sent"])
+        if len(state["replicas"]) != len(self.models) - 1 or len(state["doors"]) != len(self.doors):
+            raise ValueError(f"state holds {len(state['replicas'])} worker models besides worker 0's, this "
+                             f"simulator has {len(self.models) - 1} (delay or local_steps differ)")
+        for core, method in zip(self.cores, state["methods"]):
+            core.load_state_dict({"method": method})
+        for door, method, saved in zip(self.doors, state["methods"], state["doors"]):
+            door.load_state_dict({**saved, "method": method})
+        for model, saved in zip(self.models[1:], state["replicas"]):
+            model.load_state_dict(saved)
+        for core, sent in zip(self.cores, state["bytes_sent"]):
+            core.comm.bytes_sent = int(sent)
         self.dense_bytes = int(state["dense_bytes"])
-        self.steps = int(state["steps"])
-        for model, s in zip(self.models[1:], state.get("replicas", [])):
-            model.load_state_dict(s)
-        for optimizer, s in zip(self.optimizers[1:], state.get("optimizers", [])):
-            optimizer.load_state_dict(s)
-        self._pending = deque((list(e["grads"]), dict(e["average"])) for e in state.get("pending", []))

@@ -337,8 +337,7 @@ class _Front:
         return states
 
     def load_method_states(self, states: list[dict]) -> None:
-        if len(states) != self.world:
-            raise ValueError(f"the checkpoint holds {len(states)} workers' method state, this run has {self.world}")
+        """This rank's part of every worker's states (their number is checked by :func:`check_checkpoint`)."""
         self.load_my_state(states[self.rank])
 
     def load_my_state(self, state: dict) -> None:
@@ -373,12 +372,6 @@ class _Simulated(_Front):
 
     def method_states(self) -> list[dict]:
         return [m.state_dict() for m in self.methods]
-
-    def load_method_states(self, states: list[dict]) -> None:
-        if len(states) != self.world:
-            raise ValueError(f"the checkpoint holds {len(states)} workers' method state, this run has {self.world}")
-        for m, s in zip(self.methods, states):
-            m.load_state_dict(s)
 
 
 class _Hooked(_Front):
@@ -440,7 +433,10 @@ class _Wrapped(_Front):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.task.loss(self.model, shards[self.rank])
         loss.backward()
-        self.door.step()
+        self.door.synchronize()
+        if self.clip_after_average is not None and not self.door.step_skipped:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_after_average)
+        self.door.step_optimizer()
         return float(loss.detach())
 
     def my_state(self) -> dict:
@@ -497,15 +493,15 @@ def _restore(ckpt: dict[str, Any], cfg: TrainConfig, front: _Front, warmup: Line
     """Load a checkpoint written by :func:`_checkpoint` into this rank; return where training continues."""
     front.model.load_state_dict(ckpt["model"])
     front.optimizer.load_state_dict(ckpt["optimizer"])
-    front.load_method_states(ckpt["methods"])
     if warmup is not None:
         warmup.load_state_dict(ckpt["lr_warmup"])
     me = 0 if cfg.simulate else front.rank
     _set_rng_state(ckpt["rng"][me])
     front.task.hidden = dict(ckpt["hidden"][me]) if "hidden" in ckpt else {}
-    if cfg.simulate:
+    if cfg.simulate:  # every worker's method, models and doors (checks the number of workers)
         front.sim.load_state_dict({"methods": ckpt["methods"], **ckpt["simulator"]})
     else:
+        front.load_method_states(ckpt["methods"])
         front.comm.bytes_sent = ckpt["bytes_sent"]
     front.skipped_before = ckpt.get("skipped", 0)
     return _Position(epoch=ckpt["epoch"], step=ckpt.get("epoch_step", 0), steps=ckpt["steps"],
