@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from gradcomp.cli import main
 from gradcomp.train.models import resnet50
@@ -173,3 +174,22 @@ def test_bench_latency_quick_dga_hides_what_synchronous_sgd_pays(tmp_path):
     assert seconds["dga-0-150"] >= 0.17
     assert seconds["dga-10-150"] < seconds["dga-0-150"] - 0.075
     assert seconds["fedavg-10-150"] < seconds["dga-0-150"] - 0.075
+
+
+def test_bench_step_quick_times_each_door_against_ddp(tmp_path):
+    assert main(["bench", "step", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "bench-step-quick.json").read_text())["data"]
+    assert set(data["ratios"]) == {f"{m}|2" for m in ("DDP all-reduce (baseline)", "gradcomp none",
+                                                     "gradcomp DGC 0.1 %")}
+    assert data["ratios"]["DDP all-reduce (baseline)|2"] == 1.0
+    assert all(len(t) == 2 and min(t) > 0 for t in data["seconds"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bench_step_full_on_the_gpu(tmp_path):
+    """ResNet-50 at batch 64 and 256 under bf16 autocast on cuda:0 (NCCL): writes the figures issue 22 asks for."""
+    assert main(["bench", "step", "--full", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "bench-step.json").read_text())["data"]
+    assert {k.split("|")[1] for k in data["ratios"]} == {"64", "256"}
