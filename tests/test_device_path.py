@@ -278,10 +278,9 @@ def test_a_code_of_two_leaders_in_the_shared_selection_gives_nan():
         gen = c.exchange(x, {})
         code = next(gen)
         sent = gen.send([code.replace(code.tensors[0] | torch.roll(code.tensors[0], 1))])  # two codes OR-ed
-        try:
+        with pytest.raises(StopIteration) as stop:
             gen.send([sent])
-        except StopIteration as stop:
-            assert stop.value.total.view(-1)[0].isnan()
+    assert stop.value.value.total.view(-1)[0].isnan()
 
 
 def test_the_flagged_decoder_agrees_with_the_checking_one_on_every_single_bit_flip():
