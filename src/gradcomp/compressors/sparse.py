@@ -639,7 +639,7 @@ def _split_codes(codes: Tensor) -> tuple[Tensor, Tensor]:
     return codes >> 1, codes & 1
 
 
-def _check_codes(owner: str, codes: Tensor, numel: int) -> Tensor | None:
+def _check_codes(owner: str, codes: Tensor, numel: int) -> tuple[Tensor, Tensor | None]:
     """Signed codes ``index * 2 + sign`` must address ``[0, numel)``: codes in ``[0, 2 * numel)``.  On the
     device path the verdict stays on the device: ``codes`` with the bad ones made 0, and a 0-d bool;
     on the CPU path a bad code raises and ``codes`` come back with ``None``."""
