@@ -129,7 +129,7 @@ class DGCMemory(Memory):
         if self.accumulate:
             compressor.subtract_sent(accumulator, sent)
         if self.masking and self.correction:
-            self.u[name].view(-1)[compressor.sent_indices(sent, accumulator.numel())] = 0
+            self.u[name].view(-1).index_fill_(0, compressor.sent_indices(sent, accumulator.numel()), 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"u": dict(self.u), "v": dict(self.v)}

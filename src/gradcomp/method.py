@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .compressors.base import Compressor, Payload, check_int, check_range, get, register
+from .compressors.base import Compressor, Payload, check_int, check_range, device_path, get, register
 from .compressors.dense import NoCompression
 from .compressors.sparse import DGCSelect, SharedSelect, check_wire
 from .guard import NonFiniteGradientError, non_finite
@@ -296,9 +296,13 @@ class DGC(Method):
             # independent noise, |sum_k G_k| ~ sqrt(N) |G_k|).  Here g_k is the worker's mean
             # gradient, so the same clip reads |g_k| <= clip_norm * sqrt(N).
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
-            scale = self.clip_norm * world_size**-0.5 / (float(total) / world_size + 1e-6)
-            if scale < 1.0:
-                grads = {name: g * scale for name, g in grads.items()}
+            if device_path(total):  # the same factor, kept on the device: no sync (a factor of 1 changes nothing)
+                scale = (self.clip_norm * world_size**-0.5 / (total.double() / world_size + 1e-6)).clamp(max=1.0)
+                grads = {name: g * scale.to(g.dtype) for name, g in grads.items()}
+            else:
+                scale = self.clip_norm * world_size**-0.5 / (float(total) / world_size + 1e-6)
+                if scale < 1.0:
+                    grads = {name: g * scale for name, g in grads.items()}
         self.compressor.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
         if self.compressor.single_round:  # this worker's part of the step, every tensor in one kernel call
             self._sent = self.sparsify({name: g for name, g in grads.items() if g.numel() and self.sparsified(g)})

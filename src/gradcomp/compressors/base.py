@@ -27,6 +27,7 @@ or the communicator) is the only place where payloads meet collectives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -46,6 +47,11 @@ __all__ = [
     "check_indices",
     "check_payloads",
     "check_tensor",
+    "device_path",
+    "valid_indices",
+    "forced_device_path",
+    "generator",
+    "mark_corrupt",
     "get",
     "register",
     "tensors_of",
@@ -195,12 +201,72 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel <= 2**31 - 1 else torch.int64
 
 
+# ---------------------------------------------------------- the device path
+#
+# Where tensors live on an accelerator, every read of a tensor's value by the host (``.item()``, ``int()``,
+# ``bool()``, ``nonzero``, boolean-mask indexing, ``bincount``, a blocking copy) stalls the host until the
+# device has caught up, and then the device idles until the host launches again.  So off the CPU the
+# compressors run a fixed-shape formulation whose every size is known from shapes and settings (exact
+# ``torch.topk`` and ``sort`` for selection, ``cumsum`` and ``scatter`` for decoding, random draws with a
+# generator of the tensor's device, one accumulation per rank in rank order), and checks of received
+# payloads become device-side flags (:func:`mark_corrupt`).  On the CPU, where reading a value costs nothing,
+# the host formulation runs (with the compiled kernel where it applies) and a corrupt payload raises.
+
+_forced = False
+
+
+def device_path(t: Tensor) -> bool:
+    """True where the fixed-shape, sync-free formulation runs: for tensors that are not on the CPU, and for
+    CPU tensors inside :func:`forced_device_path`."""
+    return _forced or t.device.type != "cpu"
+
+
+@contextlib.contextmanager
+def forced_device_path(enabled: bool = True):
+    """Run the device formulation on CPU tensors too (tests check it there against the CPU formulation;
+    benchmarks time it).  Process-wide, not thread-local: for tests and benchmarks only."""
+    global _forced
+    before, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A ``torch.Generator`` of ``device`` seeded with ``seed``: draws stay on the device, and the same seed
+    gives the same draws on every rank of one device type.  ``None`` for ``meta`` tensors, which hold no
+    data (no generator exists for them, and the ops that draw ignore it there)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def mark_corrupt(total: Tensor, ok: Tensor | None) -> Tensor:
+    """The device path's answer to a corrupt payload: ``total`` with NaN as its first entry unless ``ok``
+    (a 0-d bool on the device) holds.
+
+    Raising would need the host to read the verdict (a sync per tensor), so the verdict travels in the
+    data: a NaN in the decoded gradient is seen by every non-finite check downstream (``GradScaler``
+    skips the step, the front doors' guard stops training), at the cost of one entry, not a pass over the
+    tensor.  The decoders never read or write out of bounds either way: entries that fail a check are
+    dropped before they index anything.  ``ok=None`` (nothing to check) returns ``total`` as it is.
+    """
+    if ok is not None and total.numel():
+        head = total.view(-1)[:1]
+        head.copy_(torch.where(ok, head, torch.full_like(head, math.nan)))
+    return total
+
+
 # ------------------------------------------------------- received payloads
 #
 # A received payload came over the network: decoders check it before they index with it, so that a corrupt
 # one raises ValueError naming the field, what was expected and what came, and never writes out of bounds
 # (on CPU torch would raise an opaque IndexError; on CUDA an out-of-range index is a device-side assert that
 # kills the process's CUDA context).  The checks are O(1) or one vectorized min/max: no loop over entries.
+# Checks of sizes and types read no values and run everywhere; those that read values (``check_indices``)
+# raise on the CPU path, and on the device path keep their verdict on the device (:func:`valid_indices`,
+# :func:`mark_corrupt`).
 
 
 def check_payloads(owner: str, payloads: Sequence[Payload]) -> None:
@@ -247,6 +313,13 @@ def check_indices(owner: str, field: str, indices: Tensor, numel: int) -> None:
         if low < 0 or high >= numel:
             raise ValueError(f"{owner}: corrupt payload: {field} must lie in [0, {numel}) for a tensor of {numel} "
                              f"entries, got an index of {low if low < 0 else high} (out of range)")
+
+
+def valid_indices(indices: Tensor, numel: int) -> tuple[Tensor, Tensor]:
+    """The device path's :func:`check_indices`: ``indices`` with every entry outside ``[0, numel)`` replaced
+    by 0 (safe to index with), and a 0-d device bool, True when there was none.  No sync."""
+    inside = (indices >= 0) & (indices < numel)
+    return torch.where(inside, indices, torch.zeros_like(indices)), inside.all()
 
 
 # ------------------------------------------------------------------ registry

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "unpack", "packed_nbytes", "encode_sorted", "decode_sorted", "sorted_nbytes"]
+__all__ = ["pack", "unpack", "packed_nbytes", "encode_sorted", "decode_sorted", "decode_sorted_flagged",
+           "sorted_nbytes"]
 
 _BLOCK = 1 << 20  # codes per block for the general widths; a multiple of 8
 
@@ -145,6 +146,27 @@ def encode_sorted(indices: Tensor, numel: int) -> Tensor:
     return torch.cat([pack(indices & ((1 << low) - 1), low), high])
 
 
+def _check_code(data: Tensor, numel: int, k: int) -> Tensor:
+    """``data`` as [rows, bytes], after the checks of its type and length (which read no values)."""
+    if data.dtype != torch.uint8:
+        raise TypeError(f"coded indices must be uint8, got {data.dtype}")
+    rows = data.view(1, -1) if data.dim() == 1 else data
+    if rows.dim() != 2 or rows.shape[1] != sorted_nbytes(numel, k):
+        raise ValueError(f"{k} indices below {numel} take {sorted_nbytes(numel, k)} bytes, got {rows.shape[-1]}")
+    return rows
+
+
+def _with_low_bits(high: Tensor, rows: Tensor, k: int, low: int) -> Tensor:
+    """The indices: their high parts ``high`` [rows, k] joined with the ``low`` low bits packed first in
+    ``rows``."""
+    indices = high << low
+    if low:
+        low_bits = _bit_matrix(rows[:, :packed_nbytes(k, low)], k * low).view(rows.shape[0], k, low)
+        for b in range(low):  # most significant first
+            indices |= low_bits[:, :, b].to(torch.int64) << (low - 1 - b)
+    return indices
+
+
 def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
     """Inverse of :func:`encode_sorted`: the ``k`` indices, as int64.
 
@@ -153,12 +175,9 @@ def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
     decoded at once, as a [rows, k] tensor, in a fixed number of operations.
     A corrupt code raises ``ValueError`` (wrong length, wrong count, indices
     out of range or out of order); it never yields an index outside ``[0, numel)``.
+    (The checks read values on the host: off the CPU, :func:`decode_sorted_flagged`.)
     """
-    if data.dtype != torch.uint8:
-        raise TypeError(f"coded indices must be uint8, got {data.dtype}")
-    rows = data.view(1, -1) if data.dim() == 1 else data
-    if rows.dim() != 2 or rows.shape[1] != sorted_nbytes(numel, k):
-        raise ValueError(f"{k} indices below {numel} take {sorted_nbytes(numel, k)} bytes, got {rows.shape[-1]}")
+    rows = _check_code(data, numel, k)
     n_rows = rows.shape[0]
     if k == 0:
         out = torch.zeros(n_rows, 0, dtype=torch.int64, device=data.device)
@@ -170,11 +189,37 @@ def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
     if row_of.numel() != n_rows * k or bool((counts != k).any()):
         found = int(counts[counts != k][0]) if bool((counts != k).any()) else row_of.numel()
         raise ValueError(f"corrupt index code: {found} entries where {k} were expected")
-    indices = (position.view(n_rows, k) - torch.arange(k, device=data.device)) << low
-    if low:
-        low_bits = _bit_matrix(rows[:, :split], k * low).view(n_rows, k, low)
-        for b in range(low):  # most significant first
-            indices |= low_bits[:, :, b].to(torch.int64) << (low - 1 - b)
+    indices = _with_low_bits(position.view(n_rows, k) - torch.arange(k, device=data.device), rows, k, low)
     if bool((indices[:, -1] >= numel).any()) or (k > 1 and not bool((indices[:, 1:] > indices[:, :-1]).all())):
         raise ValueError(f"corrupt index code: indices out of range [0, {numel}) or not increasing")
     return indices[0] if data.dim() == 1 else indices
+
+
+def decode_sorted_flagged(data: Tensor, numel: int, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`decode_sorted` without reading a value on the host: fixed shapes, no ``nonzero``.
+
+    The j-th set bit of a row's unary part is where the running count of its
+    bits first reaches j + 1 (``cumsum``, then ``searchsorted``).  Returns the
+    indices and a 0-d bool on the device, True when every code was valid (k
+    set bits, indices increasing and below ``numel``).  Where it is False,
+    the indices are still all in ``[0, numel)``, so indexing with them is
+    safe (see :func:`gradcomp.compressors.base.mark_corrupt`).  A wrong
+    length or type, which the host knows, raises as in :func:`decode_sorted`.
+    """
+    rows = _check_code(data, numel, k)
+    n_rows, device = rows.shape[0], data.device
+    if k == 0:
+        out = torch.zeros(n_rows, 0, dtype=torch.int64, device=device)
+        return (out[0] if data.dim() == 1 else out), torch.ones((), dtype=torch.bool, device=device)
+    low = _low_width(numel, k)
+    unary = _bit_matrix(rows[:, packed_nbytes(k, low):], _high_bits(numel, k, low))
+    seen = unary.cumsum(1, dtype=torch.int32)  # set bits up to each position
+    nth = torch.arange(1, k + 1, dtype=torch.int32, device=device).expand(n_rows, k).contiguous()
+    position = torch.searchsorted(seen, nth)  # where the count first reaches j + 1; past the end if it never does
+    indices = _with_low_bits(position - torch.arange(k, device=device), rows, k, low)
+    inside = indices < numel  # never negative: the j-th set bit lies at j or later
+    ok = (seen[:, -1] == k).all() & inside.all()
+    if k > 1:
+        ok &= (indices[:, 1:] > indices[:, :-1]).all()
+    indices = torch.where(inside, indices, torch.zeros_like(indices))
+    return (indices[0] if data.dim() == 1 else indices), ok

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
-                   register, tensors_of)
+                   generator, register, tensors_of)
 
 __all__ = ["PowerSGD"]
 
@@ -108,7 +108,8 @@ class PowerSGD(Compressor):
             ``numel / ((n + m) * rank) >= min_compression_rate`` (>= 1); otherwise send it dense.
         warm_start: reuse the previous step's aggregated Q (``state["q"]``) as the next Q.
         seed: seed of the ``torch.Generator`` that draws an initial Q ~ N(0, 1)^{m x r};
-            drawn on the CPU so every rank and every device type gets the same Q.
+            drawn on the tensor's device with a generator of that device, so every rank gets the same Q
+            and no step copies from the host (a CUDA run draws another Q than a CPU run).
 
     Per-parameter ``state`` (tensors only, ``torch.load(weights_only=True)``-safe):
         ``"q"``: the warm-start factor (m, r), column-normalised, when ``warm_start``;
@@ -145,9 +146,8 @@ class PowerSGD(Compressor):
         return n, m
 
     def _draw_q(self, m: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed % 2**63)
-        return torch.randn((m, self.rank), generator=gen, dtype=dtype).to(device)
+        """Q ~ N(0, 1)^{m x r}, drawn on ``device`` (no copy from the host)."""
+        return torch.randn((m, self.rank), generator=generator(device, seed % 2**63), dtype=dtype, device=device)
 
     def _initial_q(self, state: dict | None, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Q for this step: the warm-start factor if there is a usable one, else a seeded draw."""

@@ -23,6 +23,11 @@ Common conventions
 * A non-finite gradient entry makes (part of) the decoded tensor NaN rather
   than being silently dropped, so overflow checks downstream (e.g. AMP's
   ``GradScaler``) still see it.
+* A corrupt payload (a code beyond the last level) raises ``ValueError`` on
+  the CPU; off the CPU, where raising would need a sync, it makes the first
+  entry of the decoded tensor NaN
+  (:func:`~gradcomp.compressors.base.mark_corrupt`).  No step reads a value
+  on the host off the CPU.
 
 Randomness (``terngrad``, ``qsgd``)
 -----------------------------------
@@ -52,7 +57,7 @@ from torch import Tensor
 
 from . import bits
 from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
-                   register, tensors_of)
+                   device_path, generator, mark_corrupt, register, tensors_of)
 
 __all__ = ["OneBit", "TernGrad", "QSGD"]
 
@@ -109,8 +114,7 @@ def _uniform(seed: int | None, state: dict | None, n: int, dtype: torch.dtype, d
     if state is not None:
         step = int(state.get(_RNG_STEP, 0))
         state[_RNG_STEP] = step + 1
-    gen = torch.Generator(device=device)
-    gen.manual_seed(_splitmix64(_splitmix64(seed) ^ step))
+    gen = generator(device, _splitmix64(_splitmix64(seed) ^ step))
     return torch.rand(n, dtype=dtype, device=device, generator=gen)
 
 
@@ -118,15 +122,26 @@ def _tensors(payload: Payload, count: int, owner: str) -> tuple[Tensor, ...]:
     return tensors_of(owner, payload, count)
 
 
-def _unpack(owner: str, packed: Tensor, width: int, n: int, high: int, device: torch.device) -> Tensor:
-    """``n`` codes of ``width`` bits from a received payload, each checked to be at most ``high``."""
+def _unpack(owner: str, packed: Tensor, width: int, n: int, high: int, device: torch.device
+            ) -> tuple[Tensor, Tensor | None]:
+    """``n`` codes of ``width`` bits from a received payload, each checked to be at most ``high``: on the CPU
+    path a larger one raises and the verdict is ``None``; on the device path the verdict is a 0-d device bool
+    (see :func:`~gradcomp.compressors.base.mark_corrupt`; a code is only ever multiplied, never indexed with)."""
     check_tensor(owner, "packed codes", packed, dtype=torch.uint8, numel=bits.packed_nbytes(n, width))
     codes = bits.unpack(packed.to(device), width, n)
-    if n and high < (1 << width) - 1:
-        top = int(codes.max())
-        if top > high:
-            raise ValueError(f"{owner}: corrupt payload: packed codes must lie in [0, {high}], got {top}")
-    return codes
+    if not n or high >= (1 << width) - 1:
+        return codes, None
+    if device_path(codes):
+        return codes, codes.max() <= high
+    top = int(codes.max())
+    if top > high:
+        raise ValueError(f"{owner}: corrupt payload: packed codes must lie in [0, {high}], got {top}")
+    return codes, None
+
+
+def _both(ok: Tensor | None, valid: Tensor | None) -> Tensor | None:
+    """The verdicts ``ok`` and ``valid`` together (``None``: nothing checked)."""
+    return valid if ok is None else ok if valid is None else ok & valid
 
 
 # ------------------------------------------------------------------- 1-bit
@@ -186,7 +201,7 @@ class OneBit(Compressor):
             if values.shape != (2, cols):
                 raise ValueError(f"onebit: expected values of shape (2, {cols}), got {tuple(values.shape)}")
             check_tensor("onebit", "values", values, kind="floating-point")
-            signs = _unpack("onebit", packed, 1, rows * cols, 1, like.device).view(rows, cols).bool()
+            signs = _unpack("onebit", packed, 1, rows * cols, 1, like.device)[0].view(rows, cols).bool()
             values = values.to(like.device, cd)
             total += torch.where(signs, values[0], values[1])
         return total.reshape(like.shape).to(like.dtype)
@@ -272,10 +287,13 @@ class TernGrad(Compressor):
         n = flat.numel()
         ints = torch.zeros(n, dtype=torch.int64, device=tensor.device)
         check_payloads("terngrad", received)
+        ok = None
         for p in received:
             (codes,) = _tensors(p, 1, "terngrad")
-            ints += _unpack("terngrad", codes, 2, n, 2, tensor.device) - 1
-        total = (scale.to(cd) * ints.to(cd)).reshape(tensor.shape).to(tensor.dtype)
+            codes, valid = _unpack("terngrad", codes, 2, n, 2, tensor.device)
+            ints += codes - 1
+            ok = _both(ok, valid)
+        total = mark_corrupt((scale.to(cd) * ints.to(cd)).reshape(tensor.shape).to(tensor.dtype), ok)
         return Exchanged(total, Payload((packed, scale), op="gather"))
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
@@ -283,12 +301,14 @@ class TernGrad(Compressor):
         n = like.numel()
         total = torch.zeros(n, dtype=cd, device=like.device)
         check_payloads("terngrad", payloads)
+        ok = None
         for p in payloads:
             packed, scale = _tensors(p, 2, "terngrad")
             check_tensor("terngrad", "scale", scale, kind="floating-point", numel=1)
-            ternary = (_unpack("terngrad", packed, 2, n, 2, like.device) - 1).to(cd)
-            total += scale.to(like.device, cd).reshape(()) * ternary
-        return total.reshape(like.shape).to(like.dtype)
+            codes, valid = _unpack("terngrad", packed, 2, n, 2, like.device)
+            total += scale.to(like.device, cd).reshape(()) * (codes - 1).to(cd)
+            ok = _both(ok, valid)
+        return mark_corrupt(total.reshape(like.shape).to(like.dtype), ok)
 
 
 # --------------------------------------------------------------------- QSGD
@@ -369,12 +389,14 @@ class QSGD(Compressor):
         nb = -(-n // d)
         total = torch.zeros(nb, d, dtype=cd, device=like.device)
         check_payloads("qsgd", payloads)
+        ok = None
         for p in payloads:
             norms, packed = _tensors(p, 2, "qsgd")
             if norms.numel() != nb:
                 raise ValueError(f"qsgd: {n} entries in buckets of {d} need {nb} norms, got {norms.numel()}")
             check_tensor("qsgd", "norms", norms, kind="floating-point", dim=1)
-            levels = _unpack("qsgd", packed, self.width, n, 2 * s, like.device) - s
-            levels = torch.cat([levels, levels.new_zeros(nb * d - n)]).view(nb, d).to(cd)
+            codes, valid = _unpack("qsgd", packed, self.width, n, 2 * s, like.device)
+            ok = _both(ok, valid)
+            levels = torch.cat([codes - s, codes.new_zeros(nb * d - n)]).view(nb, d).to(cd)
             total += norms.to(like.device, cd).unsqueeze(1) * levels / s
-        return total.reshape(-1)[:n].reshape(like.shape).to(like.dtype)
+        return mark_corrupt(total.reshape(-1)[:n].reshape(like.shape).to(like.dtype), ok)

@@ -18,6 +18,20 @@ formats (``wire``):
 
 Workers' payloads are all-gathered and scatter-added in rank order, so every
 rank (and the simulator) sums them in the same order.
+
+Off the CPU (:func:`~gradcomp.compressors.base.device_path`) every step has
+fixed shapes and reads no value on the host: selection is exact ``torch.topk``
+and a ``sort``, compact codes decode by ``cumsum`` and ``searchsorted``
+(:func:`~gradcomp.compressors.bits.decode_sorted_flagged`), each worker's
+payload is added with its own ``index_add_``, in rank order (its indices are
+distinct, so no two atomic adds meet and every rank gets the same bits), and a
+corrupt payload turns the result's first entry into NaN instead of raising
+(:func:`~gradcomp.compressors.base.mark_corrupt`).  The values are those of
+the CPU path: DGC's sampled selection returns exactly the k largest
+magnitudes too (ties aside: the CPU path breaks them toward the lower index,
+``torch.topk`` in no stated order).  ``threshold`` and ``dryden`` send a
+number of entries that depends on the data, as their papers define them, so
+their compression reads one count on the host on every device.
 """
 
 from __future__ import annotations
@@ -34,7 +48,8 @@ from torch import Tensor
 from .. import kernels
 from . import bits
 from .base import (Compressor, Exchange, Exchanged, Payload, check_indices, check_int, check_payloads, check_range,
-                   check_tensor, index_dtype, num_selected, register, tensors_of)
+                   check_tensor, device_path, generator, index_dtype, mark_corrupt, num_selected, register, tensors_of,
+                   valid_indices)
 
 __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "select_topk",
            "select_dgc", "WIRES", "check_wire"]
@@ -51,9 +66,10 @@ def select_topk(flat: Tensor, k: int) -> Tensor:
 
 
 def _ascending(indices: Tensor, numel: int) -> Tensor:
-    """Distinct ``indices`` below ``numel`` in increasing order: a sort when they are few, a mask over
-    the tensor when they are many (one O(numel) pass instead of an O(k log k) sort)."""
-    if indices.numel() * 32 < numel:
+    """Distinct ``indices`` below ``numel`` in increasing order: a sort when they are few (or off the CPU,
+    where the mask's ``nonzero`` would read its count on the host), a mask over the tensor when they are many
+    (one O(numel) pass instead of an O(k log k) sort)."""
+    if indices.numel() * 32 < numel or device_path(indices):
         return indices.sort().values
     mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
     mask[indices] = True
@@ -146,10 +162,11 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0,
     largest magnitudes (exact ``torch.topk`` on the whole tensor is the
     fallback if refinement fails), in increasing order of index.  Every entry
     is touched by one comparison and one ``nonzero``; the ranking runs on ~1%
-    of them.
+    of them.  Off the CPU, where each refinement would read a count on the
+    host, it is exact ``torch.topk`` and a sort: the same k entries.
     """
     n = flat.numel()
-    if k >= n or sample_ratio >= 1.0 or n <= SMALL:
+    if k >= n or sample_ratio >= 1.0 or n <= SMALL or device_path(flat):
         return _ascending(select_topk(flat, k), n)
     workspace = workspace or Workspace()
     target = (1.0 + upper) / 2.0
@@ -192,15 +209,13 @@ def check_wire(owner: str, wire: str) -> None:
 
 def _pow2_scale(values: Tensor) -> Tensor:
     """A power of two s with max |values| / s in [2**14, 2**15): float16 holds every value / s
-    without overflow, the largest ones with its full 11-bit precision."""
+    without overflow, the largest ones with its full 11-bit precision; 1 for none or all zero.  No sync."""
     one = torch.ones(1, dtype=torch.float32, device=values.device)
     if values.numel() == 0:
         return one
     peak = values.abs().max().float()
-    if peak == 0:
-        return one
     _, exponent = torch.frexp(peak)  # peak = m * 2**exponent, m in [0.5, 1)
-    return torch.ldexp(one, (exponent - 15).clamp(min=-126))
+    return torch.where(peak == 0, one, torch.ldexp(one, (exponent - 15).clamp(min=-126)))
 
 
 def _sparse_payload(flat: Tensor, indices: Tensor, wire: str) -> Payload:
@@ -217,16 +232,35 @@ def _sparse_payload(flat: Tensor, indices: Tensor, wire: str) -> Payload:
                    meta=(half.float() * scale, indices.long()))
 
 
+def _plain(payload: Payload, owner: str) -> tuple[Tensor, Tensor]:
+    """A plain payload's (values, indices), checked for what the host knows: count, type, dimension."""
+    values, indices = tensors_of(owner, payload, 2)
+    check_tensor(owner, "values", values, kind="floating-point", dim=1)
+    if indices.numel() != values.numel():
+        raise ValueError(f"{owner}: corrupt sparse payload: {values.numel()} values but {indices.numel()} indices")
+    check_tensor(owner, "indices", indices, kind="integer", dim=1)
+    return values, indices
+
+
 def _decode(payload: Payload, numel: int, wire: str, owner: str = "sparse") -> tuple[Tensor, Tensor]:
     """(values, int64 indices) of a sparse payload; a corrupt one raises ``ValueError``."""
     if wire == "plain":
-        values, indices = tensors_of(owner, payload, 2)
-        check_tensor(owner, "values", values, kind="floating-point", dim=1)
-        if indices.numel() != values.numel():
-            raise ValueError(f"{owner}: corrupt sparse payload: {values.numel()} values but {indices.numel()} indices")
+        values, indices = _plain(payload, owner)
         check_indices(owner, "indices", indices, numel)
         return values, indices.long()
     return _decode_compact_stack([payload], numel, owner)
+
+
+def _decode_flagged(payload: Payload, numel: int, wire: str, owner: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The device path's :func:`_decode`: (values, int64 indices, ok), no sync; where ``ok`` (a 0-d device
+    bool) is False, the indices are still in ``[0, numel)``."""
+    if wire == "plain":
+        values, indices = _plain(payload, owner)
+        indices, ok = valid_indices(indices.long(), numel)
+        return values, indices, ok
+    half, scales, codes = _compact_stack([payload], owner)
+    indices, ok = bits.decode_sorted_flagged(codes, numel, half.shape[1])
+    return (half.float() * scales).view(-1), indices.view(-1), ok
 
 
 def _compact_stack(payloads: Sequence[Payload], owner: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -255,8 +289,10 @@ def _sum_compact(payloads: Sequence[Payload], total: Tensor, owner: str) -> bool
     """Add N compact payloads of one tensor (same sizes) into ``total`` in rank order with the compiled kernel,
     as :func:`_decode_compact_stack` and ``index_add_`` do; False, with nothing done, where it does not apply
     (no kernel, or not a float32 CPU tensor).  A corrupt code raises as :func:`bits.decode_sorted`."""
+    if total.dtype is not torch.float32 or device_path(total):
+        return False
     lib = kernels.library()
-    if lib is None or total.dtype is not torch.float32 or total.device.type != "cpu":
+    if lib is None:
         return False
     half, scales, codes = _compact_stack(payloads, owner)
     numel, k = total.numel(), half.shape[1]
@@ -296,6 +332,8 @@ class _Sparse(Compressor):
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         check_payloads(self.name, payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+        if device_path(total):
+            return self._accumulate(payloads, total).view(like.shape)
         if self.wire == "compact" and len({tuple(t.shape for t in p.tensors) for p in payloads}) == 1:
             if _sum_compact(payloads, total, self.name):  # decoded and summed in one call
                 return total.view(like.shape)
@@ -306,10 +344,36 @@ class _Sparse(Compressor):
         total.index_add_(0, indices, values.to(like.dtype))  # rank order: every rank sums alike
         return total.view(like.shape)
 
+    def decode_flagged(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`decode` on the device path: the values, the indices (in bounds) and a 0-d device bool, True
+        when the payload was valid (``None``: nothing to check)."""
+        return _decode_flagged(payload, numel, self.wire, self.name)
+
+    def _accumulate(self, payloads: Sequence[Payload], total: Tensor) -> Tensor:
+        """The device path's :meth:`decompress` into the zeros ``total``: one ``index_add_`` per payload, in
+        rank order.  A sender's indices are distinct, so no two of an ``index_add_``'s atomic adds on a GPU
+        meet, and every rank adds each entry's values in the same order: the same bits on every rank and
+        run, equal to the CPU path's single ``index_add_`` over all of them.  A corrupt payload sets NaN
+        (:func:`mark_corrupt`); no sync."""
+        numel, ok = total.numel(), None
+        if self.wire == "compact" and len({tuple(t.shape for t in p.tensors) for p in payloads}) == 1:
+            half, scales, codes = _compact_stack(payloads, self.name)  # every worker's code decoded at once
+            indices, ok = bits.decode_sorted_flagged(codes, numel, half.shape[1])
+            decoded = zip(half.float() * scales, indices)
+        else:
+            decoded = []
+            for p in payloads:
+                values, indices, valid = self.decode_flagged(p, numel)
+                decoded.append((values, indices))
+                ok = valid if ok is None or valid is None else ok & valid
+        for values, indices in decoded:
+            total.index_add_(0, indices, values.to(total.dtype))
+        return mark_corrupt(total, ok)
+
     def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
         flat = accumulator.view(-1)
         values, indices = self._own(sent, flat.numel())
-        flat.index_put_((indices,), -values.to(flat.dtype), accumulate=True)
+        flat.index_add_(0, indices, -values.to(flat.dtype))  # distinct indices: no two adds meet
 
 
 @register
@@ -433,9 +497,11 @@ class DGCSelect(_Sparse):
         kernel).  ``key`` names the list of tensors (their names, say): what
         the call needs for them is kept between steps under it.
         """
+        if not all(t.dtype is torch.float32 and not device_path(t) and t.is_contiguous()
+                   for group in (grads, us, vs) for t in group):
+            return None  # never built for tensors it cannot take
         lib = kernels.library()
-        if lib is None or not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
-                                  for group in (grads, us, vs) for t in group):
+        if lib is None:
             return None
         threads, space = kernels.threads(), self.workspace
         ns = [g.numel() for g in grads]
@@ -499,15 +565,17 @@ class SharedSelect(DGCSelect):
         else:
             code = torch.zeros(bits.sorted_nbytes(numel, k), dtype=torch.uint8, device=flat.device)
         (chosen,) = yield Payload((code,), op="sum", last=False)
-        indices = bits.decode_sorted(chosen.tensors[0], numel, k)  # a code of two leaders raises here
+        if device_path(flat):  # a code of two leaders sets NaN
+            indices, ok = bits.decode_sorted_flagged(chosen.tensors[0], numel, k)
+        else:  # a code of two leaders raises here
+            indices, ok = bits.decode_sorted(chosen.tensors[0], numel, k), None
         values = flat[indices]
         sent = Payload((values,), op="sum", meta=(values, indices))
         (summed,) = yield sent
         (values_sum,) = tensors_of("dgc-shared", summed, 1)
         check_tensor("dgc-shared", "values", values_sum, kind="floating-point", numel=k)
-        total = torch.zeros_like(flat)
-        total[indices] = values_sum.reshape(-1).to(flat.dtype)
-        return Exchanged(total.view_as(tensor), sent)
+        total = torch.zeros_like(flat).index_copy_(0, indices, values_sum.reshape(-1).to(flat.dtype))
+        return Exchanged(mark_corrupt(total, ok).view_as(tensor), sent)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         raise NotImplementedError("a shared selection decodes inside its exchange (the indices come first)")
@@ -520,7 +588,9 @@ class RandomK(_Sparse):
 
     Every rank draws the same indices (same seed, same step count kept in the
     per-parameter ``state``), so only the values travel and they are summed
-    with an all-reduce: k values, no index bytes.
+    with an all-reduce: k values, no index bytes.  The draw runs on the
+    tensor's device with a generator of that device (the same on every rank;
+    a CUDA run draws other indices than a CPU run of the same seed).
     """
 
     name = "randomk"
@@ -531,15 +601,18 @@ class RandomK(_Sparse):
         check_range("randomk", "density", self.density, 0.0, 1.0, low_open=True)
 
     def _indices(self, numel: int, state: dict | None, device: torch.device) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        if state is not None:
-            if "rng" in state:
-                generator.set_state(state["rng"])
+        rng = generator(device, self.seed)
+        if state is not None and "rng" in state and rng is not None:
+            try:
+                rng.set_state(state["rng"])
+            except RuntimeError as err:  # a state saved on another device type
+                raise ValueError(f"randomk: the saved random state does not fit a {device.type} generator "
+                                 f"({err})") from None
         k = num_selected(self.density, numel)
-        indices = torch.randperm(numel, generator=generator)[:k]
-        if state is not None:
-            state["rng"] = generator.get_state()
-        return indices.to(device)
+        indices = torch.randperm(numel, generator=rng, device=device)[:k]
+        if state is not None and rng is not None:
+            state["rng"] = rng.get_state()
+        return indices
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
@@ -552,6 +625,9 @@ class RandomK(_Sparse):
         check_tensor("randomk", "values", values, kind="floating-point", dim=1, numel=indices.numel())
         return values, indices
 
+    def decode_flagged(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor, None]:
+        return (*self.decode(payload, numel), None)  # the indices are this rank's own draw: nothing to check
+
 
 def _signed_codes(indices: Tensor, negative: Tensor, numel: int) -> Tensor:
     """Strom's encoding: index and sign in one integer, ``index * 2 + (value < 0)``."""
@@ -563,14 +639,19 @@ def _split_codes(codes: Tensor) -> tuple[Tensor, Tensor]:
     return codes >> 1, codes & 1
 
 
-def _check_codes(owner: str, codes: Tensor, numel: int) -> None:
-    """Signed codes ``index * 2 + sign`` must address ``[0, numel)``: codes in ``[0, 2 * numel)``."""
+def _check_codes(owner: str, codes: Tensor, numel: int) -> tuple[Tensor, Tensor | None]:
+    """Signed codes ``index * 2 + sign`` must address ``[0, numel)``: codes in ``[0, 2 * numel)``.  On the
+    device path the verdict stays on the device: ``codes`` with the bad ones made 0, and a 0-d bool;
+    on the CPU path a bad code raises and ``codes`` come back with ``None``."""
     check_tensor(owner, "codes", codes, kind="integer", dim=1)
+    if device_path(codes):
+        return valid_indices(codes.long(), 2 * numel)
     if codes.numel():
         low, high = int(codes.min()), int(codes.max())
         if low < 0 or high >= 2 * numel:
             raise ValueError(f"{owner}: corrupt payload: codes (index * 2 + sign) must lie in [0, {2 * numel}) for a "
                              f"tensor of {numel} entries, got {low if low < 0 else high} (index out of range)")
+    return codes, None
 
 
 @register
@@ -597,12 +678,14 @@ class Threshold(Compressor):
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         check_payloads("threshold", payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-        for p in payloads:
+        ok = None
+        for p in payloads:  # one index_add_ per worker, in rank order (see _Sparse._accumulate)
             (codes,) = tensors_of("threshold", p, 1)
-            _check_codes("threshold", codes, like.numel())
+            codes, valid = _check_codes("threshold", codes, like.numel())
+            ok = valid if ok is None else ok & valid
             indices, negative = _split_codes(codes)
             total.index_add_(0, indices, self.tau * (1 - 2 * negative).to(like.dtype))
-        return total.view(like.shape)
+        return mark_corrupt(total, ok).view(like.shape)
 
 
 @register
@@ -611,7 +694,8 @@ class Dryden(Compressor):
     """Dryden et al. 2016: send a fixed ``proportion`` of the positive and of the
     negative entries (the largest of each), each side reconstructed as its mean.
 
-    Wire: one 32-bit word per entry (index and sign) plus the two means.
+    Wire: one 32-bit word per entry (index and sign) plus the two means.  The
+    counts of positive and negative entries are read on the host (one sync).
     """
 
     name = "dryden"
@@ -623,8 +707,7 @@ class Dryden(Compressor):
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
         flat = tensor.reshape(-1)
-        n_pos = int((flat > 0).sum())
-        n_neg = int((flat < 0).sum())
+        n_pos, n_neg = torch.stack([(flat > 0).sum(), (flat < 0).sum()]).tolist()  # the sizes: one read
         k_pos = math.ceil(self.proportion * n_pos)
         k_neg = math.ceil(self.proportion * n_neg)
         pos = torch.topk(flat, k_pos, sorted=False).indices
@@ -632,17 +715,19 @@ class Dryden(Compressor):
         zero = flat.new_zeros(())
         means = torch.stack([flat[pos].mean() if k_pos else zero, flat[neg].mean() if k_neg else zero])
         indices = torch.cat([pos, neg])
-        negative = torch.cat([torch.zeros(k_pos, dtype=torch.bool), torch.ones(k_neg, dtype=torch.bool)])
-        return Payload((_signed_codes(indices, negative.to(flat.device), flat.numel()), means), op="gather",
-                       variable=True)
+        negative = torch.cat([torch.zeros(k_pos, dtype=torch.bool, device=flat.device),
+                              torch.ones(k_neg, dtype=torch.bool, device=flat.device)])
+        return Payload((_signed_codes(indices, negative, flat.numel()), means), op="gather", variable=True)
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
         check_payloads("dryden", payloads)
         total = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-        for p in payloads:
+        ok = None
+        for p in payloads:  # one index_add_ per worker, in rank order (see _Sparse._accumulate)
             codes, means = tensors_of("dryden", p, 2)
-            _check_codes("dryden", codes, like.numel())
+            codes, valid = _check_codes("dryden", codes, like.numel())
+            ok = valid if ok is None else ok & valid
             check_tensor("dryden", "means", means, kind="floating-point", numel=2)
             indices, negative = _split_codes(codes)
             total.index_add_(0, indices, means.reshape(2).to(like.dtype)[negative])
-        return total.view(like.shape)
+        return mark_corrupt(total, ok).view(like.shape)
