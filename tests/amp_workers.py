@@ -12,8 +12,9 @@ from guard_workers import _tensors
 
 
 def amp_train(rank, world, spec=None, steps=8, scaler=None, inf_at=None, inf_rank=1, drop=(), dtype=torch.float32,
-              device="cpu", lr=0.1, batch_size=64):
-    """Train ``steps`` batches through DDP and gradcomp's hook with ``spec`` (None: plain DDP, no hook).
+              device="cpu", front="hook", lr=0.1, batch_size=64):
+    """Train ``steps`` batches through DDP and gradcomp's hook with ``spec`` (None: plain DDP, no hook), or with
+    ``front="optim"`` through a DistributedOptimizer (synchronized before the scaler steps).
 
     ``scaler``: GradScaler options (``{"init_scale": ..., "growth_interval": ...}``) for the usual AMP loop with
     the scaler given to the hook; None: the plain loop (``loss.backward()``; the optimizer steps unless the hook
@@ -25,8 +26,12 @@ def amp_train(rank, world, spec=None, steps=8, scaler=None, inf_at=None, inf_ran
     model = mlp(dtype=dtype).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     amp = torch.amp.GradScaler(device, **scaler) if scaler is not None else None
-    net = DDP(model, device_ids=[0] if device == "cuda" else None)
-    state = gradcomp.register_ddp_hook(net, build_method(spec), optimizer=opt, scaler=amp) if spec else None
+    if front == "optim":
+        net = model
+        opt = state = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec), scaler=amp)
+    else:
+        net = DDP(model, device_ids=[0] if device == "cuda" else None)
+        state = gradcomp.register_ddp_hook(net, build_method(spec), optimizer=opt, scaler=amp) if spec else None
     out = {"scales": [], "largest_grad": 0.0, "weights_kept": None, "memory_kept": None, "skipped_seen": None}
     for step, (xb, yb) in enumerate(batches(x, y, batch_size, steps)):
         if step in drop:
@@ -46,6 +51,8 @@ def amp_train(rank, world, spec=None, steps=8, scaler=None, inf_at=None, inf_ran
         else:
             before = amp.get_scale()
             amp.scale(loss).backward()
+            if front == "optim":
+                opt.synchronize()
             out["largest_grad"] = max(out["largest_grad"], max(float(p.grad.abs().max()) for p in model.parameters()))
             amp.step(opt)
             amp.update()

@@ -28,6 +28,8 @@ JOBS = {
     "dgc_bf16": {"spec": DGC, "dtype": torch.bfloat16},
     "fp16_scaled": {"spec": ("fp16", {}), "scaler": {"init_scale": 2.0**24, "growth_interval": 2}},
     "fp16": {"spec": ("fp16", {})},
+    "optim_overflow": {"spec": DGC, "front": "optim", "scaler": GROWING, "inf_at": OVERFLOW_AT},
+    "optim_without_that_step": {"spec": DGC, "front": "optim", "drop": (OVERFLOW_AT,)},
 }
 
 
@@ -55,11 +57,11 @@ def test_memory_stays_in_unscaled_units_while_the_scale_changes(ranks):
         assert scaled["bytes"] == plain["bytes"] > 0
 
 
-@pytest.mark.parametrize("method", ["dgc", "none"])
+@pytest.mark.parametrize("method", ["dgc", "none", "optim"])
 def test_an_overflow_on_one_rank_reaches_every_ranks_scaler_and_changes_no_memory(ranks, method):
     """An Inf in rank 1's loss at one step: on both ranks the scaler skips the step and halves its scale, the
     weights and the method's memory are what they were before the step, and the run ends where the run without
-    that step's batch ends."""
+    that step's batch ends (through the hook with DGC and with "none", and through the DistributedOptimizer)."""
     for rank, out in enumerate(ranks):
         run, reference = out[f"{method}_overflow"], out[f"{method}_without_that_step"]
         before, after = run["scales"][OVERFLOW_AT]
