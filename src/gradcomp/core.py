@@ -10,7 +10,10 @@ A :class:`Core` owns what each front door (the DDP hook's :class:`~gradcomp.Hook
 * the guard (:class:`~gradcomp.guard.StepGuard`: settings agreement at the
   first step, the non-finite verdict every step);
 * the communicator on the process group;
-* the optimizer-pairing check.
+* the optimizer-pairing check;
+* the ``torch.amp.GradScaler``, if the gradients carry its loss scale
+  (:meth:`Core.loss_scale`): the method then works on unscaled gradients, so
+  memory holds unscaled values whatever the scale does.
 
 It binds to the process group lazily, at the first step, so a front door can
 be built before ``torch.distributed.init_process_group`` (Lightning,
@@ -24,6 +27,7 @@ Its :meth:`state_dict` is this rank's own state; the checkpoint integrations
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -37,9 +41,24 @@ from .compressors.base import Compressor
 from .guard import StepGuard, check_settings
 from .method import Method, MethodExchange, as_method, check_optimizer
 
-__all__ = ["Core", "Door"]
+__all__ = ["Core", "Door", "check_scaler"]
 
 log = logging.getLogger(__name__)
+
+
+def check_scaler(owner: str, scaler: torch.amp.GradScaler | None, nonfinite: str) -> torch.amp.GradScaler | None:
+    """``scaler`` if it is an enabled ``torch.amp.GradScaler`` (None if disabled: it scales nothing); TypeError
+    or ValueError naming the problem otherwise."""
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"{owner}: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    if not scaler.is_enabled():
+        return None
+    if nonfinite != "skip":
+        raise ValueError(f"{owner}: with a GradScaler nonfinite must be 'skip' (an overflow is the scaler's to "
+                         f"handle: it skips the step and lowers its scale), got {nonfinite!r}")
+    return scaler
 
 
 class Core:
@@ -59,18 +78,21 @@ class Core:
             the method (:func:`~gradcomp.method.check_optimizer`).  A door
             that cannot see it passes ``None`` and warns once at the first
             step when the method applies momentum itself.
+        scaler: the ``torch.amp.GradScaler`` whose scale the gradients carry (None: unscaled gradients).
 
     Raises:
+        TypeError: a scaler that is not a ``torch.amp.GradScaler``.
         ValueError: a bad setting, or an optimizer the method cannot be paired with.
     """
 
     def __init__(self, method: Method | Compressor | str,
                  process_group: dist.ProcessGroup | Communicator | None = None, *,
                  owner: str, nonfinite: str = "skip", emulate_latency_ms: float = 0.0,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
         self.owner = owner
         self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
-        self.guard = StepGuard(nonfinite)
+        self.scaler = check_scaler(owner, scaler, nonfinite)
+        self.guard = StepGuard(nonfinite, scaled=self.scaler is not None)
         self.process_group = process_group
         self.emulate_latency_ms = check_latency(emulate_latency_ms)
         self.optimizer_checked = False
@@ -139,13 +161,34 @@ class Core:
     def check(self, grads: Mapping[str, Tensor], **extra: Any) -> bool:
         """The guard, for the doors whose ranks step together: True when the step may go on, False when
         every rank skips it (``nonfinite="skip"``); the settings check at the first step."""
-        return self.guard.check(self.comm, self.configured, grads, **extra)
+        return self.guard.check(self.comm, self.configured, grads, loss_scaled=self.scaler is not None, **extra)
 
     def check_settings(self, params: Mapping[str, Tensor], **extra: Any) -> None:
         """The settings check alone (the doors that decide on non-finite gradients by themselves)."""
         if not self.guard.settings_checked:
             self.guard.settings_checked = True
-            check_settings(self.comm, self.configured, params, nonfinite=self.guard.nonfinite, **extra)
+            check_settings(self.comm, self.configured, params, nonfinite=self.guard.nonfinite,
+                           loss_scaled=self.scaler is not None, **extra)
+
+    def loss_scale(self) -> Tensor | None:
+        """The scale this step's gradients carry: the scaler's scale tensor as it is now (on its device, read
+        without a host sync), or None without a scaler.  It changes only in ``scaler.update()``, after the step.
+
+        Raises:
+            RuntimeError: the scaler has no scale yet (backward did not run on ``scaler.scale(loss)``).
+        """
+        if self.scaler is None:
+            return None
+        scale = self.scaler._get_scale_async()  # get_scale() would sync the host with the device
+        if scale is None:
+            raise RuntimeError(f"{self.owner}: the GradScaler has no scale yet; run backward on scaler.scale(loss)")
+        return scale
+
+    @property
+    def skipped_fill(self) -> float:
+        """What a skipped step leaves in the gradients: zeros, or with a scaler Inf, so that every rank's
+        ``scaler.step`` skips the optimizer step and ``scaler.update`` lowers the scale."""
+        return math.inf if self.scaler is not None else 0.0
 
     @property
     def defer(self) -> bool:
@@ -160,9 +203,10 @@ class Core:
         world = self.world_size
         return {n: method.exchange(n, prepared[n], world) for n in (names if names is not None else prepared)}
 
-    def exchange(self, grads: Mapping[str, Tensor]) -> torch.futures.Future:
-        """Prepare and exchange ``grads`` (one bucket); a future of ``{name: average}``."""
-        return self.comm.exchange(self.exchanges(self.method.prepare(grads, self.world_size)))
+    def exchange(self, grads: Mapping[str, Tensor], scale: Tensor | None = None) -> torch.futures.Future:
+        """Prepare and exchange ``grads`` (one bucket) carrying the loss ``scale``; a future of
+        ``{name: average}``, unscaled."""
+        return self.comm.exchange(self.exchanges(self.method.prepare(grads, self.world_size, scale)))
 
     def end_step(self) -> None:
         """The step is over: advance the method's counters (and with them its schedules)."""

@@ -29,6 +29,34 @@ weight decay would still move the weights)::
         optimizer.step()
 
 ``nonfinite="raise"`` raises instead, on the rank that saw it.
+
+Mixed precision: when the loss is scaled by a ``torch.amp.GradScaler``, give
+the hook the scaler (``scaler=``).  The contract:
+
+* The method works on unscaled gradients.  The hook divides each gradient by
+  the scaler's current scale (its scale tensor, read without a host sync)
+  before the method sees it, so residuals and momenta stay in gradient units
+  however the scale changes, and it hands DDP the average multiplied back by
+  the same scale, so that ``scaler.step`` unscales and checks it as it would
+  any DDP gradient.  GradScaler's scales are powers of two (unless set
+  otherwise), which makes both exact: the scaled run sends the same payloads
+  and ends at the same weights as the run without a scaler, bit for bit.
+* A step with a non-finite gradient (an overflow) on any rank changes no
+  memory on any rank and leaves Inf in every rank's gradients: every rank's
+  ``scaler.step`` skips the optimizer step and ``scaler.update()`` lowers the
+  scale, the same on every rank.  The loop is the usual AMP loop::
+
+      scaler.scale(loss).backward()
+      scaler.step(optimizer)
+      scaler.update()
+
+  (``nonfinite`` must be ``"skip"``.)  The average times the scale may still
+  overflow (a scale close to the gradient dtype's limit): the scaler then skips
+  the step too, but the method's memory has taken it.
+
+16-bit gradients (a bf16 or fp16 model) travel in their own dtype where the
+method sends tensors dense (``"none"``, DGC's dense tensors); memory is kept in
+float32.
 """
 
 import logging
@@ -47,10 +75,20 @@ __all__ = ["HookState", "ddp_comm_hook", "register_ddp_hook"]
 log = logging.getLogger(__name__)
 
 
-def _write(names: list[str], grads: list[Tensor], averages: dict[str, Tensor]) -> None:
-    """Put the averaged gradients into the bucket's gradient views."""
+def _write(names: list[str], grads: list[Tensor], averages: dict[str, Tensor], scale: Tensor | None) -> None:
+    """Put the averaged gradients into the bucket's gradient views, times the loss ``scale`` if there is one."""
     for name, grad in zip(names, grads):
         grad.copy_(averages[name].view_as(grad))
+        if scale is not None:
+            grad.mul_(scale)
+
+
+def _fill(t: Tensor, value: float) -> None:
+    """Set every entry of ``t`` (the stored values of a sparse tensor, as GradScaler reads them) to ``value``."""
+    if t.is_sparse:
+        t._values().fill_(value)
+    else:
+        t.fill_(value)
 
 
 class _Bucket:
@@ -61,11 +99,12 @@ class _Bucket:
         self.sparse = buffer.is_sparse or any(g.is_sparse for g in grads)
         self.future: Future = Future()
 
-    def settle(self, averages: Future) -> None:
-        """Complete :attr:`future` once ``averages`` (a future of ``{name: average}``) completes."""
+    def settle(self, averages: Future, scale: Tensor | None = None) -> None:
+        """Complete :attr:`future` once ``averages`` (a future of ``{name: average}``) completes; the gradients
+        get the averages times ``scale`` (the loss scale, if any)."""
         def complete(f: Future) -> None:
             try:
-                _write(self.names, self.grads, f.value())
+                _write(self.names, self.grads, f.value(), scale)
                 self.future.set_result(self.buffer)
             except Exception as error:  # noqa: BLE001 - DDP must see it, not hang
                 self.future.set_exception(error)
@@ -90,16 +129,21 @@ class HookState(Door):
             momentum warns once at the first step.
         emulate_latency_ms: see :class:`~gradcomp.comm.Communicator` (experiments only).
         nonfinite: ``"skip"`` or ``"raise"`` (see the module docstring).
+        scaler: the ``torch.amp.GradScaler`` that scales the loss, if one does
+            (see the module docstring); a disabled one counts as none.
 
     Raises:
-        ValueError: a bad setting, or an optimizer the method cannot be paired with.
+        TypeError: a scaler that is not a ``torch.amp.GradScaler``.
+        ValueError: a bad setting, an optimizer the method cannot be paired with, or a scaler with
+            ``nonfinite="raise"``.
     """
 
     def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
                  model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
+                 emulate_latency_ms: float = 0.0, nonfinite: str = "skip",
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.core = Core(method, process_group, owner="HookState", nonfinite=nonfinite,
-                         emulate_latency_ms=emulate_latency_ms, optimizer=optimizer)
+                         emulate_latency_ms=emulate_latency_ms, optimizer=optimizer, scaler=scaler)
         #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
         self.step_skipped = False
         self.names: dict[int, str] = {}
@@ -120,20 +164,22 @@ class HookState(Door):
     def run(self, buckets: list[_Bucket]) -> None:
         """Exchange ``buckets`` (in order); after the guard's verdict when they are the whole step."""
         core = self.core
+        scale = core.loss_scale()
         if core.defer:
             grads = {n: g for b in buckets for n, g in zip(b.names, b.grads)}
             self.step_skipped = not core.check(grads)
             if self.step_skipped:
                 for b in buckets:
-                    b.buffer.zero_()
+                    _fill(b.buffer, core.skipped_fill)
                     for g in b.grads:  # views into the buffer on CPU and CUDA alike, but not promised by DDP
-                        g.zero_()
+                        _fill(g, core.skipped_fill)
                     b.future.set_result(b.buffer)
                 return
         dense = {n: g for b in buckets if not b.sparse for n, g in zip(b.names, b.grads)}
-        prepared = core.method.prepare(dense, core.world_size)
-        for b in buckets:
-            b.settle(self._all_reduce_sparse(b) if b.sparse else core.comm.exchange(core.exchanges(prepared, b.names)))
+        prepared = core.method.prepare(dense, core.world_size, scale)
+        for b in buckets:  # a sparse bucket is averaged as it is: the mean of scaled gradients is the scaled mean
+            b.settle(self._all_reduce_sparse(b) if b.sparse else core.comm.exchange(core.exchanges(prepared, b.names)),
+                     None if b.sparse else scale)
 
     def _all_reduce_sparse(self, bucket: _Bucket) -> Future:
         """A sparse bucket, averaged as PyTorch's ``allreduce_hook`` averages it (not compressed)."""
@@ -175,12 +221,12 @@ def ddp_comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
 def register_ddp_hook(model: nn.parallel.DistributedDataParallel, method: Method | Compressor | str,
                       process_group: dist.ProcessGroup | None = None, *,
                       optimizer: torch.optim.Optimizer | None = None, emulate_latency_ms: float = 0.0,
-                      nonfinite: str = "skip") -> HookState:
+                      nonfinite: str = "skip", scaler: torch.amp.GradScaler | None = None) -> HookState:
     """Register gradcomp's hook on a DDP model, with memory keyed by its parameter names; returns the state.
 
     Args:
         model: the ``DistributedDataParallel`` model.
-        method, process_group, optimizer, emulate_latency_ms, nonfinite: see :class:`HookState`.
+        method, process_group, optimizer, emulate_latency_ms, nonfinite, scaler: see :class:`HookState`.
 
     Returns:
         The :class:`HookState`: ``state.step_skipped`` after each backward, ``state.state_dict()`` for checkpoints.
@@ -191,8 +237,18 @@ def register_ddp_hook(model: nn.parallel.DistributedDataParallel, method: Method
         >>> method = gradcomp.DGC(density=0.001)
         >>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, **gradcomp.sgd_settings(method, momentum=0.9))
         >>> state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt)
+
+    With mixed precision::
+
+        >>> scaler = torch.amp.GradScaler("cuda")
+        >>> state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt, scaler=scaler)
+        >>> with torch.autocast("cuda", dtype=torch.float16):
+        ...     loss = loss_fn(ddp(x), y)
+        >>> scaler.scale(loss).backward()
+        >>> scaler.step(opt)
+        >>> scaler.update()
     """
     state = HookState(method, process_group, model=model, optimizer=optimizer,
-                      emulate_latency_ms=emulate_latency_ms, nonfinite=nonfinite)
+                      emulate_latency_ms=emulate_latency_ms, nonfinite=nonfinite, scaler=scaler)
     model.register_comm_hook(state, ddp_comm_hook)
     return state

@@ -157,10 +157,13 @@ class StepGuard:
 
     ``check(comm, method, grads)`` (``method`` as the user configured it, the same on every rank) returns
     True when the step may go on and False when every rank skips it; ``skipped`` counts the skipped steps.
+    ``scaled``: the gradients carry a ``torch.amp.GradScaler``'s loss scale, whose overflows are routine
+    (logged at INFO, not WARNING: the scaler skips the step too and lowers its scale).
     """
 
-    def __init__(self, nonfinite: str = "skip") -> None:
+    def __init__(self, nonfinite: str = "skip", *, scaled: bool = False) -> None:
         self.nonfinite = check_nonfinite("StepGuard", nonfinite)
+        self.scaled = scaled
         self.settings_checked = False
         self.skipped = 0
 
@@ -176,9 +179,10 @@ class StepGuard:
             return True
         self.skipped += 1
         ranks = ", ".join(str(r) for r, c in enumerate(counts) if c)
-        log.warning("step skipped on every rank: non-finite gradient (NaN or Inf) on rank %s%s; no memory was "
-                    "changed (%d steps skipped so far)", ranks,
-                    f" (here in {', '.join(bad[:5])})" if bad else "", self.skipped)
+        log.log(logging.INFO if self.scaled else logging.WARNING,
+                "step skipped on every rank: non-finite gradient (NaN or Inf) on rank %s%s; no memory was "
+                "changed (%d steps skipped so far)%s", ranks, f" (here in {', '.join(bad[:5])})" if bad else "",
+                self.skipped, "; the GradScaler skips it too and lowers its scale" if self.scaled else "")
         return False
 
     def state_dict(self) -> dict[str, Any]:

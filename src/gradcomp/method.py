@@ -39,13 +39,18 @@ MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 AGGREGATES = ("gather", "shared")
 
 
-def _working(grad: Tensor) -> Tensor:
-    """Contiguous, and float32 for 16-bit gradients: residuals and momenta must not round to 8 bits."""
-    if grad.dtype in (torch.float16, torch.bfloat16):
-        return grad.float()
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _working(grad: Tensor, scale: Tensor | None = None, *, upcast: bool = True) -> Tensor:
+    """Contiguous, divided by the loss ``scale`` (if any), and float32 for 16-bit gradients unless ``upcast`` is
+    False: residuals and momenta must not round to 8 bits.  A new tensor whenever it differs from ``grad``."""
     if not grad.is_floating_point():
         raise TypeError(f"gradients must be floating point, got {grad.dtype}")
-    return grad.contiguous()
+    if upcast and grad.dtype in _HALF:
+        grad = grad.float()
+        return grad if scale is None else grad.div_(scale)
+    return grad.contiguous() if scale is None else grad.div(scale).contiguous()
 
 
 class Method:
@@ -70,16 +75,23 @@ class Method:
 
     # -- per step ---------------------------------------------------------
 
-    def prepare(self, grads: Mapping[str, Tensor], world_size: int) -> dict[str, Tensor]:
-        """Check this worker's gradients and bring them to working precision.
+    def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None
+                ) -> dict[str, Tensor]:
+        """Check this worker's gradients and bring them to working precision and units.
 
         Every tensor is checked before any of them touches memory, so a NaN or
         Inf raises :class:`NonFiniteGradientError` with nothing changed.
+        ``scale``: the loss scale the gradients carry (``torch.amp.GradScaler``'s),
+        divided out here, so that memory holds unscaled values whatever the scale does.
+        16-bit gradients are computed on in float32, except by a method without
+        memory that sends them as they are (``"none"``): it keeps their dtype, and
+        so their bytes on the wire.
         """
         bad = non_finite(grads)
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory was changed")
-        return {name: _working(g) for name, g in grads.items()}
+        upcast = not (type(self.compressor) is NoCompression and type(self.memory) is Memory)
+        return {name: _working(g, scale, upcast=upcast) for name, g in grads.items()}
 
     def exchange(self, name: str, grad: Tensor, world_size: int) -> MethodExchange:
         """Generator: compensate, exchange, keep the rest; returns the averaged gradient."""
@@ -278,6 +290,7 @@ class DGC(Method):
         self.owns_momentum = self.momentum > 0
         self.needs_all_gradients = self.clip_norm is not None
         self._sent: dict[str, Payload] = {}  # prepare's payloads, each taken by its tensor's exchange
+        self._wire: dict[str, torch.dtype] = {}  # the 16-bit dtypes of prepare's dense tensors, taken likewise
 
     @property
     def current_density(self) -> float:
@@ -288,8 +301,11 @@ class DGC(Method):
         """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small; or every one with ``sparsify_all``)."""
         return self.sparsify_all or (grad.dim() > 1 and grad.numel() >= self.min_numel)
 
-    def prepare(self, grads: Mapping[str, Tensor], world_size: int) -> dict[str, Tensor]:
-        grads = super().prepare(grads, world_size)
+    def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None
+                ) -> dict[str, Tensor]:
+        # dense tensors go out in their own dtype (a bf16 bias as 2 bytes an entry), computed on in float32
+        self._wire = {name: g.dtype for name, g in grads.items() if g.dtype in _HALF and not self.sparsified(g)}
+        grads = super().prepare(grads, world_size, scale)
         if self.clip_norm is not None and grads:
             # Local gradient clipping (section 3.2).  The paper sums the nodes' shares
             # G_k = g_k / N of the gradient and clips each share at clip_norm * N^-1/2 (with
@@ -312,8 +328,8 @@ class DGC(Method):
         if grad.numel() == 0:
             return torch.zeros_like(grad)
         if not self.sparsified(grad):
-            result = yield from NoCompression().exchange(grad)
-            return self.dense_momentum.apply(name, result.total.div_(world_size))
+            result = yield from NoCompression().exchange(grad.to(self._wire.pop(name, grad.dtype)))
+            return self.dense_momentum.apply(name, result.total.to(grad.dtype).div_(world_size))
         selector = self.compressor
         selector.density = self.current_density
         if isinstance(selector, SharedSelect):

@@ -18,6 +18,17 @@ gradient: the ranks first agree that none of them holds a NaN or Inf (see
 :mod:`gradcomp.guard`).  A step where one does is skipped on every rank:
 memory unchanged, ``p.grad`` set to None, the wrapped optimizer not stepped,
 ``step_skipped`` True.
+
+Mixed precision: given the ``torch.amp.GradScaler`` (``scaler=``), the method
+works on gradients with the loss scale divided out and ``p.grad`` gets the
+average times the scale, as with the DDP hook (see :mod:`gradcomp.ddp_hook`);
+a skipped step leaves Inf in every ``p.grad``.  The scaler must read the
+averaged gradients, so synchronize before it steps::
+
+    scaler.scale(loss).backward()
+    opt.synchronize()       # p.grad: the scaled average (Inf on a skipped step)
+    scaler.step(opt)        # unscales, checks, and steps the wrapped optimizer (step() does not exchange again)
+    scaler.update()
 """
 
 from __future__ import annotations
@@ -88,19 +99,22 @@ class DistributedOptimizer(OptimizerWrapper, Door):
     method owns momentum: the wrapped optimizer must be SGD with
     ``momentum=0`` (weight decay stays there, never sent, scaled by
     :func:`~gradcomp.sgd_settings`).  ``nonfinite``: ``"skip"`` or ``"raise"``
-    (see :mod:`gradcomp.guard`).
+    (see :mod:`gradcomp.guard`).  ``scaler``: the ``torch.amp.GradScaler`` that scales the loss, if one
+    does (see the module docstring).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
-                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0, nonfinite: str = "skip") -> None:
+                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0, nonfinite: str = "skip",
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         self.optimizer = optimizer
         self.core = Core(method, process_group, owner="DistributedOptimizer", nonfinite=nonfinite,
-                         optimizer=optimizer)
+                         optimizer=optimizer, scaler=scaler)
+        self._synchronized = False  # synchronize() ran since the last backward: step() does not exchange again
         self.backward_passes_per_step = backward_passes_per_step
         self.params = trained_parameters(named_parameters, optimizer)
         self.buckets = self._make_buckets(list(self.params.items())[::-1], bucket_cap_mb * 2**20)
@@ -125,6 +139,7 @@ class DistributedOptimizer(OptimizerWrapper, Door):
 
     def _make_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(_: Tensor) -> None:
+            self._synchronized = False
             self._passes[name] += 1
             if self._passes[name] == self.backward_passes_per_step:
                 self._ready[self._bucket_of[name]] += 1
@@ -146,7 +161,7 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
     def _start(self, names: list[str]) -> Future:
-        return self.core.exchange({n: self._grad(n) for n in names})
+        return self.core.exchange({n: self._grad(n) for n in names}, self.core.loss_scale())
 
     def _start_all_at_once(self) -> None:
         grads = {n: self._grad(n) for n in self.params}
@@ -155,29 +170,42 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         if self.step_skipped:
             return
         core = self.core
-        prepared = core.method.prepare(grads, core.world_size)
+        prepared = core.method.prepare(grads, core.world_size, core.loss_scale())
         for b, names in enumerate(self.buckets):
             self._futures[b] = core.comm.exchange(core.exchanges(prepared, names))
 
     def synchronize(self) -> None:
-        """Finish every exchange of this step and write the averaged gradients to ``p.grad``."""
+        """Finish every exchange of this step and write the averaged gradients to ``p.grad`` (times the loss
+        scale, with a scaler)."""
         self.step_skipped = False
+        scale = self.core.loss_scale()
         self._start_ready_buckets(all_remaining=True)
         for b, names in enumerate(self.buckets):
             averages = self._futures[b].wait() if not self.step_skipped else dict.fromkeys(names)
             for n in names:
                 p = self.params[n]
                 if averages[n] is None:
-                    p.grad = None
-                elif p.grad is None:
+                    p.grad = None if scale is None else torch.full_like(p, self.core.skipped_fill)
+                    continue
+                if p.grad is None:
                     p.grad = averages[n].view_as(p).to(p.dtype)
                 else:
                     p.grad.copy_(averages[n].view_as(p))
+                if scale is not None:
+                    p.grad.mul_(scale)
         self._passes = dict.fromkeys(self.params, 0)
         self._ready = [0] * len(self.buckets)
         self._futures = [None] * len(self.buckets)
         self._next = 0
+        self._synchronized = True
         self.core.end_step()
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """:meth:`synchronize`, unless it already ran for this step's gradients, then the wrapped optimizer's step."""
+        if not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
+        return self.step_optimizer(closure)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), **self.core.state_dict()}

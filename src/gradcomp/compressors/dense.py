@@ -47,9 +47,13 @@ class FP16(Compressor):
     """Dense all-reduce in float16 (as PyTorch's ``fp16_compress_hook``): half the bytes of fp32.
 
     Values beyond float16's range (|x| > 65504) would become infinite, so they are
-    rejected with an error rather than silently sent as Inf.  (On the CPU only:
-    off it the check would read a value on the host each step, and the Inf sent
-    instead is seen by the receiver's non-finite checks, ``GradScaler``'s too.)
+    rejected with an error rather than silently sent as Inf (on the CPU only: off
+    it the check would read a value on the host each step, and the Inf sent instead
+    is seen by the receivers' non-finite checks).  Loss-scaled gradients are not
+    such values: given the ``torch.amp.GradScaler`` (``register_ddp_hook(...,
+    scaler=)``), the front door divides the scale out before compressing, so fp16
+    carries the unscaled gradient whatever the scale, and an overflow of the scaled
+    gradient reaches the scaler, which skips the step and lowers the scale.
     """
 
     name = "fp16"
@@ -58,7 +62,8 @@ class FP16(Compressor):
         half = tensor.reshape(-1).to(torch.float16)
         if (tensor.numel() and not device_path(tensor) and not torch.isfinite(half).all()
                 and torch.isfinite(tensor).all()):
-            raise ValueError("fp16: a gradient entry exceeds float16's range (65504); use 'none' or scale the loss")
+            raise ValueError("fp16: a gradient entry exceeds float16's range (65504); with a GradScaler, give it to the "
+                             "front door (scaler=) so the loss scale is divided out first; otherwise use 'none'")
         return Payload((half,), op="sum")
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
