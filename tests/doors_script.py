@@ -1,5 +1,6 @@
 """Run under torchrun (2 ranks) by test_doors.py: every front door built BEFORE init_process_group, as users of
-torchrun, Lightning and Accelerate do, then trained; prints one JSON line per rank with what the test asserts."""
+torchrun, Lightning and Accelerate do, then trained; writes one JSON file per rank (rankN.json, in the working
+directory) with what the test asserts."""
 
 import json
 import sys
@@ -102,6 +103,7 @@ dist.all_gather_object(every, {n: t for n, t in dgc_sparse.items()})
 out["sparse_dgc_ranks_agree"] = all(torch.equal(every[0][n], every[1][n]) for n in every[0])
 
 del net, lin
-print(json.dumps({"rank": rank, **out}), flush=True)
+with open(f"rank{rank}.json", "w") as f:  # a file per rank: two ranks' lines on one stdout can interleave
+    json.dump({"rank": rank, **out}, f)
 gradcomp.shutdown()
 sys.exit(0)

@@ -11,22 +11,38 @@ from dist_workers import build_method, digits64
 
 
 def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, nan_rank=1, drop=(),
-                  nonfinite="skip", lr=0.1, batch_size=64):
+                  nonfinite="skip", lr=0.1, batch_size=64, nan_in=None, bucket_cap_mb=25.0):
     """Train ``steps`` batches through ``front`` ('hook' or 'optim'); on rank ``nan_rank`` the loss of step
-    ``nan_at`` is multiplied by NaN (every gradient of that rank non-finite); batches in ``drop`` are left out
-    (the reference for a skipped step).  Returns the parameters, the skipped count and, around the NaN step,
-    whether this rank's method memory stayed bit for bit the same."""
+    ``nan_at`` is multiplied by NaN (every gradient of that rank non-finite), or with ``nan_in`` (a parameter
+    name) that parameter's gradient alone; batches in ``drop`` are left out (the reference for a skipped step).
+    ``bucket_cap_mb``: DDP's (and DistributedOptimizer's) bucket size.  Returns the parameters, the skipped
+    count, around the NaN step whether this rank's method memory (and per-tensor compressor state) stayed bit
+    for bit the same, and for the hook the bytes each step had sent before its last bucket came."""
     x, y = digits64()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    early = []
     if front == "hook":
-        net = DDP(model)
-        state = gradcomp.register_ddp_hook(net, build_method(spec), nonfinite=nonfinite)
+        net = DDP(model, bucket_cap_mb=bucket_cap_mb)
+        state = gradcomp.HookState(build_method(spec), model=net, nonfinite=nonfinite)
+
+        def hook(state, bucket):
+            fut = gradcomp.ddp_comm_hook(state, bucket)
+            if not bucket.is_last():
+                early.append(state.comm.bytes_sent - start[0])
+            return fut
+
+        net.register_comm_hook(state, hook)
         method, skipped = (lambda: state.method), (lambda: state.guard.skipped)
     else:
         net = model
-        opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec), nonfinite=nonfinite)
+        opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec), nonfinite=nonfinite,
+                                            bucket_cap_mb=bucket_cap_mb)
         method, skipped = (lambda: opt.method), (lambda: opt.guard.skipped)
+    if nan_in is not None:
+        poisoned = dict(model.named_parameters())[nan_in]
+        poisoned.register_hook(lambda g: g * float("nan") if poison[0] else g)
+    poison, start, sent_early = [False], [0], []
     memory_kept = None
     for step, (xb, yb) in enumerate(batches(x, y, batch_size, steps)):
         if step in drop:
@@ -36,9 +52,14 @@ def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, na
         loss = ce(net, shard)
         if step == nan_at:
             before = copy.deepcopy(method().state_dict())
-            if rank == nan_rank:
+            if rank == nan_rank and nan_in is None:
                 loss = loss * float("nan")
+            poison[0] = rank == nan_rank and nan_in is not None
+        if front == "hook":
+            start[0], early[:] = (state.comm.bytes_sent if state.core.bound else 0), []
         loss.backward()
+        poison[0] = False
+        sent_early.append(max(early, default=0))
         if front == "hook":
             if not state.step_skipped:
                 opt.step()
@@ -46,9 +67,18 @@ def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, na
             opt.step()
         if step == nan_at:
             after = method().state_dict()
-            memory_kept = all(torch.equal(a, b) for a, b in zip(_tensors(before["memory"]), _tensors(after["memory"])))
+            memory_kept = _same(before, after)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "skipped": skipped(),
-            "memory_kept": memory_kept}
+            "memory_kept": memory_kept, "sent_early": sent_early}
+
+
+def _same(before, after):
+    """Whether two method states hold the same tensors, bit for bit, under the same keys (memory, per-tensor
+    compressor state, DGC's dense momentum)."""
+    keys = ("memory", "compressor_state", "dense_momentum")
+    flat = [[(k, t) for key in keys for k, t in _named(a.get(key, {}), key)] for a in (before, after)]
+    return [k for k, _ in flat[0]] == [k for k, _ in flat[1]] and all(
+        torch.equal(a, b) for (_, a), (_, b) in zip(*flat))
 
 
 def _tensors(obj):
@@ -60,6 +90,14 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for item in obj:
             yield from _tensors(item)
+
+
+def _named(obj, prefix):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            yield from _named(obj[key], f"{prefix}.{key}")
 
 
 def dga_guarded(rank, world, delay, steps, nan_at, nan_rank=1, momentum=0.9, lr=0.1, batch_size=64):

@@ -11,6 +11,7 @@ import os
 import warnings
 
 import pytorch_lightning as pl
+from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.warnings import PossibleUserWarning
@@ -111,11 +112,12 @@ def params(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def fit(rank, world, module, epochs, callbacks=(), ckpt_path=None, checkpoint_dir=None):
+def fit(rank, world, module, epochs, callbacks=(), ckpt_path=None, checkpoint_dir=None, plugins=None):
     callbacks = list(callbacks)
     if checkpoint_dir is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}", save_top_k=-1))
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", precision="64-true", max_epochs=epochs,
+    precision = {} if plugins else {"precision": "64-true"}  # a precision plugin says it itself
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=epochs, plugins=plugins, **precision,
                          callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=bool(checkpoint_dir),
                          enable_progress_bar=False, enable_model_summary=False, logger=False,
                          default_root_dir=checkpoint_dir)
@@ -201,6 +203,14 @@ def run_all(rank, world, root):
     out["skip_steps"], out["skip_count"] = record.steps, compression.state.guard.skipped
     out["skip_ref"], _, out["skip_ref_count"] = plain_ddp(rank, world, TOPK, 1, momentum=0.9, weight_decay=1e-2,
                                                           inf_at=3)
+
+    # The same under precision "16-mixed" (Lightning's GradScaler, here a CPU one): the callback hands the
+    # scaler to the hook, so the Inf reaches both ranks' scalers, which skip the step and halve their scale.
+    amp = MixedPrecision("16-mixed", "cpu")
+    compression = GradientCompression(build_method(TOPK))
+    out["amp_final"] = fit(rank, world, Digits(momentum=0.9, weight_decay=1e-2, inf_at=3), 1, [compression],
+                           plugins=[amp])
+    out["amp_scale"], out["amp_skipped"] = amp.scaler.get_scale(), compression.state.guard.skipped
 
     # Refusals, each on every rank before any collective.
     out["momentum_error"] = error_of(lambda: fit(rank, world, Digits(momentum=0.9), 1,

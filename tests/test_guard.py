@@ -56,6 +56,38 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_and_changes_no_memory(fr
             assert torch.equal(skipped["params"][name], p), (rank, name)
 
 
+#: methods whose exchanges change different things: DGC's momenta and residuals (and dense momentum), top-k's
+#: residual, PowerSGD's two rounds, residual and warm-started Q, seeded TernGrad's draw counter
+SPECS = [DGC, ("topk", {"density": 0.05}), ("powersgd", {"rank": 2, "min_compression_rate": 1.0}),
+         ("terngrad", {"seed": 3})]
+
+
+@pytest.mark.parametrize("front", ["hook", "optim"])
+def test_exchanges_start_before_the_last_bucket_and_a_skipped_step_still_changes_no_memory(front):
+    """Each layer its own bucket (tiny bucket cap); on rank 1 the NaN is in the first layer's weight alone,
+    whose bucket comes last.  Reference: the same run without that step's batch.  From the second step on,
+    the hook's payloads leave before the last bucket arrives (they used to wait for the verdict); the skipped
+    step leaves every rank's memory and compressor state bit for bit as it was, and the weights end equal to
+    the reference's, for every method."""
+    from guard_workers import runs
+
+    cap = 0.001  # MB: about one layer per bucket
+    jobs = [job for spec in SPECS for job in (
+        {"front": front, "spec": spec, "steps": 5, "nan_at": 2, "nan_in": "0.weight", "bucket_cap_mb": cap},
+        {"front": front, "spec": spec, "steps": 5, "drop": (2,), "bucket_cap_mb": cap})]
+    for rank, results in enumerate(spawn(runs, 2, jobs, timeout_s=120)):
+        for spec, skipped, reference in zip(SPECS, results[::2], results[1::2]):
+            where = (rank, spec[0])
+            assert (skipped["skipped"], reference["skipped"]) == (1, 0), where
+            assert skipped["memory_kept"] is True, where
+            for name, p in reference["params"].items():
+                assert torch.isfinite(p).all(), where
+                assert torch.equal(skipped["params"][name], p), (where, name)
+            if front == "hook":
+                assert skipped["sent_early"][0] == 0, where  # the first step waits for the settings check
+                assert all(sent > 0 for sent in skipped["sent_early"][1:]), (where, skipped["sent_early"])
+
+
 def test_nonfinite_raise_ends_the_job_with_the_error_instead_of_skipping():
     from guard_workers import nan_raises
 

@@ -92,6 +92,16 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(runs):
     assert same(out[0]["skip_final"], out[1]["skip_final"])
 
 
+def test_16_mixed_hands_lightnings_grad_scaler_to_the_hook(runs):
+    """precision "16-mixed": an Inf on rank 1 at step 3 halves both ranks' loss scale once (GradScaler's backoff
+    from its initial 2**16), and with power-of-two scales on a float64 model the run ends bit for bit where the
+    same run without a scaler does (the hook divides the scale out before top-k and multiplies it back)."""
+    _, out = runs
+    for rank in out:
+        assert rank["amp_scale"] == 2.0**15 and rank["amp_skipped"] == 1
+        assert same(rank["amp_final"], rank["skip_final"])
+
+
 def test_an_optimizer_with_momentum_is_refused_for_dgc(runs):
     _, out = runs
     for rank in out:

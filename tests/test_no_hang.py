@@ -78,6 +78,19 @@ def test_a_rank_that_stalls_fails_the_job_after_the_timeout(worker, also, writes
         assert len(pids(tmp_path)) == 2 and not any(alive(p) for p in pids(tmp_path))
 
 
+def test_an_error_raised_in_a_future_callback_is_reported_in_one_line():
+    """torch wraps an error raised in a future's callback and appends the callbacks' frames ("At:"); the
+    launcher's one-line report names the error itself."""
+    from gradcomp.launch import _exception_line
+
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\nRuntimeError: Got the following error "
+          "when running the callback: RuntimeError: Application timeout caused pair closure\n\nAt:\n  comm.py(265): "
+          "<lambda>\n\n\nAt:\n  comm.py(137): one\n")
+    assert _exception_line(tb) == "RuntimeError: Application timeout caused pair closure"
+    assert _exception_line("Traceback...\nValueError: bad\n") == "ValueError: bad"
+    assert _exception_line("") == "an exception"
+
+
 def test_a_rank_that_never_joins_fails_the_job_after_the_timeout():
     timeout_s = 4
     message, took, _ = run_failing(hw.quick_all_reduce, 2, timeout_s=timeout_s, before_init=hw.stall_rank_1_before_init)

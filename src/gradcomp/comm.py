@@ -18,6 +18,15 @@ communication overlaps the rest of the backward pass
 (:meth:`Communicator.exchange`), or on the thread that waits for it, later
 (:meth:`Communicator.exchange_later`, for delayed gradient averaging).
 
+CUDA streams: every future that carries CUDA tensors is made with its
+devices (``Future(devices=...)``), so whoever waits on it, DDP included,
+waits for the kernels that fill them.  No callback calls ``wait()``: the
+futures of a round's collectives are joined by :func:`all_done`, whose
+callbacks only make one side stream wait for each collective's kernels.  The
+work done in callbacks (decoding, writing gradients, putting memory back)
+runs on that side stream (:func:`on_stream`), so the training stream never
+waits for a collective, and the host never waits for the device there.
+
 Latency emulation (experiments only): this machine's kernel has no
 ``netem``, so network latency cannot be shaped.  ``emulate_latency_ms=L``
 makes each round's result available no earlier than L ms after the round was
@@ -29,11 +38,12 @@ emulated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +54,7 @@ from torch.futures import Future
 from .compressors.base import Payload
 from .method import MethodExchange
 
-__all__ = ["Communicator", "Pending", "check_latency"]
+__all__ = ["Communicator", "Pending", "all_done", "check_latency", "new_future", "on_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +76,98 @@ def check_latency(emulate_latency_ms: float) -> float:
     return float(emulate_latency_ms)
 
 
-def _done(value: Any) -> Future:
-    fut: Future = Future()
+def cuda_devices(tensors: Iterable[Tensor]) -> list[torch.device]:
+    """The CUDA devices ``tensors`` are on, in a fixed order (what a future carrying them must be made with)."""
+    return sorted({t.device for t in tensors if t.is_cuda}, key=str)
+
+
+def new_future(devices: Sequence[torch.device] = ()) -> Future:
+    """A future for values on ``devices`` (CUDA ones: whoever waits on it waits for their kernels too)."""
+    return Future(devices=list(devices)) if devices else Future()
+
+
+def _done(value: Any, devices: Sequence[torch.device] = ()) -> Future:
+    fut = new_future(devices)
     fut.set_result(value)
     return fut
 
 
-def _not_before(fut: Future, deadline: float) -> Future:
-    """A future with ``fut``'s result (or error) that completes no earlier than ``deadline`` (time.monotonic)."""
-    out: Future = Future()
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """Run the block's kernels on the side ``stream`` (None: where they are).
+
+    The side stream first waits for the current one (in a future's callback:
+    the stream synchronized with that future's kernels), and the current one
+    then waits for it, so the future a callback completes covers the block's
+    kernels too.  Neither wait blocks the host.
+    """
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+def all_done(futures: Sequence[Future], devices: Sequence[torch.device] = (),
+             stream: torch.cuda.Stream | None = None) -> Future:
+    """A future of ``futures``' values, completed when every one is (with the first error, if any).
+
+    With CUDA futures (their tensors on ``devices``), ``stream`` (the side stream) waits for each one's
+    kernels as it completes and the result is marked complete after it: no
+    ``wait()``, no host sync.  Unlike ``torch.futures.collect_all``, whose
+    CPU future would hand on CUDA tensors with no record of their kernels.
+    """
+    out = new_future(devices)
+    left, errors, lock = [len(futures)], [], threading.Lock()
+
+    def one(f: Future) -> None:
+        try:
+            f.value()  # complete: raises its error, never blocks
+        except Exception as error:  # noqa: BLE001 - handed on through ``out``
+            errors.append(error)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # synchronized with f's kernels
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if not last:
+            return
+        if errors:
+            out.set_exception(errors[0])
+            return
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)  # out's events then cover every future
+        out.set_result([f.value() for f in futures])
+
+    if not futures:
+        out.set_result([])
+    for f in futures:
+        f.add_done_callback(one)
+    return out
+
+
+def _not_before(fut: Future, deadline: float, devices: Sequence[torch.device] = (),
+                stream: torch.cuda.Stream | None = None) -> Future:
+    """A future with ``fut``'s result (or error) that completes no earlier than ``deadline`` (time.monotonic);
+    CUDA tensors in it (on ``devices``) stay covered: ``stream`` waits for ``fut``'s kernels, and the result
+    is marked complete from it."""
+    out = new_future(devices)
 
     def settle(f: Future) -> None:
         try:
-            out.set_result(f.value())
+            value = f.value()
         except Exception as error:  # noqa: BLE001 - handed on to whoever waits
             out.set_exception(error)
+            return
+        with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+            out.set_result(value)  # its events are recorded on the side stream, which waited for f's
 
     def relay(f: Future) -> None:
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
         delay = deadline - time.monotonic()
         if delay <= 0:
             settle(f)
@@ -142,6 +227,21 @@ class Communicator:
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.bytes_sent = 0
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def stream(self, devices: Sequence[torch.device]) -> torch.cuda.Stream | None:
+        """The side stream this communicator's callbacks run their kernels on (see :func:`on_stream`): one per
+        CUDA device, made at first use; None for CPU tensors."""
+        if not devices:
+            return None
+        device = devices[0]
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _delayed(self, fut: Future, issued: float, devices: Sequence[torch.device]) -> Future:
+        """``fut``, completing no earlier than the emulated latency after ``issued``."""
+        return _not_before(fut, issued + self.latency, devices, self.stream(devices)) if self.latency else fut
 
     # -- agreement (control traffic: not payloads, not counted in bytes_sent) --------
 
@@ -152,27 +252,42 @@ class Communicator:
         return every
 
     def count_per_rank(self, count: int, device: torch.device | str = "cpu") -> list[int]:
-        """Every rank's ``count``, in rank order: one all-reduce of ``world_size`` int32 (latency emulated)."""
-        counts = torch.zeros(self.world_size, dtype=torch.int32, device=device)
-        counts[self.rank] = count
+        """Every rank's ``count``, in rank order (waits for them)."""
+        counts = self.count_per_rank_async(torch.tensor(count, dtype=torch.int32, device=device))
+        return counts.wait().tolist()
+
+    def count_per_rank_async(self, count: Tensor) -> Future:
+        """A future of every rank's ``count`` (a one-entry int tensor, not read on the host here) as an int32
+        tensor of ``world_size`` entries on its device: one all-reduce (latency emulated)."""
+        counts = torch.zeros(self.world_size, dtype=torch.int32, device=count.device)
+        counts[self.rank] = count.reshape(())  # a copy on the device
         issued = time.monotonic()
-        fut = dist.all_reduce(counts, group=self.group, async_op=True).get_future()
-        (_not_before(fut, issued + self.latency) if self.latency else fut).wait()
-        return counts.tolist()
+        fut = dist.all_reduce(counts, group=self.group, async_op=True).get_future().then(lambda f: f.value()[0])
+        return self._delayed(fut, issued, cuda_devices([counts]))
 
     # -- driving generators ---------------------------------------------------
 
     def exchange(self, gens: Mapping[str, MethodExchange]) -> Future:
-        """Run one bucket's exchanges; a future of ``{name: averaged tensor}`` (decoded in its callback)."""
-        fut, finish = self._start(gens)
-        return fut.then(finish)
+        """Run one bucket's exchanges; a future of ``{name: averaged tensor}`` (decoded in its callback, on the
+        side stream)."""
+        fut, finish, devices = self._start(gens)
+        stream = self.stream(devices)
+
+        def decode(f: Future) -> dict[str, Tensor]:
+            with on_stream(stream):
+                return finish(f)
+
+        return fut.then(decode)
 
     def exchange_later(self, gens: Mapping[str, MethodExchange]) -> Pending:
         """As :meth:`exchange`, but the last round is decoded by whoever calls ``wait()``, on that thread."""
-        return Pending(*self._start(gens))
+        fut, finish, _ = self._start(gens)
+        return Pending(fut, finish)
 
-    def _start(self, gens: Mapping[str, MethodExchange]) -> tuple[Future, Callable[[Future], dict[str, Tensor]]]:
-        """Run every round but the last; the last round's future and the function that finishes it."""
+    def _start(self, gens: Mapping[str, MethodExchange]
+               ) -> tuple[Future, Callable[[Future], dict[str, Tensor]], list[torch.device]]:
+        """Run every round but the last; the last round's future, the function that finishes it and the CUDA
+        devices of its payloads."""
         results: dict[str, Tensor] = {}
         pending = self._advance(gens, dict.fromkeys(gens), results)
         while pending:
@@ -185,9 +300,9 @@ class Communicator:
                         raise RuntimeError(f"exchange of {sorted(more)} went on after a payload marked last")
                     return results
 
-                return fut, finish
+                return fut, finish, cuda_devices(t for p in pending.values() for t in p.tensors)
             pending = self._advance(live, fut.wait(), results)
-        return _done(None), lambda _: results
+        return _done(None), lambda _: results, []
 
     @staticmethod
     def _advance(gens: Mapping[str, MethodExchange], received: Mapping[str, Any],
@@ -226,16 +341,17 @@ class Communicator:
             futures.append(fut)
             unpackers.append(unpack)
 
-        def unpack_all(_: Future) -> dict[str, list[Payload]]:
-            for f in futures:
-                f.wait()  # re-raises a collective's error
+        devices = cuda_devices(t for p in payloads.values() for t in p.tensors)
+
+        def unpack_all(f: Future) -> dict[str, list[Payload]]:
+            f.value()  # re-raises a collective's error
             received: dict[str, list[Payload]] = {}
             for unpack in unpackers:
                 received.update(unpack())
             return received
 
-        fut = torch.futures.collect_all(futures).then(unpack_all)
-        return _not_before(fut, issued + self.latency) if self.latency else fut
+        fut = (futures[0] if len(futures) == 1 else all_done(futures, devices, self.stream(devices))).then(unpack_all)
+        return self._delayed(fut, issued, devices)
 
     def _all_reduce(self, op: str, payloads: dict[str, Payload]):
         flat = torch.cat([t.reshape(-1) for p in payloads.values() for t in p.tensors])

@@ -29,19 +29,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.futures import Future
 
-from .comm import Communicator, check_latency
+from .comm import Communicator, all_done, check_latency, cuda_devices, on_stream
 from .compressors.base import Compressor
-from .guard import StepGuard, check_settings
+from .guard import StepGuard, check_settings, nonfinite_flags, nonfinite_in
 from .method import Method, MethodExchange, as_method, check_optimizer
 
-__all__ = ["Core", "Door", "check_scaler"]
+__all__ = ["Core", "Door", "Step", "check_scaler"]
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,9 @@ class Core:
 
     # -- a step -------------------------------------------------------------------
 
-    def check(self, grads: Mapping[str, Tensor], **extra: Any) -> bool:
-        """The guard, for the doors whose ranks step together: True when the step may go on, False when
-        every rank skips it (``nonfinite="skip"``); the settings check at the first step."""
-        return self.guard.check(self.comm, self.configured, grads, loss_scaled=self.scaler is not None, **extra)
+    def step(self) -> Step:
+        """A new synchronous step (the doors whose ranks step together), its loss scale read now."""
+        return Step(self)
 
     def check_settings(self, params: Mapping[str, Tensor], **extra: Any) -> None:
         """The settings check alone (the doors that decide on non-finite gradients by themselves)."""
@@ -192,9 +192,9 @@ class Core:
 
     @property
     def defer(self) -> bool:
-        """Whether a step's exchanges wait for its last gradient: the guard (``nonfinite="skip"``, and the
-        settings check at the first step) and DGC's local clipping need every gradient at once."""
-        return self.method.needs_all_gradients or self.guard.nonfinite == "skip" or not self.guard.settings_checked
+        """Whether a step's exchanges wait for its last gradient: the settings check (first step) and DGC's
+        local clipping need every gradient at once.  The non-finite verdict does not (see :class:`Step`)."""
+        return self.method.needs_all_gradients or not self.guard.settings_checked
 
     def exchanges(self, prepared: Mapping[str, Tensor], names: list[str] | None = None,
                   method: Method | None = None) -> dict[str, MethodExchange]:
@@ -234,6 +234,101 @@ class Core:
             return
         self._method.load_state_dict(state["method"])
         self.guard.load_state_dict(state.get("guard", {}))
+
+
+class Step:
+    """One step of a door whose ranks step together (the DDP hook, :class:`~gradcomp.DistributedOptimizer`,
+    the :class:`~gradcomp.Simulator`'s synchronous workers), bucket by bucket.
+
+    Each bucket's exchanges start as soon as :meth:`add` gets its gradients,
+    while backward goes on.  With ``nonfinite="skip"`` the guard's verdict
+    does not hold them back, and a skipped step still changes no memory:
+
+    * each bucket's non-finite flags (one per tensor) stay on the device;
+    * what its exchanges may change in the method (memory, per-tensor
+      compressor state) is saved first (:meth:`~gradcomp.Method.save`);
+    * a NaN or Inf is compressed as 0 (the gradient is overwritten in place:
+      the step is skipped anyway), so no exchange depends on it;
+    * :meth:`end` agrees on the verdict (one all-reduce of ``world_size``
+      int32 after the last bucket) and, where any rank saw a NaN or Inf, puts
+      back everything the step changed, on every rank.
+
+    A clean step costs a copy of the memory it touches and one host read of
+    the verdict, after the last exchange.  (Compressors that draw from torch's
+    global generator, ``seed=None``, have drawn on a skipped step.)  With
+    ``nonfinite="raise"`` each bucket is checked on the host as it comes: the
+    rank that sees a NaN raises before its memory changes.
+    """
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.scale = core.loss_scale()
+        self.guarded = core.guard.nonfinite == "skip"
+        self._flags: list[Tensor] = []
+        self._names: list[str] = []
+        self._undo: list[Callable[[], None]] = []
+        self._futures: list[Future] = []
+        self._devices: set[torch.device] = set()
+
+    def flag(self, grads: Mapping[str, Tensor]) -> None:
+        """Count ``grads`` in the verdict (``"raise"``: check them now).  :meth:`add` does it for the gradients
+        it exchanges; a door calls it alone for those it averages otherwise (sparse gradients)."""
+        if not grads:
+            return
+        if not self.guarded:
+            nonfinite_in(grads, "raise", f"rank {self.core.rank}")
+            return
+        self._devices.update(cuda_devices(grads.values()))
+        self._names.extend(grads)
+        self._flags.append(nonfinite_flags(grads))
+
+    def include(self, fut: Future) -> None:
+        """Have :meth:`end` wait for ``fut`` too (an exchange the door started itself)."""
+        self._futures.append(fut)
+
+    def add(self, grads: Mapping[str, Tensor], buckets: Sequence[Sequence[str]] | None = None) -> list[Future]:
+        """Start exchanging ``grads`` (prepared together: DGC's local clipping sees them all), one exchange per
+        bucket of names (default: one for all); their futures of ``{name: average}``, unscaled.  At the first
+        step ``grads`` must be all the step's gradients (the settings check compares them)."""
+        core = self.core
+        if not core.guard.settings_checked:
+            core.check_settings(grads)
+        method = core.method
+        self.flag(grads)
+        if self.guarded and grads:
+            self._undo.append(method.save(grads))
+            for g in grads.values():
+                g.nan_to_num_(0.0, 0.0, 0.0)
+        prepared = method.prepare(grads, core.world_size, self.scale, check=False)
+        futures = [core.comm.exchange(core.exchanges(prepared, list(names))) for names in (buckets or [list(grads)])]
+        self._futures += futures
+        return futures
+
+    def end(self) -> Future:
+        """A future of the verdict, True when every rank skips this step, completed once every exchange
+        :meth:`add` started has completed and, on a skipped step, every memory they changed is put back."""
+        core = self.core
+        devices = sorted(self._devices, key=str)
+        stream = core.comm.stream(devices)
+        local = torch.cat(self._flags) if self._flags else None
+        waits = list(self._futures)
+        if local is not None:
+            waits.append(core.comm.count_per_rank_async(local.sum(dtype=torch.int32)))
+
+        def decide(f: Future) -> bool:
+            with on_stream(stream):
+                values = f.value()
+                if local is None:
+                    return False
+                counts = values[-1].tolist()  # the step's one host read
+                if not any(counts):
+                    return False
+                for undo in reversed(self._undo):
+                    undo()
+                core.guard.record_skip(counts, [n for n, bad in zip(self._names, local.tolist()) if bad])
+                return True
+
+        return all_done(waits, devices, stream).then(decide)
 
 
 class Door:

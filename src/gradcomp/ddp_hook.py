@@ -17,12 +17,14 @@ A bucket of sparse gradients (``nn.Embedding(sparse=True)``) is averaged
 as PyTorch's ``allreduce_hook`` averages it, uncompressed (noted once in the
 log).
 
-Before any memory changes, the ranks check their settings agree (first step)
-and that no rank holds a NaN or Inf (every step, :class:`~gradcomp.guard.StepGuard`).
+Before any memory changes, the ranks check their settings agree (first step:
+its buckets wait for the last one).  From then on each bucket's exchange starts
+as DDP hands it over, overlapping the rest of backward, and the ranks agree
+after the last one that none of them held a NaN or Inf (:class:`~gradcomp.core.Step`).
 A step with a non-finite gradient on any rank is skipped on every rank: the
-hook leaves every memory as it was and hands DDP zero gradients, and
-``state.step_skipped`` tells the loop not to step the optimizer (momentum and
-weight decay would still move the weights)::
+hook puts back every memory the step changed and hands DDP zero gradients,
+and ``state.step_skipped`` tells the loop not to step the optimizer (momentum
+and weight decay would still move the weights)::
 
     loss.backward()
     if not state.step_skipped:
@@ -66,8 +68,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.futures import Future
 
+from .comm import cuda_devices, new_future, on_stream
 from .compressors.base import Compressor
-from .core import Core, Door
+from .core import Core, Door, Step
 from .method import Method
 
 __all__ = ["HookState", "ddp_comm_hook", "register_ddp_hook"]
@@ -92,24 +95,24 @@ def _fill(t: Tensor, value: float) -> None:
 
 
 class _Bucket:
-    """One bucket DDP handed to the hook: its parameter names, gradient views, buffer and the future DDP waits on."""
+    """One bucket DDP handed to the hook: its parameter names, gradient views and buffer, the future of its
+    averages, and the future DDP waits on (made with the buffer's device: DDP then waits for its kernels)."""
 
     def __init__(self, names: list[str], grads: list[Tensor], buffer: Tensor) -> None:
         self.names, self.grads, self.buffer = names, grads, buffer
         self.sparse = buffer.is_sparse or any(g.is_sparse for g in grads)
-        self.future: Future = Future()
+        self.future: Future = new_future(cuda_devices([buffer]))
+        self.averages: Future | None = None
 
-    def settle(self, averages: Future, scale: Tensor | None = None) -> None:
-        """Complete :attr:`future` once ``averages`` (a future of ``{name: average}``) completes; the gradients
-        get the averages times ``scale`` (the loss scale, if any)."""
-        def complete(f: Future) -> None:
-            try:
-                _write(self.names, self.grads, f.value(), scale)
-                self.future.set_result(self.buffer)
-            except Exception as error:  # noqa: BLE001 - DDP must see it, not hang
-                self.future.set_exception(error)
-
-        averages.then(complete)
+    def write(self, skipped: bool, fill: float, scale: Tensor | None) -> None:
+        """The step's outcome into the gradients: ``fill`` where the step was skipped, else the averages
+        (times the loss ``scale``, if any, for a dense bucket: the mean of scaled gradients is the scaled mean)."""
+        if skipped:
+            _fill(self.buffer, fill)
+            for g in self.grads:  # views into the buffer on CPU and CUDA alike, but not promised by DDP
+                _fill(g, fill)
+        else:
+            _write(self.names, self.grads, self.averages.value(), None if self.sparse else scale)
 
 
 class HookState(Door):
@@ -150,7 +153,8 @@ class HookState(Door):
         if model is not None:
             module = getattr(model, "module", model)
             self.names = {id(p): name for name, p in module.named_parameters()}
-        self._deferred: list[_Bucket] = []  # buckets waiting for the last one
+        self._step: Step | None = None  # the step in progress
+        self._buckets: list[_Bucket] = []  # its buckets so far
         self._sparse_noted = False
 
     @property
@@ -161,25 +165,58 @@ class HookState(Door):
     def name_of(self, param: Tensor) -> str:
         return self.names.setdefault(id(param), f"param{len(self.names)}")
 
-    def run(self, buckets: list[_Bucket]) -> None:
-        """Exchange ``buckets`` (in order); after the guard's verdict when they are the whole step."""
+    def add(self, bucket: _Bucket, last: bool) -> None:
+        """Start exchanging ``bucket`` (at the first step, or with DGC's local clipping, with the last one:
+        they need every gradient); after the last, settle every bucket of the step with the guard's verdict."""
         core = self.core
-        scale = core.loss_scale()
-        if core.defer:
-            grads = {n: g for b in buckets for n, g in zip(b.names, b.grads)}
-            self.step_skipped = not core.check(grads)
-            if self.step_skipped:
+        if self._step is None:
+            self._step = core.step()
+        step = self._step
+        self._buckets.append(bucket)
+        try:
+            if not core.defer:
+                self._start(step, [bucket])
+            elif last:
+                core.check_settings({n: g for b in self._buckets for n, g in zip(b.names, b.grads)})
+                self._start(step, self._buckets)
+        except BaseException:
+            self._buckets, self._step = [], None  # the next backward starts a fresh step
+            raise
+        if last:
+            buckets, self._buckets, self._step = self._buckets, [], None
+            self._settle(step, buckets)
+
+    def _start(self, step: Step, buckets: list[_Bucket]) -> None:
+        dense = [b for b in buckets if not b.sparse]
+        averages = step.add({n: g for b in dense for n, g in zip(b.names, b.grads)}, [b.names for b in dense])
+        for b, fut in zip(dense, averages):
+            b.averages = fut
+        for b in buckets:
+            if b.sparse:  # averaged as it is, uncompressed
+                step.flag({n: g for n, g in zip(b.names, b.grads)})
+                b.averages = self._all_reduce_sparse(b)
+                step.include(b.averages)
+
+    def _settle(self, step: Step, buckets: list[_Bucket]) -> None:
+        """Once the verdict is in, write every bucket's outcome and complete the futures DDP waits on."""
+        core = self.core
+        fill, scale = core.skipped_fill, step.scale
+        stream = core.comm.stream(cuda_devices([b.buffer for b in buckets]))
+
+        def settle(verdict: Future) -> None:
+            try:
+                self.step_skipped = skipped = verdict.value()
+                with on_stream(stream):
+                    for b in buckets:
+                        b.write(skipped, fill, scale)
+            except Exception as error:  # noqa: BLE001 - DDP must see it, not hang
                 for b in buckets:
-                    _fill(b.buffer, core.skipped_fill)
-                    for g in b.grads:  # views into the buffer on CPU and CUDA alike, but not promised by DDP
-                        _fill(g, core.skipped_fill)
-                    b.future.set_result(b.buffer)
+                    b.future.set_exception(error)
                 return
-        dense = {n: g for b in buckets if not b.sparse for n, g in zip(b.names, b.grads)}
-        prepared = core.method.prepare(dense, core.world_size, scale)
-        for b in buckets:  # a sparse bucket is averaged as it is: the mean of scaled gradients is the scaled mean
-            b.settle(self._all_reduce_sparse(b) if b.sparse else core.comm.exchange(core.exchanges(prepared, b.names)),
-                     None if b.sparse else scale)
+            for b in buckets:
+                b.future.set_result(b.buffer)
+
+        step.end().add_done_callback(settle)
 
     def _all_reduce_sparse(self, bucket: _Bucket) -> Future:
         """A sparse bucket, averaged as PyTorch's ``allreduce_hook`` averages it (not compressed)."""
@@ -205,13 +242,7 @@ def ddp_comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """DDP communication hook: compress, exchange and average one bucket with ``state.method``."""
     b = _Bucket([state.name_of(p) for p in bucket.parameters()], list(bucket.gradients()), bucket.buffer())
     try:
-        if state.core.defer:
-            state._deferred.append(b)
-            if bucket.is_last():
-                buckets, state._deferred = state._deferred, []
-                state.run(buckets)
-        else:
-            state.run([b])
+        state.add(b, bucket.is_last())
         return b.future
     finally:
         if bucket.is_last():

@@ -14,14 +14,17 @@ Compressed communication is fragile in two ways plain all-reduce is not:
   any memory changes, and then all skip the step, as
   ``torch.amp.GradScaler`` skips a step whose gradients overflowed.
 
-:class:`StepGuard` does both for the synchronous front doors (DDP hook,
-:class:`~gradcomp.DistributedOptimizer`).  ``nonfinite="skip"`` (the default)
-costs one all-reduce of one int32 per rank per step (control traffic, not counted in
-``bytes_sent``), issued when every gradient is ready, so exchanges start
-after backward instead of overlapping it.  ``nonfinite="raise"`` sends nothing
-extra: the rank that sees the NaN raises :class:`~gradcomp.NonFiniteGradientError`
-with its memory untouched and the launcher (``torchrun``,
-:func:`gradcomp.launch.spawn`) ends the job.
+:class:`StepGuard` does both for the front doors whose ranks step together
+(DDP hook, :class:`~gradcomp.DistributedOptimizer`, the simulator's
+synchronous workers), through :class:`~gradcomp.core.Step`.
+``nonfinite="skip"`` (the default) costs one all-reduce of one int32 per rank
+per step (control traffic, not counted in ``bytes_sent``), issued after the
+step's last exchange: the exchanges start bucket by bucket and overlap
+backward, what they may change in memory is saved first, and a skipped step
+puts it back.  ``nonfinite="raise"`` sends nothing extra: the rank that sees
+the NaN raises :class:`~gradcomp.NonFiniteGradientError` with its memory
+untouched and the launcher (``torchrun``, :func:`gradcomp.launch.spawn`)
+ends the job.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import torch
 from .compressors.dense import NoCompression
 
 __all__ = ["NONFINITE", "NONFINITE_KEY", "NonFiniteGradientError", "SettingsMismatchError", "StepGuard",
-           "check_nonfinite", "check_settings", "flag_exchange", "mismatches", "non_finite", "nonfinite_in",
-           "nonfinite_step", "settings_of"]
+           "check_nonfinite", "check_settings", "flag_exchange", "mismatches", "non_finite", "nonfinite_flags",
+           "nonfinite_in", "nonfinite_step", "settings_of"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,13 @@ def non_finite(grads: Mapping[str, Tensor]) -> list[str]:
     if bool(torch.isfinite(sums).all()):
         return []
     return [name for name, g in grads.items() if not bool(torch.isfinite(_values(g)).all())]
+
+
+def nonfinite_flags(grads: Mapping[str, Tensor]) -> Tensor:
+    """One flag per tensor of ``grads``, 1 where it holds a NaN or an Inf, kept on their device (not read on
+    the host).  One float64 sum per tensor: no sum of finite float32 or 16-bit values reaches float64's range,
+    so the sum is finite exactly when every entry is."""
+    return torch.stack([~torch.isfinite(_values(g).sum(dtype=torch.float64)) for g in grads.values()]).int()
 
 
 def check_nonfinite(owner: str, value: str) -> str:
@@ -153,10 +163,9 @@ def check_settings(comm, method: Any, params: Mapping[str, Tensor], **extra: Any
 
 
 class StepGuard:
-    """Per step, before any memory changes: the settings check (first step) and the non-finite agreement.
+    """What the doors whose ranks step together keep of the guard: whether the settings were checked (at the
+    first step), what to do with a non-finite gradient, and how many steps every rank skipped.
 
-    ``check(comm, method, grads)`` (``method`` as the user configured it, the same on every rank) returns
-    True when the step may go on and False when every rank skips it; ``skipped`` counts the skipped steps.
     ``scaled``: the gradients carry a ``torch.amp.GradScaler``'s loss scale, whose overflows are routine
     (logged at INFO, not WARNING: the scaler skips the step too and lowers its scale).
     """
@@ -167,23 +176,15 @@ class StepGuard:
         self.settings_checked = False
         self.skipped = 0
 
-    def check(self, comm, method: Any, grads: Mapping[str, Tensor], **extra: Any) -> bool:
-        if not self.settings_checked:
-            self.settings_checked = True
-            check_settings(comm, method, grads, nonfinite=self.nonfinite, **extra)
-        bad = nonfinite_in(grads, self.nonfinite, f"rank {comm.rank}")
-        if self.nonfinite == "raise":
-            return True
-        counts = comm.count_per_rank(len(bad), device=next(iter(grads.values())).device)
-        if not any(counts):
-            return True
+    def record_skip(self, counts: list[int], bad: list[str]) -> None:
+        """Count a step every rank skipped; ``counts``: each rank's number of non-finite tensors, ``bad``:
+        this rank's."""
         self.skipped += 1
         ranks = ", ".join(str(r) for r, c in enumerate(counts) if c)
         log.log(logging.INFO if self.scaled else logging.WARNING,
                 "step skipped on every rank: non-finite gradient (NaN or Inf) on rank %s%s; no memory was "
                 "changed (%d steps skipped so far)%s", ranks, f" (here in {', '.join(bad[:5])})" if bad else "",
                 self.skipped, "; the GradScaler skips it too and lowers its scale" if self.scaled else "")
-        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}

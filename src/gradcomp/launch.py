@@ -58,6 +58,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import sys
@@ -258,6 +259,19 @@ _WHERE = {"before_init": "in before_init, before joining the process group",
           "run": "while running", "shutdown": "after reporting its result, while leaving the process group"}
 
 
+#: The line naming an exception in a traceback; and what torch wraps around one raised in a future's callback.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+_CALLBACK_WRAP = re.compile(r"(\w+Error: )?Got the following error when running the callback: ")
+
+
+def _exception_line(tb: str) -> str:
+    """The exception of a formatted traceback, in one line: its last line naming an exception (torch appends
+    "At:" and the callbacks' frames to an error raised in a future's callback), unwrapped from the callbacks."""
+    lines = tb.rstrip().splitlines()
+    last = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
+    return _CALLBACK_WRAP.sub("", last) or "an exception"
+
+
 class _Rank:
     """What the parent knows of one worker."""
 
@@ -295,7 +309,7 @@ class _Rank:
         r, code = self.rank, self.proc.exitcode
         if self.error is not None:
             phase, tb = self.error
-            last = tb.rstrip().splitlines()[-1] if tb.strip() else "an exception"
+            last = _exception_line(tb)
             hint = ""
             if "timed out" in tb.lower() or "timeout" in last.lower():
                 hint = f" (a peer did not answer within timeout_s={timeout_s:g} s)"

@@ -12,8 +12,9 @@ closes both gaps::
 It registers :func:`~gradcomp.ddp_comm_hook` on the model the strategy
 wrapped, on CPU and CUDA alike; refuses an optimizer that doubles a method's
 momentum; skips the optimizer step on every rank when the hook skipped a step
-(a NaN or Inf on some rank); and saves every rank's own memory in the
-checkpoint.
+(a NaN or Inf on some rank); under ``precision="16-mixed"`` hands
+Lightning's ``GradScaler`` to the hook (memory in unscaled units, overflows
+reaching the scaler); and saves every rank's own memory in the checkpoint.
 
 This module imports Lightning; ``import gradcomp`` does not.
 """
@@ -139,7 +140,10 @@ class GradientCompression(pl.Callback):
                              f"model in DistributedDataParallel; found {type(trainer.strategy).__name__} with a "
                              f"{type(ddp).__name__} model")
         # A fresh state per fit, like the optimizers Lightning builds per fit; a checkpoint fills it below.
-        self._state = HookState(self.method, self.process_group, model=ddp, nonfinite=self.nonfinite)
+        # 16-mixed: the hook divides the loss scale out (memory in gradient units) and leaves Inf on an
+        # overflow, so Lightning's GradScaler skips the step and lowers its scale (see gradcomp.ddp_hook)
+        scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
+        self._state = HookState(self.method, self.process_group, model=ddp, nonfinite=self.nonfinite, scaler=scaler)
         for optimizer in trainer.optimizers:
             self._state.core.set_optimizer(optimizer)  # refuses an optimizer the method cannot be paired with
         self._apply_loaded(ddp)

@@ -33,6 +33,10 @@ class Memory:
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
         pass
 
+    def buffers(self) -> list[dict[str, Tensor]]:
+        """Every per-name buffer this memory changes in a step (saved and put back around a skipped one)."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -59,6 +63,9 @@ class Residual(Memory):
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
         compressor.subtract_sent(accumulator, sent)
         self.residuals[name] = accumulator
+
+    def buffers(self) -> list[dict[str, Tensor]]:
+        return [self.residuals]
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": dict(self.residuals)}
@@ -130,6 +137,9 @@ class DGCMemory(Memory):
             compressor.subtract_sent(accumulator, sent)
         if self.masking and self.correction:
             self.u[name].view(-1).index_fill_(0, compressor.sent_indices(sent, accumulator.numel()), 0)
+
+    def buffers(self) -> list[dict[str, Tensor]]:
+        return [self.u, self.v]
 
     def state_dict(self) -> dict[str, Any]:
         return {"u": dict(self.u), "v": dict(self.v)}

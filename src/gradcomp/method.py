@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -75,19 +75,21 @@ class Method:
 
     # -- per step ---------------------------------------------------------
 
-    def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None
-                ) -> dict[str, Tensor]:
+    def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None, *,
+                check: bool = True) -> dict[str, Tensor]:
         """Check this worker's gradients and bring them to working precision and units.
 
         Every tensor is checked before any of them touches memory, so a NaN or
-        Inf raises :class:`NonFiniteGradientError` with nothing changed.
+        Inf raises :class:`NonFiniteGradientError` with nothing changed
+        (``check=False``: a front door's guard has seen to them, see
+        :class:`~gradcomp.core.Step`).
         ``scale``: the loss scale the gradients carry (``torch.amp.GradScaler``'s),
         divided out here, so that memory holds unscaled values whatever the scale does.
         16-bit gradients are computed on in float32, except by a method without
         memory that sends them as they are (``"none"``): it keeps their dtype, and
         so their bytes on the wire.
         """
-        bad = non_finite(grads)
+        bad = non_finite(grads) if check else []
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory was changed")
         upcast = not (type(self.compressor) is NoCompression and type(self.memory) is Memory)
@@ -123,6 +125,35 @@ class Method:
 
     def end_step(self) -> None:
         self.steps += 1
+
+    def buffers(self) -> list[dict[str, Tensor]]:
+        """Every per-name buffer a step changes (the memory's)."""
+        return self.memory.buffers()
+
+    def save(self, names: Iterable[str]) -> Callable[[], None]:
+        """Save what exchanging ``names`` may change (their buffers and compressor state); the function
+        returned puts it back, for a step that every rank skips after its exchanges began
+        (:class:`~gradcomp.core.Step`).  A name without memory yet gets none back."""
+        names = list(names)
+        kept = [(buffers, {n: buffers[n].clone() for n in names if n in buffers}) for buffers in self.buffers()]
+        states = {n: copy.deepcopy(self.compressor_state[n]) for n in names if n in self.compressor_state}
+
+        def restore() -> None:
+            for buffers, saved in kept:
+                for n in names:
+                    if n not in saved:
+                        buffers.pop(n, None)
+                    elif n in buffers and buffers[n].shape == saved[n].shape:
+                        buffers[n].copy_(saved[n])  # in place: whoever holds the buffer sees it restored
+                    else:
+                        buffers[n] = saved[n]
+            for n in names:
+                if n in states:
+                    self.compressor_state[n] = states[n]
+                else:
+                    self.compressor_state.pop(n, None)
+
+        return restore
 
     def for_rank(self, rank: int) -> Method:
         """This method as worker ``rank`` runs it (see :meth:`Compressor.for_rank`); a copy, with fresh memory
@@ -301,11 +332,11 @@ class DGC(Method):
         """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small; or every one with ``sparsify_all``)."""
         return self.sparsify_all or (grad.dim() > 1 and grad.numel() >= self.min_numel)
 
-    def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None
-                ) -> dict[str, Tensor]:
+    def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None, *,
+                check: bool = True) -> dict[str, Tensor]:
         # dense tensors go out in their own dtype (a bf16 bias as 2 bytes an entry), computed on in float32
         self._wire = {name: g.dtype for name, g in grads.items() if g.dtype in _HALF and not self.sparsified(g)}
-        grads = super().prepare(grads, world_size, scale)
+        grads = super().prepare(grads, world_size, scale, check=check)
         if self.clip_norm is not None and grads:
             # Local gradient clipping (section 3.2).  The paper sums the nodes' shares
             # G_k = g_k / N of the gradient and clips each share at clip_norm * N^-1/2 (with
@@ -367,6 +398,9 @@ class DGC(Method):
                   "warmup_epochs", "warmup_steps", "min_numel", "momentum_correction", "accumulate", "steps_per_epoch", "wire",
                   "sparsify_all", "min_entries", "aggregate")
         return {"method": "dgc", **{f: getattr(self, f) for f in fields}}
+
+    def buffers(self) -> list[dict[str, Tensor]]:
+        return [*super().buffers(), self.dense_momentum.buffers]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "dense_momentum": self.dense_momentum.state_dict()}

@@ -13,11 +13,11 @@ in the same order.  ``step()`` starts any bucket still waiting (parameters
 that got no gradient count as zero), waits, writes the averaged gradients
 to ``p.grad`` and steps the wrapped optimizer.
 
-With ``nonfinite="skip"`` (the default) the exchanges wait for the last
-gradient: the ranks first agree that none of them holds a NaN or Inf (see
-:mod:`gradcomp.guard`).  A step where one does is skipped on every rank:
-memory unchanged, ``p.grad`` set to None, the wrapped optimizer not stepped,
-``step_skipped`` True.
+With ``nonfinite="skip"`` (the default) the ranks agree after the last
+bucket that none of them held a NaN or Inf (see :class:`~gradcomp.core.Step`).
+A step where one did is skipped on every rank: memory put back as it was,
+``p.grad`` set to None, the wrapped optimizer not stepped, ``step_skipped``
+True.
 
 Mixed precision: given the ``torch.amp.GradScaler`` (``scaler=``), the method
 works on gradients with the loss scale divided out and ``p.grad`` gets the
@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from .compressors.base import Compressor
-from .core import Core, Door
+from .core import Core, Door, Step
 from .method import Method
 
 __all__ = ["DistributedOptimizer", "OptimizerWrapper"]
@@ -123,6 +123,7 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         self._ready = [0] * len(self.buckets)
         self._futures: list[Future | None] = [None] * len(self.buckets)
         self._next = 0  # first bucket not started yet
+        self._step: Step | None = None  # the step in progress
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n)) for n, p in self.params.items()]
 
     @staticmethod
@@ -150,55 +151,46 @@ class DistributedOptimizer(OptimizerWrapper, Door):
     def _start_ready_buckets(self, *, all_remaining: bool = False) -> None:
         while self._next < len(self.buckets) and (
                 all_remaining or self._ready[self._next] == len(self.buckets[self._next])):
-            if self.core.defer:
-                self._start_all_at_once()
+            if self._step is None:
+                self._step = self.core.step()
+            if self.core.defer:  # every bucket at once, with the last gradient
+                self.core.check_settings({n: self._grad(n) for n in self.params})
+                self._futures = self._step.add({n: self._grad(n) for n in self.params}, self.buckets)
+                self._next = len(self.buckets)
                 return
-            self._futures[self._next] = self._start(self.buckets[self._next])
+            self._futures[self._next] = self._step.add({n: self._grad(n) for n in self.buckets[self._next]})[0]
             self._next += 1
 
     def _grad(self, name: str) -> Tensor:
         p = self.params[name]
-        return p.grad if p.grad is not None else torch.zeros_like(p)
-
-    def _start(self, names: list[str]) -> Future:
-        return self.core.exchange({n: self._grad(n) for n in names}, self.core.loss_scale())
-
-    def _start_all_at_once(self) -> None:
-        grads = {n: self._grad(n) for n in self.params}
-        self.step_skipped = not self.core.check(grads)
-        self._next = len(self.buckets)
-        if self.step_skipped:
-            return
-        core = self.core
-        prepared = core.method.prepare(grads, core.world_size, core.loss_scale())
-        for b, names in enumerate(self.buckets):
-            self._futures[b] = core.comm.exchange(core.exchanges(prepared, names))
+        if p.grad is None:  # no gradient this step: it counts as zero (and is exchanged in place)
+            p.grad = torch.zeros_like(p)
+        return p.grad
 
     def synchronize(self) -> None:
         """Finish every exchange of this step and write the averaged gradients to ``p.grad`` (times the loss
         scale, with a scaler)."""
-        self.step_skipped = False
-        scale = self.core.loss_scale()
         self._start_ready_buckets(all_remaining=True)
-        for b, names in enumerate(self.buckets):
-            averages = self._futures[b].wait() if not self.step_skipped else dict.fromkeys(names)
-            for n in names:
-                p = self.params[n]
-                if averages[n] is None:
-                    p.grad = None if scale is None else torch.full_like(p, self.core.skipped_fill)
-                    continue
-                if p.grad is None:
-                    p.grad = averages[n].view_as(p).to(p.dtype)
-                else:
+        step, self._step = self._step, None
+        try:
+            self.step_skipped = step.end().wait()
+            for b, names in enumerate(self.buckets):
+                averages = self._futures[b].wait()
+                for n in names:
+                    p = self.params[n]
+                    if self.step_skipped:
+                        p.grad = None if step.scale is None else torch.full_like(p, self.core.skipped_fill)
+                        continue
                     p.grad.copy_(averages[n].view_as(p))
-                if scale is not None:
-                    p.grad.mul_(scale)
-        self._passes = dict.fromkeys(self.params, 0)
-        self._ready = [0] * len(self.buckets)
-        self._futures = [None] * len(self.buckets)
-        self._next = 0
-        self._synchronized = True
-        self.core.end_step()
+                    if step.scale is not None:
+                        p.grad.mul_(step.scale)
+        finally:
+            self._passes = dict.fromkeys(self.params, 0)
+            self._ready = [0] * len(self.buckets)
+            self._futures = [None] * len(self.buckets)
+            self._next = 0
+            self._synchronized = True
+            self.core.end_step()
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """:meth:`synchronize`, unless it already ran for this step's gradients, then the wrapped optimizer's step."""

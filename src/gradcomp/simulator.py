@@ -177,8 +177,11 @@ class LocalCommunicator(Communicator):
     def all_objects(self, obj: Any) -> list[Any]:
         return self._meet("all_objects", copy.deepcopy(obj), lambda every: [list(every)] * len(every))
 
-    def count_per_rank(self, count: int, device: torch.device | str = "cpu") -> list[int]:
-        return self._meet("count_per_rank", int(count), lambda every: [list(every)] * len(every))
+    def count_per_rank_async(self, count: Tensor) -> Future:
+        every = self._meet("count_per_rank", int(count), lambda every: [list(every)] * len(every))
+        fut: Future = Future()
+        fut.set_result(torch.tensor(every, dtype=torch.int32))
+        return fut
 
     def _launch(self, payloads: Mapping[str, Payload]) -> Future:
         self.bytes_sent += sum(p.nbytes for p in payloads.values())
@@ -352,11 +355,13 @@ class Simulator:
 
     @staticmethod
     def _average(core: Core, grads: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """One worker's synchronous step (the hook's rule): the guard, then one exchange of every gradient;
-        None when every worker skips the step."""
-        average = core.exchange(grads).wait() if core.check(grads) else None
+        """One worker's synchronous step (the hook's rule: one exchange of every gradient, then the guard's
+        verdict); None when every worker skips the step."""
+        step = core.step()
+        average = step.add(grads)[0]
+        skipped = step.end().wait()
         core.end_step()
-        return average
+        return None if skipped else average.wait()
 
     def optimizer_step(self) -> None:
         """Step every worker's optimizer (not where the step was skipped) and clear the gradients."""
