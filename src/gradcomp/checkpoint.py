@@ -28,7 +28,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["RankState", "load_rank_state", "rank_file", "register_with_accelerate", "save_rank_state", "state_to_cpu",
-           "state_to_device"]
+__all__ = ["RankState", "load_rank_state", "rank_file", "register_with_accelerate", "save_rank_state", "state_tensors",
+           "state_to_cpu", "state_to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ _RANK_FILE = re.compile(r"^gradcomp_rank(\d+)\.pt$")
 
 
 # ------------------------------------------------------------------ where a state's tensors live
+
+
+def state_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor of a nested state (dicts, lists, tuples), in order: to ask where a state lives."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from state_tensors(v)
 
 
 def state_to_cpu(obj: Any) -> Any:
