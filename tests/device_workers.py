@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
 from conftest import ce, mlp
-from gradcomp.checkpoint import RankState
+from gradcomp.checkpoint import RankState, state_tensors
 from gradcomp.lightning import GradientCompression
 from lightning_workers import Digits, Record, params, shard_loader
 
@@ -61,20 +61,9 @@ def hooked(rank, world, device, kind, epochs, root=None, stop_after=None, resume
         if epoch + 1 == stop_after and resume_from is None:
             dcp.save(app(), checkpoint_id=os.path.join(root, "dcp"))
     out = {"params": {n: p.detach().cpu() for n, p in model.named_parameters()}, "bytes": state.comm.bytes_sent,
-           "memory_device": sorted({str(t.device) for t in _tensors(state.state_dict())})}
+           "memory_device": sorted({str(t.device) for t in state_tensors(state.state_dict())})}
     del net
     return out
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def lightning(rank, world, device, kind, root, ckpt_path=None):

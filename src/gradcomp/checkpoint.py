@@ -28,7 +28,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["RankState", "load_rank_state", "rank_file", "register_with_accelerate", "save_rank_state"]
+__all__ = ["RankState", "load_rank_state", "rank_file", "register_with_accelerate", "save_rank_state", "state_tensors",
+           "state_to_cpu", "state_to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,47 @@ FORMAT = 1
 _NOT_LOADED = "gradcomp's state was not loaded"
 
 _RANK_FILE = re.compile(r"^gradcomp_rank(\d+)\.pt$")
+
+
+# ------------------------------------------------------------------ where a state's tensors live
+
+
+def state_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor of a nested state (dicts, lists, tuples), in order: to ask where a state lives."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from state_tensors(v)
+
+
+def state_to_cpu(obj: Any) -> Any:
+    """A copy of a state dict with every tensor copied to the CPU: a checkpoint that loads anywhere, and what a
+    rank hands an object collective (``gather_object`` would otherwise unpickle a peer's CUDA tensors onto
+    that peer's GPU, in the receiving process)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: state_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(state_to_cpu(v) for v in obj)
+    return obj
+
+
+def state_to_device(obj: Any, device: torch.device | str) -> Any:
+    """Floating-point tensors onto ``device``: gradcomp keeps what it derives from gradients (residuals,
+    momenta, warm-start factors) on the gradients' device, its integer bookkeeping (generator states, step
+    counters) on the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.to(device) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: state_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(state_to_device(v, device) for v in obj)
+    return obj
 
 
 # ------------------------------------------------------------------ the fingerprint

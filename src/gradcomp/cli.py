@@ -145,6 +145,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .launch import DEVICES
     from .train.data import DATASETS
     from .train.models import MODELS
 
@@ -152,8 +153,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train", help="train a model across N workers with a chosen method and report accuracy and bytes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model data-parallel across N workers with a gradient compression method.\n\n"
-                    "Starts N local gloo worker processes itself, or joins a torchrun launch when RANK and\n"
-                    "WORLD_SIZE are set:\n"
+                    "Starts N local worker processes itself, or joins a torchrun launch when RANK and\n"
+                    "WORLD_SIZE are set; on GPUs (--device) each rank trains on cuda:LOCAL_RANK with NCCL:\n"
                     "  torchrun --standalone --nproc-per-node 4 -m gradcomp train --dataset mnist\n"
                     "  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
                     "           --rdzv-id job1 -m gradcomp train --dataset mnist      (on every node)\n"
@@ -202,6 +203,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-train", type=_positive_int, help="use only the first N training samples/tokens")
     p.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where each rank trains: cuda puts local rank r on cuda:r (under torchrun cuda:LOCAL_RANK) "
+                        "with NCCL and needs a GPU per local rank; cpu uses gloo; auto (default) is cuda when CUDA "
+                        "is available with a GPU for every local rank, else cpu. --simulate runs every worker on "
+                        "one device. May change on --resume")
     p.add_argument("--simulate", action="store_true", help="N simulated workers in one process")
     p.add_argument("--dga-delay", type=_non_negative_int, metavar="D",
                    help="delayed gradient averaging: apply each step's average D steps later, corrected by the "
@@ -261,8 +267,8 @@ def _train_config(args: argparse.Namespace):
                        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                        lr_warmup_epochs=args.lr_warmup_epochs, lr_milestones=args.lr_milestones,
                        lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
-                       limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, simulate=args.simulate,
-                       dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
+                       limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, device=args.device,
+                       simulate=args.simulate, dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
                        fedavg_period=args.fedavg_period, partition=args.partition,
                        emulate_latency_ms=args.emulate_latency_ms, nonfinite=args.nonfinite,
                        link_gbps=args.link_gbps, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every,

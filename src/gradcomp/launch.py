@@ -4,6 +4,13 @@ Used by ``gradcomp train`` to run its own workers and by the multi-process
 tests.  Every worker runs ``fn(rank, world_size, *args)``; its return value
 comes back to the parent.
 
+On GPUs (``device="cuda"``) each process gets one: local rank ``r`` makes
+``cuda:r`` (under torchrun ``cuda:LOCAL_RANK``) its current device before it
+joins, and the NCCL group is bound to it (``device_id``), so NCCL's barriers
+and object collectives, which run on the current device, use that GPU and no
+other.  :func:`device_kind` resolves ``"auto"`` and refuses ``"cuda"`` where
+there are not enough GPUs, before any process starts.
+
 No hang.  One knob, ``timeout_s`` (of :func:`spawn` and of
 :func:`init_from_env`), bounds how long any rank waits for a peer: in
 ``init_process_group`` (a rank that never joins), in every collective (a
@@ -75,7 +82,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
-__all__ = ["WorkerError", "free_port", "spawn", "init_from_env", "shutdown", "gloo_threads", "GRACE_S"]
+__all__ = ["WorkerError", "DEVICES", "device_kind", "free_port", "spawn", "init_from_env", "shutdown", "gloo_threads",
+           "GRACE_S"]
 
 #: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
 #: makes them raise at once) are reported too, before it kills whoever is left.
@@ -84,6 +92,49 @@ GRACE_S = 2.0
 
 class WorkerError(RuntimeError):
     """One or more workers failed, hung past the timeout, died or never joined; the message says which."""
+
+
+#: What a job may ask to train on: ``auto`` is CUDA where every local rank gets a GPU of its own, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_kind(requested: str, local_ranks: int) -> str:
+    """The device, ``"cpu"`` or ``"cuda"``, that ``local_ranks`` processes on this machine train on.
+
+    On CUDA, local rank ``r`` trains on ``cuda:r`` (one NCCL rank per GPU), so
+    ``"cuda"`` needs as many visible GPUs as local ranks; ``"auto"`` is CUDA
+    where that holds and the CPU (gloo) where it does not.  The same on every
+    rank of a machine: a job's ranks must agree on the backend.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`DEVICES`, or is ``"cuda"`` where CUDA is absent or has
+            fewer GPUs than local ranks.
+    """
+    if requested not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {requested!r}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "cpu" or (requested == "auto" and not 0 < local_ranks <= gpus):
+        return "cpu"
+    if gpus == 0:
+        raise ValueError("device='cuda', but CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use 'cpu' or 'auto'")
+    if local_ranks > gpus:
+        raise ValueError(f"device='cuda' needs one GPU per local rank: {local_ranks} ranks on this machine, "
+                         f"{gpus} GPU(s) visible")
+    return "cuda"
+
+
+def _bind(device: torch.device) -> dict[str, Any]:
+    """Make ``device`` this process's current device when it is a GPU (NCCL's object collectives and barriers
+    run on the current device) and return the ``init_process_group`` keywords that bind the group to it
+    (``device_id``: NCCL then forms its communicator at once, on that GPU)."""
+    if device.type != "cuda":
+        return {}
+    gpus = torch.cuda.device_count()
+    if device.index is None or not 0 <= device.index < gpus:
+        raise ValueError(f"local device {device} does not exist: {gpus} GPU(s) visible (one per local rank)")
+    torch.cuda.set_device(device)
+    return {"device_id": device}
 
 
 def free_port() -> int:
@@ -132,15 +183,24 @@ def gloo_threads() -> int:
     return count
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
+def init_from_env(backend: str | None = None, timeout_s: float = 300.0, device: str = "auto") -> tuple[int, int]:
     """Join a ``torchrun`` launch (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set).
 
     ``timeout_s`` is how long this rank waits for its peers, at the rendezvous
     and in every collective, before it raises instead of hanging (a peer that
     died, stalled or never joined).  torchrun then stops the other ranks.
+
+    ``device`` is one of :data:`DEVICES` (``"auto"``: CUDA where every one
+    of the ``LOCAL_WORLD_SIZE`` ranks on this machine gets a GPU, see
+    :func:`device_kind`).  On CUDA this rank works on ``cuda:LOCAL_RANK``: it
+    becomes the current device and the group is bound to it (``device_id``),
+    and ``backend`` defaults to NCCL; on the CPU, to gloo.
     """
     _check_timeout("timeout_s", timeout_s)
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = device_kind(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    bound = _bind(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda"
+                  else torch.device("cpu"))
     timeout = timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun keeps one store for all restarts (pytorch/pytorch#135712): the keys the killed attempt's ranks
@@ -150,9 +210,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
         agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                               timeout=timeout)
         store = dist.PrefixStore(f"gradcomp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **bound)
     else:
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **bound)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -205,8 +265,8 @@ def _leave(code: int) -> None:
         os._exit(code)
 
 
-def _worker(rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float, fn: Callable,
-            args: tuple, conn: Connection, threads: int, before_init: Callable[[int], None] | None,
+def _worker(rank: int, world_size: int, address: str, port: int, backend: str, device: str, timeout_s: float,
+            fn: Callable, args: tuple, conn: Connection, threads: int, before_init: Callable[[int], None] | None,
             environ: dict[str, str]) -> None:
     os.environ.clear()  # the parent's environment now, not the one the fork server started with
     os.environ.update(environ)
@@ -219,8 +279,9 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, t
         if before_init is not None:
             before_init(rank)
         phase = "init"
+        bound = _bind(torch.device("cuda", rank) if device == "cuda" else torch.device("cpu"))
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=timeout_s), **bound)
         conn.send(("joined", None))
         phase = "run"
         value = fn(rank, world_size, *args)
@@ -335,15 +396,19 @@ class _Rank:
         return self.error is None and self.stopped is None and self.result is not None and self.proc.exitcode == 0
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout_s: float = 120.0,
-          threads: int | None = None, address: str = "127.0.0.1", before_init: Callable[[int], None] | None = None,
-          deadline_s: float | None = None) -> list[Any]:
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | None = None, device: str = "cpu",
+          timeout_s: float = 120.0, threads: int | None = None, address: str = "127.0.0.1",
+          before_init: Callable[[int], None] | None = None, deadline_s: float | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
 
     ``fn`` must be importable (a module-level function).  ``address`` is
     where rank 0 serves the rendezvous; ``before_init(rank)`` (importable
     too) runs in each worker before it joins the group (the network
     benchmark moves each worker into its own network namespace there).
+
+    ``device="cuda"`` puts rank ``r`` on ``cuda:r`` (its current device, to
+    which the group is bound) and ``backend`` then defaults to NCCL; on the
+    CPU (the default) to gloo.
 
     ``timeout_s`` is the configurable timeout: how long a rank waits for a
     peer (to join, inside a collective, in the final barrier) before it
@@ -358,6 +423,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     _check_timeout("timeout_s", timeout_s)
     _check_timeout("deadline_s", deadline_s, optional=True)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        device_kind("cuda", world_size)  # one GPU per rank, else a ValueError saying so
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = _context()
     port = free_port()
@@ -365,7 +435,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     try:
         for r in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(r, world_size, address, port, backend, timeout_s, fn, args,
+            proc = ctx.Process(target=_worker, args=(r, world_size, address, port, backend, device, timeout_s, fn, args,
                                                      writer, threads, before_init, dict(os.environ)),
                               daemon=True)
             ranks.append(_Rank(r, proc, reader))

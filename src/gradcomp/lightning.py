@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import state_to_cpu, state_to_device
 from .compressors.base import Compressor
 from .ddp_hook import HookState, ddp_comm_hook
 from .guard import check_nonfinite
@@ -41,30 +42,6 @@ except ImportError:  # the unified ``lightning`` package only
 __all__ = ["GradientCompression"]
 
 log = logging.getLogger(__name__)
-
-
-def _to_cpu(obj: Any) -> Any:
-    """A copy of a state dict with every tensor copied to the CPU (a checkpoint that loads anywhere)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Floating-point tensors onto ``device``: gradcomp keeps what it derives from gradients (residuals,
-    momenta, warm-start factors) on the gradients' device, its integer bookkeeping (generator states, step
-    counters) on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 class GradientCompression(pl.Callback):
@@ -164,7 +141,7 @@ class GradientCompression(pl.Callback):
         if self._loaded is None or self._state is None:
             return
         device = next(ddp.parameters()).device
-        self._state.load_state_dict(_to_device(self._loaded, device))
+        self._state.load_state_dict(state_to_device(self._loaded, device))
         self._loaded = None
         log.info("gradcomp state restored from the checkpoint on rank %d", self._state.comm.rank)
 
@@ -199,7 +176,7 @@ class GradientCompression(pl.Callback):
         if self._state is None:
             return {}
         comm = self._state.comm
-        own = _to_cpu(self._state.state_dict())
+        own = state_to_cpu(self._state.state_dict())
         ranks: list[Any] = [None] * comm.world_size
         if comm.world_size == 1:
             ranks[0] = own

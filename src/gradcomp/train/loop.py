@@ -6,14 +6,24 @@ The same loop runs in three ways:
 * one rank of a ``torchrun`` launch (``RANK``/``WORLD_SIZE`` in the environment),
 * the :class:`~gradcomp.Simulator` (``simulate=True``): N virtual workers in one process.
 
+``device`` says where: on CUDA, local rank ``r`` trains on ``cuda:r`` (under
+torchrun ``cuda:LOCAL_RANK``; simulated, every worker on the current device)
+with NCCL, its model, batches and method memory there; on the CPU with gloo.
+``"auto"`` is CUDA where every local rank gets a GPU of its own
+(:func:`gradcomp.launch.device_kind`); the run's ``config.json`` records the
+device it resolved to.
+
 Real ranks train a DDP model with gradcomp's communication hook; rank 0
 evaluates, writes the run directory (config, metrics, checkpoint, plot) and
 returns the summary.  Every epoch ends with a checkpoint (and, with
 ``checkpoint_every``, every that many steps), holding the model, the
-optimizer, every rank's method memory, the RNG states and LSTM states, the
-learning-rate schedule and the data position, so ``resume`` continues
-exactly where the checkpoint was written, mid-epoch too: the result is
-bit-identical to a run that never stopped.
+optimizer, every rank's method memory, the RNG states (CUDA's too) and LSTM
+states, the learning-rate schedule and the data position, so ``resume``
+continues exactly where the checkpoint was written, mid-epoch too: the result
+is bit-identical to a run that never stopped.  The checkpoint holds CPU
+tensors only: each rank copies its part to the CPU before it is gathered to
+rank 0 (no rank's CUDA tensors are unpickled in another rank's process), and
+on resume each rank puts its own part back on its own device.
 
 Restarts after a failure resume from the last checkpoint: under ``torchrun
 --max-restarts K`` (``TORCHELASTIC_RESTART_COUNT > 0`` and a checkpoint in the
@@ -41,8 +51,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ..checkpoint import state_tensors, state_to_cpu, state_to_device
 from ..compressors.base import available, check_int, check_range, get
 from ..guard import check_nonfinite
+from ..launch import DEVICES, device_kind
 from ..method import DGC, Method, sgd_settings
 from ..schedule import LinearLRWarmup
 from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_batches, lm_steps, load_dataset,
@@ -56,8 +68,8 @@ log = logging.getLogger(__name__)
 
 #: Methods whose payloads are summed with an all-reduce (the rest are all-gathered).
 ALLREDUCE_METHODS = {"none", "fp16", "powersgd", "randomk"}
-#: Settings a resumed run may change: the length of training, how often it checkpoints, the display.
-RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "progress")
+#: Settings a resumed run may change: the length of training, how often it checkpoints, the display, the device.
+RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "progress", "device")
 #: Settings that do not decide what a checkpoint holds (not compared on resume).
 NOT_CHECKED = (*RESUMABLE, "run_dir", "data_dir", "label", "link_gbps")
 
@@ -89,6 +101,8 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     seed: int = 0
+    #: "cpu", "cuda" (local rank r on cuda:r, NCCL) or "auto": CUDA where every local rank gets a GPU
+    device: str = "auto"
     simulate: bool = False
     #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous)
     dga_delay: int | None = None
@@ -111,6 +125,8 @@ class TrainConfig:
     label: str | None = None
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"TrainConfig.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.method not in available():
@@ -204,8 +220,9 @@ class Task:
     :func:`~gradcomp.train.data.speaker_grouped` (a few speakers each) for Tiny Shakespeare.
     """
 
-    def __init__(self, data: Dataset, config: TrainConfig, workers: int) -> None:
-        self.data, self.config, self.workers = data, config, workers
+    def __init__(self, data: Dataset, config: TrainConfig, workers: int, device: torch.device | str = "cpu"
+                 ) -> None:
+        self.data, self.config, self.workers, self.device = data, config, workers, torch.device(device)
         self.global_batch = config.batch_size * workers
         skewed = config.partition == "skewed"
         self.parts = skewed_parts(data.y_train, workers, config.seed) if skewed and data.kind != "lm" else None
@@ -238,6 +255,7 @@ class Task:
 
     def loss(self, model: nn.Module, shard: tuple) -> Tensor:
         worker, x, y = shard
+        x, y = x.to(self.device), y.to(self.device)  # a real rank moves its own shard only
         if self.data.kind != "lm":
             return F.cross_entropy(model(x), y)
         logits, hidden = model(x, self.hidden.get(worker))
@@ -254,6 +272,7 @@ class Task:
                 rows = batchify(self.data.test[:limit], 10)
                 total, count, hidden = 0.0, 0, None
                 for [(x, y)] in lm_batches(rows, self.config.bptt, 1):
+                    x, y = x.to(self.device), y.to(self.device)
                     logits, hidden = model(x, hidden)
                     total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                              reduction="sum").item()
@@ -263,7 +282,7 @@ class Task:
             losses, correct = 0.0, 0
             x_test, y_test = self.data.x_test[:limit], self.data.y_test[:limit]
             for start in range(0, len(y_test), 1000):
-                x, y = x_test[start:start + 1000], y_test[start:start + 1000]
+                x, y = x_test[start:start + 1000].to(self.device), y_test[start:start + 1000].to(self.device)
                 out = model(x)
                 losses += F.cross_entropy(out, y, reduction="sum").item()
                 correct += (out.argmax(1) == y).sum().item()
@@ -276,12 +295,20 @@ class Task:
 # ------------------------------------------------------------------ the loop
 
 
-def _rng_state() -> dict[str, Tensor]:
-    return {"torch": torch.get_rng_state()}
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The CPU's RNG state and, training on a GPU, that GPU's (dropout, sampling run there)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: dict[str, Tensor]) -> None:
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    """Restore :func:`_rng_state`; a GPU's state only onto a GPU (a CUDA run resumed on the CPU continues
+    exactly the same only where nothing random ran on the GPU)."""
     torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class _Front:
@@ -292,6 +319,7 @@ class _Front:
                  world: int) -> None:
         self.config, self.task, self.rank, self.world = config, task, rank, world
         self.model, self.given = model, method  # the method as configured; each door makes its own copies
+        self.device = next(model.parameters()).device
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
                                          **sgd_settings(method, config.momentum, config.weight_decay))
         self.clip_after_average = config.clip_norm if config.method != "dgc" else None
@@ -331,14 +359,15 @@ class _Front:
         return self.methods[0].state_dict()
 
     def method_states(self) -> list[dict]:
-        """Every worker's method state (gathered to rank 0 on real ranks)."""
+        """Every worker's method state (gathered to rank 0 on real ranks, each copied to the CPU first)."""
         states = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(self.my_state(), states, dst=0)
+        dist.gather_object(state_to_cpu(self.my_state()), states, dst=0)
         return states
 
     def load_method_states(self, states: list[dict]) -> None:
-        """This rank's part of every worker's states (their number is checked by :func:`check_checkpoint`)."""
-        self.load_my_state(states[self.rank])
+        """This rank's part of every worker's states (their number is checked by :func:`check_checkpoint`),
+        onto this rank's device."""
+        self.load_my_state(state_to_device(states[self.rank], self.device))
 
     def load_my_state(self, state: dict) -> None:
         self.methods[0].load_state_dict(state)
@@ -371,7 +400,8 @@ class _Simulated(_Front):
         return self.sim.bytes_sent[0]
 
     def method_states(self) -> list[dict]:
-        return [m.state_dict() for m in self.methods]
+        # copied once the Simulator's state is whole: its doors finish their exchanges, moving the methods' memory
+        return state_to_cpu(self.sim.state_dict()["methods"])
 
 
 class _Hooked(_Front):
@@ -383,7 +413,8 @@ class _Hooked(_Front):
 
         from ..ddp_hook import register_ddp_hook
 
-        self.net = DistributedDataParallel(self.model)
+        self.net = DistributedDataParallel(self.model,
+                                           device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.state = register_ddp_hook(self.net, self.given, optimizer=self.optimizer,
                                        emulate_latency_ms=self.config.emulate_latency_ms,
                                        nonfinite=self.config.nonfinite)
@@ -468,10 +499,10 @@ class _Position:
 
 def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, pos: _Position
                 ) -> dict[str, Any] | None:
-    """The checkpoint at ``pos``: rank 0 gets it, the other ranks None.  Every rank must call it (it gathers
-    each rank's method memory, RNG state and LSTM states)."""
+    """The checkpoint at ``pos``, CPU tensors only: rank 0 gets it, the other ranks None.  Every rank must call
+    it (it gathers each rank's method memory, RNG state and LSTM states, each copied to the CPU first)."""
     states = front.method_states()
-    mine = {"rng": _rng_state(), "hidden": front.task.hidden}
+    mine = state_to_cpu({"rng": _rng_state(front.device), "hidden": front.task.hidden})
     if cfg.simulate:
         ranks = [mine]
     else:
@@ -479,30 +510,36 @@ def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, 
         dist.gather_object(mine, ranks, dst=0)
     if front.rank != 0:
         return None
-    ckpt = {"model": front.model.state_dict(), "optimizer": front.optimizer.state_dict(), "methods": states,
+    here = {"model": front.model.state_dict(), "optimizer": front.optimizer.state_dict()}  # on rank 0's device
+    if cfg.simulate:
+        here["simulator"] = {k: v for k, v in front.sim.state_dict().items() if k != "methods"}
+    ckpt = {**state_to_cpu(here), "methods": states,
             "rng": [r["rng"] for r in ranks], "hidden": [r["hidden"] for r in ranks],
             "epoch": pos.epoch, "epoch_step": pos.step, "epoch_losses": list(pos.losses) if pos.step else [],
             "steps": pos.steps, "seconds": pos.seconds, "bytes_sent": front.bytes_sent, "skipped": front.skipped,
             "lr_warmup": warmup.state_dict() if warmup is not None else {}, "config": cfg.fingerprint()}
-    if cfg.simulate:
-        ckpt["simulator"] = {k: v for k, v in front.sim.state_dict().items() if k != "methods"}
     return ckpt
 
 
 def _restore(ckpt: dict[str, Any], cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None) -> _Position:
-    """Load a checkpoint written by :func:`_checkpoint` into this rank; return where training continues."""
+    """Load a checkpoint written by :func:`_checkpoint` into this rank, its tensors onto this rank's device
+    (the model's and the optimizer's own ``load_state_dict`` place theirs); return where training continues."""
+    device = front.device
     front.model.load_state_dict(ckpt["model"])
     front.optimizer.load_state_dict(ckpt["optimizer"])
     if warmup is not None:
         warmup.load_state_dict(ckpt["lr_warmup"])
     me = 0 if cfg.simulate else front.rank
-    _set_rng_state(ckpt["rng"][me])
-    front.task.hidden = dict(ckpt["hidden"][me]) if "hidden" in ckpt else {}
+    _set_rng_state(ckpt["rng"][me], device)
+    front.task.hidden = state_to_device(dict(ckpt["hidden"][me]), device) if "hidden" in ckpt else {}
     if cfg.simulate:  # every worker's method, models and doors (checks the number of workers)
-        front.sim.load_state_dict({"methods": ckpt["methods"], **ckpt["simulator"]})
+        front.sim.load_state_dict(state_to_device({"methods": ckpt["methods"], **ckpt["simulator"]}, device))
     else:
         front.load_method_states(ckpt["methods"])
         front.comm.bytes_sent = ckpt["bytes_sent"]
+    where = sorted({str(t.device) for t in state_tensors(front.my_state()) if t.is_floating_point()})
+    log.info("rank %d resumed at step %d, its gradcomp state on %s", front.rank, ckpt["steps"],
+             ", ".join(where) or "no device (none yet)")
     front.skipped_before = ckpt.get("skipped", 0)
     return _Position(epoch=ckpt["epoch"], step=ckpt.get("epoch_step", 0), steps=ckpt["steps"],
                      seconds=ckpt["seconds"], losses=list(ckpt.get("epoch_losses", [])))
@@ -546,10 +583,12 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
     """Train on this rank (or, simulated, on every worker); rank 0 returns the summary (or, stopped by
     ``max_steps`` before the end, ``{"stopped_after_step": n}``)."""
     cfg = TrainConfig(**config)
-    torch.manual_seed(cfg.seed)
+    # the launcher made this rank's GPU the current device (gradcomp.launch); simulated, every worker is on it
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    torch.manual_seed(cfg.seed)  # the CPU's and every GPU's generator
     data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
-    task = Task(data, cfg, world)
-    model = build_model(cfg.model, data, **cfg.model_options)
+    task = Task(data, cfg, world, device)
+    model = build_model(cfg.model, data, **cfg.model_options).to(device)  # built on the CPU: the same weights
     method = cfg.build_method(steps_per_epoch=task.steps)
     front = _front(model, cfg, method, task, rank, world)
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
@@ -679,6 +718,12 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
         cfg = dataclasses.replace(cfg, run_dir=run_dir)
     if under_torchrun:
         cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
+    local_ranks = 1 if cfg.simulate else int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_torchrun \
+        else cfg.workers
+    try:  # "cuda" where it is absent fails here, before anything is written
+        cfg = dataclasses.replace(cfg, device=device_kind(cfg.device, local_ranks))
+    except ValueError as error:
+        raise ValueError(f"TrainConfig.{error}") from None
     lead = not under_torchrun or int(os.environ["RANK"]) == 0
     data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=1)  # a missing dataset fails here, before any worker
     if resume is not None:  # a foreign or damaged checkpoint fails here, before anything is written
@@ -694,7 +739,7 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     if under_torchrun:
         from ..launch import init_from_env, shutdown
 
-        rank, world = init_from_env(timeout_s=timeout_s)
+        rank, world = init_from_env(timeout_s=timeout_s, device=cfg.device)
         dist.barrier()  # rank 0 has created the run directory
         try:
             summary = train_worker(rank, world, config_dict, run_dir, resume is not None)
@@ -724,7 +769,8 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
     rd = RunDir(run_dir)
     for attempt in range(max_restarts + 1):
         try:
-            return spawn(train_worker, config["workers"], config, run_dir, resume, timeout_s=timeout_s)[0]
+            return spawn(train_worker, config["workers"], config, run_dir, resume, device=config["device"],
+                         timeout_s=timeout_s)[0]
         except WorkerError as error:
             if attempt == max_restarts:
                 raise
