@@ -29,6 +29,12 @@ correction term), so the step leaves no trace on any rank's weights beyond
 the ``delay`` steps it was applied locally.  With a method that keeps memory
 (residuals, DGC's momentum), the other ranks' memory has taken that step
 before they could know.  ``nonfinite="raise"`` raises at once.
+
+Mixed precision: use bf16 autocast, which needs no loss scaling.  A
+``torch.amp.GradScaler`` does not fit these doors: its ``scaler.step(opt)``
+skips ``opt.step()`` on a rank whose local gradient overflowed, so that rank
+leaves the step's exchange and its peers fail at the collective timeout (the
+DDP hook and :class:`~gradcomp.DistributedOptimizer` take the scaler instead).
 """
 
 from __future__ import annotations
