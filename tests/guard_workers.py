@@ -11,13 +11,16 @@ from dist_workers import build_method, digits64
 
 
 def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, nan_rank=1, drop=(),
-                  nonfinite="skip", lr=0.1, batch_size=64, nan_in=None, bucket_cap_mb=25.0):
+                  nonfinite="skip", lr=0.1, batch_size=64, nan_in=None, bucket_cap_mb=25.0, corrupt_at=None):
     """Train ``steps`` batches through ``front`` ('hook' or 'optim'); on rank ``nan_rank`` the loss of step
     ``nan_at`` is multiplied by NaN (every gradient of that rank non-finite), or with ``nan_in`` (a parameter
     name) that parameter's gradient alone; batches in ``drop`` are left out (the reference for a skipped step).
     ``bucket_cap_mb``: DDP's (and DistributedOptimizer's) bucket size.  Returns the parameters, the skipped
     count, around the NaN step whether this rank's method memory (and per-tensor compressor state) stayed bit
-    for bit the same, and for the hook the bytes each step had sent before its last bucket came."""
+    for bit the same, and for the hook the bytes each step had sent before its last bucket came.
+    ``corrupt_at``: at that step rank ``nan_rank`` puts a NaN into the first floating entry of every payload it
+    sends, after compression (its gradients are finite: the damage is on the wire); ``nan_at`` should name the
+    same step, with ``nan_in`` unset and the loss then left alone."""
     x, y = digits64()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -39,6 +42,10 @@ def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, na
         opt = gradcomp.DistributedOptimizer(opt, model.named_parameters(), build_method(spec), nonfinite=nonfinite,
                                             bucket_cap_mb=bucket_cap_mb)
         method, skipped = (lambda: opt.method), (lambda: opt.guard.skipped)
+    if corrupt_at is not None:
+        comm = state.comm if front == "hook" else opt.comm
+        damage_on_the_wire(comm, lambda: rank == nan_rank and current[0] == corrupt_at)
+    current = [0]
     if nan_in is not None:
         poisoned = dict(model.named_parameters())[nan_in]
         poisoned.register_hook(lambda g: g * float("nan") if poison[0] else g)
@@ -50,9 +57,10 @@ def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, na
         shard = (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])
         opt.zero_grad()
         loss = ce(net, shard)
+        current[0] = step
         if step == nan_at:
             before = copy.deepcopy(method().state_dict())
-            if rank == nan_rank and nan_in is None:
+            if rank == nan_rank and nan_in is None and corrupt_at is None:
                 loss = loss * float("nan")
             poison[0] = rank == nan_rank and nan_in is not None
         if front == "hook":
@@ -70,6 +78,29 @@ def guarded_train(rank, world, front, spec, steps, momentum=0.0, nan_at=None, na
             memory_kept = _same(before, after)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "skipped": skipped(),
             "memory_kept": memory_kept, "sent_early": sent_early}
+
+
+def damage_on_the_wire(comm, when):
+    """Make ``comm`` put a NaN into the first floating entry of every payload it sends while ``when()`` holds."""
+    launch = comm._launch
+
+    def damaged(payloads):
+        if when():  # copies: the damage is on the wire, not in what the sender keeps
+            payloads = {name: p.replace(*_nan_in_first_float(p.tensors)) for name, p in payloads.items()}
+        return launch(payloads)
+
+    comm._launch = damaged
+
+
+def _nan_in_first_float(tensors):
+    """Copies of ``tensors``, the first floating one with a NaN in its first entry."""
+    out, done = [], False
+    for t in tensors:
+        if not done and t.is_floating_point() and t.numel():
+            t, done = t.clone(), True
+            t.view(-1)[0] = float("nan")
+        out.append(t)
+    return out
 
 
 def _same(before, after):
@@ -157,3 +188,21 @@ def nan_raises(rank, world):
 def runs(rank, world, jobs):
     """Several guarded_train runs in one process group."""
     return [guarded_train(rank, world, **job) for job in jobs]
+
+
+def outer_damaged(rank, world, door, steps, corrupt_at, nan_rank=1, lr=0.1, batch_size=64):
+    """DelayedGradientAveraging (delay 1, method none) or FedAvg (period 2) where rank ``nan_rank`` damages what it
+    sends at step ``corrupt_at``: every rank's weights, the skipped count, and whether they stayed finite."""
+    x, y = digits64()
+    model = mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = (gradcomp.DelayedGradientAveraging(sgd, model.named_parameters(), 1) if door == "dga"
+           else gradcomp.FedAvg(sgd, model.named_parameters(), 2))
+    current = [0]
+    damage_on_the_wire(opt.comm, lambda: rank == nan_rank and current[0] == corrupt_at)
+    for step, (xb, yb) in enumerate(batches(x, y, batch_size, steps)):
+        current[0] = step
+        opt.zero_grad()
+        ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "skipped": opt.skipped}

@@ -88,6 +88,36 @@ def test_exchanges_start_before_the_last_bucket_and_a_skipped_step_still_changes
                 assert all(sent > 0 for sent in skipped["sent_early"][1:]), (where, skipped["sent_early"])
 
 
+@pytest.mark.parametrize("front", ["hook", "optim"])
+def test_a_payload_damaged_on_the_wire_skips_the_step_on_every_rank_and_changes_no_memory(front):
+    """Rank 1 puts a NaN into what it sends at step 2 (its gradients are finite): every rank decodes a non-finite
+    average, skips the step and puts its memory back; the weights end equal to the run without that batch."""
+    from guard_workers import runs
+
+    specs = [DGC, ("onebit", {}), ("none", {})]
+    jobs = [job for spec in specs for job in (
+        {"front": front, "spec": spec, "steps": 5, "nan_at": 2, "corrupt_at": 2},
+        {"front": front, "spec": spec, "steps": 5, "drop": (2,)})]
+    for rank, results in enumerate(spawn(runs, 2, jobs, timeout_s=120)):
+        for spec, damaged, reference in zip(specs, results[::2], results[1::2]):
+            where = (rank, spec[0])
+            assert (damaged["skipped"], reference["skipped"]) == (1, 0), where
+            assert damaged["memory_kept"] is True, where
+            for name, p in reference["params"].items():
+                assert torch.equal(damaged["params"][name], p), (where, name)
+
+
+@pytest.mark.parametrize("door", ["dga", "fedavg"])
+def test_outer_doors_refuse_an_average_damaged_on_the_wire(door):
+    """DGA (delay 1): the damaged step's average is applied on no rank; FedAvg (period 2): the damaged average of
+    the weights is refused, each rank keeping its own.  Every rank counts one skip and its weights stay finite."""
+    from guard_workers import outer_damaged
+
+    for rank, out in enumerate(spawn(outer_damaged, 2, door, 6, 3, timeout_s=60)):
+        assert out["skipped"] == 1, rank
+        assert all(torch.isfinite(p).all() for p in out["params"].values()), rank
+
+
 def test_nonfinite_raise_ends_the_job_with_the_error_instead_of_skipping():
     from guard_workers import nan_raises
 

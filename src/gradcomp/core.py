@@ -39,7 +39,7 @@ from torch.futures import Future
 
 from .comm import Communicator, all_done, check_latency, cuda_devices, on_stream
 from .compressors.base import Compressor
-from .guard import StepGuard, check_settings, nonfinite_flags, nonfinite_in
+from .guard import NonFiniteGradientError, StepGuard, check_settings, nonfinite_flags, nonfinite_in
 from .method import Method, MethodExchange, as_method, check_optimizer
 
 __all__ = ["Core", "Door", "Step", "check_scaler"]
@@ -251,7 +251,11 @@ class Step:
       the step is skipped anyway), so no exchange depends on it;
     * :meth:`end` agrees on the verdict (one all-reduce of ``world_size``
       int32 after the last bucket) and, where any rank saw a NaN or Inf, puts
-      back everything the step changed, on every rank.
+      back everything the step changed, on every rank;
+    * the decoded averages are checked too: a NaN or Inf there (a payload
+      damaged on the wire) skips the step the same way.  Every rank decodes
+      the same bytes, so every rank reaches the same verdict without another
+      collective.
 
     A clean step costs a copy of the memory it touches and one host read of
     the verdict, after the last exchange.  (Compressors that draw from torch's
@@ -315,17 +319,32 @@ class Step:
         if local is not None:
             waits.append(core.comm.count_per_rank_async(local.sum(dtype=torch.int32)))
 
+        exchanged = len(self._futures)
+
         def decide(f: Future) -> bool:
             with on_stream(stream):
                 values = f.value()
-                if local is None:
+                averages = {n: a for v in values[:exchanged] for n, a in v.items()}
+                parts = [values[-1]] if local is not None else []  # every rank's count of non-finite gradients
+                corrupt = nonfinite_flags(averages) if averages else None  # every rank decodes the same bytes
+                if corrupt is not None:
+                    parts.append(corrupt.sum(dtype=torch.int32).view(1))
+                if not parts:
                     return False
-                counts = values[-1].tolist()  # the step's one host read
-                if not any(counts):
+                read = torch.cat(parts).tolist()  # the step's one host read
+                counts, decoded = (read[:-1], read[-1]) if corrupt is not None else (read, 0)
+                if not any(counts) and not decoded:
                     return False
+                bad = [n for n, b in zip(averages, corrupt.tolist()) if b] if decoded else []
+                if not self.guarded:
+                    raise NonFiniteGradientError(f"rank {core.rank}: the decoded average holds NaN or Inf in "
+                                                 f"{', '.join(bad[:5])} (a payload damaged on the wire?)")
                 for undo in reversed(self._undo):
                     undo()
-                core.guard.record_skip(counts, [n for n, bad in zip(self._names, local.tolist()) if bad])
+                if any(counts):
+                    core.guard.record_skip(counts, [n for n, b in zip(self._names, local.tolist()) if b])
+                else:
+                    core.guard.record_skip([], [], corrupt=bad)
                 return True
 
         return all_done(waits, devices, stream).then(decide)

@@ -52,7 +52,7 @@ from torch import Tensor
 from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
 from .core import Core, Door
-from .guard import NONFINITE_KEY, flag_exchange, nonfinite_step
+from .guard import NONFINITE_KEY, flag_exchange, non_finite, nonfinite_step
 from .method import Method
 from .optim import OptimizerWrapper, trained_parameters
 
@@ -137,10 +137,12 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
         if len(self._pending) > self.delay:
             old, pending = self._pending.popleft()
             average = pending.wait()
-            if average.get(NONFINITE_KEY, 0):
+            corrupt = non_finite({n: a for n, a in average.items() if n != NONFINITE_KEY})  # every rank alike
+            if average.get(NONFINITE_KEY, 0) or corrupt:
                 self.skipped += 1
-                log.warning("step %d skipped on every rank: a rank's gradient was not finite",
-                            self.steps - 1 - self.delay)
+                log.warning("step %d skipped on every rank: %s", self.steps - 1 - self.delay,
+                            f"the decoded average holds NaN or Inf in {', '.join(corrupt[:5])} (a payload damaged "
+                            "on the wire?)" if corrupt else "a rank's gradient was not finite")
                 if self.delay == 0:
                     self.step_skipped = True  # synchronous: the optimizer does not step, as GradScaler skips
                     return
@@ -199,7 +201,8 @@ class FedAvg(OptimizerWrapper, Door):
 
     Optimizer state (momentum) stays local.  ``emulate_latency_ms``: see :mod:`gradcomp.comm`.  A worker whose
     gradient holds a NaN or Inf skips that local step (``nonfinite="skip"``; the others need not know, nothing is
-    exchanged) or raises (``"raise"``).
+    exchanged) or raises (``"raise"``).  An average of the weights that holds a NaN or Inf (a payload damaged on
+    the wire; every rank decodes the same bytes) is refused on every rank: each keeps its own weights.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
@@ -212,7 +215,7 @@ class FedAvg(OptimizerWrapper, Door):
         self.core = Core("none", process_group, owner="FedAvg", nonfinite=nonfinite,
                          emulate_latency_ms=emulate_latency_ms)
         self.params = trained_parameters(named_parameters, optimizer)
-        self.skipped = 0  # local steps skipped for a non-finite gradient
+        self.skipped = 0  # local steps skipped for a non-finite gradient, and averages refused as non-finite
 
     def synchronize(self) -> None:
         """Nothing to exchange before a local step: the settings check (first step) and this rank's own
@@ -236,6 +239,12 @@ class FedAvg(OptimizerWrapper, Door):
     def average(self) -> None:
         """Replace every worker's weights by their average now."""
         averages = self.core.exchange({n: p.detach() for n, p in self.params.items()}).wait()  # NaN/Inf raise
+        corrupt = non_finite(averages)  # the same on every rank: every rank decodes the same bytes
+        if corrupt:
+            self.skipped += 1
+            log.warning("rank %d keeps its own weights: their average holds NaN or Inf in %s (a payload damaged "
+                        "on the wire?)", self.core.rank, ", ".join(corrupt[:5]))
+            return
         for n, p in self.params.items():
             p.copy_(averages[n].view_as(p))
 

@@ -176,10 +176,15 @@ class StepGuard:
         self.settings_checked = False
         self.skipped = 0
 
-    def record_skip(self, counts: list[int], bad: list[str]) -> None:
-        """Count a step every rank skipped; ``counts``: each rank's number of non-finite tensors, ``bad``:
-        this rank's."""
+    def record_skip(self, counts: list[int], bad: list[str], corrupt: list[str] = ()) -> None:
+        """Count a step every rank skipped; ``counts``: each rank's number of non-finite gradients, ``bad``:
+        this rank's; ``corrupt``: the averages decoded non-finite (every gradient finite)."""
         self.skipped += 1
+        if corrupt:
+            log.warning("step skipped on every rank: the decoded average holds NaN or Inf in %s (a payload damaged "
+                        "on the wire?); no memory was changed (%d steps skipped so far)", ", ".join(corrupt[:5]),
+                        self.skipped)
+            return
         ranks = ", ".join(str(r) for r, c in enumerate(counts) if c)
         log.log(logging.INFO if self.scaled else logging.WARNING,
                 "step skipped on every rank: non-finite gradient (NaN or Inf) on rank %s%s; no memory was "
