@@ -28,6 +28,8 @@ import io
 import logging
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["RankState", "load_rank_state", "rank_file", "register_with_accelerate", "save_rank_state", "state_tensors",
-           "state_to_cpu", "state_to_device"]
+           "state_to_cpu", "state_to_device", "verify_archive", "non_finite_entries", "CorruptArchiveError"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,18 @@ def state_to_device(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(state_to_device(v, device) for v in obj)
     return obj
+
+
+def non_finite_entries(obj: Any, where: str = "") -> list[str]:
+    """Where a nested state (dicts, lists, tuples) holds a floating-point tensor with a NaN or Inf, as
+    ``where['key'][0]`` paths, in order: weights or momenta that would make every step non-finite."""
+    if isinstance(obj, Tensor):
+        return [where] if (obj.is_floating_point() or obj.is_complex()) and not bool(obj.isfinite().all()) else []
+    if isinstance(obj, dict):
+        return [bad for k, v in obj.items() for bad in non_finite_entries(v, f"{where}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [bad for i, v in enumerate(obj) for bad in non_finite_entries(v, f"{where}[{i}]")]
+    return []
 
 
 # ------------------------------------------------------------------ the fingerprint
@@ -174,13 +188,46 @@ def _check(saved: Mapping[str, Any], current: Mapping[str, Any], where: str, out
         raise ValueError(f"gradcomp checkpoint{where} {'; '.join(found[:4])}{more}; {outcome}")
 
 
+class CorruptArchiveError(ValueError):
+    """A file ``torch.save`` wrote whose bytes no longer match their CRC-32 (:func:`verify_archive`); ``detail``
+    says which entry, without the file's name."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"{name} is corrupt: {detail}")
+        self.detail = detail
+
+
+def verify_archive(source: str | os.PathLike | bytes, name: str | None = None) -> None:
+    """Check every byte of a file (or ``bytes``) that ``torch.save`` wrote against the CRC-32 of each entry
+    stored in its zip archive, which ``torch.load`` does not check: a flipped bit or a zeroed block in a
+    tensor's data would otherwise load as other weights.
+
+    Raises:
+        CorruptArchiveError: a ``ValueError``, one line naming ``name`` (default: the path) and the damaged
+            entry.  Something that is
+            not a zip archive at all is left to ``torch.load`` to refuse.
+    """
+    name = name or str(source)
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    if not zipfile.is_zipfile(handle):
+        return
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise CorruptArchiveError(name, f"its zip archive does not read back ({exc})") from exc
+    if bad is not None:
+        raise CorruptArchiveError(name, f"entry {bad!r} does not match the CRC-32 written with it (damaged bytes)")
+
+
 def _encode(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
-def _decode(data: bytes, map_location: Any = None) -> Any:
+def _decode(data: bytes, map_location: Any = None, name: str = "gradcomp checkpoint entry") -> Any:
+    verify_archive(data, name)
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
@@ -281,10 +328,10 @@ class RankState:
                 left as it was.
         """
         current, params = self._current()
-        _check(_decode(state_dict["meta"]), current, "", _NOT_LOADED)
+        _check(_decode(state_dict["meta"], name="gradcomp checkpoint entry 'meta'"), current, "", _NOT_LOADED)
         rank, _ = _rank_and_world(self.process_group)
         location = self.map_location if self.map_location is not None else _device_of(params)
-        payload = _decode(state_dict[self.key], location)
+        payload = _decode(state_dict[self.key], location, f"gradcomp checkpoint entry {self.key!r}")
         if payload["rank"] != rank:
             raise ValueError(f"gradcomp checkpoint entry {self.key!r} holds rank {payload['rank']}'s state; "
                              f"{_NOT_LOADED}")
@@ -369,6 +416,7 @@ def load_rank_state(state: Any, directory: str | os.PathLike, *,
         raise ValueError(f"gradcomp checkpoint {directory} saved by {_ranks(len(saved))}, this run has {world} "
                          f"(no {path.name}); nothing was loaded")
     location = map_location if map_location is not None else _device_of(params)
+    verify_archive(path)
     saved = torch.load(path, map_location=location, weights_only=True)
     _check(saved["meta"], _fingerprint(state, params, world), f" {directory}", "nothing was loaded")
     if saved["rank"] != rank:

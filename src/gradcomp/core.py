@@ -226,8 +226,20 @@ class Core:
                     else self._loaded_guard}
         return {"method": self._method.state_dict(), "guard": self.guard.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; before binding, kept and applied at the first step."""
+    def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None) -> None:
+        """Raise a one-line ``ValueError`` naming the entry unless ``state`` is one :meth:`load_state_dict`
+        takes: a dict whose ``method`` entry is a state of this method (:meth:`~gradcomp.Method.check_state`;
+        with ``params``, the door's named parameters, one that fits them)."""
+        if not isinstance(state, Mapping) or "method" not in state:
+            got = f"keys {sorted(map(str, state))}" if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"{self.owner} state must be a dict with a 'method' entry, got {got}")
+        self.configured.check_state(state["method"], params)
+
+    def load_state_dict(self, state: Mapping[str, Any], params: Mapping[str, Tensor] | None = None) -> None:
+        """Restore :meth:`state_dict`; before binding, kept and applied at the first step.  A state that is not
+        one, or with ``params`` does not fit them (:meth:`check_state`), raises a one-line ``ValueError`` with
+        nothing changed; what is not known at the load (the gradients) is checked at each step."""
+        self.check_state(state, params)
         if self._method is None:
             self.configured.for_rank(0).load_state_dict(state["method"])  # validates the state now
             self._loaded, self._loaded_guard = dict(state["method"]), dict(state.get("guard", {}))

@@ -150,9 +150,11 @@ class HookState(Door):
         #: True when the last step was skipped on every rank (a non-finite gradient somewhere)
         self.step_skipped = False
         self.names: dict[int, str] = {}
+        self._params: dict[str, Tensor] | None = None  # what a loaded state is checked against
         if model is not None:
             module = getattr(model, "module", model)
-            self.names = {id(p): name for name, p in module.named_parameters()}
+            self._params = dict(module.named_parameters())
+            self.names = {id(p): name for name, p in self._params.items()}
         self._step: Step | None = None  # the step in progress
         self._buckets: list[_Bucket] = []  # its buckets so far
         self._sparse_noted = False
@@ -234,7 +236,10 @@ class HookState(Door):
         return self.core.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.core.load_state_dict(state)
+        """Restore :meth:`state_dict`.  A state that is not one, or whose memory does not fit the model's
+        parameters (names, shapes, dtypes), raises a one-line ``ValueError`` naming the entry, with nothing
+        changed."""
+        self.core.load_state_dict(state, self._params)
 
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations as objects.

@@ -185,9 +185,16 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
                 if unknown:
                     raise ValueError(f"the checkpoint's pending {key} gradients do not match the parameters: "
                                      f"{', '.join(sorted(unknown)[:5])}")
+                for n, p in self.params.items():
+                    t = entry[key][n]
+                    if not isinstance(t, Tensor) or t.numel() != p.numel():
+                        got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                        raise ValueError(f"the checkpoint's pending {key} gradient {n!r} is {got}, the parameter "
+                                         f"{list(p.shape)}")
+        self.core.check_state({"method": state["method"]}, self.params)  # before anything changes
         self.finish()
         self.optimizer.load_state_dict(state["optimizer"])
-        self.core.load_state_dict({"method": state["method"]})
+        self.core.load_state_dict({"method": state["method"]}, self.params)
         self._pending = deque((dict(e["local"]), _Finished(dict(e["average"]))) for e in state["pending"])
 
 

@@ -19,9 +19,70 @@ from .compressors.base import Compressor, Payload
 __all__ = ["Memory", "NoMemory", "Residual", "DGCMemory", "Momentum"]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_buffers(where: str, buffers: Any, params: Mapping[str, Tensor] | None = None) -> None:
+    """Raise a one-line ``ValueError`` naming the entry unless ``buffers`` is a dict of dense floating-point
+    tensors that hold data (not on the ``meta`` device) keyed by name; with ``params`` (the model's
+    parameters), every name must be a parameter's and every buffer its shape, in its working dtype (float32
+    for a 16-bit parameter)."""
+    if not isinstance(buffers, Mapping):
+        raise ValueError(f"{where} is a {type(buffers).__name__}, expected a dict of tensors by parameter name")
+    for name, t in buffers.items():
+        entry = f"{where}[{name!r}]"
+        if not isinstance(name, str):
+            raise ValueError(f"{where} has the key {name!r}, expected parameter names (str)")
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{entry} is a {type(t).__name__}, expected a floating-point tensor")
+        if not t.is_floating_point() or t.layout is not torch.strided or t.is_meta:
+            raise ValueError(f"{entry} is a {t.dtype} {str(t.layout).removeprefix('torch.')} tensor on "
+                             f"{t.device}, expected a dense floating-point tensor holding data")
+        if params is None:
+            continue
+        if name not in params:
+            raise ValueError(f"{entry} names no parameter of the model")
+        p = params[name]
+        dtype = torch.float32 if p.dtype in _HALF else p.dtype
+        if t.shape != p.shape or t.dtype != dtype:
+            raise ValueError(f"{entry} is {_shape(t)} {t.dtype}, its parameter {_shape(p)} {dtype}")
+
+
+def check_like(where: str, name: str, buffer: Tensor, grad: Tensor) -> Tensor:
+    """``buffer``, raising a one-line ``ValueError`` unless it has ``grad``'s shape, dtype and device: a loaded
+    state that does not fit the gradients is refused before any kernel or in-place op touches it."""
+    if buffer.shape != grad.shape or buffer.dtype != grad.dtype or buffer.device != grad.device:
+        raise ValueError(f"{where}[{name!r}] is {_shape(buffer)} {buffer.dtype} on {buffer.device}, its gradient "
+                         f"{_shape(grad)} {grad.dtype} on {grad.device}: the loaded state does not fit this model")
+    return buffer
+
+
+def check_fits(owner: Any, keys: tuple[str, ...], grads: Mapping[str, Tensor]) -> None:
+    """Every buffer of ``owner``'s dicts ``keys`` that ``grads`` names checked against its gradient
+    (:func:`check_like`): a method calls it before a step touches any memory."""
+    for key in keys:
+        buffers = getattr(owner, key)
+        for name, grad in grads.items():
+            buffer = buffers.get(name)
+            if buffer is not None:
+                check_like(f"{type(owner).__name__}.{key}", name, buffer, grad)
+
+
+def _entry(where: str, state: Any, key: str) -> Any:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} is a {type(state).__name__}, expected a dict")
+    if key not in state:
+        raise ValueError(f"{where} has no {key!r} entry")
+    return state[key]
+
+
 def _load(target: dict[str, Tensor], source: dict[str, Tensor]) -> None:
-    target.clear()
-    target.update({name: tensor.clone() for name, tensor in source.items()})
+    target.clear()  # contiguous copies: the compiled kernel takes them as they are
+    target.update({name: tensor.clone(memory_format=torch.contiguous_format) for name, tensor in source.items()})
 
 
 class Memory:
@@ -41,7 +102,23 @@ class Memory:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.check_state(state)
+
+    def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None, where: str | None = None
+                    ) -> None:
+        """Raise a one-line ``ValueError`` naming the entry unless ``state`` is one this memory loads (with
+        ``params``, one that fits those parameters); :meth:`load_state_dict` checks before it changes anything."""
+        for key in self._ENTRIES:
+            check_buffers(f"{where or type(self).__name__}.{key}", _entry(where or type(self).__name__, state, key),
+                          params)
+
+    def check_fits(self, grads: Mapping[str, Tensor]) -> None:
+        """Raise a one-line ``ValueError`` naming the buffer unless every buffer held for a name of ``grads``
+        has its gradient's shape, dtype and device (a loaded state for another model)."""
+        check_fits(self, self._ENTRIES, grads)
+
+    #: the per-name buffer dicts, by attribute name (as in :meth:`state_dict`)
+    _ENTRIES: tuple[str, ...] = ()
 
 
 NoMemory = Memory
@@ -55,6 +132,8 @@ class Residual(Memory):
 
     def __init__(self) -> None:
         self.residuals: dict[str, Tensor] = {}
+
+    _ENTRIES = ("residuals",)
 
     def compensate(self, name: str, grad: Tensor) -> Tensor:
         residual = self.residuals.get(name)
@@ -71,6 +150,7 @@ class Residual(Memory):
         return {"residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         _load(self.residuals, state["residuals"])
 
 
@@ -98,6 +178,8 @@ class DGCMemory(Memory):
         self.u: dict[str, Tensor] = {}
         self.v: dict[str, Tensor] = {}
 
+    _ENTRIES = ("u", "v")
+
     def compensate(self, name: str, grad: Tensor) -> Tensor:
         increment = grad
         if self.correction:
@@ -123,6 +205,7 @@ class DGCMemory(Memory):
         memory holds what it held, zero buffers for new names aside)."""
         if not (self.correction and self.accumulate):
             return None
+        self.check_fits(grads)  # as Method.prepare does; the kernel writes a gradient's size into each buffer
         for name, grad in grads.items():
             for buffers in (self.u, self.v):
                 if name not in buffers:
@@ -145,6 +228,7 @@ class DGCMemory(Memory):
         return {"u": dict(self.u), "v": dict(self.v)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         _load(self.u, state["u"])
         _load(self.v, state["v"])
 
@@ -171,5 +255,14 @@ class Momentum:
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": dict(self.buffers)}
 
+    def check_fits(self, grads: Mapping[str, Tensor]) -> None:
+        """As :meth:`Memory.check_fits`."""
+        check_fits(self, ("buffers",), grads)
+
+    def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None, where: str = "Momentum") -> None:
+        """As :meth:`Memory.check_state`."""
+        check_buffers(f"{where}.buffers", _entry(where, state, "buffers"), params)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         _load(self.buffers, state["buffers"])

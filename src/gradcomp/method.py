@@ -93,7 +93,9 @@ class Method:
         if bad:
             raise NonFiniteGradientError(f"non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory was changed")
         upcast = not (type(self.compressor) is NoCompression and type(self.memory) is Memory)
-        return {name: _working(g, scale, upcast=upcast) for name, g in grads.items()}
+        grads = {name: _working(g, scale, upcast=upcast) for name, g in grads.items()}
+        self.memory.check_fits(grads)  # a loaded state that does not fit: refused before anything changes
+        return grads
 
     def exchange(self, name: str, grad: Tensor, world_size: int) -> MethodExchange:
         """Generator: compensate, exchange, keep the rest; returns the averaged gradient."""
@@ -182,7 +184,32 @@ class Method:
             "epoch_origin": list(self._epoch_origin),
         }
 
+    def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None) -> None:
+        """Raise a one-line ``ValueError`` naming the entry unless ``state`` is a state of this method: every
+        entry present and of its type, every memory buffer a floating-point tensor holding data; with
+        ``params`` (the model's named parameters), each buffer named by one of them and of its shape and
+        working dtype.  :meth:`load_state_dict` checks this before it changes anything; what it cannot know
+        (the gradients' shapes) is checked at each step, before any kernel touches the memory."""
+        where = f"{type(self).__name__} state"
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{where} is a {type(state).__name__}, expected a dict")
+        missing = [k for k in ("memory", "compressor_state", "epoch", "steps") if k not in state]
+        if missing:
+            raise ValueError(f"{where} has no {', '.join(map(repr, missing))} entry")
+        self.memory.check_state(state["memory"], params, f"{where} memory")
+        compressor_state = state["compressor_state"]
+        if not isinstance(compressor_state, Mapping) or not all(isinstance(v, Mapping)
+                                                                 for v in compressor_state.values()):
+            raise ValueError(f"{where} compressor_state is not a dict of dicts by parameter name")
+        for key, low in (("epoch", 0.0), ("steps", 0)):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float) if key == "epoch" else int) \
+                    or not low <= value < math.inf:
+                raise ValueError(f"{where} {key} is {value!r}, expected a finite number >= 0"
+                                 + ("" if key == "epoch" else " (an integer)"))
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.memory.load_state_dict(state["memory"])
         self.compressor_state = {n: dict(s) for n, s in state["compressor_state"].items()}
         self.epoch = float(state["epoch"])
@@ -337,6 +364,7 @@ class DGC(Method):
         # dense tensors go out in their own dtype (a bf16 bias as 2 bytes an entry), computed on in float32
         self._wire = {name: g.dtype for name, g in grads.items() if g.dtype in _HALF and not self.sparsified(g)}
         grads = super().prepare(grads, world_size, scale, check=check)
+        self.dense_momentum.check_fits(grads)
         if self.clip_norm is not None and grads:
             # Local gradient clipping (section 3.2).  The paper sums the nodes' shares
             # G_k = g_k / N of the gradient and clips each share at clip_norm * N^-1/2 (with
@@ -405,8 +433,14 @@ class DGC(Method):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "dense_momentum": self.dense_momentum.state_dict()}
 
+    def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None) -> None:
+        super().check_state(state, params)
+        if "dense_momentum" not in state:
+            raise ValueError("DGC state has no 'dense_momentum' entry")
+        self.dense_momentum.check_state(state["dense_momentum"], params, "DGC state dense_momentum")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # checks all of it (check_state), dense momentum too, before any change
         self.dense_momentum.load_state_dict(state["dense_momentum"])
 
     def __repr__(self) -> str:

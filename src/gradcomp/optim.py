@@ -203,8 +203,9 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         return {"optimizer": self.optimizer.state_dict(), **self.core.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.check_state(state, self.params)  # before the optimizer changes
         self.optimizer.load_state_dict(state["optimizer"])
-        self.core.load_state_dict(state)
+        self.core.load_state_dict(state, self.params)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -497,6 +497,13 @@ class DGCSelect(_Sparse):
         kernel).  ``key`` names the list of tensors (their names, say): what
         the call needs for them is kept between steps under it.
         """
+        if not len(grads) == len(us) == len(vs):
+            raise ValueError(f"{self.name}.fused_steps: {len(grads)} gradients, {len(us)} u and {len(vs)} v buffers")
+        for i, (g, u, v) in enumerate(zip(grads, us, vs)):  # the kernel writes numel entries of each
+            if u.numel() != g.numel() or v.numel() != g.numel():
+                name = key[i] if len(key) == len(grads) else i
+                raise ValueError(f"{self.name}.fused_steps: u and v of {name!r} hold {u.numel()} and {v.numel()} "
+                                 f"entries, its gradient {g.numel()}")
         if not all(t.dtype is torch.float32 and not device_path(t) and t.is_contiguous()
                    for group in (grads, us, vs) for t in group):
             return None  # never built for tensors it cannot take

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..checkpoint import state_tensors, state_to_cpu, state_to_device
+from ..checkpoint import non_finite_entries, state_tensors, state_to_cpu, state_to_device
 from ..compressors.base import available, check_int, check_range, get
 from ..guard import check_nonfinite
 from ..launch import DEVICES, device_kind
@@ -569,6 +569,27 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, w
                   for k, v in cfg.fingerprint().items() if k in saved and saved[k] != v]
         if differ:
             raise ValueError(f"{name} was written with other settings: {'; '.join(differ)}")
+    check_values(ckpt, cfg, model, name)
+
+
+def check_values(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, name: str) -> None:
+    """Refuse (``ValueError`` naming the entry) a checkpoint holding a NaN or Inf anywhere (weights, optimizer
+    or method state: every step would be skipped), or a method state that does not fit the model (names,
+    shapes, dtypes; :meth:`~gradcomp.Method.check_state`), before any worker or kernel sees it."""
+    bad = [entry for key in ("model", "optimizer", "methods", "simulator") if key in ckpt
+           for entry in non_finite_entries(ckpt[key], key)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{name} holds non-finite values (NaN or Inf) in {', '.join(bad[:3])}{more}; refusing "
+                         "to train from it")
+    method, params = cfg.build_method(steps_per_epoch=1), dict(model.named_parameters())
+    for rank, state in enumerate(ckpt["methods"]):
+        state = state.get("dga", {}).get("method") if isinstance(state, dict) and "model" in state else state
+        if state is not None:  # FedAvg keeps no method state
+            try:
+                method.check_state(state, params)
+            except ValueError as error:
+                raise ValueError(f"{name}: worker {rank}'s {error}") from None
 
 
 def load_checked(rd: RunDir, cfg: TrainConfig, model: nn.Module, world: int) -> dict[str, Any]:

@@ -82,6 +82,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CorruptArchiveError, verify_archive
+
 __all__ = [
     "RunDir",
     "compare_table",
@@ -386,9 +388,14 @@ class RunDir:
     def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
         """Load ``checkpoint.pt`` with ``torch.load(weights_only=True)``.
 
-        Raises ``FileNotFoundError`` when there is none and ``ValueError``
-        naming the file when it is truncated, corrupt, or holds objects that
-        ``weights_only`` refuses (the original exception is chained).
+        Every byte is checked first against the CRC-32 that ``torch.save``
+        wrote for each entry of its zip archive (``torch.load`` does not), so
+        a flipped bit or a zeroed block in a tensor's data is refused, not
+        trained on.  Raises ``FileNotFoundError`` when there is none and
+        ``ValueError`` naming the file when it is truncated, corrupt, or holds
+        objects that ``weights_only`` refuses (the original exception is
+        chained); where ``checkpoint.prev.pt`` exists the message says how to
+        resume from it instead (nothing is moved without the user).
         """
         path = self.checkpoint_path
         if not path.is_file():
@@ -396,9 +403,13 @@ class RunDir:
         with open(path, "rb"):  # permission problems surface as themselves, not as "corrupt"
             pass
         try:
+            verify_archive(path)  # every entry's CRC-32: torch.load does not check them
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:
-            if isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if isinstance(exc, CorruptArchiveError):
+                reason, detail = "is corrupt", exc.detail
+            elif isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):
                 reason = ("holds objects that torch.load(weights_only=True) refuses; "
                           "a checkpoint must hold only tensors and plain values")
             else:
@@ -406,8 +417,7 @@ class RunDir:
             prev = self.prev_checkpoint_path
             hint = (f"; the checkpoint saved before it is kept: to resume from it, move {str(prev)!r} to "
                     f"{str(path)!r}" if prev.is_file() else "")
-            raise ValueError(f"checkpoint {str(path)!r} {reason}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
+            raise ValueError(f"checkpoint {str(path)!r} {reason}: {detail}{hint}") from exc
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict")
         return state
