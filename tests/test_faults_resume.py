@@ -267,7 +267,7 @@ def test_a_full_device_is_named_and_the_old_checkpoint_resumes(tmp_path, tmpfs):
     line = error_line(proc, rc=1)
     assert line.startswith(f"gradcomp train: error: [Errno 28] no space left on device: could not write "
                            f"'{rd.checkpoint_path}' (") and line.endswith(
-        " bytes free on that device; the file there before, if any, is kept)")
+        " bytes free on that device; what the file held before is kept)")
     assert rd.load_checkpoint()["steps"] == 4
     assert sorted(os.listdir(rd.path)) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)

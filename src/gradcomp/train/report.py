@@ -156,7 +156,8 @@ def _atomic_write(path: Path, write, before_replace=None) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
-        raise _no_space(error, path) from error
+        _raise_no_space(error, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -170,24 +171,23 @@ def _atomic_write(path: Path, write, before_replace=None) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(error, (OSError, RuntimeError)):
-            raise _no_space(error, path) from error
+        _raise_no_space(error, path)
         raise
     _fsync_dir(path.parent)
 
 
-def _no_space(error: BaseException, path: Path) -> BaseException:
-    """``error`` itself, or, where it says the device is full (ENOSPC, or torch's zip writer's "unexpected pos",
-    which is how a short write of ``torch.save`` surfaces), an ``OSError(ENOSPC)`` naming ``path``."""
+def _raise_no_space(error: BaseException, path: Path) -> None:
+    """Where ``error`` says the device is full (ENOSPC, or torch's zip writer's "unexpected pos", which is how a
+    short write of ``torch.save`` surfaces), raise an ``OSError(ENOSPC)`` naming ``path`` from it."""
     full = isinstance(error, OSError) and error.errno == errno.ENOSPC
     if not full and not (isinstance(error, RuntimeError) and "unexpected pos" in str(error)):
-        return error
+        return
     try:
         free = f"{shutil.disk_usage(path.parent).free} bytes free on that device"
     except OSError:
         free = "free space unknown"
-    return OSError(errno.ENOSPC, f"no space left on device: could not write {str(path)!r} ({free}; the file "
-                                 f"there before, if any, is kept)")
+    raise OSError(errno.ENOSPC, f"no space left on device: could not write {str(path)!r} ({free}; what the "
+                                f"file held before is kept)") from error
 
 
 #: the temporary files :func:`_atomic_write` makes beside each file of a run directory (removed on error, but
@@ -324,10 +324,14 @@ class RunDir:
         """
         line = _dumps(dict(record), "metrics record") + "\n"
         self._drop_partial_tail()
-        with open(self.metrics_path, "ab") as f:
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.metrics_path, "ab") as f:
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:  # a part of the line may be written: the next append or truncation cuts it off
+            _raise_no_space(error, self.metrics_path)
+            raise
 
     def _drop_partial_tail(self) -> None:
         """Cut off an unreadable last line (a crash mid-append, or zeros after a power loss)."""
