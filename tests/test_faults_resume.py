@@ -5,6 +5,7 @@ that would change it is refused, every check that can fail runs before the run d
 failure is one line naming the value, with nothing half-made left behind."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import torch
 from test_resume import assert_same_run
 
 import gradcomp
+from gradcomp.cli import main
 from gradcomp.train.report import RunDir
 
 SRC = str(Path(gradcomp.__file__).parents[1])
@@ -42,6 +44,13 @@ def error_line(proc, rc=2):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradcomp train: error: "), proc.stderr[-3000:]
     return lines[0]
+
+
+def main_error(capsys, *args, rc=2):
+    """The same through ``gradcomp.cli.main`` in this process (the further cases of a row: no interpreter to
+    start)."""
+    assert main(["train", *map(str, args)]) == rc
+    return error_line(subprocess.CompletedProcess([], rc, "", capsys.readouterr().err), rc)
 
 
 def config(path):
@@ -70,36 +79,32 @@ def copy(stopped, tmp_path):
 
 
 def test_the_printed_hint_resumes_the_intended_run(tmp_path):
-    """Row 1: `--epochs 4 --checkpoint-every 10 --max-steps 7`, then the hint `gradcomp train --resume B`
-    trained 20 epochs (the CLI's default) and dropped --checkpoint-every.  Now the resume keeps both, a new
-    --max-steps and --epochs are said and recorded, and the result is an uninterrupted run's."""
-    run = ("--checkpoint-every", 10, "--run-dir")
-    first = train(*FAST, "--epochs", 4, "--max-steps", 7, *run, "B", cwd=tmp_path)
+    """Row 1: `--epochs 4 --checkpoint-every 10 --max-steps 37`, then the hint `gradcomp train --resume B`
+    trained 20 epochs (the CLI's default) and dropped --checkpoint-every.  Here, with `--epochs 2
+    --checkpoint-every 3 --max-steps 3`, the hint trains the 2 epochs
+    with the checkpoint interval (the checkpoint before the last is at step 6: every 3), the end of the
+    --max-steps stop is said and recorded, config.json and summary.json agree, and the result is an
+    uninterrupted run's."""
+    run = ("--epochs", 2, "--checkpoint-every", 3, "--run-dir")
+    first = train(*FAST, "--max-steps", 3, *run, "B", cwd=tmp_path)
     hint = first.stdout.strip().splitlines()[-1]
     assert first.returncode == 0 and hint.endswith("continue with: gradcomp train --resume B"), first.stdout
-    again = train("--resume", "B", "--max-steps", 11, cwd=tmp_path)  # the hint, stopped again at 11
-    assert again.returncode == 0, again.stderr
-    assert again.stderr.splitlines() == ["WARNING gradcomp.train.loop: B: max_steps changes from 7 to 11 on resume "
-                                         "(recorded in config.json)"]
-    rd = RunDir(tmp_path / "B")
-    assert torch.load(rd.prev_checkpoint_path, weights_only=True)["steps"] == 10  # --checkpoint-every 10 kept
-    assert (config(rd.path)["epochs"], config(rd.path)["checkpoint_every"]) == (4, 10)
-    last = train("--resume", "B", "--epochs", 5, cwd=tmp_path)  # the hint, and one more epoch
+    last = train(*hint.partition("gradcomp train ")[2].split(), cwd=tmp_path)
     assert last.returncode == 0, last.stderr
-    assert last.stderr.splitlines() == [
-        "WARNING gradcomp.train.loop: B: epochs changes from 4 to 5 on resume (recorded in config.json)",
-        "WARNING gradcomp.train.loop: B: max_steps changes from 11 to None on resume (recorded in config.json)"]
+    assert last.stderr.splitlines() == ["WARNING gradcomp.train.loop: B: max_steps changes from 3 to None on "
+                                        "resume (recorded in config.json)"]
+    rd = RunDir(tmp_path / "B")
+    assert torch.load(rd.prev_checkpoint_path, weights_only=True)["steps"] == 6  # --checkpoint-every 3 kept
     saved, summary = config(rd.path), rd.read_summary()
-    assert (saved["epochs"], saved["checkpoint_every"], saved["max_steps"]) == (5, 10, None)
-    assert (summary["epochs"], summary["steps"]) == (5, 20)  # config.json and summary.json agree
-    whole = train(*FAST, "--epochs", 5, *run, "whole", cwd=tmp_path)
+    assert (saved["epochs"], saved["checkpoint_every"], saved["max_steps"]) == (2, 3, None)
+    assert (summary["epochs"], summary["steps"]) == (2, 8)  # config.json and summary.json agree
+    whole = train(*FAST, *run, "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     assert_same_run(tmp_path / "whole", rd.path)
-    assert {k: v for k, v in saved.items() if k != "run_dir"} == \
-        {k: v for k, v in config(tmp_path / "whole").items() if k != "run_dir"}
+    assert {**saved, "run_dir": "whole"} == config(tmp_path / "whole")
 
 
-def test_flags_that_would_change_the_run_are_refused(stopped, tmp_path):
+def test_flags_that_would_change_the_run_are_refused(stopped, tmp_path, capsys):
     """Row 2: `--resume B --compressor topk --density 0.5 --workers 3 --lr 5` ignored every flag, rc 0.  Now
     rc 2 and one line naming each of them (a flag is refused even where its value is the run's), nothing
     changed."""
@@ -110,40 +115,39 @@ def test_flags_that_would_change_the_run_are_refused(stopped, tmp_path):
     assert line.startswith(f"gradcomp train: error: --resume {path} continues the run with its own settings: "
                            "--compressor, --density, --lr, --workers would change them (only --epochs, "
                            "--max-steps, --checkpoint-every, --device, --no-progress")
-    line = error_line(train("--resume", path, "--workers", 2, "--epochs", 3, cwd=tmp_path))
-    assert ": --workers would change them" in line
+    assert ": --workers would change them" in main_error(capsys, "--resume", path, "--workers", 2, "--epochs", 3)
     assert files(path) == before
 
 
 # ---------------------------------------------------------------- --resume of what cannot be resumed
 
 
-def test_resume_of_a_broken_run_directory_is_one_line(stopped, tmp_path):
+def test_resume_of_a_broken_run_directory_is_one_line(stopped, tmp_path, capsys, monkeypatch):
     """Row 3: a missing directory, no checkpoint.pt beside checkpoint.prev.pt, checkpoint.pt a directory, no
     config.json: each was a traceback (rc 1).  Now one line (rc 2), the second naming how to resume from the
     previous checkpoint, which then resumes."""
     path = copy(stopped, tmp_path)
-    rd = RunDir(path)
+    monkeypatch.chdir(tmp_path)
+    rd = RunDir("run")
     assert error_line(train("--resume", "missing", cwd=tmp_path)) == \
         "gradcomp train: error: cannot resume 'missing': no such directory"
     rd.checkpoint_path.unlink()
-    assert error_line(train("--resume", "run", cwd=tmp_path)) == (
+    assert main_error(capsys, "--resume", "run") == (
         "gradcomp train: error: cannot resume 'run': 'run/checkpoint.pt' is missing; the checkpoint saved before "
         "it is kept: to resume from it, move 'run/checkpoint.prev.pt' to 'run/checkpoint.pt'")
     rd.checkpoint_path.mkdir()
-    assert error_line(train("--resume", "run", cwd=tmp_path)) == \
+    assert main_error(capsys, "--resume", "run") == \
         "gradcomp train: error: cannot resume 'run': 'run/checkpoint.pt' is not a file"
     rd.checkpoint_path.rmdir()
     os.replace(rd.prev_checkpoint_path, rd.checkpoint_path)  # the advice
     saved = rd.config_path.read_bytes()
     rd.config_path.unlink()
-    assert error_line(train("--resume", "run", cwd=tmp_path)) == (
+    assert main_error(capsys, "--resume", "run") == (
         "gradcomp train: error: cannot resume 'run': it has no config.json (not a gradcomp train run directory, "
         "or its config was removed)")
     rd.config_path.write_bytes(saved)
-    done = train("--resume", "run", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert rd.read_summary()["steps"] == 8
+    assert main(["train", "--resume", "run"]) == 0
+    assert RunDir(path).read_summary()["steps"] == 8
 
 
 def _mount_tmpfs(path, size):
@@ -167,7 +171,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_a_read_only_run_directory_is_refused_before_training(stopped, tmp_path, tmpfs):
+def test_a_read_only_run_directory_is_refused_before_training(stopped, tmp_path, tmpfs, capsys):
     """Row 4: resuming a read-only run directory trained a full epoch, then PermissionError.  Now rc 2 at
     once, one line; a new run beneath a read-only folder too, with no directory made."""
     disk = tmpfs("ro", "4m")
@@ -175,7 +179,7 @@ def test_a_read_only_run_directory_is_refused_before_training(stopped, tmp_path,
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     assert error_line(train("--resume", disk / "run", cwd=tmp_path)) == \
         f"gradcomp train: error: cannot write to '{disk / 'run'}': read-only file system"
-    assert error_line(train(*FAST, "--run-dir", disk / "new" / "run", cwd=tmp_path)) == \
+    assert main_error(capsys, *FAST, "--run-dir", disk / "new" / "run") == \
         f"gradcomp train: error: cannot write to '{disk}' (to hold run directory '{disk / 'new' / 'run'}'): " \
         "read-only file system"
 
@@ -193,12 +197,19 @@ def test_temporary_files_of_a_killed_write_are_removed(stopped, tmp_path):
     for name, data in left.items():
         (path / name).write_bytes(data)
     (path / "notes.tmp").write_text("the user's")
-    done = train("--resume", path, cwd=tmp_path)
+    done = train("--resume", path, "--epochs", 3, "--max-steps", 4, "--checkpoint-every", 5, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert not set(left) & set(os.listdir(path)) and (path / "notes.tmp").exists()
+    assert done.stderr.splitlines() == [f"WARNING gradcomp.train.loop: {path}: {k} changes from {a} to {b} on resume "
+                                        "(recorded in config.json)"
+                                        for k, a, b in (("epochs", 2, 3), ("max_steps", 3, 4),
+                                                        ("checkpoint_every", 1, 5))]
+    assert [config(path)[k] for k in ("epochs", "max_steps", "checkpoint_every")] == [3, 4, 5]
+    assert rd.load_checkpoint()["steps"] == 4
 
 
-def test_a_batch_larger_than_the_data_is_refused_and_a_half_made_run_directory_is_run_again(tmp_path):
+def test_a_batch_larger_than_the_data_is_refused_and_a_half_made_run_directory_is_run_again(tmp_path, capsys,
+                                                                                             caplog, monkeypatch):
     """Row 6: --batch-size 100000 gave two worker tracebacks and a half-written run directory that blocked a
     rerun ("already exists") and --resume (traceback).  Now rc 2, one line, no directory; a directory that a
     run left without a checkpoint (config and a metrics record, as a crash before the first checkpoint leaves
@@ -214,17 +225,17 @@ def test_a_batch_larger_than_the_data_is_refused_and_a_half_made_run_directory_i
                                                    "limit_train": 128, "limit_test": 50, "epochs": 1, "batch_size": 16,
                                                    "progress": False, "run_dir": "half"}))
     (half / "metrics.jsonl").write_text('{"epoch": 1, "step": 99}\n')
-    again = train("--resume", "half", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert again.stderr.splitlines() == ["WARNING gradcomp.train.loop: half holds no checkpoint (its run stopped "
-                                         "before the first): starting it again from step 0 with its config"]
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="gradcomp.train.loop"):
+        assert main(["train", "--resume", "half"]) == 0
+    assert caplog.messages == ["half holds no checkpoint (its run stopped before the first): starting it again "
+                               "from step 0 with its config"]
     assert [m["step"] for m in RunDir(half).read_metrics()] == [4]
     for name in ("checkpoint.pt", "checkpoint.prev.pt", "summary.json", "curves.png"):
         (half / name).unlink(missing_ok=True)
-    rerun = train(*FAST, "--epochs", 1, "--run-dir", "half", cwd=tmp_path)  # the same command again
-    assert rerun.returncode == 0, rerun.stderr
+    assert main(["train", *FAST, "--epochs", "1", "--run-dir", "half"]) == 0  # the same command again
     assert RunDir(half).read_summary()["steps"] == 4
-    assert error_line(train(*FAST, "--epochs", 1, "--run-dir", "half", cwd=tmp_path)).endswith(
+    assert main_error(capsys, *FAST, "--epochs", 1, "--run-dir", "half").endswith(
         "already exists and is not empty (resume into it, or choose another directory)")  # a finished run is kept
 
 
@@ -271,6 +282,5 @@ def test_a_full_device_is_named_and_the_old_checkpoint_resumes(tmp_path, tmpfs):
     assert rd.load_checkpoint()["steps"] == 4
     assert sorted(os.listdir(rd.path)) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
-    done = train("--resume", rd.path, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert main(["train", "--resume", str(rd.path)]) == 0
     assert rd.read_summary()["steps"] == 8 and [m["epoch"] for m in rd.read_metrics()] == [1, 2]

@@ -895,6 +895,7 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
             log.warning("%s", error)
             resume = rd.has_checkpoint()
             done = rd.load_checkpoint() if resume else {"epoch": 0, "steps": 0}
+            rd.remove_temporaries()  # a rank 0 killed while writing a checkpoint leaves its temporary file
             rd.truncate_metrics(done["epoch"])
             echo(f"{str(error).splitlines()[0]}; restart {attempt + 1} of {max_restarts} from "
                  + (f"the checkpoint at step {done['steps']}" if resume else "the start (no checkpoint yet)"))
