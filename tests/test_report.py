@@ -78,9 +78,16 @@ def test_create_refuses_non_empty_dir(tmp_path):
     RunDir.create(path)  # empty or missing: fine
     RunDir.create(path)
     (path / "config.json").write_text("{}")
-    with pytest.raises(FileExistsError, match=str(path)):
-        RunDir.create(path)
-    assert RunDir.create(path, exist_ok=True).path == path
+    (path / ".checkpoint.pt.abc123.tmp").write_bytes(b"x")
+    RunDir.create(path)  # a run that failed before its first checkpoint: started again
+    for name in ("checkpoint.pt", "notes.txt"):  # a checkpoint, or a file that is not the run's: kept
+        (path / name).write_text("x")
+        with pytest.raises(FileExistsError, match=str(path)):
+            RunDir.create(path)
+        assert RunDir.create(path, exist_ok=True).path == path
+        (path / name).unlink()
+    assert RunDir(path).remove_temporaries() == [".checkpoint.pt.abc123.tmp"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json"]
 
 
 def test_truncated_last_metrics_line_is_ignored(tmp_path, caplog):

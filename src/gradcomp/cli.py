@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import importlib
 import logging
 import sys
@@ -144,7 +145,7 @@ def _option(text: str) -> tuple[str, object]:
     return key.replace("-", "_"), parsed
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .launch import DEVICES
     from .train.data import DATASETS
     from .train.models import MODELS
@@ -229,9 +230,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
     p.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
     p.add_argument("--label", help="label of the run in plots and tables")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, mid-epoch too, exactly "
-                                                       "as if it had not stopped (its config is used; --epochs, "
-                                                       "--max-steps and --checkpoint-every may change)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its checkpoint, mid-epoch too, exactly as if it had not stopped. Its "
+                        "config.json is used; only " + ", ".join(RESUME_FLAGS) + " may be given with it, each "
+                        "change said and recorded in config.json (any other flag is refused). --max-steps stops "
+                        "one invocation: without it the resumed run trains to its end. A run directory with no "
+                        "checkpoint yet starts again from step 0")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="also write the checkpoint every N steps, not only at epoch ends: a failure loses at most N "
                         "steps (default: epoch ends only)")
@@ -243,7 +247,48 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=_positive_float, default=3600.0, metavar="SECONDS",
                    help="how long a rank waits for a peer (to join, inside a collective) before the job fails "
                         "instead of hanging; with --max-restarts it is then restarted (default 3600)")
+    p.add_argument("--allow-oversubscribe", action="store_true",
+                   help="start more worker processes than 4 per CPU core (at least 8 are always allowed); "
+                        "without it such a --workers is refused before anything starts (--simulate runs any "
+                        "number in one process)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+#: the flags ``--resume`` takes: what may change mid-run, and what belongs to one invocation only
+RESUME_FLAGS = ("--epochs", "--max-steps", "--checkpoint-every", "--device", "--no-progress", "--timeout",
+                "--max-restarts", "--allow-oversubscribe", "-v")
+
+
+def _explicit_train_flags(argv: list[str]) -> dict[str, str]:
+    """``gradcomp train``'s options given on the command line ``argv`` (not left at their defaults, even
+    where given with the default's value): destination -> the flag's name."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    train = _add_train(parser.add_subparsers(dest="command"))
+    names = {}
+    for action in train._actions:
+        action.default = argparse.SUPPRESS
+        names[action.dest] = max(action.option_strings, key=len, default=action.dest)
+    given = vars(parser.parse_args(argv))
+    return {dest: names.get(dest, "--verbose") for dest in given if dest != "command"}
+
+
+def _resume_config(args: argparse.Namespace, argv: list[str]):
+    """The config of ``--resume RUN_DIR``: the run's own, with the changes the flags given explicitly make;
+    a flag that would change the run itself is a ``ValueError`` naming it."""
+    from .train.loop import resume_config
+
+    given = _explicit_train_flags(argv)
+    refused = sorted(flag for flag in given.values() if flag not in (*RESUME_FLAGS, "--resume", "--verbose"))
+    if refused:
+        raise ValueError(f"--resume {args.resume} continues the run with its own settings: {', '.join(refused)} "
+                         f"would change them (only {', '.join(RESUME_FLAGS)} may be given with --resume)")
+    changes = {dest: getattr(args, dest) for dest in ("epochs", "max_steps", "checkpoint_every", "device")
+               if dest in given}
+    if "no_progress" in given:
+        changes["progress"] = False
+    return resume_config(args.resume, **changes)
 
 
 def _train_config(args: argparse.Namespace):
@@ -276,6 +321,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -285,11 +331,18 @@ def main(argv: list[str] | None = None) -> int:
         from .train.loop import run
 
         try:
-            run(_train_config(args), resume=args.resume, timeout_s=args.timeout, max_restarts=args.max_restarts)
+            config = _train_config(args) if args.resume is None else _resume_config(args, argv)
+            run(config, resume=args.resume, timeout_s=args.timeout, max_restarts=args.max_restarts,
+                oversubscribe=args.allow_oversubscribe)
         except (ValueError, DatasetNotFoundError, FileExistsError) as error:
             print(f"gradcomp train: error: {error}", file=sys.stderr)
             return 2
         except WorkerError as error:
+            print(f"gradcomp train: error: {error}", file=sys.stderr)
+            return 1
+        except OSError as error:  # a full device (named by the run directory's writes), permissions
+            if error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+                raise
             print(f"gradcomp train: error: {error}", file=sys.stderr)
             return 1
     elif args.command == "plot":

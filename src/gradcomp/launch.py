@@ -82,8 +82,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
-__all__ = ["WorkerError", "DEVICES", "device_kind", "free_port", "spawn", "init_from_env", "shutdown", "gloo_threads",
-           "GRACE_S"]
+__all__ = ["WorkerError", "DEVICES", "check_master_port", "device_kind", "free_port", "spawn", "init_from_env",
+           "shutdown", "gloo_threads", "GRACE_S"]
 
 #: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
 #: makes them raise at once) are reported too, before it kills whoever is left.
@@ -141,6 +141,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_master_port() -> None:
+    """Before a torchrun-style rank 0 serves the rendezvous on ``MASTER_PORT`` (``RANK=0`` without torchrun's
+    agent store): a ``ValueError`` naming the port when it is not a port or is in use on this machine, instead
+    of an EADDRINUSE traceback from ``init_process_group``.  Other ranks, and ranks under torchrun, whose
+    agent serves the rendezvous, are not checked."""
+    if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    text = os.environ.get("MASTER_PORT")
+    if text is None:
+        return  # init_process_group names what is missing
+    try:
+        port = int(text)
+        if not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"MASTER_PORT={text!r} is not a port number (1-65535)") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's server does
+        try:
+            s.bind(("", port))
+        except OSError as error:
+            raise ValueError(f"MASTER_PORT={port} is in use on this machine ({error.strerror}): rank 0 serves "
+                             "the rendezvous there; choose a free port") from None
 
 
 def shutdown() -> None:

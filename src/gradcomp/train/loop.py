@@ -62,7 +62,7 @@ from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_ba
 from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
-__all__ = ["TrainConfig", "run", "train_worker"]
+__all__ = ["TrainConfig", "resumable", "resume_config", "run", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +234,16 @@ class Task:
             self.steps = lm_steps(self.train_rows, config.bptt)
         elif self.parts is not None:
             self.steps = min(len(p) for p in self.parts) // config.batch_size
+            if self.steps == 0:
+                raise ValueError(f"TrainConfig.batch_size={config.batch_size} is larger than the smallest worker's "
+                                 f"part of the training set ({min(len(p) for p in self.parts)} samples, "
+                                 f"partition='skewed'); lower batch_size or workers")
         else:
             self.steps = steps_per_epoch(len(data.y_train), self.global_batch)
             if self.steps == 0:
-                raise ValueError(f"a global batch of {self.global_batch} is larger than the "
-                                 f"{len(data.y_train)} training samples; lower batch_size or workers")
+                raise ValueError(f"TrainConfig.batch_size={config.batch_size}: a global batch of {self.global_batch} "
+                                 f"({workers} workers) is larger than the {len(data.y_train)} training samples; "
+                                 f"lower batch_size or workers")
 
     def epoch(self, epoch: int, start: int = 0) -> Any:
         """Per step: one shard per worker, each tagged with its worker index; from step ``start`` on (a
@@ -697,7 +702,8 @@ def default_run_dir(cfg: TrainConfig) -> str:
 
 
 def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout_s: float = 3600.0,
-        max_restarts: int = 0, plot: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+        max_restarts: int = 0, plot: bool = True, echo: Callable[[str], None] = print,
+        oversubscribe: bool = False) -> dict[str, Any]:
     """Run a training job (new, or resumed from ``resume``'s checkpoint) and return its summary.
 
     Inside a ``torchrun`` launch (``RANK`` and ``WORLD_SIZE`` set) this
@@ -710,6 +716,18 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     A finished run's curves are drawn to ``curves.png`` unless ``plot`` is
     False (a study of many runs draws its own figures).  A run stopped by
     ``max_steps`` returns ``{"stopped_after_step": n}``.
+
+    Resumed, the run keeps its ``config.json``; only :data:`RESUMABLE` come
+    from ``config`` (when given), each change logged in one line and recorded
+    in ``config.json``.  A run directory without a checkpoint (the run failed
+    before its first) is started again from step 0 with its config.
+
+    Everything that can fail is checked before the run directory is made or
+    changed (``ValueError`` naming the value): the data fits the batch, the
+    device exists, the directory is writable, a torchrun-style rank 0's
+    ``MASTER_PORT`` is free, and at most :data:`MAX_WORKERS_PER_CPU` worker
+    processes per CPU core (``oversubscribe=True`` lifts that).  Temporary
+    files that a killed run left in the directory are removed.
     """
     check_range("run", "timeout_s", timeout_s, 0.0, math.inf, low_open=True, high_open=True)
     check_int("run", "max_restarts", max_restarts, 0)
@@ -725,15 +743,18 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
         if RunDir(run_dir).has_checkpoint():
             log.warning("torchrun restart %d: resuming from the checkpoint in %s", _torchrun_restart(), run_dir)
             resume = run_dir
+    saved: dict[str, Any] = {}
     if resume is not None:
-        rd = RunDir(resume)
-        if not rd.has_checkpoint():
-            raise FileNotFoundError(f"no checkpoint to resume from in {resume!r}")
+        rd = resumable(resume)
         saved = rd.read_config()
-        if config is not None:  # only the length of training, checkpointing and the display may change on resume
-            saved.update({k: getattr(config, k) for k in RESUMABLE})
-        cfg = TrainConfig(**saved)
-        run_dir = resume
+        changes = {k: getattr(config, k) for k in RESUMABLE} if config is not None else {}
+        cfg = _saved_config(rd, saved, run_dir=str(resume), **changes)
+        run_dir = str(resume)
+        if not rd.has_checkpoint():
+            log.warning("%s holds no checkpoint (its run stopped before the first): starting it again from step 0 "
+                        "with its config", run_dir)
+            resume = None
+            restarted = True  # into the directory that exists
     else:
         run_dir = cfg.run_dir or default_run_dir(cfg)
         cfg = dataclasses.replace(cfg, run_dir=run_dir)
@@ -746,16 +767,24 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     except ValueError as error:
         raise ValueError(f"TrainConfig.{error}") from None
     lead = not under_torchrun or int(os.environ["RANK"]) == 0
-    data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=1)  # a missing dataset fails here, before any worker
+    _preflight(cfg, run_dir, under_torchrun, oversubscribe, lead)
+    data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)  # a missing dataset fails here
+    Task(data, cfg, cfg.workers)  # so does a batch larger than the data
     if resume is not None:  # a foreign or damaged checkpoint fails here, before anything is written
         done = load_checked(rd, cfg, build_model(cfg.model, data, **cfg.model_options), cfg.workers)["epoch"]
         if lead:
+            rd.remove_temporaries()
             rd.truncate_metrics(done)
+            _record_changes(rd, saved, cfg)
     elif lead:  # a torchrun restart before the first checkpoint starts again in the same directory
         fresh = RunDir.create(run_dir, exist_ok=restarted)
-        fresh.write_config(dataclasses.asdict(cfg))
-        if restarted:
-            fresh.truncate_metrics(0)
+        fresh.remove_temporaries()
+        if saved:
+            _record_changes(fresh, saved, cfg)
+        else:
+            fresh.write_config(dataclasses.asdict(cfg))
+        fresh.truncate_metrics(0)
+    del data
     config_dict = dataclasses.asdict(cfg)
     if under_torchrun:
         from ..launch import init_from_env, shutdown
@@ -781,6 +810,95 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     return summary or {}
 
 
+def resumable(run_dir: str | os.PathLike[str]) -> RunDir:
+    """``run_dir`` as a :class:`RunDir` to resume, or a one-line ``ValueError`` saying why it is not: missing,
+    not a directory, no ``config.json``, ``checkpoint.pt`` not a file, or ``checkpoint.pt`` missing beside a
+    ``checkpoint.prev.pt`` (the message says how to resume from that one).  A directory with a config and no
+    checkpoint at all is resumable: its run stopped before its first checkpoint and starts again."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"cannot resume {str(run_dir)!r}: " + ("it is not a directory" if path.exists()
+                                                                 else "no such directory"))
+    rd = RunDir(path)
+    if not rd.config_path.is_file():
+        raise ValueError(f"cannot resume {str(run_dir)!r}: it has no config.json (not a gradcomp train run "
+                         f"directory, or its config was removed)")
+    ckpt, prev = rd.checkpoint_path, rd.prev_checkpoint_path
+    if ckpt.exists() and not ckpt.is_file():
+        raise ValueError(f"cannot resume {str(run_dir)!r}: {str(ckpt)!r} is not a file")
+    if not ckpt.exists() and prev.is_file():
+        raise ValueError(f"cannot resume {str(run_dir)!r}: {str(ckpt)!r} is missing; the checkpoint saved before "
+                         f"it is kept: to resume from it, move {str(prev)!r} to {str(ckpt)!r}")
+    return rd
+
+
+def _saved_config(rd: RunDir, saved: dict[str, Any], **changes: Any) -> TrainConfig:
+    """The run's config as saved in ``rd``, with ``changes``; a config that is not a TrainConfig's is a
+    ``ValueError`` naming the file."""
+    try:
+        return TrainConfig(**{**saved, **changes})
+    except TypeError as error:
+        raise ValueError(f"{str(rd.config_path)!r} is not a gradcomp train config: {error}") from None
+
+
+def resume_config(run_dir: str | os.PathLike[str], **changes: Any) -> TrainConfig:
+    """The config that resuming ``run_dir`` trains with: its ``config.json``, with ``changes`` to
+    :data:`RESUMABLE` settings only (another is a ``ValueError`` naming it).  ``max_steps`` is a stop for one
+    invocation: without a new one the resumed run trains to its end.  See :func:`resumable` for the checks."""
+    other = sorted(set(changes) - set(RESUMABLE))
+    if other:
+        raise ValueError(f"resuming {str(run_dir)!r} keeps its settings: {', '.join(other)} may not change (only "
+                         f"{', '.join(RESUMABLE)} may)")
+    rd = resumable(run_dir)
+    return _saved_config(rd, rd.read_config(), run_dir=str(run_dir), **{"max_steps": None, **changes})
+
+
+def _record_changes(rd: RunDir, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Say in one line each what a resume changes in the run's config (:data:`RESUMABLE` only), and write
+    the config that now holds to ``config.json``."""
+    for k in RESUMABLE:
+        if k in saved and saved[k] != getattr(cfg, k):  # a setting added since the run started is not a change
+            log.warning("%s: %s changes from %r to %r on resume (recorded in config.json)", rd.path, k,
+                        saved.get(k), getattr(cfg, k))
+    rd.write_config(dataclasses.asdict(cfg))
+
+
+#: worker processes per CPU core that :func:`run` starts at most without ``oversubscribe=True`` (at least 8)
+MAX_WORKERS_PER_CPU = 4
+
+
+def _preflight(cfg: TrainConfig, run_dir: str, under_torchrun: bool, oversubscribe: bool, lead: bool) -> None:
+    """The checks of :func:`run` that need no data, each a one-line ``ValueError`` before anything is written."""
+    if not (under_torchrun or cfg.simulate or oversubscribe):
+        cores = os.cpu_count() or 1
+        limit = max(8, MAX_WORKERS_PER_CPU * cores)
+        if cfg.workers > limit:
+            raise ValueError(f"TrainConfig.workers={cfg.workers} would start {cfg.workers} processes on {cores} CPU "
+                             f"core(s), more than {limit} ({MAX_WORKERS_PER_CPU} per core): use simulate (--simulate) "
+                             f"or fewer workers, or allow it (--allow-oversubscribe)")
+    if under_torchrun:
+        from ..launch import check_master_port
+
+        check_master_port()
+    if not lead:
+        return
+    path = Path(run_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not path.is_dir():
+        raise ValueError(f"run directory {run_dir!r} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(existing) else "permission denied"
+        where = "" if existing == path else f" (to hold run directory {run_dir!r})"
+        raise ValueError(f"cannot write to {str(existing)!r}{where}: {why}")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float, max_restarts: int,
            echo: Callable[[str], None]) -> dict[str, Any]:
     """Start the local workers; when one fails, start them all again from the last checkpoint, up to
@@ -798,6 +916,7 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
             log.warning("%s", error)
             resume = rd.has_checkpoint()
             done = rd.load_checkpoint() if resume else {"epoch": 0, "steps": 0}
+            rd.remove_temporaries()  # a rank 0 killed while writing a checkpoint leaves its temporary file
             rd.truncate_metrics(done["epoch"])
             echo(f"{str(error).splitlines()[0]}; restart {attempt + 1} of {max_restarts} from "
                  + (f"the checkpoint at step {done['steps']}" if resume else "the start (no checkpoint yet)"))

@@ -68,11 +68,13 @@ Byte units are decimal (1 MB = 10**6 bytes), like link speeds (1 Gbit/s = 10**9 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -150,9 +152,14 @@ def _atomic_write(path: Path, write, before_replace=None) -> None:
     """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it and move it into place
     (calling ``before_replace()`` just before, once the new file is complete).
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    On any error the temporary file is removed and ``path`` is left as it was.  A full device raises
+    ``OSError(ENOSPC)`` naming ``path``, also where torch's writer reports it only as "unexpected pos".
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        _raise_no_space(error, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -161,13 +168,34 @@ def _atomic_write(path: Path, write, before_replace=None) -> None:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        _raise_no_space(error, path)
         raise
     _fsync_dir(path.parent)
+
+
+def _raise_no_space(error: BaseException, path: Path) -> None:
+    """Where ``error`` says the device is full (ENOSPC, or torch's zip writer's "unexpected pos", which is how a
+    short write of ``torch.save`` surfaces), raise an ``OSError(ENOSPC)`` naming ``path`` from it."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not full and not (isinstance(error, RuntimeError) and "unexpected pos" in str(error)):
+        return
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free on that device"
+    except OSError:
+        free = "free space unknown"
+    raise OSError(errno.ENOSPC, f"no space left on device: could not write {str(path)!r} ({free}; what the "
+                                f"file held before is kept)") from error
+
+
+#: the temporary files :func:`_atomic_write` makes beside each file of a run directory (removed on error, but
+#: left behind by a process killed while writing): ``.NAME.XXXXXXXX.tmp``, and ``.checkpoint.prev.pt.tmp``
+_TEMPORARY = re.compile(r"\.(config\.json|metrics\.jsonl|checkpoint\.pt|summary\.json|curves\.png)\.[^/]+\.tmp"
+                        r"|\.checkpoint\.prev\.pt\.tmp")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -190,17 +218,42 @@ class RunDir:
         """Make the run directory (and its parents).
 
         Raises ``FileExistsError`` naming ``path`` when it exists and is not an
-        empty directory, unless ``exist_ok`` (used to resume into it).
+        empty directory, unless ``exist_ok`` (used to resume into it) or it
+        holds nothing a run has made yet (:meth:`started` is False: a run that
+        failed before its first checkpoint), which is then started again.
         """
         p = Path(path)
         if p.exists():
             if not p.is_dir():
                 raise FileExistsError(f"run directory {str(p)!r} exists and is not a directory")
-            if not exist_ok and any(p.iterdir()):
+            if not exist_ok and cls(p).started():
                 raise FileExistsError(f"run directory {str(p)!r} already exists and is not empty "
                                       f"(resume into it, or choose another directory)")
         p.mkdir(parents=True, exist_ok=True)
         return cls(p)
+
+    def started(self) -> bool:
+        """Whether the directory holds anything of value: a checkpoint, a summary, or any file that is not a
+        config, metrics or a temporary file left by an interrupted write (what a run that failed before its
+        first checkpoint leaves behind, made again by starting it again)."""
+        try:
+            names = [e.name for e in os.scandir(self.path)]
+        except FileNotFoundError:
+            return False
+        return any(n not in (CONFIG, METRICS) and not _TEMPORARY.fullmatch(n) for n in names)
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove the temporary files left behind by writes of a killed process (``.checkpoint.pt.*.tmp`` and
+        the like: see :func:`_atomic_write`); return their names.  Only while no other process writes here."""
+        removed = []
+        for entry in os.scandir(self.path):
+            if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        if removed:
+            logger.info("%s: removed %d temporary file(s) left by interrupted writes: %s", self.path, len(removed),
+                        ", ".join(sorted(removed)))
+        return sorted(removed)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -273,10 +326,14 @@ class RunDir:
         """
         line = _dumps(dict(record), "metrics record") + "\n"
         self._drop_partial_tail()
-        with open(self.metrics_path, "ab") as f:
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.metrics_path, "ab") as f:
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:  # a part of the line may be written: the next append or truncation cuts it off
+            _raise_no_space(error, self.metrics_path)
+            raise
 
     def _drop_partial_tail(self) -> None:
         """Cut off an unreadable last line (a crash mid-append, or zeros after a power loss)."""
