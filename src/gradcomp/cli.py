@@ -6,6 +6,7 @@ import argparse
 import ast
 import importlib
 import logging
+import os
 import sys
 
 
@@ -281,17 +282,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from .launch import WorkerError
-        from .train.data import DatasetNotFoundError
-        from .train.loop import run
+        from .train.loop import TrainingInterrupted, run
 
         try:
             run(_train_config(args), resume=args.resume, timeout_s=args.timeout, max_restarts=args.max_restarts)
-        except (ValueError, DatasetNotFoundError, FileExistsError) as error:
+        except (ValueError, OSError) as error:  # a bad setting, a missing, damaged or unwritable file
             print(f"gradcomp train: error: {error}", file=sys.stderr)
             return 2
-        except WorkerError as error:
-            print(f"gradcomp train: error: {error}", file=sys.stderr)
+        except WorkerError as error:  # the whole report is in the run directory's worker-errors.log
+            print(f"gradcomp train: error: {error.summary}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt as stop:  # Ctrl-C: the last checkpoint is whole; say how to continue
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says it
+                line = stop.describe() if isinstance(stop, TrainingInterrupted) else "interrupted"
+                print(f"gradcomp train: {line}", file=sys.stderr)
+            return 130
     elif args.command == "plot":
         from .train.report import compare_table, plot_runs
 

@@ -82,8 +82,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
-__all__ = ["WorkerError", "DEVICES", "device_kind", "free_port", "spawn", "init_from_env", "shutdown", "gloo_threads",
-           "GRACE_S"]
+__all__ = ["WorkerError", "WorkerInterrupted", "DEVICES", "device_kind", "free_port", "spawn", "init_from_env",
+           "shutdown", "gloo_threads", "GRACE_S"]
 
 #: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
 #: makes them raise at once) are reported too, before it kills whoever is left.
@@ -91,7 +91,24 @@ GRACE_S = 2.0
 
 
 class WorkerError(RuntimeError):
-    """One or more workers failed, hung past the timeout, died or never joined; the message says which."""
+    """One or more workers failed, hung past the timeout, died or never joined; the message says which.
+
+    ``str()`` is the whole report: a line per failed rank, the cause first, then each rank's traceback.
+    ``summary`` is the one line to show a user: how many failed, and the cause.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or (message.splitlines() or [""])[0]
+
+
+class WorkerInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped the workers; ``reports`` maps each rank that reported an exception on its way
+    out to that exception, in one line (e.g. ``"KeyboardInterrupt"``)."""
+
+    def __init__(self, reports: dict[int, str]) -> None:
+        super().__init__("; ".join(f"rank {r}: {line}" for r, line in sorted(reports.items())))
+        self.reports = dict(reports)
 
 
 #: What a job may ask to train on: ``auto`` is CUDA where every local rank gets a GPU of its own, else the CPU.
@@ -272,6 +289,8 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, d
     os.environ.update(environ)
     faulthandler.enable()  # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack
     _exit_with_parent()
+    signal.signal(signal.SIGINT, _interrupt_once)
+    _no_tqdm_semaphore()
     torch.set_num_threads(threads)
     phase = "before_init"
     code = 0
@@ -291,6 +310,7 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, d
         phase = "shutdown"
         shutdown()
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second SIGINT (the parent forwards it) must not cut the report
         code = 1
         try:
             conn.send(("error", (phase, traceback.format_exc())))
@@ -298,6 +318,25 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, d
             pass
     conn.close()
     _leave(code)
+
+
+def _no_tqdm_semaphore() -> None:
+    """tqdm makes a multiprocessing lock (a named semaphore) for its first bar; a worker killed holding one makes
+    the resource tracker warn of a "leaked semaphore" when the job ends, after its report.  Each worker writes
+    only its own bars, so its thread lock is enough."""
+    try:
+        from tqdm.std import TqdmDefaultWriteLock
+    except ImportError:
+        return
+    if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        TqdmDefaultWriteLock.mp_lock = None
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: KeyboardInterrupt the first time, then ignored (Ctrl-C in a terminal signals
+    the worker and the parent, and the parent forwards it to workers that have not answered)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------ parent side
@@ -320,17 +359,33 @@ _WHERE = {"before_init": "in before_init, before joining the process group",
           "run": "while running", "shutdown": "after reporting its result, while leaving the process group"}
 
 
-#: The line naming an exception in a traceback; and what torch wraps around one raised in a future's callback.
+#: The line naming an exception in a traceback; what torch wraps around one raised in a future's callback
+#: (pybind11's "Unable to cast ... to Tensor" when the callback's value was to become a tensor); and the C++
+#: source location gloo puts before its messages.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
-_CALLBACK_WRAP = re.compile(r"(\w+Error: )?Got the following error when running the callback: ")
+_CALLBACK_WRAP = re.compile(r"^(?:(?:[A-Za-z_][\w.]*(?:Error|Exception): )?"
+                            r"(?:Unable to cast |Got the following error when running the callback: ))+")
+_SOURCE_LOCATION = re.compile(r"^\[[^\]\s]+\.(?:cc|cpp|h|hpp):\d+\] ")
+#: The advice gloo appends to a read error ("This is typically caused by a remote worker hanging ... GLHF!").
+_GLOO_ADVICE = re.compile(r" This is typically caused by .*$")
 
 
 def _exception_line(tb: str) -> str:
-    """The exception of a formatted traceback, in one line: its last line naming an exception (torch appends
-    "At:" and the callbacks' frames to an error raised in a future's callback), unwrapped from the callbacks."""
+    """The exception of a formatted traceback, in one line: the first line of the last exception (after the
+    last frame; torch appends "At:", the callbacks' frames and " to Tensor" to an error raised in a future's
+    callback), unwrapped from the callbacks, without gloo's C++ source location and advice."""
     lines = tb.rstrip().splitlines()
-    last = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
-    return _CALLBACK_WRAP.sub("", last) or "an exception"
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    after = lines[frames[-1] + 1:] if frames else lines
+    first = next((line for line in after if _EXCEPTION_LINE.match(line)), None)
+    if first is None:
+        first = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
+    name, sep, message = first.partition(": ")
+    message = _CALLBACK_WRAP.sub("", message)
+    if _EXCEPTION_LINE.match(message):  # the wrapped exception names itself
+        name, sep, message = message.partition(": ")
+    message = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", message))
+    return (f"{name}{sep}{message}" if sep else name).strip() or "an exception"
 
 
 class _Rank:
@@ -432,6 +487,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
     ctx = _context()
     port = free_port()
     ranks: list[_Rank] = []
+    interrupted = False
     try:
         for r in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
@@ -442,7 +498,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
             proc.start()
             writer.close()  # the child holds its own copy: the reader sees EOF when the child is gone
         start = time.monotonic()
-        _watch(ranks, start, deadline_s)
+        try:
+            _watch(ranks, start, deadline_s)
+        except KeyboardInterrupt:
+            _interrupt(ranks)
+            interrupted = True
     finally:
         for w in ranks:
             if w.proc.is_alive():
@@ -450,6 +510,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
             w.proc.join()
             if w.conn is not None:
                 w.conn.close()
+    if interrupted:
+        raise WorkerInterrupted({w.rank: _exception_line(w.error[1]) for w in ranks if w.error is not None})
     failed = [w for w in ranks if not w.ok]
     if failed:
         # the causes first: who died, then who raised (by time), then who the launcher had to stop
@@ -460,8 +522,38 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
         for w, (_, details) in zip(failed, described):
             if details:
                 lines.append(f"--- rank {w.rank}:\n{details}")
-        raise WorkerError("\n".join(lines))
+        raise WorkerError("\n".join(lines),
+                          summary=f"{len(failed)} of {world_size} workers failed: {described[0][0]}")
     return [torch.load(io.BytesIO(w.result), weights_only=False) for w in ranks]
+
+
+def _interrupt(ranks: list[_Rank]) -> None:
+    """SIGINT (Ctrl-C) reached the parent: give the workers a moment to report it too (a terminal signals
+    them all), forward it to those that did not, and listen up to GRACE_S for their reports (the caller kills
+    whoever is left).  A second SIGINT here ends the wait."""
+    end = time.monotonic() + GRACE_S
+    forwarded = False
+    while any(w.conn is not None for w in ranks):
+        now = time.monotonic()
+        if now >= end:
+            break
+        if not forwarded and now >= end - GRACE_S / 2:
+            forwarded = True
+            for w in ranks:
+                if w.conn is not None and w.error is None and w.proc.is_alive():
+                    try:
+                        os.kill(w.proc.pid, signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
+        open_ranks = [w for w in ranks if w.conn is not None]
+        limit = (end - GRACE_S / 2 if not forwarded else end) - now
+        ready = wait([w.conn for w in open_ranks], timeout=max(0.0, min(limit, 0.5)))
+        for w in open_ranks:
+            if w.conn in ready:
+                w.receive(time.monotonic())
+    for w in ranks:  # those that reported are on their way out (atexit handlers take a moment on a busy machine)
+        if w.error is not None:
+            w.proc.join(timeout=max(0.0, end + 2 * GRACE_S - time.monotonic()))
 
 
 def _watch(ranks: list[_Rank], start: float, deadline_s: float | None) -> None:
