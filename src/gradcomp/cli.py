@@ -120,17 +120,26 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace, name: str, kind: str) -> int:
+    from .launch import WorkerError
     from .reproduce import StudySkipped, UnknownStudyError, run_study
 
     try:
         outcome = run_study(name, full=args.full, out_dir=args.out, seed=args.seed, threads=args.threads,
                             jobs=args.jobs, progress=not args.no_progress, kind=kind, runs_dir=args.runs)
-    except UnknownStudyError as error:
+    except (UnknownStudyError, ValueError, OSError) as error:  # an unknown study, a bad setting, a file
         print(f"gradcomp {kind}: error: {error}", file=sys.stderr)
         return 2
     except StudySkipped as error:
         print(f"gradcomp {kind} {name}: skipped: {error}", file=sys.stderr)
         return 0
+    except WorkerError as error:  # the whole report is in the run's worker-errors.log
+        print(f"gradcomp {kind} {name}: error: {error.summary}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        again = (f"run the same command again to continue from the runs kept in {args.runs}" if args.runs else
+                 "with --runs DIR a study keeps its runs and continues them when run again")
+        print(f"gradcomp {kind} {name}: interrupted; {again}", file=sys.stderr)
+        return 130
     return 0 if outcome.passed else 1
 
 
