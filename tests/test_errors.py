@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from gradcomp.train.loop import TrainConfig, run
 from gradcomp.train.report import RunDir
 from test_data import _idx_bytes, _write_fake_mnist
@@ -119,3 +121,16 @@ def test_a_callback_error_after_a_restart_reads_as_its_cause():
                'the above exception, another exception occurred:\n\nTraceback (most recent call last):\n  File '
                '"a.py", line 2, in f\n    g()\nValueError: first line\nsecond line\n')
     assert _exception_line(chained) == "ValueError: first line"
+
+
+def test_a_worker_that_crashes_in_c_writes_its_stacks_to_the_crash_log_not_the_terminal(tmp_path, capfd):
+    import hang_workers as hw
+    from gradcomp.launch import WorkerError, spawn
+
+    log = tmp_path / "worker-errors.log"
+    with pytest.raises(WorkerError) as info:
+        spawn(hw.die_in_collective, 2, 1, "sigsegv", str(tmp_path), timeout_s=15, crash_log=log)
+    assert info.value.summary.startswith("2 of 2 workers failed: rank 1 died during the run without reporting: "
+                                         "killed by signal SIGSEGV"), info.value.summary
+    assert "Fatal Python error: Segmentation fault" in log.read_text()
+    assert "Fatal Python error" not in capfd.readouterr().err

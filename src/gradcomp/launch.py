@@ -284,10 +284,11 @@ def _leave(code: int) -> None:
 
 def _worker(rank: int, world_size: int, address: str, port: int, backend: str, device: str, timeout_s: float,
             fn: Callable, args: tuple, conn: Connection, threads: int, before_init: Callable[[int], None] | None,
-            environ: dict[str, str]) -> None:
+            environ: dict[str, str], crash_log: str | None = None) -> None:
     os.environ.clear()  # the parent's environment now, not the one the fork server started with
     os.environ.update(environ)
-    faulthandler.enable()  # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack
+    # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack: to crash_log when given
+    faulthandler.enable(**({"file": open(crash_log, "a")} if crash_log is not None else {}))  # noqa: SIM115 - kept open
     _exit_with_parent()
     signal.signal(signal.SIGINT, _interrupt_once)
     _no_tqdm_semaphore()
@@ -453,8 +454,12 @@ class _Rank:
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | None = None, device: str = "cpu",
           timeout_s: float = 120.0, threads: int | None = None, address: str = "127.0.0.1",
-          before_init: Callable[[int], None] | None = None, deadline_s: float | None = None) -> list[Any]:
+          before_init: Callable[[int], None] | None = None, deadline_s: float | None = None,
+          crash_log: str | os.PathLike | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
+
+    ``crash_log``: a file each worker that crashes in C++ appends every thread's Python stack to
+    (:mod:`faulthandler`) instead of writing it to stderr, where it would bury the report.
 
     ``fn`` must be importable (a module-level function).  ``address`` is
     where rank 0 serves the rendezvous; ``before_init(rank)`` (importable
@@ -492,7 +497,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
         for r in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker, args=(r, world_size, address, port, backend, device, timeout_s, fn, args,
-                                                     writer, threads, before_init, dict(os.environ)),
+                                                     writer, threads, before_init, dict(os.environ),
+                                                     None if crash_log is None else os.fspath(crash_log)),
                               daemon=True)
             ranks.append(_Rank(r, proc, reader))
             proc.start()

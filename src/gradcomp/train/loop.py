@@ -828,7 +828,7 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
     for attempt in range(max_restarts + 1):
         try:
             return spawn(train_worker, config["workers"], config, run_dir, resume, device=config["device"],
-                         timeout_s=timeout_s)[0]
+                         timeout_s=timeout_s, crash_log=rd.path / WORKER_ERRORS)[0]
         except WorkerInterrupted as stop:  # rank 0 says where it stopped
             found = re.search(r"TrainingInterrupted: interrupted at step (\d+)", stop.reports.get(0, ""))
             raise TrainingInterrupted(int(found[1]) if found else None, run_dir) from None
