@@ -48,6 +48,11 @@ this module does it), so DDP does not pin the group; :func:`shutdown` frees
 what only reference cycles hold and warns when a gloo thread outlives
 ``destroy_process_group`` anyway.
 
+Ctrl-C.  SIGINT in a worker raises ``KeyboardInterrupt`` once (a second one is ignored): a terminal
+signals the parent and every worker, and the parent forwards it to the workers that have not reported
+within ``GRACE_S / 2``, listens up to ``GRACE_S`` for their reports and raises :class:`WorkerInterrupted`
+(a ``KeyboardInterrupt``) with each rank's exception in one line.
+
 Workers started here also leave with ``os._exit`` after flushing their
 output and running their ``atexit`` handlers, skipping the interpreter's
 finalization: a thread that runs Python code from C++ while the interpreter
@@ -363,7 +368,7 @@ _WHERE = {"before_init": "in before_init, before joining the process group",
 #: The line naming an exception in a traceback; what torch wraps around one raised in a future's callback
 #: (pybind11's "Unable to cast ... to Tensor" when the callback's value was to become a tensor); and the C++
 #: source location gloo puts before its messages.
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Interrupted)\b")
 _CALLBACK_WRAP = re.compile(r"^(?:(?:[A-Za-z_][\w.]*(?:Error|Exception): )?"
                             r"(?:Unable to cast |Got the following error when running the callback: ))+")
 _SOURCE_LOCATION = re.compile(r"^\[[^\]\s]+\.(?:cc|cpp|h|hpp):\d+\] ")

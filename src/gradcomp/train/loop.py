@@ -28,6 +28,12 @@ on resume each rank puts its own part back on its own device.
 Restarts after a failure resume from the last checkpoint: under ``torchrun
 --max-restarts K`` (``TORCHELASTIC_RESTART_COUNT > 0`` and a checkpoint in the
 run directory) and with ``run(max_restarts=K)`` for the workers started here.
+Each failed attempt of those workers leaves its full report, every rank's
+traceback included, in the run directory's ``worker-errors.log``
+(:data:`WORKER_ERRORS`); the :class:`~gradcomp.launch.WorkerError` raised keeps
+the one-line ``summary``.  Ctrl-C raises :class:`TrainingInterrupted` (a
+``KeyboardInterrupt``) naming the step rank 0 reached; the last checkpoint is
+whole, and :meth:`TrainingInterrupted.describe` gives the command that resumes.
 """
 
 from __future__ import annotations
