@@ -137,3 +137,27 @@ def test_a_worker_that_crashes_in_c_writes_its_stacks_to_the_crash_log_not_the_t
                                          "killed by signal SIGSEGV"), info.value.summary
     assert "Fatal Python error: Segmentation fault" in log.read_text()
     assert "Fatal Python error" not in capfd.readouterr().err
+
+
+def test_ctrl_c_in_a_simulated_run_names_the_step_and_puts_the_handler_back(tmp_path):
+    import threading
+
+    from gradcomp.train.loop import TrainingInterrupted
+
+    path = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_after_the_first_checkpoint():
+        while not RunDir(path).has_checkpoint():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(TrainingInterrupted) as info:
+        run(TrainConfig(simulate=True, workers=2, epochs=50, checkpoint_every=5, progress=False, run_dir=str(path)),
+            echo=lambda _: None)
+    saved = RunDir(path).load_checkpoint()["steps"]
+    assert info.value.steps >= saved >= 5 and signal.getsignal(signal.SIGINT) is before
+    behind = "" if info.value.steps == saved else f" (from its checkpoint at step {saved})"
+    assert info.value.describe() == (f"interrupted at step {info.value.steps}; resume with: gradcomp train --resume "
+                                     f"{path}{behind}")
