@@ -121,8 +121,8 @@ def test_a_callback_error_after_a_restart_reads_as_its_cause():
                'the above exception, another exception occurred:\n\nTraceback (most recent call last):\n  File '
                '"a.py", line 2, in f\n    g()\nValueError: first line\nsecond line\n')
     assert _exception_line(chained) == "ValueError: first line"
-    stopped = ('Traceback (most recent call last):\n  File "loop.py", line 9, in stop\n    raise TrainingInterrupted(3)\n'
-               "gradcomp.train.loop.TrainingInterrupted: interrupted at step 3\n")
+    stopped = ('Traceback (most recent call last):\n  File "loop.py", line 9, in stop\n'
+               "    raise TrainingInterrupted(3)\ngradcomp.train.loop.TrainingInterrupted: interrupted at step 3\n")
     assert _exception_line(stopped) == "gradcomp.train.loop.TrainingInterrupted: interrupted at step 3"
 
 

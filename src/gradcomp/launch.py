@@ -463,9 +463,6 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
           crash_log: str | os.PathLike | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
 
-    ``crash_log``: a file each worker that crashes in C++ appends every thread's Python stack to
-    (:mod:`faulthandler`) instead of writing it to stderr, where it would bury the report.
-
     ``fn`` must be importable (a module-level function).  ``address`` is
     where rank 0 serves the rendezvous; ``before_init(rank)`` (importable
     too) runs in each worker before it joins the group (the network
@@ -483,6 +480,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
     :class:`WorkerError` saying what happened to each rank.  ``deadline_s``
     (None: no limit) bounds the whole run as well, for the one hang no peer
     sees: every rank stalled outside any collective.
+
+    ``crash_log``: a file each worker that crashes in C++ appends every thread's Python stack to
+    (:mod:`faulthandler`) instead of writing it to stderr, where it would bury the report.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
