@@ -260,6 +260,22 @@ def _context() -> Any:
     return ctx
 
 
+def _start_server(ctx: Any) -> None:
+    """Start the fork server, if not yet running, with SIGINT ignored, which it inherits: it ignores SIGINT
+    itself only once its imports (torch) are done, and a Ctrl-C before that killed it with a traceback.  The
+    workers it forks install their own handler (:func:`_interrupt_once`)."""
+    if ctx.get_start_method() != "forkserver" or threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import forkserver
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _exit_with_parent() -> None:
     """A daemon thread that ends this worker if the parent dies (no orphan left waiting in a collective)."""
     parent = mp.parent_process()
@@ -495,6 +511,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = _context()
+    _start_server(ctx)
     port = free_port()
     ranks: list[_Rank] = []
     interrupted = False
@@ -518,7 +535,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
         for w in ranks:
             if w.proc.is_alive():
                 w.proc.kill()
-            w.proc.join()
+            if w.proc.pid is not None:  # started (Ctrl-C may stop the loop above in proc.start())
+                w.proc.join()
             if w.conn is not None:
                 w.conn.close()
     if interrupted:

@@ -835,8 +835,9 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
         try:
             return spawn(train_worker, config["workers"], config, run_dir, resume, device=config["device"],
                          timeout_s=timeout_s, crash_log=rd.path / WORKER_ERRORS)[0]
-        except WorkerInterrupted as stop:  # rank 0 says where it stopped
-            found = re.search(r"TrainingInterrupted: interrupted at step (\d+)", stop.reports.get(0, ""))
+        except KeyboardInterrupt as stop:  # rank 0 says where it stopped (WorkerInterrupted), if it had started
+            reports = stop.reports if isinstance(stop, WorkerInterrupted) else {}
+            found = re.search(r"TrainingInterrupted: interrupted at step (\d+)", reports.get(0, ""))
             raise TrainingInterrupted(int(found[1]) if found else None, run_dir) from None
         except WorkerError as error:
             errors = _log_worker_error(rd, error, attempt)
