@@ -122,6 +122,22 @@ def test_idx_folder_gz_or_plain_and_limit(tmp_path):
     assert torch.equal(b.x_train, a.x_train[:7]) and torch.equal(b.x_test, a.x_test)
 
 
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_a_label_outside_the_classes_is_refused_naming_the_file_and_index(tmp_path, split):
+    """A damaged label byte (200) would train a 201-class model; the first bad index is named, even past
+    limit_train (the whole file is checked)."""
+    arrays = _write_fake_mnist(tmp_path / "mnist", gz=False)
+    labels = arrays[f"{split}-labels-idx1-ubyte"].copy()
+    labels[[3, 4]] = [200, 10]
+    (tmp_path / "mnist" / f"{split}-labels-idx1-ubyte").write_bytes(_idx_bytes(labels, 2049))
+    with pytest.raises(ValueError, match=rf"{split}-labels-idx1-ubyte: label 200 at index 3 is not one of the 10 "
+                                         r"classes of mnist \(0-9\); 2 bad label"):
+        load_dataset("mnist", tmp_path, limit_train=2)
+    with pytest.raises(ValueError, match=r"digits y_test: label 10 at index 1 is not one of the 10 classes of digits"):
+        D.Dataset(name="digits", kind="image", num_classes=10, x_train=torch.zeros(2, 1), y_train=torch.tensor([0, 9]),
+                  x_test=torch.zeros(2, 1), y_test=torch.tensor([0, 10]))
+
+
 def test_idx_parser_rejects_corrupt_files_naming_them(tmp_path):
     good = _idx_bytes(np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256, 2051)
     ok = tmp_path / "ok-idx3-ubyte"

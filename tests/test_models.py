@@ -96,6 +96,9 @@ def test_build_model_defaults_and_errors():
         build_model("vit", "mnist")
     with pytest.raises(ValueError, match="unknown option.*widht.*allowed: hidden"):
         build_model("mlp", "mnist", widht=3)
+    for name, option, value in (("mlp", "hidden", -3), ("mlp", "hidden", "abc"), ("cnn", "channels", 8)):
+        with pytest.raises(ValueError, match=rf"^{option} must be a list of integers >= 1, got {value!r}$"):
+            build_model(name, "mnist", **{option: value})
 
 
 # ----------------------------------------------------------------------------- the paper's architectures

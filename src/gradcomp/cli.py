@@ -7,6 +7,7 @@ import ast
 import errno
 import importlib
 import logging
+import os
 import sys
 
 
@@ -120,17 +121,26 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace, name: str, kind: str) -> int:
+    from .launch import WorkerError
     from .reproduce import StudySkipped, UnknownStudyError, run_study
 
     try:
         outcome = run_study(name, full=args.full, out_dir=args.out, seed=args.seed, threads=args.threads,
                             jobs=args.jobs, progress=not args.no_progress, kind=kind, runs_dir=args.runs)
-    except UnknownStudyError as error:
+    except (UnknownStudyError, ValueError, OSError) as error:  # an unknown study, a bad setting, a file
         print(f"gradcomp {kind}: error: {error}", file=sys.stderr)
         return 2
     except StudySkipped as error:
         print(f"gradcomp {kind} {name}: skipped: {error}", file=sys.stderr)
         return 0
+    except WorkerError as error:  # the whole report is in the run's worker-errors.log
+        print(f"gradcomp {kind} {name}: error: {error.summary}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        again = (f"run the same command again to continue from the runs kept in {args.runs}" if args.runs else
+                 "with --runs DIR a study keeps its runs and continues them when run again")
+        print(f"gradcomp {kind} {name}: interrupted; {again}", file=sys.stderr)
+        return 130
     return 0 if outcome.passed else 1
 
 
@@ -321,30 +331,40 @@ def _train_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (building the parser, plotting): nothing to continue
+        print("gradcomp: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         from .launch import WorkerError
-        from .train.data import DatasetNotFoundError
-        from .train.loop import run
+        from .train.loop import TrainingInterrupted, run
 
         try:
             config = _train_config(args) if args.resume is None else _resume_config(args, argv)
             run(config, resume=args.resume, timeout_s=args.timeout, max_restarts=args.max_restarts,
                 oversubscribe=args.allow_oversubscribe)
-        except (ValueError, DatasetNotFoundError, FileExistsError) as error:
+        except OSError as error:  # a full device (named by the run directory's writes): not a bad setting
+            print(f"gradcomp train: error: {error}", file=sys.stderr)
+            return 1 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+        except ValueError as error:  # a bad setting, a missing, damaged or unwritable file
             print(f"gradcomp train: error: {error}", file=sys.stderr)
             return 2
-        except WorkerError as error:
-            print(f"gradcomp train: error: {error}", file=sys.stderr)
+        except WorkerError as error:  # the whole report is in the run directory's worker-errors.log
+            print(f"gradcomp train: error: {error.summary}", file=sys.stderr)
             return 1
-        except OSError as error:  # a full device (named by the run directory's writes), permissions
-            if error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-                raise
-            print(f"gradcomp train: error: {error}", file=sys.stderr)
-            return 1
+        except KeyboardInterrupt as stop:  # Ctrl-C: the last checkpoint is whole; say how to continue
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says it
+                line = stop.describe() if isinstance(stop, TrainingInterrupted) else "interrupted"
+                print(f"gradcomp train: {line}", file=sys.stderr)
+            return 130
     elif args.command == "plot":
         from .train.report import compare_table, plot_runs
 

@@ -48,6 +48,11 @@ this module does it), so DDP does not pin the group; :func:`shutdown` frees
 what only reference cycles hold and warns when a gloo thread outlives
 ``destroy_process_group`` anyway.
 
+Ctrl-C.  SIGINT in a worker raises ``KeyboardInterrupt`` once (a second one is ignored): a terminal
+signals the parent and every worker, and the parent forwards it to the workers that have not reported
+within ``GRACE_S / 2``, listens up to ``GRACE_S`` for their reports and raises :class:`WorkerInterrupted`
+(a ``KeyboardInterrupt``) with each rank's exception in one line.
+
 Workers started here also leave with ``os._exit`` after flushing their
 output and running their ``atexit`` handlers, skipping the interpreter's
 finalization: a thread that runs Python code from C++ while the interpreter
@@ -82,8 +87,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
-__all__ = ["WorkerError", "DEVICES", "check_master_port", "device_kind", "free_port", "spawn", "init_from_env",
-           "shutdown", "gloo_threads", "GRACE_S"]
+__all__ = ["WorkerError", "WorkerInterrupted", "DEVICES", "check_master_port", "device_kind", "free_port", "spawn",
+           "init_from_env", "shutdown", "gloo_threads", "GRACE_S"]
 
 #: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
 #: makes them raise at once) are reported too, before it kills whoever is left.
@@ -91,7 +96,24 @@ GRACE_S = 2.0
 
 
 class WorkerError(RuntimeError):
-    """One or more workers failed, hung past the timeout, died or never joined; the message says which."""
+    """One or more workers failed, hung past the timeout, died or never joined; the message says which.
+
+    ``str()`` is the whole report: a line per failed rank, the cause first, then each rank's traceback.
+    ``summary`` is the one line to show a user: how many failed, and the cause.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or (message.splitlines() or [""])[0]
+
+
+class WorkerInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped the workers; ``reports`` maps each rank that reported an exception on its way
+    out to that exception, in one line (e.g. ``"KeyboardInterrupt"``)."""
+
+    def __init__(self, reports: dict[int, str]) -> None:
+        super().__init__("; ".join(f"rank {r}: {line}" for r, line in sorted(reports.items())))
+        self.reports = dict(reports)
 
 
 #: What a job may ask to train on: ``auto`` is CUDA where every local rank gets a GPU of its own, else the CPU.
@@ -263,6 +285,22 @@ def _context() -> Any:
     return ctx
 
 
+def _start_server(ctx: Any) -> None:
+    """Start the fork server, if not yet running, with SIGINT ignored, which it inherits: it ignores SIGINT
+    itself only once its imports (torch) are done, and a Ctrl-C before that killed it with a traceback.  The
+    workers it forks install their own handler (:func:`_interrupt_once`)."""
+    if ctx.get_start_method() != "forkserver" or threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import forkserver
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _exit_with_parent() -> None:
     """A daemon thread that ends this worker if the parent dies (no orphan left waiting in a collective)."""
     parent = mp.parent_process()
@@ -292,11 +330,14 @@ def _leave(code: int) -> None:
 
 def _worker(rank: int, world_size: int, address: str, port: int, backend: str, device: str, timeout_s: float,
             fn: Callable, args: tuple, conn: Connection, threads: int, before_init: Callable[[int], None] | None,
-            environ: dict[str, str]) -> None:
+            environ: dict[str, str], crash_log: str | None = None) -> None:
     os.environ.clear()  # the parent's environment now, not the one the fork server started with
     os.environ.update(environ)
-    faulthandler.enable()  # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack
+    # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack: to crash_log when given
+    faulthandler.enable(**({"file": open(crash_log, "a")} if crash_log is not None else {}))  # noqa: SIM115 - kept open
     _exit_with_parent()
+    signal.signal(signal.SIGINT, _interrupt_once)
+    _no_tqdm_semaphore()
     torch.set_num_threads(threads)
     phase = "before_init"
     code = 0
@@ -316,6 +357,7 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, d
         phase = "shutdown"
         shutdown()
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second SIGINT (the parent forwards it) must not cut the report
         code = 1
         try:
             conn.send(("error", (phase, traceback.format_exc())))
@@ -323,6 +365,25 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, d
             pass
     conn.close()
     _leave(code)
+
+
+def _no_tqdm_semaphore() -> None:
+    """tqdm makes a multiprocessing lock (a named semaphore) for its first bar; a worker killed holding one makes
+    the resource tracker warn of a "leaked semaphore" when the job ends, after its report.  Each worker writes
+    only its own bars, so its thread lock is enough."""
+    try:
+        from tqdm.std import TqdmDefaultWriteLock
+    except ImportError:
+        return
+    if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        TqdmDefaultWriteLock.mp_lock = None
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: KeyboardInterrupt the first time, then ignored (Ctrl-C in a terminal signals
+    the worker and the parent, and the parent forwards it to workers that have not answered)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------ parent side
@@ -345,17 +406,33 @@ _WHERE = {"before_init": "in before_init, before joining the process group",
           "run": "while running", "shutdown": "after reporting its result, while leaving the process group"}
 
 
-#: The line naming an exception in a traceback; and what torch wraps around one raised in a future's callback.
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
-_CALLBACK_WRAP = re.compile(r"(\w+Error: )?Got the following error when running the callback: ")
+#: The line naming an exception in a traceback; what torch wraps around one raised in a future's callback
+#: (pybind11's "Unable to cast ... to Tensor" when the callback's value was to become a tensor); and the C++
+#: source location gloo puts before its messages.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Interrupted)\b")
+_CALLBACK_WRAP = re.compile(r"^(?:(?:[A-Za-z_][\w.]*(?:Error|Exception): )?"
+                            r"(?:Unable to cast |Got the following error when running the callback: ))+")
+_SOURCE_LOCATION = re.compile(r"^\[[^\]\s]+\.(?:cc|cpp|h|hpp):\d+\] ")
+#: The advice gloo appends to a read error ("This is typically caused by a remote worker hanging ... GLHF!").
+_GLOO_ADVICE = re.compile(r" This is typically caused by .*$")
 
 
 def _exception_line(tb: str) -> str:
-    """The exception of a formatted traceback, in one line: its last line naming an exception (torch appends
-    "At:" and the callbacks' frames to an error raised in a future's callback), unwrapped from the callbacks."""
+    """The exception of a formatted traceback, in one line: the first line of the last exception (after the
+    last frame; torch appends "At:", the callbacks' frames and " to Tensor" to an error raised in a future's
+    callback), unwrapped from the callbacks, without gloo's C++ source location and advice."""
     lines = tb.rstrip().splitlines()
-    last = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
-    return _CALLBACK_WRAP.sub("", last) or "an exception"
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    after = lines[frames[-1] + 1:] if frames else lines
+    first = next((line for line in after if _EXCEPTION_LINE.match(line)), None)
+    if first is None:
+        first = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[-1] if lines else "")
+    name, sep, message = first.partition(": ")
+    message = _CALLBACK_WRAP.sub("", message)
+    if _EXCEPTION_LINE.match(message):  # the wrapped exception names itself
+        name, sep, message = message.partition(": ")
+    message = _GLOO_ADVICE.sub("", _SOURCE_LOCATION.sub("", message))
+    return (f"{name}{sep}{message}" if sep else name).strip() or "an exception"
 
 
 class _Rank:
@@ -423,7 +500,8 @@ class _Rank:
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | None = None, device: str = "cpu",
           timeout_s: float = 120.0, threads: int | None = None, address: str = "127.0.0.1",
-          before_init: Callable[[int], None] | None = None, deadline_s: float | None = None) -> list[Any]:
+          before_init: Callable[[int], None] | None = None, deadline_s: float | None = None,
+          crash_log: str | os.PathLike | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
 
     ``fn`` must be importable (a module-level function).  ``address`` is
@@ -443,6 +521,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
     :class:`WorkerError` saying what happened to each rank.  ``deadline_s``
     (None: no limit) bounds the whole run as well, for the one hang no peer
     sees: every rank stalled outside any collective.
+
+    ``crash_log``: a file each worker that crashes in C++ appends every thread's Python stack to
+    (:mod:`faulthandler`) instead of writing it to stderr, where it would bury the report.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -455,26 +536,36 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = _context()
+    _start_server(ctx)
     port = free_port()
     ranks: list[_Rank] = []
+    interrupted = False
     try:
         for r in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker, args=(r, world_size, address, port, backend, device, timeout_s, fn, args,
-                                                     writer, threads, before_init, dict(os.environ)),
+                                                     writer, threads, before_init, dict(os.environ),
+                                                     None if crash_log is None else os.fspath(crash_log)),
                               daemon=True)
             ranks.append(_Rank(r, proc, reader))
             proc.start()
             writer.close()  # the child holds its own copy: the reader sees EOF when the child is gone
         start = time.monotonic()
-        _watch(ranks, start, deadline_s)
+        try:
+            _watch(ranks, start, deadline_s)
+        except KeyboardInterrupt:
+            _interrupt(ranks)
+            interrupted = True
     finally:
         for w in ranks:
             if w.proc.is_alive():
                 w.proc.kill()
-            w.proc.join()
+            if w.proc.pid is not None:  # started (Ctrl-C may stop the loop above in proc.start())
+                w.proc.join()
             if w.conn is not None:
                 w.conn.close()
+    if interrupted:
+        raise WorkerInterrupted({w.rank: _exception_line(w.error[1]) for w in ranks if w.error is not None})
     failed = [w for w in ranks if not w.ok]
     if failed:
         # the causes first: who died, then who raised (by time), then who the launcher had to stop
@@ -485,8 +576,38 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
         for w, (_, details) in zip(failed, described):
             if details:
                 lines.append(f"--- rank {w.rank}:\n{details}")
-        raise WorkerError("\n".join(lines))
+        raise WorkerError("\n".join(lines),
+                          summary=f"{len(failed)} of {world_size} workers failed: {described[0][0]}")
     return [torch.load(io.BytesIO(w.result), weights_only=False) for w in ranks]
+
+
+def _interrupt(ranks: list[_Rank]) -> None:
+    """SIGINT (Ctrl-C) reached the parent: give the workers a moment to report it too (a terminal signals
+    them all), forward it to those that did not, and listen up to GRACE_S for their reports (the caller kills
+    whoever is left).  A second SIGINT here ends the wait."""
+    end = time.monotonic() + GRACE_S
+    forwarded = False
+    while any(w.conn is not None for w in ranks):
+        now = time.monotonic()
+        if now >= end:
+            break
+        if not forwarded and now >= end - GRACE_S / 2:
+            forwarded = True
+            for w in ranks:
+                if w.conn is not None and w.error is None and w.proc.is_alive():
+                    try:
+                        os.kill(w.proc.pid, signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
+        open_ranks = [w for w in ranks if w.conn is not None]
+        limit = (end - GRACE_S / 2 if not forwarded else end) - now
+        ready = wait([w.conn for w in open_ranks], timeout=max(0.0, min(limit, 0.5)))
+        for w in open_ranks:
+            if w.conn in ready:
+                w.receive(time.monotonic())
+    for w in ranks:  # those that reported are on their way out (atexit handlers take a moment on a busy machine)
+        if w.error is not None:
+            w.proc.join(timeout=max(0.0, end + 2 * GRACE_S - time.monotonic()))
 
 
 def _watch(ranks: list[_Rank], start: float, deadline_s: float | None) -> None:

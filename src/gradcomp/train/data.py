@@ -12,7 +12,8 @@ Image datasets (``kind="image"``; ``x`` is float32 ``(N, 1, H, W)``, ``y`` int64
 ``mnist`` / ``fashion-mnist``
     the original IDX files (``train-images-idx3-ubyte.gz`` ...; uncompressed
     copies are accepted too), normalised as usual: ``(p/255 - mean) / std``
-    with MNIST's 0.1307/0.3081 and Fashion-MNIST's 0.2860/0.3530.
+    with MNIST's 0.1307/0.3081 and Fashion-MNIST's 0.2860/0.3530.  A label
+    outside 0-9 is refused (``ValueError`` naming the file and the first bad index).
 
 Language-model datasets (``kind="lm"``; 1-D int64 token streams):
 
@@ -175,6 +176,8 @@ class Dataset:
                     raise ValueError(f"{field} is required for an image dataset")
             if self.x_train.shape[0] != self.y_train.shape[0] or self.x_test.shape[0] != self.y_test.shape[0]:
                 raise ValueError("x and y must hold the same number of samples")
+            for field in ("y_train", "y_test"):
+                _check_labels(getattr(self, field), self.num_classes, f"{self.name} {field}", self.name)
         else:
             for field in ("train", "valid", "test"):
                 if getattr(self, field) is None:
@@ -373,6 +376,7 @@ def _load_digits(limit_train: int | None) -> Dataset:
 def _load_idx_images(name: str, data_dir: str | os.PathLike | None, limit_train: int | None) -> Dataset:
     files = _locate(name, data_dir)
     mean, std = NORMALIZATION[name]
+    classes = DATASET_INFO[name]["num_classes"]
     arrays = {role: read_idx(files[role], _IDX_FILES[role][1]) for role in _IDX_FILES}
     out = {}
     for split in ("train", "test"):
@@ -386,6 +390,7 @@ def _load_idx_images(name: str, data_dir: str | os.PathLike | None, limit_train:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{path}: {images.shape[0]} images but {files[f'{split}_labels']} holds "
                              f"{labels.shape[0]} labels")
+        _check_labels(labels, classes, str(files[f"{split}_labels"]), name)  # the whole file, before limit_train
         if split == "train" and limit_train is not None:
             images, labels = images[:limit_train], labels[:limit_train]
         x = images.astype(np.float32)
@@ -396,10 +401,20 @@ def _load_idx_images(name: str, data_dir: str | os.PathLike | None, limit_train:
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{files['train_images']}: train images {tuple(x_train.shape[2:])} and test images "
                          f"{tuple(x_test.shape[2:])} differ in size")
-    num_classes = max(10, int(max(y_train.max(), y_test.max())) + 1)
-    return Dataset(name=name, kind="image", num_classes=num_classes, input_shape=tuple(x_train.shape[1:]),
+    return Dataset(name=name, kind="image", num_classes=classes, input_shape=tuple(x_train.shape[1:]),
                    x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                    source=str(files["train_images"].parent))
+
+
+def _check_labels(labels: np.ndarray | Tensor, classes: int, where: str, name: str) -> None:
+    """Refuse (``ValueError`` naming ``where`` and the first bad index) a label outside ``0 .. classes - 1``:
+    a damaged file would otherwise train a model with as many outputs as its largest label."""
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{where}: label {labels[i]} at index {i} is not one of the {classes} classes "
+                         f"of {name} (0-{classes - 1}); {bad.size} bad label(s) in all: the file is damaged")
 
 
 def _ptb_words(text: str) -> list[str]:

@@ -28,6 +28,12 @@ on resume each rank puts its own part back on its own device.
 Restarts after a failure resume from the last checkpoint: under ``torchrun
 --max-restarts K`` (``TORCHELASTIC_RESTART_COUNT > 0`` and a checkpoint in the
 run directory) and with ``run(max_restarts=K)`` for the workers started here.
+Each failed attempt of those workers leaves its full report, every rank's
+traceback included, in the run directory's ``worker-errors.log``
+(:data:`WORKER_ERRORS`); the :class:`~gradcomp.launch.WorkerError` raised keeps
+the one-line ``summary``.  Ctrl-C raises :class:`TrainingInterrupted` (a
+``KeyboardInterrupt``) naming the step rank 0 reached; the last checkpoint is
+whole, and :meth:`TrainingInterrupted.describe` gives the command that resumes.
 """
 
 from __future__ import annotations
@@ -38,8 +44,12 @@ import json
 import logging
 import math
 import os
+import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +72,7 @@ from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_ba
 from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
-__all__ = ["TrainConfig", "resumable", "resume_config", "run", "train_worker"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "resumable", "resume_config", "run", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -604,10 +614,59 @@ def load_checked(rd: RunDir, cfg: TrainConfig, model: nn.Module, world: int) -> 
     return ckpt
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training in ``run_dir`` after ``steps`` steps (None: before the first step, or
+    not known); :meth:`describe` says how to continue."""
+
+    def __init__(self, steps: int | None, run_dir: str) -> None:
+        super().__init__(steps, run_dir)
+        self.steps, self.run_dir = steps, run_dir
+
+    def __str__(self) -> str:
+        return "interrupted" if self.steps is None else f"interrupted at step {self.steps}"
+
+    def describe(self) -> str:
+        """One line: where training stopped and the command that continues it from the last checkpoint
+        (whose step is named when it is behind)."""
+        try:
+            saved = RunDir(self.run_dir).load_checkpoint()["steps"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return f"{self}, before the first checkpoint: nothing to resume in {self.run_dir}"
+        behind = f" (from its checkpoint at step {saved})" if saved != self.steps else ""
+        return f"{self}; resume with: gradcomp train --resume {self.run_dir}{behind}"
+
+
+@contextmanager
+def _interruptible(run_dir: str) -> Iterator[list[_Position]]:
+    """Within: SIGINT (Ctrl-C) raises :class:`TrainingInterrupted` naming the steps done (the last position
+    appended to the list yielded), once: a second SIGINT (gradcomp's launcher forwards it to its workers, which a
+    terminal signals too) is ignored until the previous handler is back.  In the main thread only."""
+    progress: list[_Position] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield progress
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise TrainingInterrupted(progress[-1].steps if progress else None, run_dir)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield progress
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool = False
                  ) -> dict[str, Any] | None:
     """Train on this rank (or, simulated, on every worker); rank 0 returns the summary (or, stopped by
-    ``max_steps`` before the end, ``{"stopped_after_step": n}``)."""
+    ``max_steps`` before the end, ``{"stopped_after_step": n}``).  Ctrl-C raises :class:`TrainingInterrupted`."""
+    with _interruptible(run_dir) as progress:
+        return _train(rank, world, config, run_dir, resume, progress)
+
+
+def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool, progress: list[_Position]
+           ) -> dict[str, Any] | None:
     cfg = TrainConfig(**config)
     # the launcher made this rank's GPU the current device (gradcomp.launch); simulated, every worker is on it
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
@@ -620,6 +679,7 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
     rd = RunDir(run_dir)
     pos = _restore(load_checked(rd, cfg, model, world), cfg, front, warmup) if resume else _Position()
+    progress.append(pos)  # where a Ctrl-C stops (_interruptible)
     lead = rank == 0
     metrics: dict[str, Any] = {}
     stop = cfg.max_steps is not None and pos.steps >= cfg.max_steps
@@ -793,8 +853,12 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
         dist.barrier()  # rank 0 has created the run directory
         try:
             summary = train_worker(rank, world, config_dict, run_dir, resume is not None)
-        finally:
+        except KeyboardInterrupt:
+            raise  # torchrun signals every rank: there is no final barrier to meet the others in
+        except BaseException:
             shutdown()
+            raise
+        shutdown()
     elif cfg.simulate:
         summary = train_worker(0, cfg.workers, config_dict, run_dir, resume is not None)
     else:
@@ -903,21 +967,39 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
            echo: Callable[[str], None]) -> dict[str, Any]:
     """Start the local workers; when one fails, start them all again from the last checkpoint, up to
     ``max_restarts`` times (like ``torchrun --max-restarts``)."""
-    from ..launch import WorkerError, spawn
+    from ..launch import WorkerError, WorkerInterrupted, spawn
 
     rd = RunDir(run_dir)
     for attempt in range(max_restarts + 1):
         try:
             return spawn(train_worker, config["workers"], config, run_dir, resume, device=config["device"],
-                         timeout_s=timeout_s)[0]
+                         timeout_s=timeout_s, crash_log=rd.path / WORKER_ERRORS)[0]
+        except KeyboardInterrupt as stop:  # rank 0 says where it stopped (WorkerInterrupted), if it had started
+            reports = stop.reports if isinstance(stop, WorkerInterrupted) else {}
+            found = re.search(r"TrainingInterrupted: interrupted at step (\d+)", reports.get(0, ""))
+            raise TrainingInterrupted(int(found[1]) if found else None, run_dir) from None
         except WorkerError as error:
+            errors = _log_worker_error(rd, error, attempt)
             if attempt == max_restarts:
+                error.summary += f" (every rank's report and traceback: {errors})"
                 raise
-            log.warning("%s", error)
             resume = rd.has_checkpoint()
             done = rd.load_checkpoint() if resume else {"epoch": 0, "steps": 0}
             rd.remove_temporaries()  # a rank 0 killed while writing a checkpoint leaves its temporary file
             rd.truncate_metrics(done["epoch"])
-            echo(f"{str(error).splitlines()[0]}; restart {attempt + 1} of {max_restarts} from "
-                 + (f"the checkpoint at step {done['steps']}" if resume else "the start (no checkpoint yet)"))
+            echo(f"{error.summary}; restart {attempt + 1} of {max_restarts} from "
+                 + (f"the checkpoint at step {done['steps']}" if resume else "the start (no checkpoint yet)")
+                 + f" (tracebacks: {errors})")
     raise AssertionError("unreachable")
+
+
+#: The file in a run directory that keeps every failed attempt's full worker report (tracebacks included).
+WORKER_ERRORS = "worker-errors.log"
+
+
+def _log_worker_error(rd: RunDir, error: Exception, attempt: int) -> Path:
+    """Append ``error``'s whole report to the run directory's :data:`WORKER_ERRORS`; return its path."""
+    path = rd.path / WORKER_ERRORS
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== attempt {attempt + 1}, {datetime.now().isoformat(timespec='seconds')}: {error}\n\n")
+    return path

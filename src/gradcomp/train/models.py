@@ -66,6 +66,14 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _widths(name: str, value: Any) -> None:
+    """``value`` must be a list (or tuple) of integers >= 1: ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers >= 1, got {value!r}")
+    for i, v in enumerate(value):
+        _positive(f"{name}[{i}]", v)
+
+
 def _dropout(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -79,8 +87,7 @@ class MLP(nn.Module):
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128)) -> None:
         super().__init__()
         shape = _check_image_args(input_shape, num_classes)
-        for i, h in enumerate(hidden):
-            _positive(f"hidden[{i}]", h)
+        _widths("hidden", hidden)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(shape)
         for h in hidden:
@@ -112,10 +119,9 @@ class CNN(nn.Module):
                  hidden: int = 256, dropout: float = 0.0) -> None:
         super().__init__()
         c_in = _check_image_args(input_shape, num_classes)[0]
+        _widths("channels", channels)
         if len(channels) != 3:
             raise ValueError(f"channels must hold 3 widths, got {channels!r}")
-        for i, c in enumerate(channels):
-            _positive(f"channels[{i}]", c)
         _positive("hidden", hidden)
         _dropout("dropout", dropout)
         c0, c1, c2 = channels
