@@ -52,8 +52,13 @@ def test_a_damaged_label_byte_is_refused_in_one_line_before_anything_is_written(
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_stops_in_one_line_naming_the_step_and_the_resume_command_and_resuming_loses_nothing(tmp_path):
+def test_ctrl_c_stops_in_one_line_naming_the_step_and_the_resume_command(tmp_path):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (the launcher and every worker)."""
+    _interrupt(tmp_path)
+
+
+def _interrupt(tmp_path):
+    """Ctrl-C a 2-worker run once it has a checkpoint; check the one line; the run directory."""
     path = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gradcomp", "train", *_args(SLOW), "--run-dir", str(path)],
@@ -78,6 +83,12 @@ def test_ctrl_c_stops_in_one_line_naming_the_step_and_the_resume_command_and_res
     assert found, line
     saved = RunDir(path).load_checkpoint()["steps"]
     assert int(found[1]) >= saved == int(found[2] or found[1]) and not RunDir(path).summary_path.exists()
+    return path
+
+
+@pytest.mark.slow  # ~12 s more: two more runs; mid-run resumes are bit-identical in test_resume.py
+def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_result(tmp_path):
+    path = _interrupt(tmp_path)
     run(TrainConfig(**SLOW), resume=str(path), echo=lambda _: None)
     run(TrainConfig(run_dir=str(tmp_path / "whole"), **SLOW), echo=lambda _: None)
     assert_same_run(tmp_path / "whole", path)

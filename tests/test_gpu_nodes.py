@@ -100,9 +100,8 @@ def test_a_ranks_state_goes_to_the_cpu_and_back_onto_its_device_generator_states
 # ---------------------------------------------------------------- torchrun: train, checkpoint, resume
 
 
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+#: the cpu variant is slow-marked: the default suite resumes torchrun runs on the CPU in test_resume.py
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
 def test_torchrun_trains_checkpoints_and_resumes_bit_identically_on_the_ranks_device(tmp_path, device):
     """One rank of a torchrun launch on ``device`` (cuda: cuda:0, NCCL), DGC: a run that never stopped against one
     stopped mid-epoch and resumed.  The checkpoint holds CPU tensors only, with the GPU's RNG state on CUDA; the

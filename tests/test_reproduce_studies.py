@@ -71,6 +71,7 @@ def test_ablation_quick_densities_and_bytes(ablation):
 # ---------------------------------------------------------------- ablation-long
 
 
+@pytest.mark.slow  # ~16 s; the default suite runs the ablation's quick study (test_ablation_quick_report)
 def test_ablation_long_quick_pairs_seeds(tmp_path_factory):
     """The longer ablation: every seed trains both rows; its paired difference is recomputed here from the rows,
     and its dense row of seed 1 is what training that row directly gives."""

@@ -646,13 +646,20 @@ def _interruptible(run_dir: str) -> Iterator[list[_Position]]:
         yield progress
         return
 
+    raised: list[TrainingInterrupted] = []
+
     def stop(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise TrainingInterrupted(progress[-1].steps if progress else None, run_dir)
+        raised.append(TrainingInterrupted(progress[-1].steps if progress else None, run_dir))
+        raise raised[-1]
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
         yield progress
+    except Exception:  # raised inside a future's callback, the interrupt comes wrapped in torch's RuntimeError
+        if raised:
+            raise raised[-1] from None
+        raise
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
