@@ -3,6 +3,8 @@ the papers' equations, written here from the equations, not from the compressors
 
 import math
 
+import numpy
+
 import pytest
 import torch
 
@@ -130,3 +132,103 @@ def test_adacomp_trains_in_the_simulator_and_compresses(digits):
     acc, sim = _train(x, y, gradcomp.get("adacomp", bin_size=50))
     assert acc > 0.6
     assert sim.dense_bytes / max(sim.bytes_sent) > 4  # print(sim.compression_ratio)
+
+
+# ------------------------------------------------------------------- DoReFa
+
+
+def dorefa_reference(g, bits, u, per_row=False):
+    """DoReFa-Net's gradient quantizer in float64 from uniform draws ``u`` (one per entry, flattened order)."""
+    n = 2 ** bits - 1
+    m = g.double().reshape(g.shape[0], -1) if per_row and g.dim() >= 2 else g.double().reshape(1, -1)
+    u = u.double().reshape(m.shape)
+    out = torch.empty_like(m)
+    for r in range(m.shape[0]):
+        exact = m[r].abs().max().item()
+        mx = numpy.float32(exact)  # the scale crosses the wire as fp32, rounded up
+        mx = float(mx if float(mx) >= exact else numpy.nextafter(mx, numpy.float32(math.inf)))
+        for j in range(m.shape[1]):
+            sigma = u[r, j].item() - 0.5
+            x = m[r, j].item() / (2 * mx) + 0.5 + sigma / n if mx > 0 else 0.5 + sigma / n
+            x = min(max(x, 0.0), 1.0)
+            q = round(n * x) / n  # Python's round: half to even, as torch.round
+            out[r, j] = 2 * mx * (q - 0.5)
+    return out.reshape(g.shape)
+
+
+@pytest.mark.parametrize("shape,bits,per_row", [((5, 7), 1, False), ((5, 7), 2, False), ((33,), 3, False),
+                                                ((4, 3, 5), 6, True), ((6, 9), 8, True), ((10, 10), 16, False)])
+def test_dorefa_matches_the_papers_equation(shape, bits, per_row):
+    torch.manual_seed(20)
+    g = torch.randn(shape, dtype=torch.float64)
+    comp = gradcomp.get("dorefa", bits=bits, per_row=per_row)  # seed=None: torch's global generator
+    torch.manual_seed(21)
+    payload = comp.compress(g)
+    torch.manual_seed(21)
+    u = torch.rand(g.numel(), dtype=torch.float64)
+    expected = dorefa_reference(g, bits, u, per_row)
+    torch.testing.assert_close(comp.decompress([payload], like=g), expected, rtol=0, atol=1e-14)
+    rows = shape[0] if per_row else 1
+    assert payload.nbytes == math.ceil(g.numel() * bits / 8) + 4 * rows
+
+
+def test_dorefa_is_unbiased_and_on_the_grid():
+    torch.manual_seed(22)
+    g = torch.randn(4, 25, dtype=torch.float64)
+    comp = gradcomp.get("dorefa", bits=2, seed=5)
+    state, total, trials = {}, torch.zeros_like(g), 4000
+    m = g.abs().max().item()
+    grid = torch.tensor([2 * m * (c / 3 - 0.5) for c in range(4)], dtype=torch.float64)
+    for _ in range(trials):
+        out = comp.decompress([comp.compress(g, state)], like=g)
+        assert torch.isclose(out.unsqueeze(-1), grid, rtol=0, atol=1e-6 * m).any(-1).all()  # float32 scale
+        total += out
+    # each entry's error has standard deviation <= 2m/3 * 1/2: its mean over the trials within 5 sigma
+    assert ((total / trials - g).abs() <= 5 * (m / 3) / math.sqrt(trials)).all()
+    assert not comp.error_feedback
+
+
+def test_dorefa_seeds_workers_and_sums_them():
+    comp = gradcomp.get("dorefa", bits=4, seed=7)
+    a, b = comp.for_rank(0), comp.for_rank(1)
+    assert (a.seed, b.seed) == (7, 8)
+    g = torch.randn(50, dtype=torch.float64)
+    pa, pb = a.compress(g), b.compress(g)
+    assert not torch.equal(pa.tensors[1], pb.tensors[1])
+    assert torch.equal(a.compress(g).tensors[1], pa.tensors[1])  # state=None: step 0 every time
+    torch.testing.assert_close(comp.decompress([pa, pb], like=g),
+                               comp.decompress([pa], like=g) + comp.decompress([pb], like=g), rtol=0, atol=1e-14)
+
+
+def test_dorefa_zero_and_half_tensors():
+    comp = gradcomp.get("dorefa", bits=3, seed=0)
+    z = torch.zeros(3, 4)
+    assert torch.equal(comp.decompress([comp.compress(z)], like=z), z)
+    h = torch.randn(3, 4).half()
+    out = comp.decompress([comp.compress(h)], like=h)
+    assert out.dtype == torch.float16 and (out.float().abs() <= h.float().abs().max() * (1 + 1e-3)).all()
+
+
+def test_dorefa_rejects_bad_options_and_payloads():
+    with pytest.raises(ValueError, match=r"dorefa\.bits must be in \[1, 16\], got 17"):
+        gradcomp.get("dorefa", bits=17)
+    with pytest.raises(ValueError, match=r"dorefa\.bits must be an integer >= 1, got 0"):
+        gradcomp.get("dorefa", bits=0)
+    with pytest.raises(ValueError, match=r"dorefa\.per_row must be True or False, got 1"):
+        gradcomp.get("dorefa", per_row=1)
+    with pytest.raises(ValueError, match=r"dorefa\.seed must be an integer >= 0, got -1"):
+        gradcomp.get("dorefa", seed=-1)
+    comp = gradcomp.get("dorefa", bits=3)
+    g = torch.randn(6)
+    p = comp.compress(g)
+    with pytest.raises(ValueError, match="dorefa: corrupt payload: packed codes size must be 3, got 4"):
+        comp.decompress([p.replace(p.tensors[0], torch.zeros(4, dtype=torch.uint8))], like=g)
+    with pytest.raises(ValueError, match="dorefa: corrupt payload: scales size must be 1, got 2"):
+        comp.decompress([p.replace(torch.ones(2), p.tensors[1])], like=g)
+
+
+def test_dorefa_trains_in_the_simulator(digits):
+    x, y = digits
+    acc, sim = _train(x, y, gradcomp.get("dorefa", bits=4, seed=0))
+    assert acc > 0.6
+    assert sim.dense_bytes / max(sim.bytes_sent) > 7  # 4 bits of 32, plus a few scales

@@ -42,6 +42,7 @@ SETTINGS = [
     ("onebit", {}), ("terngrad", {"seed": 3}), ("terngrad", {}), ("qsgd", {"levels": 4, "seed": 3}),
     ("powersgd", {"rank": 2}), ("powersgd", {"rank": 2, "warm_start": False}),
     ("adacomp", {"bin_size": 50}), ("adacomp", {"scale": "max"}),
+    ("dorefa", {"bits": 3, "seed": 3}), ("dorefa", {"per_row": True}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in SETTINGS]
 SHAPE = (300, 256)  # 76,800 entries: above sparse.SMALL, so the CPU path samples DGC's threshold

@@ -164,8 +164,8 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
             chosen = sum(int(((2 * flat[i:i + b]).abs() >= flat[i:i + b].abs().max()).logical_and(flat[i:i + b] != 0)
                              .sum()) for i in range(0, n, b))
             total += 4 * chosen + 4
-        elif name == "dorefa":  # k-bit codes packed + one fp32 scale
-            total += -(-n * comp.bits // 8) + 4
+        elif name == "dorefa":  # k-bit codes packed + one fp32 scale per tensor (per row with per_row)
+            total += -(-n * comp.bits // 8) + 4 * (rows if comp.per_row and len(shape) >= 2 else 1)
         else:
             return None
     return total
