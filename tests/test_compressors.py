@@ -33,7 +33,7 @@ def grads(seed, shapes=((40, 30), (30,), (8, 3, 3, 3))):
 
 def test_registry_lists_the_mission():
     assert set(ALL) >= {"none", "fp16", "topk", "sampled-topk", "threshold", "dryden", "randomk", "onebit", "terngrad",
-                        "qsgd", "powersgd"}
+                        "qsgd", "powersgd", "adacomp", "dorefa"}
     with pytest.raises(ValueError, match="available: .*topk"):
         gradcomp.get("nope")
     with pytest.raises(ValueError, match="has no option 'bogus'"):

@@ -25,7 +25,7 @@ import torch
 import gradcomp
 from gradcomp.compressors import bits
 from gradcomp.compressors.base import Exchanged, Payload, available, forced_device_path, get
-from gradcomp.compressors.sparse import Threshold, Dryden
+from gradcomp.compressors.sparse import AdaComp, Threshold, Dryden
 from gradcomp.simulator import run_exchanges
 from helpers import exchange_step
 
@@ -41,6 +41,8 @@ SETTINGS = [
     ("threshold", {"tau": 1.5}), ("dryden", {"proportion": 0.01}),
     ("onebit", {}), ("terngrad", {"seed": 3}), ("terngrad", {}), ("qsgd", {"levels": 4, "seed": 3}),
     ("powersgd", {"rank": 2}), ("powersgd", {"rank": 2, "warm_start": False}),
+    ("adacomp", {"bin_size": 50}), ("adacomp", {"scale": "max"}),
+    ("dorefa", {"bits": 3, "seed": 3}), ("dorefa", {"per_row": True}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in SETTINGS]
 SHAPE = (300, 256)  # 76,800 entries: above sparse.SMALL, so the CPU path samples DGC's threshold
@@ -189,7 +191,7 @@ def test_the_device_path_keeps_away_from_the_compiled_kernel(monkeypatch):
 
 # ------------------------------------------------------- no data-dependent shapes
 
-META_EXCLUDED = {"threshold", "dryden"}  # they send as many entries as pass: a count read on the host, by design
+META_EXCLUDED = {"threshold", "dryden", "adacomp"}  # they send as many entries as pass: a count read on the host, by design
 
 
 @pytest.mark.parametrize("name, options", [s for s in SETTINGS if s[0] not in META_EXCLUDED],
@@ -207,11 +209,12 @@ def test_on_meta_tensors_the_device_path_reads_no_value(name, options):
 
 
 @pytest.mark.parametrize("name", sorted(META_EXCLUDED))
-def test_on_meta_tensors_threshold_and_dryden_decode_without_reading_a_value(name):
+def test_on_meta_tensors_threshold_dryden_and_adacomp_decode_without_reading_a_value(name):
     like = torch.empty(SHAPE, device="meta")
     codes = torch.empty(500, dtype=torch.int32, device="meta")
-    payload = Payload((codes,) if name == "threshold" else (codes, torch.empty(2, device="meta")), variable=True)
-    c = Threshold() if name == "threshold" else Dryden()
+    others = {"threshold": (), "dryden": (torch.empty(2, device="meta"),), "adacomp": (torch.empty(1, device="meta"),)}
+    payload = Payload((codes, *others[name]), variable=True)
+    c = {"threshold": Threshold, "dryden": Dryden, "adacomp": AdaComp}[name]()
     assert c.decompress([payload, payload], like=like).device.type == "meta"
 
 
@@ -246,6 +249,7 @@ def corruptions():
         ("sampled-topk", {"density": 0.01, "wire": "compact"}, entry(2, -1, 0)),
         ("threshold", {"tau": 1.5}, entry(0, 0, 2 * SHAPE[0] * SHAPE[1])),
         ("dryden", {"proportion": 0.01}, entry(0, 0, -2)),
+        ("adacomp", {}, entry(0, 0, 2 * SHAPE[0] * SHAPE[1] + 1)),
         ("terngrad", {"seed": 3}, entry(0, 0, 255)),
         ("qsgd", {"levels": 4, "seed": 3}, entry(1, 0, 255)),
     ]

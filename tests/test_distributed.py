@@ -17,7 +17,8 @@ DGC_CLIP = ("DGC", {"density": 0.01, "clip_norm": 0.05, "warmup_epochs": 1, "ste
 COMPRESSORS = [name for name in gradcomp.available() if name != "dgc"]  # DGC itself: the DGC_* runs
 EACH = {"sampled-topk": {"density": 0.01}, "topk": {"density": 0.01}, "randomk": {"density": 0.05, "seed": 2},
         "terngrad": {"seed": 3}, "qsgd": {"seed": 4, "levels": 4}, "threshold": {"tau": 0.005},
-        "dryden": {"proportion": 0.02}, "powersgd": {"rank": 2}}
+        "dryden": {"proportion": 0.02}, "powersgd": {"rank": 2}, "adacomp": {"bin_size": 50},
+        "dorefa": {"bits": 4, "seed": 5}}
 
 
 def simulate(spec, workers, steps=STEPS, momentum=0.0, lr=0.1):

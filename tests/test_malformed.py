@@ -22,7 +22,7 @@ GUARD = 1000.0  # the value around the tensors; no decode may touch it
 
 OPTIONS = {"sampled-topk": {"density": 0.05}, "topk": {"density": 0.05}, "randomk": {"density": 0.05},
            "threshold": {"tau": 0.5}, "dryden": {"proportion": 0.05}, "qsgd": {"levels": 4, "bucket_size": 64},
-           "terngrad": {"seed": 1}}
+           "terngrad": {"seed": 1}, "dorefa": {"bits": 3, "seed": 1}}
 
 
 def gradient():
@@ -92,6 +92,7 @@ FIELDS = {
     "threshold": [(0, "codes*")], "dryden": [(0, "codes*"), (1, "means")],
     "onebit": [(0, "packed"), (1, "values")], "terngrad": [(0, "packed"), (1, "scale")],
     "qsgd": [(0, "norms"), (1, "packed")], "powersgd": [(0, "P"), (1, "Q")],
+    "adacomp": [(0, "codes*"), (1, "scale")], "dorefa": [(0, "scales"), (1, "packed")],
 }
 NAMES = [name for name in available() if name != "dgc"]  # the compressors; DGC sends sampled-topk's payloads
 
@@ -154,7 +155,7 @@ def test_sparse_indices_out_of_range(name, index, message):
     assert_rejected(c, [p, with_tensors(p, values, bad)], f"indices must lie in \\[0, 1200\\).*{message}")
 
 
-@pytest.mark.parametrize("name", ["threshold", "dryden"])
+@pytest.mark.parametrize("name", ["threshold", "dryden", "adacomp"])
 @pytest.mark.parametrize("code", [2 * 1200, 2 * 1200 + 1, -1, -2])
 def test_signed_codes_out_of_range(name, code):
     c, p = real_payload(name)

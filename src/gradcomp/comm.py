@@ -8,7 +8,7 @@ collective per kind of payload:
   per dtype and all-reduced together;
 * ``"gather"`` payloads: their tensors are viewed as bytes, concatenated into
   one buffer and all-gathered with ``all_gather_single``.  gloo needs
-  equal sizes on every rank; ``variable`` payloads (threshold, Dryden) first
+  equal sizes on every rank; ``variable`` payloads (threshold, Dryden, AdaComp) first
   all-gather their lengths, then pad to the longest.
 
 Every round but the last waits in the calling thread, so all ranks issue

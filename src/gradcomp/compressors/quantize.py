@@ -1,6 +1,6 @@
-"""Quantizers: ``onebit`` (1-bit SGD), ``terngrad`` (TernGrad) and ``qsgd`` (QSGD).
+"""Quantizers: ``onebit`` (1-bit SGD), ``terngrad`` (TernGrad), ``qsgd`` (QSGD) and ``dorefa`` (DoReFa-Net).
 
-All three send a few bits per gradient entry, packed densely with
+All four send a few bits per gradient entry, packed densely with
 :mod:`gradcomp.compressors.bits`, plus a handful of floating-point scales:
 
 =========  ==========================================  ==============  ==============
@@ -9,9 +9,11 @@ name       bytes on the wire for ``n`` entries         error feedback  unbiased
 onebit     ceil(n/8) + 2 * ncols * element_size        yes             no
 terngrad   ceil(2n/8) + 4 (one fp32 scale)             no              yes
 qsgd       ceil(n*width/8) + 4 * ceil(n/bucket_size)   no              yes
+dorefa     ceil(n*bits/8) + 4 * nscales                no              yes
 =========  ==========================================  ==============  ==============
 
-with ``width = ceil(log2(2 * levels + 1))`` for QSGD.
+with ``width = ceil(log2(2 * levels + 1))`` for QSGD and ``nscales`` 1 (or the
+number of rows with ``per_row=True``) for DoReFa.
 
 Common conventions
 ------------------
@@ -29,7 +31,7 @@ Common conventions
   (:func:`~gradcomp.compressors.base.mark_corrupt`).  No step reads a value
   on the host off the CPU.
 
-Randomness (``terngrad``, ``qsgd``)
+Randomness (``terngrad``, ``qsgd``, ``dorefa``)
 -----------------------------------
 With ``seed=None`` the draws come from torch's global generator of the
 tensor's device (so ``torch.manual_seed`` governs them).  With an integer
@@ -59,7 +61,7 @@ from . import bits
 from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
                    device_path, generator, mark_corrupt, register, tensors_of)
 
-__all__ = ["OneBit", "TernGrad", "QSGD"]
+__all__ = ["OneBit", "TernGrad", "QSGD", "DoReFa"]
 
 _RNG_STEP = "rng_step"
 _MASK64 = (1 << 64) - 1
@@ -400,3 +402,98 @@ class QSGD(Compressor):
             levels = torch.cat([codes - s, codes.new_zeros(nb * d - n)]).view(nb, d).to(cd)
             total += norms.to(like.device, cd).unsqueeze(1) * levels / s
         return mark_corrupt(total.reshape(-1)[:n].reshape(like.shape).to(like.dtype), ok)
+
+
+# ------------------------------------------------------------------- DoReFa
+
+
+@register
+@dataclass(kw_only=True)
+class DoReFa(Compressor):
+    """DoReFa-Net's gradient quantization (Zhou, Wu, Ni, Zhou, Wen, Zou, arXiv:1606.06160, 2016).
+
+    With ``k = bits``, ``n = 2**k - 1``, ``quantize_k(x) = round(n * x) / n`` for ``x`` in ``[0, 1]`` and
+    ``m = max|dr|`` (the paper's ``max_0``)::
+
+        f(dr) = 2 m * [ quantize_k( dr / (2 m) + 1/2 + N(k) ) - 1/2 ],   N(k) = sigma / n,  sigma ~ U(-1/2, 1/2)
+
+    The noise makes the rounding stochastic: ``n * (dr / 2m + 1/2) + sigma`` rounded to the nearest
+    integer is ``floor`` or ``ceil`` of ``n * (dr / 2m + 1/2)`` with the probabilities that make its mean
+    exact, so ``E[f(dr)] = dr`` (unbiased; no error feedback in the paper: ``error_feedback = False``).
+    As in the authors' code (tensorpack's ``dorefa.py``), the argument of ``quantize_k`` is clipped to
+    ``[0, 1]`` (it can leave it by at most ``1 / 2n``, which rounds back anyway).
+
+    ``max_0`` is, in the paper, the maximum over every axis but the mini-batch axis: the paper quantizes
+    the gradients of activations, one scale per example.  A weight gradient has no mini-batch axis, so
+    the default takes one scale per tensor (the layer's max, ``per_row=False``); ``per_row=True`` applies
+    the authors' reduction literally to the tensor's first axis, one scale per row (output channel).
+    Using the quantizer on the weight gradients that data-parallel workers exchange is this library's
+    adaptation; the equation is the paper's.  What was confirmed: ``quantize_k``, the noise, the clipping
+    and the reduction of ``max_0`` against the authors' reference code (tensorpack's
+    ``examples/DoReFa-Net/dorefa.py``, ``grad_fg``); the paper's own text was not read from this workspace.
+
+    Each entry is sent as its ``k``-bit code ``round(...)`` in ``[0, n]``, packed, and each scale ``m`` as
+    fp32 (rounded up where the gradient is wider, so ``|dr| / m <= 1`` for the scale the receiver uses).
+    Wire: ``(scales: float32[nscales], packed codes: uint8[ceil(numel * bits / 8)])``; op ``"gather"``.
+    Randomness: one ``U[0, 1)`` draw ``u`` per entry in flattened order, ``sigma = u - 1/2`` (see the module
+    docstring for ``seed`` and the stream).
+
+    Args:
+        bits: ``k``, bits per entry, in [1, 16].
+        per_row: one scale per row of the tensor (first axis) instead of one per tensor.
+        seed: see the module docstring; each rank offsets it by its rank.
+    """
+
+    name = "dorefa"
+    error_feedback = False
+
+    bits: int = 8
+    per_row: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int("dorefa", "bits", self.bits, 1)
+        check_range("dorefa", "bits", self.bits, 1, 16)
+        if not isinstance(self.per_row, bool):
+            raise ValueError(f"dorefa.per_row must be True or False, got {self.per_row!r}")
+        _check_seed("dorefa", self.seed)
+
+    def for_rank(self, rank: int) -> Compressor:
+        """Each worker draws its own stream: the seed is offset by the rank."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + rank)
+
+    def _rows(self, shape: torch.Size) -> tuple[int, int]:
+        n = math.prod(shape)
+        if self.per_row and len(shape) >= 2:
+            return shape[0], n // shape[0] if shape[0] else 0
+        return 1, n
+
+    def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
+        cd = _compute_dtype(tensor.dtype)
+        rows, cols = self._rows(tensor.shape)
+        m = tensor.reshape(rows, cols).to(cd)
+        amax = m.abs().amax(1) if cols else m.new_zeros(rows)
+        scales = _fp32_at_least(amax)
+        s = scales.to(cd).unsqueeze(1)
+        n = (1 << self.bits) - 1
+        x = torch.where(s > 0, m / torch.where(s > 0, s, torch.ones_like(s)), m.new_zeros(()))
+        sigma = _uniform(self.seed, state, rows * cols, cd, tensor.device).view(rows, cols) - 0.5
+        y = (x * 0.5 + 0.5 + sigma / n).clamp(0, 1)
+        codes = torch.nan_to_num(torch.round(y * n), nan=0.0).to(torch.int64)  # NaN/Inf: the scale carries it
+        return Payload((scales, bits.pack(codes, self.bits)), op="gather")
+
+    def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
+        cd = _compute_dtype(like.dtype)
+        rows, cols = self._rows(like.shape)
+        n = (1 << self.bits) - 1
+        total = torch.zeros(rows, cols, dtype=cd, device=like.device)
+        check_payloads("dorefa", payloads)
+        ok = None
+        for p in payloads:
+            scales, packed = _tensors(p, 2, "dorefa")
+            check_tensor("dorefa", "scales", scales, kind="floating-point", numel=rows, dim=1)
+            codes, valid = _unpack("dorefa", packed, self.bits, rows * cols, n, like.device)
+            ok = _both(ok, valid)
+            s = scales.to(like.device, cd).unsqueeze(1)
+            total += 2 * s * (codes.view(rows, cols).to(cd) / n - 0.5)
+        return mark_corrupt(total.reshape(like.shape).to(like.dtype), ok)

@@ -36,6 +36,8 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "onebit": ("onebit", {}, "1-bit SGD"),
     "terngrad": ("terngrad", {}, "TernGrad"),
     "qsgd": ("qsgd", {"levels": 16}, "QSGD (16 levels)"),
+    "dorefa": ("dorefa", {"bits": 4}, "DoReFa gradients (4 bits)"),
+    "adacomp": ("adacomp", {"bin_size": 50}, "AdaComp (L_T 50)"),
     "powersgd": ("powersgd", {"rank": 2}, "PowerSGD (rank 2)"),
     "dgc": ("dgc", {"density": 0.001}, "DGC (99.9 %)"),
 }

@@ -158,6 +158,14 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
         elif name == "dryden":  # a proportion of the positive and of the negative entries + two fp32 means
             p = Fraction(str(comp.proportion))
             total += 4 * (_ceil_frac(int((g > 0).sum()), p) + _ceil_frac(int((g < 0).sum()), p)) + 8
+        elif name == "adacomp":  # a fresh residue: per bin of L_T, |2g| >= max |g| of the bin (g != 0); 4 B each + scale
+            b = comp.bin_size
+            flat = g.reshape(-1).double()
+            chosen = sum(int(((2 * flat[i:i + b]).abs() >= flat[i:i + b].abs().max()).logical_and(flat[i:i + b] != 0)
+                             .sum()) for i in range(0, n, b))
+            total += 4 * chosen + 4
+        elif name == "dorefa":  # k-bit codes packed + one fp32 scale per tensor (per row with per_row)
+            total += -(-n * comp.bits // 8) + 4 * (rows if comp.per_row and len(shape) >= 2 else 1)
         else:
             return None
     return total
