@@ -203,10 +203,9 @@ class Core:
         world = self.world_size
         return {n: method.exchange(n, prepared[n], world) for n in (names if names is not None else prepared)}
 
-    def exchange(self, grads: Mapping[str, Tensor], scale: Tensor | None = None) -> torch.futures.Future:
-        """Prepare and exchange ``grads`` (one bucket) carrying the loss ``scale``; a future of
-        ``{name: average}``, unscaled."""
-        return self.comm.exchange(self.exchanges(self.method.prepare(grads, self.world_size, scale)))
+    def exchange(self, grads: Mapping[str, Tensor]) -> torch.futures.Future:
+        """Prepare and exchange ``grads`` (one bucket); a future of ``{name: average}``."""
+        return self.comm.exchange(self.exchanges(self.method.prepare(grads, self.world_size)))
 
     def end_step(self) -> None:
         """The step is over: advance the method's counters (and with them its schedules)."""

