@@ -62,6 +62,28 @@ SPECS = [DGC, ("topk", {"density": 0.05}), ("powersgd", {"rank": 2, "min_compres
          ("terngrad", {"seed": 3})]
 
 
+def _skipped_as_if_dropped(front, specs, fault, **options):
+    """Each spec on 2 ranks twice: with ``fault`` at step 2 (guard_workers.guarded_train's options), and without
+    that step's batch, the reference.  Every rank skips the faulty step once, keeps its memory and compressor
+    state bit for bit, and ends at the reference's weights.  Returns ((rank, method), faulty run) pairs."""
+    from guard_workers import runs
+
+    jobs = [job for spec in specs for job in ({"front": front, "spec": spec, "steps": 5, "nan_at": 2, **fault,
+                                               **options},
+                                              {"front": front, "spec": spec, "steps": 5, "drop": (2,), **options})]
+    checked = []
+    for rank, results in enumerate(spawn(runs, 2, jobs, timeout_s=120)):
+        for spec, faulty, reference in zip(specs, results[::2], results[1::2]):
+            where = (rank, spec[0])
+            assert (faulty["skipped"], reference["skipped"]) == (1, 0), where
+            assert faulty["memory_kept"] is True, where
+            for name, p in reference["params"].items():
+                assert torch.isfinite(p).all(), where
+                assert torch.equal(faulty["params"][name], p), (where, name)
+            checked.append((where, faulty))
+    return checked
+
+
 @pytest.mark.parametrize("front", ["hook", "optim"])
 def test_exchanges_start_before_the_last_bucket_and_a_skipped_step_still_changes_no_memory(front):
     """Each layer its own bucket (tiny bucket cap); on rank 1 the NaN is in the first layer's weight alone,
@@ -69,42 +91,18 @@ def test_exchanges_start_before_the_last_bucket_and_a_skipped_step_still_changes
     the hook's payloads leave before the last bucket arrives (they used to wait for the verdict); the skipped
     step leaves every rank's memory and compressor state bit for bit as it was, and the weights end equal to
     the reference's, for every method."""
-    from guard_workers import runs
-
-    cap = 0.001  # MB: about one layer per bucket
-    jobs = [job for spec in SPECS for job in (
-        {"front": front, "spec": spec, "steps": 5, "nan_at": 2, "nan_in": "0.weight", "bucket_cap_mb": cap},
-        {"front": front, "spec": spec, "steps": 5, "drop": (2,), "bucket_cap_mb": cap})]
-    for rank, results in enumerate(spawn(runs, 2, jobs, timeout_s=120)):
-        for spec, skipped, reference in zip(SPECS, results[::2], results[1::2]):
-            where = (rank, spec[0])
-            assert (skipped["skipped"], reference["skipped"]) == (1, 0), where
-            assert skipped["memory_kept"] is True, where
-            for name, p in reference["params"].items():
-                assert torch.isfinite(p).all(), where
-                assert torch.equal(skipped["params"][name], p), (where, name)
-            if front == "hook":
-                assert skipped["sent_early"][0] == 0, where  # the first step waits for the settings check
-                assert all(sent > 0 for sent in skipped["sent_early"][1:]), (where, skipped["sent_early"])
+    checked = _skipped_as_if_dropped(front, SPECS, {"nan_in": "0.weight"}, bucket_cap_mb=0.001)  # MB: a layer each
+    for where, skipped in checked:
+        if front == "hook":
+            assert skipped["sent_early"][0] == 0, where  # the first step waits for the settings check
+            assert all(sent > 0 for sent in skipped["sent_early"][1:]), (where, skipped["sent_early"])
 
 
 @pytest.mark.parametrize("front", ["hook", "optim"])
 def test_a_payload_damaged_on_the_wire_skips_the_step_on_every_rank_and_changes_no_memory(front):
     """Rank 1 puts a NaN into what it sends at step 2 (its gradients are finite): every rank decodes a non-finite
     average, skips the step and puts its memory back; the weights end equal to the run without that batch."""
-    from guard_workers import runs
-
-    specs = [DGC, ("onebit", {}), ("none", {})]
-    jobs = [job for spec in specs for job in (
-        {"front": front, "spec": spec, "steps": 5, "nan_at": 2, "corrupt_at": 2},
-        {"front": front, "spec": spec, "steps": 5, "drop": (2,)})]
-    for rank, results in enumerate(spawn(runs, 2, jobs, timeout_s=120)):
-        for spec, damaged, reference in zip(specs, results[::2], results[1::2]):
-            where = (rank, spec[0])
-            assert (damaged["skipped"], reference["skipped"]) == (1, 0), where
-            assert damaged["memory_kept"] is True, where
-            for name, p in reference["params"].items():
-                assert torch.equal(damaged["params"][name], p), (where, name)
+    _skipped_as_if_dropped(front, [DGC, ("onebit", {}), ("none", {})], {"corrupt_at": 2})
 
 
 @pytest.mark.parametrize("door", ["dga", "fedavg"])
