@@ -4,7 +4,9 @@ Trainable models (registry :data:`MODELS`, built with :func:`build_model`):
 
 - :class:`MLP`, :class:`CNN`, :class:`ResNet` for image datasets (``(N, C, H, W)`` in, logits ``(N, classes)`` out);
 - :class:`LSTMLM` for language-model datasets, **batch-first**: tokens ``(B, T)`` in,
-  logits ``(B, T, V)`` and the new ``(h, c)`` state out.
+  logits ``(B, T, V)`` and the new ``(h, c)`` state out;
+- :class:`GPT`, a causal decoder-only transformer for the same datasets: tokens ``(B, T)`` in,
+  logits ``(B, T, V)`` and ``None`` (no state carried between windows) out.
 
 The paper's architectures (:data:`PAPER_MODELS`; Lin et al. 2018 compress
 their gradients): :func:`alexnet`, :func:`vgg16`, :func:`resnet50` with
@@ -29,6 +31,7 @@ from .data import DATASET_INFO, Dataset
 __all__ = [
     "CNN",
     "DEFAULT_MODEL",
+    "GPT",
     "LSTMLM",
     "MLP",
     "MODELS",
@@ -258,6 +261,111 @@ class LSTMLM(nn.Module):
         return self.decoder(self.drop(out)), hidden
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: one ``qkv`` projection ``d -> 3d``, ``heads`` heads attending to
+    earlier positions only (``scaled_dot_product_attention(is_causal=True)``), output projection ``proj``."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                       is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` (MLP ``d -> 4d -> d``,
+    GELU), dropout on each residual branch."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads, dropout)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    """Causal decoder-only transformer language model (GPT-2's layout, Radford et al. 2019), batch-first.
+
+    ``token embedding + learned position embedding -> dropout -> layers x pre-LN block -> LayerNorm ->
+    decoder``, the decoder's weight tied to the token embedding (Press & Wolf 2017; no decoder bias).
+    Weights are drawn from N(0, 0.02), the residual output projections from N(0, 0.02 / sqrt(2 * layers)).
+
+    It fits ``gradcomp train``'s language-model interface: ``forward(tokens, hidden=None)`` takes int64
+    tokens ``(B, T)`` with ``T <= context`` and returns ``(logits (B, T, vocab_size), None)``: no state is
+    carried from one window to the next (``hidden`` is ignored), each window is read from its start.
+
+    Parameters: ``vocab_size * d + context * d + layers * (12 d^2 + 13 d) + 2 d`` (the decoder shares the
+    embedding).  ``gradcomp train`` sets ``context`` to its ``bptt`` unless the option is given.
+
+    Args:
+        vocab_size: number of tokens.
+        layers: transformer blocks.
+        d: model width (a multiple of ``heads``).
+        heads: attention heads.
+        context: the longest sequence it reads (size of the position embedding).
+        dropout: dropout on the embeddings, attention weights and residual branches, in ``[0, 1)``.
+
+    Raises:
+        ValueError: a bad option, or (in ``forward``) a sequence longer than ``context``.
+
+    Example::
+
+        >>> model = GPT(65, layers=2, d=32, heads=4, context=16)
+        >>> logits, state = model(torch.zeros(3, 16, dtype=torch.long))
+        >>> logits.shape, state
+        (torch.Size([3, 16, 65]), None)
+    """
+
+    def __init__(self, vocab_size: int, layers: int = 4, d: int = 128, heads: int = 4, context: int = 256,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("layers", layers), ("d", d), ("heads", heads),
+                            ("context", context)):
+            _positive(name, value)
+        _dropout("dropout", dropout)
+        if d % heads:
+            raise ValueError(f"d must be a multiple of heads, got d={d}, heads={heads}")
+        self.vocab_size, self.layers, self.d, self.heads, self.context = vocab_size, layers, d, heads, context
+        self.tok_emb = nn.Embedding(vocab_size, d)
+        self.pos_emb = nn.Embedding(context, d)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(d, heads, dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.decoder = nn.Linear(d, vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() > 1:  # LayerNorm weights stay 1
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+        self.decoder.weight = self.tok_emb.weight
+
+    def forward(self, tokens: Tensor, hidden: Any = None) -> tuple[Tensor, None]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        t = tokens.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence length {t} exceeds the GPT's context of {self.context} tokens")
+        positions = torch.arange(t, device=tokens.device)
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.decoder(self.ln_f(x)), None
+
+
 # ----------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -269,6 +377,8 @@ class ModelSpec:
     kind: str  # "image" or "lm"
     summary: str
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: the option that takes the training loop's sequence length (``bptt``) when not given (None: none does)
+    context_option: str | None = None
 
     def options(self) -> list[str]:
         """The keyword options ``build_model`` accepts for this model."""
@@ -284,18 +394,22 @@ MODELS: dict[str, ModelSpec] = {
     "lstm": ModelSpec("lstm", LSTMLM, "lm", "2-layer LSTM language model (200 units on PTB, 256 on Shakespeare)",
                       defaults={"ptb": {"emb": 200, "hidden": 200, "layers": 2, "dropout": 0.2},
                                 "shakespeare": {"emb": 128, "hidden": 256, "layers": 2, "dropout": 0.1}}),
+    "gpt": ModelSpec("gpt", GPT, "lm", "causal transformer, 4 layers, d=128, 4 heads, context = bptt",
+                     context_option="context"),
 }
 #: The model ``build_model(None, dataset)`` picks.
 DEFAULT_MODEL = {"digits": "mlp", "mnist": "cnn", "fashion-mnist": "cnn", "ptb": "lstm", "shakespeare": "lstm"}
 
 
-def build_model(name: str | None, dataset: Dataset | str, **options: Any) -> nn.Module:
+def build_model(name: str | None, dataset: Dataset | str, *, bptt: int | None = None, **options: Any) -> nn.Module:
     """Build model ``name`` (one of :data:`MODELS`; None: :data:`DEFAULT_MODEL` of the dataset) for ``dataset``.
 
     ``dataset`` is a loaded :class:`~gradcomp.train.data.Dataset` or a dataset
     name (its shape is then taken from ``DATASET_INFO`` without loading).
     Input shape, classes and vocabulary come from the dataset; ``options``
-    override the model's per-dataset defaults.  An image model for an LM
+    override the model's per-dataset defaults.  ``bptt``, the training loop's
+    sequence length, becomes the model's context (:attr:`ModelSpec.context_option`, the GPT's ``context``)
+    where that option is not given; other models ignore it.  An image model for an LM
     dataset (or the reverse) or an unknown option raises ``ValueError``.
     """
     if isinstance(dataset, Dataset):
@@ -323,6 +437,8 @@ def build_model(name: str | None, dataset: Dataset | str, **options: Any) -> nn.
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; allowed: "
                          f"{', '.join(spec.options())}")
     kwargs = {**spec.defaults.get(ds_name, {}), **options}
+    if bptt is not None and spec.context_option is not None:
+        kwargs.setdefault(spec.context_option, bptt)
     if kind == "lm":
         return spec.factory(classes, **kwargs)
     return spec.factory(input_shape, classes, **kwargs)
