@@ -198,10 +198,16 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size per worker (default 16)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9; DGC applies it itself)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd (default; momentum SGD, DGC applying the momentum itself) or adamw (its own moments: "
+                        "momentum must be 0, and DGC runs with momentum 0, error-feedback top-k)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="momentum (default 0.9 with sgd, 0 with adamw, which refuses any other; DGC applies it "
+                        "itself)")
     p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="weight decay, applied locally, never sent (default 0); with dgc, which owns momentum, "
-                        "scaled by 1/(1 - momentum) to decay as much as momentum SGD does")
+                   help="weight decay, applied locally, never sent (default 0); with sgd and dgc, which owns "
+                        "momentum, scaled by 1/(1 - momentum) to decay as much as momentum SGD does; with adamw "
+                        "AdamW's decoupled decay")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default 0)")
     p.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",
                    help="multiply the learning rate by --lr-decay at the start of each of these epochs")
@@ -319,7 +325,9 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
                        model_options=dict(args.model_options), method=args.method,
                        options=options, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       lr=args.lr, optimizer=args.optimizer,
+                       momentum=args.momentum if args.momentum is not None else 0.9 if args.optimizer == "sgd" else 0.0,
+                       weight_decay=args.weight_decay,
                        lr_warmup_epochs=args.lr_warmup_epochs, lr_milestones=args.lr_milestones,
                        lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
                        limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, device=args.device,

@@ -72,7 +72,8 @@ from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_ba
 from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
-__all__ = ["TrainConfig", "TrainingInterrupted", "resumable", "resume_config", "run", "train_worker"]
+__all__ = ["OPTIMIZERS", "TrainConfig", "TrainingInterrupted", "build_optimizer", "resumable", "resume_config",
+           "run", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ log = logging.getLogger(__name__)
 ALLREDUCE_METHODS = {"none", "fp16", "powersgd", "randomk"}
 #: Settings a resumed run may change: the length of training, how often it checkpoints, the display, the device.
 RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "progress", "device")
+#: The optimizers ``TrainConfig.optimizer`` names.
+OPTIMIZERS = ("sgd", "adamw")
 #: Settings that do not decide what a checkpoint holds (not compared on resume).
 NOT_CHECKED = (*RESUMABLE, "run_dir", "data_dir", "label", "link_gbps")
 
@@ -100,7 +103,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32  # per worker
     lr: float = 0.1
+    #: "sgd" (``torch.optim.SGD``, momentum from ``momentum``) or "adamw" (``torch.optim.AdamW``, its own
+    #: moments: ``momentum`` must be 0, and DGC is then built with momentum 0, error-feedback top-k)
+    optimizer: str = "sgd"
     momentum: float = 0.9
+    #: SGD's L2 weight decay (scaled for DGC, see :func:`~gradcomp.sgd_settings`), or AdamW's decoupled one
     weight_decay: float = 0.0
     lr_warmup_epochs: float = 0.0
     #: multiply the learning rate by ``lr_decay`` at each of these epochs (step decay, like ``MultiStepLR``)
@@ -152,6 +159,11 @@ class TrainConfig:
         check_range("TrainConfig", "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
         check_range("TrainConfig", "momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_range("TrainConfig", "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "adamw" and self.momentum != 0:
+            raise ValueError(f"TrainConfig.momentum={self.momentum} with optimizer='adamw': AdamW keeps moments of "
+                             f"its own, set momentum=0 (DGC then runs as error-feedback top-k)")
         check_range("TrainConfig", "lr_warmup_epochs", self.lr_warmup_epochs, 0.0, math.inf, high_open=True)
         check_range("TrainConfig", "lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
         self.lr_milestones = list(self.lr_milestones)
@@ -177,6 +189,11 @@ class TrainConfig:
         if self.model_options:
             model = self.model or DEFAULT_MODEL[self.dataset]
             unknown = sorted(set(self.model_options) - set(MODELS[model].options())) if model in MODELS else []
+            context = MODELS[model].context_option if model in MODELS else None
+            if context in self.model_options and isinstance(self.model_options[context], int) \
+                    and self.model_options[context] < self.bptt:
+                raise ValueError(f"TrainConfig.model_options {context}={self.model_options[context]} is shorter "
+                                 f"than TrainConfig.bptt={self.bptt}: the model cannot read a whole window")
             if unknown:
                 raise ValueError(f"TrainConfig.model_options: {model!r} has no option {', '.join(map(repr, unknown))} "
                                  f"(it takes {', '.join(MODELS[model].options())})")
@@ -191,7 +208,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.emulate_latency_ms needs real processes (the simulator has no network)")
         if self.clip_norm is not None:
             check_range("TrainConfig", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
-        self.build_method(steps_per_epoch=1)  # options are checked now, not in a worker
+        method = self.build_method(steps_per_epoch=1)  # options are checked now, not in a worker
+        if self.optimizer == "adamw" and method.owns_momentum:
+            raise ValueError(f"TrainConfig.options momentum={method.momentum} with optimizer='adamw': DGC with "
+                             f"momentum and AdamW's moments would apply momentum twice; use momentum 0")
 
     def build_method(self, steps_per_epoch: int) -> Method:
         """The method: DGC (momentum, clipping and warm-up its own) or a compressor with its memory."""
@@ -217,6 +237,16 @@ class TrainConfig:
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return f"{self.method}({opts})" if opts else self.method
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module, method: Method) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` names over ``model``'s parameters: ``torch.optim.SGD`` with
+    :func:`~gradcomp.sgd_settings` (momentum 0 and scaled weight decay for DGC, which owns momentum), or
+    ``torch.optim.AdamW`` with ``lr`` and (decoupled) ``weight_decay``, its default betas and eps."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr,
+                           **sgd_settings(method, config.momentum, config.weight_decay))
 
 
 # ------------------------------------------------------------------ data steps
@@ -335,8 +365,7 @@ class _Front:
         self.config, self.task, self.rank, self.world = config, task, rank, world
         self.model, self.given = model, method  # the method as configured; each door makes its own copies
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
-                                         **sgd_settings(method, config.momentum, config.weight_decay))
+        self.optimizer = build_optimizer(config, model, method)
         self.clip_after_average = config.clip_norm if config.method != "dgc" else None
         self.optimizers = [self.optimizer]
         self.methods: list[Method] = []
@@ -680,7 +709,8 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
     torch.manual_seed(cfg.seed)  # the CPU's and every GPU's generator
     data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
     task = Task(data, cfg, world, device)
-    model = build_model(cfg.model, data, **cfg.model_options).to(device)  # built on the CPU: the same weights
+    # built on the CPU: the same weights
+    model = build_model(cfg.model, data, bptt=cfg.bptt, **cfg.model_options).to(device)
     method = cfg.build_method(steps_per_epoch=task.steps)
     front = _front(model, cfg, method, task, rank, world)
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
@@ -838,7 +868,8 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)  # a missing dataset fails here
     Task(data, cfg, cfg.workers)  # so does a batch larger than the data
     if resume is not None:  # a foreign or damaged checkpoint fails here, before anything is written
-        done = load_checked(rd, cfg, build_model(cfg.model, data, **cfg.model_options), cfg.workers)["epoch"]
+        model = build_model(cfg.model, data, bptt=cfg.bptt, **cfg.model_options)
+        done = load_checked(rd, cfg, model, cfg.workers)["epoch"]
         if lead:
             rd.remove_temporaries()
             rd.truncate_metrics(done)
