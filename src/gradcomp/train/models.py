@@ -204,7 +204,10 @@ class ResNet(nn.Module):
 
 def detach_hidden(hidden: Any) -> Any:
     """Cut the autograd history of an RNN state (a tensor, or nested tuples/lists of tensors) between
-    truncated-BPTT windows, keeping its values."""
+    truncated-BPTT windows, keeping its values.  ``None`` (a model that carries no state, :class:`GPT`) stays
+    ``None``."""
+    if hidden is None:
+        return None
     if isinstance(hidden, Tensor):
         return hidden.detach()
     return type(hidden)(detach_hidden(h) for h in hidden)
