@@ -27,3 +27,20 @@ def compact_nbytes(n, k):
     unary bits), each part rounded up to whole bytes."""
     low = math.floor(math.log2(n / k))
     return 2 * k + 4 + math.ceil(k * low / 8) + math.ceil((k + ((n - 1) >> low) + 1) / 8)
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Nested dicts / lists of tensors and plain values: equal, tensors bit for bit."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))} differ"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"

@@ -14,6 +14,7 @@ from gradcomp.train.data import DatasetNotFoundError, load_dataset
 from gradcomp.train.loop import TrainConfig, run
 from gradcomp.train.models import GPT, build_model, count_parameters
 from gradcomp.train.report import RunDir
+from helpers import assert_same
 
 # ---------------------------------------------------------------- the model
 
@@ -67,7 +68,7 @@ def test_gpt_context_and_option_errors():
 # ---------------------------------------------------------------- AdamW in gradcomp train
 
 
-def test_adamw_refuses_momentum(capsys):
+def test_adamw_refuses_momentum(capsys, tmp_path):
     with pytest.raises(ValueError, match=r"^TrainConfig.momentum=0.9 with optimizer='adamw'"):
         TrainConfig(optimizer="adamw", momentum=0.9)
     with pytest.raises(ValueError, match=r"^TrainConfig.optimizer must be one of sgd, adamw, got 'adam'$"):
@@ -78,27 +79,19 @@ def test_adamw_refuses_momentum(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("gradcomp train: error: TrainConfig.momentum=0.9 with optimizer='adamw'")
     assert len(err.splitlines()) == 1
+    # without --momentum, adamw trains with momentum 0 (sgd keeps its 0.9)
+    assert main(["train", "--optimizer", "adamw", "--lr", "0.01", "--compressor", "none", "--simulate", "--workers",
+                 "2", "--epochs", "1", "--limit-train", "64", "--limit-test", "50", "--run-dir",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    saved = RunDir(tmp_path / "run").read_config()
+    assert (saved["optimizer"], saved["momentum"]) == ("adamw", 0.0)
+    assert "betas" in RunDir(tmp_path / "run").load_checkpoint()["optimizer"]["param_groups"][0]
 
 
 def _checkpoint_state(path):
     ckpt = RunDir(path).load_checkpoint()
     return {k: ckpt[k] for k in ("model", "optimizer", "methods", "simulator", "rng", "epoch", "epoch_step", "steps",
                                  "bytes_sent", "lr_warmup")}
-
-
-def _same(a, b, where="checkpoint"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 def test_adamw_dgc_resume_mid_epoch_is_bit_identical(tmp_path):
@@ -113,7 +106,7 @@ def test_adamw_dgc_resume_mid_epoch_is_bit_identical(tmp_path):
     assert state["param_groups"][0]["betas"] == (0.9, 0.999) and state["param_groups"][0]["weight_decay"] == 0.01
     assert all("exp_avg_sq" in s for s in state["state"].values()) and state["state"]
     run(TrainConfig(**kw), resume=str(tmp_path / "part"), plot=False, echo=lambda _: None)
-    _same(_checkpoint_state(tmp_path / "full"), _checkpoint_state(tmp_path / "part"))
+    assert_same(_checkpoint_state(tmp_path / "full"), _checkpoint_state(tmp_path / "part"))
     assert [m["test_loss"] for m in RunDir(tmp_path / "full").read_metrics()] == \
         [m["test_loss"] for m in RunDir(tmp_path / "part").read_metrics()]
 

@@ -17,6 +17,7 @@ import torch
 from gradcomp.cli import main
 from gradcomp.train.loop import TrainConfig, run
 from gradcomp.train.report import RunDir
+from helpers import assert_same
 
 #: digits, 2 real workers, 256 samples: 4 steps an epoch (global batch 64), 12 in all
 SMALL = dict(workers=2, limit_train=256, limit_test=100, epochs=3, progress=False)
@@ -29,23 +30,6 @@ def train(tmp_path, name, **kw):
 
 def resume(tmp_path, name, **kw):
     return run(TrainConfig(**{**SMALL, **kw}), resume=str(tmp_path / name), echo=lambda _: None)
-
-
-def assert_same(a, b, where="checkpoint"):
-    """Nested dicts / lists of tensors and plain values: equal, tensors bit for bit."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))} differ"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 #: what a finished run's state is: the model, the optimizer, every rank's method memory (and, with DGA, every

@@ -151,10 +151,10 @@ def run(ctx: Context) -> Result:
         checks.append(Check(f"the best compressed row at >= {RATIO_FLOOR}x fewer bytes is within "
                             f"{100 * LOSS_GAP:g} % of the dense held-out loss", held, detail))
         if not held:
-            notes.append(f"The {100 * LOSS_GAP:g} % target is missed at this length ({variant.epochs} epochs): at "
-                         "density 0.001 each weight is sent about once in a thousand steps, and AdamW normalises "
-                         "each rare, accumulated update by a second moment that saw mostly zeros, so those "
-                         "updates are large and late; the gap is what 99.9 % sparsity costs here.")
+            notes.append(f"The {100 * LOSS_GAP:g} % target is missed at this length ({variant.epochs} epochs). A "
+                         "likely cause, not isolated by this table: at density 0.001 each weight is sent about "
+                         "once in a thousand steps, and AdamW divides each rare, accumulated update by a second "
+                         "moment that saw mostly zeros, so those updates come large and late.")
 
     title = "Character-level GPT on Tiny Shakespeare, AdamW, 4 workers: dense vs DGC, top-k, PowerSGD, QSGD"
     chars = "all 1,003,854" if variant.limit_train is None else f"the first {variant.limit_train:,}"
