@@ -164,10 +164,19 @@ class DGCMemory(Memory):
     ``correction=False`` accumulates the gradient itself (``v += g``; the
     caller applies momentum after averaging); ``accumulate=False`` drops what
     was not sent (naive pruning).  Both exist for the paper's ablation.
+
+    ``masking="delayed"`` masks only the sent entries that were held back: those
+    whose ``v`` before this step's increment held more than the rounding a
+    compact wire leaves (``|v| > 2**-8 |increment|``).  The paper masks "to stop the
+    momentum for delayed gradients"; an entry sent in the step its gradient
+    arrives has none, and masking it turns it into momentum-less SGD, ``1 - m``
+    times the step of dense momentum SGD (an embedding row: see
+    ``notes/embedding-divergence.md``).  Entries sent every step then follow
+    momentum SGD exactly; entries sent after waiting are masked as in the paper.
     """
 
-    def __init__(self, *, momentum: float, nesterov: bool = False, masking: bool = True, correction: bool = True,
-                 accumulate: bool = True) -> None:
+    def __init__(self, *, momentum: float, nesterov: bool = False, masking: bool | str = True,
+                 correction: bool = True, accumulate: bool = True) -> None:
         self.momentum = momentum
         self.nesterov = nesterov
         self.masking = masking
@@ -175,8 +184,13 @@ class DGCMemory(Memory):
         self.accumulate = accumulate
         self.u: dict[str, Tensor] = {}
         self.v: dict[str, Tensor] = {}
+        self._held: dict[str, Tensor] = {}  # masking="delayed": compensate's held-back entries, taken by update
 
     _ENTRIES = ("u", "v")
+
+    @property
+    def _delayed(self) -> bool:
+        return self.masking == "delayed" and self.correction and self.accumulate
 
     def compensate(self, name: str, grad: Tensor) -> Tensor:
         increment = grad
@@ -195,13 +209,15 @@ class DGCMemory(Memory):
         v = self.v.get(name)
         if v is None:
             v = self.v[name] = torch.zeros_like(grad)
+        if self._delayed:  # held back before this step: more in v than a compact wire's rounding
+            self._held[name] = v.abs() > increment.abs().mul(2.0**-8)
         return v.add_(increment)
 
     def fused_steps(self, grads: Mapping[str, Tensor], selector: Any) -> dict[str, Payload] | None:
         """:meth:`compensate`, ``selector.compress`` and :meth:`update` for every tensor of ``grads`` in one
         call of the compiled kernel (``DGCSelect.fused_steps``); ``None`` where it does not apply (then the
         memory holds what it held, zero buffers for new names aside)."""
-        if not (self.correction and self.accumulate):
+        if not (self.correction and self.accumulate) or self._delayed:
             return None
         self.check_fits(grads)  # as Method.prepare does; the kernel writes a gradient's size into each buffer
         for name, grad in grads.items():
@@ -217,7 +233,11 @@ class DGCMemory(Memory):
         if self.accumulate:
             compressor.subtract_sent(accumulator, sent)
         if self.masking and self.correction:
-            self.u[name].view(-1).index_fill_(0, compressor.sent_indices(sent, accumulator.numel()), 0)
+            indices = compressor.sent_indices(sent, accumulator.numel())
+            held = self._held.pop(name, None)
+            if held is not None:  # masking="delayed": only the entries that waited
+                indices = indices[held.view(-1)[indices]]
+            self.u[name].view(-1).index_fill_(0, indices, 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"u": dict(self.u), "v": dict(self.v)}

@@ -35,6 +35,9 @@ __all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimi
 
 MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 
+#: DGC's momentum factor masking: the paper's (every sent entry), none, or only entries held back (see :class:`DGC`).
+MASKINGS = (True, False, "delayed")
+
 #: How DGC combines the workers' selections (see :class:`DGC`).
 AGGREGATES = ("gather", "shared")
 
@@ -283,6 +286,15 @@ class DGC(Method):
 
     ``momentum_correction=False`` and ``accumulate=False`` switch off the
     corresponding technique for the paper's ablation.
+
+    ``momentum_masking``: ``True`` (the paper: ``u[idx] = 0`` at every sent
+    index), ``False``, or ``"delayed"``: only at sent entries that waited in
+    ``v`` (the paper masks "to stop the momentum for delayed gradients").  The
+    paper's masking makes an entry sent in the step its gradient arrives
+    momentum-less (``1 - m`` times dense momentum SGD's step): an embedding's
+    rows, and every entry at density 1.  ``"delayed"`` keeps their momentum
+    (DGC at density 1 is then momentum SGD); it runs the torch ops, not the
+    fused kernel.  See ``notes/embedding-divergence.md``.
     """
 
     name: ClassVar[str] = "dgc"
@@ -291,7 +303,7 @@ class DGC(Method):
     momentum: float = 0.9
     nesterov: bool = False
     sample_ratio: float = 0.01
-    momentum_masking: bool = True
+    momentum_masking: bool | str = True
     clip_norm: float | None = None
     warmup_epochs: float | None = None
     warmup_steps: int | None = None
@@ -323,6 +335,8 @@ class DGC(Method):
                 raise ValueError(f"DGC.warmup_epochs={self.warmup_epochs!r} needs steps_per_epoch (the optimizer "
                                  "steps in one epoch) so the warm-up can advance; or give warmup_steps=N, or "
                                  "warmup_epochs=0 for no warm-up")
+        if self.momentum_masking not in MASKINGS or type(self.momentum_masking) not in (bool, str):
+            raise ValueError(f"DGC.momentum_masking must be True, False or 'delayed', got {self.momentum_masking!r}")
         check_int("DGC", "min_numel", self.min_numel, 1)
         check_int("DGC", "min_entries", self.min_entries, 1)
         check_wire("DGC", self.wire)
