@@ -35,8 +35,8 @@ __all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimi
 
 MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 
-#: DGC's momentum factor masking: the paper's (every sent entry), none, or only entries held back (see :class:`DGC`).
-MASKINGS = (True, False, "delayed")
+#: DGC's momentum factor masking: the paper's except on lookup tables, the paper's everywhere, none (see :class:`DGC`).
+MASKINGS = ("auto", True, False)
 
 #: How DGC combines the workers' selections (see :class:`DGC`).
 AGGREGATES = ("gather", "shared")
@@ -236,7 +236,7 @@ class DGC(Method):
         g = clip(g)                    # local clipping: global norm <= clip_norm * sqrt(N) (see below)
         u = m*u + g;  v = v + u        # Nesterov: u = m*(u + g); v = v + u + g
         send v[idx], idx = top-k |v|,  k = ceil(density * numel)
-        v[idx] = 0;  u[idx] = 0        # masking
+        v[idx] = 0;  u[idx] = 0        # masking (not on a lookup table: see momentum_masking)
         G = (1/N) sum_k sparse_k       # the update; no second momentum
 
     Other tensors (biases, norm layers, small ones) are averaged densely and
@@ -287,14 +287,15 @@ class DGC(Method):
     ``momentum_correction=False`` and ``accumulate=False`` switch off the
     corresponding technique for the paper's ablation.
 
-    ``momentum_masking``: ``True`` (the paper: ``u[idx] = 0`` at every sent
-    index), ``False``, or ``"delayed"``: only at sent entries that waited in
-    ``v`` (the paper masks "to stop the momentum for delayed gradients").  The
-    paper's masking makes an entry sent in the step its gradient arrives
-    momentum-less (``1 - m`` times dense momentum SGD's step): an embedding's
-    rows, and every entry at density 1.  ``"delayed"`` keeps their momentum
-    (DGC at density 1 is then momentum SGD); it runs the torch ops, not the
-    fused kernel.  See ``notes/embedding-divergence.md``.
+    ``momentum_masking``: ``"auto"`` (default) masks as the paper does on
+    every tensor except a lookup table, one whose gradient leaves most of its
+    rows at zero in that step (``nn.Embedding``: the tokens not in the batch);
+    ``True`` masks every tensor, the paper's rule as written; ``False`` none.
+    Masking zeroes ``u`` where an entry is sent, so a row sent the step its
+    gradient arrives (an embedding's) carries no momentum and trains ``1 - m``
+    times slower than under the dense momentum SGD DGC replaces; the paper
+    trained its language model with vanilla SGD, where masking does nothing.
+    See ``notes/embedding-divergence.md``.
     """
 
     name: ClassVar[str] = "dgc"
@@ -303,7 +304,7 @@ class DGC(Method):
     momentum: float = 0.9
     nesterov: bool = False
     sample_ratio: float = 0.01
-    momentum_masking: bool | str = True
+    momentum_masking: bool | str = "auto"
     clip_norm: float | None = None
     warmup_epochs: float | None = None
     warmup_steps: int | None = None
@@ -336,7 +337,7 @@ class DGC(Method):
                                  "steps in one epoch) so the warm-up can advance; or give warmup_steps=N, or "
                                  "warmup_epochs=0 for no warm-up")
         if self.momentum_masking not in MASKINGS or type(self.momentum_masking) not in (bool, str):
-            raise ValueError(f"DGC.momentum_masking must be True, False or 'delayed', got {self.momentum_masking!r}")
+            raise ValueError(f"DGC.momentum_masking must be 'auto', True or False, got {self.momentum_masking!r}")
         check_int("DGC", "min_numel", self.min_numel, 1)
         check_int("DGC", "min_entries", self.min_entries, 1)
         check_wire("DGC", self.wire)
