@@ -253,3 +253,35 @@ def test_decompress_in_the_kernel_rejects_what_the_torch_decoder_rejects(monkeyp
             with pytest.raises(ValueError, match="corrupt index code") as reference:
                 selector.decompress(case, torch.empty(50_000))
         assert str(fused.value) == str(reference.value)
+
+
+@needs_kernel
+def test_lookup_tables_and_other_weights_in_one_step_match_the_torch_ops(monkeypatch):
+    """DGC's default masking spares lookup tables (most rows without gradient): the kernel then runs the tables
+    and the other tensors in two calls, and sends and keeps what the torch ops do, tensor by tensor."""
+    g = torch.Generator().manual_seed(3)
+
+    def step():
+        table = torch.zeros(500, 40)
+        table[torch.randperm(500, generator=g)[:30]] = torch.randn(30, 40, generator=g)  # 30 rows "in the batch"
+        return {"table": table, "weight": torch.randn(300, 300, generator=g), "small": torch.randn(9, 9, generator=g)}
+
+    steps = [step() for _ in range(4)]
+    results = []
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(kernels, "library", lambda: None)
+            method = DGC(warmup_epochs=0, sparsify_all=True, density=0.01)
+            results.append(([method.sparsify({k: t.clone() for k, t in s.items()}) for s in steps], method.memory))
+    (fused, fused_memory), (ref, ref_memory) = results
+    for a, b in zip(fused, ref):
+        for name in a:
+            assert all(torch.equal(x, y) for x, y in zip(a[name].tensors, b[name].tensors)), name
+    for name in steps[0]:
+        assert torch.equal(fused_memory.u[name], ref_memory.u[name]) and torch.equal(fused_memory.v[name],
+                                                                                      ref_memory.v[name]), name
+    for name, masked in (("table", False), ("weight", True)):  # where the last step sent: u kept or zeroed
+        _, indices = method.compressor.decode(fused[-1][name], steps[-1][name].numel())
+        kept = fused_memory.u[name].view(-1)[indices.long()]
+        assert bool((kept == 0).all()) is masked and len(indices) > 0, name

@@ -152,6 +152,16 @@ class Residual(Memory):
         _load(self.residuals, state["residuals"])
 
 
+def lookup_table(grad: Tensor) -> Tensor:
+    """Whether ``grad`` leaves most of its rows (slices along the first dimension) at zero, as an embedding's
+    gradient does for the tokens not in the batch: a 0-dim bool tensor on ``grad``'s device (nothing waits for
+    it).  A weight matrix leaves a row at zero only for a unit no example reached (a dead ReLU): a few."""
+    if grad.dim() < 2 or grad.shape[0] < 2:
+        return torch.zeros((), dtype=torch.bool, device=grad.device)
+    rows = grad.reshape(grad.shape[0], -1)
+    return rows.ne(0).any(1).sum() * 2 < rows.shape[0]
+
+
 class DGCMemory(Memory):
     """DGC's momentum correction and momentum factor masking (Lin et al. 2018, eq. 4-5).
 
@@ -164,10 +174,20 @@ class DGCMemory(Memory):
     ``correction=False`` accumulates the gradient itself (``v += g``; the
     caller applies momentum after averaging); ``accumulate=False`` drops what
     was not sent (naive pruning).  Both exist for the paper's ablation.
+
+    ``masking="auto"`` (DGC's default) masks as the paper does except on a
+    *lookup table*: a tensor whose gradient this step leaves most of its rows
+    (slices along the first dimension) at zero, as ``nn.Embedding``'s does for
+    the tokens not in the batch.  A table's rows get gradient in bursts and are
+    sent when it arrives, so masking would zero their momentum every time and
+    train them by momentum-less SGD, ``1 - m`` times the step of the dense
+    momentum SGD DGC stands in for (``notes/embedding-divergence.md``).  Other
+    weights leave a row at zero only for a unit that no example in the batch
+    reached (a dead ReLU), so for them ``"auto"`` is the paper's masking.
     """
 
-    def __init__(self, *, momentum: float, nesterov: bool = False, masking: bool = True, correction: bool = True,
-                 accumulate: bool = True) -> None:
+    def __init__(self, *, momentum: float, nesterov: bool = False, masking: bool | str = "auto",
+                 correction: bool = True, accumulate: bool = True) -> None:
         self.momentum = momentum
         self.nesterov = nesterov
         self.masking = masking
@@ -175,11 +195,14 @@ class DGCMemory(Memory):
         self.accumulate = accumulate
         self.u: dict[str, Tensor] = {}
         self.v: dict[str, Tensor] = {}
+        self._tables: dict[str, Tensor] = {}  # masking="auto": compensate's lookup_table(grad), taken by update
 
     _ENTRIES = ("u", "v")
 
     def compensate(self, name: str, grad: Tensor) -> Tensor:
         increment = grad
+        if self.masking == "auto" and self.correction:
+            self._tables[name] = lookup_table(grad)
         if self.correction:
             u = self.u.get(name)
             if u is None:
@@ -201,23 +224,41 @@ class DGCMemory(Memory):
         """:meth:`compensate`, ``selector.compress`` and :meth:`update` for every tensor of ``grads`` in one
         call of the compiled kernel (``DGCSelect.fused_steps``); ``None`` where it does not apply (then the
         memory holds what it held, zero buffers for new names aside)."""
-        if not (self.correction and self.accumulate):
+        buffers = [b[n] for b in (self.u, self.v) for n in grads if n in b]
+        if not (self.correction and self.accumulate and selector.fusable([*grads.values(), *buffers])):
             return None
         self.check_fits(grads)  # as Method.prepare does; the kernel writes a gradient's size into each buffer
         for name, grad in grads.items():
             for buffers in (self.u, self.v):
                 if name not in buffers:
                     buffers[name] = torch.zeros_like(grad)
-        payloads = selector.fused_steps(list(grads.values()), [self.u[n] for n in grads], [self.v[n] for n in grads],
-                                        momentum=self.momentum, nesterov=self.nesterov, masking=self.masking,
-                                        key=tuple(grads))
-        return None if payloads is None else dict(zip(grads, payloads))
+        if self.masking == "auto":  # one call for the lookup tables (unmasked), one for the rest
+            tables = {n: bool(lookup_table(g)) for n, g in grads.items()}
+            groups = [([n for n in grads if tables[n] is table], not table) for table in (False, True)]
+        else:
+            groups = [(list(grads), bool(self.masking))]
+        payloads: dict[str, Payload] = {}
+        for names, masking in groups:
+            if not names:
+                continue
+            sent = selector.fused_steps([grads[n] for n in names], [self.u[n] for n in names],
+                                        [self.v[n] for n in names], momentum=self.momentum, nesterov=self.nesterov,
+                                        masking=masking, key=tuple(names))
+            if sent is None:  # no kernel: the first call changed nothing, and a later one is never reached
+                return None
+            payloads.update(zip(names, sent))
+        return {n: payloads[n] for n in grads}
 
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
         if self.accumulate:
             compressor.subtract_sent(accumulator, sent)
+        table = self._tables.pop(name, None)
         if self.masking and self.correction:
-            self.u[name].view(-1).index_fill_(0, compressor.sent_indices(sent, accumulator.numel()), 0)
+            u, indices = self.u[name].view(-1), compressor.sent_indices(sent, accumulator.numel())
+            if table is None:
+                u.index_fill_(0, indices, 0)
+            else:  # "auto": a lookup table keeps its momentum (a multiply, not a branch: no wait on a GPU)
+                u[indices] *= table.to(u.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"u": dict(self.u), "v": dict(self.v)}

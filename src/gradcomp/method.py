@@ -35,6 +35,9 @@ __all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimi
 
 MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 
+#: DGC's momentum factor masking: the paper's except on lookup tables, the paper's everywhere, none (see :class:`DGC`).
+MASKINGS = ("auto", True, False)
+
 #: How DGC combines the workers' selections (see :class:`DGC`).
 AGGREGATES = ("gather", "shared")
 
@@ -233,7 +236,7 @@ class DGC(Method):
         g = clip(g)                    # local clipping: global norm <= clip_norm * sqrt(N) (see below)
         u = m*u + g;  v = v + u        # Nesterov: u = m*(u + g); v = v + u + g
         send v[idx], idx = top-k |v|,  k = ceil(density * numel)
-        v[idx] = 0;  u[idx] = 0        # masking
+        v[idx] = 0;  u[idx] = 0        # masking (not on a lookup table: see momentum_masking)
         G = (1/N) sum_k sparse_k       # the update; no second momentum
 
     Other tensors (biases, norm layers, small ones) are averaged densely and
@@ -283,6 +286,16 @@ class DGC(Method):
 
     ``momentum_correction=False`` and ``accumulate=False`` switch off the
     corresponding technique for the paper's ablation.
+
+    ``momentum_masking``: ``"auto"`` (default) masks as the paper does on
+    every tensor except a lookup table, one whose gradient leaves most of its
+    rows at zero in that step (``nn.Embedding``: the tokens not in the batch);
+    ``True`` masks every tensor, the paper's rule as written; ``False`` none.
+    Masking zeroes ``u`` where an entry is sent, so a row sent the step its
+    gradient arrives (an embedding's) carries no momentum and trains ``1 - m``
+    times slower than under the dense momentum SGD DGC replaces; the paper
+    trained its language model with vanilla SGD, where masking does nothing.
+    See ``notes/embedding-divergence.md``.
     """
 
     name: ClassVar[str] = "dgc"
@@ -291,7 +304,7 @@ class DGC(Method):
     momentum: float = 0.9
     nesterov: bool = False
     sample_ratio: float = 0.01
-    momentum_masking: bool = True
+    momentum_masking: bool | str = "auto"
     clip_norm: float | None = None
     warmup_epochs: float | None = None
     warmup_steps: int | None = None
@@ -323,6 +336,8 @@ class DGC(Method):
                 raise ValueError(f"DGC.warmup_epochs={self.warmup_epochs!r} needs steps_per_epoch (the optimizer "
                                  "steps in one epoch) so the warm-up can advance; or give warmup_steps=N, or "
                                  "warmup_epochs=0 for no warm-up")
+        if self.momentum_masking not in MASKINGS or type(self.momentum_masking) not in (bool, str):
+            raise ValueError(f"DGC.momentum_masking must be 'auto', True or False, got {self.momentum_masking!r}")
         check_int("DGC", "min_numel", self.min_numel, 1)
         check_int("DGC", "min_entries", self.min_entries, 1)
         check_wire("DGC", self.wire)

@@ -481,6 +481,11 @@ class DGCSelect(_Sparse):
         k = self.entries(flat.numel())
         return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
 
+    @staticmethod
+    def fusable(tensors: Sequence[Tensor]) -> bool:
+        """Whether :meth:`fused_steps` takes these tensors (float32, contiguous, on CPU), the kernel built."""
+        return all(t.dtype is torch.float32 and not device_path(t) and t.is_contiguous() for t in tensors)
+
     def fused_steps(self, grads: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], *, momentum: float,
                     nesterov: bool, masking: bool, key: tuple = ()) -> list[Payload] | None:
         """DGC's whole step on each tensor, all of them in one call of the compiled kernel
@@ -504,8 +509,7 @@ class DGCSelect(_Sparse):
                 name = key[i] if len(key) == len(grads) else i
                 raise ValueError(f"{self.name}.fused_steps: u and v of {name!r} hold {u.numel()} and {v.numel()} "
                                  f"entries, its gradient {g.numel()}")
-        if not all(t.dtype is torch.float32 and not device_path(t) and t.is_contiguous()
-                   for group in (grads, us, vs) for t in group):
+        if not self.fusable([*grads, *us, *vs]):
             return None  # never built for tensors it cannot take
         lib = kernels.library()
         if lib is None:
