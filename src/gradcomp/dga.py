@@ -275,14 +275,18 @@ class FedAvg(OptimizerWrapper, Door):
     def _weights(self) -> dict[str, Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}
 
+    def _begin(self) -> None:
+        """The first snapshot, once (not after a load that holds one): the weights now, also the last average."""
+        if self._snapshot is None:
+            self._snapshot = self._weights()
+            self._last = dict(self._snapshot)
+
     def synchronize(self) -> None:
         """Nothing to exchange before a local step: the settings check (first step) and this rank's own
         non-finite check."""
         core = self.core
         core.check_settings(self.params, period=self.period, delay=self.delay)
-        if self._snapshot is None:
-            self._snapshot = self._weights()
-            self._last = dict(self._snapshot)
+        self._begin()
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
         self.step_skipped = nonfinite_step(grads, core.guard.nonfinite, f"rank {core.rank}, step {self.steps}",
                                            "this rank skips its local step")
@@ -303,9 +307,7 @@ class FedAvg(OptimizerWrapper, Door):
     def average(self) -> None:
         """Start a round now (snapshot, exchange of the weights); apply every round due (with ``delay=0``:
         this one, every worker's weights replaced by their average)."""
-        if self._snapshot is None:  # a round before any synchronize()
-            self._snapshot = self._weights()
-            self._last = dict(self._snapshot)
+        self._begin()  # (a round before any synchronize())
         sent = self._weights()
         core = self.core
         pending = core.comm.exchange_later(core.exchanges(core.method.prepare(sent, core.world_size)))  # NaN raise
