@@ -121,14 +121,22 @@ def least_squares_data(rank, step, rows=8, features=5):
                                                                                            dtype=torch.float64)
 
 
-def dga_least_squares(rank, world, delay, correction, steps, lr):
-    """A bias-free linear model trained by DGA with plain SGD; every step's weights on this rank."""
+def dga_least_squares(rank, world, delay, correction, steps, lr, period=None, damaged_at=None):
+    """A bias-free linear model trained by DGA with plain SGD (with ``period``: by FedAvg(period, delay), DGA with
+    local steps); every step's weights on this rank.  With ``damaged_at``, rank 1 puts a NaN on the wire in what
+    it sends at that step (0-based)."""
     model = torch.nn.Linear(5, 1, bias=False).double()
     torch.nn.init.zeros_(model.weight)
-    opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=lr), model.named_parameters(),
-                                            delay=delay, correction=correction)
-    history = []
+    sgd = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = (gradcomp.DelayedGradientAveraging(sgd, model.named_parameters(), delay=delay, correction=correction)
+           if period is None else gradcomp.FedAvg(sgd, model.named_parameters(), period, delay=delay))
+    history, current = [], [0]
+    if damaged_at is not None:
+        from guard_workers import damage_on_the_wire
+
+        damage_on_the_wire(opt.comm, lambda: rank == 1 and current[0] == damaged_at)
     for step in range(steps):
+        current[0] = step
         x, y = least_squares_data(rank, step)
         opt.zero_grad()
         (0.5 * (model(x).view(-1) - y).pow(2).mean()).backward()
@@ -137,12 +145,31 @@ def dga_least_squares(rank, world, delay, correction, steps, lr):
     return torch.stack(history)
 
 
-def dga_train(rank, world, spec, delay, steps, momentum, lr=0.1, resume_at=None):
-    """The digits MLP trained with DGA (spec None: plain averaging).  With ``resume_at``, the run is
-    checkpointed there (through torch.save bytes), rebuilt from scratch, restored and finished."""
+def train_resumable(rank, world, build, steps, resume_at=None):
+    """Train the (model, optimizer wrapper) that ``build()`` makes on the digits for ``steps``; with
+    ``resume_at``, checkpointed there (through torch.save bytes), rebuilt from scratch, restored and finished.
+    The model and the wrapper at the end."""
     import io
 
     x, y = digits64()
+    model, opt = build()
+    for step, (xb, yb) in enumerate(batches(x, y, 64, steps)):
+        if step == resume_at:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "door": opt.state_dict()}, buffer)
+            model, opt = build()
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["door"])
+        opt.zero_grad()
+        ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
+        opt.step()
+    return model, opt
+
+
+def dga_train(rank, world, spec, delay, steps, momentum, lr=0.1, resume_at=None):
+    """The digits MLP trained with DGA (spec None: plain averaging), resumed at ``resume_at`` if given."""
 
     def build():
         model = mlp()
@@ -151,33 +178,55 @@ def dga_train(rank, world, spec, delay, steps, momentum, lr=0.1, resume_at=None)
                                                 method=None if spec is None else build_method(spec))
         return model, opt
 
-    model, opt = build()
-    for step, (xb, yb) in enumerate(batches(x, y, 64, steps)):
-        if step == resume_at:
-            buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "dga": opt.state_dict()}, buffer)
-            model, opt = build()
-            buffer.seek(0)
-            saved = torch.load(buffer, weights_only=True)
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["dga"])
-        opt.zero_grad()
-        ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
-        opt.step()
+    model, _ = train_resumable(rank, world, build, steps, resume_at)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def fedavg_train(rank, world, period, steps, momentum, lr=0.1):
-    """The digits MLP trained with gradcomp.FedAvg: this rank's parameters."""
+def fedavg_train(rank, world, period, steps, momentum, lr=0.1, delay=0, resume_at=None):
+    """The digits MLP trained with gradcomp.FedAvg, resumed at ``resume_at`` if given: this rank's parameters
+    and bytes sent (since the resume)."""
+
+    def build():
+        model = mlp()
+        return model, gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+                                      model.named_parameters(), period=period, delay=delay)
+
+    model, opt = train_resumable(rank, world, build, steps, resume_at)
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "bytes": opt.comm.bytes_sent}
+
+
+def fedavg_plain(rank, world, period, steps, momentum, lr=0.1):
+    """FedAvg written out with torch alone: torch.optim.SGD, and every ``period`` steps one all-reduce of the
+    parameters laid end to end (as gradcomp's communicator lays a bucket), divided by the world size."""
     x, y = digits64()
     model = mlp()
-    opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), model.named_parameters(),
-                          period=period)
-    for xb, yb in batches(x, y, 64, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for step, (xb, yb) in enumerate(batches(x, y, 64, steps), 1):
         opt.zero_grad()
         ce(model, (xb.tensor_split(world)[rank], yb.tensor_split(world)[rank])).backward()
         opt.step()
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "bytes": opt.comm.bytes_sent}
+        if step % period == 0:
+            with torch.no_grad():
+                params = list(model.parameters())
+                flat = torch.cat([p.reshape(-1) for p in params])
+                dist.all_reduce(flat)
+                for p, total in zip(params, flat.split([p.numel() for p in params])):
+                    p.copy_(total.view_as(p) / world)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def fedavg_mismatched(rank, world):
+    """FedAvg started with delay 3 on rank 0, 2 elsewhere: the error each rank raised at its first step."""
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), 2,
+                          delay=3 if rank == 0 else 2)
+    x, y = least_squares_data(rank, 0)
+    (0.5 * (model(x).view(-1) - y).pow(2).mean()).backward()
+    try:
+        opt.step()
+    except gradcomp.SettingsMismatchError as error:
+        return str(error)
+    return None
 
 
 def dga_step_times(rank, world, plan, compute_s, steps, rounds):
@@ -220,6 +269,15 @@ def dga_all(rank, world):
     out["ddp_sgd"] = train(rank, world, "ddp", None, DGA_STEPS, momentum=0.0)
     out["fedavg1"] = fedavg_train(rank, world, 1, DGA_STEPS, momentum=0.0)
     out["fedavg3"] = fedavg_train(rank, world, 3, 10, momentum=0.9)
+    out["fedavg3_plain"] = fedavg_plain(rank, world, 3, 10, momentum=0.9)
+    out["fedavg2_d3"] = fedavg_train(rank, world, 2, 12, momentum=0.9, delay=3)
+    out["fedavg2_d3_resumed"] = fedavg_train(rank, world, 2, 12, momentum=0.9, delay=3, resume_at=8)
+    for delay in (0, 3):
+        out[f"lsq_fedavg_{delay}"] = dga_least_squares(rank, world, delay, True, 10, 0.2, period=2)
+        # the round of step 4 damaged on the wire (0-based step 3): refused on every rank
+        out[f"lsq_fedavg_{delay}_damaged"] = dga_least_squares(rank, world, delay, True, 10, 0.2, period=2,
+                                                               damaged_at=3)
+    out["fedavg_mismatch"] = fedavg_mismatched(rank, world)
     for correction in (True, False):
         out[f"lsq_{correction}"] = dga_least_squares(rank, world, 3, correction, 10, 0.2)
     for spec, momentum in ((None, 0.9), (DGA_DGC, 0.0)):

@@ -83,17 +83,19 @@ def test_state_dict_round_trip_mid_run_continues_identically(runs, key):
         assert_close(r[f"resumed_{key}"], r[f"straight_{key}"], 0.0)
 
 
-def simulate_dga(spec, world, delay, steps, momentum, lr=0.1, correction=True, resume_at=None):
-    """dist_workers.dga_train in the simulator: every worker's parameters (and the simulator)."""
+def simulate(world, steps, momentum, spec=None, lr=0.1, resume_at=None, **options):
+    """dist_workers.dga_train or fedavg_train in the simulator (``options``: the Simulator's delay, correction,
+    local_steps): every worker's parameters, the simulator and (with ``resume_at``) the state it resumed from."""
     x, y = digits64()
 
     def build():
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         method = "none" if spec is None else build_method(spec)
-        return gradcomp.Simulator(model, method, world, optimizer=opt, delay=delay, correction=correction), opt
+        return gradcomp.Simulator(model, method, world, optimizer=opt, **options), opt
 
     sim, opt = build()
+    saved = None
     for step, (xb, yb) in enumerate(batches(x, y, 64, steps)):
         if step == resume_at:
             saved = {"model": sim.model.state_dict(), "opt": opt.state_dict(), "sim": sim.state_dict()}
@@ -102,7 +104,12 @@ def simulate_dga(spec, world, delay, steps, momentum, lr=0.1, correction=True, r
             opt.load_state_dict(saved["opt"])
             sim.load_state_dict(saved["sim"])
         sim.step(gradcomp.split_batch((xb, yb), world), ce)
-    return [{n: p.detach().clone() for n, p in m.named_parameters()} for m in sim.models], sim
+    return [{n: p.detach().clone() for n, p in m.named_parameters()} for m in sim.models], sim, saved
+
+
+def simulate_dga(spec, world, delay, steps, momentum, lr=0.1, correction=True, resume_at=None):
+    """dist_workers.dga_train in the simulator: every worker's parameters (and the simulator)."""
+    return simulate(world, steps, momentum, spec, lr, resume_at, delay=delay, correction=correction)[:2]
 
 
 @pytest.mark.parametrize("key", ["plain", "dgc"])
@@ -152,6 +159,89 @@ def test_fedavg_real_ranks_match_the_simulator(runs):
                for n in out[0]["fedavg3"]["params"])  # the last step was local
 
 
+def reference_fedavg(world, period, delay, steps, lr, refused=()):
+    """Float64 recomputation of FedAvg with delayed rounds on the least-squares model, written as what each
+    worker's weights are: the sum over windows (K steps each) of the workers' mean progress for the windows
+    whose average has arrived (D steps after the window's last step) and of this worker's own progress for the
+    others.  A window in ``refused`` (0-based) has its average arrive with the next window's."""
+
+    def arrived(r, i):
+        while r in refused:
+            r += 1
+        return (r + 1) * period + delay <= i + 1
+
+    progress = [[] for _ in range(world)]  # progress[k][r]: rank k's summed SGD updates in window r
+    w = [torch.zeros(5, dtype=torch.float64) for _ in range(world)]
+    history = [[] for _ in range(world)]
+    for i in range(steps):
+        for k in range(world):
+            x, y = least_squares_data(k, i)
+            if i % period == 0:
+                progress[k].append(torch.zeros(5, dtype=torch.float64))
+            progress[k][-1] = progress[k][-1] - lr * x.T @ (x @ w[k] - y) / x.shape[0]
+        for k in range(world):
+            w[k] = sum(sum(progress[j][r] for j in range(world)) / world if arrived(r, i) else progress[k][r]
+                       for r in range(len(progress[k])))
+            history[k].append(w[k].clone())
+    return [torch.stack(h) for h in history]
+
+
+@pytest.mark.parametrize("delay", [0, 3])
+def test_fedavg_with_delay_swaps_each_workers_delta_for_the_average_delay_steps_late(runs, delay):
+    """K = 2: rounds at steps 2, 4, ...; with D = 3 each arrives in the middle of a later window."""
+    world, out = runs
+    expected = reference_fedavg(world, 2, delay, 10, 0.2)
+    for rank, r in enumerate(out):
+        torch.testing.assert_close(r[f"lsq_fedavg_{delay}"], expected[rank], rtol=1e-12, atol=1e-12)
+    for off in (delay - 1, delay + 1):  # the reference tells the delays apart
+        if off >= 0:
+            other = reference_fedavg(world, 2, off, 10, 0.2)
+            assert not torch.allclose(other[0], expected[0], rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(expected[0], expected[1], rtol=1e-6, atol=1e-9)  # the workers differ
+    # the round of step 4 damaged on the wire: refused on every rank, its window's progress joins the next round
+    refused = reference_fedavg(world, 2, delay, 10, 0.2, refused={1})
+    for rank, r in enumerate(out):
+        torch.testing.assert_close(r[f"lsq_fedavg_{delay}_damaged"], refused[rank], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(refused[0], expected[0], rtol=1e-6, atol=1e-9)
+
+
+def test_fedavg_delay_zero_is_plain_fedavg_bit_for_bit(runs):
+    """Against torch.optim.SGD and one all-reduce of the parameters every K steps."""
+    _, out = runs
+    for r in out:
+        assert_close(r["fedavg3"]["params"], r["fedavg3_plain"], 0.0)
+
+
+def test_fedavg_with_delay_real_ranks_match_the_simulator(runs):
+    """K = 2, D = 3, 12 steps, momentum 0.9: each rank as its simulated worker, six rounds of the weights sent
+    (the last two still in flight at the end)."""
+    world, out = runs
+    workers, sim, _ = simulate(world, 12, 0.9, local_steps=2, delay=3)
+    dense = sum(p.numel() * p.element_size() for p in mlp().parameters())
+    for rank, r in enumerate(out):
+        assert_close(r["fedavg2_d3"]["params"], workers[rank], 1e-6)
+        assert r["fedavg2_d3"]["bytes"] == sim.bytes_sent[rank] == 6 * dense
+    assert all(isinstance(d, gradcomp.FedAvg) and d.delay == 3 for d in sim.doors)
+
+
+def test_fedavg_with_delay_resumes_mid_run_with_rounds_in_flight_bit_identically(runs):
+    """K = 2, D = 3, checkpointed after 8 steps: the rounds of steps 6 and 8 in flight."""
+    world, out = runs
+    for r in out:
+        assert_close(r["fedavg2_d3_resumed"]["params"], r["fedavg2_d3"]["params"], 0.0)
+    straight, _, _ = simulate(world, 12, 0.9, local_steps=2, delay=3)
+    resumed, _, saved = simulate(world, 12, 0.9, resume_at=8, local_steps=2, delay=3)
+    assert [[r["step"] for r in door["rounds"]] for door in saved["sim"]["doors"]] == [[6, 8]] * world
+    for a, b in zip(resumed, straight):
+        assert_close(a, b, 0.0)
+
+
+def test_fedavg_ranks_started_with_different_delays_all_raise_naming_them(runs):
+    world, out = runs
+    for r in out:
+        assert r["fedavg_mismatch"] is not None and "delay: rank 0 3, rank 1 2" in r["fedavg_mismatch"]
+
+
 def test_delay_hides_emulated_latency_that_synchronous_sgd_pays():
     """Latency L emulated, compute c per step, D c >= L: DGA's step time stays near the zero-latency one;
     synchronous SGD pays about L per step.  (Generous bounds: behaviour, not speed; the benchmark prints
@@ -175,5 +265,15 @@ def test_bad_settings_name_the_value():
             gradcomp.DelayedGradientAveraging(opt, model.named_parameters(), delay=2, emulate_latency_ms=bad)
     with pytest.raises(ValueError, match="FedAvg.period"):
         gradcomp.FedAvg(opt, model.named_parameters(), period=0)
-    with pytest.raises(ValueError, match="not both"):
-        gradcomp.Simulator(model, "none", 2, optimizer=opt, delay=1, local_steps=2)
+    with pytest.raises(ValueError, match="FedAvg.delay must .*-1"):
+        gradcomp.FedAvg(opt, model.named_parameters(), period=2, delay=-1)
+    with pytest.raises(ValueError, match="Simulator.delay must .*-2"):
+        gradcomp.Simulator(model, "none", 2, optimizer=opt, delay=-2, local_steps=2)
+    with pytest.raises(ValueError, match="correction=False"):
+        gradcomp.Simulator(model, "none", 2, optimizer=opt, delay=1, local_steps=2, correction=False)
+    saved = gradcomp.FedAvg(opt, model.named_parameters(), period=2, delay=3).state_dict()
+    with pytest.raises(ValueError, match=r"saved with delay=3, this FedAvg has delay=2"):
+        gradcomp.FedAvg(opt, model.named_parameters(), period=2, delay=2).load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"FedAvg snapshot 'weight' is \[3\]"):
+        gradcomp.FedAvg(opt, model.named_parameters(), period=2, delay=3).load_state_dict(
+            {**saved, "snapshot": {"weight": torch.zeros(3), "bias": torch.zeros(2)}})

@@ -114,6 +114,24 @@ def test_fedavg_real_workers_match_the_simulator_and_resume_exactly(tmp_path):
     assert quick(tmp_path, "sync", method="none", workers=2, epochs=1, simulate=True)["test_loss"] != first["test_loss"]
 
 
+def test_fedavg_with_delay_trains_from_the_cli_and_real_ranks_match_the_simulator(tmp_path):
+    """DGA with local steps (K = 2, D = 3) through `gradcomp train`, simulated, and through the real-rank door:
+    the same test loss and bytes (the weights, every 2 steps), unlike FedAvg without the delay."""
+    common = ["--compressor", "none", "--workers", "2", "--epochs", "1", "--limit-train", "256", "--no-progress"]
+    assert main(["train", "--simulate", "--fedavg-period", "2", "--dga-delay", "3", *common,
+                 "--run-dir", str(tmp_path / "sim")]) == 0
+    sim = RunDir(tmp_path / "sim").read_summary()
+    cfg = RunDir(tmp_path / "sim").read_config()
+    assert (cfg["fedavg_period"], cfg["dga_delay"], sim["steps"]) == (2, 3, 8)
+    kw = dict(method="none", workers=2, epochs=1, limit_train=256, batch_size=16, fedavg_period=2)  # as the CLI
+    real = quick(tmp_path, "real", dga_delay=3, **kw)
+    assert real["bytes_sent"] == sim["bytes_sent"] == 4 * 4 * sum(
+        p.numel() for p in gradcomp.train.models.build_model("mlp", "digits").parameters())
+    assert real["test_loss"] == pytest.approx(sim["test_loss"], rel=1e-5)
+    plain = quick(tmp_path, "plain", simulate=True, **kw)
+    assert plain["test_loss"] != sim["test_loss"]
+
+
 def test_skewed_partition_gives_each_worker_its_own_classes(tmp_path):
     from gradcomp.train.data import load_dataset
     from gradcomp.train.loop import Task
@@ -161,8 +179,10 @@ def test_new_settings_are_checked():
         TrainConfig(fedavg_period=0, method="none")
     with pytest.raises(ValueError, match="fedavg_period"):
         TrainConfig(fedavg_period=5, method="dgc")
-    with pytest.raises(ValueError, match="fedavg_period"):
-        TrainConfig(fedavg_period=5, method="none", dga_delay=2)
+    with pytest.raises(ValueError, match="method='dgc'"):
+        TrainConfig(fedavg_period=5, method="dgc", dga_delay=2)
+    with pytest.raises(ValueError, match="dga_correction=False with fedavg_period"):
+        TrainConfig(fedavg_period=5, method="none", dga_delay=2, dga_correction=False)
     with pytest.raises(ValueError, match="partition"):
         TrainConfig(partition="by-class")
     with pytest.raises(ValueError, match="ptb has neither"):

@@ -233,7 +233,8 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="with --dga-delay: apply the stale average alone (the paper's 'w/o correction')")
     p.add_argument("--fedavg-period", type=_positive_int, metavar="K",
                    help="FedAvg / local SGD: each worker steps on its own gradients, the weights are averaged every "
-                        "K steps (with --compressor none)")
+                        "K steps (with --compressor none); with --dga-delay D each round's average is applied D steps "
+                        "later, the worker's own delta swapped for it (DGA with local steps)")
     p.add_argument("--partition", choices=("iid", "skewed"), default="iid",
                    help="how the training data is split among workers: iid (default), or skewed: each worker only "
                         "a few classes (images) or speakers (shakespeare)")

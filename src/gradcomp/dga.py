@@ -18,6 +18,17 @@ synchronous data-parallel SGD.
 The workers' models differ by their local terms; momentum and weight decay
 stay the wrapped optimizer's, applied to the corrected gradient.
 
+:class:`FedAvg` is local SGD: ``period=K`` local steps, then the weights'
+average.  With ``delay=D`` it combines with DGA (the paper's "DGA (K = 5,
+D = 20)"): every K steps worker k starts averaging its delta since its
+previous snapshot, ``Delta^k_r = w^k - s^k_{r-1}``, and D steps later swaps
+its own delta for the average, keeping its progress since::
+
+    w^k <- w^k - Delta^k_r + mean_j Delta^j_r
+
+``delay=0`` is FedAvg as McMahan et al. define it (the weights replaced by
+their average).
+
 Non-finite gradients (``nonfinite="skip"``, the default): the ranks cannot
 agree on a step before it is taken without paying the latency DGA hides, so
 the verdict travels with the step's average (one float32 more in its dense
@@ -198,6 +209,15 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
         self._pending = deque((dict(e["local"]), _Finished(dict(e["average"]))) for e in state["pending"])
 
 
+class _Round:
+    """One FedAvg round: the step it started, this worker's weights at the start of its window (``start``) and
+    at its end (``sent``), and the pending average of every worker's ``sent``."""
+
+    def __init__(self, step: int, start: dict[str, Tensor], sent: dict[str, Tensor],
+                 pending: Pending | _Finished) -> None:
+        self.step, self.start, self.sent, self.pending = step, start, sent, pending
+
+
 class FedAvg(OptimizerWrapper, Door):
     """Local SGD / federated averaging (McMahan et al. 2017), the other way to save communication rounds:
     every worker takes ``period`` optimizer steps on its own gradients, then the workers' weights are
@@ -206,61 +226,169 @@ class FedAvg(OptimizerWrapper, Door):
     >>> opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), period=10)
     >>> loss.backward(); opt.step(); opt.zero_grad()
 
+    With ``delay=D`` the average arrives ``D`` steps after it started, as in delayed gradient averaging (Zhu et
+    al. 2021, "DGA (K = 5, D = 20)" in its second table), and the worker keeps training meanwhile.  Round r
+    starts at step rK: worker k snapshots its weights and starts averaging its delta since the previous
+    snapshot (the first: its weights at the first step), ``Delta^k_r = w^k - s^k_{r-1}``.  At step rK + D it
+    replaces its own delta by the average, keeping its local progress since (DGA's correction, in weight
+    space)::
+
+        w^k <- w^k - Delta^k_r + mean_j Delta^j_r
+
+    A correction that arrives inside a window moves that window's snapshot too, so a delta is always the
+    worker's own local progress; any ``D >= 0`` works, with ``ceil(D / K)`` rounds in flight at most (D = 20,
+    K = 5: four; D need not be a multiple of K).  What crosses the wire is each round's weights, as without a
+    delay (the same bytes): ``mean_j Delta^j_r`` is the difference of two consecutive rounds' averages, the
+    mean of the snapshots being the previous round's average.  ``delay=0`` is plain FedAvg, bit for bit: the
+    weights replaced by their average.  Workers whose first weights differ are drawn together by the first
+    round's average.  Rounds still in flight when training stops are not applied: each worker's model then
+    holds its own last deltas (as it holds its local steps after the last average).
+
     Optimizer state (momentum) stays local.  ``emulate_latency_ms``: see :mod:`gradcomp.comm`.  A worker whose
     gradient holds a NaN or Inf skips that local step (``nonfinite="skip"``; the others need not know, nothing is
     exchanged) or raises (``"raise"``).  An average of the weights that holds a NaN or Inf (a payload damaged on
-    the wire; every rank decodes the same bytes) is refused on every rank: each keeps its own weights.
+    the wire; every rank decodes the same bytes) is refused on every rank: each keeps its own weights (that
+    round's correction is not applied) and its delta joins the next round's, as weights are averaged whole
+    without a delay.
+
+    Raises:
+        ValueError: ``period`` < 1 or ``delay`` < 0 (naming the value).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
-                 period: int, process_group: dist.ProcessGroup | Communicator | None = None, *,
+                 period: int, process_group: dist.ProcessGroup | Communicator | None = None, *, delay: int = 0,
                  emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
         check_int("FedAvg", "period", period, 1)
+        check_int("FedAvg", "delay", delay, 0)
         self.optimizer = optimizer
         self.period = period
+        self.delay = delay
         # the weights are averaged densely ("none"): the core keeps the step count, the guard, the communicator
         self.core = Core("none", process_group, owner="FedAvg", nonfinite=nonfinite,
                          emulate_latency_ms=emulate_latency_ms)
         self.params = trained_parameters(named_parameters, optimizer)
         self.skipped = 0  # local steps skipped for a non-finite gradient, and averages refused as non-finite
+        self._snapshot: dict[str, Tensor] | None = None  # the open window's start (taken at the first step)
+        self._last: dict[str, Tensor] | None = None  # the last average applied (at first: the first snapshot)
+        self._rounds: deque[_Round] = deque()  # in flight, oldest first
+
+    def _weights(self) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def _begin(self) -> None:
+        """The first snapshot, once (not after a load that holds one): the weights now, also the last average."""
+        if self._snapshot is None:
+            self._snapshot = self._weights()
+            self._last = dict(self._snapshot)
 
     def synchronize(self) -> None:
         """Nothing to exchange before a local step: the settings check (first step) and this rank's own
         non-finite check."""
         core = self.core
-        core.check_settings(self.params, period=self.period)
+        core.check_settings(self.params, period=self.period, delay=self.delay)
+        self._begin()
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
         self.step_skipped = nonfinite_step(grads, core.guard.nonfinite, f"rank {core.rank}, step {self.steps}",
                                            "this rank skips its local step")
         self.skipped += self.step_skipped
 
     def step_optimizer(self, closure: Callable[[], float] | None = None) -> Any:
-        """The local step; every ``period`` steps, the weights' average."""
+        """The local step; every ``period`` steps a round starts; the round started ``delay`` steps ago is
+        applied."""
         out = super().step_optimizer(closure)
         self.core.end_step()
         if self.steps % self.period == 0:
             self.average()
+        else:
+            self.apply_due()
         return out
 
     @torch.no_grad()
     def average(self) -> None:
-        """Replace every worker's weights by their average now."""
-        averages = self.core.exchange({n: p.detach() for n, p in self.params.items()}).wait()  # NaN/Inf raise
+        """Start a round now (snapshot, exchange of the weights); apply every round due (with ``delay=0``:
+        this one, every worker's weights replaced by their average)."""
+        self._begin()  # (a round before any synchronize())
+        sent = self._weights()
+        core = self.core
+        pending = core.comm.exchange_later(core.exchanges(core.method.prepare(sent, core.world_size)))  # NaN raise
+        self._rounds.append(_Round(self.steps, self._snapshot, sent, pending))
+        self._snapshot = dict(sent)
+        self.apply_due()
+
+    @torch.no_grad()
+    def apply_due(self) -> None:
+        """Apply the rounds started ``delay`` steps ago or earlier (``step_optimizer`` calls it every step)."""
+        while self._rounds and self.steps - self._rounds[0].step >= self.delay:
+            self._apply(self._rounds.popleft())
+
+    def _apply(self, done: _Round) -> None:
+        averages = done.pending.wait()
         corrupt = non_finite(averages)  # the same on every rank: every rank decodes the same bytes
         if corrupt:
             self.skipped += 1
             log.warning("rank %d keeps its own weights: their average holds NaN or Inf in %s (a payload damaged "
                         "on the wire?)", self.core.rank, ", ".join(corrupt[:5]))
+            # the round's delta joins the next one's: that round's start moves back to this one's
+            later = self._rounds[0].start if self._rounds else self._snapshot
+            moved = {n: done.start[n] + (later[n] - done.sent[n]) for n in self.params}
+            if self._rounds:
+                self._rounds[0].start = moved
+            else:
+                self._snapshot = moved
             return
+        snapshot, last = {}, {}
         for n, p in self.params.items():
-            p.copy_(averages[n].view_as(p))
+            w, average = p.detach(), averages[n].view_as(p)
+            # w - Delta^k_r + mean_j Delta^j_r, written so that delay=0 gives the average exactly (both terms 0)
+            new = average + ((w - done.sent[n]) + (done.start[n] - self._last[n]))
+            snapshot[n] = new + (self._snapshot[n] - w)  # the open window keeps its local progress
+            last[n] = average
+            p.copy_(new)
+        self._snapshot, self._last = snapshot, last
+
+    def finish(self) -> None:
+        """Wait for every round in flight (they stay queued for their steps)."""
+        for r in self._rounds:
+            r.pending.wait()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "period": self.period, "steps": self.steps}
+        """Optimizer, counters, the open window's snapshot, the last average applied and every round in flight
+        (its average waited for first, on every rank alike)."""
+        self.finish()
+        return {"optimizer": self.optimizer.state_dict(), "period": self.period, "delay": self.delay,
+                "steps": self.steps, "snapshot": self._snapshot, "last": self._last,
+                "rounds": [{"step": r.step, "start": r.start, "sent": r.sent, "average": r.pending.wait()}
+                           for r in self._rounds]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["period"] != self.period:
             raise ValueError(f"the checkpoint was saved with period={state['period']}, this FedAvg has "
                              f"period={self.period}")
+        if state.get("delay", 0) != self.delay:
+            raise ValueError(f"the checkpoint was saved with delay={state.get('delay', 0)}, this FedAvg has "
+                             f"delay={self.delay}")
+        rounds = state.get("rounds", [])
+        named = [("snapshot", state.get("snapshot")), ("last", state.get("last"))]
+        named += [(f"round {i} {key}", r[key]) for i, r in enumerate(rounds) for key in ("start", "sent", "average")]
+        for what, tensors in named:
+            if tensors is not None:
+                self._check(what, tensors)
+        self.finish()
         self.optimizer.load_state_dict(state["optimizer"])
         self.core.load_state_dict({"method": {**self.core.state_dict()["method"], "steps": int(state["steps"])}})
+        self._snapshot = None if state.get("snapshot") is None else dict(state["snapshot"])
+        self._last = None if state.get("last") is None else dict(state["last"])
+        self._rounds = deque(_Round(int(r["step"]), dict(r["start"]), dict(r["sent"]), _Finished(dict(r["average"])))
+                             for r in rounds)
+
+    def _check(self, what: str, tensors: dict[str, Tensor]) -> None:
+        """A one-line ValueError unless ``tensors`` holds one tensor of each parameter's size."""
+        unknown = set(tensors) ^ set(self.params)
+        if unknown:
+            raise ValueError(f"the checkpoint's FedAvg {what} does not match the parameters: "
+                             f"{', '.join(sorted(unknown)[:5])}")
+        for n, p in self.params.items():
+            t = tensors[n]
+            if not isinstance(t, Tensor) or t.numel() != p.numel():
+                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"the checkpoint's FedAvg {what} {n!r} is {got}, the parameter {list(p.shape)}")

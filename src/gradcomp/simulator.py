@@ -4,7 +4,7 @@ The workers are the real front doors on an in-process group: each worker is
 a :class:`~gradcomp.core.Core` (synchronous steps; the DDP hook's and
 :class:`~gradcomp.DistributedOptimizer`'s rule), a
 :class:`~gradcomp.DelayedGradientAveraging` (``delay=D``) or a
-:class:`~gradcomp.FedAvg` (``local_steps=K``) whose communicator is a
+:class:`~gradcomp.FedAvg` (``local_steps=K``, with ``delay=D`` its delayed rounds) whose communicator is a
 :class:`LocalCommunicator`.  The workers take turns on the calling thread
 (greenlets); a :class:`LocalGroup` meets their collectives and combines the
 payloads exactly as the collectives would across real ranks: summed in rank
@@ -234,7 +234,8 @@ class Simulator:
     raises ``ValueError``).  Buffers (batch-norm statistics) follow DDP's
     ``broadcast_buffers=True``: every worker starts from worker 0's.
     ``delay`` runs :class:`~gradcomp.DelayedGradientAveraging` (with
-    ``correction``), ``local_steps`` :class:`~gradcomp.FedAvg`; ``nonfinite``
+    ``correction``), ``local_steps`` :class:`~gradcomp.FedAvg` (with ``delay``
+    too: FedAvg's rounds applied ``delay`` steps late); ``nonfinite``
     is ``"skip"`` or ``"raise"`` as at every front door (see :mod:`gradcomp.guard`).
     """
 
@@ -250,8 +251,9 @@ class Simulator:
                 check_int("Simulator", field, value, 0 if field == "delay" else 1)
                 if optimizer is None:
                     raise ValueError(f"Simulator({field}=...) needs the optimizer: every worker steps its own copy")
-        if delay is not None and local_steps is not None:
-            raise ValueError("Simulator takes delay (DGA) or local_steps (FedAvg), not both")
+        if local_steps is not None and not correction:
+            raise ValueError("Simulator(correction=False) is DGA's without local_steps: FedAvg's delayed rounds "
+                             "always swap a worker's own delta for the average")
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
@@ -267,12 +269,12 @@ class Simulator:
         else:  # each worker its own model and optimizer, behind its own front door
             self.models = [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
             self.optimizers = [optimizer] + [_optimizer_for(optimizer, model, m) for m in self.models[1:]]
-            if delay is not None:
+            if local_steps is None:
                 self.doors = [DelayedGradientAveraging(o, m.named_parameters(), delay, method, correction, comm,
                                                        nonfinite=nonfinite)
                               for m, o, comm in zip(self.models, self.optimizers, comms)]
             else:
-                self.doors = [FedAvg(o, m.named_parameters(), local_steps, comm, nonfinite=nonfinite)
+                self.doors = [FedAvg(o, m.named_parameters(), local_steps, comm, delay=delay or 0, nonfinite=nonfinite)
                               for m, o, comm in zip(self.models, self.optimizers, comms)]
             self.cores = [door.core for door in self.doors]
         self.dense_bytes = 0  # fp32 bytes of the gradients one worker would send uncompressed

@@ -124,7 +124,8 @@ class TrainConfig:
     #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous)
     dga_delay: int | None = None
     dga_correction: bool = True
-    #: FedAvg / local SGD instead of averaging gradients: average the weights every this many steps
+    #: FedAvg / local SGD instead of averaging gradients: average the weights every this many steps (with
+    #: ``dga_delay``: each round's average applied that many steps later, DGA's correction in weight space)
     fedavg_period: int | None = None
     #: how the training data is split among workers: "iid" or "skewed" (see :class:`Task`)
     partition: str = "iid"
@@ -181,9 +182,12 @@ class TrainConfig:
             raise ValueError("TrainConfig.dga_correction=False needs dga_delay")
         if self.fedavg_period is not None:
             check_int("TrainConfig", "fedavg_period", self.fedavg_period, 1)
-            if self.dga_delay is not None or self.method != "none":
-                raise ValueError("TrainConfig.fedavg_period averages weights, dense: it takes method='none' and no "
-                                 "dga_delay")
+            if self.method != "none":
+                raise ValueError(f"TrainConfig.fedavg_period averages weights, dense: it takes method='none', got "
+                                 f"method={self.method!r}")
+            if not self.dga_correction:
+                raise ValueError("TrainConfig.dga_correction=False with fedavg_period: FedAvg's delayed rounds "
+                                 "(dga_delay) always swap a worker's own delta for the average")
             if self.clip_norm is not None:
                 raise ValueError("TrainConfig.clip_norm with fedavg_period: there is no averaged gradient to clip")
         if self.model_options:
@@ -493,7 +497,7 @@ class _Wrapped(_Front):
         from ..dga import DelayedGradientAveraging, FedAvg
 
         config = self.config
-        if config.dga_delay is not None:
+        if config.fedavg_period is None:
             self.door = DelayedGradientAveraging(self.optimizer, self.model.named_parameters(), config.dga_delay,
                                                  self.given, config.dga_correction,
                                                  emulate_latency_ms=config.emulate_latency_ms,
@@ -501,7 +505,8 @@ class _Wrapped(_Front):
             self.key, self.methods = "dga", [self.door.method]
         else:
             self.door = FedAvg(self.optimizer, self.model.named_parameters(), config.fedavg_period,
-                               emulate_latency_ms=config.emulate_latency_ms, nonfinite=config.nonfinite)
+                               delay=config.dga_delay or 0, emulate_latency_ms=config.emulate_latency_ms,
+                               nonfinite=config.nonfinite)
             self.key = "fedavg"
 
     def step(self, shards: list[tuple]) -> float:
