@@ -65,6 +65,7 @@ def test_shaped_links_limit_the_rate_and_are_torn_down_even_on_error():
     assert links.leftovers() == []
 
 
+@pytest.mark.slow  # 21 s: the shaped links themselves are tested above in a fraction of that
 @needs_root
 def test_bench_network_quick(tmp_path):
     assert main(["bench", "network", "--out", str(tmp_path), "--no-progress"]) == 0

@@ -44,6 +44,7 @@ def test_read_rss_sees_an_allocation_and_the_peak_keeps_it():
     assert peak_after > peak_during - 1 and peak_after - after > 128
 
 
+@pytest.mark.slow  # 15 s; the growth and trend helpers it relies on are tested above
 def test_bench_memory_quick_dgc_memory_stops_growing_after_warmup(tmp_path):
     assert main(["bench", "memory", "--out", str(tmp_path), "--no-progress"]) == 0
     report = (tmp_path / "bench-memory-quick.md").read_text()
