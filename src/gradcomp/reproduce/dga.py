@@ -59,8 +59,8 @@ _CHAR_LSTM = (("hidden", 128), ("layers", 1))
 _IMAGE = dict(momentum=0.9, lr_warmup_epochs=1.0)
 FULL = Variant(
     tasks=(Task("image", "fashion-mnist", "mlp", None, 15, 32, 0.005, lr_milestones=(10, 13), **_IMAGE),
-           Task("language", "shakespeare", "lstm", 300_000, 4, 16, 0.1, model_options=_CHAR_LSTM,
-                lr_warmup_epochs=0.5, lr_milestones=(3,), token_accuracy=True)),
+           Task("language", "shakespeare", "lstm", 300_000, 8, 16, 0.3, model_options=_CHAR_LSTM,
+                lr_warmup_epochs=0.5, lr_milestones=(6,), token_accuracy=True)),
     delays=(5, 10, 15, 20), periods=(5, 10, 20), combined=((5, 20),), latency_ms=100.0, ranks=4, timed_steps=60)
 QUICK = Variant(
     tasks=(Task("image", "fashion-mnist", "mlp", 4_096, 1, 32, 0.05, limit_test=1_000),
