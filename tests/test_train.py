@@ -282,3 +282,34 @@ def test_torchrun_launch(tmp_path):
     summary = json.loads((tmp_path / "tr" / "summary.json").read_text())
     assert summary["workers"] == 2 and not summary["simulated"]
     assert "compression" in proc.stdout
+
+
+def test_a_language_model_is_scored_by_next_token_accuracy_too():
+    """``test_token_accuracy``: the share of test tokens whose most likely next token is right, recomputed here
+    from one pass over the whole test stream (a bigram model has no state, so windows do not matter)."""
+    from gradcomp.train.data import load_dataset
+    from gradcomp.train.loop import Task
+
+    try:
+        data = load_dataset("shakespeare", limit_train=2_000)
+    except gradcomp.train.data.DatasetNotFoundError as error:
+        pytest.skip(str(error))
+
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = torch.nn.Embedding(data.vocab_size, data.vocab_size)
+
+        def forward(self, tokens, hidden=None):
+            return self.table(tokens), hidden
+
+    task = Task(data, TrainConfig(dataset="shakespeare", method="none", limit_test=1_001, bptt=7, **QUIET), 1)
+    model = Bigram()
+    result = task.evaluate(model)
+    stream = data.test[:1_001]
+    rows = stream.numel() // 10 * 10  # batchify(stream, 10): 10 rows, the tail dropped
+    x = stream[:rows].view(10, -1)
+    predicted, target = model.table.weight[x[:, :-1]].argmax(-1), x[:, 1:]
+    assert result["test_token_accuracy"] == (predicted == target).sum().item() / target.numel()
+    assert 0 < result["test_token_accuracy"] < 1

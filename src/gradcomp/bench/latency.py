@@ -26,12 +26,14 @@ from ..reproduce.common import Check, Context, Result, Study, markdown_table, re
 
 
 def step_time(kind: str, param: int, latency_ms: float, steps: int, model: torch.nn.Module,
-              loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> float:
+              loss_fn: Callable[[torch.nn.Module], torch.Tensor], delay: int = 0) -> float:
     """Seconds per training step of ``model`` on this rank under ``latency_ms`` of emulated latency:
-    ``kind`` "dga" (delay ``param``; 0 is synchronous SGD) or "fedavg" (period ``param``); each step is
-    ``loss_fn(model).backward()`` and the wrapper's step.  The first ``param + 1`` steps are not timed."""
+    ``kind`` "dga" (delay ``param``; 0 is synchronous SGD) or "fedavg" (period ``param``, its averages applied
+    ``delay`` steps late); each step is ``loss_fn(model).backward()`` and the wrapper's step.  The first
+    ``param + delay + 1`` steps are not timed."""
     sgd = torch.optim.SGD(model.parameters(), lr=0.01)
-    opt = (FedAvg(sgd, model.named_parameters(), param, emulate_latency_ms=latency_ms) if kind == "fedavg" else
+    opt = (FedAvg(sgd, model.named_parameters(), param, delay=delay, emulate_latency_ms=latency_ms)
+           if kind == "fedavg" else
            DelayedGradientAveraging(sgd, model.named_parameters(), param, emulate_latency_ms=latency_ms))
     stamps = []
     for _ in range(steps):
@@ -39,10 +41,9 @@ def step_time(kind: str, param: int, latency_ms: float, steps: int, model: torch
         loss_fn(model).backward()
         opt.step()
         stamps.append(time.perf_counter())
-    if kind == "dga":
-        opt.finish()
+    opt.finish()
     dist.barrier()
-    skip = param + 1
+    skip = param + delay + 1
     return (stamps[-1] - stamps[skip - 1]) / (steps - skip)
 
 

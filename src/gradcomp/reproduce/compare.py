@@ -60,10 +60,27 @@ class Task:
     workers: int = 4
     #: the model's options (``TrainConfig.model_options``), as (key, value) pairs
     model_options: tuple[tuple[str, object], ...] = ()
+    momentum: float = 0.9
+    lr_warmup_epochs: float = 0.0
+    lr_milestones: tuple[int, ...] = ()  # the learning rate times 0.1 at each
+    #: a language model scored by next-token accuracy instead of perplexity
+    token_accuracy: bool = False
 
     @property
     def metric(self) -> str:
-        return "test_perplexity" if self.dataset in ("ptb", "shakespeare") else "test_accuracy"
+        if self.dataset in ("ptb", "shakespeare"):
+            return "test_token_accuracy" if self.token_accuracy else "test_perplexity"
+        return "test_accuracy"
+
+    @property
+    def accuracy(self) -> bool:
+        """Whether the metric is an accuracy (higher is better, shown in %) rather than a perplexity."""
+        return self.metric != "test_perplexity"
+
+    def schedule(self) -> dict[str, object]:
+        """The ``TrainConfig`` fields of the optimizer's schedule."""
+        return dict(lr=self.lr, momentum=self.momentum, lr_warmup_epochs=self.lr_warmup_epochs,
+                    lr_milestones=list(self.lr_milestones))
 
     def describe(self) -> str:
         """``key: data, model, workers x batch`` for a report's setup."""
@@ -91,7 +108,7 @@ def configs(task: Task, seed: int) -> list:
             options = {**options, "warmup_epochs": task.epochs / 40}
         out.append(TrainConfig(dataset=task.dataset, model=task.model, model_options=dict(task.model_options),
                                method=method, options=options, label=label, workers=task.workers,
-                               epochs=task.epochs, batch_size=task.batch_per_worker, lr=task.lr, momentum=0.9,
+                               epochs=task.epochs, batch_size=task.batch_per_worker, **task.schedule(),
                                clip_norm=task.clip_norm, limit_train=task.limit_train, limit_test=task.limit_test,
                                seed=seed, simulate=True))
     return out
@@ -103,7 +120,7 @@ def score(task: Task, summary: dict) -> str:
     if "diverged" in summary:
         return f"diverged (epoch {summary['diverged_in_epoch']})"
     value = summary[task.metric]
-    if task.metric == "test_accuracy":
+    if task.accuracy:
         return f"{100 * value:.2f} %"
     return f"{value:.3f}" if value < 1e4 else f"{value:.1e} (blew up)"  # inf: beyond a float's range
 

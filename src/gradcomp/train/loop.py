@@ -319,15 +319,17 @@ class Task:
             limit = self.config.limit_test
             if self.data.kind == "lm":
                 rows = batchify(self.data.test[:limit], 10)
-                total, count, hidden = 0.0, 0, None
+                total, correct, count, hidden = 0.0, 0, 0, None
                 for [(x, y)] in lm_batches(rows, self.config.bptt, 1):
                     x, y = x.to(self.device), y.to(self.device)
                     logits, hidden = model(x, hidden)
                     total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                              reduction="sum").item()
+                    correct += (logits.argmax(-1) == y).sum().item()
                     count += y.numel()
                 loss = total / count
-                return {"test_loss": loss, "test_perplexity": math.exp(loss) if loss < 709 else math.inf}
+                return {"test_loss": loss, "test_perplexity": math.exp(loss) if loss < 709 else math.inf,
+                        "test_token_accuracy": correct / count}
             losses, correct = 0.0, 0
             x_test, y_test = self.data.x_test[:limit], self.data.y_test[:limit]
             for start in range(0, len(y_test), 1000):
@@ -786,7 +788,8 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
                "steps": metrics["step"], "bytes_sent": metrics["bytes_sent"], "dense_bytes": metrics["dense_bytes"],
                "compression_ratio": metrics["compression_ratio"], "time_per_step": metrics["time_per_step"],
                "collective": cfg.collective, "link_gbps": [cfg.link_gbps], "simulated": cfg.simulate,
-               **{k: metrics[k] for k in ("test_accuracy", "test_perplexity", "test_loss") if k in metrics}}
+               **{k: metrics[k] for k in ("test_accuracy", "test_perplexity", "test_token_accuracy", "test_loss")
+                  if k in metrics}}
     rd.write_summary(summary)
     return summary
 
