@@ -606,3 +606,15 @@ def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple
     calls = [(dataclasses.replace(cfg, run_dir=str(d), progress=ctx.progress and ctx.jobs == 1),)
              for cfg, d in zip(configs, dirs)]
     return list(zip(map_runs(ctx, _train_one, calls, describe=_describe, desc=folder.name), dirs))
+
+
+def train_rows(ctx: Context, name: str, rows: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Path]:
+    """Train each config of ``rows`` (:func:`train_runs`, in the study's runs folder ``name``) and draw their
+    curves into the study's plot; returns ``{row key: summary}`` and the plot's path."""
+    from ..train.report import plot_runs
+
+    plot_path = ctx.path(".png")
+    with ctx.runs_folder(name) as folder:
+        runs = train_runs(ctx, list(rows.values()), folder)
+        plot_runs([d for _, d in runs], plot_path)
+    return {key: summary for key, (summary, _) in zip(rows, runs)}, plot_path

@@ -31,7 +31,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
+from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
 
 DENSITY = 0.001
 POWERSGD_RANK = 4
@@ -92,19 +92,14 @@ def configs(variant: Variant, seed: int) -> dict[str, object]:
 
 def run(ctx: Context) -> Result:
     from ..train.data import DatasetNotFoundError, load_dataset
-    from ..train.report import human_bytes, plot_runs
+    from ..train.report import human_bytes
 
     variant = FULL if ctx.full else QUICK
     try:
         vocab = load_dataset("shakespeare", limit_train=1).vocab_size
     except DatasetNotFoundError as error:
         raise StudySkipped(f"Tiny Shakespeare is needed for this table and was not found: {error}") from None
-    rows = configs(variant, ctx.seed)
-    plot_path = ctx.path(".png")
-    with ctx.runs_folder("gpt") as folder:
-        runs = dict(zip(rows, train_runs(ctx, list(rows.values()), folder)))
-        plot_runs([d for _, d in runs.values()], plot_path)
-    results = {k: s for k, (s, _) in runs.items()}
+    results, plot_path = train_rows(ctx, "gpt", configs(variant, ctx.seed))
 
     dense = results["dense"]
     parameters = dense["dense_bytes"] // (4 * dense["steps"])

@@ -27,7 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
+from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
 
 #: Published (DGC paper, Table 4: 2-layer LSTM, 1500 units, PTB, 4 nodes).
 PUBLISHED = {"dense": "72.30", "dgc": "72.24", "dgc_noclip": "—"}
@@ -81,19 +81,14 @@ def configs(variant: Variant, seed: int) -> dict[str, object]:
 
 def run(ctx: Context) -> Result:
     from ..train.data import DatasetNotFoundError, load_dataset
-    from ..train.report import human_bytes, plot_runs
+    from ..train.report import human_bytes
 
     variant = FULL if ctx.full else QUICK
     try:
         load_dataset("ptb", limit_train=1)
     except DatasetNotFoundError as error:
         raise StudySkipped(f"Penn Treebank is needed for this table and was not found: {error}") from None
-    rows = configs(variant, ctx.seed)
-    plot_path = ctx.path(".png")
-    with ctx.runs_folder("lm") as folder:
-        runs = dict(zip(rows, train_runs(ctx, list(rows.values()), folder)))
-        plot_runs([d for _, d in runs.values()], plot_path)
-    results = {k: s for k, (s, _) in runs.items()}
+    results, plot_path = train_rows(ctx, "lm", configs(variant, ctx.seed))
 
     dense = results["dense"]
     body = []
