@@ -129,18 +129,18 @@ def test_resnet50_uses_torchvision_names():
 
 
 def test_ptb_lstm_1500_parameter_count():
-    """The paper's 2-layer 1500-unit PTB LSTM, vocab 10000, untied, as PyTorch's word_language_model builds it.
+    """The paper's 2-layer 1500-unit PTB LSTM, vocab 10000, encoder and decoder tied (its section 4.1).
 
-    PyTorch's nn.LSTM keeps two bias vectors per layer (b_ih, b_hh), so the count is 66,034,000:
-    15,000,000 (embedding) + 2 x 18,012,000 (LSTM) + 15,010,000 (decoder).  The often quoted
-    66,022,000 counts one bias per gate (TensorFlow's LSTM): 12,000 fewer.
+    PyTorch's nn.LSTM keeps two bias vectors per layer (b_ih, b_hh), so the count is 51,034,000:
+    15,000,000 (the shared embedding) + 2 x 18,012,000 (LSTM) + 10,000 (the decoder's bias), 4 bytes each
+    194.68 MiB: the paper's gradient size (Table 4).
     """
     model = _meta(ptb_lstm_1500)
-    with torch.device("meta"):  # reference: the word_language_model example's three modules
-        reference = [nn.Embedding(10000, 1500), nn.LSTM(1500, 1500, 2), nn.Linear(1500, 10000)]
-    expected = sum(count_parameters(m) for m in reference)
+    with torch.device("meta"):  # reference: the word_language_model example's modules, the decoder's weight shared
+        reference = [nn.Embedding(10000, 1500), nn.LSTM(1500, 1500, 2)]
+    expected = sum(count_parameters(m) for m in reference) + 10000
     layer = 4 * 1500 * (1500 + 1500) + 2 * 4 * 1500
-    assert count_parameters(model) == expected == 10000 * 1500 + 2 * layer + 1500 * 10000 + 10000 == 66_034_000
-    assert expected - 2 * 4 * 1500 == 66_022_000
-    assert model.rnn.num_layers == 2 and not model.tie_weights
+    assert count_parameters(model) == expected == 10000 * 1500 + 2 * layer + 10000 == 51_034_000
+    assert round(4 * expected / 2**20, 2) == 194.68
+    assert model.rnn.num_layers == 2 and model.tie_weights and model.decoder.weight is model.encoder.weight
     assert set(PAPER_MODELS) == {"alexnet", "vgg16", "resnet50", "ptb_lstm_1500"}
