@@ -108,6 +108,8 @@ def masking_run(tmp_path_factory):
     return rc, out
 
 
+# the masking study's quick run takes 14 s on 2 cores: slow-marked to keep the default suite under 10 minutes
+@pytest.mark.slow
 def test_masking_quick_passes_and_writes_its_report(masking_run):
     rc, out = masking_run
     assert rc == 0
@@ -119,6 +121,7 @@ def test_masking_quick_passes_and_writes_its_report(masking_run):
     assert (out / "masking-quick.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_masking_quick_shape(masking_run):
     _, out = masking_run
     data = json.loads((out / "masking-quick.json").read_text())
