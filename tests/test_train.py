@@ -313,3 +313,36 @@ def test_a_language_model_is_scored_by_next_token_accuracy_too():
     predicted, target = model.table.weight[x[:, :-1]].argmax(-1), x[:, 1:]
     assert result["test_token_accuracy"] == (predicted == target).sum().item() / target.numel()
     assert 0 < result["test_token_accuracy"] < 1
+
+
+@pytest.mark.parametrize("simulate", [True, False])
+@pytest.mark.parametrize("door", [dict(dga_delay=3), dict(fedavg_period=4)])
+def test_dga_and_fedavg_epochs_are_scored_on_the_workers_average(tmp_path, simulate, door):
+    """Under DGA and FedAvg each worker's model differs from the others by its own unaveraged steps (under
+    skewed data, a lean to its own classes): an epoch is scored on their average, recomputed here from the
+    checkpoint's models (worker 0's beside the simulator's replicas, or every rank's own)."""
+    from gradcomp.train.data import load_dataset
+    from gradcomp.train.loop import Task
+    from gradcomp.train.models import build_model
+
+    cfg = dict(workers=2, epochs=1, method="none", partition="skewed", **door)
+    summary = quick(tmp_path, "run", simulate=simulate, **cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    states = ([ckpt["model"], *ckpt["simulator"]["replicas"]] if simulate
+              else [rank["model"] for rank in ckpt["methods"]])  # every real rank's own model
+    data = load_dataset("digits")
+    models = []
+    for state in states:
+        m = build_model(None, data)
+        m.load_state_dict(state)
+        models.append(m)
+    average = build_model(None, data)
+    with torch.no_grad():
+        for name, p in average.named_parameters():
+            p.copy_(sum(dict(m.named_parameters())[name] for m in models) / len(models))
+    task = Task(data, TrainConfig(run_dir=str(tmp_path / "x"), **QUIET, **cfg), 1)
+    assert not all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    scored, own = task.evaluate(average), task.evaluate(models[0])
+    assert summary["test_loss"] == pytest.approx(scored["test_loss"], rel=1e-6)
+    assert summary["test_accuracy"] == scored["test_accuracy"]
+    assert own["test_loss"] != pytest.approx(scored["test_loss"], rel=1e-3)  # worker 0's own model scores otherwise

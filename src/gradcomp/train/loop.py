@@ -38,6 +38,7 @@ whole, and :meth:`TrainingInterrupted.describe` gives the command that resumes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -121,7 +122,8 @@ class TrainConfig:
     #: "cpu", "cuda" (local rank r on cuda:r, NCCL) or "auto": CUDA where every local rank gets a GPU
     device: str = "auto"
     simulate: bool = False
-    #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous)
+    #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous).
+    #: With DGA or FedAvg the workers' models differ; each epoch is scored on their average
     dga_delay: int | None = None
     dga_correction: bool = True
     #: FedAvg / local SGD instead of averaging gradients: average the weights every this many steps (with
@@ -362,9 +364,24 @@ def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _average_into(model: nn.Module, replicas: list[nn.Module]) -> nn.Module:
+    """A copy of ``model`` whose parameters and floating-point buffers are the mean of ``replicas``'."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, t in [*out.named_parameters(), *out.named_buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.stack([dict([*m.named_parameters(), *m.named_buffers()])[name].detach()
+                                     for m in replicas]).mean(0))
+    return out
+
+
 class _Front:
     """The front door a worker trains through (:func:`_front` picks one): one training step, the counters
     and every worker's method state.  Subclasses differ in how a step exchanges."""
+
+    def eval_model(self) -> nn.Module:
+        """The model an epoch is scored on (every rank calls it): the workers share one model here."""
+        return self.model
 
     def __init__(self, model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int,
                  world: int) -> None:
@@ -449,6 +466,11 @@ class _Simulated(_Front):
     def bytes_sent(self) -> int:
         return self.sim.bytes_sent[0]
 
+    def eval_model(self) -> nn.Module:
+        """With DGA or FedAvg the workers' models differ (by their own unaveraged steps): scored on their
+        average, the model one all-reduce of the weights would give every worker."""
+        return self.model if len(self.sim.models) == 1 else _average_into(self.model, self.sim.models)
+
     def method_states(self) -> list[dict]:
         # copied once the Simulator's state is whole: its doors finish their exchanges, moving the methods' memory
         return state_to_cpu(self.sim.state_dict()["methods"])
@@ -520,6 +542,17 @@ class _Wrapped(_Front):
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_after_average)
         self.door.step_optimizer()
         return float(loss.detach())
+
+    def eval_model(self) -> nn.Module:
+        """The workers' average (one all-reduce of the weights into a copy; every rank calls it): each rank's
+        model differs from it by its own unaveraged steps, under skewed data a lean to its own classes."""
+        out = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for t in [*out.parameters(), *out.buffers()]:
+                if t.is_floating_point():
+                    dist.all_reduce(t)
+                    t.div_(self.world)
+        return out
 
     def my_state(self) -> dict:
         return {"model": self.model.state_dict(), self.key: self.door.state_dict()}
@@ -758,9 +791,10 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
             if end:
                 losses, pos.epoch, pos.step = pos.losses, epoch + 1, 0
             ckpt = _checkpoint(cfg, front, warmup, pos)
+            scored = front.eval_model() if end else None  # a collective with DGA or FedAvg on real ranks
             if lead and end:  # the record first: a crash before the checkpoint leaves a record that resume drops
                 metrics = {"epoch": epoch + 1, "step": pos.steps, "train_loss": sum(losses) / len(losses),
-                           **task.evaluate(model), "bytes_sent": front.bytes_sent,
+                           **task.evaluate(scored), "bytes_sent": front.bytes_sent,
                            "dense_bytes": front.dense_per_step * pos.steps,
                            "compression_ratio": front.dense_per_step * pos.steps / max(1, front.bytes_sent),
                            "seconds": pos.seconds, "time_per_step": pos.seconds / pos.steps,
