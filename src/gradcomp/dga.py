@@ -78,6 +78,21 @@ def delayed_update(average: Tensor, local: Tensor, stale_local: Tensor, correct:
     return average + local - stale_local if correct else average
 
 
+def _check_saved(tensors: dict[str, Tensor], params: dict[str, Tensor], entries: str, entry: str, *,
+                 verb: str = "do", besides: frozenset[str] = frozenset()) -> None:
+    """A one-line ValueError unless a checkpoint's ``tensors`` hold one tensor of each parameter's size and
+    nothing else (but the keys ``besides``), naming the ``entries`` or the ``entry``."""
+    unknown = (set(tensors) - besides) ^ set(params)
+    if unknown:
+        raise ValueError(f"the checkpoint's {entries} {verb} not match the parameters: "
+                         f"{', '.join(sorted(unknown)[:5])}")
+    for n, p in params.items():
+        t = tensors[n]
+        if not isinstance(t, Tensor) or t.numel() != p.numel():
+            got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"the checkpoint's {entry} {n!r} is {got}, the parameter {list(p.shape)}")
+
+
 class _Finished:
     """A pending average that has already arrived (restored from a checkpoint)."""
 
@@ -192,16 +207,8 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
                              f"delay={self.delay}")
         for entry in state["pending"]:
             for key in ("local", "average"):
-                unknown = (set(entry[key]) - {NONFINITE_KEY}) ^ set(self.params)
-                if unknown:
-                    raise ValueError(f"the checkpoint's pending {key} gradients do not match the parameters: "
-                                     f"{', '.join(sorted(unknown)[:5])}")
-                for n, p in self.params.items():
-                    t = entry[key][n]
-                    if not isinstance(t, Tensor) or t.numel() != p.numel():
-                        got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                        raise ValueError(f"the checkpoint's pending {key} gradient {n!r} is {got}, the parameter "
-                                         f"{list(p.shape)}")
+                _check_saved(entry[key], self.params, f"pending {key} gradients", f"pending {key} gradient",
+                             besides=frozenset({NONFINITE_KEY}))  # the non-finite verdict travels beside them
         self.core.check_state({"method": state["method"]}, self.params)  # before anything changes
         self.finish()
         self.optimizer.load_state_dict(state["optimizer"])
@@ -372,7 +379,7 @@ class FedAvg(OptimizerWrapper, Door):
         named += [(f"round {i} {key}", r[key]) for i, r in enumerate(rounds) for key in ("start", "sent", "average")]
         for what, tensors in named:
             if tensors is not None:
-                self._check(what, tensors)
+                _check_saved(tensors, self.params, f"FedAvg {what}", f"FedAvg {what}", verb="does")
         self.finish()
         self.optimizer.load_state_dict(state["optimizer"])
         self.core.load_state_dict({"method": {**self.core.state_dict()["method"], "steps": int(state["steps"])}})
@@ -380,15 +387,3 @@ class FedAvg(OptimizerWrapper, Door):
         self._last = None if state.get("last") is None else dict(state["last"])
         self._rounds = deque(_Round(int(r["step"]), dict(r["start"]), dict(r["sent"]), _Finished(dict(r["average"])))
                              for r in rounds)
-
-    def _check(self, what: str, tensors: dict[str, Tensor]) -> None:
-        """A one-line ValueError unless ``tensors`` holds one tensor of each parameter's size."""
-        unknown = set(tensors) ^ set(self.params)
-        if unknown:
-            raise ValueError(f"the checkpoint's FedAvg {what} does not match the parameters: "
-                             f"{', '.join(sorted(unknown)[:5])}")
-        for n, p in self.params.items():
-            t = tensors[n]
-            if not isinstance(t, Tensor) or t.numel() != p.numel():
-                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"the checkpoint's FedAvg {what} {n!r} is {got}, the parameter {list(p.shape)}")
