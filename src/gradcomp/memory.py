@@ -159,7 +159,7 @@ def lookup_table(grad: Tensor) -> Tensor:
     if grad.dim() < 2 or grad.shape[0] < 2:
         return torch.zeros((), dtype=torch.bool, device=grad.device)
     rows = grad.reshape(grad.shape[0], -1)
-    return rows.ne(0).any(1).sum() * 2 < rows.shape[0]
+    return rows.any(1).sum() * 2 < rows.shape[0]  # any(): nonzero (NaN too), no full-size bool copy
 
 
 class DGCMemory(Memory):
@@ -224,8 +224,8 @@ class DGCMemory(Memory):
         """:meth:`compensate`, ``selector.compress`` and :meth:`update` for every tensor of ``grads`` in one
         call of the compiled kernel (``DGCSelect.fused_steps``); ``None`` where it does not apply (then the
         memory holds what it held, zero buffers for new names aside)."""
-        buffers = [b[n] for b in (self.u, self.v) for n in grads if n in b]
-        if not (self.correction and self.accumulate and selector.fusable([*grads.values(), *buffers])):
+        held = [b[n] for b in (self.u, self.v) for n in grads if n in b]
+        if not (self.correction and self.accumulate and selector.fusable([*grads.values(), *held])):
             return None
         self.check_fits(grads)  # as Method.prepare does; the kernel writes a gradient's size into each buffer
         for name, grad in grads.items():

@@ -367,21 +367,17 @@ def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
 def _average_into(model: nn.Module, replicas: list[nn.Module]) -> nn.Module:
     """A copy of ``model`` whose parameters and floating-point buffers are the mean of ``replicas``'."""
     out = copy.deepcopy(model)
+    tensors = [dict([*m.named_parameters(), *m.named_buffers()]) for m in replicas]
     with torch.no_grad():
         for name, t in [*out.named_parameters(), *out.named_buffers()]:
             if t.is_floating_point():
-                t.copy_(torch.stack([dict([*m.named_parameters(), *m.named_buffers()])[name].detach()
-                                     for m in replicas]).mean(0))
+                t.copy_(torch.stack([r[name].detach() for r in tensors]).mean(0))
     return out
 
 
 class _Front:
     """The front door a worker trains through (:func:`_front` picks one): one training step, the counters
     and every worker's method state.  Subclasses differ in how a step exchanges."""
-
-    def eval_model(self) -> nn.Module:
-        """The model an epoch is scored on (every rank calls it): the workers share one model here."""
-        return self.model
 
     def __init__(self, model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int,
                  world: int) -> None:
@@ -394,6 +390,10 @@ class _Front:
         self.methods: list[Method] = []
         self.dense_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.skipped_before = 0  # steps skipped for a non-finite gradient before a resume
+
+    def eval_model(self) -> nn.Module:
+        """The model an epoch is scored on (every rank calls it): the workers share one model here."""
+        return self.model
 
     def set_epoch(self, epoch: int) -> None:
         for m in self.methods:
