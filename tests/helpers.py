@@ -1,10 +1,14 @@
 """Drive methods outside the simulator's training loop: one call = one step of N workers; wire-size formulas."""
 
+import json
 import math
 
+import pytest
 import torch
 
+from gradcomp.cli import main
 from gradcomp.simulator import run_exchanges
+from gradcomp.train.data import DatasetNotFoundError, load_dataset
 
 
 def exchange_step(methods, grads_per_worker):
@@ -44,3 +48,20 @@ def assert_same(a, b, where="checkpoint"):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def need_datasets(*names):
+    """Skip the calling test (or fixture) unless every dataset in ``names`` can be loaded."""
+    for name in names:
+        try:
+            load_dataset(name, limit_train=1)
+        except DatasetNotFoundError as error:
+            pytest.skip(f"{name} not available: {error}")
+
+
+def quick_study(table, tmp_path_factory, jobs=2):
+    """``gradcomp reproduce TABLE`` (quick variant) into a fresh folder: (exit code, folder, report, JSON)."""
+    out = tmp_path_factory.mktemp(table)
+    rc = main(["reproduce", table, "--out", str(out), "--no-progress", "--jobs", str(jobs)])
+    data = json.loads((out / f"{table}-quick.json").read_text())
+    return rc, out, (out / f"{table}-quick.md").read_text(), data

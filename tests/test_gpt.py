@@ -3,18 +3,16 @@
 Figures are computed here from the model's shapes (parameters, bytes per step), not taken from the study's report.
 """
 
-import json
 import math
 
 import pytest
 import torch
 
 from gradcomp.cli import main
-from gradcomp.train.data import DatasetNotFoundError, load_dataset
 from gradcomp.train.loop import TrainConfig, run
 from gradcomp.train.models import GPT, build_model, count_parameters
 from gradcomp.train.report import RunDir
-from helpers import assert_same
+from helpers import assert_same, need_datasets, quick_study
 
 # ---------------------------------------------------------------- the model
 
@@ -116,14 +114,8 @@ def test_adamw_dgc_resume_mid_epoch_is_bit_identical(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpt_quick(tmp_path_factory):
-    try:
-        load_dataset("shakespeare", limit_train=1)
-    except DatasetNotFoundError as error:
-        pytest.skip(f"shakespeare not available: {error}")
-    out = tmp_path_factory.mktemp("gpt")
-    rc = main(["reproduce", "gpt", "--out", str(out), "--no-progress"])  # one process: no spawn start-up
-    data = json.loads((out / "gpt-quick.json").read_text())
-    return rc, out, (out / "gpt-quick.md").read_text(), data
+    need_datasets("shakespeare")
+    return quick_study("gpt", tmp_path_factory, jobs=1)  # one process: no spawn start-up
 
 
 def test_gpt_quick_report(gpt_quick):

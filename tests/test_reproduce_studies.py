@@ -4,32 +4,14 @@ Each is checked against figures computed here from the models themselves (bytes 
 own report.  A study whose dataset is missing is skipped.
 """
 
-import json
 import math
 
 import pytest
 
-from gradcomp.cli import main
-from gradcomp.train.data import DatasetNotFoundError, load_dataset
 from gradcomp.train.models import build_model
-from helpers import compact_nbytes
+from helpers import compact_nbytes, need_datasets, quick_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _need(*datasets):
-    for name in datasets:
-        try:
-            load_dataset(name, limit_train=1)
-        except DatasetNotFoundError as error:
-            pytest.skip(f"{name} not available: {error}")
-
-
-def _quick(table, tmp_path_factory):
-    out = tmp_path_factory.mktemp(table)
-    rc = main(["reproduce", table, "--out", str(out), "--no-progress", "--jobs", "2"])
-    data = json.loads((out / f"{table}-quick.json").read_text())
-    return rc, out, (out / f"{table}-quick.md").read_text(), data
 
 
 def _params(model, dataset, **options):
@@ -41,8 +23,8 @@ def _params(model, dataset, **options):
 
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
-    _need("mnist")
-    return _quick("ablation", tmp_path_factory)
+    need_datasets("mnist")
+    return quick_study("ablation", tmp_path_factory)
 
 
 def test_ablation_quick_report(ablation):
@@ -79,8 +61,8 @@ def test_ablation_long_quick_pairs_seeds(tmp_path_factory):
 
     from gradcomp.reproduce import ablation
 
-    _need("mnist")
-    rc, out, report, data = _quick("ablation-long", tmp_path_factory)
+    need_datasets("mnist")
+    rc, out, report, data = quick_study("ablation-long", tmp_path_factory)
     assert rc == 0 and "❌" not in report and (out / "ablation-long-quick.png").read_bytes()[:8] == PNG
     data = data["data"]
     rows = {(r["key"], r["seed"]): r for r in data["rows"]}
@@ -106,8 +88,8 @@ def test_ablation_long_quick_pairs_seeds(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    _need("ptb")
-    return _quick("lm", tmp_path_factory)
+    need_datasets("ptb")
+    return quick_study("lm", tmp_path_factory)
 
 
 def test_lm_quick(lm):
@@ -131,8 +113,8 @@ def test_lm_quick(lm):
 
 @pytest.fixture(scope="module")
 def compare(tmp_path_factory):
-    _need("mnist", "shakespeare")
-    return _quick("compare", tmp_path_factory)
+    need_datasets("mnist", "shakespeare")
+    return quick_study("compare", tmp_path_factory)
 
 
 def test_compare_quick_covers_every_compressor(compare):
@@ -166,8 +148,8 @@ def test_compare_quick_bytes_match_the_formulas(compare, task, model, dataset, o
 
 @pytest.fixture(scope="module")
 def dga(tmp_path_factory):
-    _need("fashion-mnist", "shakespeare")
-    return _quick("dga", tmp_path_factory)
+    need_datasets("fashion-mnist", "shakespeare")
+    return quick_study("dga", tmp_path_factory)
 
 
 def test_dga_quick_rows_bytes_and_speed(dga):
