@@ -280,6 +280,31 @@ def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
     assert not temporary.exists()
 
 
+def test_a_finished_run_is_read_back_without_its_checkpoint(tmp_path, monkeypatch):
+    """A study's finished rows can be kept without their checkpoints (config, metrics, summary): they are read
+    back, not trained again; a diverged row is kept as diverged; a kept run cannot be extended without its
+    checkpoint, and a run from other settings is refused."""
+    from gradcomp.reproduce.common import Context, train_runs
+    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.report import RunDir
+
+    common = dict(dataset="digits", method="none", workers=2, epochs=1, simulate=True, limit_train=256)
+    ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None)
+    configs = [TrainConfig(lr=0.1, **common), TrainConfig(lr=1e30, **common)]
+    first = train_runs(ctx, configs, tmp_path / "runs")
+    for _, run_dir in first:
+        for path in run_dir.glob("checkpoint*.pt"):
+            path.unlink()
+    monkeypatch.setattr("gradcomp.train.loop.run", lambda *args, **kwargs: pytest.fail("trained again"))
+    again = train_runs(ctx, configs, tmp_path / "runs")
+    assert [s for s, _ in again] == [s for s, _ in first] and "diverged" in again[1][0]
+    assert not any(RunDir(d).has_checkpoint() for _, d in again)
+    with pytest.raises(ValueError, match=r"0-none holds a run finished after 1 epochs without its checkpoint"):
+        train_runs(ctx, [TrainConfig(lr=0.1, **{**common, "epochs": 2})], tmp_path / "runs")
+    with pytest.raises(ValueError, match=r"0-none holds a run with other settings \(lr\)"):
+        train_runs(ctx, [TrainConfig(lr=0.2, **common)], tmp_path / "runs")
+
+
 def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatch):
     """--runs for the ablation: a row trained once is read back (same numbers, no training) while its variant
     (other rows aside) and seed match; other settings or a damaged file train it again."""

@@ -73,7 +73,9 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
                         "the results do not depend on it)")
     p.add_argument("--runs", metavar="DIR", help="keep the training runs in DIR/TABLE/ and continue the unfinished "
                                                  "ones found there: run the same command again to resume a study "
-                                                 "that stopped (default: a temporary folder)")
+                                                 "that stopped; a finished run is read back from its summary, so "
+                                                 "results/runs keeps the finished rows of the long studies without "
+                                                 "their checkpoints (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

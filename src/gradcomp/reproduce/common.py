@@ -543,7 +543,11 @@ def map_runs(ctx: Context, fn: Callable[..., Any], calls: Sequence[tuple], descr
 
 def _train_one(cfg: Any) -> dict[str, Any]:
     """One ``gradcomp train`` run; a diverged run returns its last epoch's record with ``diverged`` set
-    (a study stops a run at its first non-finite gradient instead of skipping steps, so divergence shows)."""
+    (a study stops a run at its first non-finite gradient instead of skipping steps, so divergence shows).
+
+    A run directory that holds a finished run (its ``summary.json``, written at the end of training or on
+    divergence) is read back, checkpoint or not: a study's finished rows can be kept (config, metrics and
+    summary, a few kB) without their checkpoints, and a later session trains only the others."""
     import dataclasses
 
     from ..method import NonFiniteGradientError
@@ -551,16 +555,27 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     from ..train.report import RunDir
 
     cfg = dataclasses.replace(cfg, nonfinite="raise")
+    rd = RunDir(cfg.run_dir)
+    if rd.summary_path.is_file():
+        summary = rd.read_summary()
+        _resumable(cfg)
+        if "diverged" in summary or summary.get("epochs") == cfg.epochs:
+            return summary
+        if not rd.has_checkpoint():
+            raise ValueError(f"{cfg.run_dir} holds a run finished after {summary.get('epochs')} epochs without "
+                             f"its checkpoint, so it cannot go on to {cfg.epochs}: remove it to train again")
     try:
-        if RunDir(cfg.run_dir).has_checkpoint():
+        if rd.has_checkpoint():
             return train(_resumable(cfg), resume=cfg.run_dir, plot=False, echo=lambda _: None)
         if Path(cfg.run_dir).is_dir():  # a kept run that stopped before its first checkpoint: start it again
             shutil.rmtree(cfg.run_dir)
         return train(cfg, plot=False, echo=lambda _: None)
     except NonFiniteGradientError as error:
-        records = RunDir(cfg.run_dir).read_metrics()
-        return {**(records[-1] if records else {}), "diverged": str(error), "diverged_in_epoch": len(records) + 1,
-                "label": cfg.label}
+        records = rd.read_metrics()
+        diverged = {**(records[-1] if records else {}), "diverged": str(error),
+                    "diverged_in_epoch": len(records) + 1, "label": cfg.label}
+        rd.write_summary(diverged)
+        return diverged
 
 
 def _resumable(cfg: Any) -> Any:
