@@ -705,29 +705,49 @@ class TrainingInterrupted(KeyboardInterrupt):
         return f"{self}; resume with: gradcomp train --resume {self.run_dir}{behind}"
 
 
-@contextmanager
-def _interruptible(run_dir: str) -> Iterator[list[_Position]]:
-    """Within: SIGINT (Ctrl-C) raises :class:`TrainingInterrupted` naming the steps done (the last position
-    appended to the list yielded), once: a second SIGINT (gradcomp's launcher forwards it to its workers, which a
-    terminal signals too) is ignored until the previous handler is back.  In the main thread only."""
-    progress: list[_Position] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield progress
-        return
+class _Interrupt:
+    """Where a Ctrl-C stops a run (:func:`_interruptible`): the position training has reached, and the
+    interrupt a simulated run holds until its step is done."""
 
-    raised: list[TrainingInterrupted] = []
+    def __init__(self, run_dir: str, defer: bool) -> None:
+        self.run_dir, self.defer = run_dir, defer
+        self.position: _Position | None = None
+        self.raised: TrainingInterrupted | None = None
+
+    def signal(self) -> None:
+        self.raised = TrainingInterrupted(self.position.steps if self.position else None, self.run_dir)
+        if not self.defer:
+            raise self.raised
+
+    def at_step_boundary(self) -> None:
+        """Raise the interrupt a simulated run held (None: no Ctrl-C came)."""
+        if self.raised is not None:
+            raise self.raised
+
+
+@contextmanager
+def _interruptible(run_dir: str, defer: bool) -> Iterator[_Interrupt]:
+    """Within: SIGINT (Ctrl-C) raises :class:`TrainingInterrupted` naming the steps done, once: a second SIGINT
+    (gradcomp's launcher forwards it to its workers, which a terminal signals too) is ignored until the previous
+    handler is back.  With ``defer`` (a simulated run: no peer waits on this process) it is raised at the next
+    step boundary (:meth:`_Interrupt.at_step_boundary`), never from inside the exchange, where a raise in a
+    future's callback leaves the future unfinished; real ranks raise at once, and their peers' collectives
+    fail when this rank leaves.  In the main thread only."""
+    interrupt = _Interrupt(run_dir, defer)
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
 
     def stop(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raised.append(TrainingInterrupted(progress[-1].steps if progress else None, run_dir))
-        raise raised[-1]
+        interrupt.signal()
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        yield progress
+        yield interrupt
     except Exception:  # raised inside a future's callback, the interrupt comes wrapped in torch's RuntimeError
-        if raised:
-            raise raised[-1] from None
+        if interrupt.raised is not None:
+            raise interrupt.raised from None
         raise
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
@@ -737,11 +757,11 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
                  ) -> dict[str, Any] | None:
     """Train on this rank (or, simulated, on every worker); rank 0 returns the summary (or, stopped by
     ``max_steps`` before the end, ``{"stopped_after_step": n}``).  Ctrl-C raises :class:`TrainingInterrupted`."""
-    with _interruptible(run_dir) as progress:
-        return _train(rank, world, config, run_dir, resume, progress)
+    with _interruptible(run_dir, defer=bool(config.get("simulate"))) as interrupt:
+        return _train(rank, world, config, run_dir, resume, interrupt)
 
 
-def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool, progress: list[_Position]
+def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool, interrupt: _Interrupt
            ) -> dict[str, Any] | None:
     cfg = TrainConfig(**config)
     # the launcher made this rank's GPU the current device (gradcomp.launch); simulated, every worker is on it
@@ -756,7 +776,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
     warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
     rd = RunDir(run_dir)
     pos = _restore(load_checked(rd, cfg, model, world), cfg, front, warmup) if resume else _Position()
-    progress.append(pos)  # where a Ctrl-C stops (_interruptible)
+    interrupt.position = pos
     lead = rank == 0
     metrics: dict[str, Any] = {}
     stop = cfg.max_steps is not None and pos.steps >= cfg.max_steps
@@ -779,6 +799,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
                 front.set_lr(lr)
             pos.losses.append(front.step(shards))
             pos.step, pos.steps = i + 1, pos.steps + 1
+            interrupt.at_step_boundary()
             if i % 5 == 0:
                 bar.set_postfix(loss=f"{pos.losses[-1]:.3f}", MB=f"{front.bytes_sent / 1e6:.2f}",
                                 **{k.removeprefix("test_"): f"{metrics[k]:.4g}" for k in ("test_accuracy",
