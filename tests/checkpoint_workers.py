@@ -6,8 +6,12 @@ The digits data comes from the parent (``data``): importing scikit-learn in ever
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
@@ -112,7 +116,7 @@ def dcp_two_ranks(rank, world, root, data):
     def refused(key, spec, load, hidden=48):
         ddp, opt, state = build(spec, hidden)
         before = params(ddp)
-        out[key] = refusal(lambda: load(ddp, opt, state))
+        out[key] = refusal(lambda: load(ddp, opt, state))  # noqa: F821 (called before the del below)
         out[f"{key}_untouched"] = snapshot(state.state_dict())
         out[f"{key}_params_unchanged"] = all(torch.equal(before[n], p) for n, p in params(ddp).items())
         del ddp

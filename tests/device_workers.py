@@ -17,7 +17,7 @@ import gradcomp
 from conftest import ce, mlp
 from gradcomp.checkpoint import RankState, state_tensors
 from gradcomp.lightning import GradientCompression
-from lightning_workers import Digits, Record, params, shard_loader
+from lightning_workers import Digits, Record, shard_loader
 
 EPOCHS = 3
 
@@ -42,8 +42,8 @@ def hooked(rank, world, device, kind, epochs, root=None, stop_after=None, resume
     state = gradcomp.register_ddp_hook(net, chosen, optimizer=opt)
 
     def app():
-        model_sd, optim_sd = get_state_dict(net, opt)
-        return {"model": model_sd, "optim": optim_sd, "gradcomp": RankState(state, model=net)}
+        model_sd, optim_sd = get_state_dict(net, opt)  # noqa: F821 (net is deleted only after the last call)
+        return {"model": model_sd, "optim": optim_sd, "gradcomp": RankState(state, model=net)}  # noqa: F821
 
     start = 0
     if resume_from is not None:

@@ -235,7 +235,7 @@ def dga_step_times(rank, world, plan, compute_s, steps, rounds):
     in the machine's load falls on all of them alike."""
     import time
 
-    from gradcomp.bench.latency import step_time
+    from gradcomp_studies.bench.latency import step_time
 
     model = torch.nn.Linear(64, 64)
     x = torch.randn(8, 64)

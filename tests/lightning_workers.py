@@ -11,10 +11,10 @@ import os
 import warnings
 
 import pytorch_lightning as pl
-from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.warnings import PossibleUserWarning
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -117,10 +117,10 @@ def fit(rank, world, module, epochs, callbacks=(), ckpt_path=None, checkpoint_di
     if checkpoint_dir is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}", save_top_k=-1))
     precision = {} if plugins else {"precision": "64-true"}  # a precision plugin says it itself
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=epochs, plugins=plugins, **precision,
-                         callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=bool(checkpoint_dir),
-                         enable_progress_bar=False, enable_model_summary=False, logger=False,
-                         default_root_dir=checkpoint_dir)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=epochs, plugins=plugins,
+                         **precision, callbacks=callbacks, use_distributed_sampler=False,
+                         enable_checkpointing=bool(checkpoint_dir), enable_progress_bar=False,
+                         enable_model_summary=False, logger=False, default_root_dir=checkpoint_dir)
     trainer.fit(module, shard_loader(rank, world), ckpt_path=ckpt_path)
     return params(module)
 

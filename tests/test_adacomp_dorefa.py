@@ -4,14 +4,12 @@ the papers' equations, written here from the equations, not from the compressors
 import math
 
 import numpy
-
 import pytest
 import torch
 
 import gradcomp
-from gradcomp import Simulator, split_batch
 from conftest import batches, ce, mlp
-
+from gradcomp import Simulator, split_batch
 
 # ------------------------------------------------------------------ AdaComp
 

@@ -49,9 +49,9 @@ needs_root = pytest.mark.skipif(not _can_shape(), reason="shaping links needs ro
 
 @needs_root
 def test_shaped_links_limit_the_rate_and_are_torn_down_even_on_error():
-    from gradcomp.bench.netns import ShapedLinks
-    from gradcomp.launch import spawn
     from dist_workers import timed_all_reduce
+    from gradcomp.launch import spawn
+    from gradcomp_studies.bench.netns import ShapedLinks
 
     links = ShapedLinks(2, "100mbit")
     with pytest.raises(RuntimeError, match="on purpose"):
@@ -84,7 +84,7 @@ def test_bench_network_quick(tmp_path):
 
 
 def test_rates_are_validated():
-    from gradcomp.bench.netns import ShapedLinks, parse_rate
+    from gradcomp_studies.bench.netns import ShapedLinks, parse_rate
 
     assert parse_rate("1gbit") == 10**9 and parse_rate("100mbit") == 10**8 and parse_rate("2.5gbit") == 25 * 10**8
     with pytest.raises(ValueError, match="rate must look like"):
@@ -92,7 +92,7 @@ def test_rates_are_validated():
 
 
 def test_cost_model_formulas_and_rate_scaling():
-    from gradcomp.bench.scaling import CostModel
+    from gradcomp_studies.bench.scaling import CostModel
 
     m = CostModel(alpha_reduce=1e-4, alpha_gather=2e-4, beta_reduce=8e-9, beta_gather=9e-9, rate="1gbit")
     # ring all-reduce of S bytes on n ranks: 2 (n - 1) steps, each rank sends 2 (n - 1) / n * S bytes
@@ -106,7 +106,7 @@ def test_cost_model_formulas_and_rate_scaling():
 
 
 def test_scaling_fit_recovers_the_betas_that_made_the_times_given_the_alphas():
-    from gradcomp.bench.scaling import CostModel, _fit
+    from gradcomp_studies.bench.scaling import CostModel, _fit
 
     truth = CostModel(alpha_reduce=1e-4, alpha_gather=3e-5, beta_reduce=8e-9, beta_gather=9e-9, rate="1gbit")
     rows = [{"op": op, "workers": n, "bytes": s,
@@ -124,7 +124,7 @@ def test_scaling_fit_recovers_the_betas_that_made_the_times_given_the_alphas():
 
 
 def test_scaling_latency_is_seconds_per_ring_step_of_the_fastest_small_run():
-    from gradcomp.bench.scaling import latency
+    from gradcomp_studies.bench.scaling import latency
 
     rows = [{"op": "all_reduce", "workers": 2, "bytes": 256, "seconds": 6e-4},  # 2 ring steps
             {"op": "all_reduce", "workers": 4, "bytes": 256, "seconds": 3e-3},  # 6 steps: 500 us each
@@ -134,12 +134,12 @@ def test_scaling_latency_is_seconds_per_ring_step_of_the_fastest_small_run():
 
 
 def test_scaling_projects_the_shared_index_set_flat_in_the_number_of_workers():
-    from gradcomp.bench.scaling import CostModel, projection, resnet50_bytes
-    from gradcomp.reproduce.ratio import _shapes
+    from gradcomp_studies.bench.scaling import CostModel, projection, resnet50_bytes
+    from gradcomp_studies.reproduce.ratio import model_shapes
 
     sizes = resnet50_bytes(0)
     # every tensor sparsified at density 0.001: the leader's index code and float32 values, from the definitions
-    ks = [(math.prod(s), math.ceil(math.prod(s) / 1000)) for _, s in _shapes("resnet50")]
+    ks = [(math.prod(s), math.ceil(math.prod(s) / 1000)) for _, s in model_shapes("resnet50")]
     assert sizes["dgc_shared"] == sum(compact_nbytes(n, k) - 2 * k - 4 + 4 * k for n, k in ks)
     bytes_only = CostModel(0.0, 0.0, 8e-9, 8e-9, "1gbit")
     curves = projection(bytes_only, sizes, workers=(8, 64, 1024))

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from gradcomp.bench.memory import PY_TOLERANCE_KB, TOLERANCE_MB, growth_after, read_rss_mb, trend
 from gradcomp.cli import main
+from gradcomp_studies.bench.memory import PY_TOLERANCE_KB, TOLERANCE_MB, growth_after, read_rss_mb, trend
 
 
 def test_growth_after_is_the_running_peaks_growth_past_warmup():

@@ -80,7 +80,7 @@ def test_odd_inputs(name, workers):
             gs["f16"] = gs["f16"].half()
             per_worker.append(gs)
         avg, _ = exchange_step(methods, per_worker)
-        for k, s in shapes.items():
+        for k in shapes:
             assert avg[k].shape == per_worker[0][k].shape
             assert torch.isfinite(avg[k]).all()
 

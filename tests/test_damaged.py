@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from gradcomp.checkpoint import RankState, load_rank_state, save_rank_state
-from gradcomp.cli import main
 from gradcomp.method import DGC
 from gradcomp.train.loop import TrainConfig, run
 from gradcomp.train.report import RunDir

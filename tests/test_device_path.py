@@ -25,7 +25,7 @@ import torch
 import gradcomp
 from gradcomp.compressors import bits
 from gradcomp.compressors.base import Exchanged, Payload, available, forced_device_path, get
-from gradcomp.compressors.sparse import AdaComp, Threshold, Dryden
+from gradcomp.compressors.sparse import AdaComp, Dryden, Threshold
 from gradcomp.simulator import run_exchanges
 from helpers import exchange_step
 
@@ -191,7 +191,8 @@ def test_the_device_path_keeps_away_from_the_compiled_kernel(monkeypatch):
 
 # ------------------------------------------------------- no data-dependent shapes
 
-META_EXCLUDED = {"threshold", "dryden", "adacomp"}  # they send as many entries as pass: a count read on the host, by design
+#: they send as many entries as pass: a count read on the host, by design
+META_EXCLUDED = {"threshold", "dryden", "adacomp"}
 
 
 @pytest.mark.parametrize("name, options", [s for s in SETTINGS if s[0] not in META_EXCLUDED],

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import gradcomp
-from gradcomp.launch import spawn
 from conftest import batches, ce, mlp
 from dist_workers import DGA_DGC, build_method, dga_all, dga_step_times, digits64, least_squares_data
+from gradcomp.launch import spawn
 
 
 def assert_close(a, b, tol):
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -154,7 +154,8 @@ def test_fedavg_real_ranks_match_the_simulator(runs):
         sim.step(gradcomp.split_batch((xb, yb), world), ce)
     for rank, r in enumerate(out):
         assert_close(r["fedavg3"]["params"], dict(sim.models[rank].named_parameters()), 1e-6)
-        assert r["fedavg3"]["bytes"] == sim.bytes_sent[rank] == 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert r["fedavg3"]["bytes"] == sim.bytes_sent[rank] == 3 * weights
     assert any(not torch.equal(out[0]["fedavg3"]["params"][n], out[1]["fedavg3"]["params"][n])
                for n in out[0]["fedavg3"]["params"])  # the last step was local
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import gradcomp
-from gradcomp.launch import WorkerError, spawn
 from conftest import batches, ce, mlp
 from dist_workers import build_method, digits64
+from gradcomp.launch import WorkerError, spawn
 
 STEPS = 20
 DGC_SPARSE = ("DGC", {"density": 0.001, "warmup_epochs": 1, "steps_per_epoch": 8})
@@ -33,7 +33,7 @@ def simulate(spec, workers, steps=STEPS, momentum=0.0, lr=0.1):
 
 def assert_close(a, b, tol):
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -70,7 +70,7 @@ def runs(request):
 
 def test_every_rank_holds_the_same_parameters(runs):
     _, out = runs
-    for name, per_rank in out.items():
+    for per_rank in out.values():
         for other in per_rank[1:]:
             assert_close(other["params"], per_rank[0]["params"], 0.0)
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import gradcomp
 from conftest import batches, ce, mlp
@@ -131,4 +130,4 @@ def test_state_loaded_before_the_first_step_is_applied_when_the_core_binds():
     state.load_state_dict(saved)
     assert state.core.steps == 7 and state.state_dict()["guard"] == {"skipped": 2}
     with pytest.raises(RuntimeError, match="HookState: torch.distributed is not initialized at the first step"):
-        state.method
+        _ = state.method

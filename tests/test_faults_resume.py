@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import assert_same_run
 
 import gradcomp
 from gradcomp.cli import main
 from gradcomp.train.report import RunDir
+from test_resume import assert_same_run
 
 SRC = str(Path(gradcomp.__file__).parents[1])
 #: 2 simulated workers, 128 samples, batch 16: 4 steps an epoch

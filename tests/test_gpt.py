@@ -119,7 +119,7 @@ def gpt_quick(tmp_path_factory):
 
 
 def test_gpt_quick_report(gpt_quick):
-    from gradcomp.reproduce import gpt
+    from gradcomp_studies.reproduce import gpt
 
     rc, out, report, data = gpt_quick
     assert rc == 0 and "❌" not in report and "✅ every row learns" in report
@@ -135,7 +135,7 @@ def test_gpt_quick_bytes(gpt_quick):
     """Dense bytes are 4 x parameters x steps for every row; the dense row sends them all; top-k at 0.001 on its
     plain wire sends ceil(n / 1000) entries of 8 bytes (fp32 value, int32 index) per tensor; every ratio is
     dense bytes over bytes sent."""
-    from gradcomp.reproduce import gpt
+    from gradcomp_studies.reproduce import gpt
 
     *_, data = gpt_quick
     rows, v = data["data"]["rows"], gpt.QUICK

@@ -177,7 +177,8 @@ def test_simulator_skip_and_raise():
             for n in b[kind]:
                 assert torch.equal(after[kind][n], b[kind][n]), (kind, n)
     strict = gradcomp.Simulator(model, "none", 2, nonfinite="raise")
-    with pytest.raises(gradcomp.NonFiniteGradientError, match=r"rank 1: non-finite gradient \(NaN or Inf\) in 0.weight"):
+    with pytest.raises(gradcomp.NonFiniteGradientError,
+                       match=r"rank 1: non-finite gradient \(NaN or Inf\) in 0.weight"):
         strict.step(bad, ce)
     with pytest.raises(ValueError, match="nonfinite must be one of 'skip', 'raise', got 'ignore'"):
         gradcomp.Simulator(model, "none", 2, nonfinite="ignore")

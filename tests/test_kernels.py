@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gradcomp import kernels
-from gradcomp.compressors.base import num_selected
 from gradcomp.compressors import bits, sparse
+from gradcomp.compressors.base import num_selected
 from gradcomp.compressors.sparse import FIELDS, WIDE_MIN
 from gradcomp.method import DGC
 

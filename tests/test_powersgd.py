@@ -10,7 +10,6 @@ import torch
 from gradcomp.compressors.base import Exchanged, Payload
 from gradcomp.compressors.powersgd import PowerSGD
 
-
 # ------------------------------------------------------------------ helpers
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from gradcomp.cli import main
-from gradcomp.reproduce import common
-from gradcomp.reproduce.common import Check, Result, Study, StudySkipped, markdown_table
 from gradcomp.train.models import resnet50
+from gradcomp_studies.reproduce import common
+from gradcomp_studies.reproduce.common import Check, Result, Study, StudySkipped, markdown_table
 from helpers import compact_nbytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -213,7 +213,7 @@ def _seeded_draw(seed):
 
 
 def test_map_runs_gives_the_same_results_in_parallel_processes(tmp_path):
-    from gradcomp.reproduce.common import Context, map_runs
+    from gradcomp_studies.reproduce.common import Context, map_runs
 
     calls = [(s,) for s in (3, 1, 4, 1, 5)]
     lines = []
@@ -233,8 +233,8 @@ def test_map_runs_gives_the_same_results_in_parallel_processes(tmp_path):
 
 
 def test_train_runs_reports_a_diverged_run_and_goes_on(tmp_path):
-    from gradcomp.reproduce.common import Context, train_runs
     from gradcomp.train.loop import TrainConfig
+    from gradcomp_studies.reproduce.common import Context, train_runs
 
     common = dict(dataset="digits", method="none", workers=2, epochs=2, simulate=True, limit_train=256)
     lines = []
@@ -250,9 +250,9 @@ def test_train_runs_reports_a_diverged_run_and_goes_on(tmp_path):
 def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
     """--runs keeps the runs; the same study run again continues each from its checkpoint (one of them
     stopped after its first epoch here) and ends where an uninterrupted run ends."""
-    from gradcomp.reproduce.common import Context, train_runs
     from gradcomp.train.loop import TrainConfig
     from gradcomp.train.report import RunDir
+    from gradcomp_studies.reproduce.common import Context, train_runs
 
     common = dict(dataset="digits", method="dgc", options={"warmup_epochs": 2}, workers=2, simulate=True,
                   limit_train=512, progress=False)
@@ -284,9 +284,9 @@ def test_a_finished_run_is_read_back_without_its_checkpoint(tmp_path, monkeypatc
     """A study's finished rows can be kept without their checkpoints (config, metrics, summary): they are read
     back, not trained again; a diverged row is kept as diverged; a kept run cannot be extended without its
     checkpoint, and a run from other settings is refused."""
-    from gradcomp.reproduce.common import Context, train_runs
     from gradcomp.train.loop import TrainConfig
     from gradcomp.train.report import RunDir
+    from gradcomp_studies.reproduce.common import Context, train_runs
 
     common = dict(dataset="digits", method="none", workers=2, epochs=1, simulate=True, limit_train=256)
     ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None)
@@ -308,7 +308,7 @@ def test_a_finished_run_is_read_back_without_its_checkpoint(tmp_path, monkeypatc
 def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatch):
     """--runs for the ablation: a row trained once is read back (same numbers, no training) while its variant
     (other rows aside) and seed match; other settings or a damaged file train it again."""
-    from gradcomp.reproduce import ablation
+    from gradcomp_studies.reproduce import ablation
 
     pytest.importorskip("sklearn")
     tiny = ablation.Variant(datasets=("digits",), limit_train=128, epochs=1, rows=("naive",), workers=2,
@@ -340,7 +340,7 @@ def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatc
 def test_ablation_learning_rate_drops_10x_at_the_decay_points():
     """The ablation's schedule: the same steps as a constant rate before the drop, other steps after it; a drop
     at the very end of training changes nothing; a drop at the start equals training at a tenth of the rate."""
-    from gradcomp.reproduce import ablation
+    from gradcomp_studies.reproduce import ablation
 
     pytest.importorskip("sklearn")
     flat = ablation.Variant(datasets=("digits",), limit_train=256, epochs=2, rows=("dense",), workers=2,
@@ -358,7 +358,7 @@ def test_ablation_learning_rate_drops_10x_at_the_decay_points():
 def test_ablation_trains_the_seed_rows_with_more_seeds_and_reports_their_means(tmp_path, monkeypatch):
     """seed_rows x seeds: those rows of the first dataset train again with the next seeds (other weights,
     other batches); the report's seed table holds each seed's accuracy and the means, recomputed here."""
-    from gradcomp.reproduce import ablation
+    from gradcomp_studies.reproduce import ablation
 
     pytest.importorskip("sklearn")
     tiny = ablation.Variant(datasets=("digits",), limit_train=512, epochs=2, rows=("dense", "naive", "dgc"),
@@ -387,7 +387,7 @@ def test_ablation_trains_the_seed_rows_with_more_seeds_and_reports_their_means(t
 
 
 def test_ablation_variant_refuses_seed_rows_it_cannot_compare():
-    from gradcomp.reproduce import ablation
+    from gradcomp_studies.reproduce import ablation
 
     for bad, match in ((dict(seeds=0), "seeds must be at least 1"),
                        (dict(seed_rows=("dense", "dgc_all")), r"seed_rows \['dgc_all'\] are not among"),

@@ -59,7 +59,7 @@ def test_ablation_long_quick_pairs_seeds(tmp_path_factory):
     and its dense row of seed 1 is what training that row directly gives."""
     import statistics
 
-    from gradcomp.reproduce import ablation
+    from gradcomp_studies.reproduce import ablation
 
     need_datasets("mnist")
     rc, out, report, data = quick_study("ablation-long", tmp_path_factory)
@@ -129,8 +129,8 @@ def test_compare_quick_covers_every_compressor(compare):
         assert (out / f"compare-quick-{task}.png").read_bytes()[:8] == PNG
 
 
-@pytest.mark.parametrize("task,model,dataset,options", [("image", "mlp", "mnist", {}),
-                                                        ("language", "lstm", "shakespeare", {"hidden": 128, "layers": 1})])
+@pytest.mark.parametrize("task,model,dataset,options", [
+    ("image", "mlp", "mnist", {}), ("language", "lstm", "shakespeare", {"hidden": 128, "layers": 1})])
 def test_compare_quick_bytes_match_the_formulas(compare, task, model, dataset, options):
     *_, data = compare
     rows = data["data"]["rows"][task]

@@ -256,8 +256,8 @@ shutdown()
 
 def test_a_restarted_attempt_does_not_read_the_killed_attempts_addresses():
     """torchrun's agent keeps one store across restarts (pytorch/pytorch#135712).  Attempt 0's ranks, killed, leave
-    their gloo addresses there; in attempt 1 rank 1 starts 6 s late, so rank 0 would read rank 1's stale address and fail
-    to connect (gloo gives up after a few refused tries) unless each attempt has keys of its own."""
+    their gloo addresses there; in attempt 1 rank 1 starts 6 s late, so rank 0 would read rank 1's stale address and
+    fail to connect (gloo gives up after a few refused tries) unless each attempt has keys of its own."""
     from datetime import timedelta
 
     import torch.distributed as dist

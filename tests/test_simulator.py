@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import gradcomp
-from gradcomp import DGC, Simulator, split_batch
 from conftest import batches, ce, mlp
+from gradcomp import DGC, Simulator, split_batch
 
 
 def reference_sgd(x, y, steps, momentum, nesterov=False, lr=0.1, batch_size=64, weight_decay=0.0):
@@ -29,7 +29,7 @@ def simulated(x, y, steps, method, workers, lr=0.1, momentum=0.0, nesterov=False
 
 def assert_same_params(a, b, rtol):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=rtol, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=rtol, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("workers", [1, 4])

@@ -1,8 +1,8 @@
 """gradcomp: Deep Gradient Compression and the methods around it, for PyTorch data parallelism."""
 
 from .compressors import Compressor, Payload, available, get, register
-from .dga import DelayedGradientAveraging, FedAvg
 from .ddp_hook import HookState, ddp_comm_hook, register_ddp_hook
+from .dga import DelayedGradientAveraging, FedAvg
 from .guard import SettingsMismatchError
 from .launch import shutdown
 from .memory import DGCMemory, Memory, Momentum, Residual

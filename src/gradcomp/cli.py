@@ -80,9 +80,9 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_benches(bench_sub: argparse._SubParsersAction) -> None:
-    from .reproduce import studies
+    from gradcomp_studies.reproduce import studies
 
-    importlib.import_module("gradcomp.bench")  # importing it registers the benchmarks
+    importlib.import_module("gradcomp_studies.bench")  # importing it registers the benchmarks
 
     for s in studies("bench"):
         p = bench_sub.add_parser(
@@ -94,7 +94,7 @@ def _add_benches(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    from .reproduce import studies
+    from gradcomp_studies.reproduce import studies
 
     listing = "\n".join(f"  {s.name:<10} {s.summary}" for s in studies()) or "  (none registered)"
     p = sub.add_parser(
@@ -111,7 +111,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import studies
+    from gradcomp_studies.reproduce import studies
 
     if args.list or args.table is None:
         if args.table is None and not args.list:
@@ -123,8 +123,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace, name: str, kind: str) -> int:
+    from gradcomp_studies.reproduce import StudySkipped, UnknownStudyError, run_study
+
     from .launch import WorkerError
-    from .reproduce import StudySkipped, UnknownStudyError, run_study
 
     try:
         outcome = run_study(name, full=args.full, out_dir=args.out, seed=args.seed, threads=args.threads,

@@ -50,11 +50,10 @@ DDP hook and :class:`~gradcomp.DistributedOptimizer` take the scaler instead).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import logging
 
 import torch
 import torch.distributed as dist

@@ -33,9 +33,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from .compressors.dense import NoCompression
 

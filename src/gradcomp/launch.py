@@ -275,13 +275,16 @@ def _check_timeout(field: str, value: float | None, optional: bool = False) -> N
 # ------------------------------------------------------------------ worker side
 
 
-def _context() -> Any:
-    """Workers are forked from a server that imported torch and gradcomp once (about 0.1 s a start instead of the
-    2-3 s a fresh interpreter takes to import them); ``spawn`` where there is no fork server (Windows)."""
+def _context(fn: Callable[..., Any]) -> Any:
+    """Workers are forked from a server that imported torch and ``fn``'s module once (about 0.1 s a start instead
+    of the 2-3 s a fresh interpreter takes to import them); ``spawn`` where there is no fork server (Windows)."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "gradcomp.train.loop"])
+    preload = ["torch", "torch.distributed", __name__]
+    if fn.__module__ != "__main__":  # a script is not imported again: its top level may not be guarded
+        preload.append(fn.__module__)
+    ctx.set_forkserver_preload(preload)
     return ctx
 
 
@@ -535,7 +538,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
         device_kind("cuda", world_size)  # one GPU per rank, else a ValueError saying so
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = _context()
+    ctx = _context(fn)
     _start_server(ctx)
     port = free_port()
     ranks: list[_Rank] = []

@@ -435,8 +435,8 @@ class DGC(Method):
 
     def config(self) -> dict[str, Any]:
         fields = ("density", "momentum", "nesterov", "sample_ratio", "momentum_masking", "clip_norm",
-                  "warmup_epochs", "warmup_steps", "min_numel", "momentum_correction", "accumulate", "steps_per_epoch", "wire",
-                  "sparsify_all", "min_entries", "aggregate")
+                  "warmup_epochs", "warmup_steps", "min_numel", "momentum_correction", "accumulate",
+                  "steps_per_epoch", "wire", "sparsify_all", "min_entries", "aggregate")
         return {"method": "dgc", **{f: getattr(self, f) for f in fields}}
 
     def buffers(self) -> list[dict[str, Tensor]]:
@@ -470,7 +470,8 @@ def as_method(method: Method | Compressor | str) -> Method:
     raise TypeError(f"expected a gradcomp Method, Compressor or compressor name, got {type(method).__name__}")
 
 
-def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, float]:
+def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weight_decay: float = 0.0
+                 ) -> dict[str, float]:
     """``torch.optim.SGD``'s ``momentum`` and ``weight_decay`` for training through ``method`` what dense
     training runs with ``SGD(momentum=momentum, weight_decay=weight_decay)``.
 

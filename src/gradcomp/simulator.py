@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
-from greenlet import greenlet
 from torch import Tensor, nn
 from torch.futures import Future
 
@@ -78,6 +77,16 @@ def _combine_round(every: list[Mapping[str, Payload]]) -> list[dict[str, list[Pa
              for name, received in combined.items()} for _ in every]
 
 
+def _greenlet() -> Any:
+    """The ``greenlet`` class, an optional dependency of the simulator alone (``pip install 'gradcomp[train]'``)."""
+    try:
+        from greenlet import greenlet
+    except ImportError:
+        raise ImportError("gradcomp's Simulator runs its workers as greenlets: pip install greenlet (or "
+                          "'gradcomp[train]')") from None
+    return greenlet
+
+
 class LocalGroup:
     """``world_size`` workers of one process whose collectives meet here: the n-th collective of every worker
     completes once all have issued it, combined in rank order.
@@ -97,7 +106,7 @@ class LocalGroup:
         self.comms = [LocalCommunicator(self, rank) for rank in range(world_size)]
         self._rounds: dict[int, tuple[str, list[Any]]] = {}
         self._waiting: dict[int, Any] = {}  # worker -> what it receives, once its collective completed
-        self._scheduler: greenlet | None = None
+        self._scheduler: Any = None  # the greenlet that runs the workers in turns
 
     def meet(self, rank: int, seq: int, kind: str, value: Any,
              combine_all: Callable[[list[Any]], list[Any]]) -> Any:
@@ -124,6 +133,7 @@ class LocalGroup:
         self._waiting.clear()
         for comm in self.comms:
             comm.seq = 0
+        greenlet = _greenlet()
         self._scheduler = greenlet.getcurrent()
         workers = [greenlet(lambda rank=rank: fn(rank)) for rank in range(n)]
         results: list[Any] = [None] * n

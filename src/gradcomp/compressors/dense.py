@@ -62,8 +62,8 @@ class FP16(Compressor):
         half = tensor.reshape(-1).to(torch.float16)
         if (tensor.numel() and not device_path(tensor) and not torch.isfinite(half).all()
                 and torch.isfinite(tensor).all()):
-            raise ValueError("fp16: a gradient entry exceeds float16's range (65504); with a GradScaler, give it to the "
-                             "front door (scaler=) so the loss scale is divided out first; otherwise use 'none'")
+            raise ValueError("fp16: a gradient entry exceeds float16's range (65504); with a GradScaler, give it to "
+                             "the front door (scaler=) so the loss scale is divided out first; otherwise use 'none'")
         return Payload((half,), op="sum")
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:

@@ -52,8 +52,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
-                   generator, register, tensors_of)
+from .base import (
+    Compressor,
+    Exchange,
+    Exchanged,
+    Payload,
+    check_int,
+    check_payloads,
+    check_range,
+    check_tensor,
+    generator,
+    register,
+    tensors_of,
+)
 
 __all__ = ["PowerSGD"]
 

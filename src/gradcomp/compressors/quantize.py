@@ -49,7 +49,6 @@ longer falls as ``1/N``; give each worker its own ``seed`` (e.g. ``base + rank``
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,8 +57,21 @@ import torch
 from torch import Tensor
 
 from . import bits
-from .base import (Compressor, Exchange, Exchanged, Payload, check_int, check_payloads, check_range, check_tensor,
-                   device_path, generator, mark_corrupt, register, tensors_of)
+from .base import (
+    Compressor,
+    Exchange,
+    Exchanged,
+    Payload,
+    check_int,
+    check_payloads,
+    check_range,
+    check_tensor,
+    device_path,
+    generator,
+    mark_corrupt,
+    register,
+    tensors_of,
+)
 
 __all__ = ["OneBit", "TernGrad", "QSGD", "DoReFa"]
 

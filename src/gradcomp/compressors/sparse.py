@@ -47,9 +47,25 @@ from torch import Tensor
 
 from .. import kernels
 from . import bits
-from .base import (Compressor, Exchange, Exchanged, Payload, check_indices, check_int, check_payloads, check_range,
-                   check_tensor, device_path, generator, index_dtype, mark_corrupt, num_selected, register, tensors_of,
-                   valid_indices)
+from .base import (
+    Compressor,
+    Exchange,
+    Exchanged,
+    Payload,
+    check_indices,
+    check_int,
+    check_payloads,
+    check_range,
+    check_tensor,
+    device_path,
+    generator,
+    index_dtype,
+    mark_corrupt,
+    num_selected,
+    register,
+    tensors_of,
+    valid_indices,
+)
 
 __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "AdaComp", "select_topk",
            "select_dgc", "WIRES", "check_wire"]

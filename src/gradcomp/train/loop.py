@@ -68,8 +68,19 @@ from ..guard import check_nonfinite
 from ..launch import DEVICES, device_kind
 from ..method import DGC, Method, sgd_settings
 from ..schedule import LinearLRWarmup
-from .data import (DATASETS, PARTITIONS, Dataset, batchify, image_batches, lm_batches, lm_steps, load_dataset,
-                   skewed_parts, speaker_grouped, steps_per_epoch)
+from .data import (
+    DATASETS,
+    PARTITIONS,
+    Dataset,
+    batchify,
+    image_batches,
+    lm_batches,
+    lm_steps,
+    load_dataset,
+    skewed_parts,
+    speaker_grouped,
+    steps_per_epoch,
+)
 from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 

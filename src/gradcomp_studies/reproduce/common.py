@@ -255,7 +255,7 @@ def _git_commit() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """Where a study ran: platform, processor, CPU count, torch threads and versions."""
-    from .. import __version__
+    from gradcomp import __version__
 
     info = {
         "platform": platform.platform(),
@@ -550,9 +550,9 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     summary, a few kB) without their checkpoints, and a later session trains only the others."""
     import dataclasses
 
-    from ..method import NonFiniteGradientError
-    from ..train.loop import run as train
-    from ..train.report import RunDir
+    from gradcomp.method import NonFiniteGradientError
+    from gradcomp.train.loop import run as train
+    from gradcomp.train.report import RunDir
 
     cfg = dataclasses.replace(cfg, nonfinite="raise")
     rd = RunDir(cfg.run_dir)
@@ -583,8 +583,8 @@ def _resumable(cfg: Any) -> Any:
     not continued (ValueError naming the folder and the settings that differ)."""
     import dataclasses
 
-    from ..train.loop import RESUMABLE
-    from ..train.report import RunDir
+    from gradcomp.train.loop import RESUMABLE
+    from gradcomp.train.report import RunDir
 
     saved = dataclasses.asdict(type(cfg)(**RunDir(cfg.run_dir).read_config()))  # settings added since: defaults
     free = {"run_dir", "data_dir", *RESUMABLE}  # may change on resume
@@ -626,7 +626,7 @@ def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple
 def train_rows(ctx: Context, name: str, rows: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Path]:
     """Train each config of ``rows`` (:func:`train_runs`, in the study's runs folder ``name``) and draw their
     curves into the study's plot; returns ``{row key: summary}`` and the plot's path."""
-    from ..train.report import plot_runs
+    from gradcomp.train.report import plot_runs
 
     plot_path = ctx.path(".png")
     with ctx.runs_folder(name) as folder:

@@ -16,7 +16,7 @@ A module that fails to import is left out of the listing (with a logged
 warning) and its error is raised again when its table is asked for, so one
 broken study never breaks the ``gradcomp`` command.
 
->>> from gradcomp.reproduce import run_study
+>>> from gradcomp_studies.reproduce import run_study
 >>> outcome = run_study("ratio", full=False, out_dir="results")   # writes results/ratio-quick.md
 >>> outcome.passed, outcome.report
 """

@@ -49,7 +49,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..launch import spawn
+from gradcomp.launch import spawn
+
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, new_figure, register, save_figure
 
 #: allowed growth of the peak resident memory (and of the resident memory's trend) after warm-up, MB: about 1 %
@@ -104,10 +105,10 @@ def _setup(rank: int, world: int, method_name: str, warmup_steps: int, seed: int
     hook state, steps per epoch)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..ddp_hook import register_ddp_hook
-    from ..method import DGC
-    from ..train.data import load_dataset, steps_per_epoch
-    from ..train.models import build_model
+    from gradcomp.ddp_hook import register_ddp_hook
+    from gradcomp.method import DGC
+    from gradcomp.train.data import load_dataset, steps_per_epoch
+    from gradcomp.train.models import build_model
 
     torch.manual_seed(seed)
     data = load_dataset("digits")
@@ -133,7 +134,7 @@ def _pass(rank: int, world: int, method_name: str, steps: int, warmup_steps: int
     collections the heap also holds garbage that the cyclic collector has not reached yet)."""
     from torch.nn import functional as F
 
-    from ..train.data import image_batches
+    from gradcomp.train.data import image_batches
 
     data, ddp, opt, state, per_epoch = _setup(rank, world, method_name, warmup_steps, seed)
     trace = collect_every is not None

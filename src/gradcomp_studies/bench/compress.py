@@ -24,10 +24,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..compressors.base import Payload, num_selected
-from ..method import DGC
+from gradcomp.compressors.base import Payload, num_selected
+from gradcomp.method import DGC
+
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
-from ..reproduce.ratio import _shapes
+from ..reproduce.ratio import model_shapes
 
 DENSITY = 0.001
 GOAL = 0.6  # issue 5: the whole DGC step <= 0.6x an SGD step, both layouts
@@ -49,7 +50,7 @@ def measure(candidates: dict[str, Callable[[], object]], repeats: int, warmup: i
 
 
 def _layout(flat: bool, numel: int | None) -> list[tuple[str, tuple[int, ...]]]:
-    shapes = _shapes("resnet50")
+    shapes = model_shapes("resnet50")
     total = numel or sum(torch.Size(s).numel() for _, s in shapes)
     if flat or numel is not None:
         return [("flat", (total,))]

@@ -1,4 +1,4 @@
-"""Table ``ablation``: the DGC paper's ablation at 99.9 % sparsity, 8 workers, batch-norm CNN on Fashion-MNIST and MNIST.
+"""Table ``ablation``: the DGC paper's ablation at 99.9 % sparsity, 8 workers, batch-norm CNN, Fashion-MNIST and MNIST.
 
 Rows (the paper's Table 1 order): the dense baseline (``none``, SGD momentum
 0.9); naive pruning (top 0.1 % sent, the rest dropped: no accumulation, no
@@ -59,10 +59,23 @@ from typing import Any
 
 import torch
 
-from ..method import DGC, Method, sgd_settings
-from ..simulator import Simulator
-from .common import (Check, Context, Result, Study, StudySkipped, classification_loss, evaluate_classifier,
-                     map_runs, markdown_table, new_figure, register, save_figure)
+from gradcomp.method import DGC, Method, sgd_settings
+from gradcomp.simulator import Simulator
+
+from .common import (
+    Check,
+    Context,
+    Result,
+    Study,
+    StudySkipped,
+    classification_loss,
+    evaluate_classifier,
+    map_runs,
+    markdown_table,
+    new_figure,
+    register,
+    save_figure,
+)
 
 #: Published (DGC paper, Table 1: ResNet-110 on CIFAR-10, 99.9 % sparsity): baseline accuracy and each row's delta.
 PUBLISHED_BASELINE = 92.92
@@ -166,7 +179,7 @@ class Row:
 
 def _method(key: str, variant: Variant, steps: int) -> Method:
     """The row's method."""
-    from ..compressors.base import get
+    from gradcomp.compressors.base import get
 
     if key == "dense":
         return Method(get("none"))
@@ -192,15 +205,15 @@ def _sgd(key: str, variant: Variant) -> dict[str, float]:
 
 @functools.lru_cache(maxsize=2)
 def _load(name: str, limit_train: int | None):
-    from ..train.data import load_dataset
+    from gradcomp.train.data import load_dataset
 
     return load_dataset(name, limit_train=limit_train)
 
 
 def _train(key: str, dataset: str, variant: Variant, seed: int) -> Row:
     """Train one row from scratch (its own seed and data: rows may run in any order, in any process)."""
-    from ..train.data import image_batches, steps_per_epoch
-    from ..train.models import CNN
+    from gradcomp.train.data import image_batches, steps_per_epoch
+    from gradcomp.train.models import CNN
 
     row = Row(key, dataset, seed)
     data = _load(dataset, variant.limit_train)
@@ -332,11 +345,11 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
     if naive is not None and dense is not None:
         verdict = "does not converge (near chance)" if naive.accuracy < 0.2 else \
             "lags rather than diverges"
-        notes.append(f"{name}: naive pruning reaches {100 * naive.accuracy:.2f} % against {100 * dense.accuracy:.2f} % dense: "
-                     f"it {verdict} at this scale (published: does not converge).")
+        notes.append(f"{name}: naive pruning reaches {100 * naive.accuracy:.2f} % against "
+                     f"{100 * dense.accuracy:.2f} % dense: it {verdict} at this scale (published: does not converge).")
     if naive is not None and dgc is not None:
-        notes.append(f"{name}: DGC with all techniques beats naive pruning by {100 * (dgc.accuracy - naive.accuracy):+.2f} "
-                     "points.")
+        notes.append(f"{name}: DGC with all techniques beats naive pruning by "
+                     f"{100 * (dgc.accuracy - naive.accuracy):+.2f} points.")
     if dgc is not None and dense is not None:
         notes.append(f"{name}: DGC vs dense: {100 * (dgc.accuracy - dense.accuracy):+.2f} points (published +0.37), "
                      f"sending {100 * dgc.mean_density:.3g} % of the sparsified entries on average over the run "
@@ -358,7 +371,7 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
 
 def _need(variant: Variant) -> None:
     """:class:`StudySkipped` naming the dataset that is missing."""
-    from ..train.data import DatasetNotFoundError, load_dataset
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
 
     for name in variant.datasets:
         try:

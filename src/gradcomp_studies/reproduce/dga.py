@@ -90,7 +90,7 @@ def rows(variant: Variant) -> dict[str, tuple[str, dict]]:
 
 def configs(variant: Variant, seed: int) -> list[tuple[str, str, str, object]]:
     """(task key, partition, row key, TrainConfig) of every run."""
-    from ..train.loop import TrainConfig
+    from gradcomp.train.loop import TrainConfig
 
     out = []
     for task in variant.tasks:
@@ -123,10 +123,12 @@ def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[st
     """Per task: seconds per step of each plan entry, without latency and with ``variant.latency_ms``."""
     import torch
 
+    from gradcomp.train.data import load_dataset
+    from gradcomp.train.loop import Task as Batches
+    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.models import build_model
+
     from ..bench.latency import step_time
-    from ..train.data import load_dataset
-    from ..train.loop import Task as Batches, TrainConfig
-    from ..train.models import build_model
 
     out = {}
     for task in variant.tasks:
@@ -150,7 +152,7 @@ def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[st
 
 def measure_speed(variant: Variant, seed: int) -> dict[str, dict[tuple[str, int, int, float], float]]:
     """Per task: {(kind, param, delay, latency): seconds per step of the slowest rank}."""
-    from ..launch import spawn
+    from gradcomp.launch import spawn
 
     per_rank = spawn(_speed_worker, variant.ranks, variant, seed, timeout_s=1800, threads=1)
     keys = [(kind, param, delay, latency) for latency in (0.0, variant.latency_ms)
@@ -193,8 +195,8 @@ def _speed_table(variant: Variant, seconds: dict) -> str:
         for kind, param, delay in _speed_plan(variant):
             base, slow = t[(kind, param, delay, 0.0)], t[(kind, param, delay, variant.latency_ms)]
             sync = t[("dga", 0, 0, variant.latency_ms)]
-            body.append([task.key, _speed_label(kind, param, delay), f"{1e3 * base:.1f} ms", f"{1e3 * slow:.1f} ms", f"{slow / base:.2f}x",
-                         f"{sync / slow:.2f}x"])
+            body.append([task.key, _speed_label(kind, param, delay), f"{1e3 * base:.1f} ms", f"{1e3 * slow:.1f} ms",
+                         f"{slow / base:.2f}x", f"{sync / slow:.2f}x"])
     lat = f"{variant.latency_ms:g} ms"
     return markdown_table(["task", "method", "step, L = 0", f"step, L = {lat}", "slowdown from latency",
                            f"speedup over synchronous SGD at L = {lat}"], body, align="llrrrr")
@@ -210,7 +212,7 @@ def _plot(variant: Variant, results: dict, path: Path) -> None:
     delays = (0, *variant.delays)
     for ax, task in zip(axes[0], variant.tasks):
         for partition, style in zip(PARTITIONS, ("-", "--")):
-            def y(key: str) -> float:
+            def y(key: str, task: Task = task, partition: str = partition) -> float:
                 s = results[(task.key, partition, key)]
                 if "diverged" in s or not s[task.metric] < 1e4:
                     return math.nan  # no point: the run stopped, or its perplexity blew up (the table has it)
@@ -239,7 +241,7 @@ def _plot(variant: Variant, results: dict, path: Path) -> None:
 
 
 def run(ctx: Context) -> Result:
-    from ..train.data import DatasetNotFoundError, load_dataset
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
 
     variant = FULL if ctx.full else QUICK
     for task in variant.tasks:

@@ -31,10 +31,11 @@ from fractions import Fraction
 
 import torch
 
-from ..compressors.base import available, get
-from ..method import DGC, Method
-from ..simulator import run_exchanges
-from ..train.models import PAPER_MODELS
+from gradcomp.compressors.base import available, get
+from gradcomp.method import DGC, Method
+from gradcomp.simulator import run_exchanges
+from gradcomp.train.models import PAPER_MODELS
+
 from .common import Check, Context, Result, Study, markdown_table, memory_peak_mb, new_figure, register, save_figure
 
 DENSITY = 0.001
@@ -158,7 +159,7 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
         elif name == "dryden":  # a proportion of the positive and of the negative entries + two fp32 means
             p = Fraction(str(comp.proportion))
             total += 4 * (_ceil_frac(int((g > 0).sum()), p) + _ceil_frac(int((g < 0).sum()), p)) + 8
-        elif name == "adacomp":  # a fresh residue: per bin of L_T, |2g| >= max |g| of the bin (g != 0); 4 B each + scale
+        elif name == "adacomp":  # a fresh residue: per bin of L_T, |2g| >= max |g| of the bin (g != 0); 4 B + scale
             b = comp.bin_size
             flat = g.reshape(-1).double()
             chosen = sum(int(((2 * flat[i:i + b]).abs() >= flat[i:i + b].abs().max()).logical_and(flat[i:i + b] != 0)
@@ -174,7 +175,7 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
 # ---------------------------------------------------------------- the study
 
 
-def _shapes(model_name: str) -> list[tuple[str, tuple[int, ...]]]:
+def model_shapes(model_name: str) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter names and shapes, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
         model = PAPER_MODELS[model_name]()
@@ -183,7 +184,8 @@ def _shapes(model_name: str) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def _gradients(shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> dict[str, torch.Tensor]:
+def random_gradients(shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> dict[str, torch.Tensor]:
+    """A standard normal gradient of each shape, drawn from a generator seeded with ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     return {name: torch.randn(shape, generator=gen) for name, shape in shapes}
 
@@ -204,8 +206,8 @@ def measure(model_names, measured: list[Measured], seed: int, ctx: Context) -> d
     results: dict = {}
     bar = ctx.tqdm(total=len(model_names) * len(measured), desc="ratio")
     for model_name in model_names:
-        shapes = _shapes(model_name)
-        grads = _gradients(shapes, seed)
+        shapes = model_shapes(model_name)
+        grads = random_gradients(shapes, seed)
         params = sum(g.numel() for g in grads.values())
         entry = {"parameters": params, "tensors": len(shapes), "dense_bytes": 4 * params, "compressors": {}}
         for m in measured:

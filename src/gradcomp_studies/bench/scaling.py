@@ -12,7 +12,7 @@ it, and ``alpha`` the cost of one ring step (software and kernel latency; no
 latency is added on these links).  alpha is measured on messages too small
 for their bytes to count, between 2 ranks; beta is fitted by least squares
 (relative errors) to big messages on 2, 4 and 8 ranks behind real ``tc tbf``
-links (:class:`~gradcomp.bench.netns.ShapedLinks`) of 100 Mbit/s, and every
+links (:class:`~gradcomp_studies.bench.netns.ShapedLinks`) of 100 Mbit/s, and every
 run is printed beside the model's prediction.  100 Mbit/s because this
 machine has 2 cores, and at 1 Gbit/s 8 ranks wait for a core at every ring
 step.  The same runs at 1 Gbit/s are printed beside the model scaled to that
@@ -37,13 +37,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..comm import all_gather_single
-from ..launch import spawn
-from ..reproduce.common import (Check, Context, Result, Study, StudySkipped, markdown_table, new_figure, register,
-                                save_figure)
-from ..compressors.powersgd import PowerSGD
-from ..method import DGC, Method
-from ..reproduce.ratio import _gradients, _shapes, bytes_sent
+from gradcomp.comm import all_gather_single
+from gradcomp.compressors.powersgd import PowerSGD
+from gradcomp.launch import spawn
+from gradcomp.method import DGC, Method
+
+from ..reproduce.common import (
+    Check,
+    Context,
+    Result,
+    Study,
+    StudySkipped,
+    markdown_table,
+    new_figure,
+    register,
+    save_figure,
+)
+from ..reproduce.ratio import bytes_sent, model_shapes, random_gradients
 from .netns import NetworkSetupError, ShapedLinks, parse_rate
 from .network import _timed
 
@@ -122,12 +132,12 @@ def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: 
     for nbytes in reduce_bytes:
         x = torch.ones(nbytes // 4)
         rows.append({"op": "all_reduce", "workers": world, "bytes": nbytes,
-                     "seconds": _timed(lambda: dist.all_reduce(x), 1, repeats, "min")})
+                     "seconds": _timed(lambda x=x: dist.all_reduce(x), 1, repeats, "min")})
     for nbytes in gather_bytes:
         local = torch.ones(nbytes, dtype=torch.uint8)
         out = torch.empty(nbytes * world, dtype=torch.uint8)
         rows.append({"op": "all_gather", "workers": world, "bytes": nbytes,
-                     "seconds": _timed(lambda: all_gather_single(out, local), 1, repeats, "min")})
+                     "seconds": _timed(lambda out=out, local=local: all_gather_single(out, local), 1, repeats, "min")})
     return rows
 
 
@@ -158,7 +168,7 @@ def resnet50_bytes(seed: int) -> dict[str, int]:
     """One worker's bytes for one step of ResNet-50, counted from the payloads: dense fp32, PowerSGD rank 2
     (its two all-reduces together), DGC at density 0.001 with every tensor sparsified: on the compact wire
     (all-gathered) and with a shared index set (its two all-reduces together)."""
-    grads = _gradients(_shapes("resnet50"), seed)
+    grads = random_gradients(model_shapes("resnet50"), seed)
     return {"dense": 4 * sum(g.numel() for g in grads.values()),
             "powersgd": bytes_sent(Method(PowerSGD(rank=2)), grads),
             "dgc": bytes_sent(DGC(density=0.001, warmup_epochs=0, sparsify_all=True), grads),

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..ddp_hook import register_ddp_hook
-from ..launch import spawn
-from ..method import DGC, sgd_settings
+from gradcomp.ddp_hook import register_ddp_hook
+from gradcomp.launch import spawn
+from gradcomp.method import DGC, sgd_settings
+from gradcomp.train.models import resnet50
+
 from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
-from ..train.models import resnet50
 
 #: what each row trains through: None is DDP's own all-reduce (no hook registered)
 METHODS = {"DDP all-reduce (baseline)": None, "gradcomp none": "none", "gradcomp DGC 0.1 %": "dgc"}

@@ -27,11 +27,12 @@ import gc
 
 import torch
 
-from ..compressors.base import Payload
-from ..compressors.powersgd import PowerSGD
-from ..method import DGC, Method
+from gradcomp.compressors.base import Payload
+from gradcomp.compressors.powersgd import PowerSGD
+from gradcomp.method import DGC, Method
+
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
-from ..reproduce.ratio import DGC_VARIANTS, MODEL_LABELS, _gradients, _shapes
+from ..reproduce.ratio import DGC_VARIANTS, MODEL_LABELS, model_shapes, random_gradients
 
 DENSITY = 0.001
 GOAL = 1000  # issue 5: at least 1000x on ResNet-50
@@ -43,7 +44,8 @@ DGC_LABELS = {
     "dgc-all": "DGC, compact wire, every tensor sparsified",
     "dgc-all32": "DGC, compact wire, every tensor sparsified, at least 32 entries of each",
 }
-#: DGC's configurations are the ratio table's (:data:`~gradcomp.reproduce.ratio.DGC_VARIANTS`), PowerSGD beside them
+#: DGC's configurations are the ratio table's (:data:`~gradcomp_studies.reproduce.ratio.DGC_VARIANTS`), PowerSGD
+#: beside them
 VARIANTS = {
     **{key: (DGC_LABELS[key], lambda options=options: DGC(density=DENSITY, warmup_epochs=0, **options))
        for key, options in DGC_VARIANTS.items()},
@@ -107,8 +109,8 @@ def run(ctx: Context) -> Result:
     rows, data, checks = [], {}, []
     bar = ctx.tqdm(total=len(models) * len(VARIANTS), desc="wire")
     for model in models:
-        shapes = _shapes(model)
-        grads = _gradients(shapes, ctx.seed)
+        shapes = model_shapes(model)
+        grads = random_gradients(shapes, ctx.seed)
         dense = 4 * sum(g.numel() for g in grads.values())
         data[model] = {"dense_bytes": dense, "tensors": len(shapes), "variants": {}}
         rows.append([f"**{MODEL_LABELS[model]}**", "dense fp32 (baseline)", "", "", "", "", "", f"{dense:,}",

@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..dga import DelayedGradientAveraging, FedAvg
-from ..launch import spawn
+from gradcomp.dga import DelayedGradientAveraging, FedAvg
+from gradcomp.launch import spawn
+
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
 
 

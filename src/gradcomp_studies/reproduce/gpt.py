@@ -75,7 +75,7 @@ QUICK = Variant(limit_train=10_256, epochs=1, limit_test=4_000, batch_per_worker
 
 def configs(variant: Variant, seed: int) -> dict[str, object]:
     """The five rows as ``gradcomp train`` configs."""
-    from ..train.loop import TrainConfig
+    from gradcomp.train.loop import TrainConfig
 
     common = dict(dataset="shakespeare", model="gpt",
                   model_options={"layers": variant.layers, "d": variant.d, "heads": variant.heads},
@@ -91,8 +91,8 @@ def configs(variant: Variant, seed: int) -> dict[str, object]:
 
 
 def run(ctx: Context) -> Result:
-    from ..train.data import DatasetNotFoundError, load_dataset
-    from ..train.report import human_bytes
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+    from gradcomp.train.report import human_bytes
 
     variant = FULL if ctx.full else QUICK
     try:

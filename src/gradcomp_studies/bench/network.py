@@ -2,7 +2,7 @@
 
 The workers run in their own network namespaces, joined by a bridge, each
 one's egress limited by ``tc tbf`` to the rate asked for
-(:class:`~gradcomp.bench.netns.ShapedLinks`; needs root).  Bandwidth is real;
+(:class:`~gradcomp_studies.bench.netns.ShapedLinks`; needs root).  Bandwidth is real;
 latency is not shaped (no ``netem`` here), so none is added.  Over gloo:
 
 1. **Communication alone**, for a gradient the size and shape of ResNet-50's
@@ -44,13 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..comm import all_gather_single
-from ..launch import spawn
-from ..method import DGC, sgd_settings
+from gradcomp.comm import all_gather_single
+from gradcomp.compressors.powersgd import PowerSGD
+from gradcomp.launch import spawn
+from gradcomp.method import DGC, sgd_settings
+from gradcomp.train.models import PAPER_MODELS, build_model
+
 from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
-from ..compressors.powersgd import PowerSGD
-from ..reproduce.ratio import MODEL_LABELS, _gradients, _shapes, bytes_sent
-from ..train.models import PAPER_MODELS, build_model
+from ..reproduce.ratio import MODEL_LABELS, bytes_sent, model_shapes, random_gradients
 from .netns import NetworkSetupError, ShapedLinks
 
 DENSITY = 0.001
@@ -138,7 +139,7 @@ def _communication(shapes, warmup: int, repeats: int, seed: int) -> dict[str, fl
 
         out[f"powersgd-{r}"] = _timed(rounds, warmup, repeats)
     # DGC: the payload bytes the method really produces for this gradient, in one all-gather
-    payload_bytes = bytes_sent(_dgc(), _gradients(shapes, seed + dist.get_rank()))
+    payload_bytes = bytes_sent(_dgc(), random_gradients(shapes, seed + dist.get_rank()))
     local = torch.zeros(payload_bytes, dtype=torch.uint8)
     gathered = torch.empty(payload_bytes * dist.get_world_size(), dtype=torch.uint8)
     out["dgc"] = _timed(lambda: all_gather_single(gathered, local), warmup, repeats)
@@ -150,7 +151,7 @@ def _ddp_steps(shapes, warmup: int, repeats: int, seed: int) -> dict[str, float]
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ..ddp_hook import HookState, ddp_comm_hook
+    from gradcomp.ddp_hook import HookState, ddp_comm_hook
 
     scale = torch.ones(())
 
@@ -178,7 +179,7 @@ def _ddp_steps(shapes, warmup: int, repeats: int, seed: int) -> dict[str, float]
 def _model_shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
     """A paper model's parameter shapes, or (quick variant) those of gradcomp's MNIST CNN."""
     if model in PAPER_MODELS:
-        return _shapes(model)
+        return model_shapes(model)
     return [(n, tuple(p.shape)) for n, p in build_model("cnn", "mnist").named_parameters()]
 
 
@@ -205,10 +206,11 @@ def _time_to_accuracy(method: str, model_key: str, seed: int, max_steps: int, ta
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ..ddp_hook import HookState, ddp_comm_hook
+    from gradcomp.ddp_hook import HookState, ddp_comm_hook
+    from gradcomp.train.data import image_batches, load_dataset, steps_per_epoch
+    from gradcomp.train.models import CNN
+
     from ..reproduce.common import classification_loss, evaluate_classifier
-    from ..train.data import image_batches, load_dataset, steps_per_epoch
-    from ..train.models import CNN
 
     rank, world = dist.get_rank(), dist.get_world_size()
     data = load_dataset("mnist", limit_train=limit_train)

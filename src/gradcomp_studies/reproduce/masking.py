@@ -34,12 +34,24 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compressors.base import get
-from ..memory import Memory
-from ..method import DGC, Method
-from ..simulator import Simulator
-from .common import (Check, Context, Result, Study, StudySkipped, classification_loss, evaluate_classifier,
-                     markdown_table, new_figure, register, save_figure)
+from gradcomp.compressors.base import get
+from gradcomp.memory import Memory
+from gradcomp.method import DGC, Method
+from gradcomp.simulator import Simulator
+
+from .common import (
+    Check,
+    Context,
+    Result,
+    Study,
+    StudySkipped,
+    classification_loss,
+    evaluate_classifier,
+    markdown_table,
+    new_figure,
+    register,
+    save_figure,
+)
 
 #: Published shape, from the seed implementation's MNIST tables: about 0.99 down to ~1 % kept, collapse at 0.1 %.
 PUBLISHED_PLATEAU = 0.99  # "about 0.99" for keep >= 1 %
@@ -112,8 +124,8 @@ def _method(row: Row, variant: Variant, steps_per_epoch: int) -> tuple[Method, f
 
 
 def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
-    from ..train.data import image_batches, steps_per_epoch
-    from ..train.models import MLP
+    from gradcomp.train.data import image_batches, steps_per_epoch
+    from gradcomp.train.models import MLP
 
     torch.manual_seed(seed)
     model = MLP(data.input_shape, data.num_classes, hidden=variant.hidden)
@@ -263,7 +275,7 @@ def _shape_notes(rows: list[Row], variant: Variant) -> list[str]:
 
 
 def run(ctx: Context) -> Result:
-    from ..train.data import DatasetNotFoundError, load_dataset, steps_per_epoch
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset, steps_per_epoch
 
     variant = FULL if ctx.full else QUICK
     try:
@@ -348,7 +360,7 @@ def _topk_bytes_per_step(data, variant: Variant, keep: float) -> int:
     """Bytes one worker sends per step when it keeps ``keep`` % of every tensor: 8 bytes per kept entry."""
     from fractions import Fraction
 
-    from ..train.models import MLP
+    from gradcomp.train.models import MLP
 
     with torch.device("meta"):
         model = MLP(data.input_shape, data.num_classes, hidden=variant.hidden)

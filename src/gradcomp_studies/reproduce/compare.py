@@ -100,10 +100,10 @@ QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
 
 
 def configs(task: Task, seed: int) -> list:
-    from ..train.loop import TrainConfig
+    from gradcomp.train.loop import TrainConfig
 
     out = []
-    for key, (method, options, label) in METHODS.items():
+    for method, options, label in METHODS.values():
         if method == "dgc":
             options = {**options, "warmup_epochs": task.epochs / 40}
         out.append(TrainConfig(dataset=task.dataset, model=task.model, model_options=dict(task.model_options),
@@ -126,7 +126,7 @@ def score(task: Task, summary: dict) -> str:
 
 
 def _table(task: Task, rows: dict[str, dict]) -> str:
-    from ..train.report import estimate_step_time
+    from gradcomp.train.report import estimate_step_time
 
     body = []
     for key, s in rows.items():
@@ -146,8 +146,8 @@ def _table(task: Task, rows: dict[str, dict]) -> str:
 
 
 def run(ctx: Context) -> Result:
-    from ..train.data import DatasetNotFoundError, load_dataset
-    from ..train.report import plot_runs
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+    from gradcomp.train.report import plot_runs
 
     tasks = FULL if ctx.full else QUICK
     for task in tasks:

@@ -2,7 +2,7 @@
 
 Every module here but ``netns`` (the shaped links the network benchmarks
 use) registers a study of kind ``"bench"`` (see
-:mod:`gradcomp.reproduce.common`): ``gradcomp bench NAME`` runs it and
+:mod:`gradcomp_studies.reproduce.common`): ``gradcomp bench NAME`` runs it and
 writes ``results/bench-NAME.md`` with the command, machine and date.
 """
 

@@ -63,7 +63,7 @@ QUICK = Variant(limit_train=20_000, epochs=1, limit_test=3_000)
 
 def configs(variant: Variant, seed: int) -> dict[str, object]:
     """The variant's rows as ``gradcomp train`` configs."""
-    from ..train.loop import TrainConfig
+    from gradcomp.train.loop import TrainConfig
 
     common = dict(dataset="ptb", model="lstm", workers=variant.workers, epochs=variant.epochs,
                   batch_size=variant.batch_per_worker, bptt=variant.bptt, lr=variant.lr, momentum=variant.momentum,
@@ -80,8 +80,8 @@ def configs(variant: Variant, seed: int) -> dict[str, object]:
 
 
 def run(ctx: Context) -> Result:
-    from ..train.data import DatasetNotFoundError, load_dataset
-    from ..train.report import human_bytes
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+    from gradcomp.train.report import human_bytes
 
     variant = FULL if ctx.full else QUICK
     try:
