@@ -1,7 +1,12 @@
-"""Drive methods outside the simulator's training loop: one call = one step of N workers; wire-size formulas."""
+"""Drive methods outside the simulator's training loop: one call = one step of N workers; wire-size formulas;
+the Python examples of the README and the manual."""
 
 import json
 import math
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +70,42 @@ def quick_study(table, tmp_path_factory, jobs=2):
     rc = main(["reproduce", table, "--out", str(out), "--no-progress", "--jobs", str(jobs)])
     data = json.loads((out / f"{table}-quick.json").read_text())
     return rc, out, (out / f"{table}-quick.md").read_text(), data
+
+
+# ------------------------------------------------------------------ the examples of README.md and docs/
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = "# run with: torchrun"  # the first line of an example that runs under torchrun
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", flags=re.S)
+
+
+def markdown_pages():
+    """README.md and every page of the manual (docs/**/*.md; a build under docs/_build left out)."""
+    docs = REPO / "docs"
+    pages = sorted(p for p in docs.rglob("*.md") if "_build" not in p.relative_to(docs).parts)
+    return [REPO / "README.md", *pages]
+
+
+def python_examples(pages):
+    """The ```python blocks of ``pages`` as two lists of ``pytest.param(block, id=...)``: plain ones, run
+    in-process, and those starting with ``# run with: torchrun ...``.  The id names the page and the block's
+    place on it (``docs/ddp-hook.md[0]``); a block found on several pages, word for word, is one example,
+    its id naming every place."""
+    places = {}
+    for page in pages:
+        for index, block in enumerate(PYTHON_BLOCK.findall(page.read_text())):
+            places.setdefault(block, []).append(f"{page.relative_to(REPO)}[{index}]")
+    plain, torchrun = [], []
+    for block, where in places.items():
+        (torchrun if block.startswith(TORCHRUN) else plain).append(pytest.param(block, id="=".join(where)))
+    return plain, torchrun
+
+
+def run_torchrun_example(block, folder, timeout=180):
+    """Write ``block`` to ``folder`` under the script name of its first line (``# run with: torchrun ...
+    NAME.py``) and run that command there, one thread per process; the finished process."""
+    command = block.splitlines()[0].removeprefix("# run with: ").split()
+    script = Path(folder) / command[-1]
+    script.write_text(block)
+    return subprocess.run(command[:-1] + [str(script)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=folder)

@@ -1,17 +1,14 @@
-"""The README's examples run as written: plain Python blocks in-process, torchrun blocks under torchrun."""
+"""The examples of the README and of the manual (docs/) run as written: plain Python blocks in-process,
+``# run with: torchrun ...`` blocks under torchrun with 2 processes."""
 
-import os
-import pathlib
-import re
 import shutil
-import subprocess
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-TORCHRUN = [b for b in BLOCKS if b.startswith("# run with: torchrun")]
-PLAIN = [b for b in BLOCKS if not b.startswith("# run with: torchrun")]
+from helpers import REPO, markdown_pages, python_examples, run_torchrun_example
+
+README = REPO / "README.md"
+PLAIN, TORCHRUN = python_examples(markdown_pages())
 
 
 def test_readme_has_a_quick_start_of_two_commands():
@@ -23,20 +20,15 @@ def test_readme_has_a_quick_start_of_two_commands():
     assert lines[1].split("#")[0].strip() in ci
 
 
-@pytest.mark.parametrize("index", range(len(PLAIN)))
-def test_readme_python_example(index):
-    exec(compile(PLAIN[index], f"README.md[python block {index}]", "exec"), {})
+@pytest.mark.parametrize("block", PLAIN)
+def test_python_example(block, request):
+    exec(compile(block, request.node.callspec.id, "exec"), {})
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-@pytest.mark.parametrize("index", range(len(TORCHRUN)))
-def test_readme_torchrun_example(index, tmp_path):
-    block = TORCHRUN[index]
-    command = block.splitlines()[0].removeprefix("# run with: ").split()
-    script = tmp_path / command[-1]
-    script.write_text(block)
-    proc = subprocess.run(command[:-1] + [str(script)], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+@pytest.mark.parametrize("block", TORCHRUN)
+def test_torchrun_example(block, tmp_path):
+    proc = run_torchrun_example(block, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "outlived destroy_process_group" not in proc.stderr  # gloo's threads ended: no abort at exit
     assert proc.stdout.count("bytes") == 2  # both ranks reported
