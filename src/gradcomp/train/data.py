@@ -308,8 +308,9 @@ def _locate(name: str, data_dir: str | os.PathLike | None) -> dict[str, Path]:
     notes = []
     for folder in searched:
         found = {role: _find_file(folder, base) for role, base in wanted.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
+        present = {role: path for role, path in found.items() if path is not None}
+        if len(present) == len(found):
+            return present
         if folder.is_dir():
             missing = [wanted[r] for r, p in found.items() if p is None]
             notes.append(f"  {folder}  (exists; missing {', '.join(missing)})")
