@@ -87,6 +87,7 @@ from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
 if TYPE_CHECKING:  # imported where they are built (as at run time)
+    from ..comm import Communicator
     from ..dga import DelayedGradientAveraging, FedAvg
     from ..simulator import Simulator
 
@@ -451,8 +452,11 @@ class _Front:
         return self.comm.bytes_sent
 
     @property
-    def comm(self):
+    def comm(self) -> Communicator:
         """This rank's communicator (real ranks)."""
+        from ..simulator import Simulator
+
+        assert not isinstance(self.door, Simulator)  # the simulator's workers have one each (_Simulated never asks)
         return self.door.comm
 
     def my_state(self) -> dict:
@@ -545,7 +549,7 @@ class _Hooked(_Front):
         return self.skipped_before + self.state.guard.skipped
 
     @property
-    def comm(self):
+    def comm(self) -> Communicator:
         return self.state.comm
 
 
