@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -159,8 +160,9 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .guard import NONFINITE
     from .launch import DEVICES
-    from .train.data import DATASETS
+    from .train.data import DATASETS, PARTITIONS
     from .train.models import MODELS
 
     p = sub.add_parser(
@@ -238,13 +240,13 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="FedAvg / local SGD: each worker steps on its own gradients, the weights are averaged every "
                         "K steps (with --compressor none); with --dga-delay D each round's average is applied D steps "
                         "later, the worker's own delta swapped for it (DGA with local steps)")
-    p.add_argument("--partition", choices=("iid", "skewed"), default="iid",
+    p.add_argument("--partition", choices=PARTITIONS, default="iid",
                    help="how the training data is split among workers: iid (default), or skewed: each worker only "
                         "a few classes (images) or speakers (shakespeare)")
     p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="experiments only: each collective completes no earlier than L ms after it is issued "
                         "(this kernel has no netem; bandwidth stays real). Real processes only")
-    p.add_argument("--nonfinite", choices=("skip", "raise"), default="skip",
+    p.add_argument("--nonfinite", choices=NONFINITE, default="skip",
                    help="a NaN or Inf gradient on any rank: skip the step on every rank, memory and weights "
                         "unchanged, and log it (default), or raise")
     p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
@@ -304,8 +306,8 @@ def _resume_config(args: argparse.Namespace, argv: list[str]):
     if refused:
         raise ValueError(f"--resume {args.resume} continues the run with its own settings: {', '.join(refused)} "
                          f"would change them (only {', '.join(RESUME_FLAGS)} may be given with --resume)")
-    changes = {dest: getattr(args, dest) for dest in ("epochs", "max_steps", "checkpoint_every", "device")
-               if dest in given}
+    changes: dict[str, Any] = {dest: getattr(args, dest)
+                               for dest in ("epochs", "max_steps", "checkpoint_every", "device") if dest in given}
     if "no_progress" in given:
         changes["progress"] = False
     return resume_config(args.resume, **changes)

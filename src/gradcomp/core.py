@@ -39,7 +39,7 @@ from torch.futures import Future
 
 from .comm import Communicator, all_done, check_latency, cuda_devices, on_stream
 from .compressors.base import Compressor
-from .guard import NonFiniteGradientError, StepGuard, check_settings, nonfinite_flags, nonfinite_in
+from .guard import Nonfinite, NonFiniteGradientError, StepGuard, check_settings, nonfinite_flags, nonfinite_in
 from .method import Method, MethodExchange, as_method, check_optimizer
 
 __all__ = ["Core", "Door", "Step", "check_scaler"]
@@ -47,7 +47,8 @@ __all__ = ["Core", "Door", "Step", "check_scaler"]
 log = logging.getLogger(__name__)
 
 
-def check_scaler(owner: str, scaler: torch.amp.GradScaler | None, nonfinite: str) -> torch.amp.GradScaler | None:
+def check_scaler(owner: str, scaler: torch.amp.GradScaler | None, nonfinite: Nonfinite
+                 ) -> torch.amp.GradScaler | None:
     """``scaler`` if it is an enabled ``torch.amp.GradScaler`` (None if disabled: it scales nothing); TypeError
     or ValueError naming the problem otherwise."""
     if scaler is None:
@@ -88,7 +89,7 @@ class Core:
 
     def __init__(self, method: Method | Compressor | str,
                  process_group: dist.ProcessGroup | Communicator | None = None, *,
-                 owner: str, nonfinite: str = "skip", emulate_latency_ms: float = 0.0,
+                 owner: str, nonfinite: Nonfinite = "skip", emulate_latency_ms: float = 0.0,
                  optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
         self.owner = owner
         self.configured = as_method(method)  # as given: the same on every rank (the settings check compares it)
@@ -129,8 +130,11 @@ class Core:
                           "**gradcomp.sgd_settings(method, momentum, weight_decay))); pass optimizer= to have it "
                           "checked", UserWarning, stacklevel=3)
             self.optimizer_checked = True
-        comm = self._given if self._given is not None else Communicator(self.process_group,
-                                                                          emulate_latency_ms=self.emulate_latency_ms)
+        if self._given is not None:
+            comm = self._given
+        else:
+            assert not isinstance(self.process_group, Communicator)  # a Communicator is _given
+            comm = Communicator(self.process_group, emulate_latency_ms=self.emulate_latency_ms)
         method = self.configured.for_rank(comm.rank)
         if self._loaded is not None:
             method.load_state_dict(self._loaded)
@@ -141,12 +145,14 @@ class Core:
     @property
     def comm(self) -> Communicator:
         self.bind()
+        assert self._comm is not None  # bind() set it
         return self._comm
 
     @property
     def method(self) -> Method:
         """This rank's copy of the method (binds to the process group)."""
         self.bind()
+        assert self._method is not None  # bind() set it
         return self._method
 
     @property
@@ -346,13 +352,14 @@ class Step:
                 counts, decoded = (read[:-1], read[-1]) if corrupt is not None else (read, 0)
                 if not any(counts) and not decoded:
                     return False
-                bad = [n for n, b in zip(averages, corrupt.tolist()) if b] if decoded else []
+                bad = [n for n, b in zip(averages, corrupt.tolist()) if b] if decoded and corrupt is not None else []
                 if not self.guarded:
                     raise NonFiniteGradientError(f"rank {core.rank}: the decoded average holds NaN or Inf in "
                                                  f"{', '.join(bad[:5])} (a payload damaged on the wire?)")
                 for undo in reversed(self._undo):
                     undo()
                 if any(counts):
+                    assert local is not None  # counts are the ranks' counts of local's flags
                     core.guard.record_skip(counts, [n for n, b in zip(self._names, local.tolist()) if b])
                 else:
                     core.guard.record_skip([], [], corrupt=bad)

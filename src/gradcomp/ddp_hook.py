@@ -71,6 +71,7 @@ from torch.futures import Future
 from .comm import cuda_devices, new_future, on_stream
 from .compressors.base import Compressor
 from .core import Core, Door, Step
+from .guard import Nonfinite
 from .method import Method
 
 __all__ = ["HookState", "ddp_comm_hook", "register_ddp_hook"]
@@ -112,6 +113,7 @@ class _Bucket:
             for g in self.grads:  # views into the buffer on CPU and CUDA alike, but not promised by DDP
                 _fill(g, fill)
         else:
+            assert self.averages is not None  # set when the bucket's exchange started
             _write(self.names, self.grads, self.averages.value(), None if self.sparse else scale)
 
 
@@ -143,7 +145,7 @@ class HookState(Door):
 
     def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
                  model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 emulate_latency_ms: float = 0.0, nonfinite: str = "skip",
+                 emulate_latency_ms: float = 0.0, nonfinite: Nonfinite = "skip",
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.core = Core(method, process_group, owner="HookState", nonfinite=nonfinite,
                          emulate_latency_ms=emulate_latency_ms, optimizer=optimizer, scaler=scaler)
@@ -257,7 +259,7 @@ def ddp_comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
 def register_ddp_hook(model: nn.parallel.DistributedDataParallel, method: Method | Compressor | str,
                       process_group: dist.ProcessGroup | None = None, *,
                       optimizer: torch.optim.Optimizer | None = None, emulate_latency_ms: float = 0.0,
-                      nonfinite: str = "skip", scaler: torch.amp.GradScaler | None = None) -> HookState:
+                      nonfinite: Nonfinite = "skip", scaler: torch.amp.GradScaler | None = None) -> HookState:
     """Register gradcomp's hook on a DDP model, with memory keyed by its parameter names; returns the state.
 
     Args:

@@ -62,7 +62,7 @@ from torch import Tensor
 from .comm import Communicator, Pending
 from .compressors.base import Compressor, check_int
 from .core import Core, Door
-from .guard import NONFINITE_KEY, flag_exchange, non_finite, nonfinite_step
+from .guard import NONFINITE_KEY, Nonfinite, flag_exchange, non_finite, nonfinite_step
 from .method import Method
 from .optim import OptimizerWrapper, trained_parameters
 
@@ -122,7 +122,7 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  delay: int, method: Method | Compressor | str | None = None, correction: bool = True,
                  process_group: dist.ProcessGroup | Communicator | None = None, *, emulate_latency_ms: float = 0.0,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: Nonfinite = "skip") -> None:
         check_int("DelayedGradientAveraging", "delay", delay, 0)
         self.optimizer = optimizer
         self.delay = delay
@@ -263,7 +263,7 @@ class FedAvg(OptimizerWrapper, Door):
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  period: int, process_group: dist.ProcessGroup | Communicator | None = None, *, delay: int = 0,
-                 emulate_latency_ms: float = 0.0, nonfinite: str = "skip") -> None:
+                 emulate_latency_ms: float = 0.0, nonfinite: Nonfinite = "skip") -> None:
         check_int("FedAvg", "period", period, 1)
         check_int("FedAvg", "delay", delay, 0)
         self.optimizer = optimizer
@@ -314,6 +314,7 @@ class FedAvg(OptimizerWrapper, Door):
         """Start a round now (snapshot, exchange of the weights); apply every round due (with ``delay=0``:
         this one, every worker's weights replaced by their average)."""
         self._begin()  # (a round before any synchronize())
+        assert self._snapshot is not None  # _begin took it
         sent = self._weights()
         core = self.core
         pending = core.comm.exchange_later(core.exchanges(core.method.prepare(sent, core.world_size)))  # NaN raise
@@ -328,6 +329,7 @@ class FedAvg(OptimizerWrapper, Door):
             self._apply(self._rounds.popleft())
 
     def _apply(self, done: _Round) -> None:
+        assert self._snapshot is not None and self._last is not None  # _begin took them before the first round
         averages = done.pending.wait()
         corrupt = non_finite(averages)  # the same on every rank: every rank decodes the same bytes
         if corrupt:

@@ -30,22 +30,24 @@ ends the job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from .compressors.dense import NoCompression
 
-__all__ = ["NONFINITE", "NONFINITE_KEY", "NonFiniteGradientError", "SettingsMismatchError", "StepGuard",
+__all__ = ["NONFINITE", "NONFINITE_KEY", "Nonfinite", "NonFiniteGradientError", "SettingsMismatchError", "StepGuard",
            "check_nonfinite", "check_settings", "flag_exchange", "mismatches", "non_finite", "nonfinite_flags",
            "nonfinite_in", "nonfinite_step", "settings_of"]
 
 log = logging.getLogger(__name__)
 
-#: What a front door does with a non-finite gradient.
-NONFINITE = ("skip", "raise")
+#: What a front door does with a non-finite gradient: skip the step on every rank, or raise.
+Nonfinite = Literal["skip", "raise"]
+#: The values of :data:`Nonfinite`, for the checks at run time.
+NONFINITE: tuple[Nonfinite, ...] = get_args(Nonfinite)
 
 #: The key under which a delayed step's non-finite verdict travels with its average (not a parameter name:
 #: it holds a NUL).
@@ -87,13 +89,15 @@ def nonfinite_flags(grads: Mapping[str, Tensor]) -> Tensor:
     return torch.stack([~torch.isfinite(_values(g).sum(dtype=torch.float64)) for g in grads.values()]).int()
 
 
-def check_nonfinite(owner: str, value: str) -> str:
+def check_nonfinite(owner: str, value: str) -> Nonfinite:
+    """``value``, raising a one-line ``ValueError`` naming it unless it is one of :data:`NONFINITE` (callers
+    without a type checker pass any string)."""
     if value not in NONFINITE:
         raise ValueError(f"{owner}: nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {value!r}")
     return value
 
 
-def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: str, where: str) -> list[str]:
+def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: Nonfinite, where: str) -> list[str]:
     """The names of the gradients holding a NaN or Inf; with ``nonfinite="raise"`` a
     :class:`~gradcomp.NonFiniteGradientError` naming them instead (``where``: the rank or worker and step)."""
     bad = non_finite(grads)
@@ -103,7 +107,7 @@ def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: str, where: str) -> lis
     return bad
 
 
-def nonfinite_step(local: Mapping[str, Tensor], nonfinite: str, where: str, what_now: str) -> bool:
+def nonfinite_step(local: Mapping[str, Tensor], nonfinite: Nonfinite, where: str, what_now: str) -> bool:
     """For the doors that decide alone (delayed averaging, local steps, the simulator's workers): whether
     ``local`` holds a NaN or Inf (logged with ``what_now``); raises instead with ``nonfinite="raise"``."""
     bad = nonfinite_in(local, nonfinite, where)
@@ -169,13 +173,13 @@ class StepGuard:
     (logged at INFO, not WARNING: the scaler skips the step too and lowers its scale).
     """
 
-    def __init__(self, nonfinite: str = "skip", *, scaled: bool = False) -> None:
+    def __init__(self, nonfinite: Nonfinite = "skip", *, scaled: bool = False) -> None:
         self.nonfinite = check_nonfinite("StepGuard", nonfinite)
         self.scaled = scaled
         self.settings_checked = False
         self.skipped = 0
 
-    def record_skip(self, counts: list[int], bad: list[str], corrupt: list[str] = ()) -> None:
+    def record_skip(self, counts: list[int], bad: list[str], corrupt: Sequence[str] = ()) -> None:
         """Count a step every rank skipped; ``counts``: each rank's number of non-finite gradients, ``bad``:
         this rank's; ``corrupt``: the averages decoded non-finite (every gradient finite)."""
         self.skipped += 1

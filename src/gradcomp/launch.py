@@ -81,13 +81,14 @@ import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401 - before any process group exists: see the module docstring
 
-__all__ = ["WorkerError", "WorkerInterrupted", "DEVICES", "check_master_port", "device_kind", "free_port", "spawn",
+__all__ = ["WorkerError", "WorkerInterrupted", "DEVICES", "DeviceKind", "DeviceRequest", "check_master_port",
+           "device_kind", "free_port", "spawn",
            "init_from_env", "shutdown", "gloo_threads", "GRACE_S"]
 
 #: Seconds the parent keeps listening after the first failure, so the other ranks' errors (a peer that died
@@ -117,10 +118,14 @@ class WorkerInterrupted(KeyboardInterrupt):
 
 
 #: What a job may ask to train on: ``auto`` is CUDA where every local rank gets a GPU of its own, else the CPU.
-DEVICES = ("auto", "cpu", "cuda")
+DeviceRequest = Literal["auto", "cpu", "cuda"]
+#: The values of :data:`DeviceRequest`, for the checks at run time.
+DEVICES: tuple[DeviceRequest, ...] = get_args(DeviceRequest)
+#: What a job trains on (:func:`device_kind`'s answer, :func:`spawn`'s ``device``).
+DeviceKind = Literal["cpu", "cuda"]
 
 
-def device_kind(requested: str, local_ranks: int) -> str:
+def device_kind(requested: DeviceRequest, local_ranks: int) -> DeviceKind:
     """The device, ``"cpu"`` or ``"cuda"``, that ``local_ranks`` processes on this machine train on.
 
     On CUDA, local rank ``r`` trains on ``cuda:r`` (one NCCL rank per GPU), so
@@ -230,7 +235,8 @@ def gloo_threads() -> int:
     return count
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 300.0, device: str = "auto") -> tuple[int, int]:
+def init_from_env(backend: str | None = None, timeout_s: float = 300.0, device: DeviceRequest = "auto"
+                  ) -> tuple[int, int]:
     """Join a ``torchrun`` launch (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set).
 
     ``timeout_s`` is how long this rank waits for its peers, at the rendezvous
@@ -337,7 +343,10 @@ def _worker(rank: int, world_size: int, address: str, port: int, backend: str, d
     os.environ.clear()  # the parent's environment now, not the one the fork server started with
     os.environ.update(environ)
     # a crash in C++ (SIGSEGV, SIGABRT) still prints every thread's Python stack: to crash_log when given
-    faulthandler.enable(**({"file": open(crash_log, "a")} if crash_log is not None else {}))  # noqa: SIM115 - kept open
+    if crash_log is not None:
+        faulthandler.enable(file=open(crash_log, "a"))  # noqa: SIM115 - kept open
+    else:
+        faulthandler.enable()
     _exit_with_parent()
     signal.signal(signal.SIGINT, _interrupt_once)
     _no_tqdm_semaphore()
@@ -442,7 +451,8 @@ class _Rank:
     """What the parent knows of one worker."""
 
     def __init__(self, rank: int, proc: Any, conn: Connection) -> None:
-        self.rank, self.proc, self.conn = rank, proc, conn
+        self.rank, self.proc = rank, proc
+        self.conn: Connection | None = conn  # None once closed
         self.joined = False
         self.result: bytes | None = None
         self.error: tuple[str, str] | None = None  # (phase, traceback)
@@ -451,6 +461,7 @@ class _Rank:
         self.stopped: str | None = None  # why the launcher killed it
 
     def receive(self, now: float) -> None:
+        assert self.conn is not None  # called for the open ranks only
         try:
             kind, value = self.conn.recv()
         except (EOFError, OSError):  # the process is gone and every message has been read
@@ -465,6 +476,7 @@ class _Rank:
             self.failed_at = self.failed_at or now
 
     def close(self, now: float) -> None:
+        assert self.conn is not None  # closed once
         self.conn.close()
         self.conn = None
         if self.error is None and self.result is None and self.failed_at is None:
@@ -501,7 +513,7 @@ class _Rank:
         return self.error is None and self.stopped is None and self.result is not None and self.proc.exitcode == 0
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | None = None, device: str = "cpu",
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | None = None, device: DeviceKind = "cpu",
           timeout_s: float = 120.0, threads: int | None = None, address: str = "127.0.0.1",
           before_init: Callable[[int], None] | None = None, deadline_s: float | None = None,
           crash_log: str | os.PathLike | None = None) -> list[Any]:
@@ -581,7 +593,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
                 lines.append(f"--- rank {w.rank}:\n{details}")
         raise WorkerError("\n".join(lines),
                           summary=f"{len(failed)} of {world_size} workers failed: {described[0][0]}")
-    return [torch.load(io.BytesIO(w.result), weights_only=False) for w in ranks]
+    results = []
+    for w in ranks:
+        assert w.result is not None  # every rank is ok
+        results.append(torch.load(io.BytesIO(w.result), weights_only=False))
+    return results
 
 
 def _interrupt(ranks: list[_Rank]) -> None:
@@ -604,7 +620,7 @@ def _interrupt(ranks: list[_Rank]) -> None:
                         pass
         open_ranks = [w for w in ranks if w.conn is not None]
         limit = (end - GRACE_S / 2 if not forwarded else end) - now
-        ready = wait([w.conn for w in open_ranks], timeout=max(0.0, min(limit, 0.5)))
+        ready = wait([w.conn for w in open_ranks if w.conn is not None], timeout=max(0.0, min(limit, 0.5)))
         for w in open_ranks:
             if w.conn in ready:
                 w.receive(time.monotonic())
@@ -632,7 +648,8 @@ def _watch(ranks: list[_Rank], start: float, deadline_s: float | None) -> None:
         if deadline_s is not None:
             limit = min(limit, deadline_s - (now - start))
         open_ranks = [w for w in ranks if w.conn is not None]
-        ready = wait([w.conn for w in open_ranks] + [w.proc.sentinel for w in open_ranks], timeout=max(0.0, limit))
+        ready = wait([w.conn for w in open_ranks if w.conn is not None] + [w.proc.sentinel for w in open_ranks],
+                     timeout=max(0.0, limit))
         now = time.monotonic()
         for w in open_ranks:
             if w.conn in ready:

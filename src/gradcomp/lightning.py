@@ -22,7 +22,7 @@ This module imports Lightning; ``import gradcomp`` does not.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,13 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import state_to_cpu, state_to_device
 from .compressors.base import Compressor
 from .ddp_hook import HookState, ddp_comm_hook
-from .guard import check_nonfinite
+from .guard import Nonfinite, check_nonfinite
 from .method import Method, as_method
 
-try:
+if TYPE_CHECKING:  # the same package under its two names: the type checker reads the first
     import pytorch_lightning as pl
-except ImportError:  # the unified ``lightning`` package only
-    import lightning.pytorch as pl
+else:
+    try:
+        import pytorch_lightning as pl
+    except ImportError:  # the unified ``lightning`` package only
+        import lightning.pytorch as pl
 
 __all__ = ["GradientCompression"]
 
@@ -92,7 +95,7 @@ class GradientCompression(pl.Callback):
         print(dgc.state.comm.bytes_sent)
     """
 
-    def __init__(self, method: Method | Compressor | str, *, nonfinite: str = "skip",
+    def __init__(self, method: Method | Compressor | str, *, nonfinite: Nonfinite = "skip",
                  process_group: dist.ProcessGroup | None = None) -> None:
         self.method = as_method(method)
         self.nonfinite = check_nonfinite("GradientCompression", nonfinite)
@@ -137,9 +140,10 @@ class GradientCompression(pl.Callback):
         # restores them after it.  Either way the state is in place before the first batch.
         self._apply_loaded(trainer.strategy.model)
 
-    def _apply_loaded(self, ddp: torch.nn.Module) -> None:
+    def _apply_loaded(self, ddp: torch.nn.Module | None) -> None:
         if self._loaded is None or self._state is None:
             return
+        assert ddp is not None  # the strategy wrapped the model before the state was set up (on_fit_start)
         device = next(ddp.parameters()).device
         self._state.load_state_dict(state_to_device(self._loaded, device))
         self._loaded = None

@@ -9,17 +9,29 @@ survive bucket rebuilds and load into another front door.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .compressors.base import Compressor, Payload
 
-__all__ = ["Memory", "NoMemory", "Residual", "DGCMemory", "Momentum"]
+__all__ = ["Memory", "NoMemory", "Residual", "DGCMemory", "Momentum", "Masking", "MASKINGS"]
 
+#: DGC's momentum factor masking (:class:`DGCMemory`'s ``masking``, ``gradcomp.DGC``'s ``momentum_masking``): the
+#: paper's except on lookup tables, the paper's everywhere, none.
+Masking = Literal["auto", True, False]
+#: The values of :data:`Masking`, for the checks at run time.
+MASKINGS: tuple[Masking, ...] = get_args(Masking)
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+@runtime_checkable
+class _SentIndices(Protocol):
+    """A compressor that tells which entries its payload sent (DGC's selectors): what masking needs."""
+
+    def sent_indices(self, payload: Payload, numel: int) -> Tensor: ...
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -186,7 +198,7 @@ class DGCMemory(Memory):
     reached (a dead ReLU), so for them ``"auto"`` is the paper's masking.
     """
 
-    def __init__(self, *, momentum: float, nesterov: bool = False, masking: bool | str = "auto",
+    def __init__(self, *, momentum: float, nesterov: bool = False, masking: Masking = "auto",
                  correction: bool = True, accumulate: bool = True) -> None:
         self.momentum = momentum
         self.nesterov = nesterov
@@ -254,6 +266,7 @@ class DGCMemory(Memory):
             compressor.subtract_sent(accumulator, sent)
         table = self._tables.pop(name, None)
         if self.masking and self.correction:
+            assert isinstance(compressor, _SentIndices)  # masking pairs DGCMemory with a selector (DGC's)
             u, indices = self.u[name].view(-1), compressor.sent_indices(sent, accumulator.numel())
             if table is None:
                 u.index_fill_(0, indices, 0)

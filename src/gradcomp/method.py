@@ -19,27 +19,26 @@ import copy
 import math
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypedDict, get_args
 
 import torch
 from torch import Tensor
 
 from .compressors.base import Compressor, Payload, check_int, check_range, device_path, get, register
 from .compressors.dense import NoCompression
-from .compressors.sparse import DGCSelect, SharedSelect, check_wire
+from .compressors.sparse import DGCSelect, SharedSelect, Wire, check_wire
 from .guard import NonFiniteGradientError, non_finite
-from .memory import _HALF, DGCMemory, Memory, Momentum, Residual
+from .memory import _HALF, MASKINGS, DGCMemory, Masking, Memory, Momentum, Residual
 from .schedule import SparsityWarmup
 
-__all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimizer"]
+__all__ = ["Method", "DGC", "NonFiniteGradientError", "as_method", "check_optimizer", "Aggregate", "SGDSettings"]
 
 MethodExchange = Generator[Payload, Sequence[Payload], Tensor]
 
-#: DGC's momentum factor masking: the paper's except on lookup tables, the paper's everywhere, none (see :class:`DGC`).
-MASKINGS = ("auto", True, False)
-
 #: How DGC combines the workers' selections (see :class:`DGC`).
-AGGREGATES = ("gather", "shared")
+Aggregate = Literal["gather", "shared"]
+#: The values of :data:`Aggregate`, for the checks at run time.
+AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
 
 
 def _working(grad: Tensor, scale: Tensor | None = None, *, upcast: bool = True) -> Tensor:
@@ -62,6 +61,9 @@ class Method:
     #: True when :meth:`prepare` needs every gradient of the step at once
     #: (front doors then wait for the last one before exchanging any).
     needs_all_gradients = False
+    #: The momentum factor of a method that owns momentum (:class:`DGC`'s): declared here for the type
+    #: checker, set only by such a method (read where ``owns_momentum`` is True).
+    momentum: float
 
     def __init__(self, compressor: Compressor, *, memory: Memory | None = None) -> None:
         if not isinstance(compressor, Compressor):
@@ -304,7 +306,7 @@ class DGC(Method):
     momentum: float = 0.9
     nesterov: bool = False
     sample_ratio: float = 0.01
-    momentum_masking: bool | str = "auto"
+    momentum_masking: Masking = "auto"
     clip_norm: float | None = None
     warmup_epochs: float | None = None
     warmup_steps: int | None = None
@@ -312,10 +314,10 @@ class DGC(Method):
     momentum_correction: bool = True
     accumulate: bool = True
     steps_per_epoch: int | None = None
-    wire: str = "compact"
+    wire: Wire = "compact"
     sparsify_all: bool = False
     min_entries: int = 1
-    aggregate: str = "gather"
+    aggregate: Aggregate = "gather"
 
     def __post_init__(self) -> None:
         check_range("DGC", "density", self.density, 0.0, 1.0, low_open=True)
@@ -328,10 +330,14 @@ class DGC(Method):
                              f"{self.warmup_steps!r}, warmup_epochs={self.warmup_epochs!r})")
         if self.warmup_epochs is None and self.warmup_steps is None:
             self.warmup_steps = DEFAULT_WARMUP_STEPS
+        span: float  # the warm-up's length: steps with warmup_steps, epochs with warmup_epochs
         if self.warmup_steps is not None:
             check_int("DGC", "warmup_steps", self.warmup_steps, 0)
+            span = self.warmup_steps
         else:
+            assert self.warmup_epochs is not None  # neither given: warmup_steps was set above
             check_range("DGC", "warmup_epochs", self.warmup_epochs, 0.0, math.inf, high_open=True)
+            span = self.warmup_epochs
             if self.warmup_epochs > 0 and self.steps_per_epoch is None:
                 raise ValueError(f"DGC.warmup_epochs={self.warmup_epochs!r} needs steps_per_epoch (the optimizer "
                                  "steps in one epoch) so the warm-up can advance; or give warmup_steps=N, or "
@@ -349,8 +355,7 @@ class DGC(Method):
             raise ValueError("DGC.nesterov needs DGC.momentum > 0")
         # the schedule's unit is steps with warmup_steps, epochs with warmup_epochs
         self.warmup = SparsityWarmup(final_density=self.density, initial_density=max(self.density, 0.25),
-                                     warmup_epochs=float(self.warmup_steps if self.warmup_steps is not None
-                                                         else self.warmup_epochs))
+                                     warmup_epochs=float(span))
         memory = DGCMemory(momentum=self.momentum, nesterov=self.nesterov, masking=self.momentum_masking,
                            correction=self.momentum_correction, accumulate=self.accumulate)
         select = SharedSelect if self.aggregate == "shared" else DGCSelect
@@ -366,6 +371,18 @@ class DGC(Method):
     def current_density(self) -> float:
         """The density of this step: the warm-up's at this step (``warmup_steps``) or epoch."""
         return self.warmup.density(self.steps if self.warmup_steps is not None else self.epoch)
+
+    @property
+    def _selector(self) -> DGCSelect:
+        """The compressor, DGC's selection (a :class:`DGCSelect`, or :class:`SharedSelect`)."""
+        assert isinstance(self.compressor, DGCSelect)  # set so by __post_init__ and for_rank
+        return self.compressor
+
+    @property
+    def _dgc_memory(self) -> DGCMemory:
+        """The memory, momentum correction and masking (a :class:`DGCMemory`)."""
+        assert isinstance(self.memory, DGCMemory)  # set so by __post_init__
+        return self.memory
 
     def sparsified(self, grad: Tensor) -> bool:
         """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small; or every one with ``sparsify_all``)."""
@@ -390,7 +407,7 @@ class DGC(Method):
                 scale = self.clip_norm * world_size**-0.5 / (float(total) / world_size + 1e-6)
                 if scale < 1.0:
                     grads = {name: g * scale for name, g in grads.items()}
-        self.compressor.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
+        self._selector.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
         if self.compressor.single_round:  # this worker's part of the step, every tensor in one kernel call
             self._sent = self.sparsify({name: g for name, g in grads.items() if g.numel() and self.sparsified(g)})
         return grads
@@ -401,7 +418,7 @@ class DGC(Method):
         if not self.sparsified(grad):
             result = yield from NoCompression().exchange(grad.to(self._wire.pop(name, grad.dtype)))
             return self.dense_momentum.apply(name, result.total.to(grad.dtype).div_(world_size))
-        selector = self.compressor
+        selector = self._selector
         selector.density = self.current_density
         if isinstance(selector, SharedSelect):
             selector.lead = self.steps % world_size == selector.rank  # the ranks choose in turn
@@ -418,7 +435,7 @@ class DGC(Method):
         """This worker's part of a step for sparsified tensors: momentum correction, selection at the
         selector's density, the payloads, and masking of what they send (one call of the compiled kernel
         for all of them where it applies, torch ops otherwise)."""
-        payloads = self.memory.fused_steps(grads, self.compressor) if grads else {}
+        payloads = self._dgc_memory.fused_steps(grads, self.compressor) if grads else {}
         if payloads is None:
             payloads = {}
             for name, grad in grads.items():
@@ -470,8 +487,15 @@ def as_method(method: Method | Compressor | str) -> Method:
     raise TypeError(f"expected a gradcomp Method, Compressor or compressor name, got {type(method).__name__}")
 
 
+class SGDSettings(TypedDict):
+    """``torch.optim.SGD``'s ``momentum`` and ``weight_decay``, as :func:`sgd_settings` gives them."""
+
+    momentum: float
+    weight_decay: float
+
+
 def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weight_decay: float = 0.0
-                 ) -> dict[str, float]:
+                 ) -> SGDSettings:
     """``torch.optim.SGD``'s ``momentum`` and ``weight_decay`` for training through ``method`` what dense
     training runs with ``SGD(momentum=momentum, weight_decay=weight_decay)``.
 

@@ -43,6 +43,7 @@ from torch.futures import Future
 
 from .compressors.base import Compressor
 from .core import Core, Door, Step
+from .guard import Nonfinite
 from .method import Method
 
 __all__ = ["DistributedOptimizer", "OptimizerWrapper"]
@@ -105,7 +106,7 @@ class DistributedOptimizer(OptimizerWrapper, Door):
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
                  method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
-                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0, nonfinite: str = "skip",
+                 backward_passes_per_step: int = 1, bucket_cap_mb: float = 25.0, nonfinite: Nonfinite = "skip",
                  scaler: torch.amp.GradScaler | None = None) -> None:
         if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
@@ -154,7 +155,7 @@ class DistributedOptimizer(OptimizerWrapper, Door):
             if self._step is None:
                 self._step = self.core.step()
             if self.core.defer:  # every bucket at once, with the last gradient (the settings check sees them all)
-                self._futures = self._step.add({n: self._grad(n) for n in self.params}, self.buckets)
+                self._futures = list(self._step.add({n: self._grad(n) for n in self.params}, self.buckets))
                 self._next = len(self.buckets)
                 return
             self._futures[self._next] = self._step.add({n: self._grad(n) for n in self.buckets[self._next]})[0]
@@ -172,17 +173,22 @@ class DistributedOptimizer(OptimizerWrapper, Door):
         self._start_ready_buckets(all_remaining=True)
         step, self._step = self._step, None
         try:
+            assert step is not None  # _start_ready_buckets started it, with the first bucket
             self.step_skipped = step.end().wait()
             for b, names in enumerate(self.buckets):
-                averages = self._futures[b].wait()
+                future = self._futures[b]
+                assert future is not None  # every bucket was started
+                averages = future.wait()
                 for n in names:
                     p = self.params[n]
                     if self.step_skipped:
                         p.grad = None if step.scale is None else torch.full_like(p, self.core.skipped_fill)
                         continue
-                    p.grad.copy_(averages[n].view_as(p))
+                    grad = p.grad
+                    assert grad is not None  # _grad gave it one when its bucket started
+                    grad.copy_(averages[n].view_as(p))
                     if step.scale is not None:
-                        p.grad.mul_(step.scale)
+                        grad.mul_(step.scale)
         finally:
             self._passes = dict.fromkeys(self.params, 0)
             self._ready = [0] * len(self.buckets)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,7 +20,12 @@ __all__ = ["SparsityWarmup", "LinearLRWarmup"]
 
 
 class _ConfigState:
-    """state_dict of a schedule: its configuration (and recorded base values), validated on load."""
+    """state_dict of a schedule: its configuration (and recorded base values), validated on load.
+
+    A base of dataclasses only: the two declarations below (for the type checker) are theirs."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    __post_init__: Callable[[], None]
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ from .comm import Communicator
 from .compressors.base import Compressor, Payload, check_int
 from .core import Core
 from .dga import DelayedGradientAveraging, FedAvg
-from .guard import check_nonfinite
+from .guard import Nonfinite, check_nonfinite
 from .method import Method, MethodExchange, as_method
 
 __all__ = ["LocalCommunicator", "LocalGroup", "Simulator", "combine", "run_exchanges", "split_batch"]
@@ -251,7 +251,7 @@ class Simulator:
 
     def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
                  optimizer: torch.optim.Optimizer | None = None, delay: int | None = None,
-                 correction: bool = True, local_steps: int | None = None, nonfinite: str = "skip") -> None:
+                 correction: bool = True, local_steps: int | None = None, nonfinite: Nonfinite = "skip") -> None:
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         method = as_method(method)
@@ -277,9 +277,11 @@ class Simulator:
             self.cores = [Core(method, comm, owner="Simulator", nonfinite=nonfinite, optimizer=optimizer)
                           for comm in comms]
         else:  # each worker its own model and optimizer, behind its own front door
+            assert optimizer is not None  # checked above: delay and local_steps need it
             self.models = [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
             self.optimizers = [optimizer] + [_optimizer_for(optimizer, model, m) for m in self.models[1:]]
             if local_steps is None:
+                assert delay is not None  # one of the two is given here
                 self.doors = [DelayedGradientAveraging(o, m.named_parameters(), delay, method, correction, comm,
                                                        nonfinite=nonfinite)
                               for m, o, comm in zip(self.models, self.optimizers, comms)]

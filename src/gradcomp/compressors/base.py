@@ -31,15 +31,16 @@ import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Compressor",
+    "DtypeKind",
     "Exchange",
     "Exchanged",
     "Payload",
@@ -57,8 +58,9 @@ __all__ = [
     "tensors_of",
 ]
 
+#: How the workers' payloads are combined (see the module docstring).
 Op = Literal["sum", "max", "gather"]
-_OPS = ("sum", "max", "gather")
+_OPS: tuple[Op, ...] = get_args(Op)
 
 
 @dataclass(frozen=True)
@@ -282,12 +284,16 @@ def tensors_of(owner: str, payload: Payload, count: int) -> tuple[Tensor, ...]:
     return payload.tensors
 
 
-_KINDS = {"floating-point": lambda d: d.is_floating_point,
-          "integer": lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool}
+#: The kinds of dtype :func:`check_tensor` tells apart.
+DtypeKind = Literal["floating-point", "integer"]
+
+_KINDS: dict[DtypeKind, Callable[[torch.dtype], bool]] = {
+    "floating-point": lambda d: d.is_floating_point,
+    "integer": lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool}
 
 
 def check_tensor(owner: str, field: str, t: Tensor, *, numel: int | None = None, shape: tuple | None = None,
-                 dtype: torch.dtype | None = None, kind: str | None = None, dim: int | None = None) -> None:
+                 dtype: torch.dtype | None = None, kind: DtypeKind | None = None, dim: int | None = None) -> None:
     """Raise ValueError naming ``owner``'s payload ``field`` unless ``t`` has the given size, shape and type
     (``kind``: "floating-point" or "integer")."""
     def bad(what: str, expected: Any, got: Any) -> ValueError:
@@ -326,8 +332,11 @@ def valid_indices(indices: Tensor, numel: int) -> tuple[Tensor, Tensor]:
 
 _REGISTRY: dict[str, type] = {}
 
+#: A class :func:`register` takes: one with a class attribute ``name``.
+_Registered = TypeVar("_Registered", bound="type[Any]")
 
-def register(cls: type) -> type:
+
+def register(cls: _Registered) -> _Registered:
     """Class decorator: make ``cls`` (a compressor, or a whole method such as :class:`gradcomp.DGC`)
     available as ``gradcomp.get(cls.name)``."""
     if not cls.name:

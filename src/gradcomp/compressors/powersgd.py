@@ -95,16 +95,18 @@ def _orthogonalize(p: Tensor) -> Tensor:
     return torch.linalg.qr(p, mode="reduced").Q
 
 
-def _summed(received: Sequence[Payload], field: str, **expected: object) -> Tensor:
-    """The combined tensor of a ``"sum"`` round (one payload; several are summed), checked against
-    ``expected`` (see :func:`~gradcomp.compressors.base.check_tensor`)."""
+def _summed(received: Sequence[Payload], field: str, *, numel: int | None = None, shape: tuple | None = None,
+            dtype: torch.dtype | None = None) -> Tensor:
+    """The combined tensor of a ``"sum"`` round (one payload; several are summed), checked against the
+    expected ``numel``, ``shape`` and ``dtype`` (see :func:`~gradcomp.compressors.base.check_tensor`)."""
     if len(received) == 0:
         raise ValueError("powersgd: received no payload for a 'sum' round")
-    total = None
+    total: Tensor | None = None
     for p in received:
         (t,) = tensors_of("powersgd", p, 1)
-        check_tensor("powersgd", field, t, **expected)
+        check_tensor("powersgd", field, t, numel=numel, shape=shape, dtype=dtype)
         total = t if total is None else total + t
+    assert total is not None  # received holds at least one payload
     return total
 
 

@@ -39,8 +39,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -68,7 +69,7 @@ from .base import (
 )
 
 __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "AdaComp", "select_topk",
-           "select_dgc", "WIRES", "check_wire"]
+           "select_dgc", "WIRES", "Wire", "check_wire", "AdaCompScale"]
 
 
 # ----------------------------------------------------------------- selection
@@ -214,7 +215,10 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0,
 
 # ------------------------------------------------------------ sparse payload
 
-WIRES = ("plain", "compact")
+#: The sparse wire formats (see the module docstring).
+Wire = Literal["plain", "compact"]
+#: The values of :data:`Wire`, for the checks at run time.
+WIRES: tuple[Wire, ...] = get_args(Wire)
 
 
 def check_wire(owner: str, wire: str) -> None:
@@ -234,7 +238,7 @@ def _pow2_scale(values: Tensor) -> Tensor:
     return torch.where(peak == 0, one, torch.ldexp(one, (exponent - 15).clamp(min=-126)))
 
 
-def _sparse_payload(flat: Tensor, indices: Tensor, wire: str) -> Payload:
+def _sparse_payload(flat: Tensor, indices: Tensor, wire: Wire) -> Payload:
     """The payload, and as its (never sent) ``meta`` the values and indices it decodes to, so the sender
     need not decode its own payload to update its memory."""
     if wire == "plain":
@@ -258,7 +262,7 @@ def _plain(payload: Payload, owner: str) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-def _decode(payload: Payload, numel: int, wire: str, owner: str = "sparse") -> tuple[Tensor, Tensor]:
+def _decode(payload: Payload, numel: int, wire: Wire, owner: str = "sparse") -> tuple[Tensor, Tensor]:
     """(values, int64 indices) of a sparse payload; a corrupt one raises ``ValueError``."""
     if wire == "plain":
         values, indices = _plain(payload, owner)
@@ -267,7 +271,7 @@ def _decode(payload: Payload, numel: int, wire: str, owner: str = "sparse") -> t
     return _decode_compact_stack([payload], numel, owner)
 
 
-def _decode_flagged(payload: Payload, numel: int, wire: str, owner: str) -> tuple[Tensor, Tensor, Tensor]:
+def _decode_flagged(payload: Payload, numel: int, wire: Wire, owner: str) -> tuple[Tensor, Tensor, Tensor]:
     """The device path's :func:`_decode`: (values, int64 indices, ok), no sync; where ``ok`` (a 0-d device
     bool) is False, the indices are still in ``[0, numel)``."""
     if wire == "plain":
@@ -329,7 +333,7 @@ class _Sparse(Compressor):
     """Shared decode for sparse payloads (see ``wire`` above); what was sent leaves the accumulator exactly."""
 
     error_feedback = True
-    wire = "plain"
+    wire: Wire = "plain"
 
     def decode(self, payload: Payload, numel: int) -> tuple[Tensor, Tensor]:
         """The values and flat int64 indices one payload carries."""
@@ -372,16 +376,18 @@ class _Sparse(Compressor):
         run, equal to the CPU path's single ``index_add_`` over all of them.  A corrupt payload sets NaN
         (:func:`mark_corrupt`); no sync."""
         numel, ok = total.numel(), None
+        decoded: Iterable[tuple[Tensor, Tensor]]
         if self.wire == "compact" and len({tuple(t.shape for t in p.tensors) for p in payloads}) == 1:
             half, scales, codes = _compact_stack(payloads, self.name)  # every worker's code decoded at once
             indices, ok = bits.decode_sorted_flagged(codes, numel, half.shape[1])
             decoded = zip(half.float() * scales, indices)
         else:
-            decoded = []
+            pairs: list[tuple[Tensor, Tensor]] = []
             for p in payloads:
                 values, indices, valid = self.decode_flagged(p, numel)
-                decoded.append((values, indices))
+                pairs.append((values, indices))
                 ok = valid if ok is None or valid is None else ok & valid
+            decoded = pairs
         for values, indices in decoded:
             total.index_add_(0, indices, values.to(total.dtype))
         return mark_corrupt(total, ok)
@@ -403,7 +409,7 @@ class TopK(_Sparse):
 
     name = "topk"
     density: float = 0.01
-    wire: str = "plain"
+    wire: Wire = "plain"
 
     def __post_init__(self) -> None:
         check_range("topk", "density", self.density, 0.0, 1.0, low_open=True)
@@ -477,7 +483,7 @@ class DGCSelect(_Sparse):
     name = "sampled-topk"
     density: float = 0.001
     sample_ratio: float = 0.01
-    wire: str = "plain"
+    wire: Wire = "plain"
     min_entries: int = 1
     workspace: Workspace = field(default_factory=Workspace, init=False, repr=False, compare=False)
 
@@ -535,20 +541,23 @@ class DGCSelect(_Sparse):
         plan, setting = space.plans.get((threads, key)), (self.density, self.min_entries)
         if plan is None or plan.ns != ns or plan.setting != setting:  # the warm-up changes k: a new plan
             plan = space.plans[(threads, key)] = _Plan(ns, [self.entries(n) for n in ns], setting, threads,
-                                                       plan and plan.hints)
+                                                       plan.hints if plan is not None else None)
         ks, compact = plan.ks, self.wire == "compact"
         addresses = (ctypes.c_int64 * (3 * len(ns)))(*[t.data_ptr() for group in zip(grads, us, vs) for t in group])
         total = sum(ks)
+        outputs: tuple[Tensor | None, ...]  # half, scale, code (compact); values, idx32, idx64 (plain)
         if compact:
-            outputs = (torch.empty(total, dtype=torch.float16), torch.empty(len(ns)),
-                       torch.empty(sum(plan.code_sizes), dtype=torch.uint8), None, None, None)
+            half, scale, code = (torch.empty(total, dtype=torch.float16), torch.empty(len(ns)),
+                                 torch.empty(sum(plan.code_sizes), dtype=torch.uint8))
+            outputs = (half, scale, code, None, None, None)
         else:
-            outputs = (None, None, None, torch.empty(total), torch.empty(total, dtype=torch.int32),
-                       None if all(plan.int32) else torch.empty(total, dtype=torch.int64))
+            values, idx32 = torch.empty(total), torch.empty(total, dtype=torch.int32)
+            idx64 = None if all(plan.int32) else torch.empty(total, dtype=torch.int64)
+            outputs = (None, None, None, values, idx32, idx64)
         space.rescanned += lib.gc_steps(plan.rows.data_ptr(), len(ns), addresses, momentum, nesterov, masking,
                                         compact, plan.hints.data_ptr(), HINT, *plan.addresses, threads,
                                         *(None if t is None else t.data_ptr() for t in outputs))
-        half, scale, code, values, idx32, idx64 = outputs
+        wires: Iterable[tuple[Tensor, ...]]
         if compact:
             wires = zip(half.split(ks), scale.split(1), code.split(plan.code_sizes))
         else:
@@ -691,7 +700,11 @@ def _sum_signed(owner: str, payloads: Sequence[Payload], like: Tensor, count: in
     for p in payloads:
         codes, *others = tensors_of(owner, p, count)
         codes, valid = _check_codes(owner, codes, like.numel())
-        ok = valid if ok is None else ok & valid
+        if ok is None:
+            ok = valid
+        else:
+            assert valid is not None  # every payload is on one device: all take the path that flags
+            ok = ok & valid
         indices, negative = _split_codes(codes)
         total.index_add_(0, indices, values(others, negative))
     return mark_corrupt(total, ok).view(like.shape)
@@ -762,6 +775,10 @@ class Dryden(Compressor):
         return _sum_signed("dryden", payloads, like, 2, values)
 
 
+#: AdaComp's per-tensor scale of the sent values (see :class:`AdaComp`).
+AdaCompScale = Literal["mean", "max"]
+
+
 @register
 @dataclass(kw_only=True)
 class AdaComp(Compressor):
@@ -809,9 +826,9 @@ class AdaComp(Compressor):
     name = "adacomp"
     error_feedback = False  # the compressor keeps its own residue (see above)
     bin_size: int = 50
-    scale: str = "mean"
+    scale: AdaCompScale = "mean"
 
-    _SCALES = ("mean", "max")
+    _SCALES: ClassVar[tuple[AdaCompScale, ...]] = get_args(AdaCompScale)
 
     def __post_init__(self) -> None:
         check_int("adacomp", "bin_size", self.bin_size, 1)

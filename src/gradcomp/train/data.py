@@ -54,6 +54,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, TypedDict, get_args
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ from torch import Tensor
 __all__ = [
     "DATASETS",
     "DATASET_INFO",
+    "DataKind",
+    "DatasetInfo",
+    "DatasetName",
     "DIGITS_SPLIT_SEED",
     "ENV_VAR",
     "NORMALIZATION",
@@ -76,6 +80,7 @@ __all__ = [
     "lm_steps",
     "load_dataset",
     "PARTITIONS",
+    "Partition",
     "skewed_parts",
     "speaker_grouped",
     "read_idx",
@@ -84,16 +89,33 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "ptb", "shakespeare")
+#: The datasets :func:`load_dataset` reads.
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "ptb", "shakespeare"]
+#: The values of :data:`DatasetName`, for the checks at run time.
+DATASETS: tuple[DatasetName, ...] = get_args(DatasetName)
 #: How training data is split among workers: ``iid`` (every worker draws from all of it) or ``skewed`` (each
 #: worker from its own part: a few classes of an image dataset, a few speakers of Tiny Shakespeare).
-PARTITIONS = ("iid", "skewed")
+Partition = Literal["iid", "skewed"]
+#: The values of :data:`Partition`, for the checks at run time.
+PARTITIONS: tuple[Partition, ...] = get_args(Partition)
+#: What a dataset holds: images with labels, or a language model's token streams (see :class:`Dataset`).
+DataKind = Literal["image", "lm"]
 ENV_VAR = "GRADCOMP_DATA"
 DIGITS_SPLIT_SEED = 0
 #: (mean, std) of the pixels scaled to [0, 1], over the training set.
 NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+
+
+class DatasetInfo(TypedDict):
+    """What a dataset looks like, known without loading it (an entry of :data:`DATASET_INFO`)."""
+
+    kind: DataKind
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
 #: What each dataset looks like, known without loading it (``num_classes`` is the vocabulary for LMs).
-DATASET_INFO = {
+DATASET_INFO: dict[str, DatasetInfo] = {
     "digits": {"kind": "image", "input_shape": (1, 8, 8), "num_classes": 10},
     "mnist": {"kind": "image", "input_shape": (1, 28, 28), "num_classes": 10},
     "fashion-mnist": {"kind": "image", "input_shape": (1, 28, 28), "num_classes": 10},
@@ -126,8 +148,8 @@ _HOW_TO_GET = {
                    "(or input.txt.gz; Karpathy's char-rnn Tiny Shakespeare)",
 }
 _FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, np.dtype] = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
+                                    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -153,7 +175,7 @@ class Dataset:
     """
 
     name: str
-    kind: str
+    kind: DataKind
     num_classes: int
     input_shape: tuple[int, ...] = ()
     x_train: Tensor | None = None
@@ -174,6 +196,8 @@ class Dataset:
             for field in ("x_train", "y_train", "x_test", "y_test"):
                 if getattr(self, field) is None:
                     raise ValueError(f"{field} is required for an image dataset")
+            assert (self.x_train is not None and self.y_train is not None and self.x_test is not None
+                    and self.y_test is not None)  # checked just above
             if self.x_train.shape[0] != self.y_train.shape[0] or self.x_test.shape[0] != self.y_test.shape[0]:
                 raise ValueError("x and y must hold the same number of samples")
             for field in ("y_train", "y_test"):
@@ -189,8 +213,10 @@ class Dataset:
 
     def __repr__(self) -> str:
         if self.kind == "image":
+            assert self.y_train is not None and self.y_test is not None  # an image dataset holds them
             sizes = f"train={len(self.y_train)}, test={len(self.y_test)}, input_shape={self.input_shape}"
         else:
+            assert self.train is not None and self.valid is not None and self.test is not None  # an lm's
             sizes = (f"train={self.train.numel()}, valid={self.valid.numel()}, test={self.test.numel()} tokens, "
                      f"vocab_size={self.vocab_size}")
         return f"Dataset(name={self.name!r}, kind={self.kind!r}, {sizes}, num_classes={self.num_classes})"
@@ -282,8 +308,9 @@ def _locate(name: str, data_dir: str | os.PathLike | None) -> dict[str, Path]:
     notes = []
     for folder in searched:
         found = {role: _find_file(folder, base) for role, base in wanted.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
+        present = {role: path for role, path in found.items() if path is not None}
+        if len(present) == len(found):
+            return present
         if folder.is_dir():
             missing = [wanted[r] for r, p in found.items() if p is None]
             notes.append(f"  {folder}  (exists; missing {', '.join(missing)})")

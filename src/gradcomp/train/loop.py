@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -64,14 +64,16 @@ from tqdm import tqdm
 
 from ..checkpoint import non_finite_entries, state_tensors, state_to_cpu, state_to_device
 from ..compressors.base import available, check_int, check_range, get
-from ..guard import check_nonfinite
-from ..launch import DEVICES, device_kind
+from ..guard import Nonfinite, check_nonfinite
+from ..launch import DEVICES, DeviceRequest, device_kind
 from ..method import DGC, Method, sgd_settings
 from ..schedule import LinearLRWarmup
 from .data import (
     DATASETS,
     PARTITIONS,
     Dataset,
+    DatasetName,
+    Partition,
     batchify,
     image_batches,
     lm_batches,
@@ -84,8 +86,13 @@ from .data import (
 from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainingInterrupted", "build_optimizer", "resumable", "resume_config",
-           "run", "train_worker"]
+if TYPE_CHECKING:  # imported where they are built (as at run time)
+    from ..comm import Communicator
+    from ..dga import DelayedGradientAveraging, FedAvg
+    from ..simulator import Simulator
+
+__all__ = ["OPTIMIZERS", "OptimizerName", "TrainConfig", "TrainingInterrupted", "build_optimizer", "resumable",
+           "resume_config", "run", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +101,9 @@ ALLREDUCE_METHODS = {"none", "fp16", "powersgd", "randomk"}
 #: Settings a resumed run may change: the length of training, how often it checkpoints, the display, the device.
 RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "progress", "device")
 #: The optimizers ``TrainConfig.optimizer`` names.
-OPTIMIZERS = ("sgd", "adamw")
+OptimizerName = Literal["sgd", "adamw"]
+#: The values of :data:`OptimizerName`, for the checks at run time.
+OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 #: Settings that do not decide what a checkpoint holds (not compared on resume).
 NOT_CHECKED = (*RESUMABLE, "run_dir", "data_dir", "label", "link_gbps")
 
@@ -103,7 +112,7 @@ NOT_CHECKED = (*RESUMABLE, "run_dir", "data_dir", "label", "link_gbps")
 class TrainConfig:
     """Everything a run depends on; saved as the run's ``config.json``."""
 
-    dataset: str = "digits"
+    dataset: DatasetName = "digits"
     data_dir: str | None = None
     model: str | None = None
     #: options of the model, overriding its per-dataset defaults (``build_model(model, data, **model_options)``)
@@ -117,7 +126,7 @@ class TrainConfig:
     lr: float = 0.1
     #: "sgd" (``torch.optim.SGD``, momentum from ``momentum``) or "adamw" (``torch.optim.AdamW``, its own
     #: moments: ``momentum`` must be 0, and DGC is then built with momentum 0, error-feedback top-k)
-    optimizer: str = "sgd"
+    optimizer: OptimizerName = "sgd"
     momentum: float = 0.9
     #: SGD's L2 weight decay (scaled for DGC, see :func:`~gradcomp.sgd_settings`), or AdamW's decoupled one
     weight_decay: float = 0.0
@@ -131,7 +140,7 @@ class TrainConfig:
     limit_test: int | None = None
     seed: int = 0
     #: "cpu", "cuda" (local rank r on cuda:r, NCCL) or "auto": CUDA where every local rank gets a GPU
-    device: str = "auto"
+    device: DeviceRequest = "auto"
     simulate: bool = False
     #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous).
     #: With DGA or FedAvg the workers' models differ; each epoch is scored on their average
@@ -141,11 +150,11 @@ class TrainConfig:
     #: ``dga_delay``: each round's average applied that many steps later, DGA's correction in weight space)
     fedavg_period: int | None = None
     #: how the training data is split among workers: "iid" or "skewed" (see :class:`Task`)
-    partition: str = "iid"
+    partition: Partition = "iid"
     #: experiments only: each collective completes no earlier than this many ms after it is issued
     emulate_latency_ms: float = 0.0
     #: a NaN or Inf gradient on any rank: "skip" the step on every rank (memory unchanged) or "raise"
-    nonfinite: str = "skip"
+    nonfinite: Nonfinite = "skip"
     link_gbps: float = 1.0
     run_dir: str | None = None
     #: also write a checkpoint every this many steps (None: at epoch ends only); resume continues mid-epoch
@@ -269,6 +278,13 @@ def build_optimizer(config: TrainConfig, model: nn.Module, method: Method) -> to
 # ------------------------------------------------------------------ data steps
 
 
+def _image(data: Dataset) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x_train, y_train, x_test, y_test`` of an image dataset (which holds them: :class:`Dataset` checks)."""
+    assert (data.x_train is not None and data.y_train is not None and data.x_test is not None
+            and data.y_test is not None)
+    return data.x_train, data.y_train, data.x_test, data.y_test
+
+
 class Task:
     """Loss, batches and evaluation for one kind of dataset.
 
@@ -282,10 +298,11 @@ class Task:
         self.data, self.config, self.workers, self.device = data, config, workers, torch.device(device)
         self.global_batch = config.batch_size * workers
         skewed = config.partition == "skewed"
-        self.parts = skewed_parts(data.y_train, workers, config.seed) if skewed and data.kind != "lm" else None
+        self.parts = skewed_parts(_image(data)[1], workers, config.seed) if skewed and data.kind != "lm" else None
         #: language models: each worker's LSTM state, carried from step to step within an epoch
         self.hidden: dict[int, Any] = {}
         if data.kind == "lm":  # TrainConfig allows "skewed" only where there are classes or speakers
+            assert data.train is not None  # an lm dataset holds it (Dataset checks)
             train = speaker_grouped(data.train, data.vocab, workers) if skewed else data.train
             self.train_rows = batchify(train, self.global_batch)
             self.steps = lm_steps(self.train_rows, config.bptt)
@@ -296,10 +313,11 @@ class Task:
                                  f"part of the training set ({min(len(p) for p in self.parts)} samples, "
                                  f"partition='skewed'); lower batch_size or workers")
         else:
-            self.steps = steps_per_epoch(len(data.y_train), self.global_batch)
+            y_train = _image(data)[1]
+            self.steps = steps_per_epoch(len(y_train), self.global_batch)
             if self.steps == 0:
                 raise ValueError(f"TrainConfig.batch_size={config.batch_size}: a global batch of {self.global_batch} "
-                                 f"({workers} workers) is larger than the {len(data.y_train)} training samples; "
+                                 f"({workers} workers) is larger than the {len(y_train)} training samples; "
                                  f"lower batch_size or workers")
 
     def epoch(self, epoch: int, start: int = 0) -> Any:
@@ -310,8 +328,9 @@ class Task:
                 self.hidden = {}
             batches = lm_batches(self.train_rows, self.config.bptt, self.workers)
         else:
-            batches = image_batches(self.data.x_train, self.data.y_train, self.global_batch, self.workers, epoch,
-                                    self.config.seed, parts=self.parts)
+            x_train, y_train, _, _ = _image(self.data)
+            batches = image_batches(x_train, y_train, self.global_batch, self.workers, epoch, self.config.seed,
+                                    parts=self.parts)
         for shards in itertools.islice(batches, start, None):
             yield [(w, *shard) for w, shard in enumerate(shards)]
 
@@ -331,6 +350,7 @@ class Task:
         try:
             limit = self.config.limit_test
             if self.data.kind == "lm":
+                assert self.data.test is not None  # an lm dataset holds it (Dataset checks)
                 rows = batchify(self.data.test[:limit], 10)
                 total, correct, count, hidden = 0.0, 0, 0, None
                 for [(x, y)] in lm_batches(rows, self.config.bptt, 1):
@@ -344,7 +364,8 @@ class Task:
                 return {"test_loss": loss, "test_perplexity": math.exp(loss) if loss < 709 else math.inf,
                         "test_token_accuracy": correct / count}
             losses, correct = 0.0, 0
-            x_test, y_test = self.data.x_test[:limit], self.data.y_test[:limit]
+            _, _, x_test, y_test = _image(self.data)
+            x_test, y_test = x_test[:limit], y_test[:limit]
             for start in range(0, len(y_test), 1000):
                 x, y = x_test[start:start + 1000].to(self.device), y_test[start:start + 1000].to(self.device)
                 out = model(x)
@@ -390,6 +411,9 @@ class _Front:
     """The front door a worker trains through (:func:`_front` picks one): one training step, the counters
     and every worker's method state.  Subclasses differ in how a step exchanges."""
 
+    #: what the steps go through (set by the subclasses that count skipped steps here; the DDP hook's is its state)
+    door: Simulator | DelayedGradientAveraging | FedAvg
+
     def __init__(self, model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int,
                  world: int) -> None:
         self.config, self.task, self.rank, self.world = config, task, rank, world
@@ -428,17 +452,21 @@ class _Front:
         return self.comm.bytes_sent
 
     @property
-    def comm(self):
+    def comm(self) -> Communicator:
         """This rank's communicator (real ranks)."""
+        from ..simulator import Simulator
+
+        assert not isinstance(self.door, Simulator)  # the simulator's workers have one each (_Simulated never asks)
         return self.door.comm
 
     def my_state(self) -> dict:
         """This rank's method state (what a checkpoint keeps per rank)."""
         return self.methods[0].state_dict()
 
-    def method_states(self) -> list[dict]:
-        """Every worker's method state (gathered to rank 0 on real ranks, each copied to the CPU first)."""
-        states = [None] * self.world if self.rank == 0 else None
+    def method_states(self) -> list[dict] | None:
+        """Every worker's method state (gathered to rank 0 on real ranks, each copied to the CPU first; None on
+        the other ranks)."""
+        states: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(state_to_cpu(self.my_state()), states, dst=0)
         return states
 
@@ -453,6 +481,8 @@ class _Front:
 
 class _Simulated(_Front):
     """Every worker in this process: the :class:`~gradcomp.Simulator` (DGC, DGA or FedAvg)."""
+
+    door: Simulator
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -482,7 +512,7 @@ class _Simulated(_Front):
         average, the model one all-reduce of the weights would give every worker."""
         return self.model if len(self.sim.models) == 1 else _average_into(self.model, self.sim.models)
 
-    def method_states(self) -> list[dict]:
+    def method_states(self) -> list[dict] | None:
         # copied once the Simulator's state is whole: its doors finish their exchanges, moving the methods' memory
         return state_to_cpu(self.sim.state_dict()["methods"])
 
@@ -519,7 +549,7 @@ class _Hooked(_Front):
         return self.skipped_before + self.state.guard.skipped
 
     @property
-    def comm(self):
+    def comm(self) -> Communicator:
         return self.state.comm
 
 
@@ -527,12 +557,15 @@ class _Wrapped(_Front):
     """A real rank whose optimizer wrapper does its own exchanges (DGA, FedAvg): every rank's model differs,
     so each rank's model is checkpointed beside its state, under ``key``."""
 
+    door: DelayedGradientAveraging | FedAvg
+
     def __init__(self, *args) -> None:
         super().__init__(*args)
         from ..dga import DelayedGradientAveraging, FedAvg
 
         config = self.config
         if config.fedavg_period is None:
+            assert config.dga_delay is not None  # _front: one of the two is given
             self.door = DelayedGradientAveraging(self.optimizer, self.model.named_parameters(), config.dga_delay,
                                                  self.given, config.dga_correction,
                                                  emulate_latency_ms=config.emulate_latency_ms,
@@ -598,6 +631,7 @@ def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, 
     it (it gathers each rank's method memory, RNG state and LSTM states, each copied to the CPU first)."""
     states = front.method_states()
     mine = state_to_cpu({"rng": _rng_state(front.device), "hidden": front.task.hidden})
+    ranks: list[Any] | None
     if cfg.simulate:
         ranks = [mine]
     else:
@@ -605,8 +639,10 @@ def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, 
         dist.gather_object(mine, ranks, dst=0)
     if front.rank != 0:
         return None
+    assert ranks is not None  # gathered to rank 0
     here = {"model": front.model.state_dict(), "optimizer": front.optimizer.state_dict()}  # on rank 0's device
     if cfg.simulate:
+        assert isinstance(front, _Simulated)  # _front: a simulated run
         here["simulator"] = {k: v for k, v in front.sim.state_dict().items() if k != "methods"}
     ckpt = {**state_to_cpu(here), "methods": states,
             "rng": [r["rng"] for r in ranks], "hidden": [r["hidden"] for r in ranks],
@@ -628,6 +664,7 @@ def _restore(ckpt: dict[str, Any], cfg: TrainConfig, front: _Front, warmup: Line
     _set_rng_state(ckpt["rng"][me], device)
     front.task.hidden = state_to_device(dict(ckpt["hidden"][me]), device) if "hidden" in ckpt else {}
     if cfg.simulate:  # every worker's method, models and doors (checks the number of workers)
+        assert isinstance(front, _Simulated)  # _front: a simulated run
         front.sim.load_state_dict(state_to_device({"methods": ckpt["methods"], **ckpt["simulator"]}, device))
     else:
         front.load_method_states(ckpt["methods"])
@@ -825,6 +862,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
             ckpt = _checkpoint(cfg, front, warmup, pos)
             scored = front.eval_model() if end else None  # a collective with DGA or FedAvg on real ranks
             if lead and end:  # the record first: a crash before the checkpoint leaves a record that resume drops
+                assert scored is not None  # scored at the epoch's end
                 metrics = {"epoch": epoch + 1, "step": pos.steps, "train_loss": sum(losses) / len(losses),
                            **task.evaluate(scored), "bytes_sent": front.bytes_sent,
                            "dense_bytes": front.dense_per_step * pos.steps,
@@ -833,6 +871,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
                            "skipped_steps": front.skipped}
                 rd.append_metrics(metrics)
             if lead:
+                assert ckpt is not None  # the lead is rank 0, which gets the checkpoint
                 rd.save_checkpoint(ckpt)
             if lead and end:
                 shown = {k: metrics[k] for k in ("test_accuracy", "test_perplexity") if k in metrics}
@@ -849,6 +888,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
         return {"stopped_after_step": pos.steps}
     if not metrics:  # resumed a finished run
         metrics = rd.read_metrics()[-1]
+    summary: dict[str, Any]
     summary = {"dataset": cfg.dataset, "model": cfg.model or type(model).__name__.lower(), "method": cfg.method,
                "method_options": cfg.options, "label": cfg.label, "workers": world, "epochs": cfg.epochs,
                "steps": metrics["step"], "bytes_sent": metrics["bytes_sent"], "dense_bytes": metrics["dense_bytes"],

@@ -21,12 +21,12 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .data import DATASET_INFO, Dataset
+from .data import DATASET_INFO, DataKind, Dataset
 
 __all__ = [
     "CNN",
@@ -61,7 +61,7 @@ def _check_image_args(input_shape: Sequence[int], num_classes: int) -> tuple[int
         raise ValueError(f"input_shape must be (channels, height, width) of positive integers, got {input_shape!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _positive(name: str, value: Any) -> None:
@@ -377,7 +377,7 @@ class ModelSpec:
 
     name: str
     factory: Callable[..., nn.Module]
-    kind: str  # "image" or "lm"
+    kind: DataKind
     summary: str
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: the option that takes the training loop's sequence length (``bptt``) when not given (None: none does)
@@ -480,7 +480,9 @@ def vgg16(num_classes: int = 1000) -> nn.Module:
     at 1000 classes."""
     layers: list[nn.Module] = []
     cin = 3
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+    config: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                              512, 512, 512, "M")
+    for v in config:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:

@@ -80,13 +80,14 @@ import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from ..checkpoint import CorruptArchiveError, verify_archive
 
 __all__ = [
+    "Collective",
     "RunDir",
     "compare_table",
     "estimate_step_time",
@@ -106,7 +107,10 @@ PREV_CHECKPOINT = "checkpoint.prev.pt"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 
-COLLECTIVES = ("allreduce", "allgather")
+#: How a method's payloads are combined, for the step-time model (:func:`estimate_step_time`).
+Collective = Literal["allreduce", "allgather"]
+#: The values of :data:`Collective`, for the checks at run time.
+COLLECTIVES: tuple[Collective, ...] = get_args(Collective)
 DEFAULT_LINKS_GBPS = (1.0, 10.0)
 
 
@@ -559,7 +563,7 @@ def run_label(run: RunDir | str | os.PathLike[str], config: Mapping[str, Any] | 
 # ---------------------------------------------------------------- step-time model
 
 def estimate_step_time(compute_s: float, bytes_per_step: float, workers: int, link_gbps: float,
-                       collective: str, *, latency_s: float = 0.0) -> float:
+                       collective: Collective, *, latency_s: float = 0.0) -> float:
     """Seconds per step on a link of ``link_gbps`` Gbit/s: ``compute_s + communication``.
 
     ``bytes_per_step`` is what one worker contributes per step (its payloads,
@@ -787,8 +791,8 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
         sx, sy = _series(records, "bytes_sent", 1e-6, positive=True)
         if not dx or (dx == sx and all(abs(a - b) <= 1e-3 * b for a, b in zip(sy, dy))):
             continue
-        key = (tuple(dx), tuple(round(y, 6) for y in dy))
-        dense_refs.setdefault(key, []).append(color)
+        ref = (tuple(dx), tuple(round(y, 6) for y in dy))
+        dense_refs.setdefault(ref, []).append(color)
 
     for ax, key in zip(axes, panels):
         xs_all: list[float] = []

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from gradcomp.compressors.base import Payload, num_selected
+from gradcomp.compressors.sparse import DGCSelect
 from gradcomp.method import DGC
 
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
@@ -67,25 +68,29 @@ def run_layout(flat: bool, repeats: int, seed: int, numel: int | None = None,
     shapes = _layout(flat, numel)
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for _, s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    grads: dict[str, torch.Tensor] = {}
+    for (name, _), p in zip(shapes, params):
+        p.grad = grads[name] = torch.randn(p.shape, generator=gen)
     sgd = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    grads = {name: p.grad for (name, _), p in zip(shapes, params)}
     ks = {name: num_selected(DENSITY, g.numel()) for name, g in grads.items()}
     candidates: dict[str, Callable[[], object]] = {"sgd": sgd.step}
     candidates["topk"] = lambda: [torch.topk(g.view(-1).abs(), ks[n], sorted=False) for n, g in grads.items()]
     compact = DGC(density=DENSITY, warmup_epochs=0, sparsify_all=True)
     plain = DGC(density=DENSITY, warmup_epochs=0, sparsify_all=True, wire="plain")
     for m in (compact, plain):
+        assert isinstance(m.compressor, DGCSelect)  # DGC's
         m.compressor.density = DENSITY
-    candidates["dgc"] = _dgc_step(compact, grads)
+    dgc_step = candidates["dgc"] = _dgc_step(compact, grads)
     candidates["dgc-plain"] = _dgc_step(plain, grads)
     with torch.no_grad():
-        payloads = candidates["dgc"]()
+        payloads = dgc_step()
         selector = compact.compressor
+
+        def aggregate(n: int) -> Callable[[], object]:
+            return lambda: [selector.decompress([payloads[name]] * n, like=g) for name, g in grads.items()]
+
         for n in workers:  # n workers' payloads (the same one n times: decoding costs the same)
-            candidates[f"decompress+aggregate, {n} workers"] = (
-                lambda n=n: [selector.decompress([payloads[name]] * n, like=g) for name, g in grads.items()])
+            candidates[f"decompress+aggregate, {n} workers"] = aggregate(n)
         samples = measure(candidates, repeats)
     return {"tensors": len(shapes), "numel": sum(g.numel() for g in grads.values()),
             "seconds": {name: statistics.median(s) for name, s in samples.items()},

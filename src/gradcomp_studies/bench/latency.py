@@ -62,6 +62,7 @@ def _worker(rank: int, world: int, plan: list[tuple[str, int, float]], compute_s
 
 
 def run(ctx: Context) -> Result:
+    latencies: tuple[float, ...]
     if ctx.full:
         world, latencies, compute_s, delay, period, steps = 4, (0.0, 50.0, 100.0, 200.0), 0.025, 10, 10, 60
     else:

@@ -114,7 +114,9 @@ def _setup(rank: int, world: int, method_name: str, warmup_steps: int, seed: int
     data = load_dataset("digits")
     model = build_model("mlp", data)
     ddp = DistributedDataParallel(model)
+    assert data.y_train is not None  # an image dataset's
     per_epoch = steps_per_epoch(len(data.y_train), GLOBAL_BATCH)
+    method: DGC | str
     if method_name == "dgc":
         # the sparsity warm-up, in epochs of the real data, ends after ``warmup_steps`` steps
         method = DGC(density=DENSITY, warmup_epochs=warmup_steps / per_epoch, steps_per_epoch=per_epoch)
@@ -140,7 +142,7 @@ def _pass(rank: int, world: int, method_name: str, steps: int, warmup_steps: int
     trace = collect_every is not None
     # preallocated, so that sampling allocates nothing that stays (tracemalloc would count it)
     rss, peak, py = (array("d", bytes(8 * steps)) for _ in range(3))
-    live = array("d", bytes(8 * (steps // collect_every))) if trace else array("d")
+    live: array[float] = array("d", bytes(8 * (steps // collect_every))) if collect_every is not None else array("d")
     gc.collect()
     if trace:
         tracemalloc.start()
@@ -159,7 +161,7 @@ def _pass(rank: int, world: int, method_name: str, steps: int, warmup_steps: int
                 loss_last += loss.item() / per_epoch
             rss[step], peak[step] = read_rss_mb()
             step += 1
-            if trace:
+            if collect_every is not None:  # trace
                 py[step - 1] = tracemalloc.get_traced_memory()[0] / 1024
                 if step % collect_every == 0:
                     gc.collect()

@@ -22,7 +22,9 @@ import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any
 
 __all__ = ["ShapedLinks", "NetworkSetupError", "enter_namespace", "parse_rate"]
 
@@ -74,7 +76,7 @@ class ShapedLinks:
         self.tag = tag or f"{os.getpid() % 100000:05d}"
         self._subnet = f"10.213.{int(self.tag) % 250}"
         self._created: list[tuple[str, str]] = []  # ("netns" | "link", name), for teardown
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
 
     # -- names --------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ from torch import nn
 from gradcomp.comm import all_gather_single
 from gradcomp.compressors.powersgd import PowerSGD
 from gradcomp.launch import spawn
-from gradcomp.method import DGC, sgd_settings
+from gradcomp.method import DGC, SGDSettings, sgd_settings
 from gradcomp.train.models import PAPER_MODELS, build_model
 
 from ..reproduce.common import Check, Context, Result, Study, StudySkipped, markdown_table, register
@@ -186,6 +187,7 @@ def _model_shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
 #: the MNIST CNNs trained to the target: gradcomp's default, whose step on this machine's shared cores is mostly
 #: compute at 1 Gbit/s, and the same network with a 2048-unit classifier, whose 9.9 MB gradient the link carries
 #: in about as long as the step computes (the regime DGC is for: the paper's AlexNet, VGG and LSTMs)
+ACCURACY_MODELS: dict[str, dict[str, Any]]  # key -> its label and CNN options
 ACCURACY_MODELS = {"cnn": {"label": "MNIST CNN (390,634 parameters)", "options": {}},
                    "cnn-wide": {"label": "MNIST CNN, 2048-unit classifier (2,474,730 parameters)",
                                 "options": {"hidden": 2048}}}
@@ -195,7 +197,7 @@ TARGETS = (0.97, 0.98, 0.99)
 EVAL_EVERY = 50
 BATCH_PER_RANK = 32
 LR = 0.05
-SGD = {"momentum": 0.9, "weight_decay": 1e-4}  # the optimizer's, for dense DDP and PowerSGD
+SGD: SGDSettings = {"momentum": 0.9, "weight_decay": 1e-4}  # the optimizer's, for dense DDP and PowerSGD
 
 
 def _time_to_accuracy(method: str, model_key: str, seed: int, max_steps: int, targets: tuple[float, ...],
@@ -214,6 +216,7 @@ def _time_to_accuracy(method: str, model_key: str, seed: int, max_steps: int, ta
 
     rank, world = dist.get_rank(), dist.get_world_size()
     data = load_dataset("mnist", limit_train=limit_train)
+    assert data.x_train is not None and data.y_train is not None  # an image dataset's
     torch.manual_seed(seed)
     model = DDP(CNN(data.input_shape, data.num_classes, **ACCURACY_MODELS[model_key]["options"]),
                 bucket_cap_mb=1e6)  # one bucket (see _ddp_steps)
@@ -258,12 +261,13 @@ def _time_to_accuracy(method: str, model_key: str, seed: int, max_steps: int, ta
 
 def _worker(rank: int, world: int, models: tuple[str, ...], warmup: int, repeats: int, seed: int,
             accuracy_run: dict | None = None, accuracy_models: tuple[str, ...] = ()) -> dict:
-    results = {}
+    results: dict[str, Any] = {}
     for model in models:
         shapes = _model_shapes(model)
         results[model] = {"communication": _communication(shapes, warmup, repeats, seed),
                           "ddp": _ddp_steps(shapes, warmup, repeats, seed)}
     for key in accuracy_models:
+        assert accuracy_run is not None  # given with accuracy_models
         results.setdefault("time_to_accuracy", {})[key] = {
             m: _time_to_accuracy(m, key, seed, **accuracy_run) for m in METHODS if m != "powersgd-4"}
     return results
@@ -296,6 +300,9 @@ def _ms(seconds: float) -> str:
 
 
 def run(ctx: Context) -> Result:
+    rates: tuple[str, ...]
+    models: tuple[str, ...]
+    accuracy_at: dict[str, tuple[str, ...]]  # rate -> the models timed to accuracy there
     if ctx.full:
         workers, rates, models, warmup, repeats = 4, ("1gbit", "10gbit"), ("resnet50", "ptb_lstm_1500"), 2, 5
         # at 1 Gbit/s the default CNN's step is mostly compute on this machine, the wide one's half communication
@@ -353,7 +360,7 @@ def run(ctx: Context) -> Result:
                 goal = f"{TARGETS[-1]:g}"
                 reached = {m: r["targets"][goal]["seconds"] for m, r in runs.items() if r["targets"][goal]}
                 checks.append(Check(f"{rate}, {label}: DDP + gradcomp DGC reaches {100 * TARGETS[-1]:g} % in the "
-                                    "shortest time", bool(reached) and min(reached, key=reached.get) == "dgc",
+                                    "shortest time", bool(reached) and min(reached, key=reached.__getitem__) == "dgc",
                                     ", ".join(f"{m} " + (f"{reached[m]:.1f} s" if m in reached else "not reached")
                                               for m in runs)))
     first = data[rates[0]]["results"]

@@ -238,6 +238,10 @@ def _fit_table(model: CostModel, rows: list[dict]) -> tuple[list[list], list[flo
 
 
 def run(ctx: Context) -> Result:
+    worlds: tuple[int, ...]
+    reduce_bytes: tuple[int, ...]
+    gather_bytes: tuple[int, ...]
+    check_rate: str | None  # the rate of the runs that check the rate scaling (full variant only)
     if ctx.full:
         # fitted where the links, not the cores, set the pace: at 1 Gbit/s, 8 ranks on this 2-core machine
         # wait for a core at every ring step (the report's second table shows it); at 100 Mbit/s each step's
@@ -280,6 +284,7 @@ def run(ctx: Context) -> Result:
                         f"at {rate})", worst <= 0.20, f"worst {100 * worst:.1f} %")]
         # the projection's assumption, tested on the ranks that each have a core at 1 Gbit/s: refitted there,
         # the betas are the 100 Mbit/s ones divided by 10
+        assert check_rate is not None and refit is not None  # the full variant runs at check_rate and refits
         scaled = model.at(check_rate)
         drift = [refit.beta_reduce / scaled.beta_reduce - 1, refit.beta_gather / scaled.beta_gather - 1]
         checks.append(Check(f"bytes cost in inverse proportion to the link rate: refitted on the 2- and 4-rank "
@@ -293,6 +298,14 @@ def run(ctx: Context) -> Result:
     else:
         checks = [Check("every measured run's bytes cost time (both betas of the fit are positive)",
                         model.beta_reduce > 0 and model.beta_gather > 0, f"worst fit error {100 * worst:.1f} %")]
+    waited = refitted = ""
+    if check_rate:
+        assert wait is not None and refit is not None  # 8 ranks ran at check_rate; refit from its runs
+        waited = (f" For the same reason the full variant fits at {rate}: at {check_rate} that wait shows on 8 ranks "
+                  f"(the second table: a 1 MB all-reduce on 8 ranks took {_ms(wait['seconds'])} ms where the model "
+                  f"says {_ms(predict(model, wait))}), at {rate} each step's bytes take 10x longer than the wait.")
+        refitted = (f" (refitted on the 2- and 4-rank {check_rate} runs the betas give {_effective(refit.beta_reduce)} "
+                    f"and {_effective(refit.beta_gather)}: the check below)")
     fitted = (f"all-reduce: alpha = {1e6 * model.alpha_reduce:.0f} us per ring step (measured), beta = "
               f"{model.beta_reduce * 1e9:.2f} ns per byte ({_effective(model.beta_reduce)}); "
               f"all-gather: alpha = {1e6 * model.alpha_gather:.0f} us (measured), beta = "
@@ -301,14 +314,8 @@ def run(ctx: Context) -> Result:
         f"alpha is the latency of one ring step, measured on {SMALL}-byte messages between 2 ranks (each with "
         "a core), where the bytes do not count; beta is fitted to messages of 256 KB and more. Small messages on "
         "8 ranks would measure this 2-core machine's scheduler instead: each ring step waits for a peer to get a "
-        "core (an 8 KB all-gather on 8 ranks took 6 to 21 ms in a separate run, 30 repeats)."
-        + (f" For the same reason the full variant fits at {rate}: at {check_rate} that wait shows on 8 ranks (the "
-           f"second table: a 1 MB all-reduce on 8 ranks took {_ms(wait['seconds'])} ms where the model says "
-           f"{_ms(predict(model, wait))}), at {rate} each step's bytes take 10x longer than the wait."
-           if check_rate else ""),
-        "Projection: beta scales with the link rate"
-        + (f" (refitted on the 2- and 4-rank {check_rate} runs the betas give {_effective(refit.beta_reduce)} "
-           f"and {_effective(refit.beta_gather)}: the check below)" if check_rate else "")
+        "core (an 8 KB all-gather on 8 ranks took 6 to 21 ms in a separate run, 30 repeats)." + waited,
+        "Projection: beta scales with the link rate" + refitted
         + ", alpha stays as measured: the latency of gloo over TCP between processes on this machine, more than a "
         "datacenter fabric's. The ring all-reduce pays 2 (n - 1) alpha, so at high rates and many workers "
         "latency, not bytes, dominates every curve, the dense one too; with no latency at all the bytes alone "

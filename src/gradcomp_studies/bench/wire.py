@@ -23,12 +23,16 @@ against the entries the selection chose: the encoding must be exact.
 
 from __future__ import annotations
 
+import functools
 import gc
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from gradcomp.compressors.base import Payload
 from gradcomp.compressors.powersgd import PowerSGD
+from gradcomp.compressors.sparse import DGCSelect
 from gradcomp.method import DGC, Method
 
 from ..reproduce.common import Check, Context, Result, Study, markdown_table, register
@@ -46,8 +50,8 @@ DGC_LABELS = {
 }
 #: DGC's configurations are the ratio table's (:data:`~gradcomp_studies.reproduce.ratio.DGC_VARIANTS`), PowerSGD
 #: beside them
-VARIANTS = {
-    **{key: (DGC_LABELS[key], lambda options=options: DGC(density=DENSITY, warmup_epochs=0, **options))
+VARIANTS: dict[str, tuple[str, Callable[[], Method]]] = {
+    **{key: (DGC_LABELS[key], functools.partial(DGC, density=DENSITY, warmup_epochs=0, **options))
        for key, options in DGC_VARIANTS.items()},
     "powersgd-1": ("PowerSGD rank 1", lambda: Method(PowerSGD(rank=1))),
     "powersgd-2": ("PowerSGD rank 2", lambda: Method(PowerSGD(rank=2))),
@@ -91,9 +95,11 @@ def measure(method: Method, grads: dict[str, torch.Tensor]) -> tuple[dict[str, i
 def _decodes_exactly(method: DGC, payload: Payload, grad: torch.Tensor) -> bool:
     """The decoded payload holds exactly the k largest |entries| of the gradient (the accumulator at step 1),
     at their indices, each within float16 rounding (exactly, for the plain wire)."""
-    values, indices = method.compressor.decode(payload, grad.numel())
+    selector = method.compressor
+    assert isinstance(selector, DGCSelect)  # DGC's
+    values, indices = selector.decode(payload, grad.numel())
     flat = grad.reshape(-1)
-    k = method.compressor.entries(flat.numel())
+    k = selector.entries(flat.numel())
     chosen = torch.topk(flat.abs(), k).values
     if indices.numel() != k or not torch.equal(flat.abs()[indices].sort().values, chosen.sort().values):
         return False
@@ -106,7 +112,8 @@ def _decodes_exactly(method: DGC, payload: Payload, grad: torch.Tensor) -> bool:
 
 def run(ctx: Context) -> Result:
     models = FULL_MODELS if ctx.full else QUICK_MODELS
-    rows, data, checks = [], {}, []
+    data: dict[str, dict[str, Any]] = {}
+    rows, checks = [], []
     bar = ctx.tqdm(total=len(models) * len(VARIANTS), desc="wire")
     for model in models:
         shapes = model_shapes(model)
@@ -124,7 +131,9 @@ def run(ctx: Context) -> Result:
                                             "inexact_payloads": inexact}
             per_entry = ""
             if key.startswith("dgc-all"):  # every tensor sparse
-                kept = sum(method.compressor.entries(g.numel()) for g in grads.values())
+                selector = method.compressor
+                assert isinstance(selector, DGCSelect)  # DGC's
+                kept = sum(selector.entries(g.numel()) for g in grads.values())
                 per_entry = f"{(parts['values'] + parts['indices']) / kept:.2f}"
             rows.append(["", f"`{key}`: {label}", *[f"{parts[p]:,}" if parts[p] else "—" for p in PARTS],
                          f"{total:,}", f"{dense / total:.0f}x", per_entry])

@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from gradcomp.method import DGC, Method, sgd_settings
+from gradcomp.method import DGC, Method, SGDSettings, sgd_settings
 from gradcomp.simulator import Simulator
 
 from .common import (
@@ -184,7 +184,7 @@ def _method(key: str, variant: Variant, steps: int) -> Method:
     if key == "dense":
         return Method(get("none"))
     w = variant.warmup_epochs
-    kwargs: dict[str, Any] = {
+    options: dict[str, dict[str, Any]] = {
         "naive": dict(accumulate=False, momentum_correction=False, warmup_epochs=0),
         "accum": dict(momentum_correction=False, warmup_epochs=0),
         "accum_mc": dict(warmup_epochs=0),
@@ -194,11 +194,12 @@ def _method(key: str, variant: Variant, steps: int) -> Method:
         "dgc_all": dict(warmup_epochs=w, sparsify_all=True),
         "dgc_all32": dict(warmup_epochs=w, sparsify_all=True, min_entries=32),
         "dgc_shared": dict(warmup_epochs=w, aggregate="shared"),
-    }[key]
+    }
+    kwargs = options[key]
     return DGC(density=DENSITY, momentum=variant.momentum, steps_per_epoch=steps, **kwargs)
 
 
-def _sgd(key: str, variant: Variant) -> dict[str, float]:
+def _sgd(key: str, variant: Variant) -> SGDSettings:
     """The row's ``torch.optim.SGD`` momentum and weight decay (the dense row's, as DGC owning momentum needs them)."""
     return sgd_settings(_method(key, variant, 1), variant.momentum, variant.weight_decay)
 
@@ -225,13 +226,13 @@ def _train(key: str, dataset: str, variant: Variant, seed: int) -> Row:
     total = variant.epochs * steps
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(s * total) for s in variant.decay_at], 0.1)
     sim = Simulator(model, method, variant.workers, optimizer=optimizer)
-    dgc = isinstance(sim.method, DGC)
     densities: list[float] = []
     start = time.perf_counter()
     for epoch in range(variant.epochs):
         losses = []
         for shards in image_batches(data.x_train, data.y_train, variant.global_batch, variant.workers, epoch, seed):
-            densities.append(sim.method.current_density if dgc else 1.0)  # the density this step sends
+            method = sim.method
+            densities.append(method.current_density if isinstance(method, DGC) else 1.0)  # what this step sends
             loss = sim.step(shards, classification_loss).item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{row.label}: training loss became {loss}")
@@ -290,6 +291,13 @@ def _seeds_table(repeats: list[Row], variant: Variant, seeds: list[int]) -> tupl
 
 def _find(rows: list[Row], key: str) -> Row | None:
     return next((r for r in rows if r.key == key), None)
+
+
+def _trained(rows: list[Row], key: str) -> Row:
+    """:func:`_find` for a row every variant trains."""
+    row = _find(rows, key)
+    assert row is not None, key
+    return row
 
 
 def _table(rows: list[Row]) -> str:
@@ -421,9 +429,10 @@ def run(ctx: Context) -> Result:
     tables, notes = [], []
     for name in variant.datasets:
         mine = [r for r in rows if r.dataset == name]
-        dense, naive, dgc = _find(mine, "dense"), _find(mine, "naive"), _find(mine, "dgc")
+        dense = _trained(mine, "dense")
         if ctx.full:
-            for r in (_find(mine, k) for k in DGC_ROWS):
+            naive, dgc = _trained(mine, "naive"), _trained(mine, "dgc")
+            for r in (_trained(mine, k) for k in DGC_ROWS):
                 if name == first and r.key in means:
                     checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 %, mean of {len(seeds)} seeds, within 0.5 "
                                         "points of the dense baseline's mean", means[r.key] >= means["dense"] - 0.005,

@@ -22,8 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
+
+if TYPE_CHECKING:
+    from gradcomp.train.data import DatasetName
+    from gradcomp.train.loop import TrainConfig
 
 #: Every compressor with the options it runs with here, and its row label.
 METHODS: dict[str, tuple[str, dict, str]] = {
@@ -49,7 +54,7 @@ PUBLISHED = {"none": "94.3 %, 1023 MB", "powersgd": "94.4 %, 8 MB"}
 @dataclass(frozen=True)
 class Task:
     key: str
-    dataset: str
+    dataset: DatasetName
     model: str
     limit_train: int | None
     epochs: int
@@ -59,7 +64,7 @@ class Task:
     clip_norm: float | None = None
     workers: int = 4
     #: the model's options (``TrainConfig.model_options``), as (key, value) pairs
-    model_options: tuple[tuple[str, object], ...] = ()
+    model_options: tuple[tuple[str, Any], ...] = ()
     momentum: float = 0.9
     lr_warmup_epochs: float = 0.0
     lr_milestones: tuple[int, ...] = ()  # the learning rate times 0.1 at each
@@ -77,7 +82,7 @@ class Task:
         """Whether the metric is an accuracy (higher is better, shown in %) rather than a perplexity."""
         return self.metric != "test_perplexity"
 
-    def schedule(self) -> dict[str, object]:
+    def schedule(self) -> dict[str, Any]:
         """The ``TrainConfig`` fields of the optimizer's schedule."""
         return dict(lr=self.lr, momentum=self.momentum, lr_warmup_epochs=self.lr_warmup_epochs,
                     lr_milestones=list(self.lr_milestones))
@@ -99,7 +104,7 @@ QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
               model_options=(("hidden", 128), ("layers", 1))))  # a smaller LSTM: CI time
 
 
-def configs(task: Task, seed: int) -> list:
+def configs(task: Task, seed: int) -> list[TrainConfig]:
     from gradcomp.train.loop import TrainConfig
 
     out = []
@@ -192,7 +197,9 @@ def run(ctx: Context) -> Result:
             learned = {k: r["test_accuracy"] > floor for k, r in ok.items()}
             what = f"test accuracy > {floor}; chance is 0.1"
         else:
-            floor = load_dataset(task.dataset, limit_train=1).vocab_size
+            vocab = load_dataset(task.dataset, limit_train=1).vocab_size
+            assert vocab is not None  # an lm dataset's (Dataset sets it)
+            floor = vocab
             learned = {k: r["test_perplexity"] < floor for k, r in ok.items()}
             what = f"perplexity below the uniform guess, {floor}"
         checks.append(Check(f"{task.key}: dense, DGC and PowerSGD learn ({what})", all(learned[k] for k in core),

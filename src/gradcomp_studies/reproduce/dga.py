@@ -37,9 +37,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
 from .compare import Task, score
+
+if TYPE_CHECKING:
+    from gradcomp.train.data import Partition
+    from gradcomp.train.loop import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Variant:
 
 
 _CHAR_LSTM = (("hidden", 128), ("layers", 1))
-_IMAGE = dict(momentum=0.9, lr_warmup_epochs=1.0)
+_IMAGE: dict[str, Any] = dict(momentum=0.9, lr_warmup_epochs=1.0)
 FULL = Variant(
     tasks=(Task("image", "fashion-mnist", "mlp", None, 15, 32, 0.005, lr_milestones=(10, 13), **_IMAGE),
            Task("language", "shakespeare", "lstm", 300_000, 8, 16, 0.3, model_options=_CHAR_LSTM,
@@ -67,7 +72,7 @@ QUICK = Variant(
            Task("language", "shakespeare", "lstm", 20_000, 1, 8, 1.0, limit_test=3_000, model_options=_CHAR_LSTM,
                 token_accuracy=True)),
     delays=(5,), periods=(5,), combined=((5, 5),), latency_ms=40.0, ranks=2, timed_steps=24)
-PARTITIONS = {"iid": "i.i.d.", "skewed": "skewed"}
+PARTITIONS: dict[Partition, str] = {"iid": "i.i.d.", "skewed": "skewed"}
 #: Published (DGA paper, Table 2: ResNet-18 on CIFAR-10, test accuracy): (w/o correction, with correction).
 PUBLISHED = {5: ("88.7 %", "89.2 %"), 20: ("84.2 %", "88.7 %")}
 #: Published next-character accuracy on Shakespeare, FedAvg K = 5 / 10 / 20 and DGA (K = 5, D = 20), as
@@ -75,9 +80,9 @@ PUBLISHED = {5: ("88.7 %", "89.2 %"), 20: ("84.2 %", "88.7 %")}
 PUBLISHED_LANGUAGE = {"fedavg5": "47.6 %", "fedavg10": "47.3 %", "fedavg20": "47.4 %", "dga_k5_d20": "47.1 %"}
 
 
-def rows(variant: Variant) -> dict[str, tuple[str, dict]]:
+def rows(variant: Variant) -> dict[str, tuple[str, dict[str, Any]]]:
     """Row key -> (label, the TrainConfig fields that make it)."""
-    out = {"sync": ("synchronous SGD (D = 0)", {})}
+    out: dict[str, tuple[str, dict[str, Any]]] = {"sync": ("synchronous SGD (D = 0)", {})}
     for d in variant.delays:
         out[f"dga{d}"] = (f"DGA, D = {d}", {"dga_delay": d})
         out[f"dga{d}_nc"] = (f"DGA, D = {d}, w/o correction", {"dga_delay": d, "dga_correction": False})
@@ -88,11 +93,11 @@ def rows(variant: Variant) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def configs(variant: Variant, seed: int) -> list[tuple[str, str, str, object]]:
+def configs(variant: Variant, seed: int) -> list[tuple[str, Partition, str, TrainConfig]]:
     """(task key, partition, row key, TrainConfig) of every run."""
     from gradcomp.train.loop import TrainConfig
 
-    out = []
+    out: list[tuple[str, Partition, str, TrainConfig]] = []
     for task in variant.tasks:
         for partition in PARTITIONS:
             for key, (label, fields) in rows(variant).items():
@@ -270,6 +275,7 @@ def run(ctx: Context) -> Result:
             what = f"test accuracy above {100 * floor:g} %; chance is 10 %"
         else:
             vocab = load_dataset(task.dataset, limit_train=1).vocab_size
+            assert vocab is not None  # an lm dataset's (Dataset sets it)
             floor = 2 / vocab
             learned = all(_value(task, s) > floor for s in r.values())
             what = f"next-character accuracy above twice chance, {100 * floor:.1f} %"

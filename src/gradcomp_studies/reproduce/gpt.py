@@ -30,8 +30,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
+
+if TYPE_CHECKING:
+    from gradcomp.train.loop import TrainConfig
 
 DENSITY = 0.001
 POWERSGD_RANK = 4
@@ -73,10 +77,11 @@ QUICK = Variant(limit_train=10_256, epochs=1, limit_test=4_000, batch_per_worker
                 lr=1e-2, lr_warmup_epochs=0.0)
 
 
-def configs(variant: Variant, seed: int) -> dict[str, object]:
+def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
     """The five rows as ``gradcomp train`` configs."""
     from gradcomp.train.loop import TrainConfig
 
+    common: dict[str, Any]  # TrainConfig's arguments shared by the rows
     common = dict(dataset="shakespeare", model="gpt",
                   model_options={"layers": variant.layers, "d": variant.d, "heads": variant.heads},
                   workers=variant.workers, epochs=variant.epochs, batch_size=variant.batch_per_worker,
@@ -84,6 +89,7 @@ def configs(variant: Variant, seed: int) -> dict[str, object]:
                   weight_decay=variant.weight_decay, lr_warmup_epochs=variant.lr_warmup_epochs,
                   limit_train=variant.limit_train, limit_test=variant.limit_test, seed=seed, simulate=True,
                   checkpoint_every=variant.checkpoint_every)
+    options: dict[str, dict[str, Any]]
     options = {"dense": {}, "dgc": {"density": DENSITY, "warmup_epochs": variant.warmup_epochs, "sparsify_all": True},
                "topk": {"density": DENSITY}, "powersgd": {"rank": POWERSGD_RANK}, "qsgd": {}}
     return {key: TrainConfig(method=METHODS[key], options=options[key], label=LABELS[key], **common)
@@ -99,6 +105,7 @@ def run(ctx: Context) -> Result:
         vocab = load_dataset("shakespeare", limit_train=1).vocab_size
     except DatasetNotFoundError as error:
         raise StudySkipped(f"Tiny Shakespeare is needed for this table and was not found: {error}") from None
+    assert vocab is not None  # an lm dataset's (Dataset sets it)
     results, plot_path = train_rows(ctx, "gpt", configs(variant, ctx.seed))
 
     dense = results["dense"]

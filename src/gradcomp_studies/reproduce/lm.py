@@ -26,8 +26,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
+
+if TYPE_CHECKING:
+    from gradcomp.train.loop import TrainConfig
 
 #: Published (DGC paper, Table 4: 2-layer LSTM, 1500 units, PTB, 4 nodes).
 PUBLISHED = {"dense": "72.30", "dgc": "72.24", "dgc_noclip": "—"}
@@ -61,10 +65,11 @@ FULL = Variant(limit_train=None, epochs=12, lr_milestones=(8, 10), rows=("dense"
 QUICK = Variant(limit_train=20_000, epochs=1, limit_test=3_000)
 
 
-def configs(variant: Variant, seed: int) -> dict[str, object]:
+def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
     """The variant's rows as ``gradcomp train`` configs."""
     from gradcomp.train.loop import TrainConfig
 
+    common: dict[str, Any]  # TrainConfig's arguments shared by the rows
     common = dict(dataset="ptb", model="lstm", workers=variant.workers, epochs=variant.epochs,
                   batch_size=variant.batch_per_worker, bptt=variant.bptt, lr=variant.lr, momentum=variant.momentum,
                   lr_milestones=list(variant.lr_milestones), lr_decay=0.25,
@@ -112,6 +117,7 @@ def run(ctx: Context) -> Result:
                             f"{dgc['test_perplexity']:.2f} vs {dense['test_perplexity']:.2f} ({100 * gap:+.2f} %)"))
     else:
         vocab = load_dataset("ptb", limit_train=1).vocab_size
+        assert vocab is not None  # an lm dataset's (Dataset sets it)
         checks.append(Check(f"every row learns: test perplexity below a quarter of the uniform guess ({vocab:,})",
                             all(s["test_perplexity"] < vocab / 4 for s in results.values()),
                             ", ".join(f"{s['test_perplexity']:.0f}" for s in results.values())))

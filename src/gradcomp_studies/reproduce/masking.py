@@ -146,7 +146,9 @@ def _train(row: Row, data, variant: Variant, seed: int, bar) -> None:
                                                  epoch, seed)):
             sim.set_epoch(epoch + i / steps)
             if row.kind == "dgc":
-                densities.append(sim.method.current_density)
+                method = sim.method
+                assert isinstance(method, DGC)  # a DGC row
+                densities.append(method.current_density)
             sim.step(shards, classification_loss)
             bar.update(1)
     row.accuracy, row.test_loss = evaluate_classifier(model, data)
@@ -283,6 +285,7 @@ def run(ctx: Context) -> Result:
     except DatasetNotFoundError as error:
         raise StudySkipped(f"MNIST is needed for this table and was not found: {error}") from None
     rows = _rows(variant)
+    assert data.y_train is not None  # an image dataset's
     steps = steps_per_epoch(len(data.y_train), variant.global_batch) * variant.epochs
     total = sum(steps for r in rows if r.keep > 0)
     with ctx.tqdm(total=total, desc="masking", unit="step") as bar:

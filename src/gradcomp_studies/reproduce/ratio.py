@@ -23,15 +23,20 @@ No training and no data: the payload sizes of all compressors but
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import torch
 
 from gradcomp.compressors.base import available, get
+from gradcomp.compressors.powersgd import PowerSGD
+from gradcomp.compressors.quantize import QSGD, DoReFa
+from gradcomp.compressors.sparse import AdaComp, Dryden, RandomK, Threshold, TopK
 from gradcomp.method import DGC, Method
 from gradcomp.simulator import run_exchanges
 from gradcomp.train.models import PAPER_MODELS
@@ -72,7 +77,7 @@ class Measured:
 
 #: DGC's rows: the paper's wire format, gradcomp's default compact wire, compact with every tensor sparsified,
 #: and that with at least 32 entries of each tensor.
-DGC_VARIANTS = {
+DGC_VARIANTS: dict[str, dict[str, Any]] = {
     "dgc-plain": dict(wire="plain"),
     "dgc": dict(),
     "dgc-all": dict(sparsify_all=True),
@@ -90,14 +95,19 @@ def methods(names: list[str] | tuple[str, ...] | None = None) -> list[Measured]:
             for key, options in DGC_VARIANTS.items():
                 text = "".join(f", {k}={v!r}" for k, v in options.items())
                 out.append(Measured(name, f"gradcomp.DGC(density=0.001, warmup_epochs=0{text})",
-                                    lambda options=options: DGC(density=DENSITY, warmup_epochs=0, **options), key))
+                                    functools.partial(DGC, density=DENSITY, warmup_epochs=0, **options), key))
         elif name in ("topk", "randomk"):
             comp = get(name, density=DENSITY)
-            out.append(Measured(name, repr(comp), lambda name=name: Method(get(name, density=DENSITY))))
+            out.append(Measured(name, repr(comp), _plain(name, density=DENSITY)))
         else:
             comp = get(name)
-            out.append(Measured(name, repr(comp) + " (defaults)", lambda name=name: Method(get(name))))
+            out.append(Measured(name, repr(comp) + " (defaults)", _plain(name)))
     return out
+
+
+def _plain(name: str, **options: Any) -> Callable[[], Method]:
+    """What builds a fresh ``Method(get(name, **options))`` at each call."""
+    return lambda: Method(get(name, **options))
 
 
 def bytes_sent(method: Method, grads: dict[str, torch.Tensor]) -> int:
@@ -128,6 +138,7 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
         elif name == "fp16":
             total += 2 * n
         elif name == "dgc":  # k = ceil(0.001 n) (>= min_entries, <= n) of the sparsified tensors; others dense fp32
+            assert isinstance(method, DGC)
             sparse = method.sparsify_all or (len(shape) > 1 and n >= method.min_numel)
             k = min(n, max(1, method.min_entries, _ceil_frac(n, Fraction(str(DENSITY)))))
             if not sparse:
@@ -138,34 +149,42 @@ def expected_bytes(name: str, method: Method, grads: dict[str, torch.Tensor]) ->
                 low = math.floor(math.log2(n / k))
                 total += 2 * k + 4 + -(-k * low // 8) + -(-(k + ((n - 1) >> low) + 1) // 8)
         elif name == "topk":
+            assert isinstance(comp, TopK)
             total += 8 * max(1, _ceil_frac(n, Fraction(str(comp.density))))
         elif name == "randomk":  # values only: every rank draws the same indices
+            assert isinstance(comp, RandomK)
             total += 4 * max(1, _ceil_frac(n, Fraction(str(comp.density))))
         elif name == "onebit":  # packed signs + two fp32 reconstruction values per column
             total += -(-n // 8) + 2 * 4 * cols
         elif name == "terngrad":  # fp32 shared scale (round 1) + 2-bit codes (round 2)
             total += 4 + -(-2 * n // 8)
         elif name == "qsgd":  # fp32 norm per bucket + codes of ceil(log2(2s+1)) bits
+            assert isinstance(comp, QSGD)
             width = math.ceil(math.log2(2 * comp.levels + 1))
             total += 4 * -(-n // comp.bucket_size) + -(-n * width // 8)
         elif name == "powersgd":  # rank-r P (rows x r) and Q (cols x r) in fp32, or dense when not worth it
+            assert isinstance(comp, PowerSGD)
             r = comp.rank
             if len(shape) >= 2 and n >= comp.min_compression_rate * (rows + cols) * r:
                 total += 4 * r * (rows + cols)
             else:
                 total += 4 * n
         elif name == "threshold":  # one 32-bit word (index and sign) per |g| >= tau
+            assert isinstance(comp, Threshold)
             total += 4 * int((g.abs() >= comp.tau).sum())
         elif name == "dryden":  # a proportion of the positive and of the negative entries + two fp32 means
+            assert isinstance(comp, Dryden)
             p = Fraction(str(comp.proportion))
             total += 4 * (_ceil_frac(int((g > 0).sum()), p) + _ceil_frac(int((g < 0).sum()), p)) + 8
         elif name == "adacomp":  # a fresh residue: per bin of L_T, |2g| >= max |g| of the bin (g != 0); 4 B + scale
+            assert isinstance(comp, AdaComp)
             b = comp.bin_size
             flat = g.reshape(-1).double()
             chosen = sum(int(((2 * flat[i:i + b]).abs() >= flat[i:i + b].abs().max()).logical_and(flat[i:i + b] != 0)
                              .sum()) for i in range(0, n, b))
             total += 4 * chosen + 4
         elif name == "dorefa":  # k-bit codes packed + one fp32 scale per tensor (per row with per_row)
+            assert isinstance(comp, DoReFa)
             total += -(-n * comp.bits // 8) + 4 * (rows if comp.per_row and len(shape) >= 2 else 1)
         else:
             return None
@@ -209,6 +228,7 @@ def measure(model_names, measured: list[Measured], seed: int, ctx: Context) -> d
         shapes = model_shapes(model_name)
         grads = random_gradients(shapes, seed)
         params = sum(g.numel() for g in grads.values())
+        entry: dict[str, Any]
         entry = {"parameters": params, "tensors": len(shapes), "dense_bytes": 4 * params, "compressors": {}}
         for m in measured:
             bar.set_postfix_str(f"{MODEL_LABELS[model_name]}: {m.key}")
@@ -315,6 +335,7 @@ def _all_table(results: dict, measured: list[Measured]) -> str:
 
 
 def _plot(results: dict, measured: list[Measured], path) -> None:
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -356,7 +377,7 @@ def _plot(results: dict, measured: list[Measured], path) -> None:
     ax.set_axisbelow(True)
     ax.set_title(f"Bytes one worker sends per step (dgc, topk, randomk at density {DENSITY:g}; others at their "
                  "defaults)\nbar labels: compression ratio against dense fp32")
-    handles = [Patch(facecolor=colors[n], edgecolor="0.25", label=n) for n in names]
+    handles: list[Artist] = [Patch(facecolor=colors[n], edgecolor="0.25", label=n) for n in names]
     if any(m in PUBLISHED for m in models) and "dgc-plain" in names:
         handles.append(Line2D([], [], marker="D", color="black", linestyle="none", label="DGC, published"))
     fig.legend(handles=handles, loc="outside right center", frameon=False, title="compressor")
