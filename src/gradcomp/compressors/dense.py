@@ -46,7 +46,7 @@ class NoCompression(Compressor):
 class FP16(Compressor):
     """Dense all-reduce in float16 (as PyTorch's ``fp16_compress_hook``): half the bytes of fp32.
 
-    Values beyond float16's range (|x| > 65504) would become infinite, so they are
+    Values beyond float16's range (``|x| > 65504``) would become infinite, so they are
     rejected with an error rather than silently sent as Inf (on the CPU only: off
     it the check would read a value on the host each step, and the Inf sent instead
     is seen by the receivers' non-finite checks).  Loss-scaled gradients are not

@@ -115,7 +115,7 @@ def _summed(received: Sequence[Payload], field: str, *, numel: int | None = None
 class PowerSGD(Compressor):
     r"""Rank-``rank`` PowerSGD with warm start and error feedback (Vogels et al. 2019).
 
-    Options:
+    Args:
         rank: approximation rank r (>= 1).
         min_compression_rate: compress a matrix only if
             ``numel / ((n + m) * rank) >= min_compression_rate`` (>= 1); otherwise send it dense.
@@ -125,9 +125,10 @@ class PowerSGD(Compressor):
             and no step copies from the host (a CUDA run draws another Q than a CPU run).
 
     Per-parameter ``state`` (tensors only, ``torch.load(weights_only=True)``-safe):
-        ``"q"``: the warm-start factor (m, r), column-normalised, when ``warm_start``;
-        ``"step"``: an int64 CPU counter of fresh draws, when not ``warm_start``
-        (so each step draws a new Q, as the paper's no-warm-start ablation).
+
+    - ``"q"``: the warm-start factor (m, r), column-normalised, when ``warm_start``;
+    - ``"step"``: an int64 CPU counter of fresh draws, when not ``warm_start``
+      (so each step draws a new Q, as the paper's no-warm-start ablation).
     """
 
     name = "powersgd"

@@ -229,7 +229,7 @@ class OneBit(Compressor):
 class TernGrad(Compressor):
     """TernGrad (Wen, Xu, Yan, Wu, Wang, Chen, Li, NeurIPS 2017): unbiased stochastic ternary gradients.
 
-    With a scale ``s >= max|g|`` each entry becomes (the paper's Eq. 2)
+    With a scale ``s >= max|g|`` each entry becomes (the paper's Eq. 2)::
 
         t_i = s * sign(g_i) * b_i,   b_i ~ Bernoulli(|g_i| / s),
 
@@ -335,7 +335,7 @@ class QSGD(Compressor):
 
     The flattened gradient is cut into buckets of ``bucket_size`` consecutive
     entries (the paper's bucketing, Section 3.1 / 5).  For a bucket ``v`` with
-    ``s = levels`` and ``l = floor(|v_i| / ||v||_2 * s)`` (Eq. 1 of the paper),
+    ``s = levels`` and ``l = floor(|v_i| / ||v||_2 * s)`` (Eq. 1 of the paper)::
 
         Q_s(v_i) = ||v||_2 * sign(v_i) * xi_i(v, s),
         xi_i = (l + 1)/s  with probability  |v_i|/||v||_2 * s - l,  l/s otherwise,

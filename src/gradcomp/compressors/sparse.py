@@ -470,7 +470,7 @@ def _offsets(sizes: list[int]) -> list[int]:
 @register
 @dataclass(kw_only=True)
 class DGCSelect(_Sparse):
-    """DGC's selection (Lin et al. 2018): exactly k = ceil(density * numel) largest |x| (at least
+    """DGC's selection (Lin et al. 2018): exactly ``k = ceil(density * numel)`` largest ``|x|`` (at least
     ``min_entries``, all of a smaller tensor), threshold estimated from a strided ``sample_ratio`` sample
     (see :func:`select_dgc`).
 
@@ -713,7 +713,7 @@ def _sum_signed(owner: str, payloads: Sequence[Payload], like: Tensor, count: in
 @register
 @dataclass(kw_only=True)
 class Threshold(Compressor):
-    """Threshold quantization (Strom 2015): entries with |x| >= tau are sent as ±tau.
+    """Threshold quantization (Strom 2015): entries with ``|x| >= tau`` are sent as ``±tau``.
 
     Each entry costs one 32-bit word: index and sign packed together.  The
     count varies by step and rank, so the communicator pads the all-gather.
