@@ -259,16 +259,32 @@ def test_cli_help_and_errors(tmp_path, capsys):
         main(["train", "--density", "1.5"])
 
 
-def test_cli_train_and_plot(tmp_path, capsys):
-    for method in ("none", "dgc"):
-        assert main(["train", "--simulate", "--epochs", "1", "--workers", "2", "--compressor", method,
-                     "--no-progress", "--run-dir", str(tmp_path / method)]) == 0
+def test_cli_train_with_its_dense_baseline_and_plot(tmp_path, capsys):
+    """--baseline: the run, then the same settings with the dense all-reduce into RUN_DIR-dense, then both side
+    by side (the table's figures are the summaries'); gradcomp plot draws and tables any runs."""
+    run_dir, dense_dir = tmp_path / "dgc", tmp_path / "dgc-dense"
+    assert main(["train", "--baseline", "--simulate", "--epochs", "1", "--workers", "2", "--density", "0.01",
+                 "--no-progress", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "compression" in out and "step on 1 Gbit/s" in out
-    assert main(["plot", str(tmp_path / "none"), str(tmp_path / "dgc"), "-o", str(tmp_path / "cmp.png")]) == 0
-    table = capsys.readouterr().out
-    assert "| none" in table or "none" in table
+    mine, dense = (RunDir(d).read_config() for d in (run_dir, dense_dir))
+    assert (mine["method"], dense["method"], dense["label"]) == ("dgc", "none", "dense baseline")
+    differ = {k for k in mine if mine[k] != dense[k]}
+    assert differ == {"method", "options", "run_dir", "label"}
+    table = out[out.index("| run |"):].splitlines()
+    for line, d in zip(table[2:4], (run_dir, dense_dir)):
+        summary = RunDir(d).read_summary()
+        assert f"| {100 * summary['test_accuracy']:.2f} % | " in line
+        assert f"| {summary['compression_ratio']:.1f}x | " in line
+    assert table[3].startswith("| dense baseline | none |")
+    assert (run_dir / "vs-dense.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(dense_dir), str(run_dir), "-o", str(tmp_path / "cmp.png")]) == 0
+    assert "| dense baseline | none |" in capsys.readouterr().out
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["train", "--baseline", "--simulate", "--compressor", "none", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "this run is dense already" in capsys.readouterr().err
+    assert main(["train", "--baseline", "--resume", str(run_dir)]) == 2
+    assert "--baseline" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

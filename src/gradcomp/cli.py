@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import errno
 import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -252,6 +254,10 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
     p.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
     p.add_argument("--label", help="label of the run in plots and tables")
+    p.add_argument("--baseline", action="store_true",
+                   help="then train the same run with the dense fp32 all-reduce (--compressor none, synchronous; "
+                        "into RUN_DIR-dense) and print both side by side: accuracy, MB per worker, time per step "
+                        "and the step estimated on --link-gbps; their curves go to RUN_DIR/vs-dense.png")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its checkpoint, mid-epoch too, exactly as if it had not stopped. Its "
                         "config.json is used; only " + ", ".join(RESUME_FLAGS) + " may be given with it, each "
@@ -313,6 +319,27 @@ def _resume_config(args: argparse.Namespace, argv: list[str]):
     return resume_config(args.resume, **changes)
 
 
+def _train_with_baseline(config: Any, **launch: Any) -> None:
+    """``gradcomp train --baseline``: the run, then the same run with the dense all-reduce, then both side by
+    side (a table, and their curves in one PNG)."""
+    from .train.loop import default_run_dir, run
+    from .train.report import compare_table, plot_runs
+
+    if os.environ.get("RANK") is not None:
+        raise ValueError("--baseline trains two runs one after the other in one launch: run it without torchrun")
+    if config.method == "none" and config.dga_delay is None and config.fedavg_period is None:
+        raise ValueError("--baseline compares a method with dense training, and this run is dense already "
+                         "(--compressor none)")
+    config = dataclasses.replace(config, run_dir=config.run_dir or default_run_dir(config))
+    dense = dataclasses.replace(config, method="none", options={}, dga_delay=None, dga_correction=True,
+                                fedavg_period=None, run_dir=f"{config.run_dir}-dense", label="dense baseline")
+    for cfg in (config, dense):
+        run(cfg, **launch)
+    print()
+    print(compare_table([config.run_dir, dense.run_dir]))
+    print(f"curves of both: {plot_runs([config.run_dir, dense.run_dir], Path(config.run_dir) / 'vs-dense.png')}")
+
+
 def _train_config(args: argparse.Namespace):
     from .train.loop import TrainConfig
 
@@ -363,8 +390,12 @@ def _main(argv: list[str] | None) -> int:
 
         try:
             config = _train_config(args) if args.resume is None else _resume_config(args, argv)
-            run(config, resume=args.resume, timeout_s=args.timeout, max_restarts=args.max_restarts,
-                oversubscribe=args.allow_oversubscribe)
+            launch = dict(timeout_s=args.timeout, max_restarts=args.max_restarts,
+                          oversubscribe=args.allow_oversubscribe)
+            if args.baseline:
+                _train_with_baseline(config, **launch)  # --resume with it was refused above
+            else:
+                run(config, resume=args.resume, **launch)
         except OSError as error:  # a full device (named by the run directory's writes): not a bad setting
             print(f"gradcomp train: error: {error}", file=sys.stderr)
             return 1 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 2

@@ -898,13 +898,15 @@ def _cell(text: Any) -> str:
 
 def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
     """A markdown table of several runs: label (else directory name), method, test accuracy / perplexity,
-    MB sent per worker, compression ratio and time per step.
+    MB sent per worker, compression ratio, measured time per step, and the step time estimated on the run's
+    link (:func:`estimate_step_time`, the measured step as compute; ``link_gbps`` of its summary, else 1 Gbit/s).
 
     Uses each run's ``summary.json``, or its last metrics record when the run
     has not finished (marked with ``*``).
     """
     runs = [_as_rundir(r) for r in run_dirs]
     rows = []
+    links: set[float] = set()
     any_acc = any_ppl = unfinished = False
     for rd in runs:
         config, facts = _run_facts(rd)
@@ -923,6 +925,10 @@ def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
         sent = facts.get("bytes_sent")
         ratio = _ratio(facts)
         step = facts.get("time_per_step")
+        link = _links(facts.get("link_gbps", config.get("link_gbps", 1.0)))[0]
+        estimate = _estimate(facts, config, link)
+        if estimate is not None:
+            links.add(link)
         rows.append([
             label,
             _method_text(facts, max_options=3) or "-",
@@ -930,12 +936,25 @@ def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
             _mb(sent) if sent is not None else "-",
             f"{ratio:.1f}x" if ratio is not None else "-",
             _ms(step) if step is not None else "-",
+            _fmt_time(estimate) if estimate is not None else "-",
         ])
     metric_head = "test acc. / ppl" if any_acc and any_ppl else "test ppl" if any_ppl else "test acc."
-    head = ["run", "method", metric_head, "MB / worker", "ratio", "time / step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", "---:", "---:", "---:", "---:"]) + "|"]
+    on = f"{links.pop():g} Gbit/s" if len(links) == 1 else "its link"
+    head = ["run", "method", metric_head, "MB / worker", "ratio", "time / step", f"step on {on} (est.)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", *["---:"] * 5]) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     if unfinished:
         lines.append("")
         lines.append("\\* unfinished run: figures from its last epoch record")
     return "\n".join(lines)
+
+
+def _estimate(facts: Mapping[str, Any], config: Mapping[str, Any], link_gbps: float) -> float | None:
+    """The run's step time on ``link_gbps`` (:func:`estimate_step_time`), or None when its record lacks a
+    figure the estimate needs."""
+    step, sent, steps = facts.get("time_per_step"), facts.get("bytes_sent"), facts.get("steps", facts.get("step"))
+    workers = facts.get("workers", config.get("workers"))
+    collective = facts.get("collective", config.get("collective"))
+    if step is None or sent is None or workers is None or not steps or collective not in COLLECTIVES:
+        return None
+    return estimate_step_time(step, sent / steps, int(workers), link_gbps, collective)
