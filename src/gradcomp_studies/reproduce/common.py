@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -623,13 +623,16 @@ def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple
     return list(zip(map_runs(ctx, _train_one, calls, describe=_describe, desc=folder.name), dirs))
 
 
-def train_rows(ctx: Context, name: str, rows: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Path]:
-    """Train each config of ``rows`` (:func:`train_runs`, in the study's runs folder ``name``) and draw their
-    curves into the study's plot; returns ``{row key: summary}`` and the plot's path."""
-    from gradcomp.train.report import plot_runs
+def train_rows(ctx: Context, name: str, rows: dict[str, Any],
+               plotted: Collection[str] | None = None) -> tuple[dict[str, dict[str, Any]], Path]:
+    """Train each config of ``rows`` (:func:`train_runs`, in the study's runs folder ``name``) and draw the
+    curves of those ``plotted`` (default: all) into the study's plot; returns ``{row key: summary}`` and the
+    plot's path.  Each summary gains ``"epochs"``: the run's per-epoch held-out records, in order."""
+    from gradcomp.train.report import RunDir, plot_runs
 
     plot_path = ctx.path(".png")
     with ctx.runs_folder(name) as folder:
         runs = train_runs(ctx, list(rows.values()), folder)
-        plot_runs([d for _, d in runs], plot_path)
-    return {key: summary for key, (summary, _) in zip(rows, runs)}, plot_path
+        plot_runs([d for key, (_, d) in zip(rows, runs) if plotted is None or key in plotted], plot_path)
+        epochs = [[m for m in RunDir(d).read_metrics() if "test_loss" in m] for _, d in runs]
+    return {key: {**summary, "epochs": e} for key, (summary, _), e in zip(rows, runs, epochs)}, plot_path
