@@ -286,3 +286,21 @@ def test_lookup_tables_and_other_weights_in_one_step_match_the_torch_ops(monkeyp
         kept = fused_memory.u[name].view(-1)[indices.long()]
         assert bool((kept == 0).all()) is masked and len(indices) > 0, name
 
+
+def test_the_selector_keeps_nothing_and_the_memory_owns_what_the_step_keeps():
+    """DGC's compressor is a pure transform (its settings alone); the scratch buffers, the kernel's plans and
+    their hints are the memory's workspace, never saved, and a copied method (a rank's) gets a fresh one."""
+    method = DGC(warmup_epochs=0, sparsify_all=True)
+    settings = dict(vars(method.compressor))
+    assert set(settings) == {"density", "sample_ratio", "wire", "min_entries"}
+    grads = {"w": torch.randn(600_000), "b": torch.randn(300, 300)}
+    method.sparsify(grads)
+    assert vars(method.compressor) == settings
+    workspace = method.memory.workspace
+    if kernels.library() is not None:
+        (plan,) = workspace.plans.values()
+        assert plan.ns == [600_000, 90_000]
+    assert set(method.state_dict()["memory"]) == {"u", "v"}
+    rank = method.for_rank(1)
+    assert rank.memory.workspace is not workspace and not rank.memory.workspace.plans
+    assert torch.equal(rank.memory.v["w"], method.memory.v["w"])  # the state itself is copied
