@@ -114,7 +114,7 @@ def test_one_call_for_many_tensors_gives_the_torch_ops_result_tensor_by_tensor(w
         monkeypatch.setattr(kernels, "threads", lambda threads=threads: threads)
         method = DGC(warmup_epochs=0, sparsify_all=True, wire=wire)
         sent = [method.sparsify({name: steps[name][s] for name in MANY}) for s in range(3)]
-        (plan,) = method.compressor.workspace.plans.values()
+        (plan,) = method.memory.workspace.plans.values()
         assert int(plan.rows[:, FIELDS.index("wide")].sum()) == threads - 1  # the paths above were taken
         for name in MANY:
             payloads, u, v = ref_payloads[name]
@@ -191,7 +191,7 @@ def test_the_hint_changes_the_speed_not_the_result(hint, monkeypatch):
     any hint, one far too high included (then v is read again), gives the torch ops' result."""
     ref, ref_memory = _run((600_000,), "normal", False, monkeypatch, steps=4)
     method = DGC(warmup_epochs=0, sparsify_all=True)
-    space = method.compressor.workspace
+    space = method.memory.workspace
     payloads = []
     for g in _gradients("normal", (600_000,), 4):
         for plan in space.plans.values():
@@ -285,3 +285,22 @@ def test_lookup_tables_and_other_weights_in_one_step_match_the_torch_ops(monkeyp
         _, indices = method.compressor.decode(fused[-1][name], steps[-1][name].numel())
         kept = fused_memory.u[name].view(-1)[indices.long()]
         assert bool((kept == 0).all()) is masked and len(indices) > 0, name
+
+
+def test_the_selector_keeps_nothing_and_the_memory_owns_what_the_step_keeps():
+    """DGC's compressor is a pure transform (its settings alone); the scratch buffers, the kernel's plans and
+    their hints are the memory's workspace, never saved, and a copied method (a rank's) gets a fresh one."""
+    method = DGC(warmup_epochs=0, sparsify_all=True)
+    settings = dict(vars(method.compressor))
+    assert set(settings) == {"density", "sample_ratio", "wire", "min_entries"}
+    grads = {"w": torch.randn(600_000), "b": torch.randn(300, 300)}
+    method.sparsify(grads)
+    assert vars(method.compressor) == settings
+    workspace = method.memory.workspace
+    if kernels.library() is not None:
+        (plan,) = workspace.plans.values()
+        assert plan.ns == [600_000, 90_000]
+    assert set(method.state_dict()["memory"]) == {"u", "v"}
+    rank = method.for_rank(1)
+    assert rank.memory.workspace is not workspace and not rank.memory.workspace.plans
+    assert torch.equal(rank.memory.v["w"], method.memory.v["w"])  # the state itself is copied

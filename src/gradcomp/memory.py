@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .compressors.base import Compressor, Payload
+from .compressors.sparse import DGCSelect, Workspace, fusable, fused_dgc_steps
 
 __all__ = ["Memory", "NoMemory", "Residual", "DGCMemory", "Momentum", "Masking", "MASKINGS"]
 
@@ -196,6 +197,12 @@ class DGCMemory(Memory):
     momentum SGD DGC stands in for (``notes/embedding-divergence.md``).  Other
     weights leave a row at zero only for a unit that no example in the batch
     reached (a dead ReLU), so for them ``"auto"`` is the paper's masking.
+
+    ``workspace`` (a :class:`~gradcomp.compressors.sparse.Workspace`) is what
+    the step keeps between calls for speed alone: the selection's scratch
+    buffers, and per list of tensors the compiled kernel's plan with each
+    tensor's hint (:meth:`fused_steps`).  It is not part of the state
+    (:meth:`state_dict`), and a deep copy of the memory gets a fresh one.
     """
 
     def __init__(self, *, momentum: float, nesterov: bool = False, masking: Masking = "auto",
@@ -208,6 +215,7 @@ class DGCMemory(Memory):
         self.u: dict[str, Tensor] = {}
         self.v: dict[str, Tensor] = {}
         self._tables: dict[str, Tensor] = {}  # masking="auto": compensate's lookup_table(grad), taken by update
+        self.workspace = Workspace()  # speed alone: scratch buffers, the kernel's plans and hints; never saved
 
     _ENTRIES = ("u", "v")
 
@@ -232,12 +240,25 @@ class DGCMemory(Memory):
             v = self.v[name] = torch.zeros_like(grad)
         return v.add_(increment)
 
-    def fused_steps(self, grads: Mapping[str, Tensor], selector: Any) -> dict[str, Payload] | None:
+    def fused_steps(self, grads: Mapping[str, Tensor], selector: DGCSelect) -> dict[str, Payload] | None:
         """:meth:`compensate`, ``selector.compress`` and :meth:`update` for every tensor of ``grads`` in one
-        call of the compiled kernel (``DGCSelect.fused_steps``); ``None`` where it does not apply (then the
-        memory holds what it held, zero buffers for new names aside)."""
+        call of the compiled kernel (:func:`~gradcomp.compressors.sparse.fused_dgc_steps`, with this
+        memory's ``workspace``); with ``masking="auto"``, one call for the lookup tables and one for the rest.
+
+        Args:
+            grads: this step's gradients by parameter name (working precision).
+            selector: DGC's selection at this step's density: its settings alone are read.
+
+        Returns:
+            The payloads by name, in the order of ``grads``; ``None`` where the kernel does not apply (momentum
+            correction or accumulation off, a tensor not float32, contiguous and on CPU, or no kernel): then
+            the memory holds what it held, zero buffers for new names aside.
+
+        Raises:
+            ValueError: when a held buffer does not fit its gradient (a loaded state for another model).
+        """
         held = [b[n] for b in (self.u, self.v) for n in grads if n in b]
-        if not (self.correction and self.accumulate and selector.fusable([*grads.values(), *held])):
+        if not (self.correction and self.accumulate and fusable([*grads.values(), *held])):
             return None
         self.check_fits(grads)  # as Method.prepare does; the kernel writes a gradient's size into each buffer
         for name, grad in grads.items():
@@ -253,9 +274,9 @@ class DGCMemory(Memory):
         for names, masking in groups:
             if not names:
                 continue
-            sent = selector.fused_steps([grads[n] for n in names], [self.u[n] for n in names],
-                                        [self.v[n] for n in names], momentum=self.momentum, nesterov=self.nesterov,
-                                        masking=masking, key=tuple(names))
+            sent = fused_dgc_steps(selector, self.workspace, [grads[n] for n in names], [self.u[n] for n in names],
+                                   [self.v[n] for n in names], momentum=self.momentum, nesterov=self.nesterov,
+                                   masking=masking, key=tuple(names))
             if sent is None:  # no kernel: the first call changed nothing, and a later one is never reached
                 return None
             payloads.update(zip(names, sent))

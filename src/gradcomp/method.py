@@ -407,7 +407,7 @@ class DGC(Method):
                 scale = self.clip_norm * world_size**-0.5 / (float(total) / world_size + 1e-6)
                 if scale < 1.0:
                     grads = {name: g * scale for name, g in grads.items()}
-        self._selector.density = self.current_density  # warm-up: one selector, so its scratch buffers are reused
+        self._selector.density = self.current_density  # warm-up: a setting of the selector, set every step
         if self.compressor.single_round:  # this worker's part of the step, every tensor in one kernel call
             self._sent = self.sparsify({name: g for name, g in grads.items() if g.numel() and self.sparsified(g)})
         return grads
@@ -420,28 +420,46 @@ class DGC(Method):
             return self.dense_momentum.apply(name, result.total.to(grad.dtype).div_(world_size))
         selector = self._selector
         selector.density = self.current_density
-        if isinstance(selector, SharedSelect):
+        if isinstance(selector, SharedSelect):  # two rounds: the leader's indices, then everyone's values there
             selector.lead = self.steps % world_size == selector.rank  # the ranks choose in turn
-        if selector.single_round:
+            accumulator = self.memory.compensate(name, grad)
+            result = yield from selector.exchange(accumulator, {}, workspace=self._dgc_memory.workspace)
+            self.memory.update(name, accumulator, selector, result.sent)
+            total = result.total
+        else:
             payload = self._sent.pop(name, None)  # sparsified by prepare, unless exchange is called alone
             received = yield payload if payload is not None else self.sparsify({name: grad})[name]
             total = selector.decompress(received, like=grad)
-        else:
-            total = yield from self._exchange(name, self.memory.compensate(name, grad), selector, {})
         average = total.div_(world_size)
         return average if self.momentum_correction else self.dense_momentum.apply(name, average)
 
     def sparsify(self, grads: Mapping[str, Tensor]) -> dict[str, Payload]:
         """This worker's part of a step for sparsified tensors: momentum correction, selection at the
-        selector's density, the payloads, and masking of what they send (one call of the compiled kernel
-        for all of them where it applies, torch ops otherwise)."""
-        payloads = self._dgc_memory.fused_steps(grads, self.compressor) if grads else {}
+        selector's density, the payloads, and masking of what they send.
+
+        One call of the compiled kernel does it for all of them where it applies
+        (:meth:`DGCMemory.fused_steps`); torch ops otherwise, tensor by tensor.  Either way what is kept
+        between steps, the speed-only scratch and kernel plans too, is the memory's; the selector is only
+        read.
+
+        Args:
+            grads: the sparsified tensors' gradients by name (working precision, after local clipping).
+
+        Returns:
+            Each tensor's payload by name, ready to send; the memory already holds what was not sent.
+
+        Raises:
+            ValueError: when a held buffer does not fit its gradient (a loaded state for another model), found
+                before the kernel writes any (:meth:`prepare` checks the same for the torch ops).
+        """
+        memory, selector = self._dgc_memory, self._selector
+        payloads = memory.fused_steps(grads, selector) if grads else {}
         if payloads is None:
             payloads = {}
             for name, grad in grads.items():
-                accumulator = self.memory.compensate(name, grad)
-                payloads[name] = self.compressor.compress(accumulator, {})
-                self.memory.update(name, accumulator, self.compressor, payloads[name])
+                accumulator = memory.compensate(name, grad)
+                payloads[name] = selector.compress(accumulator, {}, workspace=memory.workspace)
+                memory.update(name, accumulator, selector, payloads[name])
         return payloads
 
     def end_step(self) -> None:

@@ -69,7 +69,7 @@ from .base import (
 )
 
 __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Threshold", "Dryden", "AdaComp", "select_topk",
-           "select_dgc", "WIRES", "Wire", "check_wire", "AdaCompScale"]
+           "select_dgc", "fused_dgc_steps", "fusable", "WIRES", "Wire", "check_wire", "AdaCompScale"]
 
 
 # ----------------------------------------------------------------- selection
@@ -94,15 +94,38 @@ def _ascending(indices: Tensor, numel: int) -> Tensor:
 
 
 class Workspace:
-    """Scratch buffers reused across calls: fresh temporaries every step cost page
-    faults that dominate the selection's time on CPU.  Never part of any state."""
+    """What DGC's step keeps between calls for speed alone, never for its results: not part of any state.
+
+    Owned by whoever runs the step (:class:`gradcomp.memory.DGCMemory` holds one, ``DGCMemory.workspace``)
+    and passed in explicitly, so that the compressor stays a pure transform:
+
+    * scratch buffers of :func:`select_dgc` (:meth:`get`): fresh temporaries every step cost page faults
+      that dominate the selection's time on CPU;
+    * ``plans``: per ``(threads, key)``, what a call of the compiled kernel takes for one list of tensors
+      (:func:`fused_dgc_steps`), their hints included;
+    * ``rescanned``: tensors whose hint was too high in the kernel, so that the selection read ``v`` a
+      second time (a count for tests and benchmarks).
+
+    A deep copy is a fresh, empty workspace: a copied memory (a rank's, say) shares no scratch.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
-        self.plans: dict[tuple, _Plan] = {}  # per list of tensors: what the compiled kernel's call takes
+        self.plans: dict[tuple, _Plan] = {}  # per (threads, list of tensors): what the compiled kernel's call takes
         self.rescanned = 0  # tensors whose hint was too high in the kernel: the selection read v a second time
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A scratch tensor of ``numel`` entries, reused by later calls (its contents are not kept).
+
+        Args:
+            numel: the entries needed.
+            dtype: their dtype.
+            device: their device.
+
+        Returns:
+            A 1-D view of a buffer of at least ``numel`` entries, kept per ``(dtype, device)`` and grown when
+            too small.
+        """
         key = (dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
@@ -181,6 +204,18 @@ def select_dgc(flat: Tensor, k: int, sample_ratio: float, *, upper: float = 2.0,
     is touched by one comparison and one ``nonzero``; the ranking runs on ~1%
     of them.  Off the CPU, where each refinement would read a count on the
     host, it is exact ``torch.topk`` and a sort: the same k entries.
+
+    Args:
+        flat: the 1-D tensor to select from.
+        k: how many entries to select.
+        sample_ratio: the share of ``flat`` sampled to estimate the threshold (``>= 1``: exact top-k).
+        upper: at most ``upper * k`` candidates end the refinement.
+        max_iters: refinements before exact ``torch.topk`` takes over.
+        workspace: scratch buffers reused between calls, owned by the caller (DGC's memory passes its
+            own); ``None``: fresh ones for this call (the same result, slower on CPU).
+
+    Returns:
+        The int64 indices of the ``k`` largest ``|flat|``, in increasing order.
     """
     n = flat.numel()
     if k >= n or sample_ratio >= 1.0 or n <= SMALL or device_path(flat):
@@ -478,6 +513,11 @@ class DGCSelect(_Sparse):
     padding.  ``sample_ratio=1.0`` is exact ``torch.topk``.  This is only the
     selection; the whole method (momentum correction, masking, clipping,
     warm-up) is :class:`gradcomp.DGC`.
+
+    A pure transform: its settings and nothing else.  What the selection keeps
+    between calls for speed (scratch buffers, the compiled kernel's plans) is a
+    :class:`Workspace` its caller owns and passes in (DGC's memory does), and
+    DGC's whole step in the compiled kernel is :func:`fused_dgc_steps`.
     """
 
     name = "sampled-topk"
@@ -485,7 +525,6 @@ class DGCSelect(_Sparse):
     sample_ratio: float = 0.01
     wire: Wire = "plain"
     min_entries: int = 1
-    workspace: Workspace = field(default_factory=Workspace, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_range(self.name, "density", self.density, 0.0, 1.0, low_open=True)
@@ -498,73 +537,115 @@ class DGCSelect(_Sparse):
         smaller tensor)."""
         return min(numel, max(num_selected(self.density, numel), self.min_entries))
 
-    def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
+    def compress(self, tensor: Tensor, state: dict | None = None, *, workspace: Workspace | None = None) -> Payload:
+        """The payload of the :meth:`entries` largest ``|tensor|`` (see :func:`select_dgc`).
+
+        Args:
+            tensor: the accumulator to select from (any shape; flattened).
+            state: unused (the selection keeps no state); taken for the :class:`Compressor` protocol.
+            workspace: scratch buffers reused between calls, owned by the caller (``DGCMemory.workspace``);
+                ``None``: fresh ones (the same payload).
+
+        Returns:
+            The payload on this selector's ``wire``; its ``meta`` holds the values and indices it decodes to.
+        """
         flat = tensor.reshape(-1)
         k = self.entries(flat.numel())
-        return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), self.wire)
+        return _sparse_payload(flat, select_dgc(flat, k, self.sample_ratio, workspace=workspace), self.wire)
 
-    @staticmethod
-    def fusable(tensors: Sequence[Tensor]) -> bool:
-        """Whether :meth:`fused_steps` takes these tensors (float32, contiguous, on CPU), the kernel built."""
-        return all(t.dtype is torch.float32 and not device_path(t) and t.is_contiguous() for t in tensors)
 
-    def fused_steps(self, grads: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], *, momentum: float,
-                    nesterov: bool, masking: bool, key: tuple = ()) -> list[Payload] | None:
-        """DGC's whole step on each tensor, all of them in one call of the compiled kernel
-        (:mod:`gradcomp.kernels`).
+def fusable(tensors: Sequence[Tensor]) -> bool:
+    """Whether :func:`fused_dgc_steps` takes these tensors.
 
-        For each gradient, momentum correction into its ``u`` and ``v`` (as
-        :meth:`gradcomp.memory.DGCMemory.compensate`) with the selection of
-        ``v`` streamed in the same pass, the payload (as :meth:`compress`),
-        and ``v`` less what was sent, ``u`` zeroed there with ``masking`` (as
-        ``DGCMemory.update``): the same result in one pass over memory, the
-        tensors shared out among the threads.  Ties at the threshold go to the
-        lower index.  Returns ``None``, with nothing changed, where the kernel
-        does not apply (a tensor not float32, contiguous and on CPU, or no
-        kernel).  ``key`` names the list of tensors (their names, say): what
-        the call needs for them is kept between steps under it.
-        """
-        if not len(grads) == len(us) == len(vs):
-            raise ValueError(f"{self.name}.fused_steps: {len(grads)} gradients, {len(us)} u and {len(vs)} v buffers")
-        for i, (g, u, v) in enumerate(zip(grads, us, vs)):  # the kernel writes numel entries of each
-            if u.numel() != g.numel() or v.numel() != g.numel():
-                name = key[i] if len(key) == len(grads) else i
-                raise ValueError(f"{self.name}.fused_steps: u and v of {name!r} hold {u.numel()} and {v.numel()} "
-                                 f"entries, its gradient {g.numel()}")
-        if not self.fusable([*grads, *us, *vs]):
-            return None  # never built for tensors it cannot take
-        lib = kernels.library()
-        if lib is None:
-            return None
-        threads, space = kernels.threads(), self.workspace
-        ns = [g.numel() for g in grads]
-        plan, setting = space.plans.get((threads, key)), (self.density, self.min_entries)
-        if plan is None or plan.ns != ns or plan.setting != setting:  # the warm-up changes k: a new plan
-            plan = space.plans[(threads, key)] = _Plan(ns, [self.entries(n) for n in ns], setting, threads,
+    Args:
+        tensors: gradients and the buffers the step would write.
+
+    Returns:
+        True when every one is float32, contiguous and on the CPU (outside
+        :func:`~gradcomp.compressors.base.forced_device_path`); whether the kernel is built is not asked.
+    """
+    return all(t.dtype is torch.float32 and not device_path(t) and t.is_contiguous() for t in tensors)
+
+
+def fused_dgc_steps(selector: DGCSelect, workspace: Workspace, grads: Sequence[Tensor], us: Sequence[Tensor],
+                    vs: Sequence[Tensor], *, momentum: float, nesterov: bool, masking: bool, key: tuple = ()
+                    ) -> list[Payload] | None:
+    """DGC's whole step on each tensor, all of them in one call of the compiled kernel
+    (:mod:`gradcomp.kernels`).
+
+    For each gradient, momentum correction into its ``u`` and ``v`` (as
+    :meth:`gradcomp.memory.DGCMemory.compensate`) with the selection of ``v``
+    streamed in the same pass, the payload (as ``selector.compress``), and
+    ``v`` less what was sent, ``u`` zeroed there with ``masking`` (as
+    ``DGCMemory.update``): the same result in one pass over memory, the
+    tensors shared out among the threads.  Ties at the threshold go to the
+    lower index.  ``selector`` gives the settings (k per tensor, the wire)
+    and is not changed; what the call keeps for the next one is in
+    ``workspace``.
+
+    Args:
+        selector: DGC's selection, whose ``entries`` and ``wire`` this step uses.
+        workspace: the caller's (``DGCMemory.workspace``): the plan for ``key`` is kept there between calls,
+            with each tensor's hint for the next step, and ``rescanned`` counts the tensors read twice.
+        grads: this step's gradients.
+        us: their momentum buffers ``u``, updated in place.
+        vs: their accumulators ``v``, updated in place.
+        momentum: the momentum factor ``m``.
+        nesterov: Nesterov momentum (``u = m*(u + g)``; ``v += u + g``).
+        masking: momentum factor masking (``u`` zeroed where sent).
+        key: names the list of tensors (their names, say): the plan kept in ``workspace`` under it.
+
+    Returns:
+        One payload per gradient, in order, as ``selector.compress`` makes it (its ``meta`` empty: the
+        memory is up to date and the values and indices decode from the wire); ``None``, with nothing
+        changed, where the kernel does not apply (a tensor not float32, contiguous and on CPU, or no kernel).
+
+    Raises:
+        ValueError: when the lists differ in length or a ``u`` or ``v`` does not hold its gradient's count
+            of entries (the kernel writes that many).
+    """
+    owner = "fused_dgc_steps"
+    if not len(grads) == len(us) == len(vs):
+        raise ValueError(f"{owner}: {len(grads)} gradients, {len(us)} u and {len(vs)} v buffers")
+    for i, (g, u, v) in enumerate(zip(grads, us, vs)):  # the kernel writes numel entries of each
+        if u.numel() != g.numel() or v.numel() != g.numel():
+            name = key[i] if len(key) == len(grads) else i
+            raise ValueError(f"{owner}: u and v of {name!r} hold {u.numel()} and {v.numel()} "
+                             f"entries, its gradient {g.numel()}")
+    if not fusable([*grads, *us, *vs]):
+        return None  # never built for tensors it cannot take
+    lib = kernels.library()
+    if lib is None:
+        return None
+    threads = kernels.threads()
+    ns = [g.numel() for g in grads]
+    plan, setting = workspace.plans.get((threads, key)), (selector.density, selector.min_entries)
+    if plan is None or plan.ns != ns or plan.setting != setting:  # the warm-up changes k: a new plan
+        plan = workspace.plans[(threads, key)] = _Plan(ns, [selector.entries(n) for n in ns], setting, threads,
                                                        plan.hints if plan is not None else None)
-        ks, compact = plan.ks, self.wire == "compact"
-        addresses = (ctypes.c_int64 * (3 * len(ns)))(*[t.data_ptr() for group in zip(grads, us, vs) for t in group])
-        total = sum(ks)
-        outputs: tuple[Tensor | None, ...]  # half, scale, code (compact); values, idx32, idx64 (plain)
-        if compact:
-            half, scale, code = (torch.empty(total, dtype=torch.float16), torch.empty(len(ns)),
-                                 torch.empty(sum(plan.code_sizes), dtype=torch.uint8))
-            outputs = (half, scale, code, None, None, None)
-        else:
-            values, idx32 = torch.empty(total), torch.empty(total, dtype=torch.int32)
-            idx64 = None if all(plan.int32) else torch.empty(total, dtype=torch.int64)
-            outputs = (None, None, None, values, idx32, idx64)
-        space.rescanned += lib.gc_steps(plan.rows.data_ptr(), len(ns), addresses, momentum, nesterov, masking,
+    ks, compact = plan.ks, selector.wire == "compact"
+    addresses = (ctypes.c_int64 * (3 * len(ns)))(*[t.data_ptr() for group in zip(grads, us, vs) for t in group])
+    total = sum(ks)
+    outputs: tuple[Tensor | None, ...]  # half, scale, code (compact); values, idx32, idx64 (plain)
+    if compact:
+        half, scale, code = (torch.empty(total, dtype=torch.float16), torch.empty(len(ns)),
+                             torch.empty(sum(plan.code_sizes), dtype=torch.uint8))
+        outputs = (half, scale, code, None, None, None)
+    else:
+        values, idx32 = torch.empty(total), torch.empty(total, dtype=torch.int32)
+        idx64 = None if all(plan.int32) else torch.empty(total, dtype=torch.int64)
+        outputs = (None, None, None, values, idx32, idx64)
+    workspace.rescanned += lib.gc_steps(plan.rows.data_ptr(), len(ns), addresses, momentum, nesterov, masking,
                                         compact, plan.hints.data_ptr(), HINT, *plan.addresses, threads,
                                         *(None if t is None else t.data_ptr() for t in outputs))
-        wires: Iterable[tuple[Tensor, ...]]
-        if compact:
-            wires = zip(half.split(ks), scale.split(1), code.split(plan.code_sizes))
-        else:
-            wires = zip(values.split(ks), idx32.split(ks) if idx64 is None else
-                        [i if narrow else j for i, j, narrow in zip(idx32.split(ks), idx64.split(ks), plan.int32)])
-        # meta: none; the memory is up to date, and a payload's values and indices decode from its wire
-        return [Payload(w, op="gather") for w in wires]
+    wires: Iterable[tuple[Tensor, ...]]
+    if compact:
+        wires = zip(half.split(ks), scale.split(1), code.split(plan.code_sizes))
+    else:
+        wires = zip(values.split(ks), idx32.split(ks) if idx64 is None else
+                    [i if narrow else j for i, j, narrow in zip(idx32.split(ks), idx64.split(ks), plan.int32)])
+    # meta: none; the memory is up to date, and a payload's values and indices decode from its wire
+    return [Payload(w, op="gather") for w in wires]
 
 
 @dataclass(kw_only=True)
@@ -593,11 +674,29 @@ class SharedSelect(DGCSelect):
     def for_rank(self, rank: int) -> SharedSelect:
         return dataclasses.replace(self, rank=rank)
 
-    def exchange(self, tensor: Tensor, state: dict | None = None) -> Exchange:
+    def exchange(self, tensor: Tensor, state: dict | None = None, *, workspace: Workspace | None = None
+                 ) -> Exchange:
+        """The two all-reduces above, as a generator: yields each round's payload, receives the summed one.
+
+        Args:
+            tensor: this rank's accumulator.
+            state: unused (the selection keeps no state); taken for the :class:`Compressor` protocol.
+            workspace: the leader's scratch buffers for :func:`select_dgc`, owned by the caller
+                (``DGCMemory.workspace``); ``None``: fresh ones (the same result).
+
+        Returns:
+            The summed tensor (shaped like ``tensor``) and this rank's values payload, whose ``meta`` holds
+            the values and indices it sent.
+
+        Raises:
+            ValueError: when the received index code is corrupt (on the CPU; on the device path it turns
+                the result's first entry into NaN instead), or the summed values are not ``k`` floating-point
+                entries.
+        """
         flat = tensor.reshape(-1)
         numel, k = flat.numel(), self.entries(flat.numel())
         if self.lead:
-            code = bits.encode_sorted(select_dgc(flat, k, self.sample_ratio, workspace=self.workspace), numel)
+            code = bits.encode_sorted(select_dgc(flat, k, self.sample_ratio, workspace=workspace), numel)
         else:
             code = torch.zeros(bits.sorted_nbytes(numel, k), dtype=torch.uint8, device=flat.device)
         (chosen,) = yield Payload((code,), op="sum", last=False)
