@@ -248,10 +248,10 @@ def _diagnose(variant: Variant, rows: dict[str, dict], diagnostics: dict[str, di
         lag_rows.append([label, optimizer, f"{densities[key]:g}", f"{final['step']:,}", f"{final['test_loss']:.3f}",
                          f"before step {found[baseline]['epochs'][0]['step']}" if reached is None
                          else f"{reached:,.0f}", "—" if reached is None else f"{final['step'] - reached:,.0f}",
-                         f"{1 / densities[key]:,.0f}"])
+                         f"{1 / densities[key]:,.0f}", f"{final.get('compression_ratio', 1.0):.0f}x"])
     table += "\n\n" + markdown_table(["row", "optimizer", "density", "steps", "held-out loss",
                                       "dense (same optimizer) first reached it at step", "lag (steps)",
-                                      "1 / density"], lag_rows)
+                                      "1 / density", "ratio"], lag_rows)
     notes = []
     sgd_lag, adam_lag = lags.get("sgd-dgc"), lags.get("adamw-dgc-1%")
     if sgd_lag is not None and 0.5 / DENSITY <= sgd_lag <= 2 / DENSITY:
