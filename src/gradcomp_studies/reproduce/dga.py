@@ -203,7 +203,7 @@ def _accuracy_table(variant: Variant, task: Task, results: dict) -> str:
             published = PUBLISHED[fields["dga_delay"]][1 if fields.get("dga_correction", True) else 0]
         elif task.key == "language":
             published = PUBLISHED_LANGUAGE.get(key, "")
-        done = [results[(task.key, p, key)] for p in PARTITIONS if "bytes_sent" in results[(task.key, p, key)]]
+        done = [s for s in (results[(task.key, p, key)] for p in PARTITIONS) if "diverged" not in s]
         sent = f"{done[0]['bytes_sent'] / done[0]['steps'] / 1e6:.3g} MB" if done else "—"  # diverged at once
         body.append([label, *[score(task, results[(task.key, p, key)]) for p in PARTITIONS], sent, published])
     metric = {"test_accuracy": "test acc.", "test_token_accuracy": "next-char acc."}.get(task.metric,
