@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import gradcomp
 from gradcomp.compressors import base
@@ -52,22 +53,23 @@ def test_docstring_examples_run(name):
     if ">>>" not in source(name):
         return  # no example: importing is not needed (gradcomp.lightning takes seconds to import)
     module = importlib.import_module(name)
+    assert not dist.is_initialized(), "a process group is left from an earlier test: the examples make their own"
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=FLAGS)
-    report = []
+    report, left = [], []
     registry = dict(base._REGISTRY)
-    try:
-        for test in finder.find(module, name, globs={}):
-            torch.manual_seed(0)
-            try:
-                runner.run(test, out=report.append, clear_globs=True)
-            finally:  # an example may register a compressor of its own
-                base._REGISTRY.clear()
-                base._REGISTRY.update(registry)
-    finally:
-        base._REGISTRY.clear()
-        base._REGISTRY.update(registry)
+    for test in finder.find(module, name, globs={}):
+        torch.manual_seed(0)
+        try:
+            runner.run(test, out=report.append, clear_globs=True)
+        finally:  # an example may register a compressor of its own; one that fails may leave its process group
+            base._REGISTRY.clear()
+            base._REGISTRY.update(registry)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+                left.append(test.name)
     assert runner.failures == 0, "".join(report)
+    assert not left, f"examples that leave a process group behind: {left}"
 
 
 def test_every_public_name_has_an_example():
