@@ -57,7 +57,20 @@ _RANK_FILE = re.compile(r"^gradcomp_rank(\d+)\.pt$")
 
 
 def state_tensors(obj: Any) -> Iterator[Tensor]:
-    """Every tensor of a nested state (dicts, lists, tuples), in order: to ask where a state lives."""
+    """Every tensor of a nested state (dicts, lists, tuples), in order: to ask where a state lives.
+
+    Args:
+        obj: a state: tensors and plain values in dicts, lists and tuples.
+
+    Yields:
+        Each tensor, depth first.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.checkpoint import state_tensors
+        >>> [t.tolist() for t in state_tensors({"a": torch.ones(2), "b": [1, (torch.zeros(1),)]})]
+        [[1.0, 1.0], [0.0]]
+    """
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, dict):
@@ -71,7 +84,14 @@ def state_tensors(obj: Any) -> Iterator[Tensor]:
 def state_to_cpu(obj: Any) -> Any:
     """A copy of a state dict with every tensor copied to the CPU: a checkpoint that loads anywhere, and what a
     rank hands an object collective (``gather_object`` would otherwise unpickle a peer's CUDA tensors onto
-    that peer's GPU, in the receiving process)."""
+    that peer's GPU, in the receiving process).
+
+    Args:
+        obj: a state: tensors and plain values in dicts, lists and tuples.
+
+    Returns:
+        The same structure, every tensor a detached copy on the CPU (even one that was there already).
+    """
     if isinstance(obj, Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -84,7 +104,16 @@ def state_to_cpu(obj: Any) -> Any:
 def state_to_device(obj: Any, device: torch.device | str) -> Any:
     """Floating-point tensors onto ``device``: gradcomp keeps what it derives from gradients (residuals,
     momenta, warm-start factors) on the gradients' device, its integer bookkeeping (generator states, step
-    counters) on the CPU."""
+    counters) on the CPU.
+
+    Args:
+        obj: a state: tensors and plain values in dicts, lists and tuples.
+        device: where the floating-point tensors go.
+
+    Returns:
+        The same structure with its floating-point tensors on ``device`` (not copied where they are there
+        already); other tensors and values as they are.
+    """
     if isinstance(obj, Tensor):
         return obj.to(device) if obj.is_floating_point() else obj
     if isinstance(obj, dict):
@@ -95,8 +124,22 @@ def state_to_device(obj: Any, device: torch.device | str) -> Any:
 
 
 def non_finite_entries(obj: Any, where: str = "") -> list[str]:
-    """Where a nested state (dicts, lists, tuples) holds a floating-point tensor with a NaN or Inf, as
-    ``where['key'][0]`` paths, in order: weights or momenta that would make every step non-finite."""
+    """Where a nested state (dicts, lists, tuples) holds a floating-point tensor with a NaN or Inf: weights or
+    momenta that would make every step non-finite.
+
+    Args:
+        obj: a state: tensors and plain values in dicts, lists and tuples.
+        where: the path of ``obj`` itself, put before every path found.
+
+    Returns:
+        The paths of the non-finite tensors, as ``where['key'][0]``, in order.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.checkpoint import non_finite_entries
+        >>> non_finite_entries({"w": torch.ones(2), "m": [torch.tensor([float("nan")])]}, "state")
+        ["state['m'][0]"]
+    """
     if isinstance(obj, Tensor):
         return [where] if (obj.is_floating_point() or obj.is_complex()) and not bool(obj.isfinite().all()) else []
     if isinstance(obj, dict):
@@ -189,8 +232,12 @@ def _check(saved: Mapping[str, Any], current: Mapping[str, Any], where: str, out
 
 
 class CorruptArchiveError(ValueError):
-    """A file ``torch.save`` wrote whose bytes no longer match their CRC-32 (:func:`verify_archive`); ``detail``
-    says which entry, without the file's name."""
+    """A file ``torch.save`` wrote whose bytes no longer match their CRC-32 (:func:`verify_archive`).
+
+    Args:
+        name: the file (or what it holds), put first in the message.
+        detail: which entry is damaged and how; kept as ``detail``, without the file's name.
+    """
 
     def __init__(self, name: str, detail: str) -> None:
         super().__init__(f"{name} is corrupt: {detail}")
@@ -202,10 +249,28 @@ def verify_archive(source: str | os.PathLike | bytes, name: str | None = None) -
     stored in its zip archive, which ``torch.load`` does not check: a flipped bit or a zeroed block in a
     tensor's data would otherwise load as other weights.
 
+    Args:
+        source: the file's path, or its bytes.
+        name: how the message names it (default: the path).
+
     Raises:
         CorruptArchiveError: a ``ValueError``, one line naming ``name`` (default: the path) and the damaged
             entry.  Something that is
             not a zip archive at all is left to ``torch.load`` to refuse.
+
+    Example:
+        >>> import io, torch
+        >>> from gradcomp.checkpoint import verify_archive
+        >>> buffer = io.BytesIO()
+        >>> torch.save({"w": torch.arange(1000.0)}, buffer)
+        >>> data = bytearray(buffer.getvalue())
+        >>> verify_archive(bytes(data), "ckpt.pt")  # intact: no error
+        >>> start = data.find(torch.arange(1000.0).numpy().tobytes())
+        >>> data[start + 100] ^= 1  # one flipped bit in the tensor's data
+        >>> verify_archive(bytes(data), "ckpt.pt")
+        Traceback (most recent call last):
+        ...
+        gradcomp.checkpoint.CorruptArchiveError: ckpt.pt is corrupt: entry '.../data/0' does not match the CRC-32 ...
     """
     name = name or str(source)
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
@@ -276,13 +341,21 @@ class RankState:
             ``model``'s parameters when ``model`` is given (gradcomp's memory lives beside them), else the
             device each tensor was saved from.
 
-    Example::
+    Raises:
+        TypeError: ``state`` has no ``state_dict()`` or no ``load_state_dict()``.
 
-        >>> import torch.distributed.checkpoint as dcp
-        >>> state = gradcomp.register_ddp_hook(ddp, gradcomp.DGC(density=0.01))
-        >>> dcp.save({"model": ..., "optim": ..., "gradcomp": RankState(state, model=ddp)}, checkpoint_id=path)
-        >>> # later, in a fresh process, before the first step:
-        >>> dcp.load({"model": ..., "optim": ..., "gradcomp": RankState(state, model=ddp)}, checkpoint_id=path)
+    Example:
+        On every rank of a ``torchrun`` job (not run here: ``dcp`` takes seconds to import):
+
+        .. code-block:: python
+
+            import torch.distributed.checkpoint as dcp
+            from gradcomp.checkpoint import RankState
+
+            state = gradcomp.register_ddp_hook(ddp, gradcomp.DGC(density=0.01))
+            dcp.save({"model": ..., "optim": ..., "gradcomp": RankState(state, model=ddp)}, checkpoint_id=path)
+            # later, in a fresh process, before the first step:
+            dcp.load({"model": ..., "optim": ..., "gradcomp": RankState(state, model=ddp)}, checkpoint_id=path)
     """
 
     def __init__(self, state: Any, *, model: nn.Module | Mapping[str, Tensor] | None = None,
@@ -343,7 +416,20 @@ class RankState:
 
 
 def rank_file(directory: str | os.PathLike, rank: int) -> Path:
-    """The file that holds rank ``rank``'s gradcomp state in ``directory``: ``gradcomp_rank<rank>.pt``."""
+    """The file that holds rank ``rank``'s gradcomp state in ``directory``.
+
+    Args:
+        directory: the checkpoint directory.
+        rank: the rank.
+
+    Returns:
+        ``directory / f"gradcomp_rank{rank}.pt"``.
+
+    Example:
+        >>> from gradcomp.checkpoint import rank_file
+        >>> rank_file("ckpt/step_100", 3).as_posix()
+        'ckpt/step_100/gradcomp_rank3.pt'
+    """
     return Path(directory) / f"gradcomp_rank{rank}.pt"
 
 
@@ -365,9 +451,35 @@ def save_rank_state(state: Any, directory: str | os.PathLike, *,
     Returns:
         Path: the file written.
 
-    Example::
+    Example:
+        Save, then load into a fresh optimizer, in a process group of one (a ``torchrun`` job's ranks each run
+        the same lines, without the first and last):
 
-        >>> save_rank_state(state, "ckpt/step_100", model=ddp)     # on every rank, beside the model's checkpoint
+        >>> import tempfile, torch, torch.distributed as dist, gradcomp
+        >>> from gradcomp.checkpoint import load_rank_state, save_rank_state
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> model = torch.nn.Linear(8, 2)
+        >>> def optimizer(method):
+        ...     return gradcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                                          model.named_parameters(), method)
+        >>> opt = optimizer("topk")
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> opt.step()
+        >>> directory = tempfile.mkdtemp()
+        >>> save_rank_state(opt, directory, model=model).name
+        'gradcomp_rank0.pt'
+        >>> resumed = optimizer("topk")
+        >>> load_rank_state(resumed, directory, model=model)
+        >>> resumed.steps
+        1
+        >>> load_rank_state(optimizer("qsgd"), directory, model=model)
+        Traceback (most recent call last):
+        ...
+        ValueError: gradcomp checkpoint ... saved with method 'topk', this run uses 'qsgd'; nothing was loaded
+        >>> for o in (opt, resumed):
+        ...     o.remove_hooks()
+        >>> dist.destroy_process_group()
     """
     rank, world = _rank_and_world(process_group)
     params = _named_parameters(state, model)
@@ -401,9 +513,8 @@ def load_rank_state(state: Any, directory: str | os.PathLike, *,
             another method configuration or for another model (the message names the difference); the
             state is left as it was.
 
-    Example::
-
-        >>> load_rank_state(state, "ckpt/step_100", model=ddp)     # on every rank, before the first step
+    Example:
+        See :func:`save_rank_state`.
     """
     rank, world = _rank_and_world(process_group)
     params = _named_parameters(state, model)
@@ -454,12 +565,15 @@ def register_with_accelerate(accelerator: Any, state: Any, *, model: nn.Module |
     Returns:
         tuple: the two hooks' ``RemovableHandle`` (save, load).
 
-    Example::
+    Example:
+        On every rank, under ``accelerate launch`` (not run here):
 
-        >>> model, optimizer = accelerator.prepare(model, optimizer)
-        >>> state = gradcomp.register_ddp_hook(model, gradcomp.DGC(density=0.01))
-        >>> register_with_accelerate(accelerator, state)
-        >>> accelerator.save_state("ckpt")   # ... later, in a fresh run:  accelerator.load_state("ckpt")
+        .. code-block:: python
+
+            model, optimizer = accelerator.prepare(model, optimizer)
+            state = gradcomp.register_ddp_hook(model, gradcomp.DGC(density=0.01))
+            register_with_accelerate(accelerator, state)
+            accelerator.save_state("ckpt")  # ... later, in a fresh run: accelerator.load_state("ckpt")
     """
 
     def which(models: list) -> nn.Module | None:

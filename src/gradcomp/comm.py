@@ -69,7 +69,17 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 
 def check_latency(emulate_latency_ms: float) -> float:
-    """``emulate_latency_ms`` if it is a finite number >= 0, else ValueError naming it."""
+    """Check an emulated latency.
+
+    Args:
+        emulate_latency_ms: the latency to emulate, in milliseconds.
+
+    Returns:
+        ``emulate_latency_ms`` as a float.
+
+    Raises:
+        ValueError: it is not a finite number >= 0 (bools are not numbers here); the message names it.
+    """
     ok = isinstance(emulate_latency_ms, (int, float)) and not isinstance(emulate_latency_ms, bool)
     if not (ok and math.isfinite(emulate_latency_ms) and emulate_latency_ms >= 0):
         raise ValueError(f"emulate_latency_ms must be a finite number >= 0, got {emulate_latency_ms!r}")
@@ -77,12 +87,26 @@ def check_latency(emulate_latency_ms: float) -> float:
 
 
 def cuda_devices(tensors: Iterable[Tensor]) -> list[torch.device]:
-    """The CUDA devices ``tensors`` are on, in a fixed order (what a future carrying them must be made with)."""
+    """The CUDA devices ``tensors`` are on, in a fixed order (what a future carrying them must be made with).
+
+    Args:
+        tensors: any tensors.
+
+    Returns:
+        Their CUDA devices, each once, sorted by name; empty for CPU tensors.
+    """
     return sorted({t.device for t in tensors if t.is_cuda}, key=str)
 
 
 def new_future(devices: Sequence[torch.device] = ()) -> Future:
-    """A future for values on ``devices`` (CUDA ones: whoever waits on it waits for their kernels too)."""
+    """A future for values on ``devices`` (CUDA ones: whoever waits on it waits for their kernels too).
+
+    Args:
+        devices: the CUDA devices of the tensors it will carry (none: a plain CPU future).
+
+    Returns:
+        A new, incomplete ``torch.futures.Future``.
+    """
     return Future(devices=list(devices)) if devices else Future()
 
 
@@ -100,6 +124,10 @@ def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
     the stream synchronized with that future's kernels), and the current one
     then waits for it, so the future a callback completes covers the block's
     kernels too.  Neither wait blocks the host.
+
+    Args:
+        stream: the side stream (:meth:`Communicator.stream`), or None to leave the block's kernels where
+            they are (CPU tensors).
     """
     if stream is None:
         yield
@@ -119,6 +147,26 @@ def all_done(futures: Sequence[Future], devices: Sequence[torch.device] = (),
     kernels as it completes and the result is marked complete after it: no
     ``wait()``, no host sync.  Unlike ``torch.futures.collect_all``, whose
     CPU future would hand on CUDA tensors with no record of their kernels.
+
+    Args:
+        futures: the futures to join.
+        devices: the CUDA devices of their tensors (none: CPU).
+        stream: the side stream that waits for each one's kernels (None: CPU).
+
+    Returns:
+        A future of the list of their values, in order; it holds the first error instead if any failed.
+
+    Example:
+        >>> from torch.futures import Future
+        >>> from gradcomp.comm import all_done
+        >>> first, second = Future(), Future()
+        >>> both = all_done([first, second])
+        >>> first.set_result(1)
+        >>> both.done()
+        False
+        >>> second.set_result(2)
+        >>> both.wait()
+        [1, 2]
     """
     out = new_future(devices)
     left, errors, lock = [len(futures)], [], threading.Lock()
@@ -185,6 +233,10 @@ class Pending:
 
     :meth:`wait` waits for it and finishes it on the calling thread (decoding,
     memory updates), once; later calls return the same result.
+
+    Args:
+        fut: the future of the last round's collectives.
+        finish: what turns that completed future into the exchange's result (run once, by :meth:`wait`).
     """
 
     def __init__(self, fut: Future, finish: Callable[[Future], dict[str, Tensor]]) -> None:
@@ -192,9 +244,19 @@ class Pending:
         self._result: dict[str, Tensor] | None = None
 
     def done(self) -> bool:
+        """Whether :meth:`wait` would return without waiting for the network.
+
+        Returns:
+            True once the last round's collectives have completed (or :meth:`wait` has run).
+        """
         return self._result is not None or self._fut.done()
 
     def wait(self) -> dict[str, Tensor]:
+        """Wait for the last round and finish the exchange on this thread (the first call only).
+
+        Returns:
+            ``{name: averaged tensor}``, the same dict on every call.
+        """
         if self._result is None:
             self._fut.wait()
             self._result = self._finish(self._fut)
@@ -216,6 +278,28 @@ class Communicator:
     summed over every round (the lengths of variable payloads not included).
     ``emulate_latency_ms`` delays each round's completion (see the module
     docstring; for experiments only).
+
+    Args:
+        process_group: the group to communicate on (None: the default group).
+        emulate_latency_ms: the latency each round's completion is delayed by, in milliseconds (0: none).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
+        ValueError: ``emulate_latency_ms`` is not a finite number >= 0.
+
+    Example:
+        In a process group of one:
+
+        >>> import torch.distributed as dist
+        >>> from gradcomp.comm import Communicator
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> comm = Communicator()
+        >>> comm.rank, comm.world_size, comm.bytes_sent
+        (0, 1, 0)
+        >>> comm.all_objects({"density": 0.01}), comm.count_per_rank(3)
+        ([{'density': 0.01}], [3])
+        >>> dist.destroy_process_group()
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, *, emulate_latency_ms: float = 0.0) -> None:
@@ -230,8 +314,14 @@ class Communicator:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def stream(self, devices: Sequence[torch.device]) -> torch.cuda.Stream | None:
-        """The side stream this communicator's callbacks run their kernels on (see :func:`on_stream`): one per
-        CUDA device, made at first use; None for CPU tensors."""
+        """The side stream this communicator's callbacks run their kernels on (see :func:`on_stream`).
+
+        Args:
+            devices: the CUDA devices of the tensors (:func:`cuda_devices`); the first one's stream is used.
+
+        Returns:
+            The stream of the first device, made at first use; None for CPU tensors (no device).
+        """
         if not devices:
             return None
         device = devices[0]
@@ -246,19 +336,40 @@ class Communicator:
     # -- agreement (control traffic: not payloads, not counted in bytes_sent) --------
 
     def all_objects(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (small, picklable), in rank order."""
+        """Every rank's ``obj``: one ``all_gather_object`` (control traffic, not in ``bytes_sent``).
+
+        Args:
+            obj: something small and picklable.
+
+        Returns:
+            Every rank's ``obj``, in rank order.
+        """
         every: list[Any] = [None] * self.world_size
         dist.all_gather_object(every, obj, group=self.group)
         return every
 
     def count_per_rank(self, count: int, device: torch.device | str = "cpu") -> list[int]:
-        """Every rank's ``count``, in rank order (waits for them)."""
+        """Every rank's ``count``, waited for (:meth:`count_per_rank_async`).
+
+        Args:
+            count: this rank's count (it must fit an int32).
+            device: where the all-reduce runs (``"cuda"`` under NCCL).
+
+        Returns:
+            Every rank's count, in rank order.
+        """
         counts = self.count_per_rank_async(torch.tensor(count, dtype=torch.int32, device=device))
         return counts.wait().tolist()
 
     def count_per_rank_async(self, count: Tensor) -> Future:
-        """A future of every rank's ``count`` (a one-entry int tensor, not read on the host here) as an int32
-        tensor of ``world_size`` entries on its device: one all-reduce (latency emulated)."""
+        """Every rank's ``count``, without reading it on the host: one all-reduce (latency emulated).
+
+        Args:
+            count: a one-entry integer tensor, on the device the all-reduce runs on.
+
+        Returns:
+            A future of an int32 tensor of ``world_size`` entries on ``count``'s device, in rank order.
+        """
         counts = torch.zeros(self.world_size, dtype=torch.int32, device=count.device)
         counts[self.rank] = count.reshape(())  # a copy on the device
         issued = time.monotonic()
@@ -268,8 +379,14 @@ class Communicator:
     # -- driving generators ---------------------------------------------------
 
     def exchange(self, gens: Mapping[str, MethodExchange]) -> Future:
-        """Run one bucket's exchanges; a future of ``{name: averaged tensor}`` (decoded in its callback, on the
-        side stream)."""
+        """Run one bucket's exchanges: every round but the last now, the last one asynchronously.
+
+        Args:
+            gens: the exchange generators of the bucket's tensors (:meth:`gradcomp.Method.exchange`), by name.
+
+        Returns:
+            A future of ``{name: averaged tensor}``, decoded in its callback, on the side stream.
+        """
         fut, finish, devices = self._start(gens)
         stream = self.stream(devices)
 
@@ -280,7 +397,14 @@ class Communicator:
         return fut.then(decode)
 
     def exchange_later(self, gens: Mapping[str, MethodExchange]) -> Pending:
-        """As :meth:`exchange`, but the last round is decoded by whoever calls ``wait()``, on that thread."""
+        """As :meth:`exchange`, but the last round is decoded by whoever calls ``wait()``, on that thread.
+
+        Args:
+            gens: the exchange generators of the tensors, by name.
+
+        Returns:
+            The exchange in flight; its :meth:`Pending.wait` gives ``{name: averaged tensor}``.
+        """
         fut, finish, _ = self._start(gens)
         return Pending(fut, finish)
 

@@ -49,8 +49,21 @@ log = logging.getLogger(__name__)
 
 def check_scaler(owner: str, scaler: torch.amp.GradScaler | None, nonfinite: Nonfinite
                  ) -> torch.amp.GradScaler | None:
-    """``scaler`` if it is an enabled ``torch.amp.GradScaler`` (None if disabled: it scales nothing); TypeError
-    or ValueError naming the problem otherwise."""
+    """Check the ``torch.amp.GradScaler`` a front door is given.
+
+    Args:
+        owner: the front door, for the message.
+        scaler: the scaler, or None.
+        nonfinite: the door's ``nonfinite`` setting.
+
+    Returns:
+        ``scaler`` if it is an enabled ``torch.amp.GradScaler``; None if it is None or disabled (it scales
+        nothing).
+
+    Raises:
+        TypeError: ``scaler`` is not a ``torch.amp.GradScaler``.
+        ValueError: an enabled scaler with ``nonfinite`` other than ``"skip"``.
+    """
     if scaler is None:
         return None
     if not isinstance(scaler, torch.amp.GradScaler):
@@ -107,17 +120,33 @@ class Core:
     # -- binding ----------------------------------------------------------------
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Check ``optimizer`` against the method (raises ValueError naming the fix)."""
+        """Check ``optimizer`` against the method (:func:`~gradcomp.method.check_optimizer`).
+
+        Args:
+            optimizer: the optimizer the averaged gradients go to; None checks nothing.
+
+        Raises:
+            ValueError: the method cannot be paired with it (momentum applied twice, say); the message names
+                the fix.
+        """
         if optimizer is not None:
             check_optimizer(self.configured, optimizer)
             self.optimizer_checked = True
 
     @property
     def bound(self) -> bool:
+        """Whether :meth:`bind` has run (the first step, or a property that needs the group)."""
         return self._comm is not None
 
     def bind(self) -> None:
-        """Join the process group (once): the communicator and this rank's copy of the method."""
+        """Join the process group (once): the communicator and this rank's copy of the method.
+
+        A state loaded before is applied now.  Warns once when the method owns momentum and no optimizer was
+        checked.
+
+        Raises:
+            RuntimeError: ``torch.distributed`` is not initialized (and no communicator was given).
+        """
         if self._comm is not None:
             return
         if self._given is None and not dist.is_initialized():
@@ -144,6 +173,7 @@ class Core:
 
     @property
     def comm(self) -> Communicator:
+        """The communicator on the process group (binds to it)."""
         self.bind()
         assert self._comm is not None  # bind() set it
         return self._comm
@@ -157,20 +187,36 @@ class Core:
 
     @property
     def rank(self) -> int:
+        """This rank in the process group (binds to it)."""
         return self.comm.rank
 
     @property
     def world_size(self) -> int:
+        """The number of ranks in the process group (binds to it)."""
         return self.comm.world_size
 
     # -- a step -------------------------------------------------------------------
 
     def step(self) -> Step:
-        """A new synchronous step (the doors whose ranks step together), its loss scale read now."""
+        """A new synchronous step (the doors whose ranks step together), its loss scale read now.
+
+        Returns:
+            The :class:`Step`.
+        """
         return Step(self)
 
     def check_settings(self, params: Mapping[str, Tensor], **extra: Any) -> None:
-        """The settings check alone (the doors that decide on non-finite gradients by themselves)."""
+        """The settings check alone (the doors that decide on non-finite gradients by themselves), at the first
+        call only (:func:`~gradcomp.guard.check_settings`).
+
+        Args:
+            params: the door's named parameters (or this step's gradients): their names, shapes and dtypes are
+                compared.
+            **extra: more settings every rank must share (DGA's ``delay``, say).
+
+        Raises:
+            SettingsMismatchError: a setting differs between ranks (on every rank).
+        """
         if not self.guard.settings_checked:
             self.guard.settings_checked = True
             check_settings(self.comm, self.configured, params, nonfinite=self.guard.nonfinite,
@@ -179,6 +225,9 @@ class Core:
     def loss_scale(self) -> Tensor | None:
         """The scale this step's gradients carry: the scaler's scale tensor as it is now (on its device, read
         without a host sync), or None without a scaler.  It changes only in ``scaler.update()``, after the step.
+
+        Returns:
+            The scale tensor, or None.
 
         Raises:
             RuntimeError: the scaler has no scale yet (backward did not run on ``scaler.scale(loss)``).
@@ -204,13 +253,29 @@ class Core:
 
     def exchanges(self, prepared: Mapping[str, Tensor], names: list[str] | None = None,
                   method: Method | None = None) -> dict[str, MethodExchange]:
-        """The exchange generators of ``names`` (default: all) of the ``prepared`` gradients."""
+        """The exchange generators of the ``prepared`` gradients.
+
+        Args:
+            prepared: the gradients as :meth:`gradcomp.Method.prepare` returned them, by name.
+            names: those to exchange (None: all, in ``prepared``'s order).
+            method: the method that exchanges them (None: this rank's).
+
+        Returns:
+            ``{name: generator}``, for :meth:`~gradcomp.comm.Communicator.exchange`.
+        """
         method = method or self.method
         world = self.world_size
         return {n: method.exchange(n, prepared[n], world) for n in (names if names is not None else prepared)}
 
     def exchange(self, grads: Mapping[str, Tensor]) -> torch.futures.Future:
-        """Prepare and exchange ``grads`` (one bucket); a future of ``{name: average}``."""
+        """Prepare and exchange ``grads`` (one bucket), without the non-finite guard of a :class:`Step`.
+
+        Args:
+            grads: the bucket's gradients, by name.
+
+        Returns:
+            A future of ``{name: average}``.
+        """
         return self.comm.exchange(self.exchanges(self.method.prepare(grads, self.world_size)))
 
     def end_step(self) -> None:
@@ -219,12 +284,18 @@ class Core:
 
     @property
     def steps(self) -> int:
+        """Steps taken (those of a state loaded before binding too); does not bind."""
         return self._method.steps if self._method is not None else int((self._loaded or {}).get("steps", 0))
 
     # -- state ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's own state: the method's memory and counters, the guard's count."""
+        """This rank's own state: the method's memory and counters, the guard's count.
+
+        Returns:
+            ``{"method": ..., "guard": ...}``: tensors and plain values (before binding: the state loaded, or
+            the configured method's empty one).
+        """
         if self._method is None:
             method = self._loaded if self._loaded is not None else self.configured.state_dict()
             return {"method": method, "guard": self.guard.state_dict() if self._loaded is None
@@ -234,7 +305,15 @@ class Core:
     def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None) -> None:
         """Raise a one-line ``ValueError`` naming the entry unless ``state`` is one :meth:`load_state_dict`
         takes: a dict whose ``method`` entry is a state of this method (:meth:`~gradcomp.Method.check_state`;
-        with ``params``, the door's named parameters, one that fits them)."""
+        with ``params``, the door's named parameters, one that fits them).
+
+        Args:
+            state: the state to check.
+            params: the door's named parameters (None: not checked against them).
+
+        Raises:
+            ValueError: ``state`` is not such a dict, or its method state does not fit.
+        """
         if not isinstance(state, Mapping) or "method" not in state:
             got = f"keys {sorted(map(str, state))}" if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"{self.owner} state must be a dict with a 'method' entry, got {got}")
@@ -243,7 +322,15 @@ class Core:
     def load_state_dict(self, state: Mapping[str, Any], params: Mapping[str, Tensor] | None = None) -> None:
         """Restore :meth:`state_dict`; before binding, kept and applied at the first step.  A state that is not
         one, or with ``params`` does not fit them (:meth:`check_state`), raises a one-line ``ValueError`` with
-        nothing changed; what is not known at the load (the gradients) is checked at each step."""
+        nothing changed; what is not known at the load (the gradients) is checked at each step.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+            params: the door's named parameters (None: not checked against them).
+
+        Raises:
+            ValueError: see :meth:`check_state`.
+        """
         self.check_state(state, params)
         if self._method is None:
             self.configured.for_rank(0).load_state_dict(state["method"])  # validates the state now
@@ -279,6 +366,9 @@ class Step:
     global generator, ``seed=None``, have drawn on a skipped step.)  With
     ``nonfinite="raise"`` each bucket is checked on the host as it comes: the
     rank that sees a NaN raises before its memory changes.
+
+    Args:
+        core: the door's :class:`Core` (:meth:`Core.step` makes the step).
     """
 
     def __init__(self, core: Core) -> None:
@@ -293,7 +383,14 @@ class Step:
 
     def flag(self, grads: Mapping[str, Tensor]) -> None:
         """Count ``grads`` in the verdict (``"raise"``: check them now).  :meth:`add` does it for the gradients
-        it exchanges; a door calls it alone for those it averages otherwise (sparse gradients)."""
+        it exchanges; a door calls it alone for those it averages otherwise (sparse gradients).
+
+        Args:
+            grads: gradients, by name.
+
+        Raises:
+            NonFiniteGradientError: with ``nonfinite="raise"``, one of them holds a NaN or Inf.
+        """
         if not grads:
             return
         if not self.guarded:
@@ -304,13 +401,29 @@ class Step:
         self._flags.append(nonfinite_flags(grads))
 
     def include(self, fut: Future) -> None:
-        """Have :meth:`end` wait for ``fut`` too (an exchange the door started itself)."""
+        """Have :meth:`end` wait for ``fut`` too (an exchange the door started itself).
+
+        Args:
+            fut: the future of that exchange.
+        """
         self._futures.append(fut)
 
     def add(self, grads: Mapping[str, Tensor], buckets: Sequence[Sequence[str]] | None = None) -> list[Future]:
         """Start exchanging ``grads`` (prepared together: DGC's local clipping sees them all), one exchange per
-        bucket of names (default: one for all); their futures of ``{name: average}``, unscaled.  At the first
-        step ``grads`` must be all the step's gradients (the settings check compares them)."""
+        bucket of names (default: one for all).  At the first step ``grads`` must be all the step's gradients
+        (the settings check compares them).
+
+        Args:
+            grads: gradients, by name; a NaN or Inf in them is overwritten with 0 in place (``"skip"``).
+            buckets: the names of each exchange (None: one exchange of all of ``grads``).
+
+        Returns:
+            One future per bucket, of ``{name: average}``, unscaled.
+
+        Raises:
+            SettingsMismatchError: at the first step, a setting differs between ranks.
+            NonFiniteGradientError: with ``nonfinite="raise"``, a gradient holds a NaN or Inf.
+        """
         core = self.core
         if not core.guard.settings_checked:
             core.check_settings(grads)
@@ -326,8 +439,14 @@ class Step:
         return futures
 
     def end(self) -> Future:
-        """A future of the verdict, True when every rank skips this step, completed once every exchange
-        :meth:`add` started has completed and, on a skipped step, every memory they changed is put back."""
+        """Agree on the verdict: one all-reduce of every rank's count of non-finite gradients.
+
+        Returns:
+            A future of the verdict, True when every rank skips this step, completed once every exchange
+            :meth:`add` started has completed and, on a skipped step, every memory they changed is put back.
+            (With ``nonfinite="raise"``, an average decoded non-finite completes it with
+            :class:`~gradcomp.NonFiniteGradientError`.)
+        """
         core = self.core
         devices = sorted(self._devices, key=str)
         stream = core.comm.stream(devices)
@@ -380,10 +499,12 @@ class Door:
 
     @property
     def comm(self) -> Communicator:
+        """The communicator (``comm.bytes_sent``: the payload bytes this rank sent; binds to the group)."""
         return self.core.comm
 
     @property
     def guard(self) -> StepGuard:
+        """The guard: the ``nonfinite`` setting and the count of skipped steps."""
         return self.core.guard
 
     @property

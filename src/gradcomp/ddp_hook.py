@@ -1,8 +1,9 @@
-"""gradcomp as a DDP communication hook.
+"""gradcomp as a DDP communication hook::
 
->>> ddp = DistributedDataParallel(model)
->>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, **gradcomp.sgd_settings(method, momentum=0.9))
->>> state = gradcomp.register_ddp_hook(ddp, gradcomp.DGC(density=0.001), optimizer=opt)
+    ddp = DistributedDataParallel(model)
+    method = gradcomp.DGC(density=0.001)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, **gradcomp.sgd_settings(method, momentum=0.9))
+    state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt)
 
 Works wherever DDP does: plain DDP, Accelerate (register on the model
 ``prepare()`` returns) and Lightning (through the callback
@@ -141,6 +142,18 @@ class HookState(Door):
         TypeError: a scaler that is not a ``torch.amp.GradScaler``.
         ValueError: a bad setting, an optimizer the method cannot be paired with, or a scaler with
             ``nonfinite="raise"``.
+
+    Example:
+        A state can be made before ``init_process_group``: it binds to the group at the first step.
+        :func:`register_ddp_hook` makes one and registers it; :func:`ddp_comm_hook` shows the two steps.
+
+        >>> import torch, gradcomp
+        >>> model = torch.nn.Linear(8, 2)
+        >>> state = gradcomp.HookState("topk", model=model)
+        >>> state.configured
+        Method(TopK(density=0.01, wire='plain'), memory=Residual)
+        >>> state.steps, state.step_skipped, sorted(state.state_dict())
+        (0, False, ['guard', 'method'])
     """
 
     def __init__(self, method: Method | Compressor | str, process_group: dist.ProcessGroup | None = None, *,
@@ -167,11 +180,29 @@ class HookState(Door):
         return self.core.configured
 
     def name_of(self, param: Tensor) -> str:
+        """The name memory is keyed by for ``param``.
+
+        Args:
+            param: a parameter DDP handed to the hook.
+
+        Returns:
+            Its name in the model given to the constructor; else ``param<i>``, numbered in the order the
+            parameters first come.
+        """
         return self.names.setdefault(id(param), f"param{len(self.names)}")
 
     def add(self, bucket: _Bucket, last: bool) -> None:
         """Start exchanging ``bucket`` (at the first step, or with DGC's local clipping, with the last one:
-        they need every gradient); after the last, settle every bucket of the step with the guard's verdict."""
+        they need every gradient); after the last, settle every bucket of the step with the guard's verdict.
+
+        Args:
+            bucket: the bucket DDP handed over, with its future.
+            last: whether it is the step's last bucket.
+
+        Raises:
+            SettingsMismatchError: at the first step, a setting differs between ranks.
+            NonFiniteGradientError: with ``nonfinite="raise"``, a gradient holds a NaN or Inf.
+        """
         core = self.core
         if self._step is None:
             self._step = core.step()
@@ -234,19 +265,62 @@ class HookState(Door):
             lambda f: {name: f.value()[0] for name in bucket.names})
 
     def state_dict(self) -> dict:
-        """This rank's own state (memory, counters, the guard's count): plain tensors and values."""
+        """This rank's own state, for checkpoints (:mod:`gradcomp.checkpoint` keeps one per rank).
+
+        Returns:
+            The memory, counters and the guard's count: plain tensors and values.
+        """
         return self.core.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`.  A state that is not one, or whose memory does not fit the model's
         parameters (names, shapes, dtypes), raises a one-line ``ValueError`` naming the entry, with nothing
-        changed."""
+        changed.
+
+        Args:
+            state: what :meth:`state_dict` returned (on this rank).
+
+        Raises:
+            ValueError: ``state`` is not such a state, or does not fit the model.
+        """
         self.core.load_state_dict(state, self._params)
 
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations as objects.
 def ddp_comm_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: compress, exchange and average one bucket with ``state.method``."""
+    """DDP communication hook: compress, exchange and average one bucket with ``state.method``.
+
+    Register it with ``ddp.register_comm_hook(state, ddp_comm_hook)`` (:func:`register_ddp_hook` does), and
+    DDP calls it for each bucket of gradients, as backward produces them.
+
+    Args:
+        state: the :class:`HookState`.
+        bucket: the bucket of gradients DDP hands over.
+
+    Returns:
+        The future DDP waits on: the bucket's buffer, holding the averages once the step's verdict is in (zeros,
+        or Inf with a scaler, on a skipped step).
+
+    Raises:
+        SettingsMismatchError: at the first step, a setting differs between ranks.
+        NonFiniteGradientError: with ``nonfinite="raise"``, a gradient holds a NaN or Inf.
+
+    Example:
+        In a process group of one:
+
+        >>> import torch, torch.distributed as dist, gradcomp
+        >>> from torch.nn.parallel import DistributedDataParallel
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> ddp = DistributedDataParallel(torch.nn.Linear(8, 2))
+        >>> state = gradcomp.HookState(gradcomp.get("qsgd", levels=4, seed=0), model=ddp)
+        >>> ddp.register_comm_hook(state, gradcomp.ddp_comm_hook)
+        >>> ddp(torch.randn(4, 8)).square().mean().backward()
+        >>> state.steps, state.step_skipped
+        (1, False)
+        >>> del ddp
+        >>> dist.destroy_process_group()
+    """
     b = _Bucket([state.name_of(p) for p in bucket.parameters()], list(bucket.gradients()), bucket.buffer())
     try:
         state.add(b, bucket.is_last())
@@ -269,22 +343,44 @@ def register_ddp_hook(model: nn.parallel.DistributedDataParallel, method: Method
     Returns:
         The :class:`HookState`: ``state.step_skipped`` after each backward, ``state.state_dict()`` for checkpoints.
 
-    Example::
+    Raises:
+        TypeError: a scaler that is not a ``torch.amp.GradScaler``.
+        ValueError: a bad setting, an optimizer the method cannot be paired with, or a scaler with
+            ``nonfinite="raise"``.
 
-        >>> ddp = DistributedDataParallel(model)
-        >>> method = gradcomp.DGC(density=0.001)
+    Example:
+        DGC in a process group of one (under ``torchrun`` every rank runs the same lines, without the first and
+        the last two):
+
+        >>> import torch, torch.distributed as dist, gradcomp
+        >>> from torch.nn.parallel import DistributedDataParallel
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> ddp = DistributedDataParallel(torch.nn.Linear(8, 2))
+        >>> method = gradcomp.DGC(density=0.25, warmup_steps=0)
         >>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, **gradcomp.sgd_settings(method, momentum=0.9))
         >>> state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt)
+        >>> for _ in range(3):
+        ...     ddp(torch.randn(4, 8)).square().mean().backward()
+        ...     if not state.step_skipped:  # a NaN or Inf on some rank: every rank skips the step
+        ...         opt.step()
+        ...     opt.zero_grad()
+        >>> state.steps, opt.param_groups[0]["momentum"]  # DGC applies the momentum itself
+        (3, 0.0)
+        >>> del ddp
+        >>> dist.destroy_process_group()
 
-    With mixed precision::
+        With mixed precision (on GPUs), hand the hook the scaler:
 
-        >>> scaler = torch.amp.GradScaler("cuda")
-        >>> state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt, scaler=scaler)
-        >>> with torch.autocast("cuda", dtype=torch.float16):
-        ...     loss = loss_fn(ddp(x), y)
-        >>> scaler.scale(loss).backward()
-        >>> scaler.step(opt)
-        >>> scaler.update()
+        .. code-block:: python
+
+            scaler = torch.amp.GradScaler("cuda")
+            state = gradcomp.register_ddp_hook(ddp, method, optimizer=opt, scaler=scaler)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = loss_fn(ddp(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
     """
     state = HookState(method, process_group, model=model, optimizer=optimizer,
                       emulate_latency_ms=emulate_latency_ms, nonfinite=nonfinite, scaler=scaler)

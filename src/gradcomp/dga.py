@@ -11,9 +11,11 @@ over workers started D steps earlier.  Without the correction the update is
 ``avg(g_{i-D})`` alone (the paper's "w/o correction" row).  ``delay=0`` is
 synchronous data-parallel SGD.
 
->>> opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-...                                         model.named_parameters(), delay=5)
->>> loss.backward(); opt.step(); opt.zero_grad()
+::
+
+    opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                            model.named_parameters(), delay=5)
+    loss.backward(); opt.step(); opt.zero_grad()
 
 The workers' models differ by their local terms; momentum and weight decay
 stay the wrapped optimizer's, applied to the corrected gradient.
@@ -71,9 +73,24 @@ __all__ = ["DelayedGradientAveraging", "FedAvg", "delayed_update"]
 log = logging.getLogger(__name__)
 
 def delayed_update(average: Tensor, local: Tensor, stale_local: Tensor, correct: bool) -> Tensor:
-    """What a worker applies when the average of step i - D arrives at step i: ``avg(g_{i-D}) + g_i - g_{i-D}``
-    (the paper's correction) or, with ``correct=False``, the average alone.  The one place of DGA's rule,
-    for the real ranks and the simulator alike."""
+    """What a worker applies when the average of step i - D arrives at step i.  The one place of DGA's rule,
+    for the real ranks and the simulator alike.
+
+    Args:
+        average: ``avg(g_{i-D})``, the average over workers of step i - D's gradients.
+        local: ``g_i``, this worker's gradient now.
+        stale_local: ``g_{i-D}``, this worker's gradient of step i - D.
+        correct: apply the paper's correction.
+
+    Returns:
+        ``avg(g_{i-D}) + g_i - g_{i-D}``, or with ``correct=False`` the average alone (``average`` itself).
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.dga import delayed_update
+        >>> delayed_update(torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0]), correct=True)
+        tensor([-0.5000])
+    """
     return average + local - stale_local if correct else average
 
 
@@ -117,6 +134,40 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
     and latency is not hidden.  ``emulate_latency_ms`` is the communicator's
     latency emulation (experiments only; see :mod:`gradcomp.comm`);
     ``nonfinite`` is ``"skip"`` or ``"raise"`` (see the module docstring).
+
+    Args:
+        optimizer: the optimizer to wrap (its momentum and weight decay act on the corrected gradient).
+        named_parameters: the model's ``named_parameters()``; those that require grad must be in
+            ``optimizer``.
+        delay: ``D``, the steps between starting an average and applying it (>= 0; 0: synchronous SGD).
+        method: what compresses the average (None: plain dense averaging).
+        correction: apply the correction term ``g_i - g_{i-D}``.
+        process_group: the group to average over (None: the default group), or a communicator already made.
+        emulate_latency_ms: see :class:`~gradcomp.comm.Communicator` (experiments only).
+        nonfinite: ``"skip"`` or ``"raise"``.
+
+    Raises:
+        ValueError: a bad setting (``delay`` < 0, say), a parameter not in ``optimizer``, or an optimizer the
+            method cannot be paired with.
+
+    Example:
+        In a process group of one (under ``torchrun`` every rank runs the same lines, without the first and
+        the last): the first ``delay`` steps apply the local gradient, later ones the average of ``delay``
+        steps ago, corrected.
+
+        >>> import torch, torch.distributed as dist, gradcomp
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> model = torch.nn.Linear(8, 2)
+        >>> opt = gradcomp.DelayedGradientAveraging(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        ...                                         model.named_parameters(), delay=2, method="fp16")
+        >>> for _ in range(3):
+        ...     model(torch.randn(4, 8)).square().mean().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> opt.steps, len(opt.state_dict()["pending"])  # two averages in flight
+        (3, 2)
+        >>> dist.destroy_process_group()
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
@@ -193,14 +244,27 @@ class DelayedGradientAveraging(OptimizerWrapper, Door):
             pending.wait()
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, method and the ``delay`` pending steps: their local gradients and their averages
-        (in-flight ones are waited for first, on every rank alike)."""
+        """This rank's state, for checkpoints.
+
+        Returns:
+            The optimizer's and the method's state and the ``delay`` pending steps: their local gradients and
+            their averages (in-flight ones are waited for first, on every rank alike).
+        """
         self.finish()
         return {"optimizer": self.optimizer.state_dict(), "method": self.core.state_dict()["method"],
                 "delay": self.delay, "steps": self.steps,
                 "pending": [{"local": local, "average": pending.wait()} for local, pending in self._pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (its pending averages count as arrived), after checking it fits.
+
+        Args:
+            state: what :meth:`state_dict` returned (on this rank).
+
+        Raises:
+            ValueError: it was saved with another ``delay``, its gradients do not fit the parameters, or its
+                method state does not fit; nothing is changed.
+        """
         if state["delay"] != self.delay:
             raise ValueError(f"the checkpoint was saved with delay={state['delay']}, this optimizer has "
                              f"delay={self.delay}")
@@ -227,10 +291,10 @@ class _Round:
 class FedAvg(OptimizerWrapper, Door):
     """Local SGD / federated averaging (McMahan et al. 2017), the other way to save communication rounds:
     every worker takes ``period`` optimizer steps on its own gradients, then the workers' weights are
-    averaged (one dense all-reduce of the parameters, through the same communicator).
+    averaged (one dense all-reduce of the parameters, through the same communicator)::
 
-    >>> opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), period=10)
-    >>> loss.backward(); opt.step(); opt.zero_grad()
+        opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), period=10)
+        loss.backward(); opt.step(); opt.zero_grad()
 
     With ``delay=D`` the average arrives ``D`` steps after it started, as in delayed gradient averaging (Zhu et
     al. 2021, "DGA (K = 5, D = 20)" in its second table), and the worker keeps training meanwhile.  Round r
@@ -257,8 +321,35 @@ class FedAvg(OptimizerWrapper, Door):
     round's correction is not applied) and its delta joins the next round's, as weights are averaged whole
     without a delay.
 
+    Args:
+        optimizer: the optimizer of the local steps.
+        named_parameters: the model's ``named_parameters()``; those that require grad must be in
+            ``optimizer``.
+        period: ``K``, local steps between two averages (>= 1).
+        process_group: the group to average over (None: the default group), or a communicator already made.
+        delay: ``D``, the steps between starting an average and applying it (>= 0).
+        emulate_latency_ms: see :class:`~gradcomp.comm.Communicator` (experiments only).
+        nonfinite: ``"skip"`` or ``"raise"``.
+
     Raises:
-        ValueError: ``period`` < 1 or ``delay`` < 0 (naming the value).
+        ValueError: ``period`` < 1 or ``delay`` < 0 (naming the value), or a parameter not in ``optimizer``.
+
+    Example:
+        In a process group of one (under ``torchrun`` every rank runs the same lines, without the first and
+        the last):
+
+        >>> import torch, torch.distributed as dist, gradcomp
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> model = torch.nn.Linear(8, 2)
+        >>> opt = gradcomp.FedAvg(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), period=2)
+        >>> for _ in range(4):  # the weights are averaged after steps 2 and 4
+        ...     model(torch.randn(4, 8)).square().mean().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> opt.steps, opt.comm.bytes_sent  # 2 rounds of 18 float32 weights
+        (4, 144)
+        >>> dist.destroy_process_group()
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
@@ -300,7 +391,14 @@ class FedAvg(OptimizerWrapper, Door):
 
     def step_optimizer(self, closure: Callable[[], float] | None = None) -> Any:
         """The local step; every ``period`` steps a round starts; the round started ``delay`` steps ago is
-        applied."""
+        applied.
+
+        Args:
+            closure: as for the wrapped optimizer's ``step``.
+
+        Returns:
+            What the wrapped optimizer's ``step`` returned (None when this rank skipped its local step).
+        """
         out = super().step_optimizer(closure)
         self.core.end_step()
         if self.steps % self.period == 0:
@@ -360,8 +458,12 @@ class FedAvg(OptimizerWrapper, Door):
             r.pending.wait()
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, counters, the open window's snapshot, the last average applied and every round in flight
-        (its average waited for first, on every rank alike)."""
+        """This rank's state, for checkpoints.
+
+        Returns:
+            The optimizer's state, the counters, the open window's snapshot, the last average applied and
+            every round in flight (its average waited for first, on every rank alike).
+        """
         self.finish()
         return {"optimizer": self.optimizer.state_dict(), "period": self.period, "delay": self.delay,
                 "steps": self.steps, "snapshot": self._snapshot, "last": self._last,
@@ -369,6 +471,15 @@ class FedAvg(OptimizerWrapper, Door):
                            for r in self._rounds]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (its rounds in flight count as arrived), after checking it fits.
+
+        Args:
+            state: what :meth:`state_dict` returned (on this rank).
+
+        Raises:
+            ValueError: it was saved with another ``period`` or ``delay``, or its weights do not fit the
+                parameters; nothing is changed.
+        """
         if state["period"] != self.period:
             raise ValueError(f"the checkpoint was saved with period={state['period']}, this FedAvg has "
                              f"period={self.period}")

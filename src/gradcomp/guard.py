@@ -55,11 +55,46 @@ NONFINITE_KEY = "\0nonfinite"
 
 
 class SettingsMismatchError(ValueError):
-    """The ranks were started with different settings (raised on every rank, at the first step)."""
+    """The ranks were started with different settings (raised on every rank, at the first step).
+
+    The message has a line per setting that differs, with every rank's value (:func:`mismatches`).
+
+    Example:
+        What a front door does at its first step (:func:`check_settings`), with a stand-in for the
+        communicator whose other rank was started with another density:
+
+        >>> import torch, gradcomp
+        >>> from gradcomp.guard import check_settings, settings_of
+        >>> params = {"fc.weight": torch.zeros(2, 8)}
+        >>> class TwoRanks:
+        ...     def all_objects(self, mine):  # every rank's fingerprint, in rank order
+        ...         return [mine, settings_of(gradcomp.as_method(gradcomp.get("topk", density=0.1)), params)]
+        >>> check_settings(TwoRanks(), gradcomp.as_method(gradcomp.get("topk", density=0.01)), params)
+        Traceback (most recent call last):
+        ...
+        gradcomp.guard.SettingsMismatchError: the ranks were started with different settings:
+          method.density: rank 0 0.01, rank 1 0.1
+    """
 
 
 class NonFiniteGradientError(ValueError):
-    """A gradient holds NaN or Inf; raised before it reaches any memory."""
+    """A gradient holds NaN or Inf; raised before it reaches any memory.
+
+    A front door with ``nonfinite="raise"`` raises it on the rank that sees one (:func:`nonfinite_in`);
+    with ``"skip"``, the default, every rank skips the step instead.
+
+    Example:
+        >>> import torch, gradcomp
+        >>> from gradcomp.guard import nonfinite_in
+        >>> grads = {"fc.weight": torch.tensor([1.0, float("inf")]), "fc.bias": torch.zeros(2)}
+        >>> nonfinite_in(grads, "skip", "rank 0, step 7")
+        ['fc.weight']
+        >>> try:
+        ...     nonfinite_in(grads, "raise", "rank 0, step 7")
+        ... except gradcomp.NonFiniteGradientError as error:
+        ...     print(error)
+        rank 0, step 7: non-finite gradient (NaN or Inf) in fc.weight; no memory was changed
+    """
 
 
 def _values(g: Tensor) -> Tensor:
@@ -73,6 +108,12 @@ def non_finite(grads: Mapping[str, Tensor]) -> list[str]:
     One sum per tensor (a read of memory, no temporary): a finite sum means
     every entry is finite.  A sum that is not finite (a NaN or Inf inside, or
     large finite values overflowing) is confirmed entry by entry.
+
+    Args:
+        grads: tensors by name (a sparse COO tensor's stored values are read).
+
+    Returns:
+        The names of those holding a NaN or an Inf, in ``grads``' order.
     """
     if not grads:
         return []
@@ -83,23 +124,52 @@ def non_finite(grads: Mapping[str, Tensor]) -> list[str]:
 
 
 def nonfinite_flags(grads: Mapping[str, Tensor]) -> Tensor:
-    """One flag per tensor of ``grads``, 1 where it holds a NaN or an Inf, kept on their device (not read on
-    the host).  One float64 sum per tensor: no sum of finite float32 or 16-bit values reaches float64's range,
-    so the sum is finite exactly when every entry is."""
+    """Which tensors of ``grads`` hold a NaN or an Inf, without reading a value on the host.
+
+    One float64 sum per tensor: no sum of finite float32 or 16-bit values reaches float64's range, so the sum
+    is finite exactly when every entry is.
+
+    Args:
+        grads: tensors by name, at least one, all on one device.
+
+    Returns:
+        An int32 tensor on their device, one flag per tensor: 1 where it holds a NaN or an Inf.
+    """
     return torch.stack([~torch.isfinite(_values(g).sum(dtype=torch.float64)) for g in grads.values()]).int()
 
 
 def check_nonfinite(owner: str, value: str) -> Nonfinite:
-    """``value``, raising a one-line ``ValueError`` naming it unless it is one of :data:`NONFINITE` (callers
-    without a type checker pass any string)."""
+    """Check a ``nonfinite`` setting (callers without a type checker pass any string).
+
+    Args:
+        owner: the class or function the setting belongs to, for the message.
+        value: the setting.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: ``value`` is not one of :data:`NONFINITE`; one line naming it.
+    """
     if value not in NONFINITE:
         raise ValueError(f"{owner}: nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {value!r}")
     return value
 
 
 def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: Nonfinite, where: str) -> list[str]:
-    """The names of the gradients holding a NaN or Inf; with ``nonfinite="raise"`` a
-    :class:`~gradcomp.NonFiniteGradientError` naming them instead (``where``: the rank or worker and step)."""
+    """The names of the gradients holding a NaN or Inf, or with ``nonfinite="raise"`` an error naming them.
+
+    Args:
+        grads: gradients by name.
+        nonfinite: ``"skip"`` (return the names) or ``"raise"``.
+        where: the rank or worker and step, put first in the message.
+
+    Returns:
+        The names of the non-finite gradients (empty when all are finite).
+
+    Raises:
+        NonFiniteGradientError: with ``nonfinite="raise"``, when one is not finite.
+    """
     bad = non_finite(grads)
     if bad and nonfinite == "raise":
         raise NonFiniteGradientError(f"{where}: non-finite gradient (NaN or Inf) in {', '.join(bad)}; no memory "
@@ -109,7 +179,20 @@ def nonfinite_in(grads: Mapping[str, Tensor], nonfinite: Nonfinite, where: str) 
 
 def nonfinite_step(local: Mapping[str, Tensor], nonfinite: Nonfinite, where: str, what_now: str) -> bool:
     """For the doors that decide alone (delayed averaging, local steps, the simulator's workers): whether
-    ``local`` holds a NaN or Inf (logged with ``what_now``); raises instead with ``nonfinite="raise"``."""
+    ``local`` holds a NaN or Inf, logged as a warning.
+
+    Args:
+        local: this rank's gradients by name.
+        nonfinite: ``"skip"`` or ``"raise"``.
+        where: the rank or worker and step, for the message.
+        what_now: what the door does about it, for the message.
+
+    Returns:
+        True when a gradient is not finite.
+
+    Raises:
+        NonFiniteGradientError: with ``nonfinite="raise"``, when one is not finite.
+    """
     bad = nonfinite_in(local, nonfinite, where)
     if bad:
         log.warning("%s: non-finite gradient (NaN or Inf) in %s; %s", where, ", ".join(bad[:5]), what_now)
@@ -117,15 +200,35 @@ def nonfinite_step(local: Mapping[str, Tensor], nonfinite: Nonfinite, where: str
 
 
 def flag_exchange(bad: bool, device: torch.device):
-    """The exchange of a delayed step's non-finite verdict: 1.0 from each rank that saw one, summed (dense
-    float32, so it joins the step's dense all-reduce, under :data:`NONFINITE_KEY`)."""
+    """The exchange of a delayed step's non-finite verdict (dense float32, so it joins the step's dense
+    all-reduce, under :data:`NONFINITE_KEY`).
+
+    Args:
+        bad: whether this rank saw a non-finite gradient.
+        device: where the gradients are.
+
+    Yields:
+        The one payload: 1.0 from a rank that saw one, else 0.0.
+
+    Returns:
+        The sum over ranks, a 1-entry tensor (above 0 when any rank saw one).
+    """
     result = yield from NoCompression().exchange(torch.full((1,), float(bad), device=device))
     return result.total
 
 
 def settings_of(method: Any, params: Mapping[str, Tensor], **extra: Any) -> dict[str, Any]:
-    """The fingerprint ranks compare: the method's configuration (as the user gave it, before
-    :meth:`~gradcomp.Method.for_rank` offsets per-rank seeds), each parameter's shape and dtype, ``extra``."""
+    """The fingerprint ranks compare (:func:`check_settings`).
+
+    Args:
+        method: the method as the user gave it (before :meth:`~gradcomp.Method.for_rank` offsets per-rank
+            seeds): anything with ``config()``.
+        params: the parameters (or gradients) by name.
+        **extra: more settings every rank must share.
+
+    Returns:
+        ``{"method": method.config(), "parameters": {name: "shape dtype"}, **extra}``: plain values.
+    """
     return {"method": method.config(),
             "parameters": {name: f"{list(p.shape)} {str(p.dtype).removeprefix('torch.')}{' sparse' * p.is_sparse}"
                            for name, p in params.items()},
@@ -143,7 +246,21 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def mismatches(every_rank: list[Mapping[str, Any]], limit: int = 8) -> list[str]:
-    """One line per setting that is not the same on every rank: ``"method.density: rank 0 0.001, rank 1 0.01"``."""
+    """What differs between the ranks' fingerprints.
+
+    Args:
+        every_rank: each rank's fingerprint (:func:`settings_of`), in rank order; nested dicts are flattened
+            to dotted keys.
+        limit: how many lines to spell out; a last line counts the others.
+
+    Returns:
+        One line per setting that is not the same on every rank, by key (empty when they agree).
+
+    Example:
+        >>> from gradcomp.guard import mismatches
+        >>> mismatches([{"method": {"density": 0.001}, "delay": 2}, {"method": {"density": 0.01}, "delay": 2}])
+        ['method.density: rank 0 0.001, rank 1 0.01']
+    """
     flat = [_flatten(s) for s in every_rank]
     missing = object()
     lines = []
@@ -158,8 +275,18 @@ def mismatches(every_rank: list[Mapping[str, Any]], limit: int = 8) -> list[str]
 
 
 def check_settings(comm, method: Any, params: Mapping[str, Tensor], **extra: Any) -> None:
-    """Exchange the fingerprint (:func:`settings_of`) and raise :class:`SettingsMismatchError` on every rank
-    if any setting differs (one ``all_gather_object``: call it at the first step, before any payload)."""
+    """Exchange the fingerprint (:func:`settings_of`) and raise on every rank if any setting differs (one
+    ``all_gather_object``: call it at the first step, before any payload).
+
+    Args:
+        comm: the communicator (anything with ``all_objects``, :meth:`~gradcomp.comm.Communicator.all_objects`).
+        method: the method as the user gave it.
+        params: the parameters (or gradients) by name.
+        **extra: more settings every rank must share.
+
+    Raises:
+        SettingsMismatchError: a setting differs; the message names each one with every rank's value.
+    """
     lines = mismatches(comm.all_objects(settings_of(method, params, **extra)))
     if lines:
         raise SettingsMismatchError("the ranks were started with different settings:\n  " + "\n  ".join(lines))
@@ -169,8 +296,13 @@ class StepGuard:
     """What the doors whose ranks step together keep of the guard: whether the settings were checked (at the
     first step), what to do with a non-finite gradient, and how many steps every rank skipped.
 
-    ``scaled``: the gradients carry a ``torch.amp.GradScaler``'s loss scale, whose overflows are routine
-    (logged at INFO, not WARNING: the scaler skips the step too and lowers its scale).
+    Args:
+        nonfinite: ``"skip"`` or ``"raise"``.
+        scaled: the gradients carry a ``torch.amp.GradScaler``'s loss scale, whose overflows are routine
+            (logged at INFO, not WARNING: the scaler skips the step too and lowers its scale).
+
+    Raises:
+        ValueError: ``nonfinite`` is not ``"skip"`` or ``"raise"``.
     """
 
     def __init__(self, nonfinite: Nonfinite = "skip", *, scaled: bool = False) -> None:
@@ -180,8 +312,14 @@ class StepGuard:
         self.skipped = 0
 
     def record_skip(self, counts: list[int], bad: list[str], corrupt: Sequence[str] = ()) -> None:
-        """Count a step every rank skipped; ``counts``: each rank's number of non-finite gradients, ``bad``:
-        this rank's; ``corrupt``: the averages decoded non-finite (every gradient finite)."""
+        """Count a step every rank skipped, and log why.
+
+        Args:
+            counts: each rank's number of non-finite gradients, in rank order.
+            bad: the names of this rank's.
+            corrupt: the averages decoded non-finite while every gradient was finite (a payload damaged on the
+                wire).
+        """
         self.skipped += 1
         if corrupt:
             log.warning("step skipped on every rank: the decoded average holds NaN or Inf in %s (a payload damaged "
@@ -195,7 +333,17 @@ class StepGuard:
                 self.skipped, "; the GradScaler skips it too and lowers its scale" if self.scaled else "")
 
     def state_dict(self) -> dict[str, Any]:
+        """The count of skipped steps, for checkpoints.
+
+        Returns:
+            ``{"skipped": int}``.
+        """
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Args:
+            state: what :meth:`state_dict` returned (a missing count counts as 0).
+        """
         self.skipped = int(state.get("skipped", 0))

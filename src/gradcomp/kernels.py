@@ -41,7 +41,11 @@ _SIGNATURES = {
 
 
 def enabled() -> bool:
-    """False when ``GRADCOMP_KERNELS=0`` asks for the torch ops."""
+    """Whether the compiled kernel may be used.
+
+    Returns:
+        False when ``GRADCOMP_KERNELS=0`` asks for the torch ops, else True.
+    """
     return os.environ.get("GRADCOMP_KERNELS", "1") != "0"
 
 
@@ -76,7 +80,12 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; ``None`` (after one warning) where it cannot be."""
+    """The compiled kernel, built on first use (cached for the process, and on disk across processes).
+
+    Returns:
+        The loaded library, its functions' signatures set; ``None`` when :func:`enabled` is False, or (after
+        one warning) where it cannot be built or loaded.
+    """
     if not enabled():
         return None
     compiler = os.environ.get("CC", "cc")
@@ -93,5 +102,9 @@ def library() -> ctypes.CDLL | None:
 
 
 def threads() -> int:
-    """Threads for the kernel: torch's intra-op count."""
+    """Threads for the kernel.
+
+    Returns:
+        torch's intra-op thread count (``torch.get_num_threads()``).
+    """
     return torch.get_num_threads()

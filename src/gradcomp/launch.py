@@ -101,6 +101,10 @@ class WorkerError(RuntimeError):
 
     ``str()`` is the whole report: a line per failed rank, the cause first, then each rank's traceback.
     ``summary`` is the one line to show a user: how many failed, and the cause.
+
+    Args:
+        message: the whole report.
+        summary: the one line (default: the report's first line).
     """
 
     def __init__(self, message: str, summary: str | None = None) -> None:
@@ -109,8 +113,12 @@ class WorkerError(RuntimeError):
 
 
 class WorkerInterrupted(KeyboardInterrupt):
-    """SIGINT (Ctrl-C) stopped the workers; ``reports`` maps each rank that reported an exception on its way
-    out to that exception, in one line (e.g. ``"KeyboardInterrupt"``)."""
+    """SIGINT (Ctrl-C) stopped the workers.
+
+    Args:
+        reports: each rank that reported an exception on its way out, mapped to that exception in one line
+            (e.g. ``"KeyboardInterrupt"``); kept as ``reports``.
+    """
 
     def __init__(self, reports: dict[int, str]) -> None:
         super().__init__("; ".join(f"rank {r}: {line}" for r, line in sorted(reports.items())))
@@ -133,9 +141,25 @@ def device_kind(requested: DeviceRequest, local_ranks: int) -> DeviceKind:
     where that holds and the CPU (gloo) where it does not.  The same on every
     rank of a machine: a job's ranks must agree on the backend.
 
+    Args:
+        requested: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        local_ranks: the number of processes on this machine.
+
+    Returns:
+        ``"cpu"`` or ``"cuda"``.
+
     Raises:
         ValueError: ``requested`` is not one of :data:`DEVICES`, or is ``"cuda"`` where CUDA is absent or has
             fewer GPUs than local ranks.
+
+    Example:
+        >>> from gradcomp.launch import device_kind
+        >>> device_kind("cpu", 4)
+        'cpu'
+        >>> device_kind("tpu", 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: device must be one of auto, cpu, cuda, got 'tpu'
     """
     if requested not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {requested!r}")
@@ -165,6 +189,18 @@ def _bind(device: torch.device) -> dict[str, Any]:
 
 
 def free_port() -> int:
+    """A TCP port that is free on this machine now, for a rendezvous on 127.0.0.1.
+
+    The port is only free when this returns: another process may take it before it is used.
+
+    Returns:
+        The port number, chosen by the OS.
+
+    Example:
+        >>> from gradcomp.launch import free_port
+        >>> 0 < free_port() < 65536
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -174,7 +210,11 @@ def check_master_port() -> None:
     """Before a torchrun-style rank 0 serves the rendezvous on ``MASTER_PORT`` (``RANK=0`` without torchrun's
     agent store): a ``ValueError`` naming the port when it is not a port or is in use on this machine, instead
     of an EADDRINUSE traceback from ``init_process_group``.  Other ranks, and ranks under torchrun, whose
-    agent serves the rendezvous, are not checked."""
+    agent serves the rendezvous, are not checked.
+
+    Raises:
+        ValueError: ``MASTER_PORT`` is not a port number, or is in use on this machine.
+    """
     if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return
     text = os.environ.get("MASTER_PORT")
@@ -199,7 +239,19 @@ def shutdown() -> None:
     """Leave the process group cleanly (see the module docstring): no emulated-latency round still completing
     a future, a barrier (no peer still inside a collective), then destroy the group, freeing what only
     reference cycles hold first so that gloo's worker threads end with it.  Warns if one does not: something
-    still refers to the group (a DDP model not deleted?) and the interpreter's exit may abort."""
+    still refers to the group (a DDP model not deleted?) and the interpreter's exit may abort.
+
+    Call it on every rank at the end of a ``torchrun`` script (the workers of :func:`spawn` call it
+    themselves).  Without a process group it only waits for the emulated-latency rounds.
+
+    Example:
+        >>> import torch.distributed as dist, gradcomp
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> gradcomp.shutdown()
+        >>> dist.is_initialized()
+        False
+    """
     from .comm import LATENCY_THREAD
 
     for thread in threading.enumerate():
@@ -220,7 +272,11 @@ def shutdown() -> None:
 
 def gloo_threads() -> int:
     """How many gloo worker threads (``ProcessGroupGloo::runLoop``, named ``pt_gloo_runloop`` by torch) this
-    process has, as the OS lists them; 0 off Linux."""
+    process has, as the OS lists them.
+
+    Returns:
+        The count; 0 off Linux (no ``/proc``).
+    """
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -248,6 +304,26 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0, device: 
     :func:`device_kind`).  On CUDA this rank works on ``cuda:LOCAL_RANK``: it
     becomes the current device and the group is bound to it (``device_id``),
     and ``backend`` defaults to NCCL; on the CPU, to gloo.
+
+    Args:
+        backend: the ``torch.distributed`` backend (None: NCCL on CUDA, gloo on the CPU).
+        timeout_s: how long this rank waits for its peers, in seconds (> 0).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``(rank, world_size)``.
+
+    Raises:
+        ValueError: a bad ``timeout_s`` or ``device``, or ``"cuda"`` without a GPU per local rank.
+
+    Example:
+        In a script started with ``torchrun --nproc-per-node 4 train.py`` (not run here):
+
+        .. code-block:: python
+
+            rank, world_size = init_from_env(timeout_s=60)
+            ...  # train
+            gradcomp.shutdown()
     """
     _check_timeout("timeout_s", timeout_s)
     device = device_kind(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -539,6 +615,38 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | No
 
     ``crash_log``: a file each worker that crashes in C++ appends every thread's Python stack to
     (:mod:`faulthandler`) instead of writing it to stderr, where it would bury the report.
+
+    Args:
+        fn: the function every worker runs, ``fn(rank, world_size, *args)``; importable.
+        world_size: the number of workers (>= 1).
+        *args: more arguments of ``fn`` (picklable).
+        backend: the ``torch.distributed`` backend (None: NCCL on CUDA, gloo on the CPU).
+        device: ``"cpu"`` or ``"cuda"`` (one GPU per rank).
+        timeout_s: how long a rank waits for a peer, in seconds (> 0).
+        threads: torch's intra-op threads in each worker (None: the CPUs shared out).
+        address: where rank 0 serves the rendezvous.
+        before_init: run in each worker, with its rank, before it joins the group (importable).
+        deadline_s: a bound on the whole run, in seconds (None: none).
+        crash_log: see above (None: stderr).
+
+    Returns:
+        Each worker's return value, in rank order.
+
+    Raises:
+        ValueError: a bad setting (``world_size`` < 1, a timeout that is not a number of seconds > 0, a
+            device that is not ``"cpu"`` or ``"cuda"``, ``"cuda"`` without a GPU per rank).
+        WorkerError: a worker failed, hung past the timeout, died or never joined (the message says which).
+        WorkerInterrupted: Ctrl-C stopped the workers.
+
+    Example:
+        Not run here (starting the workers takes seconds):
+
+        .. code-block:: python
+
+            import operator
+            from gradcomp.launch import spawn
+
+            spawn(operator.add, 4)  # each worker returns rank + world_size: [4, 5, 6, 7]
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

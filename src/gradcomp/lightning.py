@@ -114,6 +114,17 @@ class GradientCompression(pl.Callback):
     # -- hook-up ------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Register the hook on the model the strategy wrapped, with a fresh :class:`~gradcomp.HookState`,
+        after checking each optimizer against the method; a checkpoint's state is applied to it.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the Lightning module.
+
+        Raises:
+            ValueError: the strategy is not DDP, or an optimizer cannot be paired with the method.
+            RuntimeError: DDP has a comm hook already (``DDPStrategy(ddp_comm_hook=...)``).
+        """
         ddp = trainer.strategy.model
         if not isinstance(ddp, DistributedDataParallel):
             raise ValueError(f"GradientCompression needs Lightning's DDPStrategy (strategy=\"ddp\"), which wraps the "
@@ -136,6 +147,12 @@ class GradientCompression(pl.Callback):
                  self._state.comm.world_size)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Apply a checkpoint's state restored after :meth:`on_fit_start` (strategies that restore late).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the Lightning module.
+        """
         # DDPStrategy restores callbacks before on_fit_start; a strategy with restore_checkpoint_after_setup
         # restores them after it.  Either way the state is in place before the first batch.
         self._apply_loaded(trainer.strategy.model)
@@ -153,11 +170,26 @@ class GradientCompression(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        """Clear ``state.step_skipped`` (the batch's hook call sets it again).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the Lightning module.
+            batch: the batch.
+            batch_idx: its index.
+        """
         if self._state is not None:
             self._state.step_skipped = False  # set again by this batch's hook call
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        """On a step the hook skipped, set every gradient of ``optimizer`` to None, so its step changes nothing.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the Lightning module.
+            optimizer: the optimizer about to step.
+        """
         # Lightning's Precision.optimizer_step calls ``optimizer.step(closure=wrapped)``; ``wrapped`` runs the
         # training step and backward (so the hook has decided ``step_skipped`` on every rank), then this hook,
         # then gradient clipping, and only after it returns does the optimizer compute its update (AMP: the
@@ -176,7 +208,11 @@ class GradientCompression(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's state, gathered to rank 0 (the rank Lightning writes from): ``{"world_size",
         "method": method.config(), "ranks": [rank 0's state, rank 1's, ...]}``; on other ranks the list holds
-        only their own entry.  A collective: Lightning calls it on every rank."""
+        only their own entry.  A collective: Lightning calls it on every rank.
+
+        Returns:
+            That dict; empty before :meth:`on_fit_start`.
+        """
         if self._state is None:
             return {}
         comm = self._state.comm
@@ -191,7 +227,15 @@ class GradientCompression(pl.Callback):
         return {"world_size": comm.world_size, "method": self.method.config(), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check the checkpoint against this run and keep this rank's entry for the hook (see the class)."""
+        """Check the checkpoint against this run and keep this rank's entry for the hook (see the class).
+
+        Args:
+            state_dict: what :meth:`state_dict` returned on rank 0, read back from the checkpoint.
+
+        Raises:
+            ValueError: the checkpoint was saved by another number of ranks or with another method
+                configuration, or holds no entry for this rank.
+        """
         world, rank = 1, 0
         if dist.is_initialized():
             world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
@@ -213,6 +257,13 @@ class GradientCompression(pl.Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        """Warn when the checkpoint holds no gradcomp state (the memory then starts empty).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the Lightning module.
+            checkpoint: the checkpoint being loaded.
+        """
         if not checkpoint.get("callbacks", {}).get(self.state_key):
             log.warning("the checkpoint holds no gradcomp state (saved without GradientCompression?): the memory "
                         "of %r starts empty", self.method)

@@ -1,8 +1,8 @@
-"""``DistributedOptimizer``: gradcomp for training loops without DDP (Horovod style).
+"""``DistributedOptimizer``: gradcomp for training loops without DDP (Horovod style)::
 
->>> opt = gradcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-...                                     model.named_parameters(), gradcomp.DGC(density=0.001))
->>> loss.backward(); opt.step(); opt.zero_grad()
+    opt = gradcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        model.named_parameters(), gradcomp.DGC(density=0.001))
+    loss.backward(); opt.step(); opt.zero_grad()
 
 Parameters are grouped into buckets (reverse registration order, about
 ``bucket_cap_mb`` each, like DDP).  A post-accumulate-grad hook counts each
@@ -51,7 +51,18 @@ __all__ = ["DistributedOptimizer", "OptimizerWrapper"]
 
 def trained_parameters(named_parameters: Iterable[tuple[str, Tensor]], optimizer: torch.optim.Optimizer
                        ) -> dict[str, Tensor]:
-    """``{name: parameter}`` of those that require grad; each must be in ``optimizer``, each name once."""
+    """The parameters a wrapper exchanges: those that require grad.
+
+    Args:
+        named_parameters: the model's ``named_parameters()``.
+        optimizer: the optimizer every one of them must be in.
+
+    Returns:
+        ``{name: parameter}`` of those that require grad, in order.
+
+    Raises:
+        ValueError: a name comes twice, or a parameter is not in ``optimizer`` (the message names it).
+    """
     named = [(n, p) for n, p in named_parameters if p.requires_grad]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -73,22 +84,47 @@ class OptimizerWrapper:
     step_skipped: bool = False
 
     def synchronize(self) -> None:
-        """This step's exchanges; the gradients to apply end in ``p.grad``."""
+        """This step's exchanges; the gradients to apply end in ``p.grad``.
+
+        Raises:
+            NotImplementedError: in this base class; each wrapper implements it.
+        """
         raise NotImplementedError
 
     def step_optimizer(self, closure: Callable[[], float] | None = None) -> Any:
-        """The wrapped optimizer's step after :meth:`synchronize` (none when the step was skipped)."""
+        """The wrapped optimizer's step after :meth:`synchronize` (none when the step was skipped).
+
+        Args:
+            closure: as for the wrapped optimizer's ``step``.
+
+        Returns:
+            What the wrapped optimizer's ``step`` returned; None when the step was skipped.
+        """
         return self.optimizer.step(closure) if not self.step_skipped else None
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """:meth:`synchronize`, then :meth:`step_optimizer`.
+
+        Args:
+            closure: as for the wrapped optimizer's ``step``.
+
+        Returns:
+            What :meth:`step_optimizer` returned.
+        """
         self.synchronize()
         return self.step_optimizer(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's ``zero_grad``.
+
+        Args:
+            set_to_none: set the gradients to None rather than to zero.
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
     def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's param groups (learning-rate schedulers change them here)."""
         return self.optimizer.param_groups
 
 
@@ -102,6 +138,42 @@ class DistributedOptimizer(OptimizerWrapper, Door):
     :func:`~gradcomp.sgd_settings`).  ``nonfinite``: ``"skip"`` or ``"raise"``
     (see :mod:`gradcomp.guard`).  ``scaler``: the ``torch.amp.GradScaler`` that scales the loss, if one
     does (see the module docstring).
+
+    Args:
+        optimizer: the optimizer to wrap; it steps on the averaged gradients.
+        named_parameters: the model's ``named_parameters()``; those that require grad must be in
+            ``optimizer``, and their names key the memory.
+        method: a :class:`~gradcomp.Method` (e.g. :class:`~gradcomp.DGC`), a :class:`~gradcomp.Compressor`
+            or a registered name.
+        process_group: the group to average over (None: the default group).
+        backward_passes_per_step: backward passes accumulated locally before each exchange (>= 1).
+        bucket_cap_mb: the size of a bucket of parameters exchanged together, in MiB (> 0).
+        nonfinite: ``"skip"`` or ``"raise"``.
+        scaler: the ``torch.amp.GradScaler`` that scales the loss, or None.
+
+    Raises:
+        TypeError: a scaler that is not a ``torch.amp.GradScaler``.
+        ValueError: a bad setting, a parameter not in ``optimizer``, an optimizer the method cannot be
+            paired with, or a scaler with ``nonfinite="raise"``.
+
+    Example:
+        QSGD in a process group of one (under ``torchrun`` every rank runs the same lines, without the first
+        and the last two):
+
+        >>> import torch, torch.distributed as dist, gradcomp
+        >>> from gradcomp.launch import free_port
+        >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        >>> model = torch.nn.Linear(8, 2)
+        >>> opt = gradcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                                     model.named_parameters(), gradcomp.get("qsgd", levels=4, seed=0))
+        >>> for _ in range(2):
+        ...     model(torch.randn(4, 8)).square().mean().backward()
+        ...     opt.step()  # exchanges, writes the averages to p.grad, steps SGD
+        ...     opt.zero_grad()
+        >>> opt.steps, opt.step_skipped
+        (2, False)
+        >>> opt.remove_hooks()
+        >>> dist.destroy_process_group()
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, Tensor]],
@@ -198,21 +270,47 @@ class DistributedOptimizer(OptimizerWrapper, Door):
             self.core.end_step()
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        """:meth:`synchronize`, unless it already ran for this step's gradients, then the wrapped optimizer's step."""
+        """:meth:`synchronize`, unless it already ran for this step's gradients, then the wrapped optimizer's step.
+
+        Args:
+            closure: as for the wrapped optimizer's ``step``.
+
+        Returns:
+            What the wrapped optimizer's ``step`` returned; None when the step was skipped.
+
+        Raises:
+            SettingsMismatchError: at the first step, a setting differs between ranks.
+            NonFiniteGradientError: with ``nonfinite="raise"``, a gradient holds a NaN or Inf.
+        """
         if not self._synchronized:
             self.synchronize()
         self._synchronized = False
         return self.step_optimizer(closure)
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's state, for checkpoints (:mod:`gradcomp.checkpoint` keeps one per rank).
+
+        Returns:
+            The wrapped optimizer's state (``"optimizer"``), and the method's and the guard's.
+        """
         return {"optimizer": self.optimizer.state_dict(), **self.core.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the method's state is checked against the parameters first.
+
+        Args:
+            state: what :meth:`state_dict` returned (on this rank).
+
+        Raises:
+            ValueError: the method's state is not one of this method, or does not fit the parameters; nothing
+                is changed.
+        """
         self.core.check_state(state, self.params)  # before the optimizer changes
         self.optimizer.load_state_dict(state["optimizer"])
         self.core.load_state_dict(state, self.params)
 
     def remove_hooks(self) -> None:
+        """Remove the gradient hooks from the parameters (backward then starts no exchange)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []

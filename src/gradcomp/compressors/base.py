@@ -76,6 +76,27 @@ class Payload:
     ``variable`` marks payloads whose sizes differ between ranks (the
     communicator then exchanges their lengths first); ``last`` is False on
     every round of a multi-round exchange but its final one.
+
+    Args:
+        tensors: the tensors sent, exactly the bytes on the wire.
+        op: how the workers' payloads are combined: ``"sum"``, ``"max"`` or ``"gather"`` (see the module
+            docstring).
+        meta: local bookkeeping, never sent.
+        variable: True when the sizes of ``tensors`` differ between ranks.
+        last: False on every round of a multi-round exchange but its final one.
+
+    Raises:
+        ValueError: ``op`` is not one of ``"sum"``, ``"max"``, ``"gather"``.
+        TypeError: ``tensors`` is not a tuple of tensors.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import Payload
+        >>> payload = Payload((torch.zeros(4, dtype=torch.float16),), op="sum")
+        >>> payload.nbytes
+        8
+        >>> payload.replace(torch.ones(2)).tensors
+        (tensor([1., 1.]),)
     """
 
     tensors: tuple[Tensor, ...]
@@ -96,7 +117,14 @@ class Payload:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def replace(self, *tensors: Tensor) -> Payload:
-        """The same payload (op, meta) carrying other tensors: a combined result."""
+        """The same payload (op, meta) carrying other tensors: a combined result.
+
+        Args:
+            *tensors: the tensors the new payload carries.
+
+        Returns:
+            A new payload; this one is unchanged (payloads are frozen).
+        """
         return dataclasses.replace(self, tensors=tuple(tensors))
 
 
@@ -108,6 +136,10 @@ class Exchanged:
     caller may change in place (it divides by the number of workers); ``sent`` describes this worker's own
     contribution, so error feedback can remove it from the accumulator with
     :meth:`Compressor.subtract_sent`.
+
+    Args:
+        total: the sum over workers of what they sent, shaped and typed like the exchanged tensor.
+        sent: this worker's own payload, which ``decompress([sent], like)`` decodes to its contribution.
     """
 
     total: Tensor
@@ -128,19 +160,82 @@ class Compressor:
     several rounds).  ``error_feedback`` says whether the method, as its paper
     defines it, keeps what was not sent in a residual; a front door pairs the
     compressor with residual memory accordingly.
+
+    A compressor sums what the workers send: the caller divides by their number.  Build one by name
+    with :func:`gradcomp.get` (:func:`gradcomp.available` lists the names); :func:`gradcomp.register`
+    shows a compressor of your own.
+
+    Example:
+        One worker's round trip through top-k (two of four entries), then two workers' sum in float16:
+
+        >>> import torch, gradcomp
+        >>> topk = gradcomp.get("topk", density=0.5)
+        >>> grad = torch.tensor([0.5, -2.0, 0.25, 4.0])
+        >>> topk.decompress([topk.compress(grad)], like=grad)
+        tensor([ 0., -2.,  0.,  4.])
+        >>> fp16 = gradcomp.get("fp16")
+        >>> payload = fp16.compress(grad)
+        >>> payload.op, payload.nbytes
+        ('sum', 8)
+        >>> fp16.decompress([payload, payload], like=grad).tolist()
+        [1.0, -4.0, 0.5, 8.0]
     """
 
     name: ClassVar[str] = ""
     error_feedback: ClassVar[bool] = False
 
     def compress(self, tensor: Tensor, state: dict | None = None) -> Payload:
+        """The payload this worker sends for ``tensor`` (the one round of a single-round compressor).
+
+        Args:
+            tensor: the tensor to send (a gradient, or its error-compensated accumulator); any shape.
+            state: this parameter's state, kept by the caller between steps (PowerSGD's warm-start
+                factor, the step counter of seeded draws); ``None`` keeps none (seeded draws then repeat).
+
+        Returns:
+            What crosses the network, and how the workers' payloads combine (``Payload.op``).
+
+        Raises:
+            NotImplementedError: the compressor implements neither this nor :meth:`exchange`.
+        """
         raise NotImplementedError
 
     def decompress(self, payloads: Sequence[Payload], like: Tensor) -> Tensor:
-        """Sum over ``payloads`` of what each decodes to, shaped and typed like ``like``."""
+        """Sum over ``payloads`` of what each decodes to, shaped and typed like ``like``.
+
+        Args:
+            payloads: the combined payloads of one round: one for ``"sum"``/``"max"``, one per worker in
+                rank order for ``"gather"``; or ``[sent]``, this worker's own (its contribution).
+            like: a tensor of the shape, dtype and device to decode to (the tensor that was compressed).
+
+        Returns:
+            A new tensor like ``like``: the sum of what the payloads decode to.
+
+        Raises:
+            ValueError: a payload is corrupt (wrong count, size or type, an index or code out of range), on
+                the CPU; off it the first entry of the result is NaN instead
+                (:func:`~gradcomp.compressors.base.mark_corrupt`).
+            NotImplementedError: the compressor does not implement it (the base class).
+        """
         raise NotImplementedError
 
     def exchange(self, tensor: Tensor, state: dict | None = None) -> Exchange:
+        """The whole exchange of ``tensor``, as a generator the caller drives round by round.
+
+        The caller sends each yielded payload, combines it with the other workers' payloads of the round
+        (``Payload.op``) and sends the combined payloads back in; the generator's return value is the result.
+        This default is one round: :meth:`compress`, then :meth:`decompress`.
+
+        Args:
+            tensor: the tensor to exchange; any shape.
+            state: this parameter's state, as for :meth:`compress`.
+
+        Yields:
+            The payload of each round; receives the round's combined payloads (a list).
+
+        Returns:
+            ``Exchanged(total, sent)``: the sum over workers, and this worker's own payload.
+        """
         payload = self.compress(tensor, state)
         received = yield payload
         return Exchanged(self.decompress(received, like=tensor), payload)
@@ -152,17 +247,35 @@ class Compressor:
         return type(self).exchange is Compressor.exchange
 
     def subtract_sent(self, accumulator: Tensor, sent: Payload) -> None:
-        """Remove this worker's own contribution from ``accumulator`` in place (error feedback)."""
+        """Remove this worker's own contribution from ``accumulator`` in place (error feedback).
+
+        Args:
+            accumulator: the error-compensated tensor that was exchanged; changed in place.
+            sent: ``Exchanged.sent`` of its exchange.
+        """
         accumulator.sub_(self.decompress([sent], like=accumulator))
 
     def for_rank(self, rank: int) -> Compressor:
-        """The compressor worker ``rank`` runs.  Stochastic compressors whose
-        workers must draw independently (TernGrad, QSGD) offset their seed by
-        the rank; all others are the same on every rank."""
+        """The compressor worker ``rank`` runs.
+
+        Stochastic compressors whose workers must draw independently (TernGrad, QSGD) offset their seed by
+        the rank; all others are the same on every rank.
+
+        Args:
+            rank: the worker's rank.
+
+        Returns:
+            This compressor, or a copy with the rank's seed.
+        """
         return self
 
     def options(self) -> dict[str, Any]:
-        """The configuration as plain values (for fingerprints and run configs)."""
+        """The configuration as plain values (for fingerprints and run configs).
+
+        Returns:
+            The dataclass fields given to the constructor, by name (empty for a compressor that is not a
+            dataclass).
+        """
         if not dataclasses.is_dataclass(self):
             return {}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -177,7 +290,21 @@ class Compressor:
 
 def check_range(owner: str, field: str, value: float, low: float, high: float, *, low_open: bool = False,
                 high_open: bool = False) -> None:
-    """Raise ValueError naming ``owner.field`` unless ``value`` lies in the range."""
+    """Check that a setting is a finite number in a range.
+
+    Args:
+        owner: the class or function the setting belongs to, for the message.
+        field: the setting's name, for the message.
+        value: the value to check.
+        low: the lower bound.
+        high: the upper bound.
+        low_open: exclude ``low`` itself.
+        high_open: exclude ``high`` itself.
+
+    Raises:
+        ValueError: ``value`` is not a finite int or float (bools are not) within the range; the message
+            names ``owner.field``.
+    """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
@@ -187,19 +314,45 @@ def check_range(owner: str, field: str, value: float, low: float, high: float, *
 
 
 def check_int(owner: str, field: str, value: int, low: int) -> None:
+    """Check that a setting is an integer of at least ``low``.
+
+    Args:
+        owner: the class or function the setting belongs to, for the message.
+        field: the setting's name, for the message.
+        value: the value to check.
+        low: the smallest value allowed.
+
+    Raises:
+        ValueError: ``value`` is not an int (bools are not) or is below ``low``.
+    """
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{owner}.{field} must be an integer >= {low}, got {value!r}")
 
 
 def num_selected(density: float, numel: int) -> int:
-    """k = ceil(density * numel), at least one entry for a non-empty tensor."""
+    """How many entries a density selects: ``ceil(density * numel)``, at least one of a non-empty tensor.
+
+    Args:
+        density: the share of entries to keep.
+        numel: the number of entries.
+
+    Returns:
+        ``k``, between 1 and ``numel`` (0 for an empty tensor).
+    """
     if numel == 0:
         return 0
     return min(numel, max(1, math.ceil(density * numel)))
 
 
 def index_dtype(numel: int) -> torch.dtype:
-    """The narrowest index type that addresses ``numel`` entries."""
+    """The narrowest index type that addresses ``numel`` entries.
+
+    Args:
+        numel: the number of entries to address.
+
+    Returns:
+        ``torch.int32``, or ``torch.int64`` beyond ``2**31 - 1`` entries.
+    """
     return torch.int32 if numel <= 2**31 - 1 else torch.int64
 
 
@@ -218,15 +371,27 @@ _forced = False
 
 
 def device_path(t: Tensor) -> bool:
-    """True where the fixed-shape, sync-free formulation runs: for tensors that are not on the CPU, and for
-    CPU tensors inside :func:`forced_device_path`."""
+    """Whether the fixed-shape, sync-free formulation runs for ``t``.
+
+    Args:
+        t: the tensor being compressed or decoded.
+
+    Returns:
+        True for tensors that are not on the CPU, and for CPU tensors inside :func:`forced_device_path`.
+    """
     return _forced or t.device.type != "cpu"
 
 
 @contextlib.contextmanager
 def forced_device_path(enabled: bool = True):
-    """Run the device formulation on CPU tensors too (tests check it there against the CPU formulation;
-    benchmarks time it).  Process-wide, not thread-local: for tests and benchmarks only."""
+    """Run the device formulation on CPU tensors too, inside a ``with`` block.
+
+    Tests check it there against the CPU formulation; benchmarks time it.  Process-wide, not thread-local:
+    for tests and benchmarks only.
+
+    Args:
+        enabled: force the device formulation (False: the CPU's own, e.g. inside an enclosing block).
+    """
     global _forced
     before, _forced = _forced, enabled
     try:
@@ -236,9 +401,18 @@ def forced_device_path(enabled: bool = True):
 
 
 def generator(device: torch.device, seed: int) -> torch.Generator | None:
-    """A ``torch.Generator`` of ``device`` seeded with ``seed``: draws stay on the device, and the same seed
-    gives the same draws on every rank of one device type.  ``None`` for ``meta`` tensors, which hold no
-    data (no generator exists for them, and the ops that draw ignore it there)."""
+    """A ``torch.Generator`` of ``device`` seeded with ``seed``.
+
+    Draws stay on the device, and the same seed gives the same draws on every rank of one device type.
+
+    Args:
+        device: the device the draws are made on.
+        seed: the seed.
+
+    Returns:
+        The generator, or ``None`` for the ``meta`` device, which holds no data (no generator exists for it,
+        and the ops that draw ignore it there).
+    """
     if device.type == "meta":
         return None
     return torch.Generator(device=device).manual_seed(seed)
@@ -252,7 +426,14 @@ def mark_corrupt(total: Tensor, ok: Tensor | None) -> Tensor:
     data: a NaN in the decoded gradient is seen by every non-finite check downstream (``GradScaler``
     skips the step, the front doors' guard stops training), at the cost of one entry, not a pass over the
     tensor.  The decoders never read or write out of bounds either way: entries that fail a check are
-    dropped before they index anything.  ``ok=None`` (nothing to check) returns ``total`` as it is.
+    dropped before they index anything.
+
+    Args:
+        total: the decoded tensor; changed in place.
+        ok: the verdict of the payloads' checks, a 0-d bool on the device; ``None`` when nothing was checked.
+
+    Returns:
+        ``total`` itself.
     """
     if ok is not None and total.numel():
         head = total.view(-1)[:1]
@@ -272,13 +453,34 @@ def mark_corrupt(total: Tensor, ok: Tensor | None) -> Tensor:
 
 
 def check_payloads(owner: str, payloads: Sequence[Payload]) -> None:
-    """At least one payload: a collective always hands back one (sum/max) or one per worker (gather)."""
+    """Check that a round handed back at least one payload, as a collective always does (one for sum/max,
+    one per worker for gather).
+
+    Args:
+        owner: the compressor, for the message.
+        payloads: the combined payloads of a round.
+
+    Raises:
+        ValueError: ``payloads`` is empty.
+    """
     if len(payloads) == 0:
         raise ValueError(f"{owner}: corrupt exchange: expected at least 1 payload, got 0")
 
 
 def tensors_of(owner: str, payload: Payload, count: int) -> tuple[Tensor, ...]:
-    """The payload's tensors, which must number ``count``."""
+    """The payload's tensors, which must number ``count``.
+
+    Args:
+        owner: the compressor, for the message.
+        payload: a received payload.
+        count: how many tensors the compressor's payloads hold.
+
+    Returns:
+        ``payload.tensors``.
+
+    Raises:
+        ValueError: the payload holds another number of tensors.
+    """
     if len(payload.tensors) != count:
         raise ValueError(f"{owner}: corrupt payload: expected {count} tensor(s), got {len(payload.tensors)}")
     return payload.tensors
@@ -294,8 +496,22 @@ _KINDS: dict[DtypeKind, Callable[[torch.dtype], bool]] = {
 
 def check_tensor(owner: str, field: str, t: Tensor, *, numel: int | None = None, shape: tuple | None = None,
                  dtype: torch.dtype | None = None, kind: DtypeKind | None = None, dim: int | None = None) -> None:
-    """Raise ValueError naming ``owner``'s payload ``field`` unless ``t`` has the given size, shape and type
-    (``kind``: "floating-point" or "integer")."""
+    """Check a received tensor's size, shape and type (which reads no value: it runs on every device).
+
+    Args:
+        owner: the compressor, for the message.
+        field: the tensor's role in the payload (``"values"``, ``"indices"``), for the message.
+        t: the tensor to check.
+        numel: the number of entries it must have (None: any).
+        shape: the shape it must have (None: any).
+        dtype: the dtype it must have (None: any).
+        kind: the kind of dtype it must have, ``"floating-point"`` or ``"integer"`` (None: any).
+        dim: the number of dimensions it must have (None: any).
+
+    Raises:
+        ValueError: ``t`` differs from what is asked; the message names ``owner``'s payload ``field``, what
+            was expected and what came.
+    """
     def bad(what: str, expected: Any, got: Any) -> ValueError:
         return ValueError(f"{owner}: corrupt payload: {field} {what} must be {expected}, got {got}")
 
@@ -312,7 +528,18 @@ def check_tensor(owner: str, field: str, t: Tensor, *, numel: int | None = None,
 
 
 def check_indices(owner: str, field: str, indices: Tensor, numel: int) -> None:
-    """Integer, 1-d, every entry in ``[0, numel)`` (one min and one max)."""
+    """Check received indices: integer, 1-d, every entry in ``[0, numel)`` (one min and one max, read on the
+    host: the CPU path's check; the device path's is :func:`valid_indices`).
+
+    Args:
+        owner: the compressor, for the message.
+        field: the tensor's role in the payload, for the message.
+        indices: the indices to check.
+        numel: the number of entries of the tensor they index.
+
+    Raises:
+        ValueError: ``indices`` is not a 1-d integer tensor, or one of them lies outside ``[0, numel)``.
+    """
     check_tensor(owner, field, indices, kind="integer", dim=1)
     if indices.numel():
         low, high = int(indices.min()), int(indices.max())
@@ -322,8 +549,16 @@ def check_indices(owner: str, field: str, indices: Tensor, numel: int) -> None:
 
 
 def valid_indices(indices: Tensor, numel: int) -> tuple[Tensor, Tensor]:
-    """The device path's :func:`check_indices`: ``indices`` with every entry outside ``[0, numel)`` replaced
-    by 0 (safe to index with), and a 0-d device bool, True when there was none.  No sync."""
+    """The device path's :func:`check_indices`, which reads no value on the host.
+
+    Args:
+        indices: the received indices.
+        numel: the number of entries of the tensor they index.
+
+    Returns:
+        ``indices`` with every entry outside ``[0, numel)`` replaced by 0 (safe to index with), and a 0-d
+        bool on the device, True when there was no such entry.
+    """
     inside = (indices >= 0) & (indices < numel)
     return torch.where(inside, indices, torch.zeros_like(indices)), inside.all()
 
@@ -338,7 +573,38 @@ _Registered = TypeVar("_Registered", bound="type[Any]")
 
 def register(cls: _Registered) -> _Registered:
     """Class decorator: make ``cls`` (a compressor, or a whole method such as :class:`gradcomp.DGC`)
-    available as ``gradcomp.get(cls.name)``."""
+    available as ``gradcomp.get(cls.name)``.
+
+    Args:
+        cls: the class; its class attribute ``name`` is the name to register it under.
+
+    Returns:
+        ``cls`` itself.
+
+    Raises:
+        ValueError: ``cls.name`` is empty, or another class is registered under it.
+
+    Example:
+        A compressor of your own: signs, summed (a ``@dataclass(kw_only=True)``, as the built-in ones):
+
+        >>> import torch, gradcomp
+        >>> from dataclasses import dataclass
+        >>> @gradcomp.register
+        ... @dataclass(kw_only=True)
+        ... class Sign(gradcomp.Compressor):
+        ...     name = "sign"
+        ...     def compress(self, tensor, state=None):
+        ...         return gradcomp.Payload((tensor.sign().to(torch.int8).reshape(-1),), op="sum")
+        ...     def decompress(self, payloads, like):
+        ...         total = sum(p.tensors[0].to(like.dtype) for p in payloads)
+        ...         return total.reshape(like.shape)
+        >>> "sign" in gradcomp.available()
+        True
+        >>> sign = gradcomp.get("sign")
+        >>> grad = torch.tensor([0.5, -3.0, 0.0])
+        >>> sign.decompress([sign.compress(grad)], like=grad)
+        tensor([ 1., -1.,  0.])
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
@@ -348,16 +614,44 @@ def register(cls: _Registered) -> _Registered:
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`get`, sorted."""
+    """The names :func:`get` accepts.
+
+    Returns:
+        The registered names, sorted.
+
+    Example:
+        >>> import gradcomp
+        >>> names = gradcomp.available()
+        >>> "dgc" in names and "powersgd" in names and "qsgd" in names
+        True
+    """
     return sorted(_REGISTRY)
 
 
 def get(name: str, **options: Any) -> Any:
     """Build the compressor (or method) registered as ``name`` with ``options``.
 
-    >>> gradcomp.get("topk", density=0.01)
-    TopK(density=0.01)
-    >>> gradcomp.get("dgc", density=0.001)          # the whole of DGC: a gradcomp.DGC
+    Args:
+        name: a name of :func:`available`.
+        **options: the class's arguments.
+
+    Returns:
+        A new instance of the class registered as ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered, or an option is not one of the class's arguments (the message
+            lists the names, or the options); the class raises ``ValueError`` for a bad value.
+
+    Example:
+        >>> import gradcomp
+        >>> gradcomp.get("qsgd", levels=4)
+        QSGD(levels=4, bucket_size=512, seed=None)
+        >>> type(gradcomp.get("dgc", density=0.001)).__name__  # the whole of DGC: a gradcomp.DGC
+        'DGC'
+        >>> gradcomp.get("qsgd", bits=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: compressor 'qsgd' has no option 'bits'; its options are: levels, bucket_size, seed
     """
     try:
         cls = _REGISTRY[name]

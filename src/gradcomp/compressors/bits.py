@@ -20,12 +20,41 @@ _BLOCK = 1 << 20  # codes per block for the general widths; a multiple of 8
 
 
 def packed_nbytes(n: int, width: int) -> int:
-    """Bytes taken by ``n`` codes of ``width`` bits."""
+    """Bytes taken by ``n`` codes of ``width`` bits.
+
+    Args:
+        n: the number of codes.
+        width: bits per code.
+
+    Returns:
+        ``ceil(n * width / 8)``.
+    """
     return math.ceil(n * width / 8)
 
 
 def pack(codes: Tensor, width: int) -> Tensor:
-    """Pack the integers in ``codes`` (each in ``[0, 2**width)``) into a uint8 tensor."""
+    """Pack the integers in ``codes`` into a uint8 tensor, ``width`` bits each, most significant bit first.
+
+    Args:
+        codes: integers, each in ``[0, 2**width)`` (not checked: wider values corrupt their neighbours); any
+            shape, read flattened.
+        width: bits per code, in [1, 32].
+
+    Returns:
+        :func:`packed_nbytes` ``(codes.numel(), width)`` bytes, on the device of ``codes``.
+
+    Raises:
+        ValueError: ``width`` is outside [1, 32].
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors import bits
+        >>> packed = bits.pack(torch.tensor([3, 0, 2, 1, 1]), 2)  # 11 00 10 01 | 01 000000
+        >>> packed
+        tensor([201,  64], dtype=torch.uint8)
+        >>> bits.unpack(packed, 2, 5)
+        tensor([3, 0, 2, 1, 1])
+    """
     if not 1 <= width <= 32:
         raise ValueError(f"width must be in [1, 32], got {width}")
     codes = codes.reshape(-1).to(torch.int64)
@@ -59,7 +88,20 @@ def pack(codes: Tensor, width: int) -> Tensor:
 
 
 def unpack(packed: Tensor, width: int, n: int) -> Tensor:
-    """Inverse of :func:`pack`: the first ``n`` codes, as int64."""
+    """Inverse of :func:`pack`.
+
+    Args:
+        packed: the packed codes, uint8.
+        width: bits per code, as packed.
+        n: the number of codes.
+
+    Returns:
+        The ``n`` codes, int64, 1-d.
+
+    Raises:
+        TypeError: ``packed`` is not uint8.
+        ValueError: ``packed`` does not hold exactly :func:`packed_nbytes` ``(n, width)`` bytes.
+    """
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
     if packed.numel() != packed_nbytes(n, width):
@@ -114,7 +156,15 @@ def _high_bits(numel: int, k: int, low: int) -> int:
 
 
 def sorted_nbytes(numel: int, k: int) -> int:
-    """Bytes :func:`encode_sorted` takes for ``k`` distinct indices below ``numel``."""
+    """Bytes :func:`encode_sorted` takes for ``k`` distinct indices below ``numel``.
+
+    Args:
+        numel: the number of entries the indices address.
+        k: the number of indices.
+
+    Returns:
+        The length of the code in bytes (0 for no index).
+    """
     if k == 0:
         return 0
     low = _low_width(numel, k)
@@ -129,6 +179,26 @@ def encode_sorted(indices: Tensor, numel: int) -> Tensor:
     ``(i >> low) + j`` is set for the j-th index.  That is at most
     ``2 + log2(numel / k)`` bits per index, against 32 for an int32.  The
     caller guarantees the order (see :func:`decode_sorted` for the checks).
+
+    Args:
+        indices: strictly increasing integers in ``[0, numel)``, any shape (read flattened).
+        numel: the number of entries they address.
+
+    Returns:
+        The code: :func:`sorted_nbytes` ``(numel, k)`` bytes, uint8, on the device of ``indices``.
+
+    Example:
+        Four indices below 64 in 3 bytes (4 low bits each, then 8 unary bits), not 16:
+
+        >>> import torch
+        >>> from gradcomp.compressors import bits
+        >>> code = bits.encode_sorted(torch.tensor([2, 5, 11, 40]), 64)
+        >>> code.numel(), bits.sorted_nbytes(64, 4)
+        (3, 3)
+        >>> bits.decode_sorted(code, 64, 4)
+        tensor([ 2,  5, 11, 40])
+        >>> bits.decode_sorted_flagged(code, 64, 4)
+        (tensor([ 2,  5, 11, 40]), tensor(True))
     """
     k = indices.numel()
     if k == 0:
@@ -176,6 +246,18 @@ def decode_sorted(data: Tensor, numel: int, k: int) -> Tensor:
     A corrupt code raises ``ValueError`` (wrong length, wrong count, indices
     out of range or out of order); it never yields an index outside ``[0, numel)``.
     (The checks read values on the host: off the CPU, :func:`decode_sorted_flagged`.)
+
+    Args:
+        data: one code (1-d), or a [rows, bytes] stack of codes.
+        numel: the number of entries the indices address.
+        k: the number of indices of each code.
+
+    Returns:
+        The indices, int64: ``[k]`` for one code, ``[rows, k]`` for a stack.
+
+    Raises:
+        TypeError: ``data`` is not uint8.
+        ValueError: a code is corrupt (as above).
     """
     rows = _check_code(data, numel, k)
     n_rows = rows.shape[0]
@@ -205,6 +287,18 @@ def decode_sorted_flagged(data: Tensor, numel: int, k: int) -> tuple[Tensor, Ten
     the indices are still all in ``[0, numel)``, so indexing with them is
     safe (see :func:`gradcomp.compressors.base.mark_corrupt`).  A wrong
     length or type, which the host knows, raises as in :func:`decode_sorted`.
+
+    Args:
+        data: one code (1-d), or a [rows, bytes] stack of codes.
+        numel: the number of entries the indices address.
+        k: the number of indices of each code.
+
+    Returns:
+        The indices (int64, ``[k]`` or ``[rows, k]``, every one in ``[0, numel)``) and the verdict.
+
+    Raises:
+        TypeError: ``data`` is not uint8.
+        ValueError: a code has the wrong length.
     """
     rows = _check_code(data, numel, k)
     n_rows, device = rows.shape[0], data.device

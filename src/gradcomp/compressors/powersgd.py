@@ -129,6 +129,35 @@ class PowerSGD(Compressor):
     - ``"q"``: the warm-start factor (m, r), column-normalised, when ``warm_start``;
     - ``"step"``: an int64 CPU counter of fresh draws, when not ``warm_start``
       (so each step draws a new Q, as the paper's no-warm-start ablation).
+
+    Raises:
+        ValueError: ``rank`` or ``seed`` is not an integer of at least 1 or 0, ``min_compression_rate`` is
+            below 1 or not finite, or ``warm_start`` is not a bool.
+
+    Example:
+        One worker (the sum of each round is its own payload): a rank-1 matrix is recovered, up to float
+        rounding, from 8 + 6 numbers instead of 48, and the warm-start factor is kept for the next step.
+
+        >>> import torch
+        >>> from gradcomp.compressors.powersgd import PowerSGD
+        >>> powersgd = PowerSGD(rank=1)
+        >>> grad = torch.outer(torch.arange(1.0, 9.0), torch.ones(6))  # 8 x 6, rank 1
+        >>> powersgd.matrix_shape(grad), powersgd.matrix_shape(torch.ones(6))  # a bias is sent dense
+        ((8, 6), None)
+        >>> state = {}
+        >>> def one_worker(tensor):
+        ...     exchange = powersgd.exchange(tensor, state)
+        ...     payload = next(exchange)
+        ...     try:
+        ...         while True:
+        ...             payload = exchange.send([payload])
+        ...     except StopIteration as done:
+        ...         return done.value
+        >>> result = one_worker(grad)
+        >>> torch.allclose(result.total, grad, atol=1e-4), sorted(state)
+        (True, ['q'])
+        >>> [tuple(t.shape) for t in result.sent.tensors]  # P^ (8 x 1) and Q_w (6 x 1)
+        [(8, 1), (6, 1)]
     """
 
     name = "powersgd"
@@ -150,7 +179,16 @@ class PowerSGD(Compressor):
     # ------------------------------------------------------------ planning
 
     def matrix_shape(self, tensor: Tensor) -> tuple[int, int] | None:
-        """``(n, m)`` if ``tensor`` is compressed as an n x m matrix, None if it is sent dense."""
+        """How ``tensor`` is sent.
+
+        Args:
+            tensor: a gradient.
+
+        Returns:
+            ``(n, m)`` if ``tensor`` is compressed as an n x m matrix (``n = tensor.shape[0]``), None if it is
+            sent dense (fewer than 2 dimensions, empty, not floating-point, or a compression rate below
+            ``min_compression_rate``).
+        """
         if tensor.dim() < 2 or tensor.numel() == 0 or not tensor.is_floating_point():
             return None
         n = tensor.shape[0]
@@ -190,6 +228,13 @@ class PowerSGD(Compressor):
 
         Does not change ``state``.  A matrix payload cannot be decompressed on
         its own; use :meth:`exchange`, which runs both rounds.
+
+        Args:
+            tensor: a gradient.
+            state: this parameter's state (its warm-start factor); read, not changed.
+
+        Returns:
+            A ``"sum"`` payload of the flattened tensor, or of ``P_w`` (n x r).
         """
         shape = self.matrix_shape(tensor)
         if shape is None:
@@ -206,6 +251,20 @@ class PowerSGD(Compressor):
         (the sum over workers, shaped and typed like ``tensor``) and
         ``sent = (P^, Q_w)``, this worker's own approximation ``P^ Q_w^T``.
         ``state`` is updated only once both rounds have completed.
+
+        Args:
+            tensor: a gradient (or its error-compensated accumulator).
+            state: this parameter's state: ``"q"`` (warm start) or ``"step"``, updated at the end.
+
+        Yields:
+            ``Payload((P_w,))`` then ``Payload((Q_w,))`` (both ``"sum"``); a tensor sent dense: one
+            payload of the flattened tensor.
+
+        Returns:
+            ``Exchanged(total, sent)`` as above.
+
+        Raises:
+            ValueError: a combined payload has the wrong count, shape or dtype.
         """
         shape = self.matrix_shape(tensor)
         if shape is None:
@@ -239,6 +298,17 @@ class PowerSGD(Compressor):
         Factor payloads are the ``sent`` of :meth:`exchange`.  Round payloads
         (from :meth:`compress` or the rounds of :meth:`exchange`) raise
         ``NotImplementedError``: PowerSGD needs both rounds of :meth:`exchange`.
+
+        Args:
+            payloads: factor payloads ``(P^, Q_w)``, or dense payloads of ``like.numel()`` entries.
+            like: the tensor that was exchanged (its shape, dtype and device).
+
+        Returns:
+            A new tensor like ``like``.
+
+        Raises:
+            NotImplementedError: a payload is one round's factor (``P_w`` or ``Q_w``).
+            ValueError: ``payloads`` is empty, or a payload does not decode to ``like``'s shape.
         """
         check_payloads("powersgd", payloads)
         total = torch.zeros(like.shape, dtype=_compute_dtype(like.dtype), device=like.device)

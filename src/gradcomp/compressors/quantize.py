@@ -182,6 +182,17 @@ class OneBit(Compressor):
     Wire: ``(packed signs: uint8[ceil(n/8)], values: dtype[2, ncols])``, i.e.
     ``ceil(n/8) + 2 * ncols * element_size`` bytes; op ``"gather"``.  Row 0 of
     ``values`` holds ``a``, row 1 holds ``b``.
+
+    Example:
+        Each column decodes to the mean of its entries of the same sign:
+
+        >>> import torch
+        >>> from gradcomp.compressors.quantize import OneBit
+        >>> onebit = OneBit()
+        >>> grad = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+        >>> onebit.decompress([onebit.compress(grad)], like=grad)
+        tensor([[ 2., -3.],
+                [ 2., -3.]])
     """
 
     name = "onebit"
@@ -256,7 +267,35 @@ class TernGrad(Compressor):
 
     The fp32 scale is rounded up where the gradient's dtype is wider (float64),
     so the sender quantizes with exactly the scale the receiver decodes with.
-    See the module docstring for ``seed`` and the random stream.
+
+    Args:
+        seed: the seed of the random draws (None: torch's global generator); see the module docstring for
+            the random stream.  Each rank offsets it by its rank (:meth:`for_rank`).
+
+    Raises:
+        ValueError: ``seed`` is neither None nor an integer in ``[0, 2**64 - 1]``.
+
+    Example:
+        Two workers' exchange, driven by hand: a round of ``"max"`` for the shared scale, then a gather of
+        the codes.  Every entry of the sum is a multiple of the scale, 4.0:
+
+        >>> import torch
+        >>> from gradcomp.compressors.quantize import TernGrad
+        >>> workers = [TernGrad(seed=0).for_rank(rank) for rank in range(2)]
+        >>> grads = [torch.tensor([4.0, -1.0, 0.5]), torch.tensor([2.0, 1.0, -3.0])]
+        >>> exchanges = [w.exchange(g) for w, g in zip(workers, grads)]
+        >>> scales = [next(e) for e in exchanges]
+        >>> shared = scales[0].replace(torch.maximum(scales[0].tensors[0], scales[1].tensors[0]))
+        >>> codes = [e.send([shared]) for e in exchanges]
+        >>> results = []
+        >>> for e in exchanges:
+        ...     try:
+        ...         e.send(codes)
+        ...     except StopIteration as done:
+        ...         results.append(done.value)
+        >>> total = results[0].total
+        >>> torch.equal(total, results[1].total), bool(((total / 4) == (total / 4).round()).all())
+        (True, True)
     """
 
     name = "terngrad"
@@ -268,7 +307,14 @@ class TernGrad(Compressor):
         _check_seed("TernGrad", self.seed)
 
     def for_rank(self, rank: int) -> Compressor:
-        """Each worker draws its own stream: the seed is offset by the rank."""
+        """Each worker draws its own stream: the seed is offset by the rank.
+
+        Args:
+            rank: the worker's rank.
+
+        Returns:
+            This compressor with ``seed=None``, else a copy with ``seed + rank``.
+        """
         return self if self.seed is None else dataclasses.replace(self, seed=self.seed + rank)
 
     @staticmethod
@@ -353,7 +399,26 @@ class QSGD(Compressor):
     The norm is computed with max-scaling (no overflow or underflow in
     float32) and rounded up to fp32 where the gradient's dtype is wider, so
     ``|v_i| / ||v|| <= 1`` always holds for the scale actually sent.
-    See the module docstring for ``seed`` and the random stream.
+
+    Args:
+        levels: ``s``, the number of levels of each sign (>= 1): codes take ``ceil(log2(2s + 1))`` bits.
+        bucket_size: entries per bucket (>= 1), each with its own norm.
+        seed: the seed of the random draws (None: torch's global generator); see the module docstring for
+            the random stream.  Each rank offsets it by its rank (:meth:`for_rank`).
+
+    Raises:
+        ValueError: a setting is out of range (``levels`` beyond ``2**31 - 1`` too).
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.quantize import QSGD
+        >>> qsgd = QSGD(levels=4, bucket_size=8, seed=0)
+        >>> grad = torch.randn(16)
+        >>> payload = qsgd.compress(grad, state={})
+        >>> qsgd.width, payload.nbytes  # 16 codes of 4 bits, two fp32 norms
+        (4, 16)
+        >>> qsgd.decompress([payload], like=grad).shape
+        torch.Size([16])
     """
 
     name = "qsgd"
@@ -370,7 +435,14 @@ class QSGD(Compressor):
         _check_seed("QSGD", self.seed)
 
     def for_rank(self, rank: int) -> Compressor:
-        """Each worker draws its own stream: the seed is offset by the rank."""
+        """Each worker draws its own stream: the seed is offset by the rank.
+
+        Args:
+            rank: the worker's rank.
+
+        Returns:
+            This compressor with ``seed=None``, else a copy with ``seed + rank``.
+        """
         return self if self.seed is None else dataclasses.replace(self, seed=self.seed + rank)
 
     @property
@@ -454,6 +526,21 @@ class DoReFa(Compressor):
         bits: ``k``, bits per entry, in [1, 16].
         per_row: one scale per row of the tensor (first axis) instead of one per tensor.
         seed: see the module docstring; each rank offsets it by its rank.
+
+    Raises:
+        ValueError: ``bits`` is not an integer in [1, 16], ``per_row`` not a bool, or ``seed`` neither None
+            nor an integer in ``[0, 2**64 - 1]``.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.quantize import DoReFa
+        >>> dorefa = DoReFa(bits=2, per_row=True, seed=0)
+        >>> grad = torch.randn(3, 5)
+        >>> payload = dorefa.compress(grad)
+        >>> [t.numel() for t in payload.tensors]  # three fp32 scales, 15 codes of 2 bits in 4 bytes
+        [3, 4]
+        >>> dorefa.decompress([payload], like=grad).shape
+        torch.Size([3, 5])
     """
 
     name = "dorefa"
@@ -471,7 +558,14 @@ class DoReFa(Compressor):
         _check_seed("dorefa", self.seed)
 
     def for_rank(self, rank: int) -> Compressor:
-        """Each worker draws its own stream: the seed is offset by the rank."""
+        """Each worker draws its own stream: the seed is offset by the rank.
+
+        Args:
+            rank: the worker's rank.
+
+        Returns:
+            This compressor with ``seed=None``, else a copy with ``seed + rank``.
+        """
         return self if self.seed is None else dataclasses.replace(self, seed=self.seed + rank)
 
     def _rows(self, shape: torch.Size) -> tuple[int, int]:

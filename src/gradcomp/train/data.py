@@ -153,7 +153,12 @@ _IDX_DTYPES: dict[int, np.dtype] = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are in none of the folders searched; ``searched`` lists them."""
+    """A dataset's files are in none of the folders searched.
+
+    Args:
+        message: what was looked for, where, and how to get it.
+        searched: the folders searched, kept as ``searched``.
+    """
 
     def __init__(self, message: str, searched: list[Path] | None = None) -> None:
         super().__init__(message)
@@ -172,6 +177,33 @@ class Dataset:
     ``train, valid, test`` (1-D int64 token streams), ``vocab`` (token of each
     id) and ``vocab_size``.  ``num_classes`` is the number of labels, or the
     vocabulary size for an LM.  ``source`` says where it was read from.
+
+    Args:
+        name: the dataset's name.
+        kind: ``"image"`` or ``"lm"``.
+        num_classes: the number of labels, or the vocabulary size.
+        input_shape: the shape of one image (``()`` for an LM).
+        x_train: training images (image datasets).
+        y_train: training labels (image datasets).
+        x_test: test images (image datasets).
+        y_test: test labels (image datasets).
+        train: the training token stream (LMs).
+        valid: the validation token stream (LMs).
+        test: the test token stream (LMs).
+        vocab: the token of each id (LMs).
+        vocab_size: the vocabulary size (default: ``len(vocab)``).
+        source: where it was read from.
+
+    Raises:
+        ValueError: ``kind`` is neither, a tensor its kind needs is missing, images and labels differ in
+            number, a label is outside ``0 .. num_classes - 1``, or ``vocab_size`` differs from ``len(vocab)``.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.data import Dataset
+        >>> Dataset(name="tiny", kind="lm", num_classes=3, train=torch.tensor([0, 1, 2, 1]),
+        ...         valid=torch.tensor([2, 0]), test=torch.tensor([1]), vocab=("a", "b", "c"))
+        Dataset(name='tiny', kind='lm', train=4, valid=2, test=1 tokens, vocab_size=3, num_classes=3)
     """
 
     name: str
@@ -223,7 +255,23 @@ class Dataset:
 
 
 def dataset_info(name: str) -> dict:
-    """Kind, input shape and number of classes (vocabulary for LMs) of a dataset, without loading it."""
+    """What a dataset looks like, without loading it.
+
+    Args:
+        name: one of :data:`DATASETS`.
+
+    Returns:
+        A copy of its :data:`DATASET_INFO` entry: ``kind``, ``input_shape`` and ``num_classes`` (the vocabulary
+        for LMs).
+
+    Raises:
+        ValueError: an unknown name.
+
+    Example:
+        >>> from gradcomp.train.data import dataset_info
+        >>> dataset_info("mnist")
+        {'kind': 'image', 'input_shape': (1, 28, 28), 'num_classes': 10}
+    """
     _check_name(name)
     return dict(DATASET_INFO[name])
 
@@ -246,7 +294,15 @@ def _shared_data_dir() -> Path | None:
 
 
 def data_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The data roots searched, in order (see the module docstring)."""
+    """The data roots searched, in order (see the module docstring).
+
+    Args:
+        data_dir: the one root given (``--data-dir``), or None for the default ones.
+
+    Returns:
+        ``[data_dir]``; else ``$GRADCOMP_DATA`` if set, the ``shared/data`` folder beside the checkout if there
+        is one, and ``data``.
+    """
     if data_dir is not None:
         return [Path(data_dir)]
     roots = []
@@ -350,6 +406,16 @@ def read_idx(path: str | os.PathLike, magic: int | None = None) -> np.ndarray:
     for images, 2049 for labels) when given, and a payload of exactly
     ``prod(dims) * itemsize`` bytes.  Anything else raises ``ValueError``
     naming the file.
+
+    Args:
+        path: the file.
+        magic: the magic number the header must hold (None: any known type).
+
+    Returns:
+        The array, read-only, of the header's shape and type.
+
+    Raises:
+        ValueError: the header or the length is wrong, or a gzip file does not decompress.
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -500,6 +566,18 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, limit_
     folder; when it is None the default locations are searched (module
     docstring).  ``limit_train`` keeps only the first that many training
     samples (images) or tokens (LMs), for quick runs; test data is never cut.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_dir: a data root or the dataset's folder (None: the default locations).
+        limit_train: keep the first that many training samples or tokens (None: all).
+
+    Returns:
+        The :class:`Dataset`.
+
+    Raises:
+        DatasetNotFoundError: its files are in none of the folders searched (the message lists them).
+        ValueError: an unknown name, a bad ``limit_train``, or a damaged file (named in the message).
     """
     _check_name(name)
     if limit_train is not None and (not isinstance(limit_train, int) or limit_train < 1):
@@ -525,7 +603,24 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def steps_per_epoch(n: int, global_batch: int, drop_last: bool = True) -> int:
-    """Global steps in one epoch of ``n`` samples (``n // global_batch``, or rounded up without ``drop_last``)."""
+    """Global steps in one epoch of ``n`` samples.
+
+    Args:
+        n: the number of samples.
+        global_batch: the samples of one step, over all workers.
+        drop_last: drop the last, smaller batch.
+
+    Returns:
+        ``n // global_batch``, or rounded up without ``drop_last``.
+
+    Raises:
+        ValueError: ``n`` < 0 or ``global_batch`` < 1.
+
+    Example:
+        >>> from gradcomp.train.data import steps_per_epoch
+        >>> steps_per_epoch(1437, 128), steps_per_epoch(1437, 128, drop_last=False)
+        (11, 12)
+    """
     _check_positive("global_batch", global_batch)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
@@ -533,8 +628,28 @@ def steps_per_epoch(n: int, global_batch: int, drop_last: bool = True) -> int:
 
 
 def epoch_permutation(n: int, epoch: int, seed: int, worker: int | None = None) -> Tensor:
-    """The sample order of one epoch: ``numpy.random.default_rng([seed, epoch]).permutation(n)``, as int64
-    (``[seed, epoch, worker]`` with ``worker``: one worker's own part)."""
+    """The sample order of one epoch: ``numpy.random.default_rng([seed, epoch]).permutation(n)``, as int64.
+
+    Args:
+        n: the number of samples.
+        epoch: the epoch (>= 0).
+        seed: the run's seed (>= 0).
+        worker: a worker whose own part is ordered (the key becomes ``[seed, epoch, worker]``); None: the
+            whole set, the same on every rank.
+
+    Returns:
+        A permutation of ``range(n)``, int64.
+
+    Raises:
+        ValueError: ``seed`` or ``epoch`` is not an integer >= 0.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.data import epoch_permutation
+        >>> order = epoch_permutation(6, epoch=0, seed=1)
+        >>> sorted(order.tolist()), torch.equal(order, epoch_permutation(6, epoch=0, seed=1))
+        ([0, 1, 2, 3, 4, 5], True)
+    """
     if not (isinstance(seed, int) and seed >= 0 and isinstance(epoch, int) and epoch >= 0):
         raise ValueError(f"seed and epoch must be integers >= 0, got seed={seed!r}, epoch={epoch!r}")
     key = [seed, epoch] if worker is None else [seed, epoch, worker]
@@ -544,7 +659,26 @@ def epoch_permutation(n: int, epoch: int, seed: int, worker: int | None = None) 
 def skewed_parts(y: Tensor, num_workers: int, seed: int) -> list[Tensor]:
     """A non-i.i.d. split of a labelled training set: the sample indices sorted by label (ties in a seeded
     random order), cut into ``num_workers`` equal contiguous parts (the remainder dropped).  With 10
-    classes and 4 workers each worker holds 2 or 3 classes and no other."""
+    classes and 4 workers each worker holds 2 or 3 classes and no other.
+
+    Args:
+        y: the labels.
+        num_workers: the number of parts (>= 1).
+        seed: the seed of the order of ties.
+
+    Returns:
+        One index tensor per worker, ``len(y) // num_workers`` indices each.
+
+    Raises:
+        ValueError: ``num_workers`` < 1, or more workers than samples.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.data import skewed_parts
+        >>> y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        >>> [y[part].tolist() for part in skewed_parts(y, num_workers=2, seed=0)]
+        [[0, 0, 0, 1], [1, 1, 2, 2]]
+    """
     _check_positive("num_workers", num_workers)
     per = len(y) // num_workers
     if per == 0:
@@ -558,7 +692,19 @@ def speaker_grouped(stream: Tensor, vocab: tuple[str, ...], num_workers: int) ->
     """Tiny Shakespeare's characters reordered for a non-i.i.d. split: its speeches (blocks separated by a
     blank line, whose first line names the speaker) grouped by speaker, the speakers dealt to
     ``num_workers`` groups of nearly equal length (largest first, each to the shortest group), the groups
-    in worker order.  :func:`batchify` then gives worker ``w`` (rows block ``w``) about group ``w``'s text."""
+    in worker order.  :func:`batchify` then gives worker ``w`` (rows block ``w``) about group ``w``'s text.
+
+    Args:
+        stream: the character ids of the text.
+        vocab: the sorted characters of the text (the dataset's ``vocab``).
+        num_workers: the number of groups (>= 1).
+
+    Returns:
+        The reordered ids, as long as ``stream``.
+
+    Raises:
+        ValueError: ``num_workers`` < 1, or ``vocab`` is not sorted.
+    """
     _check_positive("num_workers", num_workers)
     codes = np.array([ord(c) for c in vocab])
     if np.any(np.diff(codes) <= 0):
@@ -598,6 +744,34 @@ def image_batches(x: Tensor, y: Tensor, global_batch: int, num_workers: int, epo
     worker draws only from its own part, in the order
     ``epoch_permutation(len(part), epoch, seed, worker)``, for as many full
     steps as the shortest part allows.
+
+    Args:
+        x: the samples.
+        y: their labels.
+        global_batch: the samples of one step, over all workers.
+        num_workers: the number of workers.
+        epoch: the epoch (its order).
+        seed: the run's seed.
+        drop_last: drop the last, smaller batch.
+        parts: one index tensor per worker, or None (i.i.d.).
+
+    Returns:
+        An iterator over the epoch's steps.
+
+    Raises:
+        ValueError: a bad setting, ``x`` and ``y`` of different lengths, fewer samples than a global batch, or
+            a part smaller than a worker's batch.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.data import image_batches
+        >>> x, y = torch.randn(10, 1, 8, 8), torch.arange(10)
+        >>> steps = list(image_batches(x, y, global_batch=4, num_workers=2, epoch=0, seed=0))
+        >>> len(steps), [tuple(xs.shape) for xs, _ in steps[0]]  # 2 steps, 2 shards of 2 samples each
+        (2, [(2, 1, 8, 8), (2, 1, 8, 8)])
+        >>> labels = [int(label) for step in steps for _, ys in step for label in ys]
+        >>> len(set(labels))  # every sample at most once
+        8
     """
     _check_positive("global_batch", global_batch)
     _check_positive("num_workers", num_workers)
@@ -637,6 +811,23 @@ def batchify(stream: Tensor, batch_size: int) -> Tensor:
     Row ``b`` is the contiguous stretch ``stream[b*T:(b+1)*T]`` (the tail that
     does not fill a row is dropped).  This is PyTorch's ``word_language_model``
     ``batchify`` transposed to batch-first, the layout :class:`~gradcomp.train.models.LSTMLM` uses.
+
+    Args:
+        stream: a 1-D token stream.
+        batch_size: the number of rows (>= 1).
+
+    Returns:
+        The ``(batch_size, T)`` tensor, contiguous.
+
+    Raises:
+        ValueError: ``stream`` is not 1-D, or gives rows of fewer than 2 tokens.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.data import batchify
+        >>> batchify(torch.arange(11), 2)
+        tensor([[0, 1, 2, 3, 4],
+                [5, 6, 7, 8, 9]])
     """
     _check_positive("batch_size", batch_size)
     if stream.dim() != 1:
@@ -648,7 +839,18 @@ def batchify(stream: Tensor, batch_size: int) -> Tensor:
 
 
 def lm_steps(data: Tensor, bptt: int) -> int:
-    """Steps :func:`lm_batches` yields for a batchified ``(B, T)`` tensor: ``ceil((T - 1) / bptt)``."""
+    """Steps :func:`lm_batches` yields for a batchified ``(B, T)`` tensor.
+
+    Args:
+        data: the batchified tensor.
+        bptt: the window length (>= 1).
+
+    Returns:
+        ``ceil((T - 1) / bptt)``.
+
+    Raises:
+        ValueError: ``bptt`` < 1.
+    """
     _check_positive("bptt", bptt)
     return -(-(data.shape[1] - 1) // bptt)
 
@@ -664,6 +866,27 @@ def lm_batches(data: Tensor, bptt: int, num_workers: int) -> Iterator[list[tuple
     ``(B // num_workers, L)``.  Concatenating the workers' blocks gives the
     single-process batch, and each worker's LSTM state is its block of rows
     of the single-process state, carried across steps.
+
+    Args:
+        data: the batchified ``(B, T)`` tensor (:func:`batchify`).
+        bptt: the window length (>= 1).
+        num_workers: the number of workers; ``B`` must be divisible by it.
+
+    Returns:
+        An iterator over the steps (:func:`lm_steps` of them): per step, one ``(input, target)`` per worker.
+
+    Raises:
+        ValueError: a bad setting, ``data`` not 2-D or of fewer than 2 columns, or ``B`` not divisible.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.data import batchify, lm_batches, lm_steps
+        >>> data = batchify(torch.arange(10), 2)  # rows 0-4 and 5-9
+        >>> lm_steps(data, bptt=3)
+        2
+        >>> first = next(lm_batches(data, bptt=3, num_workers=2))
+        >>> [(inputs.tolist(), targets.tolist()) for inputs, targets in first]  # one row per worker
+        [([[0, 1, 2]], [[1, 2, 3]]), ([[5, 6, 7]], [[6, 7, 8]])]
     """
     _check_positive("bptt", bptt)
     _check_positive("num_workers", num_workers)

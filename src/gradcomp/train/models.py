@@ -51,7 +51,23 @@ Hidden = tuple[Tensor, Tensor]
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameter entries (shared parameters counted once)."""
+    """Number of parameter entries (shared parameters counted once).
+
+    Args:
+        model: the model (its parameters may be on the ``meta`` device).
+
+    Returns:
+        The number of entries.
+
+    Example:
+        The paper's ResNet-50, counted without allocating its weights:
+
+        >>> import torch
+        >>> from gradcomp.train.models import count_parameters, resnet50
+        >>> with torch.device("meta"):
+        ...     count_parameters(resnet50())
+        25557032
+    """
     return sum(p.numel() for p in model.parameters())
 
 
@@ -85,7 +101,22 @@ def _dropout(name: str, value: Any) -> None:
 # ----------------------------------------------------------------------------- image models
 
 class MLP(nn.Module):
-    """Flatten, then ``Linear-ReLU`` per entry of ``hidden``, then a linear classifier."""
+    """Flatten, then ``Linear-ReLU`` per entry of ``hidden``, then a linear classifier.
+
+    Args:
+        input_shape: ``(channels, height, width)`` of an image.
+        num_classes: the number of classes.
+        hidden: the widths of the hidden layers.
+
+    Raises:
+        ValueError: a bad shape, number of classes or width.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.models import MLP
+        >>> MLP((1, 8, 8), 10, hidden=(32,))(torch.zeros(5, 1, 8, 8)).shape
+        torch.Size([5, 10])
+    """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128)) -> None:
         super().__init__()
@@ -100,6 +131,14 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The logits of a batch of images.
+
+        Args:
+            x: images ``(N, C, H, W)``.
+
+        Returns:
+            Logits ``(N, num_classes)``.
+        """
         return self.net(x)
 
 
@@ -116,6 +155,16 @@ class CNN(nn.Module):
     With the defaults it has 390,634 parameters whatever the input size (the
     adaptive pooling fixes the classifier's width), so it runs on 8x8 digits
     and 28x28 (Fashion-)MNIST alike.
+
+    Args:
+        input_shape: ``(channels, height, width)`` of an image.
+        num_classes: the number of classes.
+        channels: the widths of the three convolutions.
+        hidden: the width of the classifier's hidden layer.
+        dropout: dropout before the last layer, in ``[0, 1)``.
+
+    Raises:
+        ValueError: a bad shape, number of classes, width or dropout.
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64, 128),
@@ -137,12 +186,26 @@ class CNN(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """The logits of a batch of images.
+
+        Args:
+            x: images ``(N, C, H, W)``.
+
+        Returns:
+            Logits ``(N, num_classes)``.
+        """
         return self.classifier(self.features(x))
 
 
 class BasicBlock(nn.Module):
     """ResNet basic block: ``conv3x3-bn-relu-conv3x3-bn`` plus shortcut, then ReLU (He et al. 2016).
-    The shortcut is the identity, or a strided ``conv1x1-bn`` projection where the shape changes."""
+    The shortcut is the identity, or a strided ``conv1x1-bn`` projection where the shape changes.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        stride: the stride of the first convolution (and the projection).
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
@@ -156,6 +219,14 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The block's output.
+
+        Args:
+            x: feature maps ``(N, cin, H, W)``.
+
+        Returns:
+            Feature maps ``(N, cout, H / stride, W / stride)`` (rounded up).
+        """
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
@@ -168,6 +239,15 @@ class ResNet(nn.Module):
     ``width, 2*width, 4*width`` channels (the last two halve the resolution),
     global average pooling and a linear classifier.  28x28 inputs go
     28 -> 14 -> 7, 8x8 inputs 8 -> 4 -> 2; any size >= 1 works.
+
+    Args:
+        input_shape: ``(channels, height, width)`` of an image.
+        num_classes: the number of classes.
+        depth: the number of layers, ``6n + 2`` (8, 14, 20, 32, ...).
+        width: the channels of the stem and the first stage.
+
+    Raises:
+        ValueError: a bad shape, number of classes, depth or width.
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, depth: int = 20, width: int = 16) -> None:
@@ -195,6 +275,14 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """The logits of a batch of images.
+
+        Args:
+            x: images ``(N, C, H, W)``.
+
+        Returns:
+            Logits ``(N, num_classes)``.
+        """
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
@@ -204,8 +292,15 @@ class ResNet(nn.Module):
 
 def detach_hidden(hidden: Any) -> Any:
     """Cut the autograd history of an RNN state (a tensor, or nested tuples/lists of tensors) between
-    truncated-BPTT windows, keeping its values.  ``None`` (a model that carries no state, :class:`GPT`) stays
-    ``None``."""
+    truncated-BPTT windows, keeping its values.
+
+    Args:
+        hidden: the state: a tensor, nested tuples or lists of tensors, or None (a model that carries no
+            state, :class:`GPT`).
+
+    Returns:
+        The same structure of detached tensors; None for None.
+    """
     if hidden is None:
         return None
     if isinstance(hidden, Tensor):
@@ -225,6 +320,26 @@ class LSTMLM(nn.Module):
     shares the embedding with the decoder (Press & Wolf 2017) and needs
     ``emb == hidden``.  Parameter names follow the example: ``encoder``,
     ``rnn``, ``decoder``.
+
+    Args:
+        vocab_size: the number of tokens.
+        emb: the embedding width.
+        hidden: the LSTM's width.
+        layers: the number of LSTM layers.
+        dropout: dropout on the embeddings, between layers and before the decoder, in ``[0, 1)``.
+        tie_weights: share the embedding with the decoder.
+
+    Raises:
+        ValueError: a bad width, count or dropout, or ``tie_weights`` with ``emb != hidden``.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.models import LSTMLM, detach_hidden
+        >>> model = LSTMLM(50, emb=16, hidden=16, layers=1)
+        >>> logits, state = model(torch.zeros(3, 5, dtype=torch.long))
+        >>> logits.shape, state[0].shape
+        (torch.Size([3, 5, 50]), torch.Size([1, 3, 16]))
+        >>> logits, state = model(torch.zeros(3, 5, dtype=torch.long), detach_hidden(state))  # the next window
     """
 
     def __init__(self, vocab_size: int, emb: int = 200, hidden: int = 200, layers: int = 2, dropout: float = 0.2,
@@ -249,13 +364,35 @@ class LSTMLM(nn.Module):
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
     def init_hidden(self, batch: int) -> Hidden:
-        """Zero state ``(h, c)``, each ``(layers, batch, hidden)``, on the model's device and dtype."""
+        """The zero state.
+
+        Args:
+            batch: the number of rows of a batch (>= 1).
+
+        Returns:
+            ``(h, c)``, each zeros ``(layers, batch, hidden)``, on the model's device and dtype.
+
+        Raises:
+            ValueError: ``batch`` < 1.
+        """
         _positive("batch", batch)
         w = self.decoder.bias
         shape = (self.layers, batch, self.hidden)
         return (w.new_zeros(shape), w.new_zeros(shape))
 
     def forward(self, tokens: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
+        """The logits of each position, and the state after the window.
+
+        Args:
+            tokens: int64 tokens ``(B, T)``.
+            hidden: the state ``(h, c)`` from the previous window (None: zeros).
+
+        Returns:
+            ``(logits (B, T, vocab_size), (h, c))``.
+
+        Raises:
+            ValueError: ``tokens`` is not 2-D.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         if hidden is None:
@@ -266,7 +403,13 @@ class LSTMLM(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: one ``qkv`` projection ``d -> 3d``, ``heads`` heads attending to
-    earlier positions only (``scaled_dot_product_attention(is_causal=True)``), output projection ``proj``."""
+    earlier positions only (``scaled_dot_product_attention(is_causal=True)``), output projection ``proj``.
+
+    Args:
+        d: the model width (a multiple of ``heads``).
+        heads: the number of heads.
+        dropout: dropout on the attention weights (in training), in ``[0, 1)``.
+    """
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -275,6 +418,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d, d)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Attend, each position to itself and the earlier ones.
+
+        Args:
+            x: ``(B, T, d)``.
+
+        Returns:
+            ``(B, T, d)``.
+        """
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
         y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
@@ -284,7 +435,13 @@ class CausalSelfAttention(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` (MLP ``d -> 4d -> d``,
-    GELU), dropout on each residual branch."""
+    GELU), dropout on each residual branch.
+
+    Args:
+        d: the model width (a multiple of ``heads``).
+        heads: the number of attention heads.
+        dropout: dropout on the attention weights and the residual branches, in ``[0, 1)``.
+    """
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -295,6 +452,14 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The block's output.
+
+        Args:
+            x: ``(B, T, d)``.
+
+        Returns:
+            ``(B, T, d)``.
+        """
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -324,8 +489,9 @@ class GPT(nn.Module):
     Raises:
         ValueError: a bad option, or (in ``forward``) a sequence longer than ``context``.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.models import GPT
         >>> model = GPT(65, layers=2, d=32, heads=4, context=16)
         >>> logits, state = model(torch.zeros(3, 16, dtype=torch.long))
         >>> logits.shape, state
@@ -357,6 +523,18 @@ class GPT(nn.Module):
         self.decoder.weight = self.tok_emb.weight
 
     def forward(self, tokens: Tensor, hidden: Any = None) -> tuple[Tensor, None]:
+        """The logits of each position.
+
+        Args:
+            tokens: int64 tokens ``(B, T)``, ``T <= context``.
+            hidden: ignored (the language-model interface's state; none is carried).
+
+        Returns:
+            ``(logits (B, T, vocab_size), None)``.
+
+        Raises:
+            ValueError: ``tokens`` is not 2-D, or longer than ``context``.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         t = tokens.shape[1]
@@ -373,7 +551,17 @@ class GPT(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A trainable model: its constructor, the dataset kind it fits and per-dataset default options."""
+    """A trainable model: its constructor, the dataset kind it fits and per-dataset default options.
+
+    Args:
+        name: the name :func:`build_model` takes.
+        factory: the constructor: ``factory(input_shape, num_classes, **options)`` for an image model,
+            ``factory(vocab_size, **options)`` for a language model.
+        kind: the kind of dataset it fits, ``"image"`` or ``"lm"``.
+        summary: one line for listings.
+        defaults: options by dataset name, given unless overridden.
+        context_option: the option that takes the training loop's sequence length (None: none does).
+    """
 
     name: str
     factory: Callable[..., nn.Module]
@@ -384,7 +572,11 @@ class ModelSpec:
     context_option: str | None = None
 
     def options(self) -> list[str]:
-        """The keyword options ``build_model`` accepts for this model."""
+        """The keyword options ``build_model`` accepts for this model.
+
+        Returns:
+            The factory's parameters but the shape, classes and vocabulary, in order.
+        """
         skip = {"self", "input_shape", "num_classes", "vocab_size"}
         return [p for p in inspect.signature(self.factory).parameters if p not in skip]
 
@@ -414,6 +606,32 @@ def build_model(name: str | None, dataset: Dataset | str, *, bptt: int | None = 
     sequence length, becomes the model's context (:attr:`ModelSpec.context_option`, the GPT's ``context``)
     where that option is not given; other models ignore it.  An image model for an LM
     dataset (or the reverse) or an unknown option raises ``ValueError``.
+
+    Args:
+        name: the model, or None for the dataset's default.
+        dataset: a loaded dataset or a dataset name.
+        bptt: the training loop's sequence length (None: not given).
+        **options: the model's options.
+
+    Returns:
+        The model, freshly initialized (with torch's global generator).
+
+    Raises:
+        TypeError: ``dataset`` is neither a :class:`~gradcomp.train.data.Dataset` nor a name.
+        ValueError: an unknown model, dataset or option, or a model of the other kind of dataset.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.train.models import build_model
+        >>> model = build_model("resnet", "digits")  # the digits default: depth 8
+        >>> model.depth, model(torch.zeros(2, 1, 8, 8)).shape
+        (8, torch.Size([2, 10]))
+        >>> build_model("gpt", "shakespeare", bptt=64, layers=2).context
+        64
+        >>> build_model("cnn", "ptb")
+        Traceback (most recent call last):
+        ...
+        ValueError: model 'cnn' is for image datasets but 'ptb' is an lm dataset; allowed models: lstm, gpt
     """
     if isinstance(dataset, Dataset):
         ds_name, kind = dataset.name, dataset.kind
@@ -451,7 +669,14 @@ def build_model(name: str | None, dataset: Dataset | str, *, bptt: int | None = 
 
 def alexnet(num_classes: int = 1000) -> nn.Module:
     """AlexNet with torchvision's layout and names (``features``, ``avgpool``, ``classifier``): 61,100,840
-    parameters at 1000 classes, input ``(N, 3, 224, 224)``."""
+    parameters at 1000 classes, input ``(N, 3, 224, 224)``.
+
+    Args:
+        num_classes: the number of classes.
+
+    Returns:
+        The model (a :class:`FeaturesClassifier`).
+    """
     features = nn.Sequential(
         nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
         nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
@@ -465,19 +690,40 @@ def alexnet(num_classes: int = 1000) -> nn.Module:
 
 
 class FeaturesClassifier(nn.Module):
-    """``features -> avgpool -> flatten -> classifier``, torchvision's AlexNet/VGG layout and parameter names."""
+    """``features -> avgpool -> flatten -> classifier``, torchvision's AlexNet/VGG layout and parameter names.
+
+    Args:
+        features: the convolutional part.
+        avgpool: the pooling to the classifier's input size.
+        classifier: the fully connected part.
+    """
 
     def __init__(self, features: nn.Module, avgpool: nn.Module, classifier: nn.Module) -> None:
         super().__init__()
         self.features, self.avgpool, self.classifier = features, avgpool, classifier
 
     def forward(self, x: Tensor) -> Tensor:
+        """The logits of a batch of images.
+
+        Args:
+            x: images ``(N, C, H, W)``.
+
+        Returns:
+            Logits ``(N, num_classes)``.
+        """
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def vgg16(num_classes: int = 1000) -> nn.Module:
     """VGG-16 (configuration D, no batch norm) with torchvision's layout and names: 138,357,544 parameters
-    at 1000 classes."""
+    at 1000 classes.
+
+    Args:
+        num_classes: the number of classes.
+
+    Returns:
+        The model (a :class:`FeaturesClassifier`).
+    """
     layers: list[nn.Module] = []
     cin = 3
     config: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -495,7 +741,13 @@ def vgg16(num_classes: int = 1000) -> nn.Module:
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50's bottleneck (torchvision "v1.5": the stride sits on the 3x3 conv)."""
+    """ResNet-50's bottleneck (torchvision "v1.5": the stride sits on the 3x3 conv).
+
+    Args:
+        cin: input channels.
+        planes: the width of the 3x3 convolution; the block puts out ``4 * planes`` channels.
+        stride: the stride of the 3x3 convolution (and the projection).
+    """
 
     expansion = 4
 
@@ -514,6 +766,14 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The block's output.
+
+        Args:
+            x: feature maps ``(N, cin, H, W)``.
+
+        Returns:
+            Feature maps ``(N, 4 * planes, H / stride, W / stride)`` (rounded up).
+        """
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -523,7 +783,11 @@ class Bottleneck(nn.Module):
 
 class ResNet50(nn.Module):
     """ResNet-50 with torchvision's names (``conv1, bn1, layer1..4, fc``): 25,557,032 parameters in 161
-    tensors at 1000 classes."""
+    tensors at 1000 classes.
+
+    Args:
+        num_classes: the number of classes.
+    """
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -545,13 +809,28 @@ class ResNet50(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """The logits of a batch of images.
+
+        Args:
+            x: images ``(N, C, H, W)``.
+
+        Returns:
+            Logits ``(N, num_classes)``.
+        """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def resnet50(num_classes: int = 1000) -> nn.Module:
-    """ResNet-50 (see :class:`ResNet50`)."""
+    """ResNet-50 (see :class:`ResNet50`).
+
+    Args:
+        num_classes: the number of classes.
+
+    Returns:
+        The model.
+    """
     return ResNet50(num_classes)
 
 
@@ -565,6 +844,9 @@ def ptb_lstm_1500() -> LSTMLM:
     15,000,000 + two LSTM layers of 18,012,000 + the decoder's bias 10,000;
     4 bytes each, 194.68 MiB, the paper's gradient size.  (Untied it would be
     66,034,000.)
+
+    Returns:
+        The model (an :class:`LSTMLM`).
     """
     return LSTMLM(10000, emb=1500, hidden=1500, layers=2, dropout=0.65, tie_weights=True)
 

@@ -212,6 +212,22 @@ class RunDir:
     """The files of one training run (see the module docstring for the layout).
 
     ``RunDir(path)`` only names the directory; :meth:`create` makes it.
+
+    Args:
+        path: the run directory.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from gradcomp.train.report import RunDir
+        >>> run = RunDir.create(tempfile.mkdtemp() + "/run")
+        >>> run.write_config({"method": "dgc", "method_options": {"density": 0.001}, "workers": 4})
+        >>> for epoch, loss in ((1, 0.5), (2, 0.25)):
+        ...     run.append_metrics({"epoch": epoch, "train_loss": loss})
+        >>> run.save_checkpoint({"epoch": 2, "weights": torch.ones(2)})
+        >>> run.load_checkpoint()["epoch"], run.read_config()["workers"]
+        (2, 4)
+        >>> run.truncate_metrics(after_epoch=1), run.read_metrics()  # on resume from epoch 1
+        (1, [{'epoch': 1, 'train_loss': 0.5}])
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -225,6 +241,16 @@ class RunDir:
         empty directory, unless ``exist_ok`` (used to resume into it) or it
         holds nothing a run has made yet (:meth:`started` is False: a run that
         failed before its first checkpoint), which is then started again.
+
+        Args:
+            path: the run directory.
+            exist_ok: accept one a run has started (to resume into it).
+
+        Returns:
+            The :class:`RunDir`.
+
+        Raises:
+            FileExistsError: ``path`` is not a directory, or (without ``exist_ok``) holds a started run.
         """
         p = Path(path)
         if p.exists():
@@ -239,7 +265,11 @@ class RunDir:
     def started(self) -> bool:
         """Whether the directory holds anything of value: a checkpoint, a summary, or any file that is not a
         config, metrics or a temporary file left by an interrupted write (what a run that failed before its
-        first checkpoint leaves behind, made again by starting it again)."""
+        first checkpoint leaves behind, made again by starting it again).
+
+        Returns:
+            True when it does; False too when the directory does not exist.
+        """
         try:
             names = [e.name for e in os.scandir(self.path)]
         except FileNotFoundError:
@@ -248,7 +278,11 @@ class RunDir:
 
     def remove_temporaries(self) -> list[str]:
         """Remove the temporary files left behind by writes of a killed process (``.checkpoint.pt.*.tmp`` and
-        the like: see :func:`_atomic_write`); return their names.  Only while no other process writes here."""
+        the like: see :func:`_atomic_write`).  Only while no other process writes here.
+
+        Returns:
+            The names of the files removed, sorted.
+        """
         removed = []
         for entry in os.scandir(self.path):
             if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
@@ -268,45 +302,87 @@ class RunDir:
     # paths
     @property
     def config_path(self) -> Path:
+        """``config.json`` in the directory."""
         return self.path / CONFIG
 
     @property
     def metrics_path(self) -> Path:
+        """``metrics.jsonl`` in the directory."""
         return self.path / METRICS
 
     @property
     def checkpoint_path(self) -> Path:
+        """``checkpoint.pt`` in the directory."""
         return self.path / CHECKPOINT
 
     @property
     def prev_checkpoint_path(self) -> Path:
+        """``checkpoint.prev.pt`` in the directory: the checkpoint saved before the latest."""
         return self.path / PREV_CHECKPOINT
 
     @property
     def summary_path(self) -> Path:
+        """``summary.json`` in the directory."""
         return self.path / SUMMARY
 
     @property
     def curves_path(self) -> Path:
+        """``curves.png`` in the directory."""
         return self.path / CURVES
 
     @property
     def name(self) -> str:
+        """The directory's name (of its resolved path)."""
         return self.path.resolve().name or str(self.path)
 
     # config and summary
     def write_config(self, config: Mapping[str, Any]) -> None:
-        """Write the resolved config (a JSON-serialisable dict) to ``config.json``, atomically."""
+        """Write the resolved config to ``config.json``, atomically.
+
+        Args:
+            config: a JSON-serialisable dict (numpy and torch scalars and paths are turned into plain values).
+
+        Raises:
+            TypeError: a value is not JSON-serialisable.
+            OSError: the file cannot be written (``ENOSPC`` naming it when the device is full); the old one
+                is kept.
+        """
         _atomic_write_text(self.config_path, _dumps(dict(config), "config", indent=2) + "\n")
 
     def read_config(self) -> dict[str, Any]:
+        """Read ``config.json``.
+
+        Returns:
+            The config.
+
+        Raises:
+            FileNotFoundError: there is none.
+            ValueError: it is not valid JSON, or not a JSON object.
+        """
         return self._read_json(self.config_path, "config")
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Write the final summary (keys: module docstring) to ``summary.json``, atomically."""
+        """Write the final summary to ``summary.json``, atomically.
+
+        Args:
+            summary: a JSON-serialisable dict (keys: module docstring).
+
+        Raises:
+            TypeError: a value is not JSON-serialisable.
+            OSError: the file cannot be written; the old one is kept.
+        """
         _atomic_write_text(self.summary_path, _dumps(dict(summary), "summary", indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
+        """Read ``summary.json``.
+
+        Returns:
+            The summary.
+
+        Raises:
+            FileNotFoundError: there is none (the run has not finished).
+            ValueError: it is not valid JSON, or not a JSON object.
+        """
         return self._read_json(self.summary_path, "summary")
 
     @staticmethod
@@ -327,6 +403,13 @@ class RunDir:
 
         A partial last line left by an earlier crash is cut off first, so it
         never glues onto the new record.
+
+        Args:
+            record: one epoch's metrics, JSON-serialisable (keys: module docstring).
+
+        Raises:
+            TypeError: a value is not JSON-serialisable.
+            OSError: the line cannot be written (``ENOSPC`` naming the file when the device is full).
         """
         line = _dumps(dict(record), "metrics record") + "\n"
         self._drop_partial_tail()
@@ -374,6 +457,12 @@ class RunDir:
         An unreadable *last* line (a crash mid-append) is skipped with a logged
         warning; an unreadable line before it is real corruption and raises
         ``ValueError`` naming the file and line.
+
+        Returns:
+            The records, each a dict.
+
+        Raises:
+            ValueError: a line before the last is not a JSON object.
         """
         path = self.metrics_path
         try:
@@ -403,6 +492,15 @@ class RunDir:
 
         Called on resume with the checkpoint's epoch, so epochs trained after
         the checkpoint (and any partial last line) are not counted twice.
+
+        Args:
+            after_epoch: the last epoch to keep.
+
+        Returns:
+            How many records were dropped.
+
+        Raises:
+            ValueError: a record has no ``epoch``, or a line before the last is corrupt.
         """
         records = self.read_metrics()
         kept = []
@@ -421,6 +519,11 @@ class RunDir:
 
     # checkpoint
     def has_checkpoint(self) -> bool:
+        """Whether ``checkpoint.pt`` exists.
+
+        Returns:
+            True when it is a file.
+        """
         return self.checkpoint_path.is_file()
 
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
@@ -432,6 +535,13 @@ class RunDir:
         complete, the checkpoint it replaces is kept as ``checkpoint.prev.pt``
         (a hard link, or a copy where links are not supported), so a latest
         file damaged later still leaves the one before it.
+
+        Args:
+            state: tensors and plain values (what ``torch.load(weights_only=True)`` reads back).
+
+        Raises:
+            OSError: the file cannot be written (``ENOSPC`` naming it when the device is full); the old
+                checkpoint is kept.
         """
         _atomic_write(self.checkpoint_path, lambda f: torch.save(dict(state), f), self._keep_previous)
 
@@ -457,6 +567,16 @@ class RunDir:
         objects that ``weights_only`` refuses (the original exception is
         chained); where ``checkpoint.prev.pt`` exists the message says how to
         resume from it instead (nothing is moved without the user).
+
+        Args:
+            map_location: where the tensors go, as in :func:`torch.load`.
+
+        Returns:
+            The state saved.
+
+        Raises:
+            FileNotFoundError: there is no checkpoint.
+            ValueError: it is truncated, corrupt, holds objects ``weights_only`` refuses, or is not a dict.
         """
         path = self.checkpoint_path
         if not path.is_file():
@@ -494,7 +614,19 @@ def _as_rundir(run: RunDir | str | os.PathLike[str]) -> RunDir:
 # ---------------------------------------------------------------- labels and units
 
 def human_bytes(n: float) -> str:
-    """``3420000 -> "3.42 MB"``: decimal units (B, kB, MB, GB, TB, PB), three significant figures."""
+    """A byte count in decimal units (B, kB, MB, GB, TB, PB), three significant figures.
+
+    Args:
+        n: the number of bytes (None, Inf or NaN: shown as they are).
+
+    Returns:
+        The text.
+
+    Example:
+        >>> from gradcomp.train.report import human_bytes
+        >>> human_bytes(3420000), human_bytes(999), human_bytes(1.5e12)
+        ('3.42 MB', '999 B', '1.50 TB')
+    """
     if n is None or (isinstance(n, float) and not math.isfinite(n)):
         return str(n)
     sign = "-" if n < 0 else ""
@@ -547,7 +679,22 @@ def _method_text(info: Mapping[str, Any], max_options: int = 4) -> str | None:
 
 
 def run_label(run: RunDir | str | os.PathLike[str], config: Mapping[str, Any] | None = None) -> str:
-    """The config's ``label``, else the method and its options briefly, else the directory name."""
+    """How tables and legends name a run.
+
+    Args:
+        run: the run directory.
+        config: its config (None: read from the directory; none there counts as empty).
+
+    Returns:
+        The config's ``label``, else the method and its first three options, else the directory name.
+
+    Example:
+        >>> from gradcomp.train.report import run_label
+        >>> run_label("runs/a", {"method": "dgc", "method_options": {"density": 0.001, "momentum": 0.9}})
+        'dgc (density=0.001, momentum=0.9)'
+        >>> run_label("runs/a", {"label": "DGC 99.9 %"}), run_label("runs/a", {})
+        ('DGC 99.9 %', 'a')
+    """
     rd = run if isinstance(run, RunDir) else RunDir(run)
     if config is None:
         try:
@@ -588,6 +735,27 @@ def estimate_step_time(compute_s: float, bytes_per_step: float, workers: int, li
     overlap of communication with backward (an upper bound for methods that
     overlap), no congestion, and compression cost is assumed to be inside
     ``compute_s`` (it is, when ``compute_s`` is a measured step time).
+
+    Args:
+        compute_s: the step's seconds without communication (>= 0).
+        bytes_per_step: what one worker contributes per step (>= 0).
+        workers: N (>= 1).
+        link_gbps: the link's speed in Gbit/s (finite, > 0).
+        collective: ``"allreduce"`` or ``"allgather"``.
+        latency_s: the per-message latency alpha, in seconds (>= 0).
+
+    Returns:
+        The estimated seconds per step.
+
+    Raises:
+        ValueError: a value out of range, or an unknown collective.
+
+    Example:
+        A 1 MB sparse payload of each of 4 workers, gathered over 1 Gbit/s, after 100 ms of compute:
+
+        >>> from gradcomp.train.report import estimate_step_time
+        >>> round(estimate_step_time(0.1, 1e6, workers=4, link_gbps=1.0, collective="allgather"), 6)
+        0.124
     """
     if not (isinstance(compute_s, (int, float)) and compute_s >= 0):
         raise ValueError(f"compute_s must be >= 0 seconds, got {compute_s!r}")
@@ -641,6 +809,27 @@ def format_summary(summary: Mapping[str, Any], link_gbps: float | Sequence[float
 
     Missing keys are left out rather than failing: this runs after training.
     ``link_gbps`` overrides ``summary["link_gbps"]`` (default 1 and 10 Gbit/s).
+
+    Args:
+        summary: the summary (``summary.json``).
+        link_gbps: the links to estimate a step on, in Gbit/s (None: the summary's, else 1 and 10).
+
+    Returns:
+        The text: a title, then one line per figure.
+
+    Example:
+        >>> from gradcomp.train.report import format_summary
+        >>> print(format_summary({"dataset": "mnist", "method": "dgc", "workers": 4, "epochs": 2, "steps": 100,
+        ...                       "test_accuracy": 0.9912, "bytes_sent": 2e6, "dense_bytes": 4e8}))
+        gradcomp run summary
+          dataset        mnist
+          method         dgc
+          workers        4
+          epochs         2 (100 steps)
+          test accuracy  99.12 %
+          bytes sent     2.00 MB per worker
+          dense fp32     400 MB per worker
+          compression    200.0x
     """
     rows: list[tuple[str, str]] = []
 
@@ -743,7 +932,18 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
     dense fp32 for the same steps), all against epochs.
 
     A run missing a metric just has no line in that panel; a run with few
-    epochs is drawn with markers.  Returns ``out_path`` as a ``Path``.
+    epochs is drawn with markers.  Needs matplotlib (the ``train`` extra).
+
+    Args:
+        run_dirs: the run directories.
+        out_path: the PNG to write (its folder is made if missing).
+
+    Returns:
+        ``out_path`` as a ``Path``.
+
+    Raises:
+        ValueError: no run directory given, or a metrics file is corrupt.
+        FileNotFoundError: a run directory does not exist.
     """
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -855,7 +1055,17 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
 
 
 def plot_run(run_dir: RunDir | str | os.PathLike[str]) -> Path:
-    """The single-run figure, written to ``curves.png`` in the run directory."""
+    """The single-run figure (:func:`plot_runs` of one run), written to ``curves.png`` in the run directory.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The path of ``curves.png``.
+
+    Raises:
+        FileNotFoundError: the run directory does not exist.
+    """
     rd = _as_rundir(run_dir)
     return plot_runs([rd], rd.curves_path)
 
@@ -903,6 +1113,31 @@ def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
 
     Uses each run's ``summary.json``, or its last metrics record when the run
     has not finished (marked with ``*``).
+
+    Args:
+        run_dirs: the run directories, one row each, in order.
+
+    Returns:
+        The markdown table (and a footnote when a run has not finished).
+
+    Raises:
+        FileNotFoundError: a run directory does not exist.
+        ValueError: a run's summary or metrics are corrupt.
+
+    Example:
+        >>> import tempfile
+        >>> from gradcomp.train.report import RunDir, compare_table
+        >>> root = tempfile.mkdtemp()
+        >>> for name, accuracy, sent, collective in (("dense", 0.99, 4e8, "allreduce"),
+        ...                                          ("dgc", 0.985, 2e6, "allgather")):
+        ...     RunDir.create(f"{root}/{name}").write_summary({
+        ...         "label": name, "method": name, "workers": 4, "steps": 100, "test_accuracy": accuracy,
+        ...         "bytes_sent": sent, "dense_bytes": 4e8, "time_per_step": 0.05, "collective": collective})
+        >>> print(compare_table([f"{root}/dense", f"{root}/dgc"]))
+        | run | method | test acc. | MB / worker | ratio | time / step | step on 1 Gbit/s (est.) |
+        |---|---|---:|---:|---:|---:|---:|
+        | dense | dense | 99.00 % | 400 | 1.0x | 50.0 ms | 98.0 ms |
+        | dgc | dgc | 98.50 % | 2.00 | 200.0x | 50.0 ms | 50.5 ms |
     """
     runs = [_as_rundir(r) for r in run_dirs]
     rows = []
