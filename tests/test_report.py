@@ -241,6 +241,7 @@ def test_estimate_step_time_hand_computed():
 def test_human_bytes():
     assert human_bytes(0) == "0 B"
     assert human_bytes(999) == "999 B"
+    assert human_bytes(999.4) == "999 B" and human_bytes(999.6) == "1.00 kB"  # no "1000 B"
     assert human_bytes(1000) == "1.00 kB"
     assert human_bytes(3_420_000) == "3.42 MB"
     assert human_bytes(12_345_678) == "12.3 MB"

@@ -631,7 +631,7 @@ def human_bytes(n: float) -> str:
         return str(n)
     sign = "-" if n < 0 else ""
     value = float(abs(n))
-    if value < 1000:
+    if value < 999.5:  # what rounds to 1000 B is shown as 1.00 kB
         return f"{sign}{int(round(value))} B"
     units = ("kB", "MB", "GB", "TB", "PB", "EB")
     unit = -1
