@@ -182,8 +182,8 @@ def test_torchrun_example(tmp_path):
     assert all(int(line.split()[3]) > 0 for line in sent)
 
 
-def test_the_readme_shows_this_example_verbatim():
+def test_the_manual_shows_this_example_verbatim():
     from lightning_workers import README_EXAMPLE
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert README_EXAMPLE in readme
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    assert README_EXAMPLE in page
