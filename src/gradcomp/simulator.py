@@ -15,7 +15,10 @@ simulator against real gloo processes step for step.
 
 With ``delay`` or ``local_steps`` the workers' models drift apart, so each
 worker trains its own copy of the model with its own copy of the optimizer
-(worker 0's are the ones passed in).
+(worker 0's are the ones passed in).  Each algorithm is a small private class
+that places the models and steps them (``_Synchronous``, ``_DelayedAveraging``,
+``_FederatedAveraging``); :class:`Simulator` is the public front that checks
+the arguments once, picks one and delegates to it.
 """
 
 from __future__ import annotations
@@ -231,22 +234,243 @@ def _optimizer_for(optimizer: torch.optim.Optimizer, model: nn.Module, replica: 
     return clone
 
 
+_Door = DelayedGradientAveraging | FedAvg
+
+
+class _Workers:
+    """How the simulator's workers hold their models and step: one subclass per algorithm.
+
+    A subclass places the models, optimizers and cores (``models[0]`` and ``optimizers[0]`` are the caller's),
+    turns every worker's gradients into what its optimizer applies (:meth:`apply`), steps the optimizers
+    (:meth:`optimizer_step`) and saves what is its own (:meth:`state_dict`).  :class:`Simulator` validates the
+    arguments, counts the bytes and keeps the state format.
+    """
+
+    #: the models the workers train (one shared, or one per worker)
+    models: list[nn.Module]
+    #: the optimizers over ``models`` (none when the caller gave none)
+    optimizers: list[torch.optim.Optimizer]
+    #: every worker's core: its method, guard and communicator
+    cores: list[Core]
+    #: every worker's front door (none when the workers share one model)
+    doors: list[_Door]
+
+    def __init__(self, group: LocalGroup) -> None:
+        self.group = group
+
+    def model_of(self, rank: int) -> nn.Module:
+        """The model worker ``rank`` computes its gradients on.
+
+        Args:
+            rank: the worker, ``0 <= rank < num_workers``.
+
+        Returns:
+            The worker's own model, or the one all share.
+        """
+        raise NotImplementedError
+
+    def shared_buffers(self) -> list[Tensor]:
+        """The buffers every worker's forward starts from alike (DDP's ``broadcast_buffers``).
+
+        Returns:
+            The shared model's buffers; none where each worker has its own model.
+        """
+        return []
+
+    def apply(self, grads: Sequence[dict[str, Tensor]], params: Mapping[str, Tensor]) -> bool:
+        """Every worker's step up to its optimizer: the exchanges, and what to apply left in ``p.grad``.
+
+        Args:
+            grads: every worker's gradients by parameter name, in rank order.
+            params: the trained parameters of ``models[0]`` by name.
+
+        Returns:
+            Whether worker 0 skips this step (a non-finite gradient).
+        """
+        raise NotImplementedError
+
+    def optimizer_step(self, skipped: bool) -> None:
+        """Step the optimizers after :meth:`apply` (the gradients are cleared by the caller).
+
+        Args:
+            skipped: what :meth:`apply` returned.
+        """
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> int:
+        """Steps worker 0 skipped for a non-finite gradient since it was made or loaded."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Workers 1..N-1's models and every worker's door, without the methods (the simulator saves those).
+
+        Returns:
+            ``{"replicas": [...], "doors": [...]}``, both empty where the workers share one model.
+        """
+        return {"replicas": [m.state_dict() for m in self.models[1:]],
+                "doors": [{k: v for k, v in door.state_dict().items() if k != "method"} for door in self.doors]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore every worker's method, then :meth:`state_dict`'s doors and models.
+
+        Args:
+            state: a :meth:`Simulator.state_dict`.
+
+        Raises:
+            ValueError: the state holds another number of models or doors (saved with other ``delay`` or
+                ``local_steps``), or a door refuses its part.
+        """
+        if len(state["replicas"]) != len(self.models) - 1 or len(state["doors"]) != len(self.doors):
+            raise ValueError(f"state holds {len(state['replicas'])} worker models besides worker 0's, this "
+                             f"simulator has {len(self.models) - 1} (delay or local_steps differ)")
+        for core, method in zip(self.cores, state["methods"]):
+            core.load_state_dict({"method": method})
+        for door, method, saved in zip(self.doors, state["methods"], state["doors"]):
+            door.load_state_dict({**saved, "method": method})
+        for model, saved in zip(self.models[1:], state["replicas"]):
+            model.load_state_dict(saved)
+
+
+class _Synchronous(_Workers):
+    """Synchronous steps on one shared model and optimizer (the DDP hook's and
+    :class:`~gradcomp.DistributedOptimizer`'s rule): every worker's core exchanges its gradients and every
+    worker applies the same average, so worker 0's is applied once."""
+
+    def __init__(self, group: LocalGroup, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 method: Method, nonfinite: Nonfinite) -> None:
+        super().__init__(group)
+        self.model, self.optimizer = model, optimizer
+        self.models, self.optimizers, self.doors = [model], [] if optimizer is None else [optimizer], []
+        self.cores = [Core(method, comm, owner="Simulator", nonfinite=nonfinite, optimizer=optimizer)
+                      for comm in group.comms]
+
+    def model_of(self, rank: int) -> nn.Module:
+        return self.model
+
+    def shared_buffers(self) -> list[Tensor]:
+        return [b for _, b in self.model.named_buffers()]
+
+    def apply(self, grads: Sequence[dict[str, Tensor]], params: Mapping[str, Tensor]) -> bool:
+        average = self.group.run(lambda rank: self._average(self.cores[rank], grads[rank]))[0]
+        for name, p in params.items():
+            p.grad = None if average is None else average[name].view_as(p).to(p.dtype)
+        return average is None
+
+    @staticmethod
+    def _average(core: Core, grads: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """One worker's synchronous step (the hook's rule: one exchange of every gradient, then the guard's
+        verdict).
+
+        Args:
+            core: the worker's core.
+            grads: the worker's gradients by parameter name.
+
+        Returns:
+            The average of every worker's gradients, or None when every worker skips the step.
+        """
+        step = core.step()
+        average = step.add(grads)[0]
+        skipped = step.end().wait()
+        core.end_step()
+        return None if skipped else average.wait()
+
+    def optimizer_step(self, skipped: bool) -> None:
+        if self.optimizer is not None and not skipped:
+            self.optimizer.step()
+
+    @property
+    def skipped(self) -> int:
+        return self.cores[0].guard.skipped
+
+
+class _Replicated(_Workers):
+    """Each worker trains its own copy of the model with its own copy of the optimizer, behind its own front
+    door (``make_door``); worker 0's model and optimizer are the caller's."""
+
+    def __init__(self, group: LocalGroup, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 make_door: Callable[[nn.Module, torch.optim.Optimizer, LocalCommunicator], _Door]) -> None:
+        super().__init__(group)
+        self.models = [model] + [copy.deepcopy(model) for _ in range(group.world_size - 1)]
+        self.optimizers = [optimizer] + [_optimizer_for(optimizer, model, m) for m in self.models[1:]]
+        self.doors = [make_door(m, o, comm) for m, o, comm in zip(self.models, self.optimizers, group.comms)]
+        self.cores = [door.core for door in self.doors]
+
+    def model_of(self, rank: int) -> nn.Module:
+        return self.models[rank]
+
+    def apply(self, grads: Sequence[dict[str, Tensor]], params: Mapping[str, Tensor]) -> bool:
+        for model, worker in zip(self.models, grads):
+            for name, p in model.named_parameters():
+                if name in params:
+                    p.grad = worker[name]
+        self.group.run(lambda rank: self.doors[rank].synchronize())
+        return self.doors[0].step_skipped
+
+    def optimizer_step(self, skipped: bool) -> None:
+        self.group.run(lambda rank: self.doors[rank].step_optimizer())
+
+    @property
+    def skipped(self) -> int:
+        return self.doors[0].skipped
+
+
+class _DelayedAveraging(_Replicated):
+    """DGA: each worker's :class:`~gradcomp.DelayedGradientAveraging` applies the average ``delay`` steps
+    late."""
+
+    def __init__(self, group: LocalGroup, model: nn.Module, optimizer: torch.optim.Optimizer, method: Method,
+                 delay: int, correction: bool, nonfinite: Nonfinite) -> None:
+        super().__init__(group, model, optimizer, lambda m, o, comm: DelayedGradientAveraging(
+            o, m.named_parameters(), delay, method, correction, comm, nonfinite=nonfinite))
+
+
+class _FederatedAveraging(_Replicated):
+    """FedAvg: each worker's :class:`~gradcomp.FedAvg` averages the weights every ``local_steps`` steps
+    (applied ``delay`` steps late)."""
+
+    def __init__(self, group: LocalGroup, model: nn.Module, optimizer: torch.optim.Optimizer, local_steps: int,
+                 delay: int, nonfinite: Nonfinite) -> None:
+        super().__init__(group, model, optimizer, lambda m, o, comm: FedAvg(
+            o, m.named_parameters(), local_steps, comm, delay=delay, nonfinite=nonfinite))
+
+
 class Simulator:
     """N virtual data-parallel workers running ``method`` in one process.
 
-    >>> sim = gradcomp.Simulator(model, gradcomp.DGC(density=0.001), num_workers=4, optimizer=opt)
-    >>> loss = sim.step(split_batch((x, y), 4), lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    :meth:`step` runs forward and backward per worker shard, exchanges through the method, writes the averaged
+    gradient to ``p.grad`` and, when an optimizer is given, steps it.  With :class:`~gradcomp.DGC` the method
+    owns momentum: use ``torch.optim.SGD`` with ``momentum=0`` (a momentum optimizer raises ``ValueError``).
+    Buffers (batch-norm statistics) follow DDP's ``broadcast_buffers=True``: every worker starts from worker
+    0's.  With ``delay`` or ``local_steps`` the workers' models drift apart, so each worker trains its own copy
+    of the model with its own copy of the optimizer (worker 0's are the ones passed in).
 
-    ``step`` runs forward and backward per worker shard, exchanges through
-    the method, writes the averaged gradient to ``p.grad`` and, when an
-    optimizer is given, steps it.  With :class:`~gradcomp.DGC` the method owns
-    momentum: use ``torch.optim.SGD`` with ``momentum=0`` (a momentum optimizer
-    raises ``ValueError``).  Buffers (batch-norm statistics) follow DDP's
-    ``broadcast_buffers=True``: every worker starts from worker 0's.
-    ``delay`` runs :class:`~gradcomp.DelayedGradientAveraging` (with
-    ``correction``), ``local_steps`` :class:`~gradcomp.FedAvg` (with ``delay``
-    too: FedAvg's rounds applied ``delay`` steps late); ``nonfinite``
-    is ``"skip"`` or ``"raise"`` as at every front door (see :mod:`gradcomp.guard`).
+    Args:
+        model: the model; worker 0's with ``delay`` or ``local_steps``, every worker's otherwise.
+        method: a :class:`~gradcomp.Method`, a compressor or a registered name (``"none"``, ``"topk"``, ...).
+        num_workers: the number of virtual workers (each batch is split into as many shards).
+        optimizer: steps ``model``; without it :meth:`step` leaves the average in ``p.grad``.
+        delay: run :class:`~gradcomp.DelayedGradientAveraging` with this delay (with ``local_steps``:
+            FedAvg's rounds applied ``delay`` steps late).
+        correction: DGA's correction (``w -= lr * (g_i - g_{i-D} + avg(g_{i-D}))``); False applies the stale
+            average alone.
+        local_steps: run :class:`~gradcomp.FedAvg`, averaging the weights every ``local_steps`` steps.
+        nonfinite: ``"skip"`` or ``"raise"`` as at every front door (see :mod:`gradcomp.guard`).
+
+    Raises:
+        ValueError: ``num_workers`` is not an integer >= 1, ``delay`` or ``local_steps`` is out of range or
+            given without an optimizer, ``correction=False`` with ``local_steps``, or ``nonfinite`` unknown.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, gradcomp
+        >>> model = torch.nn.Linear(256, 10)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)  # momentum=0: DGC owns momentum
+        >>> sim = gradcomp.Simulator(model, gradcomp.DGC(density=0.01, warmup_epochs=0), num_workers=4,
+        ...                          optimizer=opt)
+        >>> x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
+        >>> loss = sim.step(gradcomp.split_batch((x, y), 4), lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+        >>> sim.steps, sim.compression_ratio > 50  # 1 % of the weight's entries and their indices, dense bias
+        (1, True)
     """
 
     def __init__(self, model: nn.Module, method: Method | Compressor | str, num_workers: int, *,
@@ -268,29 +492,36 @@ class Simulator:
         self.optimizer = optimizer
         self.num_workers = num_workers
         self.group = LocalGroup(num_workers)
-        comms = self.group.comms
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if delay is None and local_steps is None:
-            #: one shared model and optimizer: every worker applies the same average
-            self.models, self.optimizers = [model], [] if optimizer is None else [optimizer]
-            self.doors: list[DelayedGradientAveraging | FedAvg] = []
-            self.cores = [Core(method, comm, owner="Simulator", nonfinite=nonfinite, optimizer=optimizer)
-                          for comm in comms]
-        else:  # each worker its own model and optimizer, behind its own front door
-            assert optimizer is not None  # checked above: delay and local_steps need it
-            self.models = [model] + [copy.deepcopy(model) for _ in range(num_workers - 1)]
-            self.optimizers = [optimizer] + [_optimizer_for(optimizer, model, m) for m in self.models[1:]]
-            if local_steps is None:
-                assert delay is not None  # one of the two is given here
-                self.doors = [DelayedGradientAveraging(o, m.named_parameters(), delay, method, correction, comm,
-                                                       nonfinite=nonfinite)
-                              for m, o, comm in zip(self.models, self.optimizers, comms)]
-            else:
-                self.doors = [FedAvg(o, m.named_parameters(), local_steps, comm, delay=delay or 0, nonfinite=nonfinite)
-                              for m, o, comm in zip(self.models, self.optimizers, comms)]
-            self.cores = [door.core for door in self.doors]
+        self._workers: _Workers
+        if local_steps is not None and optimizer is not None:  # (checked above: both or neither)
+            self._workers = _FederatedAveraging(self.group, model, optimizer, local_steps, delay or 0, nonfinite)
+        elif delay is not None and optimizer is not None:
+            self._workers = _DelayedAveraging(self.group, model, optimizer, method, delay, correction, nonfinite)
+        else:
+            self._workers = _Synchronous(self.group, model, optimizer, method, nonfinite)
         self.dense_bytes = 0  # fp32 bytes of the gradients one worker would send uncompressed
         self.step_skipped = False
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """The models the workers train: ``[model]``, or one per worker with ``delay`` or ``local_steps``."""
+        return self._workers.models
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers over :attr:`models` (none when no optimizer was given)."""
+        return self._workers.optimizers
+
+    @property
+    def cores(self) -> list[Core]:
+        """Every worker's :class:`~gradcomp.core.Core` (its method, guard and communicator)."""
+        return self._workers.cores
+
+    @property
+    def doors(self) -> list[DelayedGradientAveraging | FedAvg]:
+        """Every worker's front door with ``delay`` or ``local_steps``; empty otherwise."""
+        return self._workers.doors
 
     @property
     def methods(self) -> list[Method]:
@@ -304,13 +535,14 @@ class Simulator:
 
     @property
     def steps(self) -> int:
+        """Steps worker 0's core has taken."""
         return self.cores[0].steps
 
     @property
     def skipped(self) -> int:
         """Steps worker 0 skipped for a non-finite gradient since it was made or loaded (every worker's,
         except with ``local_steps``)."""
-        return self.doors[0].skipped if self.doors else self.cores[0].guard.skipped
+        return self._workers.skipped
 
     @property
     def bytes_sent(self) -> list[int]:
@@ -318,21 +550,37 @@ class Simulator:
         return [core.comm.bytes_sent for core in self.cores]
 
     def set_epoch(self, epoch: float) -> None:
+        """Set every worker's method's epoch (its warm-up schedules).
+
+        Args:
+            epoch: the epoch, fractional within one.
+        """
         for m in self.methods:
             m.set_epoch(epoch)
 
     def compute_gradients(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
                           ) -> tuple[list[dict[str, Tensor]], Tensor]:
-        """Each worker's gradients on its shard; the model's buffers end as worker 0's (DDP)."""
+        """Each worker's gradients on its shard; a shared model's buffers end as worker 0's (DDP).
+
+        Args:
+            shards: one batch per worker (:func:`split_batch`).
+            loss_fn: ``loss_fn(model, shard)``, the loss to differentiate.
+
+        Returns:
+            Every worker's gradients by parameter name (zeros for parameters without one) and the workers'
+            mean loss.
+
+        Raises:
+            ValueError: not one shard per worker.
+        """
         if len(shards) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} shards (one per worker), got {len(shards)}")
-        shared = len(self.models) == 1
-        buffers = [b for _, b in self.model.named_buffers()] if shared else []
+        buffers = self._workers.shared_buffers()
         start = [b.clone() for b in buffers]
         after_worker0: list[Tensor] = []
         grads, losses = [], []
         for rank, shard in enumerate(shards):
-            model = self.models[0 if shared else rank]
+            model = self._workers.model_of(rank)
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             for b, s in zip(buffers, start):
                 b.copy_(s)
@@ -350,44 +598,36 @@ class Simulator:
 
     def apply(self, grads: Sequence[dict[str, Tensor]]) -> None:
         """Every worker's step up to its optimizer: the exchanges, and what to apply in ``p.grad`` (worker
-        0's average on the shared model; with ``delay`` or ``local_steps``, each worker's on its own)."""
+        0's average on the shared model; with ``delay`` or ``local_steps``, each worker's on its own).
+        :attr:`step_skipped` tells whether worker 0 skips the step.
+
+        Args:
+            grads: every worker's gradients (:meth:`compute_gradients`).
+
+        Raises:
+            ValueError: not one worker's gradients per worker.
+        """
         if len(grads) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} workers' gradients, got {len(grads)}")
         self.dense_bytes += sum(p.numel() * 4 for p in self.params.values())
-        if self.doors:
-            for model, worker in zip(self.models, grads):
-                for name, p in model.named_parameters():
-                    if name in self.params:
-                        p.grad = worker[name]
-            self.group.run(lambda rank: self.doors[rank].synchronize())
-            self.step_skipped = self.doors[0].step_skipped
-            return
-        average = self.group.run(lambda rank: self._average(self.cores[rank], grads[rank]))[0]
-        self.step_skipped = average is None
-        for name, p in self.params.items():
-            p.grad = None if average is None else average[name].view_as(p).to(p.dtype)
-
-    @staticmethod
-    def _average(core: Core, grads: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """One worker's synchronous step (the hook's rule: one exchange of every gradient, then the guard's
-        verdict); None when every worker skips the step."""
-        step = core.step()
-        average = step.add(grads)[0]
-        skipped = step.end().wait()
-        core.end_step()
-        return None if skipped else average.wait()
+        self.step_skipped = self._workers.apply(grads, self.params)
 
     def optimizer_step(self) -> None:
         """Step every worker's optimizer (not where the step was skipped) and clear the gradients."""
-        if self.doors:
-            self.group.run(lambda rank: self.doors[rank].step_optimizer())
-        elif self.optimizer is not None and not self.step_skipped:
-            self.optimizer.step()
+        self._workers.optimizer_step(self.step_skipped)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
 
     def step(self, shards: Sequence[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Tensor:
-        """One data-parallel step; returns the workers' mean loss."""
+        """One data-parallel step: :meth:`compute_gradients`, :meth:`apply`, :meth:`optimizer_step`.
+
+        Args:
+            shards: one batch per worker (:func:`split_batch`).
+            loss_fn: ``loss_fn(model, shard)``, the loss to differentiate.
+
+        Returns:
+            The workers' mean loss.
+        """
         grads, loss = self.compute_gradients(shards, loss_fn)
         self.apply(grads)
         self.optimizer_step()
@@ -402,31 +642,35 @@ class Simulator:
     def state_dict(self) -> dict[str, Any]:
         """Every worker's method, the byte counts and, with ``delay`` or ``local_steps``, workers
         1..N-1's models and every worker's front door (its optimizer, DGA's pending steps); worker 0's model
-        and optimizer are the caller's to save."""
+        and optimizer are the caller's to save.
+
+        Returns:
+            ``{"methods", "bytes_sent", "dense_bytes", "replicas", "doors"}``.
+        """
         return {
             "methods": [m.state_dict() for m in self.methods],
             "bytes_sent": self.bytes_sent,
             "dense_bytes": self.dense_bytes,
-            "replicas": [m.state_dict() for m in self.models[1:]],
-            "doors": [{k: v for k, v in door.state_dict().items() if k != "method"} for door in self.doors],
+            **self._workers.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Args:
+            state: a simulator's :meth:`state_dict` with the same number of workers and settings.
+
+        Raises:
+            ValueError: an entry is missing, or the state was saved with another number of workers or
+                other ``delay`` or ``local_steps``, or a worker's part does not fit.
+        """
         missing = [k for k in ("methods", "bytes_sent", "dense_bytes", "replicas", "doors")
                    if k not in state]
         if missing:
             raise ValueError(f"not a Simulator state (no {', '.join(missing)}): saved by another gradcomp version?")
         if len(state["methods"]) != self.num_workers:
             raise ValueError(f"state holds {len(state['methods'])} workers, this simulator has {self.num_workers}")
-        if len(state["replicas"]) != len(self.models) - 1 or len(state["doors"]) != len(self.doors):
-            raise ValueError(f"state holds {len(state['replicas'])} worker models besides worker 0's, this "
-                             f"simulator has {len(self.models) - 1} (delay or local_steps differ)")
-        for core, method in zip(self.cores, state["methods"]):
-            core.load_state_dict({"method": method})
-        for door, method, saved in zip(self.doors, state["methods"], state["doors"]):
-            door.load_state_dict({**saved, "method": method})
-        for model, saved in zip(self.models[1:], state["replicas"]):
-            model.load_state_dict(saved)
+        self._workers.load_state_dict(state)
         for core, sent in zip(self.cores, state["bytes_sent"]):
             core.comm.bytes_sent = int(sent)
         self.dense_bytes = int(state["dense_bytes"])
