@@ -93,6 +93,9 @@ __all__ = [
     "estimate_step_time",
     "format_summary",
     "human_bytes",
+    "json_default",
+    "markdown_cell",
+    "new_figure",
     "plot_run",
     "plot_runs",
     "run_label",
@@ -116,8 +119,25 @@ DEFAULT_LINKS_GBPS = (1.0, 10.0)
 
 # ---------------------------------------------------------------- file helpers
 
-def _json_default(obj: Any) -> Any:
-    """Plain values for numpy / torch scalars and paths, so callers may pass ``loss.item()`` or not."""
+def json_default(obj: Any) -> Any:
+    """``json.dumps``'s ``default``: plain values for numpy / torch scalars, paths and sets, so callers may pass
+    ``loss.item()`` or not.
+
+    Args:
+        obj: what ``json`` could not write.
+
+    Returns:
+        A plain value ``json`` can write.
+
+    Raises:
+        TypeError: ``obj`` is none of those (``json.dumps`` passes it on).
+
+    Example:
+        >>> import json, torch
+        >>> from gradcomp.train.report import json_default
+        >>> json.dumps({"loss": torch.tensor(0.5)}, default=json_default)
+        '{"loss": 0.5}'
+    """
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if isinstance(obj, (set, frozenset, tuple)):
@@ -133,7 +153,7 @@ def _json_default(obj: Any) -> Any:
 
 def _dumps(obj: Any, what: str, **kwargs: Any) -> str:
     try:
-        return json.dumps(obj, default=_json_default, **kwargs)
+        return json.dumps(obj, default=json_default, **kwargs)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} is not JSON-serialisable: {exc}") from exc
 
@@ -910,8 +930,16 @@ def _series(records: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0,
     return xs, ys
 
 
-def _new_figure(width: float, height: float):
-    """A figure drawn by the Agg canvas, without pyplot: no display, no global backend switch."""
+def new_figure(width: float, height: float):
+    """A matplotlib figure drawn by the Agg canvas, without pyplot: no display, no global backend switch.
+
+    Args:
+        width: inches.
+        height: inches.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` with the constrained layout.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -974,7 +1002,7 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
         panels.append("test_perplexity")
     panels.append("bytes_sent")
 
-    fig = _new_figure(4.6 * len(panels), 4.2)
+    fig = new_figure(4.6 * len(panels), 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colors = [f"C{i % 10}" for i in range(len(runs))]
     spec = {
@@ -1102,7 +1130,20 @@ def _mb(n: float) -> str:
     return f"{mb:.3g}"
 
 
-def _cell(text: Any) -> str:
+def markdown_cell(text: Any) -> str:
+    r"""``text`` as one markdown table cell: ``|`` escaped, line breaks as spaces.
+
+    Args:
+        text: anything; its ``str`` is used.
+
+    Returns:
+        The cell's text.
+
+    Example:
+        >>> from gradcomp.train.report import markdown_cell
+        >>> markdown_cell("a|b\nc")
+        'a\\|b c'
+    """
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
@@ -1177,7 +1218,7 @@ def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
     on = f"{links.pop():g} Gbit/s" if len(links) == 1 else "its link"
     head = ["run", "method", metric_head, "MB / worker", "ratio", "time / step", f"step on {on} (est.)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", *["---:"] * 5]) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows]
     if unfinished:
         lines.append("")
         lines.append("\\* unfinished run: figures from its last epoch record")

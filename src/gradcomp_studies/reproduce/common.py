@@ -22,7 +22,6 @@ except the published figures, which each study keeps in one labelled constant.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -39,6 +38,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from gradcomp.train.report import json_default, markdown_cell, new_figure
 
 __all__ = [
     "Check",
@@ -298,17 +299,6 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    item = getattr(obj, "item", None)
-    if callable(item):
-        return item()
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
-
-
 def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] = "results", seed: int = 0,
               progress: bool = True, threads: int | None = None, jobs: int = 1, command: str | None = None,
               echo: Callable[[str], None] = print, kind: str = "reproduce",
@@ -362,7 +352,7 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     payload = {"table": name, "variant": "full" if full else "quick", "command": command, "seed": seed,
                "machine": machine, "date": started.isoformat(timespec="seconds"), "wall_seconds": seconds,
                "checks": [vars(c) for c in result.checks], "data": result.data}
-    data_path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    data_path.write_text(json.dumps(payload, indent=1, default=json_default) + "\n", encoding="utf-8")
 
     echo(result.console)
     echo("")
@@ -407,7 +397,7 @@ def _report_text(study: Study, result: Result, ctx: Context, command: str, machi
              f"({machine['torch_threads']} torch thread{'s' if machine['torch_threads'] != 1 else ''}) |",
              f"| software | Python {machine['python']}, torch {machine['torch']}, gradcomp {machine['gradcomp']}"
              + (f" (git {machine['git_commit']})" if "git_commit" in machine else "") + " |"]
-    lines += [f"| setup | {_cell(s)} |" for s in result.setup]
+    lines += [f"| setup | {markdown_cell(s)} |" for s in result.setup]
     lines += ["", result.markdown.strip(), ""]
     for plot in result.plots:
         rel = os.path.relpath(plot, ctx.out_dir)
@@ -423,17 +413,13 @@ def _report_text(study: Study, result: Result, ctx: Context, command: str, machi
 # ---------------------------------------------------------------- tables and figures
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     """A markdown table; ``align`` holds one of ``l``/``r``/``c`` per column (default: first left, rest right).
 
     Columns are padded so the same text reads as a table in a terminal too.
     """
-    rows = [[_cell(c) for c in row] for row in rows]
-    headers = [_cell(h) for h in headers]
+    rows = [[markdown_cell(c) for c in row] for row in rows]
+    headers = [markdown_cell(h) for h in headers]
     n = len(headers)
     if any(len(r) != n for r in rows):
         raise ValueError("every row must have as many cells as there are headers")
@@ -451,16 +437,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
         rule.append(":" + "-" * (w - 1) if a == "l" else "-" * (w - 1) + ":" if a == "r"
                     else ":" + "-" * (w - 2) + ":")
     return "\n".join([fmt(headers), "| " + " | ".join(rule) + " |"] + [fmt(r) for r in rows])
-
-
-def new_figure(width: float, height: float):
-    """A matplotlib figure drawn by the Agg canvas: no display, no pyplot, no global backend switch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
