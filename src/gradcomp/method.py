@@ -150,8 +150,9 @@ class Method:
             world_size: the number of workers.
 
         Yields:
-            The payloads to send, one per round of the compressor; each ``send`` takes back every worker's
-            payload of that round (or the collective's result, as the compressor's exchange says).
+            The payload to send, one per round of the compressor; each ``send`` takes back what the round's
+            collective gives every worker (a list: every worker's payload for a gather, one summed payload
+            for an all-reduce).
 
         Returns:
             The gradient averaged over the workers.
