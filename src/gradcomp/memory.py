@@ -43,7 +43,16 @@ def check_buffers(where: str, buffers: Any, params: Mapping[str, Tensor] | None 
     """Raise a one-line ``ValueError`` naming the entry unless ``buffers`` is a dict of dense floating-point
     tensors that hold data (not on the ``meta`` device) keyed by name; with ``params`` (the model's
     parameters), every name must be a parameter's and every buffer its shape, in its working dtype (float32
-    for a 16-bit parameter)."""
+    for a 16-bit parameter).
+
+    Args:
+        where: how the message names ``buffers`` (``"Residual.residuals"``).
+        buffers: the value to check.
+        params: the model's parameters by name, or ``None`` to check the form alone.
+
+    Raises:
+        ValueError: when ``buffers`` is not such a dict, or (with ``params``) does not fit the parameters.
+    """
     if not isinstance(buffers, Mapping):
         raise ValueError(f"{where} is a {type(buffers).__name__}, expected a dict of tensors by parameter name")
     for name, t in buffers.items():
@@ -67,7 +76,20 @@ def check_buffers(where: str, buffers: Any, params: Mapping[str, Tensor] | None 
 
 def check_like(where: str, name: str, buffer: Tensor, grad: Tensor) -> Tensor:
     """``buffer``, raising a one-line ``ValueError`` unless it has ``grad``'s shape, dtype and device: a loaded
-    state that does not fit the gradients is refused before any kernel or in-place op touches it."""
+    state that does not fit the gradients is refused before any kernel or in-place op touches it.
+
+    Args:
+        where: how the message names the dict that holds ``buffer``.
+        name: the parameter's name.
+        buffer: the held buffer.
+        grad: its parameter's gradient.
+
+    Returns:
+        ``buffer`` itself.
+
+    Raises:
+        ValueError: when ``buffer`` differs from ``grad`` in shape, dtype or device.
+    """
     if buffer.shape != grad.shape or buffer.dtype != grad.dtype or buffer.device != grad.device:
         raise ValueError(f"{where}[{name!r}] is {_shape(buffer)} {buffer.dtype} on {buffer.device}, its gradient "
                          f"{_shape(grad)} {grad.dtype} on {grad.device}: the loaded state does not fit this model")
@@ -76,7 +98,13 @@ def check_like(where: str, name: str, buffer: Tensor, grad: Tensor) -> Tensor:
 
 def check_fits(owner: Any, keys: tuple[str, ...], grads: Mapping[str, Tensor]) -> None:
     """Every buffer of ``owner``'s dicts ``keys`` that ``grads`` names checked against its gradient
-    (:func:`check_like`): a method calls it before a step touches any memory."""
+    (:func:`check_like`): a method calls it before a step touches any memory.
+
+    Args:
+        owner: the memory (or :class:`Momentum`) that holds the dicts.
+        keys: the names of its attributes that are per-name buffer dicts.
+        grads: this step's gradients by parameter name.
+    """
     for key in keys:
         buffers = getattr(owner, key)
         for name, grad in grads.items():
@@ -99,36 +127,89 @@ def _load(target: dict[str, Tensor], source: dict[str, Tensor]) -> None:
 
 
 class Memory:
-    """Base: no state; the accumulator is the gradient itself."""
+    """Base: no state; the accumulator is the gradient itself.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import Memory
+        >>> memory = Memory()
+        >>> grad = torch.ones(3)
+        >>> memory.compensate("w", grad) is grad, memory.state_dict()
+        (True, {})
+    """
 
     def compensate(self, name: str, grad: Tensor) -> Tensor:
+        """The accumulator the compressor sees for ``name`` this step (it may change the memory's buffers).
+
+        Args:
+            name: the parameter's name.
+            grad: its local gradient (working precision).
+
+        Returns:
+            The accumulator: here ``grad`` itself.
+        """
         return grad
 
     def update(self, name: str, accumulator: Tensor, compressor: Compressor, sent: Payload) -> None:
+        """Keep what was not sent of ``accumulator`` once ``compressor`` has sent ``sent``.
+
+        Args:
+            name: the parameter's name.
+            accumulator: what :meth:`compensate` returned for it (changed in place by a subclass).
+            compressor: the compressor that made ``sent``.
+            sent: the payload it sent.
+        """
         pass
 
     def buffers(self) -> list[dict[str, Tensor]]:
         """Every per-name buffer this memory changes in a step (saved and put back around a skipped one): its
-        state's entries."""
+        state's entries.
+
+        Returns:
+            The buffer dicts, one per entry of :meth:`state_dict`.
+        """
         return [getattr(self, key) for key in self._ENTRIES]
 
     def state_dict(self) -> dict[str, Any]:
+        """The memory's state: its per-name buffer dicts by entry name (the tensors themselves, not copies).
+
+        Returns:
+            A dict of dicts of tensors; empty for the base.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a state from :meth:`state_dict`, checked first (:meth:`check_state`) and copied.
+
+        Args:
+            state: the state to load.
+
+        Raises:
+            ValueError: when ``state`` is not one this memory loads; the memory is then unchanged.
+        """
         self.check_state(state)
 
     def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None, where: str | None = None
                     ) -> None:
         """Raise a one-line ``ValueError`` naming the entry unless ``state`` is one this memory loads (with
-        ``params``, one that fits those parameters); :meth:`load_state_dict` checks before it changes anything."""
+        ``params``, one that fits those parameters); :meth:`load_state_dict` checks before it changes anything.
+
+        Args:
+            state: the state to check.
+            params: the model's parameters by name, or ``None``.
+            where: how the message names the state (the class's name by default).
+        """
         for key in self._ENTRIES:
             check_buffers(f"{where or type(self).__name__}.{key}", _entry(where or type(self).__name__, state, key),
                           params)
 
     def check_fits(self, grads: Mapping[str, Tensor]) -> None:
         """Raise a one-line ``ValueError`` naming the buffer unless every buffer held for a name of ``grads``
-        has its gradient's shape, dtype and device (a loaded state for another model)."""
+        has its gradient's shape, dtype and device (a loaded state for another model).
+
+        Args:
+            grads: this step's gradients by parameter name.
+        """
         check_fits(self, self._ENTRIES, grads)
 
     #: the per-name buffer dicts, by attribute name (as in :meth:`state_dict`)
@@ -142,6 +223,20 @@ class Residual(Memory):
     """Error feedback (Seide 2014; Strom 2015): what is not sent is added to the next gradient.
 
     ``acc = g + r``;  after sending C(acc):  ``r = acc - C(acc)``.
+
+    Example:
+        Top-1 of three entries is sent; the other two wait for the next step:
+
+        >>> import torch
+        >>> from gradcomp import Residual
+        >>> from gradcomp.compressors.sparse import TopK
+        >>> memory, topk = Residual(), TopK(density=0.3)
+        >>> acc = memory.compensate("w", torch.tensor([1.0, -3.0, 2.0]))
+        >>> memory.update("w", acc, topk, topk.compress(acc))
+        >>> memory.residuals["w"]
+        tensor([1., 0., 2.])
+        >>> memory.compensate("w", torch.ones(3))
+        tensor([2., 1., 3.])
     """
 
     def __init__(self) -> None:
@@ -168,7 +263,14 @@ class Residual(Memory):
 def lookup_table(grad: Tensor) -> Tensor:
     """Whether ``grad`` leaves most of its rows (slices along the first dimension) at zero, as an embedding's
     gradient does for the tokens not in the batch: a 0-dim bool tensor on ``grad``'s device (nothing waits for
-    it).  A weight matrix leaves a row at zero only for a unit no example reached (a dead ReLU): a few."""
+    it).  A weight matrix leaves a row at zero only for a unit no example reached (a dead ReLU): a few.
+
+    Args:
+        grad: a gradient.
+
+    Returns:
+        A 0-dim bool tensor; false for fewer than two dimensions or rows.
+    """
     if grad.dim() < 2 or grad.shape[0] < 2:
         return torch.zeros((), dtype=torch.bool, device=grad.device)
     rows = grad.reshape(grad.shape[0], -1)
@@ -203,6 +305,23 @@ class DGCMemory(Memory):
     buffers, and per list of tensors the compiled kernel's plan with each
     tensor's hint (:meth:`fused_steps`).  It is not part of the state
     (:meth:`state_dict`), and a deep copy of the memory gets a fresh one.
+
+    Args:
+        momentum: the momentum factor ``m``.
+        nesterov: Nesterov's momentum.
+        masking: momentum factor masking (:data:`Masking`).
+        correction: momentum correction (``False``: accumulate the gradient itself).
+        accumulate: keep what was not sent (``False``: drop it).
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import DGCMemory
+        >>> from gradcomp.compressors.sparse import TopK
+        >>> memory, topk = DGCMemory(momentum=0.9), TopK(density=0.5)
+        >>> acc = memory.compensate("w", torch.tensor([4.0, -1.0]))
+        >>> memory.update("w", acc, topk, topk.compress(acc))
+        >>> memory.u["w"], memory.v["w"]  # the sent entry's momentum masked, the other kept
+        (tensor([ 0., -1.]), tensor([ 0., -1.]))
     """
 
     def __init__(self, *, momentum: float, nesterov: bool = False, masking: Masking = "auto",
@@ -305,7 +424,21 @@ class DGCMemory(Memory):
 
 class Momentum:
     """Ordinary heavy-ball momentum on an averaged gradient, as ``torch.optim.SGD``
-    (dampening 0): ``b = m*b + g``; the update is ``b`` (Nesterov: ``g + m*b``)."""
+    (dampening 0): ``b = m*b + g``; the update is ``b`` (Nesterov: ``g + m*b``).
+
+    Args:
+        momentum: the momentum factor ``m`` (0: the update is the gradient).
+        nesterov: Nesterov's momentum.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import Momentum
+        >>> momentum = Momentum(0.9)
+        >>> momentum.apply("w", torch.ones(2))
+        tensor([1., 1.])
+        >>> momentum.apply("w", torch.ones(2))
+        tensor([1.9000, 1.9000])
+    """
 
     def __init__(self, momentum: float, nesterov: bool = False) -> None:
         self.momentum = momentum
@@ -313,6 +446,15 @@ class Momentum:
         self.buffers: dict[str, Tensor] = {}
 
     def apply(self, name: str, grad: Tensor) -> Tensor:
+        """The update for ``name`` from its averaged gradient, advancing its buffer.
+
+        Args:
+            name: the parameter's name.
+            grad: its averaged gradient.
+
+        Returns:
+            The update (a new tensor unless ``momentum`` is 0, when it is ``grad``).
+        """
         if self.momentum == 0:
             return grad
         buf = self.buffers.get(name)
@@ -323,16 +465,39 @@ class Momentum:
         return grad.add(buf, alpha=self.momentum) if self.nesterov else buf.clone()
 
     def state_dict(self) -> dict[str, Any]:
+        """The momentum buffers by name under ``"buffers"`` (the tensors themselves).
+
+        Returns:
+            ``{"buffers": {name: tensor}}``.
+        """
         return {"buffers": dict(self.buffers)}
 
     def check_fits(self, grads: Mapping[str, Tensor]) -> None:
-        """As :meth:`Memory.check_fits`."""
+        """As :meth:`Memory.check_fits`.
+
+        Args:
+            grads: this step's gradients by parameter name.
+        """
         check_fits(self, ("buffers",), grads)
 
     def check_state(self, state: Any, params: Mapping[str, Tensor] | None = None, where: str = "Momentum") -> None:
-        """As :meth:`Memory.check_state`."""
+        """As :meth:`Memory.check_state`.
+
+        Args:
+            state: the state to check.
+            params: the model's parameters by name, or ``None``.
+            where: how the message names the state.
+        """
         check_buffers(f"{where}.buffers", _entry(where, state, "buffers"), params)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As :meth:`Memory.load_state_dict`.
+
+        Args:
+            state: the state to load.
+
+        Raises:
+            ValueError: when ``state`` is not one this loads; the buffers are then unchanged.
+        """
         self.check_state(state)
         _load(self.buffers, state["buffers"])

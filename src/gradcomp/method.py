@@ -54,7 +54,36 @@ def _working(grad: Tensor, scale: Tensor | None = None, *, upcast: bool = True) 
 
 class Method:
     """A compressor with the memory its paper pairs it with (residual error
-    feedback for ``error_feedback`` compressors, none otherwise)."""
+    feedback for ``error_feedback`` compressors, none otherwise).
+
+    Args:
+        compressor: the compressor.
+        memory: the memory; ``None``: :class:`~gradcomp.memory.Residual` for an ``error_feedback``
+            compressor, :class:`~gradcomp.memory.Memory` (none) otherwise.
+
+    Raises:
+        TypeError: when ``compressor`` is not a :class:`~gradcomp.compressors.base.Compressor`.
+
+    Example:
+        One worker's exchange, driven by hand (a front door sends the payload to every worker):
+
+        >>> import torch
+        >>> from gradcomp import Method
+        >>> from gradcomp.compressors.sparse import TopK
+        >>> method = Method(TopK(density=0.5))
+        >>> type(method.memory).__name__
+        'Residual'
+        >>> grads = method.prepare({"w": torch.tensor([1.0, -4.0, 2.0, 0.5])}, world_size=1)
+        >>> exchange = method.exchange("w", grads["w"], world_size=1)
+        >>> payload = next(exchange)
+        >>> try:
+        ...     exchange.send([payload])
+        ... except StopIteration as done:
+        ...     print(done.value)
+        tensor([ 0., -4.,  2.,  0.])
+        >>> method.memory.residuals["w"]
+        tensor([1.0000, 0.0000, 0.0000, 0.5000])
+    """
 
     #: True when the method applies momentum itself (the optimizer must not).
     owns_momentum = False
@@ -90,6 +119,19 @@ class Method:
         16-bit gradients are computed on in float32, except by a method without
         memory that sends them as they are (``"none"``): it keeps their dtype, and
         so their bytes on the wire.
+
+        Args:
+            grads: this worker's gradients by parameter name.
+            world_size: the number of workers.
+            scale: the loss scale the gradients carry, or ``None``.
+            check: check the gradients for NaN and Inf.
+
+        Returns:
+            The gradients in working precision and units, by name.
+
+        Raises:
+            NonFiniteGradientError: when a gradient holds a NaN or Inf (``check=True``); nothing is changed.
+            ValueError: when a held buffer does not fit its gradient (a loaded state for another model).
         """
         bad = non_finite(grads) if check else []
         if bad:
@@ -100,7 +142,21 @@ class Method:
         return grads
 
     def exchange(self, name: str, grad: Tensor, world_size: int) -> MethodExchange:
-        """Generator: compensate, exchange, keep the rest; returns the averaged gradient."""
+        """Generator: compensate, exchange, keep the rest; returns the averaged gradient.
+
+        Args:
+            name: the parameter's name.
+            grad: its gradient, as :meth:`prepare` returned it.
+            world_size: the number of workers.
+
+        Yields:
+            The payload to send, one per round of the compressor; each ``send`` takes back what the round's
+            collective gives every worker (a list: every worker's payload for a gather, one summed payload
+            for an all-reduce).
+
+        Returns:
+            The gradient averaged over the workers.
+        """
         if grad.numel() == 0:
             return torch.zeros_like(grad)
         accumulator = self.memory.compensate(name, grad)
@@ -128,16 +184,28 @@ class Method:
         return not self.compressor.single_round and type(self.memory) is not Memory
 
     def end_step(self) -> None:
+        """Count a step done (a front door calls it once per step): schedules advance with it."""
         self.steps += 1
 
     def buffers(self) -> list[dict[str, Tensor]]:
-        """Every per-name buffer a step changes (the memory's)."""
+        """Every per-name buffer a step changes (the memory's).
+
+        Returns:
+            The buffer dicts by parameter name.
+        """
         return self.memory.buffers()
 
     def save(self, names: Iterable[str]) -> Callable[[], None]:
         """Save what exchanging ``names`` may change (their buffers and compressor state); the function
         returned puts it back, for a step that every rank skips after its exchanges began
-        (:class:`~gradcomp.core.Step`).  A name without memory yet gets none back."""
+        (:class:`~gradcomp.core.Step`).  A name without memory yet gets none back.
+
+        Args:
+            names: the parameters' names.
+
+        Returns:
+            A function of no arguments that restores what was saved.
+        """
         names = list(names)
         kept = [(buffers, {n: buffers[n].clone() for n in names if n in buffers}) for buffers in self.buffers()]
         states = {n: copy.deepcopy(self.compressor_state[n]) for n in names if n in self.compressor_state}
@@ -161,13 +229,24 @@ class Method:
 
     def for_rank(self, rank: int) -> Method:
         """This method as worker ``rank`` runs it (see :meth:`Compressor.for_rank`); a copy, with fresh memory
-        if none was used yet."""
+        if none was used yet.
+
+        Args:
+            rank: the worker's rank.
+
+        Returns:
+            A copy of this method whose compressor is ``rank``'s.
+        """
         method = copy.deepcopy(self)
         method.compressor = self.compressor.for_rank(rank)
         return method
 
     def set_epoch(self, epoch: float) -> None:
-        """Tell schedules where training is (fractional epochs allowed), like ``DistributedSampler.set_epoch``."""
+        """Tell schedules where training is (fractional epochs allowed), like ``DistributedSampler.set_epoch``.
+
+        Args:
+            epoch: the epoch, finite and >= 0.
+        """
         check_range(type(self).__name__, "epoch", epoch, 0.0, math.inf, high_open=True)
         self.epoch = float(epoch)
         self._epoch_origin = (self.epoch, self.steps)
@@ -175,9 +254,19 @@ class Method:
     # -- description and state ---------------------------------------------
 
     def config(self) -> dict[str, Any]:
+        """The method's settings, as a run's record shows them.
+
+        Returns:
+            ``{"method": name, **options}``.
+        """
         return {"method": self.compressor.name, **self.compressor.options()}
 
     def state_dict(self) -> dict[str, Any]:
+        """The method's state: memory, compressor state, epoch and steps (the tensors themselves).
+
+        Returns:
+            A dict that :meth:`load_state_dict` takes back.
+        """
         return {
             "memory": self.memory.state_dict(),
             "compressor_state": {n: dict(s) for n, s in self.compressor_state.items()},
@@ -191,7 +280,15 @@ class Method:
         entry present and of its type, every memory buffer a floating-point tensor holding data; with
         ``params`` (the model's named parameters), each buffer named by one of them and of its shape and
         working dtype.  :meth:`load_state_dict` checks this before it changes anything; what it cannot know
-        (the gradients' shapes) is checked at each step, before any kernel touches the memory."""
+        (the gradients' shapes) is checked at each step, before any kernel touches the memory.
+
+        Args:
+            state: the state to check.
+            params: the model's parameters by name, or ``None``.
+
+        Raises:
+            ValueError: when ``state`` is not one this method loads.
+        """
         where = f"{type(self).__name__} state"
         if not isinstance(state, Mapping):
             raise ValueError(f"{where} is a {type(state).__name__}, expected a dict")
@@ -211,6 +308,14 @@ class Method:
                                  + ("" if key == "epoch" else " (an integer)"))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a state from :meth:`state_dict`, checked first (:meth:`check_state`).
+
+        Args:
+            state: the state to load.
+
+        Raises:
+            ValueError: when ``state`` is not one this method loads; the method is then unchanged.
+        """
         self.check_state(state)
         self.memory.load_state_dict(state["memory"])
         self.compressor_state = {n: dict(s) for n, s in state["compressor_state"].items()}
@@ -298,6 +403,46 @@ class DGC(Method):
     times slower than under the dense momentum SGD DGC replaces; the paper
     trained its language model with vanilla SGD, where masking does nothing.
     See ``notes/embedding-divergence.md``.
+
+    Args:
+        density: the fraction of each sparsified tensor's entries sent a step, after the warm-up.
+        momentum: the momentum factor ``m``.
+        nesterov: Nesterov's momentum.
+        sample_ratio: the fraction of entries sampled to estimate the top-k threshold.
+        momentum_masking: momentum factor masking (:data:`~gradcomp.memory.Masking`).
+        clip_norm: local gradient clipping's norm, or ``None`` for none.
+        warmup_epochs: the warm-up's length in epochs.
+        warmup_steps: the warm-up's length in steps.
+        min_numel: the smallest tensor sparsified.
+        momentum_correction: momentum correction (ablation).
+        accumulate: keep what was not sent (ablation).
+        steps_per_epoch: the steps of an epoch, for ``warmup_epochs``.
+        wire: the sparse wire format, ``"compact"`` or ``"plain"``.
+        sparsify_all: sparsify every tensor, small and 1-D ones too.
+        min_entries: the fewest entries a sparsified tensor sends a step.
+        aggregate: ``"gather"`` or ``"shared"``.
+
+    Raises:
+        ValueError: when a setting is out of range, or both ``warmup_steps`` and ``warmup_epochs`` are given.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import DGC, sgd_settings
+        >>> dgc = DGC(density=0.25, warmup_steps=0, min_numel=16)
+        >>> grads = dgc.prepare({"w": torch.randn(4, 4), "b": torch.randn(4)}, world_size=1)
+        >>> dgc.sparsified(grads["w"]), dgc.sparsified(grads["b"])
+        (True, False)
+        >>> exchange = dgc.exchange("w", grads["w"], world_size=1)
+        >>> payload = next(exchange)
+        >>> try:
+        ...     exchange.send([payload])
+        ... except StopIteration as done:
+        ...     average = done.value
+        >>> average.shape, int(average.count_nonzero())
+        (torch.Size([4, 4]), 4)
+        >>> dgc.end_step()
+        >>> {k: round(v, 4) for k, v in sgd_settings(dgc, momentum=0.9, weight_decay=1e-4).items()}
+        {'momentum': 0.0, 'weight_decay': 0.001}
     """
 
     name: ClassVar[str] = "dgc"
@@ -385,7 +530,14 @@ class DGC(Method):
         return self.memory
 
     def sparsified(self, grad: Tensor) -> bool:
-        """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small; or every one with ``sparsify_all``)."""
+        """Whether DGC sparsifies this tensor (as the paper: not 1-D, not small; or every one with ``sparsify_all``).
+
+        Args:
+            grad: the tensor's gradient.
+
+        Returns:
+            True when it is sparsified, False when it is averaged densely.
+        """
         return self.sparsify_all or (grad.dim() > 1 and grad.numel() >= self.min_numel)
 
     def prepare(self, grads: Mapping[str, Tensor], world_size: int, scale: Tensor | None = None, *,
@@ -495,7 +647,22 @@ class DGC(Method):
 
 
 def as_method(method: Method | Compressor | str) -> Method:
-    """Accept a Method, a Compressor or a registered name (``"dgc"``: the whole of :class:`DGC`)."""
+    """Accept a Method, a Compressor or a registered name (``"dgc"``: the whole of :class:`DGC`).
+
+    Args:
+        method: a method, a compressor or a registered compressor's name.
+
+    Returns:
+        ``method`` itself, or a :class:`Method` around the compressor (with its paper's memory).
+
+    Raises:
+        TypeError: when ``method`` is none of these.
+
+    Example:
+        >>> from gradcomp import as_method
+        >>> type(as_method("dgc")).__name__, type(as_method("topk").memory).__name__
+        ('DGC', 'Residual')
+    """
     if isinstance(method, str):
         method = get(method)
     if isinstance(method, Method):
@@ -517,8 +684,6 @@ def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weigh
     """``torch.optim.SGD``'s ``momentum`` and ``weight_decay`` for training through ``method`` what dense
     training runs with ``SGD(momentum=momentum, weight_decay=weight_decay)``.
 
-    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, **sgd_settings(dgc, momentum=0.9, weight_decay=1e-4))
-
     A method that owns momentum (DGC) gets ``momentum=0`` and the weight decay
     scaled by ``1 / (1 - m)``, ``m`` the method's own momentum.  In momentum SGD
     the decay ``wd * p`` goes through the momentum buffer, so a step applies
@@ -529,6 +694,25 @@ def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weigh
     alone, to the same effect.  Either way weight decay is never sent: each rank
     applies it to its own weights, identical on every rank.  Other methods keep
     both values.
+
+    Args:
+        method: a method, a compressor or a registered name (:func:`as_method`).
+        momentum: the dense run's momentum.
+        weight_decay: the dense run's weight decay.
+
+    Returns:
+        ``{"momentum": ..., "weight_decay": ...}`` for ``torch.optim.SGD``.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import DGC, sgd_settings
+        >>> model = torch.nn.Linear(4, 2)
+        >>> settings = sgd_settings(DGC(momentum=0.9), momentum=0.9, weight_decay=1e-4)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, **settings)
+        >>> settings["momentum"], round(settings["weight_decay"], 6)
+        (0.0, 0.001)
+        >>> sgd_settings("topk", momentum=0.9, weight_decay=1e-4)
+        {'momentum': 0.9, 'weight_decay': 0.0001}
     """
     check_range("sgd_settings", "momentum", momentum, 0.0, 1.0, high_open=True)
     check_range("sgd_settings", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
@@ -539,7 +723,15 @@ def sgd_settings(method: Method | Compressor | str, momentum: float = 0.0, weigh
 
 
 def check_optimizer(method: Method, optimizer: torch.optim.Optimizer | None) -> None:
-    """A method that applies momentum itself must not be paired with a momentum optimizer."""
+    """A method that applies momentum itself must not be paired with a momentum optimizer.
+
+    Args:
+        method: the method.
+        optimizer: the optimizer, or ``None``.
+
+    Raises:
+        ValueError: when ``method`` owns momentum and the optimizer has momentum or moments (Adam's).
+    """
     if optimizer is None or not method.owns_momentum:
         return
     for i, group in enumerate(optimizer.param_groups):

@@ -47,7 +47,25 @@ T = TypeVar("T")
 
 
 def combine(payloads: Sequence[Payload]) -> list[Payload]:
-    """Combine one tensor's payloads from every worker (rank order) as the collectives would."""
+    """Combine one tensor's payloads from every worker (rank order) as the collectives would.
+
+    Args:
+        payloads: every worker's payload of one tensor and round, in rank order.
+
+    Returns:
+        What each worker receives: the payloads themselves for ``"gather"``, else one payload holding their
+        sum (``"sum"``) or entry-wise maximum (``"max"``).
+
+    Raises:
+        ValueError: when the workers' payloads differ in kind, or (summed or maxed) in shapes or dtypes.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.base import Payload
+        >>> from gradcomp.simulator import combine
+        >>> [p.tensors for p in combine([Payload((torch.ones(2),), op="sum"), Payload((torch.ones(2),), op="sum")])]
+        [(tensor([2., 2.]),)]
+    """
     first = payloads[0]
     for rank, p in enumerate(payloads[1:], 1):
         if p.op != first.op or len(p.tensors) != len(first.tensors):
@@ -102,6 +120,15 @@ class LocalGroup:
     3x slower on small models).  Each worker keeps its own grad mode (``torch.no_grad`` is thread-local
     state, which greenlets on one thread would otherwise share).  A worker that fails ends the run with its
     error; workers waiting in collectives no other worker will join are an error naming them, never a hang.
+
+    Args:
+        world_size: the number of workers.
+
+    Example:
+        >>> from gradcomp.simulator import LocalGroup
+        >>> group = LocalGroup(3)
+        >>> group.run(lambda rank: group.comms[rank].all_objects(rank * 10))
+        [[0, 10, 20], [0, 10, 20], [0, 10, 20]]
     """
 
     def __init__(self, world_size: int) -> None:
@@ -113,7 +140,21 @@ class LocalGroup:
 
     def meet(self, rank: int, seq: int, kind: str, value: Any,
              combine_all: Callable[[list[Any]], list[Any]]) -> Any:
-        """Worker ``rank``'s part of collective number ``seq``; what it receives, once every worker joined."""
+        """Worker ``rank``'s part of collective number ``seq``; what it receives, once every worker joined.
+
+        Args:
+            rank: the worker's rank.
+            seq: the collective's number, counted by each worker.
+            kind: the collective's kind (every worker's must be the same).
+            value: what this worker puts in.
+            combine_all: every worker's value (rank order) to what each receives.
+
+        Returns:
+            What worker ``rank`` receives.
+
+        Raises:
+            RuntimeError: when the workers issued collectives of different kinds as number ``seq``.
+        """
         first_kind, values = self._rounds.setdefault(seq, (kind, [_MISSING] * self.world_size))
         if kind != first_kind:
             raise RuntimeError(f"worker {rank} issued {kind} as collective {seq}, another worker {first_kind}: "
@@ -130,7 +171,18 @@ class LocalGroup:
 
     def run(self, fn: Callable[[int], T]) -> list[T]:
         """``fn(rank)`` for every worker, in turns (see the class); the results in rank order, or the first
-        failure raised."""
+        failure raised.
+
+        Args:
+            fn: what a worker runs, given its rank.
+
+        Returns:
+            ``fn``'s results in rank order.
+
+        Raises:
+            RuntimeError: when workers wait in collectives that no other worker will join; a worker's own
+                error is raised as it is.
+        """
         n = self.world_size
         self._rounds.clear()
         self._waiting.clear()
@@ -177,7 +229,12 @@ _MISSING = object()
 
 class LocalCommunicator(Communicator):
     """Worker ``rank``'s :class:`~gradcomp.comm.Communicator` on a :class:`LocalGroup`: the same driving of
-    the exchange generators and the same byte count, with the collectives met in this process."""
+    the exchange generators and the same byte count, with the collectives met in this process.
+
+    Args:
+        group: the workers' group.
+        rank: this worker's rank.
+    """
 
     def __init__(self, group: LocalGroup, rank: int) -> None:  # no process group: nothing of Communicator's
         self.local, self.rank, self.world_size = group, rank, group.world_size
@@ -205,14 +262,40 @@ class LocalCommunicator(Communicator):
 
 def run_exchanges(workers: Sequence[dict[str, MethodExchange]]) -> tuple[list[dict[str, Tensor]], list[int]]:
     """Drive every worker's exchange generators on a :class:`LocalGroup`; each worker's results and bytes
-    sent."""
+    sent.
+
+    Args:
+        workers: per worker (rank order), its exchange generators by parameter name.
+
+    Returns:
+        Each worker's averaged gradients by name, and each worker's bytes sent.
+    """
     group = LocalGroup(len(workers))
     results = group.run(lambda rank: group.comms[rank].exchange(workers[rank]).wait())
     return results, [c.bytes_sent for c in group.comms]
 
 
 def split_batch(batch: Any, num_workers: int) -> list[Any]:
-    """Split a tensor, or a tuple/list of tensors, along dim 0 into ``num_workers`` shards."""
+    """Split a tensor, or a tuple/list of tensors, along dim 0 into ``num_workers`` shards.
+
+    Args:
+        batch: a tensor, or a tuple or list of them (nested too).
+        num_workers: the number of shards.
+
+    Returns:
+        The shards, one per worker; a tuple or list batch gives shards of its type.
+
+    Raises:
+        ValueError: when a tensor has fewer samples than ``num_workers``.
+        TypeError: when ``batch`` is of another type.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp import split_batch
+        >>> shards = split_batch((torch.zeros(10, 3), torch.arange(10)), 4)
+        >>> [tuple(x.shape) for x, _ in shards], shards[3][1].tolist()
+        ([(3, 3), (3, 3), (2, 3), (2, 3)], [8, 9])
+    """
     if isinstance(batch, Tensor):
         shards = batch.tensor_split(num_workers)
         if any(s.shape[0] == 0 for s in shards):

@@ -76,7 +76,21 @@ __all__ = ["Workspace", "TopK", "DGCSelect", "SharedSelect", "RandomK", "Thresho
 
 
 def select_topk(flat: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` entries of largest magnitude (exact, ``torch.topk``), in no particular order."""
+    """Indices of the ``k`` entries of largest magnitude (exact, ``torch.topk``), in no particular order.
+
+    Args:
+        flat: a 1-D tensor.
+        k: how many entries to select (all of them when ``k >= flat.numel()``).
+
+    Returns:
+        A 1-D int64 tensor of ``min(k, flat.numel())`` indices.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import select_topk
+        >>> sorted(select_topk(torch.tensor([0.5, -3.0, 1.0, 2.0]), 2).tolist())
+        [1, 3]
+    """
     if k >= flat.numel():
         return torch.arange(flat.numel(), device=flat.device)
     return torch.topk(flat.abs(), k, sorted=False).indices
@@ -257,7 +271,15 @@ WIRES: tuple[Wire, ...] = get_args(Wire)
 
 
 def check_wire(owner: str, wire: str) -> None:
-    """Raise ValueError naming ``owner.wire`` unless it is one of :data:`WIRES`."""
+    """Raise ValueError naming ``owner.wire`` unless it is one of :data:`WIRES`.
+
+    Args:
+        owner: the compressor's name, for the message.
+        wire: the wire format to check.
+
+    Raises:
+        ValueError: when ``wire`` is not one of :data:`WIRES`.
+    """
     if wire not in WIRES:
         raise ValueError(f"{owner}.wire must be one of {WIRES}, got {wire!r}")
 
@@ -440,6 +462,18 @@ class TopK(_Sparse):
 
     With residual memory this is gradient dropping (Aji & Heafield 2017) at a
     fixed density; without memory, small gradients are simply dropped.
+
+    Args:
+        density: the fraction of entries sent, in (0, 1].
+        wire: the wire format (:data:`WIRES`).
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import TopK
+        >>> topk = TopK(density=0.5)
+        >>> grad = torch.tensor([0.5, -3.0, 1.0, 2.0])
+        >>> topk.decompress([topk.compress(grad)], like=grad)
+        tensor([ 0., -3.,  0.,  2.])
     """
 
     name = "topk"
@@ -518,6 +552,20 @@ class DGCSelect(_Sparse):
     between calls for speed (scratch buffers, the compiled kernel's plans) is a
     :class:`Workspace` its caller owns and passes in (DGC's memory does), and
     DGC's whole step in the compiled kernel is :func:`fused_dgc_steps`.
+
+    Args:
+        density: the fraction of entries sent, in (0, 1].
+        sample_ratio: the fraction of entries sampled to estimate the threshold, in (0, 1].
+        wire: the wire format (:data:`WIRES`).
+        min_entries: the fewest entries sent (all of a smaller tensor).
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import DGCSelect
+        >>> select = DGCSelect(density=0.1, sample_ratio=1.0)
+        >>> grad = torch.randn(100)
+        >>> select.entries(100), int(select.decompress([select.compress(grad)], like=grad).count_nonzero())
+        (10, 10)
     """
 
     name = "sampled-topk"
@@ -534,7 +582,14 @@ class DGCSelect(_Sparse):
 
     def entries(self, numel: int) -> int:
         """k for a tensor of ``numel`` entries: ceil(density * numel), at least ``min_entries`` (all of a
-        smaller tensor)."""
+        smaller tensor).
+
+        Args:
+            numel: the tensor's number of entries.
+
+        Returns:
+            The number of entries sent.
+        """
         return min(numel, max(num_selected(self.density, numel), self.min_entries))
 
     def compress(self, tensor: Tensor, state: dict | None = None, *, workspace: Workspace | None = None) -> Payload:
@@ -665,6 +720,13 @@ class SharedSelect(DGCSelect):
     that is ``sorted_nbytes(numel, k) + 4 k`` bytes whatever the number of
     workers, where an all-gather of sparse payloads receives ``(N - 1)`` times
     its own.
+
+    Args:
+        density: the fraction of entries sent, in (0, 1].
+        sample_ratio: the fraction of entries sampled to estimate the threshold, in (0, 1].
+        wire: the wire format (:data:`WIRES`).
+        min_entries: the fewest entries sent (all of a smaller tensor).
+        rank: this worker's rank.
     """
 
     name = "dgc-shared"
@@ -683,6 +745,9 @@ class SharedSelect(DGCSelect):
             state: unused (the selection keeps no state); taken for the :class:`Compressor` protocol.
             workspace: the leader's scratch buffers for :func:`select_dgc`, owned by the caller
                 (``DGCMemory.workspace``); ``None``: fresh ones (the same result).
+
+        Yields:
+            Each round's payload: the index code (zeros but on the leader), then this rank's values there.
 
         Returns:
             The summed tensor (shaped like ``tensor``) and this rank's values payload, whose ``meta`` holds
@@ -726,6 +791,10 @@ class RandomK(_Sparse):
     with an all-reduce: k values, no index bytes.  The draw runs on the
     tensor's device with a generator of that device (the same on every rank;
     a CUDA run draws other indices than a CPU run of the same seed).
+
+    Args:
+        density: the fraction of entries sent, in (0, 1].
+        seed: the seed of the draws, the same on every rank.
     """
 
     name = "randomk"
@@ -816,6 +885,17 @@ class Threshold(Compressor):
 
     Each entry costs one 32-bit word: index and sign packed together.  The
     count varies by step and rank, so the communicator pads the all-gather.
+
+    Args:
+        tau: the threshold, > 0.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import Threshold
+        >>> threshold = Threshold(tau=1.0)
+        >>> grad = torch.tensor([0.5, -3.0, 1.0])
+        >>> threshold.decompress([threshold.compress(grad)], like=grad)
+        tensor([ 0., -1.,  1.])
     """
 
     name = "threshold"
@@ -843,6 +923,9 @@ class Dryden(Compressor):
 
     Wire: one 32-bit word per entry (index and sign) plus the two means.  The
     counts of positive and negative entries are read on the host (one sync).
+
+    Args:
+        proportion: the fraction of the positive and of the negative entries sent, in (0, 1].
     """
 
     name = "dryden"
@@ -920,6 +1003,13 @@ class AdaComp(Compressor):
     Wire: ``(codes: int32[k], scale: float32[1])``, ``4 * k + 4`` bytes for ``k`` sent entries (int64
     codes past 2**30 entries); each code is ``index * 2 + (G < 0)``, Strom's one-word encoding; op
     ``"gather"``, ``variable`` (``k`` differs by step and rank, read on the host once per call).
+
+    Args:
+        bin_size: the entries of a bin (``L_T``), >= 1.
+        scale: the scale of the sent values, ``"mean"`` or ``"max"``.
+
+    Raises:
+        ValueError: when ``bin_size`` is not an integer >= 1 or ``scale`` is not one of these.
     """
 
     name = "adacomp"
@@ -935,7 +1025,15 @@ class AdaComp(Compressor):
             raise ValueError(f"adacomp.scale must be one of {self._SCALES}, got {self.scale!r}")
 
     def select(self, g: Tensor, dw: Tensor) -> Tensor:
-        """The mask of entries sent for residue-accumulated ``g`` and gradient ``dw`` (both flat)."""
+        """The mask of entries sent for residue-accumulated ``g`` and gradient ``dw`` (both flat).
+
+        Args:
+            g: the residue-accumulated gradient ``G``, flat.
+            dw: this step's gradient, flat.
+
+        Returns:
+            A bool tensor like ``g``: true where the entry is sent.
+        """
         n, b = g.numel(), self.bin_size
         nb = -(-n // b)
         mag = torch.cat([g.abs(), g.new_zeros(nb * b - n)]).view(nb, b)
