@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import errno
 import importlib
 import logging
@@ -322,26 +321,30 @@ def _resume_config(args: argparse.Namespace, argv: list[str]):
 def _train_with_baseline(config: Any, **launch: Any) -> None:
     """``gradcomp train --baseline``: the run, then the same run with the dense all-reduce, then both side by
     side (a table, and their curves in one PNG)."""
+    from .train.config import Averaging
     from .train.loop import default_run_dir, run
     from .train.report import compare_table, plot_runs
 
     if os.environ.get("RANK") is not None:
         raise ValueError("--baseline trains two runs one after the other in one launch: run it without torchrun")
-    if config.method == "none" and config.dga_delay is None and config.fedavg_period is None:
+    if config.exchange.method == "none" and config.averaging.dga_delay is None \
+            and config.averaging.fedavg_period is None:
         raise ValueError("--baseline compares a method with dense training, and this run is dense already "
                          "(--compressor none)")
-    config = dataclasses.replace(config, run_dir=config.run_dir or default_run_dir(config))
-    dense = dataclasses.replace(config, method="none", options={}, dga_delay=None, dga_correction=True,
-                                fedavg_period=None, run_dir=f"{config.run_dir}-dense", label="dense baseline")
+    run_dir = config.output.run_dir or default_run_dir(config)
+    config = config.replace(output={"run_dir": run_dir})
+    dense = config.replace(exchange={"method": "none", "options": {}}, averaging=Averaging(),
+                           output={"run_dir": f"{run_dir}-dense", "label": "dense baseline"})
     for cfg in (config, dense):
         run(cfg, **launch)
     print()
-    print(compare_table([config.run_dir, dense.run_dir]))
-    print(f"curves of both: {plot_runs([config.run_dir, dense.run_dir], Path(config.run_dir) / 'vs-dense.png')}")
+    both = [run_dir, dense.output.run_dir]
+    print(compare_table(both))
+    print(f"curves of both: {plot_runs(both, Path(run_dir) / 'vs-dense.png')}")
 
 
 def _train_config(args: argparse.Namespace):
-    from .train.loop import TrainConfig
+    from .train.config import Averaging, Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
     options = dict(args.options)
     if args.density is not None:
@@ -355,20 +358,22 @@ def _train_config(args: argparse.Namespace):
             options["nesterov"] = True
     elif args.warmup_epochs is not None or args.no_momentum_masking or args.nesterov:
         raise ValueError("--warmup-epochs, --no-momentum-masking and --nesterov are DGC options (--compressor dgc)")
-    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                       model_options=dict(args.model_options), method=args.method,
-                       options=options, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, optimizer=args.optimizer,
-                       momentum=args.momentum if args.momentum is not None else 0.9 if args.optimizer == "sgd" else 0.0,
-                       weight_decay=args.weight_decay,
-                       lr_warmup_epochs=args.lr_warmup_epochs, lr_milestones=args.lr_milestones,
-                       lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
-                       limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, device=args.device,
-                       simulate=args.simulate, dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
-                       fedavg_period=args.fedavg_period, partition=args.partition,
-                       emulate_latency_ms=args.emulate_latency_ms, nonfinite=args.nonfinite,
-                       link_gbps=args.link_gbps, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
-                       max_steps=args.max_steps, progress=not args.no_progress, label=args.label)
+    momentum = args.momentum if args.momentum is not None else 0.9 if args.optimizer == "sgd" else 0.0
+    return TrainConfig(
+        data=Data(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, bptt=args.bptt,
+                  partition=args.partition, limit_train=args.limit_train, limit_test=args.limit_test),
+        model=Model(name=args.model, options=dict(args.model_options)),
+        exchange=Exchange(method=args.method, options=options, nonfinite=args.nonfinite),
+        averaging=Averaging(dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
+                            fedavg_period=args.fedavg_period),
+        optim=Optim(name=args.optimizer, lr=args.lr, momentum=momentum, weight_decay=args.weight_decay,
+                    clip_norm=args.clip_norm),
+        schedule=Schedule(epochs=args.epochs, max_steps=args.max_steps, lr_warmup_epochs=args.lr_warmup_epochs,
+                          lr_milestones=args.lr_milestones, lr_decay=args.lr_decay),
+        launch=Launch(workers=args.workers, simulate=args.simulate, device=args.device, seed=args.seed,
+                      emulate_latency_ms=args.emulate_latency_ms),
+        output=Output(run_dir=args.run_dir, label=args.label, checkpoint_every=args.checkpoint_every,
+                      progress=not args.no_progress, link_gbps=args.link_gbps))
 
 
 def main(argv: list[str] | None = None) -> int:
