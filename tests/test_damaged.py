@@ -23,7 +23,8 @@ import torch
 
 from gradcomp.checkpoint import RankState, load_rank_state, save_rank_state
 from gradcomp.method import DGC
-from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
+from gradcomp.train.loop import run
 from gradcomp.train.report import RunDir
 from helpers import exchange_step
 from test_resume import _refused
@@ -36,8 +37,10 @@ SRC = TESTS.parent / "src"
 def good(tmp_path_factory):
     """A simulated 2-worker DGC run stopped at step 2, checkpointing every step (step 1's kept as prev)."""
     path = tmp_path_factory.mktemp("damaged") / "run"
-    run(TrainConfig(run_dir=str(path), workers=2, limit_train=256, limit_test=100, epochs=1, max_steps=2,
-                    checkpoint_every=1, simulate=True, progress=False), echo=lambda _: None)
+    run(TrainConfig(data=Data(limit_train=256, limit_test=100), schedule=Schedule(epochs=1, max_steps=2),
+                    launch=Launch(workers=2, simulate=True),
+                    output=Output(run_dir=str(path), checkpoint_every=1, progress=False)), echo=lambda _: None)
+
     assert RunDir(path).prev_checkpoint_path.is_file()
     return path
 

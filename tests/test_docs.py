@@ -1,6 +1,7 @@
 """The manual (docs/): it builds with warnings as errors, its reference covers the public API, and every Python
 example on its pages is one that tests/test_readme.py runs."""
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -57,8 +58,12 @@ def test_the_reference_covers_the_public_api():
     for name in gradcomp.available():
         cls = type(gradcomp.get(name))
         assert {f"{cls.__module__}.{cls.__qualname__}", f"gradcomp.{cls.__qualname__}"} & names, name
-    assert {"gradcomp.lightning.GradientCompression", "gradcomp.train.loop.TrainConfig",
+    assert {"gradcomp.lightning.GradientCompression", "gradcomp.train.config.TrainConfig",
             "gradcomp.train.loop.run"} <= names
+    from gradcomp.train.config import TrainConfig
+
+    sections = {f"gradcomp.train.config.{f.default_factory.__name__}" for f in dataclasses.fields(TrainConfig)}
+    assert sections <= names, f"sections of TrainConfig missing from docs/api.md: {sorted(sections - names)}"
 
 
 def test_every_python_block_of_the_manual_is_run():

@@ -11,21 +11,24 @@ import time
 
 import pytest
 
-from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
+from gradcomp.train.loop import run
 from gradcomp.train.report import RunDir
 from test_data import _idx_bytes, _write_fake_mnist
 from test_resume import assert_same_run
 
 #: a real-worker run slow enough (4 ms per collective) to be interrupted mid-run: 2 epochs of 44 steps
-SLOW = dict(dataset="digits", method="dgc", workers=2, epochs=2, batch_size=16, limit_test=100, checkpoint_every=10,
-            emulate_latency_ms=4.0, progress=False)
+SLOW = TrainConfig(data=Data(dataset="digits", batch_size=16, limit_test=100), schedule=Schedule(epochs=2),
+                   launch=Launch(workers=2, emulate_latency_ms=4.0), output=Output(checkpoint_every=10, progress=False))
 
 
 def _args(config):
-    return ["--dataset", config["dataset"], "--compressor", config["method"], "--workers", str(config["workers"]),
-            "--epochs", str(config["epochs"]), "--batch-size", str(config["batch_size"]),
-            "--limit-test", str(config["limit_test"]), "--checkpoint-every", str(config["checkpoint_every"]),
-            "--emulate-latency-ms", str(config["emulate_latency_ms"]), "--no-progress"]
+    """``config`` as ``gradcomp train``'s flags."""
+    return ["--dataset", config.data.dataset, "--compressor", config.exchange.method,
+            "--workers", str(config.launch.workers), "--epochs", str(config.schedule.epochs),
+            "--batch-size", str(config.data.batch_size), "--limit-test", str(config.data.limit_test),
+            "--checkpoint-every", str(config.output.checkpoint_every),
+            "--emulate-latency-ms", str(config.launch.emulate_latency_ms), "--no-progress"]
 
 
 def gradcomp(*args, timeout=120, **kw):
@@ -89,8 +92,8 @@ def _interrupt(tmp_path):
 @pytest.mark.slow  # ~12 s more: two more runs; mid-run resumes are bit-identical in test_resume.py
 def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_result(tmp_path):
     path = _interrupt(tmp_path)
-    run(TrainConfig(**SLOW), resume=str(path), echo=lambda _: None)
-    run(TrainConfig(run_dir=str(tmp_path / "whole"), **SLOW), echo=lambda _: None)
+    run(SLOW, resume=str(path), echo=lambda _: None)
+    run(SLOW.replace(output={"run_dir": str(tmp_path / "whole")}), echo=lambda _: None)
     assert_same_run(tmp_path / "whole", path)
 
 
@@ -165,8 +168,9 @@ def test_ctrl_c_in_a_simulated_run_names_the_step_and_puts_the_handler_back(tmp_
 
     threading.Thread(target=ctrl_c_after_the_first_checkpoint, daemon=True).start()
     with pytest.raises(TrainingInterrupted) as info:
-        run(TrainConfig(simulate=True, workers=2, epochs=50, checkpoint_every=5, progress=False, run_dir=str(path)),
-            echo=lambda _: None)
+        run(TrainConfig(launch=Launch(simulate=True, workers=2), schedule=Schedule(epochs=50),
+                        output=Output(checkpoint_every=5, progress=False, run_dir=str(path))), echo=lambda _: None)
+
     saved = RunDir(path).load_checkpoint()["steps"]
     assert info.value.steps >= saved >= 5 and signal.getsignal(signal.SIGINT) is before
     behind = "" if info.value.steps == saved else f" (from its checkpoint at step {saved})"

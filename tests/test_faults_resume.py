@@ -18,6 +18,7 @@ import torch
 
 import gradcomp
 from gradcomp.cli import main
+from gradcomp.train.config import flat_settings
 from gradcomp.train.report import RunDir
 from test_resume import assert_same_run
 
@@ -54,7 +55,8 @@ def main_error(capsys, *args, rc=2):
 
 
 def config(path):
-    return json.loads((Path(path) / "config.json").read_text())
+    """The run's config.json (by section), one key per setting."""
+    return flat_settings(json.loads((Path(path) / "config.json").read_text()))
 
 
 def files(path):
@@ -216,7 +218,7 @@ def test_a_batch_larger_than_the_data_is_refused_and_a_half_made_run_directory_i
     it) is run again, and --resume of it starts it again from step 0 with its own config."""
     real = ("--dataset", "digits", "--workers", 2, "--limit-train", 128, "--epochs", 1, "--no-progress")
     line = error_line(train(*real, "--batch-size", 100000, "--run-dir", "run", cwd=tmp_path))
-    assert line == ("gradcomp train: error: TrainConfig.batch_size=100000: a global batch of 200000 (2 workers) "
+    assert line == ("gradcomp train: error: TrainConfig.data.batch_size=100000: a global batch of 200000 (2 workers) "
                     "is larger than the 128 training samples; lower batch_size or workers")
     assert not (tmp_path / "run").exists()
     half = tmp_path / "half"
@@ -245,7 +247,8 @@ def test_too_many_workers_for_the_machine_are_refused(tmp_path):
     cores = os.cpu_count() or 1
     limit = max(8, 4 * cores)
     line = error_line(train("--dataset", "digits", "--workers", 1000, "--run-dir", "run", cwd=tmp_path))
-    assert line == (f"gradcomp train: error: TrainConfig.workers=1000 would start 1000 processes on {cores} CPU "
+    assert line == (f"gradcomp train: error: TrainConfig.launch.workers=1000 would start 1000 processes on {cores} CPU "
+
                     f"core(s), more than {limit} (4 per core): use simulate (--simulate) or fewer workers, or allow "
                     "it (--allow-oversubscribe)")
     assert not (tmp_path / "run").exists()

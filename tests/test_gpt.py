@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gradcomp.cli import main
-from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
+from gradcomp.train.loop import run
 from gradcomp.train.models import GPT, build_model, count_parameters
 from gradcomp.train.report import RunDir
 from helpers import assert_same, need_datasets, quick_study
@@ -59,30 +60,31 @@ def test_gpt_context_and_option_errors():
         build_model("gpt", "shakespeare", layers=0)
     with pytest.raises(ValueError, match=r"^dropout must be in \[0, 1\), got 1.0$"):
         GPT(10, dropout=1.0)
-    with pytest.raises(ValueError, match="context=16 is shorter than TrainConfig.bptt=35"):
-        TrainConfig(dataset="shakespeare", model="gpt", model_options={"context": 16}, bptt=35)
+    with pytest.raises(ValueError, match="context=16 is shorter than TrainConfig.data.bptt=35"):
+        TrainConfig(data=Data(dataset="shakespeare", bptt=35), model=Model(name="gpt", options={"context": 16}))
 
 
 # ---------------------------------------------------------------- AdamW in gradcomp train
 
 
 def test_adamw_refuses_momentum(capsys, tmp_path):
-    with pytest.raises(ValueError, match=r"^TrainConfig.momentum=0.9 with optimizer='adamw'"):
-        TrainConfig(optimizer="adamw", momentum=0.9)
-    with pytest.raises(ValueError, match=r"^TrainConfig.optimizer must be one of sgd, adamw, got 'adam'$"):
-        TrainConfig(optimizer="adam")
-    with pytest.raises(ValueError, match="momentum=0.9 with optimizer='adamw'"):  # DGC's own option
-        TrainConfig(optimizer="adamw", momentum=0.0, method="dgc", options={"momentum": 0.9})
+    with pytest.raises(ValueError, match=r"^TrainConfig.optim.momentum=0.9 with name='adamw'"):
+        Optim(name="adamw", momentum=0.9)
+    with pytest.raises(ValueError, match=r"^TrainConfig.optim.name must be one of sgd, adamw, got 'adam'$"):
+        Optim(name="adam")
+    with pytest.raises(ValueError, match=r"^TrainConfig.exchange.options momentum=0.9 with optim.name='adamw'"):
+        TrainConfig(optim=Optim(name="adamw", momentum=0.0),  # DGC's own option
+                    exchange=Exchange(method="dgc", options={"momentum": 0.9}))
     assert main(["train", "--optimizer", "adamw", "--momentum", "0.9", "--simulate", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("gradcomp train: error: TrainConfig.momentum=0.9 with optimizer='adamw'")
+    assert err.startswith("gradcomp train: error: TrainConfig.optim.momentum=0.9 with name='adamw'")
     assert len(err.splitlines()) == 1
     # without --momentum, adamw trains with momentum 0 (sgd keeps its 0.9)
     assert main(["train", "--optimizer", "adamw", "--lr", "0.01", "--compressor", "none", "--simulate", "--workers",
                  "2", "--epochs", "1", "--limit-train", "64", "--limit-test", "50", "--run-dir",
                  str(tmp_path / "run"), "--no-progress"]) == 0
-    saved = RunDir(tmp_path / "run").read_config()
-    assert (saved["optimizer"], saved["momentum"]) == ("adamw", 0.0)
+    saved = RunDir(tmp_path / "run").read_config()["optim"]
+    assert (saved["name"], saved["momentum"]) == ("adamw", 0.0)
     assert "betas" in RunDir(tmp_path / "run").load_checkpoint()["optimizer"]["param_groups"][0]
 
 
@@ -95,15 +97,19 @@ def _checkpoint_state(path):
 def test_adamw_dgc_resume_mid_epoch_is_bit_identical(tmp_path):
     """AdamW's moments travel with the checkpoint: stopped at step 3 and resumed, DGC(momentum=0) with AdamW ends
     where the unbroken run does (digits, 2 simulated workers, 3 epochs of 2 steps, warm-up in progress at the stop)."""
-    kw = dict(workers=2, limit_train=128, limit_test=100, epochs=3, progress=False, simulate=True, method="dgc",
-              options={"warmup_epochs": 2}, optimizer="adamw", momentum=0.0, lr=0.01, weight_decay=0.01)
-    run(TrainConfig(run_dir=str(tmp_path / "full"), **kw), plot=False, echo=lambda _: None)
-    stopped = run(TrainConfig(run_dir=str(tmp_path / "part"), max_steps=3, **kw), plot=False, echo=lambda _: None)
+    cfg = TrainConfig(data=Data(limit_train=128, limit_test=100), schedule=Schedule(epochs=3),
+                      launch=Launch(workers=2, simulate=True), output=Output(progress=False),
+                      exchange=Exchange(method="dgc", options={"warmup_epochs": 2}),
+                      optim=Optim(name="adamw", momentum=0.0, lr=0.01, weight_decay=0.01))
+    run(cfg.replace(output={"run_dir": str(tmp_path / "full")}), plot=False, echo=lambda _: None)
+    stopped = run(cfg.replace(output={"run_dir": str(tmp_path / "part")}, schedule={"max_steps": 3}), plot=False,
+                  echo=lambda _: None)
     assert stopped == {"stopped_after_step": 3}
     state = RunDir(tmp_path / "part").load_checkpoint()["optimizer"]
     assert state["param_groups"][0]["betas"] == (0.9, 0.999) and state["param_groups"][0]["weight_decay"] == 0.01
     assert all("exp_avg_sq" in s for s in state["state"].values()) and state["state"]
-    run(TrainConfig(**kw), resume=str(tmp_path / "part"), plot=False, echo=lambda _: None)
+    run(cfg, resume=str(tmp_path / "part"), plot=False, echo=lambda _: None)
+
     assert_same(_checkpoint_state(tmp_path / "full"), _checkpoint_state(tmp_path / "part"))
     assert [m["test_loss"] for m in RunDir(tmp_path / "full").read_metrics()] == \
         [m["test_loss"] for m in RunDir(tmp_path / "part").read_metrics()]

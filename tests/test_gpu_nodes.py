@@ -17,7 +17,8 @@ from gradcomp.checkpoint import state_tensors, state_to_cpu, state_to_device
 from gradcomp.cli import main
 from gradcomp.launch import device_kind, spawn
 from gradcomp.method import DGC
-from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.config import Averaging, Data, Exchange, Launch, Output, Schedule, TrainConfig
+from gradcomp.train.loop import run
 from gradcomp.train.report import RunDir
 from helpers import exchange_step
 from test_resume import assert_same, assert_same_run
@@ -55,8 +56,8 @@ def test_the_device_is_chosen_per_machine_and_a_bad_one_is_named():
         device_kind("cuda", gpus + 1)
     with pytest.raises(ValueError, match=r"device must be one of auto, cpu, cuda, got 'gpu'"):
         device_kind("gpu", 1)
-    with pytest.raises(ValueError, match=r"TrainConfig.device must be one of auto, cpu, cuda, got 'gpu'"):
-        TrainConfig(device="gpu")
+    with pytest.raises(ValueError, match=r"^TrainConfig.launch.device must be one of auto, cpu, cuda, got 'gpu'$"):
+        Launch(device="gpu")
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'auto'"):
         spawn(print, 1, device="auto")
 
@@ -74,7 +75,7 @@ def test_cuda_asked_for_where_there_is_none_fails_in_one_line_and_writes_nothing
     failed = _torchrun(tmp_path, "--device", "cuda", "--no-progress", "--run-dir", str(tmp_path / "torchrun"),
                        returncode=1)  # torchrun's status; its rank exited with the CLI's 2
     assert "exitcode  : 2" in failed.stderr
-    assert "gradcomp train: error: TrainConfig.device='cuda', but CUDA is not available" in failed.stderr
+    assert "gradcomp train: error: TrainConfig.launch.device='cuda', but CUDA is not available" in failed.stderr
     assert not (tmp_path / "torchrun").exists()
     with pytest.raises(SystemExit):
         main(["train", "--device", "gpu"])
@@ -123,7 +124,7 @@ def test_torchrun_trains_checkpoints_and_resumes_bit_identically_on_the_ranks_de
     where = "cuda:0" if device == "cuda" else "cpu"
     assert f"rank 0 resumed at step {STOP}, its gradcomp state on {where}\n" in resumed.stderr, resumed.stderr[-2000:]
     assert_same_run(tmp_path / "full", tmp_path / "part")
-    assert [RunDir(tmp_path / d).read_config()["device"] for d in ("full", "part")] == [device, device]
+    assert [RunDir(tmp_path / d).read_config()["launch"]["device"] for d in ("full", "part")] == [device, device]
     if device == "cuda":
         assert not list((tmp_path / "kernel-cache").glob("kernels-*.so")), "DGC's C kernel was built on CUDA"
 
@@ -132,14 +133,15 @@ def test_torchrun_trains_checkpoints_and_resumes_bit_identically_on_the_ranks_de
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("front", ["simulated", "dga", "fedavg"])
 def test_every_front_door_trains_on_cuda_and_resumes_bit_identically(tmp_path, front):
-    kw = {"simulated": dict(simulate=True, workers=2), "dga": dict(dga_delay=2),
-          "fedavg": dict(method="none", fedavg_period=2)}[front]
-    cfg = dict(device="cuda", limit_train=256, limit_test=100, epochs=2, batch_size=16, progress=False,
-               **{"workers": 1, **kw})
-    run(TrainConfig(run_dir=str(tmp_path / "full"), **cfg), echo=lambda _: None)
-    run(TrainConfig(run_dir=str(tmp_path / "part"), max_steps=STOP, **cfg), echo=lambda _: None)
-    assert RunDir(tmp_path / "part").read_config()["device"] == "cuda"
-    run(TrainConfig(**cfg), resume=str(tmp_path / "part"), echo=lambda _: None)
+    door = {"simulated": dict(launch={"simulate": True, "workers": 2}), "dga": dict(averaging=Averaging(dga_delay=2)),
+            "fedavg": dict(exchange=Exchange(method="none"), averaging=Averaging(fedavg_period=2))}[front]
+    cfg = TrainConfig(data=Data(limit_train=256, limit_test=100, batch_size=16), schedule=Schedule(epochs=2),
+                      launch=Launch(device="cuda", workers=1), output=Output(progress=False)).replace(**door)
+    run(cfg.replace(output={"run_dir": str(tmp_path / "full")}), echo=lambda _: None)
+    run(cfg.replace(output={"run_dir": str(tmp_path / "part")}, schedule={"max_steps": STOP}), echo=lambda _: None)
+    assert RunDir(tmp_path / "part").read_config()["launch"]["device"] == "cuda"
+    run(cfg, resume=str(tmp_path / "part"), echo=lambda _: None)
+
     assert_same_run(tmp_path / "full", tmp_path / "part")
 
 

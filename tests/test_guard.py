@@ -185,8 +185,10 @@ def test_simulator_skip_and_raise():
 
 
 def test_train_config_checks_nonfinite():
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import Exchange, TrainConfig
 
-    assert TrainConfig(nonfinite="raise").nonfinite == "raise"
-    with pytest.raises(ValueError, match="TrainConfig: nonfinite must be one of 'skip', 'raise', got 'ignore'"):
-        TrainConfig(nonfinite="ignore")
+    assert TrainConfig(exchange=Exchange(nonfinite="raise")).exchange.nonfinite == "raise"
+    with pytest.raises(ValueError, match="^TrainConfig.exchange: nonfinite must be one of 'skip', 'raise', got "
+                                         "'ignore'$"):
+        Exchange(nonfinite="ignore")
+

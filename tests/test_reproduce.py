@@ -233,13 +233,14 @@ def test_map_runs_gives_the_same_results_in_parallel_processes(tmp_path):
 
 
 def test_train_runs_reports_a_diverged_run_and_goes_on(tmp_path):
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import Data, Exchange, Launch, Optim, Output, Schedule, TrainConfig
     from gradcomp_studies.reproduce.common import Context, train_runs
 
-    common = dict(dataset="digits", method="none", workers=2, epochs=2, simulate=True, limit_train=256)
+    common = TrainConfig(data=Data(limit_train=256), exchange=Exchange(method="none"), schedule=Schedule(epochs=2),
+                         launch=Launch(workers=2, simulate=True))
     lines = []
     ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lines.append)
-    runs = train_runs(ctx, [TrainConfig(lr=1e30, label="too fast", **common), TrainConfig(lr=0.1, **common)],
+    runs = train_runs(ctx, [common.replace(optim=Optim(lr=1e30), output=Output(label="too fast")), common],
                       tmp_path / "runs")
     (bad, _), (good, good_dir) = runs
     assert bad["diverged_in_epoch"] == 1 and "non-finite" in bad["diverged"] and bad["label"] == "too fast"
@@ -250,30 +251,32 @@ def test_train_runs_reports_a_diverged_run_and_goes_on(tmp_path):
 def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
     """--runs keeps the runs; the same study run again continues each from its checkpoint (one of them
     stopped after its first epoch here) and ends where an uninterrupted run ends."""
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import Data, Exchange, Launch, Output, Schedule, TrainConfig
     from gradcomp.train.report import RunDir
     from gradcomp_studies.reproduce.common import Context, train_runs
 
-    common = dict(dataset="digits", method="dgc", options={"warmup_epochs": 2}, workers=2, simulate=True,
-                  limit_train=512, progress=False)
+    two = TrainConfig(data=Data(limit_train=512), exchange=Exchange(method="dgc", options={"warmup_epochs": 2}),
+                      schedule=Schedule(epochs=2), launch=Launch(workers=2, simulate=True),
+                      output=Output(progress=False))
+    one = two.replace(schedule={"epochs": 1})
     ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None, runs_dir=tmp_path / "keep")
     with ctx.runs_folder("table") as folder:
         assert folder == tmp_path / "keep" / "table"
-        train_runs(ctx, [TrainConfig(epochs=1, **common)], folder)  # "stopped" after epoch 1
-        [(resumed, run_dir)] = train_runs(ctx, [TrainConfig(epochs=2, **common)], folder)
+        train_runs(ctx, [one], folder)  # "stopped" after epoch 1
+        [(resumed, run_dir)] = train_runs(ctx, [two], folder)
     [(straight, _)] = train_runs(Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None),
-                                 [TrainConfig(epochs=2, **common)], tmp_path / "straight")
+                                 [two], tmp_path / "straight")
     for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
         assert resumed[key] == straight[key], key
     assert [m["epoch"] for m in RunDir(run_dir).read_metrics()] == [1, 2]
-    [(again, _)] = train_runs(ctx, [TrainConfig(epochs=2, **common)], tmp_path / "keep" / "table")  # finished
+    [(again, _)] = train_runs(ctx, [two], tmp_path / "keep" / "table")  # finished
     assert again["test_loss"] == straight["test_loss"]
     with pytest.raises(ValueError, match=r"0-dgc holds a run with other settings \(lr\)"):
-        train_runs(ctx, [TrainConfig(epochs=2, lr=0.5, **common)], tmp_path / "keep" / "table")
+        train_runs(ctx, [two.replace(optim={"lr": 0.5})], tmp_path / "keep" / "table")
     stopped = tmp_path / "keep" / "other" / "0-dgc"  # a kept run that stopped before its first checkpoint
     stopped.mkdir(parents=True)
     (stopped / "config.json").write_text("{}")
-    [(fresh, _)] = train_runs(ctx, [TrainConfig(epochs=2, **common)], stopped.parent)
+    [(fresh, _)] = train_runs(ctx, [two], stopped.parent)
     assert fresh["test_loss"] == straight["test_loss"]
     with Context(full=False, out_dir=tmp_path).runs_folder("table") as temporary:
         assert temporary.is_dir() and tmp_path not in temporary.parents
@@ -284,13 +287,14 @@ def test_a_finished_run_is_read_back_without_its_checkpoint(tmp_path, monkeypatc
     """A study's finished rows can be kept without their checkpoints (config, metrics, summary): they are read
     back, not trained again; a diverged row is kept as diverged; a kept run cannot be extended without its
     checkpoint, and a run from other settings is refused."""
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import Data, Exchange, Launch, Optim, Schedule, TrainConfig
     from gradcomp.train.report import RunDir
     from gradcomp_studies.reproduce.common import Context, train_runs
 
-    common = dict(dataset="digits", method="none", workers=2, epochs=1, simulate=True, limit_train=256)
+    one = TrainConfig(data=Data(limit_train=256), exchange=Exchange(method="none"), schedule=Schedule(epochs=1),
+                      launch=Launch(workers=2, simulate=True), optim=Optim(lr=0.1))
     ctx = Context(full=False, out_dir=tmp_path, progress=False, echo=lambda _: None)
-    configs = [TrainConfig(lr=0.1, **common), TrainConfig(lr=1e30, **common)]
+    configs = [one, one.replace(optim={"lr": 1e30})]
     first = train_runs(ctx, configs, tmp_path / "runs")
     for _, run_dir in first:
         for path in run_dir.glob("checkpoint*.pt"):
@@ -300,9 +304,10 @@ def test_a_finished_run_is_read_back_without_its_checkpoint(tmp_path, monkeypatc
     assert [s for s, _ in again] == [s for s, _ in first] and "diverged" in again[1][0]
     assert not any(RunDir(d).has_checkpoint() for _, d in again)
     with pytest.raises(ValueError, match=r"0-none holds a run finished after 1 epochs without its checkpoint"):
-        train_runs(ctx, [TrainConfig(lr=0.1, **{**common, "epochs": 2})], tmp_path / "runs")
+        train_runs(ctx, [one.replace(schedule={"epochs": 2})], tmp_path / "runs")
     with pytest.raises(ValueError, match=r"0-none holds a run with other settings \(lr\)"):
-        train_runs(ctx, [TrainConfig(lr=0.2, **common)], tmp_path / "runs")
+        train_runs(ctx, [one.replace(optim={"lr": 0.2})], tmp_path / "runs")
+
 
 
 def test_ablation_keeps_each_finished_row_and_reads_it_back(tmp_path, monkeypatch):

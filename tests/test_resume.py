@@ -15,21 +15,29 @@ import pytest
 import torch
 
 from gradcomp.cli import main
-from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
+from gradcomp.train.loop import run
 from gradcomp.train.report import RunDir
 from helpers import assert_same
 
 #: digits, 2 real workers, 256 samples: 4 steps an epoch (global batch 64), 12 in all
-SMALL = dict(workers=2, limit_train=256, limit_test=100, epochs=3, progress=False)
+SMALL = TrainConfig(data=Data(limit_train=256, limit_test=100), schedule=Schedule(epochs=3), launch=Launch(workers=2),
+                    output=Output(progress=False))
 STOP = 6  # mid-epoch: 2 steps into the second epoch
 
 
-def train(tmp_path, name, **kw):
-    return run(TrainConfig(run_dir=str(tmp_path / name), **{**SMALL, **kw}), echo=lambda _: None)
+def train(tmp_path, name, cfg=SMALL):
+    return run(cfg.replace(output={"run_dir": str(tmp_path / name)}), echo=lambda _: None)
 
 
-def resume(tmp_path, name, **kw):
-    return run(TrainConfig(**{**SMALL, **kw}), resume=str(tmp_path / name), echo=lambda _: None)
+def resume(tmp_path, name, cfg=SMALL):
+    """Resume ``tmp_path / name`` with ``cfg``'s resumable settings (its epochs, max_steps, checkpoint_every...)."""
+    return run(cfg, resume=str(tmp_path / name), echo=lambda _: None)
+
+
+def stopping(cfg, max_steps, **output):
+    """``cfg`` stopped after ``max_steps`` steps, with these ``Output`` settings (checkpoint_every)."""
+    return cfg.replace(schedule={"max_steps": max_steps}, output=output)
 
 
 #: what a finished run's state is: the model, the optimizer, every rank's method memory (and, with DGA, every
@@ -48,10 +56,10 @@ def assert_same_run(dir_a, dir_b):
 
 # ---------------------------------------------------------------- 1. exact resume, mid-epoch
 
-DGC = dict(method="dgc", options={"warmup_epochs": 2})  # sparsity warm-up in progress at the stop
+DGC = SMALL.replace(exchange={"method": "dgc", "options": {"warmup_epochs": 2}})  # warm-up in progress at the stop
 CASES = {
-    "powersgd": dict(method="powersgd", options={"rank": 2}),
-    "dga": dict(method="dgc", dga_delay=3, options={"warmup_epochs": 2}),  # 3 averages pending at the stop
+    "powersgd": SMALL.replace(exchange={"method": "powersgd", "options": {"rank": 2}}),
+    "dga": DGC.replace(averaging={"dga_delay": 3}),  # 3 averages pending at the stop
 }
 
 
@@ -59,8 +67,8 @@ CASES = {
 def dgc_runs(tmp_path_factory):
     """DGC on 2 real workers: a run that never stopped, and one stopped at step 6 (checkpoints at 2, 4, 6)."""
     path = tmp_path_factory.mktemp("dgc")
-    train(path, "full", **DGC)
-    assert train(path, "part", max_steps=STOP, checkpoint_every=2, **DGC) == {"stopped_after_step": STOP}
+    train(path, "full", DGC)
+    assert train(path, "part", stopping(DGC, STOP, checkpoint_every=2)) == {"stopped_after_step": STOP}
     return path
 
 
@@ -83,14 +91,14 @@ def test_mid_epoch_resume_is_bit_identical_dgc(tmp_path, dgc_runs):
 # test_dga.py (state_dict round trip, plain and DGC) and through gradcomp train in test_train.py
 @pytest.mark.parametrize("case", ["powersgd", pytest.param("dga", marks=pytest.mark.slow)])
 def test_mid_epoch_resume_is_bit_identical(tmp_path, monkeypatch, case):
-    kw = CASES[case]
+    cfg = CASES[case]
     if case == "powersgd":
         # MKL's products depend on memory alignment by default, and the first step after DDP is built runs its
         # buckets in another order (before DDP rebuilds them), so the received factors lie elsewhere in the
         # communicator's flat buffers: about 1e-8 apart.  Alignment-independent MKL (inherited by the workers):
         monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
-    train(tmp_path, "full", **kw)
-    train(tmp_path, "part", max_steps=STOP, **kw)
+    train(tmp_path, "full", cfg)
+    train(tmp_path, "part", stopping(cfg, STOP))
     ckpt = check_stopped(tmp_path / "part")
     if case == "powersgd":  # the warm-start factors travel with the checkpoint
         for state in ckpt["methods"]:
@@ -103,12 +111,12 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path, monkeypatch, case):
 
 
 def test_simulated_mid_epoch_resume_is_bit_identical_through_several_stops(tmp_path):
-    kw = dict(simulate=True, **DGC)
-    train(tmp_path, "full", **kw)
-    train(tmp_path, "part", max_steps=5, **kw)
-    resume(tmp_path, "part", max_steps=9, checkpoint_every=2, **kw)  # 9: an epoch end is passed, a stop mid-epoch
+    cfg = DGC.replace(launch={"simulate": True})
+    train(tmp_path, "full", cfg)
+    train(tmp_path, "part", stopping(cfg, 5))
+    resume(tmp_path, "part", stopping(cfg, 9, checkpoint_every=2))  # 9: an epoch end is passed, a stop mid-epoch
     assert RunDir(tmp_path / "part").load_checkpoint()["steps"] == 9
-    resume(tmp_path, "part", **kw)
+    resume(tmp_path, "part", cfg)
     assert_same_run(tmp_path / "full", tmp_path / "part")
 
 
@@ -121,14 +129,15 @@ def test_dense_language_model_resume_carries_each_ranks_lstm_state(tmp_path):
         load_dataset("shakespeare", limit_train=10)
     except DatasetNotFoundError as error:
         pytest.skip(str(error))
-    kw = dict(dataset="shakespeare", limit_train=3_000, limit_test=500, batch_size=4, bptt=20, epochs=2,
-              method="none", lr_warmup_epochs=1.5, model_options={"emb": 16, "hidden": 16, "layers": 2,
-                                                                 "dropout": 0.2})
-    train(tmp_path, "full", **kw)  # 3000 tokens / 8 rows: 375 columns, 19 steps an epoch
-    train(tmp_path, "part", max_steps=25, **kw)
+    cfg = SMALL.replace(data={"dataset": "shakespeare", "limit_train": 3_000, "limit_test": 500, "batch_size": 4,
+                              "bptt": 20},
+                        schedule={"epochs": 2, "lr_warmup_epochs": 1.5}, exchange={"method": "none"},
+                        model={"options": {"emb": 16, "hidden": 16, "layers": 2, "dropout": 0.2}})
+    train(tmp_path, "full", cfg)  # 3000 tokens / 8 rows: 375 columns, 19 steps an epoch
+    train(tmp_path, "part", stopping(cfg, 25))
     hidden = RunDir(tmp_path / "part").load_checkpoint()["hidden"]
     assert [list(h) for h in hidden] == [[0], [1]]  # rank r carries worker r's state
-    resume(tmp_path, "part", **kw)
+    resume(tmp_path, "part", cfg)
     assert_same_run(tmp_path / "full", tmp_path / "part")
 
 
@@ -137,14 +146,15 @@ def test_dense_language_model_resume_carries_each_ranks_lstm_state(tmp_path):
 #: slow enough (emulated 4 ms per collective) to be killed mid-run: 3 epochs of 44 steps
 KILL_ARGS = ["--dataset", "digits", "--compressor", "dgc", "--workers", "2", "--epochs", "3", "--batch-size", "16",
              "--limit-test", "100", "--checkpoint-every", "20", "--no-progress", "--timeout", "120"]
-KILL_CONFIG = dict(dataset="digits", method="dgc", workers=2, epochs=3, batch_size=16, limit_test=100, progress=False)
+KILL_CONFIG = TrainConfig(data=Data(dataset="digits", batch_size=16, limit_test=100), schedule=Schedule(epochs=3),
+                          launch=Launch(workers=2), output=Output(progress=False))  # as KILL_ARGS
 KILL_AT = 60  # steps in the checkpoint before one worker is killed
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     path = tmp_path_factory.mktemp("reference") / "run"
-    run(TrainConfig(run_dir=str(path), **KILL_CONFIG), echo=lambda _: None)
+    run(KILL_CONFIG.replace(output={"run_dir": str(path)}), echo=lambda _: None)
     return path
 
 
@@ -320,28 +330,29 @@ def test_truncated_or_garbage_checkpoint_is_refused_and_the_previous_one_resumes
     assert_same_run(dgc_runs / "full", rd.path)  # exact from the older checkpoint too
 
 
-def _foreign(tmp_path_factory, **kw):
+def _foreign(tmp_path_factory, cfg):
     path = tmp_path_factory.mktemp("foreign") / "run"
-    run(TrainConfig(run_dir=str(path), max_steps=2, **{**SMALL, "simulate": True, **kw}), echo=lambda _: None)
+    run(stopping(cfg, 2, run_dir=str(path)).replace(launch={"simulate": True}), echo=lambda _: None)
     return RunDir(path).checkpoint_path
 
 
 FOREIGN = {
-    "other method": (dict(method="powersgd"), "was written by method 'powersgd', this run uses 'dgc'"),
-    "other model": (dict(model_options={"hidden": [16]}, **DGC),
+    "other method": (SMALL.replace(exchange={"method": "powersgd"}),
+                     "was written by method 'powersgd', this run uses 'dgc'"),
+    "other model": (DGC.replace(model={"options": {"hidden": [16]}}),
                     "parameter 'net.1.weight' has shape [16, 64] in {path}, [256, 64] in the model"),
-    "other density": (dict(options={"density": 0.01, "warmup_epochs": 2}),
+    "other density": (SMALL.replace(exchange={"options": {"density": 0.01, "warmup_epochs": 2}}),
                       "was written with other settings: options={'density': 0.01, 'warmup_epochs': 2} in the "
                       "checkpoint, {'warmup_epochs': 2} in this run"),
-    "other workers": (dict(workers=4, **DGC), "holds the state of 4 workers, this run has 2"),
+    "other workers": (DGC.replace(launch={"workers": 4}), "holds the state of 4 workers, this run has 2"),
     "simulated": (DGC, "simulate=True in the checkpoint, False in this run"),
 }
 
 
 @pytest.mark.parametrize("case", FOREIGN)
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, tmp_path_factory, good, capsys, case):
-    kw, message = FOREIGN[case]
-    foreign = _foreign(tmp_path_factory, **kw)
+    cfg, message = FOREIGN[case]
+    foreign = _foreign(tmp_path_factory, cfg)
     err = _refused(tmp_path, good, lambda p: shutil.copyfile(foreign, p), capsys)
     assert message.replace("{path}", str(RunDir(tmp_path / "copy").checkpoint_path)) in err
 
@@ -350,13 +361,14 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, tmp_path_factory, good
 
 
 def test_new_settings_are_checked(tmp_path, capsys):
-    for name in ("checkpoint_every", "max_steps"):
-        with pytest.raises(ValueError, match=name):
-            TrainConfig(**{name: 0})
+    with pytest.raises(ValueError, match=r"^TrainConfig.output.checkpoint_every must be an integer >= 1, got 0$"):
+        Output(checkpoint_every=0)
+    with pytest.raises(ValueError, match=r"^TrainConfig.schedule.max_steps must be an integer >= 1, got 0$"):
+        Schedule(max_steps=0)
     with pytest.raises(ValueError, match="timeout_s"):
-        run(TrainConfig(run_dir=str(tmp_path / "t"), **SMALL), timeout_s=0)
+        run(SMALL.replace(output={"run_dir": str(tmp_path / "t")}), timeout_s=0)
     with pytest.raises(ValueError, match="simulator"):
-        run(TrainConfig(run_dir=str(tmp_path / "s"), simulate=True, **SMALL), max_restarts=1)
+        run(SMALL.replace(output={"run_dir": str(tmp_path / "s")}, launch={"simulate": True}), max_restarts=1)
     for flags in (["--timeout", "0"], ["--checkpoint-every", "0"], ["--max-restarts", "-1"], ["--max-steps", "x"]):
         with pytest.raises(SystemExit):
             main(["train", *flags])
@@ -387,9 +399,10 @@ def test_the_timeout_reaches_the_launcher_and_the_collectives(tmp_path, monkeypa
     monkeypatch.setattr(gradcomp.launch, "spawn", record("spawn"))
     monkeypatch.setattr(gradcomp.launch, "init_from_env", record("init_from_env"))
     with pytest.raises(_Reached):
-        run(TrainConfig(run_dir=str(tmp_path / "a"), **SMALL), timeout_s=42.0)
+        run(SMALL.replace(output={"run_dir": str(tmp_path / "a")}), timeout_s=42.0)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(_Reached):
-        run(TrainConfig(run_dir=str(tmp_path / "b"), **SMALL), timeout_s=43.0)
+        run(SMALL.replace(output={"run_dir": str(tmp_path / "b")}), timeout_s=43.0)
+
     assert seen == {"spawn": 42.0, "init_from_env": 43.0}

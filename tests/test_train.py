@@ -10,19 +10,33 @@ import torch
 
 import gradcomp
 from gradcomp.cli import main
-from gradcomp.train.loop import TrainConfig, run
+from gradcomp.train.config import (
+    Averaging,
+    Data,
+    Exchange,
+    Launch,
+    Model,
+    Optim,
+    Output,
+    Schedule,
+    TrainConfig,
+)
+from gradcomp.train.loop import run
 from gradcomp.train.report import RunDir
 
-QUIET = dict(progress=False)
+QUIET = Output(progress=False)
+#: resuming takes the run's own config.json; only the length of training (and the display) come from here
+TWO_EPOCHS = TrainConfig(schedule=Schedule(epochs=2), output=QUIET)
 
 
-def quick(tmp_path, name, **kw):
-    cfg = TrainConfig(run_dir=str(tmp_path / name), **{"epochs": 2, **QUIET, **kw})
+def quick(tmp_path, name, **sections):
+    """Train ``TWO_EPOCHS`` with ``sections`` (section objects) into ``tmp_path / name``; the summary."""
+    cfg = TWO_EPOCHS.replace(**sections, output={"run_dir": str(tmp_path / name)})
     return run(cfg, echo=lambda _: None)
 
 
 def test_simulated_run_writes_a_complete_run_directory(tmp_path):
-    summary = quick(tmp_path, "sim", simulate=True)
+    summary = quick(tmp_path, "sim", launch=Launch(simulate=True))
     rd = RunDir(tmp_path / "sim")
     for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "curves.png"):
         assert (rd.path / f).exists(), f
@@ -31,13 +45,14 @@ def test_simulated_run_writes_a_complete_run_directory(tmp_path):
     assert summary["bytes_sent"] == metrics[-1]["bytes_sent"] > 0
     assert summary["compression_ratio"] == pytest.approx(summary["dense_bytes"] / summary["bytes_sent"])
     assert 0 < summary["test_accuracy"] <= 1
-    assert rd.read_config()["method"] == "dgc"
+    assert rd.read_config()["exchange"]["method"] == "dgc"  # config.json by section
     assert (rd.path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_real_workers_match_the_simulator(tmp_path):
-    real = quick(tmp_path, "real", workers=2, epochs=1)
-    sim = quick(tmp_path, "sim", workers=2, epochs=1, simulate=True)
+    one = Schedule(epochs=1)
+    real = quick(tmp_path, "real", launch=Launch(workers=2), schedule=one)
+    sim = quick(tmp_path, "sim", launch=Launch(workers=2, simulate=True), schedule=one)
     assert real["bytes_sent"] == sim["bytes_sent"]
     assert real["test_loss"] == pytest.approx(sim["test_loss"], rel=1e-5)
     assert real["test_accuracy"] == pytest.approx(sim["test_accuracy"], abs=1 / 360)
@@ -45,10 +60,11 @@ def test_real_workers_match_the_simulator(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     """At an epoch's end, simulated (real workers, stopped mid-epoch: tests/test_resume.py)."""
-    kw = dict(workers=2, simulate=True, options={"warmup_epochs": 2})  # warm-up in progress at the stop
-    full = quick(tmp_path, "full", epochs=2, **kw)
-    quick(tmp_path, "part", epochs=1, **kw)
-    resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    # warm-up in progress at the stop
+    kw = dict(launch=Launch(workers=2, simulate=True), exchange=Exchange(options={"warmup_epochs": 2}))
+    full = quick(tmp_path, "full", **kw)
+    quick(tmp_path, "part", schedule=Schedule(epochs=1), **kw)
+    resumed = run(TWO_EPOCHS, resume=str(tmp_path / "part"), echo=lambda _: None)
     for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
         assert resumed[key] == full[key], key
     a = RunDir(tmp_path / "full").load_checkpoint()["model"]
@@ -62,10 +78,11 @@ def test_dga_resume_continues_exactly(tmp_path):
     """Delayed averaging stopped at an epoch's end (3 averages pending, every worker's model its own) and
     resumed: the same as a run that never stopped, on every worker (real workers, stopped mid-epoch:
     tests/test_resume.py)."""
-    kw = dict(workers=2, simulate=True, dga_delay=3, options={"warmup_epochs": 2})
-    full = quick(tmp_path, "full", epochs=2, **kw)
-    quick(tmp_path, "part", epochs=1, **kw)
-    resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    kw = dict(launch=Launch(workers=2, simulate=True), averaging=Averaging(dga_delay=3),
+              exchange=Exchange(options={"warmup_epochs": 2}))
+    full = quick(tmp_path, "full", **kw)
+    quick(tmp_path, "part", schedule=Schedule(epochs=1), **kw)
+    resumed = run(TWO_EPOCHS, resume=str(tmp_path / "part"), echo=lambda _: None)
     for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
         assert resumed[key] == full[key], key
     a, b = (RunDir(tmp_path / name).load_checkpoint() for name in ("full", "part"))
@@ -78,40 +95,44 @@ def test_dga_resume_continues_exactly(tmp_path):
 
 
 def test_dga_real_workers_match_the_simulator(tmp_path):
-    real = quick(tmp_path, "real", workers=2, epochs=1, dga_delay=2)
-    sim = quick(tmp_path, "sim", workers=2, epochs=1, dga_delay=2, simulate=True)
+    one, dga = Schedule(epochs=1), Averaging(dga_delay=2)
+    real = quick(tmp_path, "real", launch=Launch(workers=2), schedule=one, averaging=dga)
+    sim = quick(tmp_path, "sim", launch=Launch(workers=2, simulate=True), schedule=one, averaging=dga)
     assert real["bytes_sent"] == sim["bytes_sent"]
     assert real["test_loss"] == pytest.approx(sim["test_loss"], rel=1e-5)
-    sync = quick(tmp_path, "sync", workers=2, epochs=1, simulate=True)
+    sync = quick(tmp_path, "sync", launch=Launch(workers=2, simulate=True), schedule=one)
     assert sync["test_loss"] != sim["test_loss"]
 
 
 def test_dga_settings_are_checked():
-    with pytest.raises(ValueError, match="dga_delay"):
-        TrainConfig(dga_delay=-1)
-    with pytest.raises(ValueError, match="dga_correction"):
-        TrainConfig(dga_correction=False)
-    with pytest.raises(ValueError, match="emulate_latency_ms"):
-        TrainConfig(emulate_latency_ms=10.0, simulate=True)
-    with pytest.raises(ValueError, match="clip_norm"):
-        TrainConfig(method="topk", clip_norm=1.0, dga_delay=2)
+    with pytest.raises(ValueError, match=r"^TrainConfig.averaging.dga_delay must be an integer >= 0, got -1$"):
+        Averaging(dga_delay=-1)
+    with pytest.raises(ValueError, match=r"^TrainConfig.averaging.dga_correction=False needs dga_delay$"):
+        Averaging(dga_correction=False)
+    with pytest.raises(ValueError, match=r"^TrainConfig.launch.emulate_latency_ms needs real processes"):
+        Launch(emulate_latency_ms=10.0, simulate=True)
+    with pytest.raises(ValueError, match=r"^TrainConfig.optim.clip_norm with averaging.dga_delay: only DGC clips"):
+        TrainConfig(exchange=Exchange(method="topk"), optim=Optim(clip_norm=1.0), averaging=Averaging(dga_delay=2))
 
 
 def test_fedavg_real_workers_match_the_simulator_and_resume_exactly(tmp_path):
     """FedAvg through the loop: the simulator's local steps and gradcomp.FedAvg on real ranks agree, and a run
     stopped between two averages (period 5 does not divide the 22 steps of an epoch) resumes exactly."""
-    kw = dict(method="none", workers=2, fedavg_period=5)
-    real = quick(tmp_path, "real", epochs=1, **kw)
-    sim = quick(tmp_path, "sim", epochs=2, simulate=True, **kw)
+    dense, fedavg = Exchange(method="none"), Averaging(fedavg_period=5)
+    real = quick(tmp_path, "real", schedule=Schedule(epochs=1), launch=Launch(workers=2), exchange=dense,
+                 averaging=fedavg)
+    sim = quick(tmp_path, "sim", launch=Launch(workers=2, simulate=True), exchange=dense, averaging=fedavg)
     first = RunDir(tmp_path / "sim").read_metrics()[0]
     assert real["bytes_sent"] == first["bytes_sent"] == (22 // 5) * 4 * sum(
         p.numel() for p in gradcomp.train.models.build_model("mlp", "digits").parameters())
     assert real["test_loss"] == pytest.approx(first["test_loss"], rel=1e-5)
-    quick(tmp_path, "part", epochs=1, simulate=True, **kw)
-    resumed = run(TrainConfig(epochs=2, **QUIET), resume=str(tmp_path / "part"), echo=lambda _: None)
+    quick(tmp_path, "part", schedule=Schedule(epochs=1), launch=Launch(workers=2, simulate=True), exchange=dense,
+          averaging=fedavg)
+    resumed = run(TWO_EPOCHS, resume=str(tmp_path / "part"), echo=lambda _: None)
     for key in ("test_loss", "test_accuracy", "bytes_sent", "steps"):
         assert resumed[key] == sim[key], key
-    assert quick(tmp_path, "sync", method="none", workers=2, epochs=1, simulate=True)["test_loss"] != first["test_loss"]
+    sync = quick(tmp_path, "sync", exchange=dense, launch=Launch(workers=2, simulate=True), schedule=Schedule(epochs=1))
+    assert sync["test_loss"] != first["test_loss"]
 
 
 def test_fedavg_with_delay_trains_from_the_cli_and_real_ranks_match_the_simulator(tmp_path):
@@ -121,14 +142,16 @@ def test_fedavg_with_delay_trains_from_the_cli_and_real_ranks_match_the_simulato
     assert main(["train", "--simulate", "--fedavg-period", "2", "--dga-delay", "3", *common,
                  "--run-dir", str(tmp_path / "sim")]) == 0
     sim = RunDir(tmp_path / "sim").read_summary()
-    cfg = RunDir(tmp_path / "sim").read_config()
-    assert (cfg["fedavg_period"], cfg["dga_delay"], sim["steps"]) == (2, 3, 8)
-    kw = dict(method="none", workers=2, epochs=1, limit_train=256, batch_size=16, fedavg_period=2)  # as the CLI
-    real = quick(tmp_path, "real", dga_delay=3, **kw)
+    cfg = TrainConfig.from_dict(RunDir(tmp_path / "sim").read_config())
+    assert (cfg.averaging.fedavg_period, cfg.averaging.dga_delay, sim["steps"]) == (2, 3, 8)
+    kw = dict(exchange=Exchange(method="none"), schedule=Schedule(epochs=1),
+              data=Data(limit_train=256, batch_size=16))  # as the CLI
+    real = quick(tmp_path, "real", launch=Launch(workers=2), averaging=Averaging(fedavg_period=2, dga_delay=3), **kw)
     assert real["bytes_sent"] == sim["bytes_sent"] == 4 * 4 * sum(
         p.numel() for p in gradcomp.train.models.build_model("mlp", "digits").parameters())
     assert real["test_loss"] == pytest.approx(sim["test_loss"], rel=1e-5)
-    plain = quick(tmp_path, "plain", simulate=True, **kw)
+    plain = quick(tmp_path, "plain", launch=Launch(workers=2, simulate=True), averaging=Averaging(fedavg_period=2),
+                  **kw)
     assert plain["test_loss"] != sim["test_loss"]
 
 
@@ -136,7 +159,9 @@ def test_skewed_partition_gives_each_worker_its_own_classes(tmp_path):
     from gradcomp.train.data import load_dataset
     from gradcomp.train.loop import Task
 
-    cfg = TrainConfig(method="none", workers=4, partition="skewed", simulate=True, **QUIET)
+    skewed = dict(exchange=Exchange(method="none"), launch=Launch(workers=4, simulate=True),
+                  data=Data(partition="skewed"))
+    cfg = TrainConfig(output=QUIET, **skewed)
     data = load_dataset("digits")
     task = Task(data, cfg, 4)
     seen = [set() for _ in range(4)]
@@ -145,14 +170,15 @@ def test_skewed_partition_gives_each_worker_its_own_classes(tmp_path):
         steps += 1
         for w, _, y in shards:
             seen[w] |= set(y.tolist())
-    assert steps == task.steps == (len(data.y_train) // 4) // cfg.batch_size
+    assert steps == task.steps == (len(data.y_train) // 4) // cfg.data.batch_size
     assert all(len(s) <= 4 for s in seen) and set().union(*seen) == set(range(10))  # 10 classes over 4 workers
-    summary = quick(tmp_path, "skewed", epochs=1, method="none", workers=4, partition="skewed", simulate=True)
+    summary = quick(tmp_path, "skewed", schedule=Schedule(epochs=1), **skewed)
     assert summary["steps"] == task.steps
 
 
 def test_model_options_reach_the_model(tmp_path):
-    summary = quick(tmp_path, "small", epochs=1, simulate=True, method="none", model_options={"hidden": [16]})
+    summary = quick(tmp_path, "small", schedule=Schedule(epochs=1), launch=Launch(simulate=True),
+                    exchange=Exchange(method="none"), model=Model(options={"hidden": [16]}))
     assert summary["dense_bytes"] // summary["steps"] == 4 * (64 * 16 + 16 + 16 * 10 + 10)
 
 
@@ -165,7 +191,8 @@ def test_a_language_model_that_blew_up_evaluates_to_infinite_perplexity_not_an_e
         data = load_dataset("shakespeare", limit_train=2_000)
     except gradcomp.train.data.DatasetNotFoundError as error:
         pytest.skip(str(error))
-    task = Task(data, TrainConfig(dataset="shakespeare", method="none", limit_test=500, **QUIET), 1)
+    task = Task(data, TrainConfig(data=Data(dataset="shakespeare", limit_test=500), exchange=Exchange(method="none"),
+                                  output=QUIET), 1)
     model = build_model("lstm", data, hidden=16, layers=1)
     with torch.no_grad():
         for p in model.parameters():
@@ -175,25 +202,26 @@ def test_a_language_model_that_blew_up_evaluates_to_infinite_perplexity_not_an_e
 
 
 def test_new_settings_are_checked():
-    with pytest.raises(ValueError, match="fedavg_period"):
-        TrainConfig(fedavg_period=0, method="none")
-    with pytest.raises(ValueError, match="fedavg_period"):
-        TrainConfig(fedavg_period=5, method="dgc")
+    with pytest.raises(ValueError, match=r"^TrainConfig.averaging.fedavg_period must be an integer >= 1, got 0$"):
+        Averaging(fedavg_period=0)
+    with pytest.raises(ValueError, match=r"^TrainConfig.averaging.fedavg_period averages weights, dense: it takes "
+                                         r"exchange.method='none', got method='dgc'$"):
+        TrainConfig(exchange=Exchange(method="dgc"), averaging=Averaging(fedavg_period=5))
     with pytest.raises(ValueError, match="method='dgc'"):
-        TrainConfig(fedavg_period=5, method="dgc", dga_delay=2)
-    with pytest.raises(ValueError, match="dga_correction=False with fedavg_period"):
-        TrainConfig(fedavg_period=5, method="none", dga_delay=2, dga_correction=False)
-    with pytest.raises(ValueError, match="partition"):
-        TrainConfig(partition="by-class")
+        TrainConfig(exchange=Exchange(method="dgc"), averaging=Averaging(fedavg_period=5, dga_delay=2))
+    with pytest.raises(ValueError, match=r"^TrainConfig.averaging.dga_correction=False with fedavg_period"):
+        Averaging(fedavg_period=5, dga_delay=2, dga_correction=False)
+    with pytest.raises(ValueError, match=r"^TrainConfig.data.partition must be one of iid, skewed, got 'by-class'$"):
+        Data(partition="by-class")
     with pytest.raises(ValueError, match="ptb has neither"):
-        TrainConfig(dataset="ptb", partition="skewed")
-    with pytest.raises(ValueError, match="'width'"):
-        TrainConfig(model_options={"width": 3})
+        Data(dataset="ptb", partition="skewed")
+    with pytest.raises(ValueError, match=r"^TrainConfig.model.options: 'mlp' has no option 'width'"):
+        TrainConfig(model=Model(options={"width": 3}))
 
 
 def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
-    quick(tmp_path, "decay", simulate=True, workers=2, epochs=3, lr=0.2, lr_milestones=[1, 2], lr_decay=0.5,
-          limit_train=256)
+    quick(tmp_path, "decay", launch=Launch(workers=2, simulate=True), optim=Optim(lr=0.2),
+          schedule=Schedule(epochs=3, lr_milestones=[1, 2], lr_decay=0.5), data=Data(limit_train=256))
     lr = RunDir(tmp_path / "decay").load_checkpoint()["optimizer"]["param_groups"][0]["lr"]
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.5)
@@ -201,16 +229,16 @@ def test_lr_milestones_decay_the_learning_rate_like_multisteplr(tmp_path):
         opt.step()
         sched.step()
     assert lr == pytest.approx(opt.param_groups[0]["lr"])
-    with pytest.raises(ValueError, match="lr_milestones"):
-        TrainConfig(lr_milestones=[2, 1])
-    with pytest.raises(ValueError, match="lr_decay"):
-        TrainConfig(lr_decay=0)
+    with pytest.raises(ValueError, match=r"^TrainConfig.schedule.lr_milestones must increase strictly, got \[2, 1\]$"):
+        Schedule(lr_milestones=[2, 1])
+    with pytest.raises(ValueError, match=r"^TrainConfig.schedule.lr_decay must be in \(0.0, 1.0\], got 0$"):
+        Schedule(lr_decay=0)
 
 
 def test_weight_decay_with_dgc_decays_as_much_as_momentum_sgd(tmp_path):
     """--weight-decay means momentum SGD's: DGC, which owns momentum, gets it scaled by 1/(1 - momentum)."""
-    quick(tmp_path, "dgc", method="dgc", simulate=True, workers=2, epochs=1, momentum=0.9, weight_decay=1e-4,
-          limit_train=256)
+    quick(tmp_path, "dgc", exchange=Exchange(method="dgc"), launch=Launch(workers=2, simulate=True),
+          schedule=Schedule(epochs=1), optim=Optim(momentum=0.9, weight_decay=1e-4), data=Data(limit_train=256))
     group = RunDir(tmp_path / "dgc").load_checkpoint()["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["weight_decay"]) == (0.0, pytest.approx(1e-3))
 
@@ -218,8 +246,8 @@ def test_weight_decay_with_dgc_decays_as_much_as_momentum_sgd(tmp_path):
 @pytest.mark.parametrize("method,options", [(name, {}) for name in gradcomp.available() if name != "dgc"]
                          + [("topk", {"density": 0.01}), ("powersgd", {"rank": 2})])
 def test_every_method_trains(tmp_path, method, options):
-    summary = quick(tmp_path, method, method=method, options=options, epochs=1, simulate=True, workers=2,
-                    limit_train=256)
+    summary = quick(tmp_path, method, exchange=Exchange(method=method, options=options), schedule=Schedule(epochs=1),
+                    launch=Launch(workers=2, simulate=True), data=Data(limit_train=256))
     assert summary["bytes_sent"] > 0
     assert summary["test_loss"] == summary["test_loss"]  # finite, not NaN
 
@@ -234,9 +262,10 @@ def test_real_datasets(tmp_path, dataset, model):
     except DatasetNotFoundError as error:
         pytest.skip(str(error))
     # DGC past its warm-up: the warm-up's 25 % density would make the 4.6M-parameter PTB model's steps slow
-    summary = quick(tmp_path, dataset, dataset=dataset, model=model, epochs=1, simulate=True, workers=2,
-                    limit_train=160 if dataset == "mnist" else 8_000, limit_test=200 if dataset == "mnist" else 5000,
-                    batch_size=8, bptt=20, options={"warmup_epochs": 0})
+    summary = quick(tmp_path, dataset, data=Data(dataset=dataset, limit_train=160 if dataset == "mnist" else 8_000,
+                                                 limit_test=200 if dataset == "mnist" else 5000, batch_size=8, bptt=20),
+                    model=Model(name=model), schedule=Schedule(epochs=1), launch=Launch(workers=2, simulate=True),
+                    exchange=Exchange(options={"warmup_epochs": 0}))
     key = "test_accuracy" if dataset == "mnist" else "test_perplexity"
     assert summary[key] > 0
 
@@ -267,7 +296,7 @@ def test_cli_train_with_its_dense_baseline_and_plot(tmp_path, capsys):
                  "--no-progress", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "compression" in out and "step on 1 Gbit/s" in out
-    mine, dense = (RunDir(d).read_config() for d in (run_dir, dense_dir))
+    mine, dense = (TrainConfig.from_dict(RunDir(d).read_config()).flat() for d in (run_dir, dense_dir))
     assert (mine["method"], dense["method"], dense["label"]) == ("dgc", "none", "dense baseline")
     differ = {k for k in mine if mine[k] != dense[k]}
     assert differ == {"method", "options", "run_dir", "label"}
@@ -320,7 +349,8 @@ def test_a_language_model_is_scored_by_next_token_accuracy_too():
         def forward(self, tokens, hidden=None):
             return self.table(tokens), hidden
 
-    task = Task(data, TrainConfig(dataset="shakespeare", method="none", limit_test=1_001, bptt=7, **QUIET), 1)
+    task = Task(data, TrainConfig(data=Data(dataset="shakespeare", limit_test=1_001, bptt=7),
+                                  exchange=Exchange(method="none"), output=QUIET), 1)
     model = Bigram()
     result = task.evaluate(model)
     stream = data.test[:1_001]
@@ -332,7 +362,7 @@ def test_a_language_model_is_scored_by_next_token_accuracy_too():
 
 
 @pytest.mark.parametrize("simulate", [True, False])
-@pytest.mark.parametrize("door", [dict(dga_delay=3), dict(fedavg_period=4)])
+@pytest.mark.parametrize("door", [Averaging(dga_delay=3), Averaging(fedavg_period=4)])
 def test_dga_and_fedavg_epochs_are_scored_on_the_workers_average(tmp_path, simulate, door):
     """Under DGA and FedAvg each worker's model differs from the others by its own unaveraged steps (under
     skewed data, a lean to its own classes): an epoch is scored on their average, recomputed here from the
@@ -341,8 +371,9 @@ def test_dga_and_fedavg_epochs_are_scored_on_the_workers_average(tmp_path, simul
     from gradcomp.train.loop import Task
     from gradcomp.train.models import build_model
 
-    cfg = dict(workers=2, epochs=1, method="none", partition="skewed", **door)
-    summary = quick(tmp_path, "run", simulate=simulate, **cfg)
+    cfg = dict(schedule=Schedule(epochs=1), exchange=Exchange(method="none"), data=Data(partition="skewed"),
+               averaging=door)
+    summary = quick(tmp_path, "run", launch=Launch(workers=2, simulate=simulate), **cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     states = ([ckpt["model"], *ckpt["simulator"]["replicas"]] if simulate
               else [rank["model"] for rank in ckpt["methods"]])  # every real rank's own model
@@ -356,7 +387,8 @@ def test_dga_and_fedavg_epochs_are_scored_on_the_workers_average(tmp_path, simul
     with torch.no_grad():
         for name, p in average.named_parameters():
             p.copy_(sum(dict(m.named_parameters())[name] for m in models) / len(models))
-    task = Task(data, TrainConfig(run_dir=str(tmp_path / "x"), **QUIET, **cfg), 1)
+    task = Task(data, TrainConfig(launch=Launch(workers=2), output=QUIET, **cfg), 1)
+
     assert not all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
     scored, own = task.evaluate(average), task.evaluate(models[0])
     assert summary["test_loss"] == pytest.approx(scored["test_loss"], rel=1e-6)

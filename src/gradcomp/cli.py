@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import errno
 import importlib
 import logging
@@ -183,103 +182,113 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "fails; under torchrun, use torchrun's own --max-restarts K and a fixed --run-dir (the default\n"
                     "run directory there is named after torchrun's run id): a restarted rank resumes from the\n"
                     "checkpoint it finds. --checkpoint-every N bounds what a failure loses to N steps.")
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default digits: offline anywhere)")
-    p.add_argument("--data-dir", help="folder holding mnist/, fashion-mnist/, ptb/, tinyshakespeare/ "
+    # one help section per section of TrainConfig (gradcomp.train.config), then the job's own flags
+    g = p.add_argument_group("data", "the dataset, its split among the workers, the batches (TrainConfig.data)")
+    g.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default digits: offline anywhere)")
+    g.add_argument("--data-dir", help="folder holding mnist/, fashion-mnist/, ptb/, tinyshakespeare/ "
                                       "(default: $GRADCOMP_DATA, then ../shared/data beside the checkout)")
-    p.add_argument("--model", choices=sorted(MODELS), help="model (default: mlp for digits, cnn for (fashion-)mnist, "
+    g.add_argument("--batch-size", type=_positive_int, default=16, help="batch size per worker (default 16)")
+    g.add_argument("--bptt", type=_positive_int, default=35, help="LM sequence length (default 35)")
+    g.add_argument("--partition", choices=PARTITIONS, default="iid",
+                   help="how the training data is split among workers: iid (default), or skewed: each worker only "
+                        "a few classes (images) or speakers (shakespeare)")
+    g.add_argument("--limit-train", type=_positive_int, help="use only the first N training samples/tokens")
+    g.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")
+    g = p.add_argument_group("model", "the model (TrainConfig.model)")
+    g.add_argument("--model", choices=sorted(MODELS), help="model (default: mlp for digits, cnn for (fashion-)mnist, "
                                                            "lstm for ptb/shakespeare)")
-    p.add_argument("--model-option", dest="model_options", action="append", type=_option, default=[],
+    g.add_argument("--model-option", dest="model_options", action="append", type=_option, default=[],
                    metavar="KEY=VALUE", help="an option of the model, e.g. --model-option hidden=128 (lstm); "
                                              "repeatable")
-    p.add_argument("--compressor", "--method", dest="method", default="dgc",
+    g = p.add_argument_group("method", "how the workers exchange their gradients (TrainConfig.exchange)")
+    g.add_argument("--compressor", "--method", dest="method", default="dgc",
                    help="method: 'dgc' (the whole of DGC) or any compressor of 'gradcomp list'; 'none' is the dense "
                         "baseline (default dgc)")
-    p.add_argument("--density", type=_density, help="kept fraction for dgc/topk/randomk (dgc default 0.001)")
-    p.add_argument("--warmup-epochs", type=float, help="DGC's sparsity warm-up length in epochs (default 4)")
-    p.add_argument("--no-momentum-masking", action="store_true", help="DGC without momentum factor masking")
-    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (DGC's momentum correction)")
-    p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    g.add_argument("--density", type=_density, help="kept fraction for dgc/topk/randomk (dgc default 0.001)")
+    g.add_argument("--warmup-epochs", type=float, help="DGC's sparsity warm-up length in epochs (default 4)")
+    g.add_argument("--no-momentum-masking", action="store_true", help="DGC without momentum factor masking")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (DGC's momentum correction)")
+    g.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="any option of the method, e.g. -o rank=2 (powersgd), -o tau=0.01 (threshold), "
                         "-o levels=4 (qsgd), -o sample_ratio=0.01 (dgc); repeatable")
-    p.add_argument("--workers", type=_positive_int, default=4, help="number of workers N (default 4)")
-    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size per worker (default 16)")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+    g.add_argument("--nonfinite", choices=NONFINITE, default="skip",
+                   help="a NaN or Inf gradient on any rank: skip the step on every rank, memory and weights "
+                        "unchanged, and log it (default), or raise")
+    g = p.add_argument_group("DGA and FedAvg", "when the average is applied (TrainConfig.averaging)")
+    g.add_argument("--dga-delay", type=_non_negative_int, metavar="D",
+                   help="delayed gradient averaging: apply each step's average D steps later, corrected by the "
+                        "newer local gradient (Zhu et al. 2021); 0 is synchronous SGD")
+    g.add_argument("--no-dga-correction", action="store_true",
+                   help="with --dga-delay: apply the stale average alone (the paper's 'w/o correction')")
+    g.add_argument("--fedavg-period", type=_positive_int, metavar="K",
+                   help="FedAvg / local SGD: each worker steps on its own gradients, the weights are averaged every "
+                        "K steps (with --compressor none); with --dga-delay D each round's average is applied D steps "
+                        "later, the worker's own delta swapped for it (DGA with local steps)")
+    g = p.add_argument_group("optimizer", "the optimizer each worker steps with (TrainConfig.optim)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd (default; momentum SGD, DGC applying the momentum itself) or adamw (its own moments: "
                         "momentum must be 0, and DGC runs with momentum 0, error-feedback top-k)")
-    p.add_argument("--momentum", type=float, default=None,
+    g.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    g.add_argument("--momentum", type=float, default=None,
                    help="momentum (default 0.9 with sgd, 0 with adamw, which refuses any other; DGC applies it "
                         "itself)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    g.add_argument("--weight-decay", type=float, default=0.0,
                    help="weight decay, applied locally, never sent (default 0); with sgd and dgc, which owns "
                         "momentum, scaled by 1/(1 - momentum) to decay as much as momentum SGD does; with adamw "
                         "AdamW's decoupled decay")
-    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default 0)")
-    p.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",
-                   help="multiply the learning rate by --lr-decay at the start of each of these epochs")
-    p.add_argument("--lr-decay", type=float, default=0.1, help="step-decay factor for --lr-milestones (default 0.1)")
-    p.add_argument("--clip-norm", type=float, help="gradient clipping: other methods clip the averaged gradient "
+    g.add_argument("--clip-norm", type=float, help="gradient clipping: other methods clip the averaged gradient "
                                                    "to this norm; DGC clips each worker's gradient before compressing, "
                                                    "to clip_norm*sqrt(N) (the paper's N^-1/2 share of the summed "
                                                    "gradient)")
-    p.add_argument("--bptt", type=_positive_int, default=35, help="LM sequence length (default 35)")
-    p.add_argument("--limit-train", type=_positive_int, help="use only the first N training samples/tokens")
-    p.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--device", choices=DEVICES, default="auto",
+    g = p.add_argument_group("schedule", "how long training runs, the learning rate's course (TrainConfig.schedule)")
+    g.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
+    g.add_argument("--max-steps", type=_positive_int, metavar="N",
+                   help="stop after N steps in total, with a checkpoint there; continue later with --resume")
+    g.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up (default 0)")
+    g.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",
+                   help="multiply the learning rate by --lr-decay at the start of each of these epochs")
+    g.add_argument("--lr-decay", type=float, default=0.1, help="step-decay factor for --lr-milestones (default 0.1)")
+    g = p.add_argument_group("workers", "how many, where they run, the seed (TrainConfig.launch)")
+    g.add_argument("--workers", type=_positive_int, default=4, help="number of workers N (default 4)")
+    g.add_argument("--simulate", action="store_true", help="N simulated workers in one process")
+    g.add_argument("--device", choices=DEVICES, default="auto",
                    help="where each rank trains: cuda puts local rank r on cuda:r (under torchrun cuda:LOCAL_RANK) "
                         "with NCCL and needs a GPU per local rank; cpu uses gloo; auto (default) is cuda when CUDA "
                         "is available with a GPU for every local rank, else cpu. --simulate runs every worker on "
                         "one device. May change on --resume")
-    p.add_argument("--simulate", action="store_true", help="N simulated workers in one process")
-    p.add_argument("--dga-delay", type=_non_negative_int, metavar="D",
-                   help="delayed gradient averaging: apply each step's average D steps later, corrected by the "
-                        "newer local gradient (Zhu et al. 2021); 0 is synchronous SGD")
-    p.add_argument("--no-dga-correction", action="store_true",
-                   help="with --dga-delay: apply the stale average alone (the paper's 'w/o correction')")
-    p.add_argument("--fedavg-period", type=_positive_int, metavar="K",
-                   help="FedAvg / local SGD: each worker steps on its own gradients, the weights are averaged every "
-                        "K steps (with --compressor none); with --dga-delay D each round's average is applied D steps "
-                        "later, the worker's own delta swapped for it (DGA with local steps)")
-    p.add_argument("--partition", choices=PARTITIONS, default="iid",
-                   help="how the training data is split among workers: iid (default), or skewed: each worker only "
-                        "a few classes (images) or speakers (shakespeare)")
-    p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
+    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    g.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="experiments only: each collective completes no earlier than L ms after it is issued "
                         "(this kernel has no netem; bandwidth stays real). Real processes only")
-    p.add_argument("--nonfinite", choices=NONFINITE, default="skip",
-                   help="a NaN or Inf gradient on any rank: skip the step on every rank, memory and weights "
-                        "unchanged, and log it (default), or raise")
-    p.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
-    p.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
-    p.add_argument("--label", help="label of the run in plots and tables")
-    p.add_argument("--baseline", action="store_true",
-                   help="then train the same run with the dense fp32 all-reduce (--compressor none, synchronous; "
-                        "into RUN_DIR-dense) and print both side by side: accuracy, MB per worker, time per step "
-                        "and the step estimated on --link-gbps; their curves go to RUN_DIR/vs-dense.png")
-    p.add_argument("--resume", metavar="RUN_DIR",
+    g = p.add_argument_group("output", "what the run writes and shows (TrainConfig.output)")
+    g.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
+    g.add_argument("--label", help="label of the run in plots and tables")
+    g.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also write the checkpoint every N steps, not only at epoch ends: a failure loses at most N "
+                        "steps (default: epoch ends only)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
+    g = p.add_argument_group("the job", "resuming, restarts, the dense baseline (not part of the run's config)")
+    g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its checkpoint, mid-epoch too, exactly as if it had not stopped. Its "
                         "config.json is used; only " + ", ".join(RESUME_FLAGS) + " may be given with it, each "
                         "change said and recorded in config.json (any other flag is refused). --max-steps stops "
                         "one invocation: without it the resumed run trains to its end. A run directory with no "
                         "checkpoint yet starts again from step 0")
-    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                   help="also write the checkpoint every N steps, not only at epoch ends: a failure loses at most N "
-                        "steps (default: epoch ends only)")
-    p.add_argument("--max-steps", type=_positive_int, metavar="N",
-                   help="stop after N steps in total, with a checkpoint there; continue later with --resume")
-    p.add_argument("--max-restarts", type=_non_negative_int, default=0, metavar="K",
+    g.add_argument("--max-restarts", type=_non_negative_int, default=0, metavar="K",
                    help="when a worker process fails or dies, restart all workers from the last checkpoint, up to K "
                         "times (default 0). Under torchrun use torchrun's --max-restarts instead")
-    p.add_argument("--timeout", type=_positive_float, default=3600.0, metavar="SECONDS",
+    g.add_argument("--timeout", type=_positive_float, default=3600.0, metavar="SECONDS",
                    help="how long a rank waits for a peer (to join, inside a collective) before the job fails "
                         "instead of hanging; with --max-restarts it is then restarted (default 3600)")
-    p.add_argument("--allow-oversubscribe", action="store_true",
+    g.add_argument("--allow-oversubscribe", action="store_true",
                    help="start more worker processes than 4 per CPU core (at least 8 are always allowed); "
                         "without it such a --workers is refused before anything starts (--simulate runs any "
                         "number in one process)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--baseline", action="store_true",
+                   help="then train the same run with the dense fp32 all-reduce (--compressor none, synchronous; "
+                        "into RUN_DIR-dense) and print both side by side: accuracy, MB per worker, time per step "
+                        "and the step estimated on --link-gbps; their curves go to RUN_DIR/vs-dense.png")
     return p
 
 
@@ -322,26 +331,30 @@ def _resume_config(args: argparse.Namespace, argv: list[str]):
 def _train_with_baseline(config: Any, **launch: Any) -> None:
     """``gradcomp train --baseline``: the run, then the same run with the dense all-reduce, then both side by
     side (a table, and their curves in one PNG)."""
+    from .train.config import Averaging
     from .train.loop import default_run_dir, run
     from .train.report import compare_table, plot_runs
 
     if os.environ.get("RANK") is not None:
         raise ValueError("--baseline trains two runs one after the other in one launch: run it without torchrun")
-    if config.method == "none" and config.dga_delay is None and config.fedavg_period is None:
+    if config.exchange.method == "none" and config.averaging.dga_delay is None \
+            and config.averaging.fedavg_period is None:
         raise ValueError("--baseline compares a method with dense training, and this run is dense already "
                          "(--compressor none)")
-    config = dataclasses.replace(config, run_dir=config.run_dir or default_run_dir(config))
-    dense = dataclasses.replace(config, method="none", options={}, dga_delay=None, dga_correction=True,
-                                fedavg_period=None, run_dir=f"{config.run_dir}-dense", label="dense baseline")
+    run_dir = config.output.run_dir or default_run_dir(config)
+    config = config.replace(output={"run_dir": run_dir})
+    dense = config.replace(exchange={"method": "none", "options": {}}, averaging=Averaging(),
+                           output={"run_dir": f"{run_dir}-dense", "label": "dense baseline"})
     for cfg in (config, dense):
         run(cfg, **launch)
     print()
-    print(compare_table([config.run_dir, dense.run_dir]))
-    print(f"curves of both: {plot_runs([config.run_dir, dense.run_dir], Path(config.run_dir) / 'vs-dense.png')}")
+    both = [run_dir, dense.output.run_dir]
+    print(compare_table(both))
+    print(f"curves of both: {plot_runs(both, Path(run_dir) / 'vs-dense.png')}")
 
 
 def _train_config(args: argparse.Namespace):
-    from .train.loop import TrainConfig
+    from .train.config import Averaging, Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
     options = dict(args.options)
     if args.density is not None:
@@ -355,20 +368,22 @@ def _train_config(args: argparse.Namespace):
             options["nesterov"] = True
     elif args.warmup_epochs is not None or args.no_momentum_masking or args.nesterov:
         raise ValueError("--warmup-epochs, --no-momentum-masking and --nesterov are DGC options (--compressor dgc)")
-    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                       model_options=dict(args.model_options), method=args.method,
-                       options=options, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, optimizer=args.optimizer,
-                       momentum=args.momentum if args.momentum is not None else 0.9 if args.optimizer == "sgd" else 0.0,
-                       weight_decay=args.weight_decay,
-                       lr_warmup_epochs=args.lr_warmup_epochs, lr_milestones=args.lr_milestones,
-                       lr_decay=args.lr_decay, clip_norm=args.clip_norm, bptt=args.bptt,
-                       limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, device=args.device,
-                       simulate=args.simulate, dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
-                       fedavg_period=args.fedavg_period, partition=args.partition,
-                       emulate_latency_ms=args.emulate_latency_ms, nonfinite=args.nonfinite,
-                       link_gbps=args.link_gbps, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every,
-                       max_steps=args.max_steps, progress=not args.no_progress, label=args.label)
+    momentum = args.momentum if args.momentum is not None else 0.9 if args.optimizer == "sgd" else 0.0
+    return TrainConfig(
+        data=Data(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, bptt=args.bptt,
+                  partition=args.partition, limit_train=args.limit_train, limit_test=args.limit_test),
+        model=Model(name=args.model, options=dict(args.model_options)),
+        exchange=Exchange(method=args.method, options=options, nonfinite=args.nonfinite),
+        averaging=Averaging(dga_delay=args.dga_delay, dga_correction=not args.no_dga_correction,
+                            fedavg_period=args.fedavg_period),
+        optim=Optim(name=args.optimizer, lr=args.lr, momentum=momentum, weight_decay=args.weight_decay,
+                    clip_norm=args.clip_norm),
+        schedule=Schedule(epochs=args.epochs, max_steps=args.max_steps, lr_warmup_epochs=args.lr_warmup_epochs,
+                          lr_milestones=args.lr_milestones, lr_decay=args.lr_decay),
+        launch=Launch(workers=args.workers, simulate=args.simulate, device=args.device, seed=args.seed,
+                      emulate_latency_ms=args.emulate_latency_ms),
+        output=Output(run_dir=args.run_dir, label=args.label, checkpoint_every=args.checkpoint_every,
+                      progress=not args.no_progress, link_gbps=args.link_gbps))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -63,17 +62,13 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..checkpoint import non_finite_entries, state_tensors, state_to_cpu, state_to_device
-from ..compressors.base import available, check_int, check_range, get
-from ..guard import Nonfinite, check_nonfinite
-from ..launch import DEVICES, DeviceRequest, device_kind
-from ..method import DGC, Method, sgd_settings
+from ..compressors.base import check_int, check_range
+from ..launch import device_kind
+from ..method import Method, sgd_settings
 from ..schedule import LinearLRWarmup
+from .config import OPTIMIZERS, RESUMABLE, OptimizerName, TrainConfig, flat_settings
 from .data import (
-    DATASETS,
-    PARTITIONS,
     Dataset,
-    DatasetName,
-    Partition,
     batchify,
     image_batches,
     lm_batches,
@@ -83,7 +78,7 @@ from .data import (
     speaker_grouped,
     steps_per_epoch,
 )
-from .models import DEFAULT_MODEL, MODELS, build_model, detach_hidden
+from .models import build_model, detach_hidden
 from .report import RunDir, format_summary, plot_run
 
 if TYPE_CHECKING:  # imported where they are built (as at run time)
@@ -96,183 +91,15 @@ __all__ = ["OPTIMIZERS", "OptimizerName", "TrainConfig", "TrainingInterrupted", 
 
 log = logging.getLogger(__name__)
 
-#: Methods whose payloads are summed with an all-reduce (the rest are all-gathered).
-ALLREDUCE_METHODS = {"none", "fp16", "powersgd", "randomk"}
-#: Settings a resumed run may change: the length of training, how often it checkpoints, the display, the device.
-RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "progress", "device")
-#: The optimizers ``TrainConfig.optimizer`` names.
-OptimizerName = Literal["sgd", "adamw"]
-#: The values of :data:`OptimizerName`, for the checks at run time.
-OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
-#: Settings that do not decide what a checkpoint holds (not compared on resume).
-NOT_CHECKED = (*RESUMABLE, "run_dir", "data_dir", "label", "link_gbps")
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Everything a run depends on; saved as the run's ``config.json``."""
-
-    dataset: DatasetName = "digits"
-    data_dir: str | None = None
-    model: str | None = None
-    #: options of the model, overriding its per-dataset defaults (``build_model(model, data, **model_options)``)
-    model_options: dict[str, Any] = field(default_factory=dict)
-    method: str = "dgc"
-    #: compressor options (``gradcomp.get(method, **options)``) or DGC's options for ``method="dgc"``
-    options: dict[str, Any] = field(default_factory=dict)
-    workers: int = 4
-    epochs: int = 20
-    batch_size: int = 32  # per worker
-    lr: float = 0.1
-    #: "sgd" (``torch.optim.SGD``, momentum from ``momentum``) or "adamw" (``torch.optim.AdamW``, its own
-    #: moments: ``momentum`` must be 0, and DGC is then built with momentum 0, error-feedback top-k)
-    optimizer: OptimizerName = "sgd"
-    momentum: float = 0.9
-    #: SGD's L2 weight decay (scaled for DGC, see :func:`~gradcomp.sgd_settings`), or AdamW's decoupled one
-    weight_decay: float = 0.0
-    lr_warmup_epochs: float = 0.0
-    #: multiply the learning rate by ``lr_decay`` at each of these epochs (step decay, like ``MultiStepLR``)
-    lr_milestones: list[int] = field(default_factory=list)
-    lr_decay: float = 0.1
-    clip_norm: float | None = None
-    bptt: int = 35
-    limit_train: int | None = None
-    limit_test: int | None = None
-    seed: int = 0
-    #: "cpu", "cuda" (local rank r on cuda:r, NCCL) or "auto": CUDA where every local rank gets a GPU
-    device: DeviceRequest = "auto"
-    simulate: bool = False
-    #: delayed gradient averaging: apply each step's average this many steps later (None: synchronous).
-    #: With DGA or FedAvg the workers' models differ; each epoch is scored on their average
-    dga_delay: int | None = None
-    dga_correction: bool = True
-    #: FedAvg / local SGD instead of averaging gradients: average the weights every this many steps (with
-    #: ``dga_delay``: each round's average applied that many steps later, DGA's correction in weight space)
-    fedavg_period: int | None = None
-    #: how the training data is split among workers: "iid" or "skewed" (see :class:`Task`)
-    partition: Partition = "iid"
-    #: experiments only: each collective completes no earlier than this many ms after it is issued
-    emulate_latency_ms: float = 0.0
-    #: a NaN or Inf gradient on any rank: "skip" the step on every rank (memory unchanged) or "raise"
-    nonfinite: Nonfinite = "skip"
-    link_gbps: float = 1.0
-    run_dir: str | None = None
-    #: also write a checkpoint every this many steps (None: at epoch ends only); resume continues mid-epoch
-    checkpoint_every: int | None = None
-    #: stop after this many steps in total, with a checkpoint there (None: train all ``epochs``)
-    max_steps: int | None = None
-    progress: bool = True
-    label: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"TrainConfig.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"TrainConfig.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if self.method not in available():
-            raise ValueError(f"TrainConfig.method must be one of {', '.join(available())}, got {self.method!r}")
-        check_int("TrainConfig", "workers", self.workers, 1)
-        check_int("TrainConfig", "epochs", self.epochs, 1)
-        check_int("TrainConfig", "batch_size", self.batch_size, 1)
-        check_int("TrainConfig", "bptt", self.bptt, 1)
-        check_int("TrainConfig", "seed", self.seed, 0)
-        for name in ("limit_train", "limit_test", "checkpoint_every", "max_steps"):
-            if getattr(self, name) is not None:
-                check_int("TrainConfig", name, getattr(self, name), 1)
-        check_range("TrainConfig", "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
-        check_range("TrainConfig", "momentum", self.momentum, 0.0, 1.0, high_open=True)
-        check_range("TrainConfig", "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.optimizer == "adamw" and self.momentum != 0:
-            raise ValueError(f"TrainConfig.momentum={self.momentum} with optimizer='adamw': AdamW keeps moments of "
-                             f"its own, set momentum=0 (DGC then runs as error-feedback top-k)")
-        check_range("TrainConfig", "lr_warmup_epochs", self.lr_warmup_epochs, 0.0, math.inf, high_open=True)
-        check_range("TrainConfig", "lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
-        self.lr_milestones = list(self.lr_milestones)
-        for m in self.lr_milestones:
-            check_int("TrainConfig", "lr_milestones", m, 1)
-        if self.lr_milestones != sorted(set(self.lr_milestones)):
-            raise ValueError(f"TrainConfig.lr_milestones must increase strictly, got {self.lr_milestones}")
-        check_range("TrainConfig", "link_gbps", self.link_gbps, 0.0, math.inf, low_open=True, high_open=True)
-        if self.dga_delay is not None:
-            check_int("TrainConfig", "dga_delay", self.dga_delay, 0)
-            if self.clip_norm is not None and self.method != "dgc":
-                raise ValueError("TrainConfig.clip_norm with dga_delay: only DGC clips (locally); the delayed "
-                                 "average is not clipped")
-        elif not self.dga_correction:
-            raise ValueError("TrainConfig.dga_correction=False needs dga_delay")
-        if self.fedavg_period is not None:
-            check_int("TrainConfig", "fedavg_period", self.fedavg_period, 1)
-            if self.method != "none":
-                raise ValueError(f"TrainConfig.fedavg_period averages weights, dense: it takes method='none', got "
-                                 f"method={self.method!r}")
-            if not self.dga_correction:
-                raise ValueError("TrainConfig.dga_correction=False with fedavg_period: FedAvg's delayed rounds "
-                                 "(dga_delay) always swap a worker's own delta for the average")
-            if self.clip_norm is not None:
-                raise ValueError("TrainConfig.clip_norm with fedavg_period: there is no averaged gradient to clip")
-        if self.model_options:
-            model = self.model or DEFAULT_MODEL[self.dataset]
-            unknown = sorted(set(self.model_options) - set(MODELS[model].options())) if model in MODELS else []
-            context = MODELS[model].context_option if model in MODELS else None
-            if context in self.model_options and isinstance(self.model_options[context], int) \
-                    and self.model_options[context] < self.bptt:
-                raise ValueError(f"TrainConfig.model_options {context}={self.model_options[context]} is shorter "
-                                 f"than TrainConfig.bptt={self.bptt}: the model cannot read a whole window")
-            if unknown:
-                raise ValueError(f"TrainConfig.model_options: {model!r} has no option {', '.join(map(repr, unknown))} "
-                                 f"(it takes {', '.join(MODELS[model].options())})")
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"TrainConfig.partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
-        if self.partition == "skewed" and self.dataset == "ptb":
-            raise ValueError("TrainConfig.partition='skewed' needs classes (images) or speakers (shakespeare); "
-                             "ptb has neither")
-        check_range("TrainConfig", "emulate_latency_ms", self.emulate_latency_ms, 0.0, math.inf, high_open=True)
-        check_nonfinite("TrainConfig", self.nonfinite)
-        if self.emulate_latency_ms and self.simulate:
-            raise ValueError("TrainConfig.emulate_latency_ms needs real processes (the simulator has no network)")
-        if self.clip_norm is not None:
-            check_range("TrainConfig", "clip_norm", self.clip_norm, 0.0, math.inf, low_open=True, high_open=True)
-        method = self.build_method(steps_per_epoch=1)  # options are checked now, not in a worker
-        if self.optimizer == "adamw" and method.owns_momentum:
-            raise ValueError(f"TrainConfig.options momentum={method.momentum} with optimizer='adamw': DGC with "
-                             f"momentum and AdamW's moments would apply momentum twice; use momentum 0")
-
-    def build_method(self, steps_per_epoch: int) -> Method:
-        """The method: DGC (momentum, clipping and warm-up its own) or a compressor with its memory."""
-        if self.method == "dgc":
-            opts = {"momentum": self.momentum, "clip_norm": self.clip_norm, **self.options}
-            if "warmup_steps" not in opts:
-                opts.setdefault("warmup_epochs", 4.0)  # the paper's: four epochs
-            try:
-                return DGC(steps_per_epoch=steps_per_epoch, **opts)
-            except TypeError as error:
-                fields = [f.name for f in dataclasses.fields(DGC) if f.name != "steps_per_epoch"]
-                raise ValueError(f"bad DGC option ({error}); DGC's options are: {', '.join(fields)}") from None
-        return Method(get(self.method, **self.options))
-
-    @property
-    def collective(self) -> str:
-        return "allreduce" if self.method in ALLREDUCE_METHODS else "allgather"
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must have been written with to be resumed by this run (plain JSON values)."""
-        return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_CHECKED}))
-
-    def describe(self) -> str:
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.method}({opts})" if opts else self.method
-
 
 def build_optimizer(config: TrainConfig, model: nn.Module, method: Method) -> torch.optim.Optimizer:
-    """The optimizer ``config.optimizer`` names over ``model``'s parameters: ``torch.optim.SGD`` with
+    """The optimizer ``config.optim.name`` names over ``model``'s parameters: ``torch.optim.SGD`` with
     :func:`~gradcomp.sgd_settings` (momentum 0 and scaled weight decay for DGC, which owns momentum), or
     ``torch.optim.AdamW`` with ``lr`` and (decoupled) ``weight_decay``, its default betas and eps."""
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr,
-                           **sgd_settings(method, config.momentum, config.weight_decay))
+    optim = config.optim
+    if optim.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=optim.lr, **sgd_settings(method, optim.momentum, optim.weight_decay))
 
 
 # ------------------------------------------------------------------ data steps
@@ -288,7 +115,7 @@ def _image(data: Dataset) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 class Task:
     """Loss, batches and evaluation for one kind of dataset.
 
-    ``config.partition="skewed"`` gives each worker its own part of the training data:
+    ``config.data.partition="skewed"`` gives each worker its own part of the training data:
     :func:`~gradcomp.train.data.skewed_parts` (a few classes each) for images,
     :func:`~gradcomp.train.data.speaker_grouped` (a few speakers each) for Tiny Shakespeare.
     """
@@ -296,29 +123,30 @@ class Task:
     def __init__(self, data: Dataset, config: TrainConfig, workers: int, device: torch.device | str = "cpu"
                  ) -> None:
         self.data, self.config, self.workers, self.device = data, config, workers, torch.device(device)
-        self.global_batch = config.batch_size * workers
-        skewed = config.partition == "skewed"
-        self.parts = skewed_parts(_image(data)[1], workers, config.seed) if skewed and data.kind != "lm" else None
+        self.global_batch = config.data.batch_size * workers
+        skewed = config.data.partition == "skewed"
+        self.parts = skewed_parts(_image(data)[1], workers, config.launch.seed) if skewed and data.kind != "lm" \
+            else None
         #: language models: each worker's LSTM state, carried from step to step within an epoch
         self.hidden: dict[int, Any] = {}
         if data.kind == "lm":  # TrainConfig allows "skewed" only where there are classes or speakers
             assert data.train is not None  # an lm dataset holds it (Dataset checks)
             train = speaker_grouped(data.train, data.vocab, workers) if skewed else data.train
             self.train_rows = batchify(train, self.global_batch)
-            self.steps = lm_steps(self.train_rows, config.bptt)
+            self.steps = lm_steps(self.train_rows, config.data.bptt)
         elif self.parts is not None:
-            self.steps = min(len(p) for p in self.parts) // config.batch_size
+            self.steps = min(len(p) for p in self.parts) // config.data.batch_size
             if self.steps == 0:
-                raise ValueError(f"TrainConfig.batch_size={config.batch_size} is larger than the smallest worker's "
-                                 f"part of the training set ({min(len(p) for p in self.parts)} samples, "
+                raise ValueError(f"TrainConfig.data.batch_size={config.data.batch_size} is larger than the smallest "
+                                 f"worker's part of the training set ({min(len(p) for p in self.parts)} samples, "
                                  f"partition='skewed'); lower batch_size or workers")
         else:
             y_train = _image(data)[1]
             self.steps = steps_per_epoch(len(y_train), self.global_batch)
             if self.steps == 0:
-                raise ValueError(f"TrainConfig.batch_size={config.batch_size}: a global batch of {self.global_batch} "
-                                 f"({workers} workers) is larger than the {len(y_train)} training samples; "
-                                 f"lower batch_size or workers")
+                raise ValueError(f"TrainConfig.data.batch_size={config.data.batch_size}: a global batch of "
+                                 f"{self.global_batch} ({workers} workers) is larger than the {len(y_train)} training "
+                                 f"samples; lower batch_size or workers")
 
     def epoch(self, epoch: int, start: int = 0) -> Any:
         """Per step: one shard per worker, each tagged with its worker index; from step ``start`` on (a
@@ -326,11 +154,11 @@ class Task:
         if self.data.kind == "lm":
             if start == 0:
                 self.hidden = {}
-            batches = lm_batches(self.train_rows, self.config.bptt, self.workers)
+            batches = lm_batches(self.train_rows, self.config.data.bptt, self.workers)
         else:
             x_train, y_train, _, _ = _image(self.data)
-            batches = image_batches(x_train, y_train, self.global_batch, self.workers, epoch, self.config.seed,
-                                    parts=self.parts)
+            batches = image_batches(x_train, y_train, self.global_batch, self.workers, epoch,
+                                    self.config.launch.seed, parts=self.parts)
         for shards in itertools.islice(batches, start, None):
             yield [(w, *shard) for w, shard in enumerate(shards)]
 
@@ -348,12 +176,12 @@ class Task:
         was_training = model.training
         model.eval()
         try:
-            limit = self.config.limit_test
+            limit = self.config.data.limit_test
             if self.data.kind == "lm":
                 assert self.data.test is not None  # an lm dataset holds it (Dataset checks)
                 rows = batchify(self.data.test[:limit], 10)
                 total, correct, count, hidden = 0.0, 0, 0, None
-                for [(x, y)] in lm_batches(rows, self.config.bptt, 1):
+                for [(x, y)] in lm_batches(rows, self.config.data.bptt, 1):
                     x, y = x.to(self.device), y.to(self.device)
                     logits, hidden = model(x, hidden)
                     total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
@@ -420,7 +248,7 @@ class _Front:
         self.model, self.given = model, method  # the method as configured; each door makes its own copies
         self.device = next(model.parameters()).device
         self.optimizer = build_optimizer(config, model, method)
-        self.clip_after_average = config.clip_norm if config.method != "dgc" else None
+        self.clip_after_average = config.optim.clip_norm if config.exchange.method != "dgc" else None
         self.optimizers = [self.optimizer]
         self.methods: list[Method] = []
         self.dense_per_step = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -488,10 +316,10 @@ class _Simulated(_Front):
         super().__init__(*args)
         from ..simulator import Simulator
 
-        config = self.config
+        averaging = self.config.averaging
         self.sim = self.door = Simulator(self.model, self.given, self.world, optimizer=self.optimizer,
-                                         delay=config.dga_delay, correction=config.dga_correction,
-                                         local_steps=config.fedavg_period, nonfinite=config.nonfinite)
+                                         delay=averaging.dga_delay, correction=averaging.dga_correction,
+                                         local_steps=averaging.fedavg_period, nonfinite=self.config.exchange.nonfinite)
         self.methods, self.optimizers = self.sim.methods, self.sim.optimizers
 
     def step(self, shards: list[tuple]) -> float:
@@ -529,8 +357,8 @@ class _Hooked(_Front):
         self.net = DistributedDataParallel(self.model,
                                            device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.state = register_ddp_hook(self.net, self.given, optimizer=self.optimizer,
-                                       emulate_latency_ms=self.config.emulate_latency_ms,
-                                       nonfinite=self.config.nonfinite)
+                                       emulate_latency_ms=self.config.launch.emulate_latency_ms,
+                                       nonfinite=self.config.exchange.nonfinite)
         self.methods = [self.state.method]
 
     def step(self, shards: list[tuple]) -> float:
@@ -563,18 +391,17 @@ class _Wrapped(_Front):
         super().__init__(*args)
         from ..dga import DelayedGradientAveraging, FedAvg
 
-        config = self.config
-        if config.fedavg_period is None:
-            assert config.dga_delay is not None  # _front: one of the two is given
-            self.door = DelayedGradientAveraging(self.optimizer, self.model.named_parameters(), config.dga_delay,
-                                                 self.given, config.dga_correction,
-                                                 emulate_latency_ms=config.emulate_latency_ms,
-                                                 nonfinite=config.nonfinite)
+        averaging = self.config.averaging
+        latency, nonfinite = self.config.launch.emulate_latency_ms, self.config.exchange.nonfinite
+        if averaging.fedavg_period is None:
+            assert averaging.dga_delay is not None  # _front: one of the two is given
+            self.door = DelayedGradientAveraging(self.optimizer, self.model.named_parameters(), averaging.dga_delay,
+                                                 self.given, averaging.dga_correction,
+                                                 emulate_latency_ms=latency, nonfinite=nonfinite)
             self.key, self.methods = "dga", [self.door.method]
         else:
-            self.door = FedAvg(self.optimizer, self.model.named_parameters(), config.fedavg_period,
-                               delay=config.dga_delay or 0, emulate_latency_ms=config.emulate_latency_ms,
-                               nonfinite=config.nonfinite)
+            self.door = FedAvg(self.optimizer, self.model.named_parameters(), averaging.fedavg_period,
+                               delay=averaging.dga_delay or 0, emulate_latency_ms=latency, nonfinite=nonfinite)
             self.key = "fedavg"
 
     def step(self, shards: list[tuple]) -> float:
@@ -608,8 +435,9 @@ class _Wrapped(_Front):
 
 def _front(model: nn.Module, config: TrainConfig, method: Method, task: Task, rank: int, world: int) -> _Front:
     """The front door for ``config``: simulated workers, an optimizer wrapper (DGA, FedAvg) or the DDP hook."""
-    kind = _Simulated if config.simulate else _Wrapped if (config.dga_delay is not None or
-                                                            config.fedavg_period is not None) else _Hooked
+    averaging = config.averaging
+    kind = _Simulated if config.launch.simulate else _Wrapped if (averaging.dga_delay is not None or
+                                                                   averaging.fedavg_period is not None) else _Hooked
     return kind(model, config, method, task, rank, world)
 
 
@@ -632,7 +460,7 @@ def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, 
     states = front.method_states()
     mine = state_to_cpu({"rng": _rng_state(front.device), "hidden": front.task.hidden})
     ranks: list[Any] | None
-    if cfg.simulate:
+    if cfg.launch.simulate:
         ranks = [mine]
     else:
         ranks = [None] * front.world if front.rank == 0 else None
@@ -641,7 +469,7 @@ def _checkpoint(cfg: TrainConfig, front: _Front, warmup: LinearLRWarmup | None, 
         return None
     assert ranks is not None  # gathered to rank 0
     here = {"model": front.model.state_dict(), "optimizer": front.optimizer.state_dict()}  # on rank 0's device
-    if cfg.simulate:
+    if cfg.launch.simulate:
         assert isinstance(front, _Simulated)  # _front: a simulated run
         here["simulator"] = {k: v for k, v in front.sim.state_dict().items() if k != "methods"}
     ckpt = {**state_to_cpu(here), "methods": states,
@@ -660,10 +488,10 @@ def _restore(ckpt: dict[str, Any], cfg: TrainConfig, front: _Front, warmup: Line
     front.optimizer.load_state_dict(ckpt["optimizer"])
     if warmup is not None:
         warmup.load_state_dict(ckpt["lr_warmup"])
-    me = 0 if cfg.simulate else front.rank
+    me = 0 if cfg.launch.simulate else front.rank
     _set_rng_state(ckpt["rng"][me], device)
     front.task.hidden = state_to_device(dict(ckpt["hidden"][me]), device) if "hidden" in ckpt else {}
-    if cfg.simulate:  # every worker's method, models and doors (checks the number of workers)
+    if cfg.launch.simulate:  # every worker's method, models and doors (checks the number of workers)
         assert isinstance(front, _Simulated)  # _front: a simulated run
         front.sim.load_state_dict(state_to_device({"methods": ckpt["methods"], **ckpt["simulator"]}, device))
     else:
@@ -684,8 +512,9 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, w
     if missing:
         raise ValueError(f"{name} is not a gradcomp train checkpoint (it has no {', '.join(map(repr, missing))})")
     saved = ckpt.get("config")  # absent in checkpoints written before it was stored
-    if saved is not None and saved.get("method") != cfg.method:
-        raise ValueError(f"{name} was written by method {saved.get('method')!r}, this run uses {cfg.method!r}")
+    if saved is not None and saved.get("method") != cfg.exchange.method:
+        raise ValueError(f"{name} was written by method {saved.get('method')!r}, this run uses "
+                         f"{cfg.exchange.method!r}")
     theirs, ours = ckpt["model"], model.state_dict()
     for key in [*ours, *(k for k in theirs if k not in ours)]:
         if key not in theirs or key not in ours:
@@ -805,30 +634,31 @@ def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, re
                  ) -> dict[str, Any] | None:
     """Train on this rank (or, simulated, on every worker); rank 0 returns the summary (or, stopped by
     ``max_steps`` before the end, ``{"stopped_after_step": n}``).  Ctrl-C raises :class:`TrainingInterrupted`."""
-    with _interruptible(run_dir, defer=bool(config.get("simulate"))) as interrupt:
+    with _interruptible(run_dir, defer=bool(config["launch"]["simulate"])) as interrupt:
         return _train(rank, world, config, run_dir, resume, interrupt)
 
 
 def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool, interrupt: _Interrupt
            ) -> dict[str, Any] | None:
-    cfg = TrainConfig(**config)
+    cfg = TrainConfig.from_dict(config)
+    schedule, output = cfg.schedule, cfg.output
     # the launcher made this rank's GPU the current device (gradcomp.launch); simulated, every worker is on it
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-    torch.manual_seed(cfg.seed)  # the CPU's and every GPU's generator
-    data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.launch.device == "cuda" else torch.device("cpu")
+    torch.manual_seed(cfg.launch.seed)  # the CPU's and every GPU's generator
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, limit_train=cfg.data.limit_train)
     task = Task(data, cfg, world, device)
     # built on the CPU: the same weights
-    model = build_model(cfg.model, data, bptt=cfg.bptt, **cfg.model_options).to(device)
+    model = build_model(cfg.model.name, data, bptt=cfg.data.bptt, **cfg.model.options).to(device)
     method = cfg.build_method(steps_per_epoch=task.steps)
     front = _front(model, cfg, method, task, rank, world)
-    warmup = LinearLRWarmup(warmup_epochs=cfg.lr_warmup_epochs) if cfg.lr_warmup_epochs > 0 else None
+    warmup = LinearLRWarmup(warmup_epochs=schedule.lr_warmup_epochs) if schedule.lr_warmup_epochs > 0 else None
     rd = RunDir(run_dir)
     pos = _restore(load_checked(rd, cfg, model, world), cfg, front, warmup) if resume else _Position()
     interrupt.position = pos
     lead = rank == 0
     metrics: dict[str, Any] = {}
-    stop = cfg.max_steps is not None and pos.steps >= cfg.max_steps
-    for epoch in range(pos.epoch, cfg.epochs):
+    stop = schedule.max_steps is not None and pos.steps >= schedule.max_steps
+    for epoch in range(pos.epoch, schedule.epochs):
         if stop:
             break
         first = pos.step  # > 0: resumed mid-epoch, the method's schedule and the losses so far are restored
@@ -836,14 +666,14 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
             front.set_epoch(epoch)
             pos.losses = []
         bar = tqdm(task.epoch(epoch, start=first), total=task.steps, initial=first,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (lead and cfg.progress), leave=False,
+                   desc=f"epoch {epoch + 1}/{schedule.epochs}", disable=not (lead and output.progress), leave=False,
                    dynamic_ncols=True)
         start = time.perf_counter()
         for i, shards in enumerate(bar, start=first):
-            if warmup is not None or cfg.lr_milestones:
+            if warmup is not None or schedule.lr_milestones:
                 t = epoch + i / task.steps
-                lr = cfg.lr * (warmup.factor(t) if warmup is not None else 1.0) \
-                    * cfg.lr_decay ** sum(t >= m for m in cfg.lr_milestones)
+                lr = cfg.optim.lr * (warmup.factor(t) if warmup is not None else 1.0) \
+                    * schedule.lr_decay ** sum(t >= m for m in schedule.lr_milestones)
                 front.set_lr(lr)
             pos.losses.append(front.step(shards))
             pos.step, pos.steps = i + 1, pos.steps + 1
@@ -853,8 +683,8 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
                                 **{k.removeprefix("test_"): f"{metrics[k]:.4g}" for k in ("test_accuracy",
                                    "test_perplexity") if k in metrics})
             end = pos.step == task.steps
-            stop = cfg.max_steps is not None and pos.steps >= cfg.max_steps
-            if not (end or stop or (cfg.checkpoint_every and pos.steps % cfg.checkpoint_every == 0)):
+            stop = schedule.max_steps is not None and pos.steps >= schedule.max_steps
+            if not (end or stop or (output.checkpoint_every and pos.steps % output.checkpoint_every == 0)):
                 continue
             pos.seconds += time.perf_counter() - start
             if end:
@@ -876,7 +706,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
             if lead and end:
                 shown = {k: metrics[k] for k in ("test_accuracy", "test_perplexity") if k in metrics}
                 # one line per epoch, also without progress bars
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f} "
+                tqdm.write(f"epoch {epoch + 1}/{schedule.epochs}: loss {metrics['train_loss']:.4f} "
                            + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
                            + f" sent {front.bytes_sent / 1e6:.3f} MB")
             if stop:
@@ -884,16 +714,17 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
             start = time.perf_counter()  # the time to checkpoint (and evaluate) is not training time
     if not lead:
         return None
-    if pos.epoch < cfg.epochs:
+    if pos.epoch < schedule.epochs:
         return {"stopped_after_step": pos.steps}
     if not metrics:  # resumed a finished run
         metrics = rd.read_metrics()[-1]
     summary: dict[str, Any]
-    summary = {"dataset": cfg.dataset, "model": cfg.model or type(model).__name__.lower(), "method": cfg.method,
-               "method_options": cfg.options, "label": cfg.label, "workers": world, "epochs": cfg.epochs,
+    summary = {"dataset": cfg.data.dataset, "model": cfg.model.name or type(model).__name__.lower(),
+               "method": cfg.exchange.method, "method_options": cfg.exchange.options, "label": output.label,
+               "workers": world, "epochs": schedule.epochs,
                "steps": metrics["step"], "bytes_sent": metrics["bytes_sent"], "dense_bytes": metrics["dense_bytes"],
                "compression_ratio": metrics["compression_ratio"], "time_per_step": metrics["time_per_step"],
-               "collective": cfg.collective, "link_gbps": [cfg.link_gbps], "simulated": cfg.simulate,
+               "collective": cfg.collective, "link_gbps": [output.link_gbps], "simulated": cfg.launch.simulate,
                **{k: metrics[k] for k in ("test_accuracy", "test_perplexity", "test_token_accuracy", "test_loss")
                   if k in metrics}}
     rd.write_summary(summary)
@@ -909,7 +740,7 @@ def default_run_dir(cfg: TrainConfig) -> str:
     """``runs/DATASET-METHOD-Nw-STAMP``: STAMP is the time, or under torchrun its run id, the same on every
     rank and every restart (so a restarted job finds its checkpoint)."""
     stamp = os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{cfg.dataset}-{cfg.method}-{cfg.workers}w-{stamp}")
+    return str(Path("runs") / f"{cfg.data.dataset}-{cfg.exchange.method}-{cfg.launch.workers}w-{stamp}")
 
 
 def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout_s: float = 3600.0,
@@ -920,9 +751,9 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     Inside a ``torchrun`` launch (``RANK`` and ``WORLD_SIZE`` set) this
     process is one rank; when torchrun restarts it (``--max-restarts``) and
     the run directory holds a checkpoint, it resumes from there.  Otherwise
-    it starts ``config.workers`` local gloo processes, restarting them all
+    it starts ``config.launch.workers`` local gloo processes, restarting them all
     from the last checkpoint up to ``max_restarts`` times when one fails, or
-    runs the simulator when ``config.simulate``.  ``timeout_s`` is how long a
+    runs the simulator when ``config.launch.simulate``.  ``timeout_s`` is how long a
     rank waits for a peer (to join, inside a collective) before it fails.
     A finished run's curves are drawn to ``curves.png`` unless ``plot`` is
     False (a study of many runs draws its own figures).  A run stopped by
@@ -944,13 +775,13 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     check_int("run", "max_restarts", max_restarts, 0)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cfg = config or TrainConfig()
-    if max_restarts and (under_torchrun or cfg.simulate):
+    if max_restarts and (under_torchrun or cfg.launch.simulate):
         raise ValueError(f"max_restarts={max_restarts} restarts the worker processes gradcomp starts itself; "
                          + ("under torchrun use torchrun's --max-restarts" if under_torchrun
                             else "the simulator (simulate=True) has none"))
     restarted = under_torchrun and _torchrun_restart() > 0
     if resume is None and restarted:
-        run_dir = cfg.run_dir or default_run_dir(cfg)
+        run_dir = cfg.output.run_dir or default_run_dir(cfg)
         if RunDir(run_dir).has_checkpoint():
             log.warning("torchrun restart %d: resuming from the checkpoint in %s", _torchrun_restart(), run_dir)
             resume = run_dir
@@ -958,7 +789,7 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     if resume is not None:
         rd = resumable(resume)
         saved = rd.read_config()
-        changes = {k: getattr(config, k) for k in RESUMABLE} if config is not None else {}
+        changes = {k: v for k, v in config.flat().items() if k in RESUMABLE} if config is not None else {}
         cfg = _saved_config(rd, saved, run_dir=str(resume), **changes)
         run_dir = str(resume)
         if not rd.has_checkpoint():
@@ -967,23 +798,24 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
             resume = None
             restarted = True  # into the directory that exists
     else:
-        run_dir = cfg.run_dir or default_run_dir(cfg)
-        cfg = dataclasses.replace(cfg, run_dir=run_dir)
+        run_dir = cfg.output.run_dir or default_run_dir(cfg)
+        cfg = cfg.replace(output={"run_dir": run_dir})
     if under_torchrun:
-        cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
-    local_ranks = 1 if cfg.simulate else int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_torchrun \
-        else cfg.workers
+        cfg = cfg.replace(launch={"workers": int(os.environ["WORLD_SIZE"])})
+    local_ranks = 1 if cfg.launch.simulate else int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_torchrun \
+        else cfg.launch.workers
     try:  # "cuda" where it is absent fails here, before anything is written
-        cfg = dataclasses.replace(cfg, device=device_kind(cfg.device, local_ranks))
+        cfg = cfg.replace(launch={"device": device_kind(cfg.launch.device, local_ranks)})
     except ValueError as error:
-        raise ValueError(f"TrainConfig.{error}") from None
+        raise ValueError(f"TrainConfig.launch.{error}") from None
     lead = not under_torchrun or int(os.environ["RANK"]) == 0
     _preflight(cfg, run_dir, under_torchrun, oversubscribe, lead)
-    data = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)  # a missing dataset fails here
-    Task(data, cfg, cfg.workers)  # so does a batch larger than the data
+    # a missing dataset fails here
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, limit_train=cfg.data.limit_train)
+    Task(data, cfg, cfg.launch.workers)  # so does a batch larger than the data
     if resume is not None:  # a foreign or damaged checkpoint fails here, before anything is written
-        model = build_model(cfg.model, data, bptt=cfg.bptt, **cfg.model_options)
-        done = load_checked(rd, cfg, model, cfg.workers)["epoch"]
+        model = build_model(cfg.model.name, data, bptt=cfg.data.bptt, **cfg.model.options)
+        done = load_checked(rd, cfg, model, cfg.launch.workers)["epoch"]
         if lead:
             rd.remove_temporaries()
             rd.truncate_metrics(done)
@@ -1001,7 +833,7 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     if under_torchrun:
         from ..launch import init_from_env, shutdown
 
-        rank, world = init_from_env(timeout_s=timeout_s, device=cfg.device)
+        rank, world = init_from_env(timeout_s=timeout_s, device=cfg.launch.device)
         dist.barrier()  # rank 0 has created the run directory
         try:
             summary = train_worker(rank, world, config_dict, run_dir, resume is not None)
@@ -1011,8 +843,8 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
             shutdown()
             raise
         shutdown()
-    elif cfg.simulate:
-        summary = train_worker(0, cfg.workers, config_dict, run_dir, resume is not None)
+    elif cfg.launch.simulate:
+        summary = train_worker(0, cfg.launch.workers, config_dict, run_dir, resume is not None)
     else:
         summary = _spawn(config_dict, run_dir, resume is not None, timeout_s, max_restarts, echo)
     if summary and "stopped_after_step" in summary:
@@ -1021,7 +853,7 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     elif summary is not None:
         if plot:
             plot_run(run_dir)
-        echo(format_summary(summary, link_gbps=cfg.link_gbps))
+        echo(format_summary(summary, link_gbps=cfg.output.link_gbps))
         echo(f"run directory: {run_dir}")
     return summary or {}
 
@@ -1052,7 +884,7 @@ def _saved_config(rd: RunDir, saved: dict[str, Any], **changes: Any) -> TrainCon
     """The run's config as saved in ``rd``, with ``changes``; a config that is not a TrainConfig's is a
     ``ValueError`` naming the file."""
     try:
-        return TrainConfig(**{**saved, **changes})
+        return TrainConfig.from_dict({**flat_settings(saved), **changes})
     except TypeError as error:
         raise ValueError(f"{str(rd.config_path)!r} is not a gradcomp train config: {error}") from None
 
@@ -1072,10 +904,11 @@ def resume_config(run_dir: str | os.PathLike[str], **changes: Any) -> TrainConfi
 def _record_changes(rd: RunDir, saved: dict[str, Any], cfg: TrainConfig) -> None:
     """Say in one line each what a resume changes in the run's config (:data:`RESUMABLE` only), and write
     the config that now holds to ``config.json``."""
+    saved, now = flat_settings(saved), cfg.flat()
     for k in RESUMABLE:
-        if k in saved and saved[k] != getattr(cfg, k):  # a setting added since the run started is not a change
+        if k in saved and saved[k] != now[k]:  # a setting added since the run started is not a change
             log.warning("%s: %s changes from %r to %r on resume (recorded in config.json)", rd.path, k,
-                        saved.get(k), getattr(cfg, k))
+                        saved.get(k), now[k])
     rd.write_config(dataclasses.asdict(cfg))
 
 
@@ -1085,11 +918,12 @@ MAX_WORKERS_PER_CPU = 4
 
 def _preflight(cfg: TrainConfig, run_dir: str, under_torchrun: bool, oversubscribe: bool, lead: bool) -> None:
     """The checks of :func:`run` that need no data, each a one-line ``ValueError`` before anything is written."""
-    if not (under_torchrun or cfg.simulate or oversubscribe):
+    workers = cfg.launch.workers
+    if not (under_torchrun or cfg.launch.simulate or oversubscribe):
         cores = os.cpu_count() or 1
         limit = max(8, MAX_WORKERS_PER_CPU * cores)
-        if cfg.workers > limit:
-            raise ValueError(f"TrainConfig.workers={cfg.workers} would start {cfg.workers} processes on {cores} CPU "
+        if workers > limit:
+            raise ValueError(f"TrainConfig.launch.workers={workers} would start {workers} processes on {cores} CPU "
                              f"core(s), more than {limit} ({MAX_WORKERS_PER_CPU} per core): use simulate (--simulate) "
                              f"or fewer workers, or allow it (--allow-oversubscribe)")
     if under_torchrun:
@@ -1124,8 +958,8 @@ def _spawn(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
     rd = RunDir(run_dir)
     for attempt in range(max_restarts + 1):
         try:
-            return spawn(train_worker, config["workers"], config, run_dir, resume, device=config["device"],
-                         timeout_s=timeout_s, crash_log=rd.path / WORKER_ERRORS)[0]
+            return spawn(train_worker, config["launch"]["workers"], config, run_dir, resume,
+                         device=config["launch"]["device"], timeout_s=timeout_s, crash_log=rd.path / WORKER_ERRORS)[0]
         except KeyboardInterrupt as stop:  # rank 0 says where it stopped (WorkerInterrupted), if it had started
             reports = stop.reports if isinstance(stop, WorkerInterrupted) else {}
             found = re.search(r"TrainingInterrupted: interrupted at step (\d+)", reports.get(0, ""))

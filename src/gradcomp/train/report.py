@@ -85,6 +85,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..checkpoint import CorruptArchiveError, verify_archive
+from .config import flat_settings
 
 __all__ = [
     "Collective",
@@ -718,7 +719,7 @@ def run_label(run: RunDir | str | os.PathLike[str], config: Mapping[str, Any] | 
     rd = run if isinstance(run, RunDir) else RunDir(run)
     if config is None:
         try:
-            config = rd.read_config()
+            config = flat_settings(rd.read_config())  # a gradcomp train config's sections: one key per setting
         except (FileNotFoundError, ValueError):
             config = {}
     label = config.get("label")
@@ -982,7 +983,7 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
     configs, metrics = [], []
     for rd in runs:
         try:
-            configs.append(rd.read_config())
+            configs.append(flat_settings(rd.read_config()))
         except FileNotFoundError:
             configs.append({})
         records = rd.read_metrics()
@@ -1103,7 +1104,7 @@ def plot_run(run_dir: RunDir | str | os.PathLike[str]) -> Path:
 def _run_facts(rd: RunDir) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, facts): the summary when the run finished, else its last metrics record."""
     try:
-        config = rd.read_config()
+        config = flat_settings(rd.read_config())
     except FileNotFoundError:
         config = {}
     try:

@@ -524,49 +524,48 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     A run directory that holds a finished run (its ``summary.json``, written at the end of training or on
     divergence) is read back, checkpoint or not: a study's finished rows can be kept (config, metrics and
     summary, a few kB) without their checkpoints, and a later session trains only the others."""
-    import dataclasses
-
     from gradcomp.method import NonFiniteGradientError
     from gradcomp.train.loop import run as train
     from gradcomp.train.report import RunDir
 
-    cfg = dataclasses.replace(cfg, nonfinite="raise")
-    rd = RunDir(cfg.run_dir)
+    cfg = cfg.replace(exchange={"nonfinite": "raise"})
+    run_dir, epochs = cfg.output.run_dir, cfg.schedule.epochs
+    rd = RunDir(run_dir)
     if rd.summary_path.is_file():
         summary = rd.read_summary()
         _resumable(cfg)
-        if "diverged" in summary or summary.get("epochs") == cfg.epochs:
+        if "diverged" in summary or summary.get("epochs") == epochs:
             return summary
         if not rd.has_checkpoint():
-            raise ValueError(f"{cfg.run_dir} holds a run finished after {summary.get('epochs')} epochs without "
-                             f"its checkpoint, so it cannot go on to {cfg.epochs}: remove it to train again")
+            raise ValueError(f"{run_dir} holds a run finished after {summary.get('epochs')} epochs without "
+                             f"its checkpoint, so it cannot go on to {epochs}: remove it to train again")
     try:
         if rd.has_checkpoint():
-            return train(_resumable(cfg), resume=cfg.run_dir, plot=False, echo=lambda _: None)
-        if Path(cfg.run_dir).is_dir():  # a kept run that stopped before its first checkpoint: start it again
-            shutil.rmtree(cfg.run_dir)
+            return train(_resumable(cfg), resume=run_dir, plot=False, echo=lambda _: None)
+        if Path(run_dir).is_dir():  # a kept run that stopped before its first checkpoint: start it again
+            shutil.rmtree(run_dir)
         return train(cfg, plot=False, echo=lambda _: None)
     except NonFiniteGradientError as error:
         records = rd.read_metrics()
         diverged = {**(records[-1] if records else {}), "diverged": str(error),
-                    "diverged_in_epoch": len(records) + 1, "label": cfg.label}
+                    "diverged_in_epoch": len(records) + 1, "label": cfg.output.label}
         rd.write_summary(diverged)
         return diverged
 
 
 def _resumable(cfg: Any) -> Any:
     """``cfg``, checked against the config saved in its run directory: a run there from other settings is
-    not continued (ValueError naming the folder and the settings that differ)."""
-    import dataclasses
-
-    from gradcomp.train.loop import RESUMABLE
+    not continued (ValueError naming the folder and the settings that differ).  The run's ``config.json`` may
+    be flat (written by earlier versions) or by section: both compare by setting (flat names)."""
+    from gradcomp.train.config import RESUMABLE
     from gradcomp.train.report import RunDir
 
-    saved = dataclasses.asdict(type(cfg)(**RunDir(cfg.run_dir).read_config()))  # settings added since: defaults
+    # settings added since: defaults
+    saved = type(cfg).from_dict(RunDir(cfg.output.run_dir).read_config()).flat()
     free = {"run_dir", "data_dir", *RESUMABLE}  # may change on resume
-    differ = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved[k] != v)
+    differ = sorted(k for k, v in cfg.flat().items() if k not in free and saved[k] != v)
     if differ:
-        raise ValueError(f"{cfg.run_dir} holds a run with other settings ({', '.join(differ)}): remove it or "
+        raise ValueError(f"{cfg.output.run_dir} holds a run with other settings ({', '.join(differ)}): remove it or "
                          "choose another --runs folder")
     return cfg
 
@@ -591,10 +590,8 @@ def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple
     others: its summary is its last finished epoch's record (if any) with
     ``diverged`` set to the message.
     """
-    import dataclasses
-
-    dirs = [folder / f"{i}-{cfg.method}" for i, cfg in enumerate(configs)]
-    calls = [(dataclasses.replace(cfg, run_dir=str(d), progress=ctx.progress and ctx.jobs == 1),)
+    dirs = [folder / f"{i}-{cfg.exchange.method}" for i, cfg in enumerate(configs)]
+    calls = [(cfg.replace(output={"run_dir": str(d), "progress": ctx.progress and ctx.jobs == 1}),)
              for cfg, d in zip(configs, dirs)]
     return list(zip(map_runs(ctx, _train_one, calls, describe=_describe, desc=folder.name), dirs))
 

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
 
 if TYPE_CHECKING:
+    from gradcomp.train.config import TrainConfig
     from gradcomp.train.data import DatasetName
-    from gradcomp.train.loop import TrainConfig
 
 #: Every compressor with the options it runs with here, and its row label.
 METHODS: dict[str, tuple[str, dict, str]] = {
@@ -63,7 +63,7 @@ class Task:
     limit_test: int | None = None
     clip_norm: float | None = None
     workers: int = 4
-    #: the model's options (``TrainConfig.model_options``), as (key, value) pairs
+    #: the model's options (``TrainConfig.model.options``), as (key, value) pairs
     model_options: tuple[tuple[str, Any], ...] = ()
     momentum: float = 0.9
     lr_warmup_epochs: float = 0.0
@@ -82,10 +82,20 @@ class Task:
         """Whether the metric is an accuracy (higher is better, shown in %) rather than a perplexity."""
         return self.metric != "test_perplexity"
 
-    def schedule(self) -> dict[str, Any]:
-        """The ``TrainConfig`` fields of the optimizer's schedule."""
-        return dict(lr=self.lr, momentum=self.momentum, lr_warmup_epochs=self.lr_warmup_epochs,
-                    lr_milestones=list(self.lr_milestones))
+    def config(self, seed: int) -> TrainConfig:
+        """The task as a ``gradcomp train`` config: its data, model, optimizer and schedule on simulated workers,
+        the dense method (the studies choose theirs)."""
+        from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Schedule, TrainConfig
+
+        return TrainConfig(
+            data=Data(dataset=self.dataset, batch_size=self.batch_per_worker, limit_train=self.limit_train,
+                      limit_test=self.limit_test),
+            model=Model(name=self.model, options=dict(self.model_options)),
+            exchange=Exchange(method="none"),
+            optim=Optim(lr=self.lr, momentum=self.momentum, clip_norm=self.clip_norm),
+            schedule=Schedule(epochs=self.epochs, lr_warmup_epochs=self.lr_warmup_epochs,
+                              lr_milestones=list(self.lr_milestones)),
+            launch=Launch(workers=self.workers, seed=seed, simulate=True))
 
     def describe(self) -> str:
         """``key: data, model, workers x batch`` for a report's setup."""
@@ -105,17 +115,12 @@ QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
 
 
 def configs(task: Task, seed: int) -> list[TrainConfig]:
-    from gradcomp.train.loop import TrainConfig
-
+    base = task.config(seed)
     out = []
     for method, options, label in METHODS.values():
         if method == "dgc":
             options = {**options, "warmup_epochs": task.epochs / 40}
-        out.append(TrainConfig(dataset=task.dataset, model=task.model, model_options=dict(task.model_options),
-                               method=method, options=options, label=label, workers=task.workers,
-                               epochs=task.epochs, batch_size=task.batch_per_worker, **task.schedule(),
-                               clip_norm=task.clip_norm, limit_train=task.limit_train, limit_test=task.limit_test,
-                               seed=seed, simulate=True))
+        out.append(base.replace(exchange={"method": method, "options": options}, output={"label": label}))
     return out
 
 

@@ -22,7 +22,7 @@ rows without correction diverge from the first step.
 Each on an image task (an MLP on Fashion-MNIST) and on a character LSTM
 (Tiny Shakespeare), with the training data split i.i.d. among the workers
 and skewed (each worker a few classes, or a few speakers:
-``TrainConfig.partition``).
+``TrainConfig.data.partition``).
 
 Speed: real gloo ranks train each task's model for a number of steps with
 the latency emulated (``Communicator(emulate_latency_ms=L)``: a collective
@@ -43,8 +43,8 @@ from .common import Check, Context, Result, Study, StudySkipped, markdown_table,
 from .compare import Task, score
 
 if TYPE_CHECKING:
+    from gradcomp.train.config import TrainConfig
     from gradcomp.train.data import Partition
-    from gradcomp.train.loop import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ PUBLISHED_LANGUAGE = {"fedavg5": "47.6 %", "fedavg10": "47.3 %", "fedavg20": "47
 
 
 def rows(variant: Variant) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Row key -> (label, the TrainConfig fields that make it)."""
+    """Row key -> (label, the ``TrainConfig.averaging`` fields that make it)."""
     out: dict[str, tuple[str, dict[str, Any]]] = {"sync": ("synchronous SGD (D = 0)", {})}
     for d in variant.delays:
         out[f"dga{d}"] = (f"DGA, D = {d}", {"dga_delay": d})
@@ -109,23 +109,21 @@ def diagnostics(variant: Variant) -> list[tuple[str, Partition, str]]:
 def configs(variant: Variant, seed: int) -> list[tuple[str, Partition, str, TrainConfig]]:
     """(task key, partition, row key, TrainConfig) of every run: the table's, then the diagnostic ones (their
     row key ends in ``@lr``)."""
-    from gradcomp.train.loop import TrainConfig
-
     out: list[tuple[str, Partition, str, TrainConfig]] = []
     for task in variant.tasks:
+        dense = task.config(seed).replace(optim={"clip_norm": None})  # no clipping here: the rows average late
         for partition in PARTITIONS:
             for key, (label, fields) in rows(variant).items():
-                out.append((task.key, partition, key, TrainConfig(
-                    dataset=task.dataset, model=task.model, model_options=dict(task.model_options), method="none",
-                    label=f"{label}, {PARTITIONS[partition]}", workers=task.workers, epochs=task.epochs,
-                    batch_size=task.batch_per_worker, **task.schedule(), limit_train=task.limit_train,
-                    limit_test=task.limit_test, seed=seed, simulate=True, partition=partition, **fields)))
+                out.append((task.key, partition, key, dense.replace(
+                    data={"partition": partition}, averaging=fields,
+                    output={"label": f"{label}, {PARTITIONS[partition]}"})))
     made = {(t, p, k): cfg for t, p, k, cfg in out}
     for t, p, k in diagnostics(variant):
         assert variant.diagnostic_lr is not None  # diagnostics() is empty otherwise
         cfg = made[(t, p, k)]
-        lr = cfg.lr * variant.diagnostic_lr
-        out.append((t, p, f"{k}@lr", dataclasses.replace(cfg, lr=lr, label=f"{cfg.label}, lr {lr:.3g}")))
+        lr = cfg.optim.lr * variant.diagnostic_lr
+        label = f"{cfg.output.label}, lr {lr:.3g}"
+        out.append((t, p, f"{k}@lr", cfg.replace(optim={"lr": lr}, output={"label": label})))
     return out
 
 
@@ -150,7 +148,6 @@ def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[st
 
     from gradcomp.train.data import load_dataset
     from gradcomp.train.loop import Task as Batches
-    from gradcomp.train.loop import TrainConfig
     from gradcomp.train.models import build_model
 
     from ..bench.latency import step_time
@@ -160,10 +157,7 @@ def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[st
         torch.manual_seed(seed)
         data = load_dataset(task.dataset, limit_train=task.limit_train)
         model = build_model(task.model, data, **dict(task.model_options))
-        cfg = TrainConfig(dataset=task.dataset, model=task.model, model_options=dict(task.model_options),
-                          method="none", batch_size=task.batch_per_worker, limit_train=task.limit_train, seed=seed,
-                          progress=False)
-        batches = Batches(data, cfg, 1)  # one worker's batches and loss, as gradcomp train computes them
+        batches = Batches(data, task.config(seed), 1)  # one worker's batches and loss, as gradcomp train computes them
         [shard] = next(batches.epoch(0))
 
         def loss_fn(m, batches=batches, shard=shard):

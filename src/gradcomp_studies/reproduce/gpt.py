@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
 
 if TYPE_CHECKING:
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import TrainConfig
 
 DENSITY = 0.001
 POWERSGD_RANK = 4
@@ -97,27 +97,27 @@ QUICK = Variant(limit_train=10_256, epochs=1, limit_test=4_000, batch_per_worker
 
 def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
     """The five rows, then the diagnostic ones, as ``gradcomp train`` configs."""
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
-    common: dict[str, Any]  # TrainConfig's arguments shared by the rows
-    common = dict(dataset="shakespeare", model="gpt",
-                  model_options={"layers": variant.layers, "d": variant.d, "heads": variant.heads},
-                  workers=variant.workers, epochs=variant.epochs, batch_size=variant.batch_per_worker,
-                  bptt=variant.bptt, optimizer="adamw", lr=variant.lr, momentum=0.0,
-                  weight_decay=variant.weight_decay, lr_warmup_epochs=variant.lr_warmup_epochs,
-                  limit_train=variant.limit_train, limit_test=variant.limit_test, seed=seed, simulate=True,
-                  checkpoint_every=variant.checkpoint_every)
     options: dict[str, dict[str, Any]]
     options = {"dense": {}, "dgc": {"density": DENSITY, "warmup_epochs": variant.warmup_epochs, "sparsify_all": True},
                "topk": {"density": DENSITY}, "powersgd": {"rank": POWERSGD_RANK}, "qsgd": {}}
-    rows = {key: TrainConfig(method=METHODS[key], options=options[key], label=LABELS[key], **common)
-            for key in LABELS}
-    short = {**common, "epochs": variant.diagnostic_epochs}
-    sgd = {**short, "optimizer": "sgd", "lr": variant.sgd_lr, "momentum": 0.9, "weight_decay": 0.0}
-    rows["sgd-dense"] = TrainConfig(method="none", label=DIAGNOSTICS["sgd-dense"], **sgd)
-    rows["sgd-dgc"] = TrainConfig(method="dgc", options=options["dgc"], label=DIAGNOSTICS["sgd-dgc"], **sgd)
-    rows["adamw-dgc-1%"] = TrainConfig(method="dgc", options={**options["dgc"], "density": DIAGNOSTIC_DENSITY},
-                                       label=DIAGNOSTICS["adamw-dgc-1%"], **short)
+    rows = {key: TrainConfig(  # the rows differ in their method and label
+        data=Data(dataset="shakespeare", batch_size=variant.batch_per_worker, bptt=variant.bptt,
+                  limit_train=variant.limit_train, limit_test=variant.limit_test),
+        model=Model(name="gpt", options={"layers": variant.layers, "d": variant.d, "heads": variant.heads}),
+        exchange=Exchange(method=METHODS[key], options=options[key]),
+        optim=Optim(name="adamw", lr=variant.lr, momentum=0.0, weight_decay=variant.weight_decay),
+        schedule=Schedule(epochs=variant.epochs, lr_warmup_epochs=variant.lr_warmup_epochs),
+        launch=Launch(workers=variant.workers, seed=seed, simulate=True),
+        output=Output(label=LABELS[key], checkpoint_every=variant.checkpoint_every)) for key in LABELS}
+    short = {"schedule": {"epochs": variant.diagnostic_epochs}}
+    sgd = {**short, "optim": Optim(name="sgd", lr=variant.sgd_lr, momentum=0.9, weight_decay=0.0)}
+    rows["sgd-dense"] = rows["dense"].replace(**sgd, output={"label": DIAGNOSTICS["sgd-dense"]})
+    rows["sgd-dgc"] = rows["dgc"].replace(**sgd, output={"label": DIAGNOSTICS["sgd-dgc"]})
+    rows["adamw-dgc-1%"] = rows["dgc"].replace(**short, exchange={"options": {**options["dgc"],
+                                                                               "density": DIAGNOSTIC_DENSITY}},
+                                               output={"label": DIAGNOSTICS["adamw-dgc-1%"]})
     return rows
 
 

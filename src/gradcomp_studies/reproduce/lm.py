@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
 
 if TYPE_CHECKING:
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import TrainConfig
 
 #: Published (DGC paper, Table 4: 2-layer LSTM, 1500 units, PTB, 4 nodes).
 PUBLISHED = {"dense": "72.30", "dgc": "72.24", "dgc_noclip": "—"}
@@ -67,20 +67,22 @@ QUICK = Variant(limit_train=20_000, epochs=1, limit_test=3_000)
 
 def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
     """The variant's rows as ``gradcomp train`` configs."""
-    from gradcomp.train.loop import TrainConfig
+    from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
-    common: dict[str, Any]  # TrainConfig's arguments shared by the rows
-    common = dict(dataset="ptb", model="lstm", workers=variant.workers, epochs=variant.epochs,
-                  batch_size=variant.batch_per_worker, bptt=variant.bptt, lr=variant.lr, momentum=variant.momentum,
-                  lr_milestones=list(variant.lr_milestones), lr_decay=0.25,
-                  clip_norm=variant.clip_norm, limit_train=variant.limit_train, limit_test=variant.limit_test,
-                  seed=seed, simulate=True, model_options={"tie_weights": True},
-                  checkpoint_every=variant.checkpoint_every)
+    dense = TrainConfig(  # the rows differ in their method and label
+        data=Data(dataset="ptb", batch_size=variant.batch_per_worker, bptt=variant.bptt,
+                  limit_train=variant.limit_train, limit_test=variant.limit_test),
+        model=Model(name="lstm", options={"tie_weights": True}),
+        exchange=Exchange(method="none"),
+        optim=Optim(lr=variant.lr, momentum=variant.momentum, clip_norm=variant.clip_norm),
+        schedule=Schedule(epochs=variant.epochs, lr_milestones=list(variant.lr_milestones), lr_decay=0.25),
+        launch=Launch(workers=variant.workers, seed=seed, simulate=True),
+        output=Output(label=LABELS["dense"], checkpoint_every=variant.checkpoint_every))
     dgc = {"density": DENSITY, "warmup_epochs": variant.warmup_epochs}
-    rows = {"dense": TrainConfig(method="none", label=LABELS["dense"], **common),
-            "dgc": TrainConfig(method="dgc", options=dgc, label=LABELS["dgc"], **common),
-            "dgc_noclip": TrainConfig(method="dgc", options={**dgc, "clip_norm": None}, label=LABELS["dgc_noclip"],
-                                      **common)}
+    rows = {"dense": dense,
+            "dgc": dense.replace(exchange=Exchange(method="dgc", options=dgc), output={"label": LABELS["dgc"]}),
+            "dgc_noclip": dense.replace(exchange=Exchange(method="dgc", options={**dgc, "clip_norm": None}),
+                                        output={"label": LABELS["dgc_noclip"]})}
     return {key: rows[key] for key in variant.rows}
 
 
