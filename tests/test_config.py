@@ -24,7 +24,7 @@ from gradcomp.train.config import (
     flat_settings,
 )
 from gradcomp.train.loop import run
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 #: the finished runs of the long studies, kept with their config.json as earlier versions wrote it (flat)

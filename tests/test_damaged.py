@@ -25,7 +25,7 @@ from gradcomp.checkpoint import RankState, load_rank_state, save_rank_state
 from gradcomp.method import DGC
 from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
 from gradcomp.train.loop import run
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 from helpers import exchange_step
 from test_resume import _refused
 

@@ -13,7 +13,7 @@ import pytest
 
 from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
 from gradcomp.train.loop import run
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 from test_data import _idx_bytes, _write_fake_mnist
 from test_resume import assert_same_run
 

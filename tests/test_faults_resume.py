@@ -19,7 +19,7 @@ import torch
 import gradcomp
 from gradcomp.cli import main
 from gradcomp.train.config import flat_settings
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 from test_resume import assert_same_run
 
 SRC = str(Path(gradcomp.__file__).parents[1])

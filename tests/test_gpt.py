@@ -12,7 +12,7 @@ from gradcomp.cli import main
 from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 from gradcomp.train.loop import run
 from gradcomp.train.models import GPT, build_model, count_parameters
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 from helpers import assert_same, need_datasets, quick_study
 
 # ---------------------------------------------------------------- the model

@@ -19,7 +19,7 @@ from gradcomp.launch import device_kind, spawn
 from gradcomp.method import DGC
 from gradcomp.train.config import Averaging, Data, Exchange, Launch, Output, Schedule, TrainConfig
 from gradcomp.train.loop import run
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 from helpers import exchange_step
 from test_resume import assert_same, assert_same_run
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from gradcomp.train import report
+from gradcomp.train.cost import estimate_step_time
 from gradcomp.train.report import (
-    RunDir,
     compare_table,
-    estimate_step_time,
     format_summary,
     human_bytes,
     plot_run,
     plot_runs,
 )
+from gradcomp.train.rundir import RunDir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

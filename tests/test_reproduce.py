@@ -252,7 +252,7 @@ def test_a_study_stopped_part_way_resumes_from_its_runs_folder(tmp_path):
     """--runs keeps the runs; the same study run again continues each from its checkpoint (one of them
     stopped after its first epoch here) and ends where an uninterrupted run ends."""
     from gradcomp.train.config import Data, Exchange, Launch, Output, Schedule, TrainConfig
-    from gradcomp.train.report import RunDir
+    from gradcomp.train.rundir import RunDir
     from gradcomp_studies.reproduce.common import Context, train_runs
 
     two = TrainConfig(data=Data(limit_train=512), exchange=Exchange(method="dgc", options={"warmup_epochs": 2}),
@@ -288,7 +288,7 @@ def test_a_finished_run_is_read_back_without_its_checkpoint(tmp_path, monkeypatc
     back, not trained again; a diverged row is kept as diverged; a kept run cannot be extended without its
     checkpoint, and a run from other settings is refused."""
     from gradcomp.train.config import Data, Exchange, Launch, Optim, Schedule, TrainConfig
-    from gradcomp.train.report import RunDir
+    from gradcomp.train.rundir import RunDir
     from gradcomp_studies.reproduce.common import Context, train_runs
 
     one = TrainConfig(data=Data(limit_train=256), exchange=Exchange(method="none"), schedule=Schedule(epochs=1),

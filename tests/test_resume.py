@@ -17,7 +17,7 @@ import torch
 from gradcomp.cli import main
 from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
 from gradcomp.train.loop import run
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 from helpers import assert_same
 
 #: digits, 2 real workers, 256 samples: 4 steps an epoch (global batch 64), 12 in all

@@ -22,7 +22,7 @@ from gradcomp.train.config import (
     TrainConfig,
 )
 from gradcomp.train.loop import run
-from gradcomp.train.report import RunDir
+from gradcomp.train.rundir import RunDir
 
 QUIET = Output(progress=False)
 #: resuming takes the run's own config.json; only the length of training (and the display) come from here

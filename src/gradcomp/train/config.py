@@ -351,6 +351,8 @@ class TrainConfig:
 
     @property
     def collective(self) -> str:
+        """How the method's payloads travel, for the step-time model: ``"allreduce"`` (summable payloads) or
+        ``"allgather"``."""
         return "allreduce" if self.exchange.method in ALLREDUCE_METHODS else "allgather"
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -389,6 +391,11 @@ class TrainConfig:
         return json.loads(json.dumps({k: v for k, v in self.flat().items() if k not in NOT_CHECKED}))
 
     def describe(self) -> str:
+        """The method and its options as one line, e.g. ``"dgc(density=0.001)"``.
+
+        Returns:
+            The text.
+        """
         opts = ", ".join(f"{k}={v}" for k, v in self.exchange.options.items())
         return f"{self.exchange.method}({opts})" if opts else self.exchange.method
 

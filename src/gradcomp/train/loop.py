@@ -79,7 +79,8 @@ from .data import (
     steps_per_epoch,
 )
 from .models import build_model, detach_hidden
-from .report import RunDir, format_summary, plot_run
+from .report import format_summary, plot_run
+from .rundir import RunDir
 
 if TYPE_CHECKING:  # imported where they are built (as at run time)
     from ..comm import Communicator

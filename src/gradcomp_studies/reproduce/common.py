@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from gradcomp.train.report import json_default, markdown_cell, new_figure
+from gradcomp.train.report import markdown_cell, new_figure
+from gradcomp.train.rundir import json_default
 
 __all__ = [
     "Check",
@@ -526,7 +527,7 @@ def _train_one(cfg: Any) -> dict[str, Any]:
     summary, a few kB) without their checkpoints, and a later session trains only the others."""
     from gradcomp.method import NonFiniteGradientError
     from gradcomp.train.loop import run as train
-    from gradcomp.train.report import RunDir
+    from gradcomp.train.rundir import RunDir
 
     cfg = cfg.replace(exchange={"nonfinite": "raise"})
     run_dir, epochs = cfg.output.run_dir, cfg.schedule.epochs
@@ -558,7 +559,7 @@ def _resumable(cfg: Any) -> Any:
     not continued (ValueError naming the folder and the settings that differ).  The run's ``config.json`` may
     be flat (written by earlier versions) or by section: both compare by setting (flat names)."""
     from gradcomp.train.config import RESUMABLE
-    from gradcomp.train.report import RunDir
+    from gradcomp.train.rundir import RunDir
 
     # settings added since: defaults
     saved = type(cfg).from_dict(RunDir(cfg.output.run_dir).read_config()).flat()
@@ -601,7 +602,8 @@ def train_rows(ctx: Context, name: str, rows: dict[str, Any],
     """Train each config of ``rows`` (:func:`train_runs`, in the study's runs folder ``name``) and draw the
     curves of those ``plotted`` (default: all) into the study's plot; returns ``{row key: summary}`` and the
     plot's path.  Each summary gains ``"epochs"``: the run's per-epoch held-out records, in order."""
-    from gradcomp.train.report import RunDir, plot_runs
+    from gradcomp.train.report import plot_runs
+    from gradcomp.train.rundir import RunDir
 
     plot_path = ctx.path(".png")
     with ctx.runs_folder(name) as folder:

@@ -14,7 +14,7 @@ The measured time per step is the simulator's: the 4 workers' forward,
 backward and compression run one after another in one process, so it is
 about 4x one worker's compute.  The projection takes a quarter of it as one
 worker's compute and adds the ring-algorithm communication time of the bytes
-the row sends (:func:`gradcomp.train.report.estimate_step_time`: all-reduce
+the row sends (:func:`gradcomp.train.cost.estimate_step_time`: all-reduce
 for dense, fp16, random-k and PowerSGD, all-gather for the rest).
 """
 
@@ -136,7 +136,7 @@ def score(task: Task, summary: dict) -> str:
 
 
 def _table(task: Task, rows: dict[str, dict]) -> str:
-    from gradcomp.train.report import estimate_step_time
+    from gradcomp.train.cost import estimate_step_time
 
     body = []
     for key, s in rows.items():
