@@ -42,6 +42,11 @@ def _density(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``gradcomp`` command: ``list``, ``train``, ``plot``, ``bench`` and ``reproduce``.
+
+    Returns:
+        The parser; its ``parse_args`` gives the chosen subcommand as ``command``.
+    """
     parser = argparse.ArgumentParser(prog="gradcomp", description=__doc__ and
                                      "Deep Gradient Compression and friends for PyTorch data parallelism.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -387,6 +392,15 @@ def _train_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``gradcomp`` command; errors are reported in one line on stderr, not raised.
+
+    Args:
+        argv: the arguments after the program's name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 done, 1 a worker failed or the disk is full, 2 a bad setting or file, 130 Ctrl-C (a
+        training run prints the command that resumes it).
+    """
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C outside a run (building the parser, plotting): nothing to continue

@@ -96,7 +96,16 @@ log = logging.getLogger(__name__)
 def build_optimizer(config: TrainConfig, model: nn.Module, method: Method) -> torch.optim.Optimizer:
     """The optimizer ``config.optim.name`` names over ``model``'s parameters: ``torch.optim.SGD`` with
     :func:`~gradcomp.sgd_settings` (momentum 0 and scaled weight decay for DGC, which owns momentum), or
-    ``torch.optim.AdamW`` with ``lr`` and (decoupled) ``weight_decay``, its default betas and eps."""
+    ``torch.optim.AdamW`` with ``lr`` and (decoupled) ``weight_decay``, its default betas and eps.
+
+    Args:
+        config: the run's settings (``config.optim``: name, lr, momentum, weight decay).
+        model: the model whose parameters it updates.
+        method: the run's method (DGC owns momentum: SGD then has none).
+
+    Returns:
+        The optimizer, not yet stepped.
+    """
     optim = config.optim
     if optim.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -119,6 +128,16 @@ class Task:
     ``config.data.partition="skewed"`` gives each worker its own part of the training data:
     :func:`~gradcomp.train.data.skewed_parts` (a few classes each) for images,
     :func:`~gradcomp.train.data.speaker_grouped` (a few speakers each) for Tiny Shakespeare.
+
+    Args:
+        data: the dataset (images, or a language model's tokens).
+        config: the run's settings (batch size, partition, bptt, seed, test limit).
+        workers: the number of workers the global batch is split among.
+        device: where the loss and evaluation move their batches.
+
+    Raises:
+        ValueError: an epoch would have no step: the global batch (or, skewed, one worker's batch) is larger than
+            the training data (or that worker's part).
     """
 
     def __init__(self, data: Dataset, config: TrainConfig, workers: int, device: torch.device | str = "cpu"
@@ -151,7 +170,15 @@ class Task:
 
     def epoch(self, epoch: int, start: int = 0) -> Any:
         """Per step: one shard per worker, each tagged with its worker index; from step ``start`` on (a
-        mid-epoch resume: the LSTM states ``hidden`` are then the restored ones, not reset)."""
+        mid-epoch resume: the LSTM states ``hidden`` are then the restored ones, not reset).
+
+        Args:
+            epoch: the epoch's index (it seeds the order of the image batches).
+            start: the first step to give (0: the whole epoch).
+
+        Yields:
+            One list per step: a ``(worker, x, y)`` shard for each worker.
+        """
         if self.data.kind == "lm":
             if start == 0:
                 self.hidden = {}
@@ -164,6 +191,16 @@ class Task:
             yield [(w, *shard) for w, shard in enumerate(shards)]
 
     def loss(self, model: nn.Module, shard: tuple) -> Tensor:
+        """The mean cross-entropy of ``model`` on one worker's shard; a language model carries that worker's LSTM
+        state on (detached) to its next step.
+
+        Args:
+            model: the worker's model (or its DDP wrapper).
+            shard: ``(worker, x, y)``, as :meth:`epoch` gives it.
+
+        Returns:
+            The loss, a scalar tensor to backpropagate.
+        """
         worker, x, y = shard
         x, y = x.to(self.device), y.to(self.device)  # a real rank moves its own shard only
         if self.data.kind != "lm":
@@ -174,6 +211,16 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Score ``model`` on the test set (its first ``config.data.limit_test`` samples), without gradients; the
+        model's training mode is restored after.
+
+        Args:
+            model: the model to score.
+
+        Returns:
+            ``test_loss`` and ``test_accuracy`` for images; ``test_loss``, ``test_perplexity`` and
+            ``test_token_accuracy`` for a language model.
+        """
         was_training = model.training
         model.eval()
         try:
@@ -508,7 +555,18 @@ def _restore(ckpt: dict[str, Any], cfg: TrainConfig, front: _Front, warmup: Line
 
 def check_checkpoint(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, world: int, name: str) -> None:
     """Refuse (``ValueError`` naming the mismatch) a checkpoint that another run wrote: other method or
-    settings, other model (parameter names and shapes), other number of workers, or one that lacks a part."""
+    settings, other model (parameter names and shapes), other number of workers, or one that lacks a part.
+
+    Args:
+        ckpt: the loaded checkpoint.
+        cfg: this run's settings.
+        model: this run's model (its parameter names and shapes).
+        world: this run's number of workers.
+        name: what the messages call the checkpoint (its path).
+
+    Raises:
+        ValueError: the checkpoint does not fit this run, or holds a bad value (:func:`check_values`).
+    """
     missing = [k for k in ("model", "optimizer", "methods", "rng", "epoch", "steps", "seconds") if k not in ckpt]
     if missing:
         raise ValueError(f"{name} is not a gradcomp train checkpoint (it has no {', '.join(map(repr, missing))})")
@@ -537,7 +595,17 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, w
 def check_values(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, name: str) -> None:
     """Refuse (``ValueError`` naming the entry) a checkpoint holding a NaN or Inf anywhere (weights, optimizer
     or method state: every step would be skipped), or a method state that does not fit the model (names,
-    shapes, dtypes; :meth:`~gradcomp.Method.check_state`), before any worker or kernel sees it."""
+    shapes, dtypes; :meth:`~gradcomp.Method.check_state`), before any worker or kernel sees it.
+
+    Args:
+        ckpt: the loaded checkpoint.
+        cfg: this run's settings (the method its states are checked with).
+        model: this run's model.
+        name: what the messages call the checkpoint (its path).
+
+    Raises:
+        ValueError: a non-finite value, or a worker's method state that does not fit the model.
+    """
     bad = [entry for key in ("model", "optimizer", "methods", "simulator") if key in ckpt
            for entry in non_finite_entries(ckpt[key], key)]
     if bad:
@@ -555,7 +623,17 @@ def check_values(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module, name:
 
 
 def load_checked(rd: RunDir, cfg: TrainConfig, model: nn.Module, world: int) -> dict[str, Any]:
-    """``rd``'s checkpoint, checked against this run (:func:`check_checkpoint`)."""
+    """``rd``'s checkpoint, checked against this run (:func:`check_checkpoint`).
+
+    Args:
+        rd: the run directory holding the checkpoint.
+        cfg: this run's settings.
+        model: this run's model.
+        world: this run's number of workers.
+
+    Returns:
+        The checkpoint, as loaded (CPU tensors).
+    """
     ckpt = rd.load_checkpoint()
     check_checkpoint(ckpt, cfg, model, world, str(rd.checkpoint_path))
     return ckpt
@@ -563,7 +641,12 @@ def load_checked(rd: RunDir, cfg: TrainConfig, model: nn.Module, world: int) -> 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped training in ``run_dir`` after ``steps`` steps (None: before the first step, or
-    not known); :meth:`describe` says how to continue."""
+    not known); :meth:`describe` says how to continue.
+
+    Args:
+        steps: the steps rank 0 had finished (None: not known, or none).
+        run_dir: the run's directory.
+    """
 
     def __init__(self, steps: int | None, run_dir: str) -> None:
         super().__init__(steps, run_dir)
@@ -574,7 +657,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def describe(self) -> str:
         """One line: where training stopped and the command that continues it from the last checkpoint
-        (whose step is named when it is behind)."""
+        (whose step is named when it is behind).
+
+        Returns:
+            The line, e.g. ``interrupted at step 40; resume with: gradcomp train --resume runs/x``.
+        """
         try:
             saved = RunDir(self.run_dir).load_checkpoint()["steps"]
         except (FileNotFoundError, ValueError, KeyError):
@@ -634,7 +721,18 @@ def _interruptible(run_dir: str, defer: bool) -> Iterator[_Interrupt]:
 def train_worker(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: bool = False
                  ) -> dict[str, Any] | None:
     """Train on this rank (or, simulated, on every worker); rank 0 returns the summary (or, stopped by
-    ``max_steps`` before the end, ``{"stopped_after_step": n}``).  Ctrl-C raises :class:`TrainingInterrupted`."""
+    ``max_steps`` before the end, ``{"stopped_after_step": n}``).  Ctrl-C raises :class:`TrainingInterrupted`.
+
+    Args:
+        rank: this process's rank (0 when simulated).
+        world: the number of workers.
+        config: the run's settings, as ``dataclasses.asdict`` of a :class:`TrainConfig`.
+        run_dir: the run directory (rank 0 writes it).
+        resume: continue from the directory's checkpoint.
+
+    Returns:
+        On rank 0 the summary (or the step ``max_steps`` stopped after); None on the other ranks.
+    """
     with _interruptible(run_dir, defer=bool(config["launch"]["simulate"])) as interrupt:
         return _train(rank, world, config, run_dir, resume, interrupt)
 
@@ -739,7 +837,14 @@ def _torchrun_restart() -> int:
 
 def default_run_dir(cfg: TrainConfig) -> str:
     """``runs/DATASET-METHOD-Nw-STAMP``: STAMP is the time, or under torchrun its run id, the same on every
-    rank and every restart (so a restarted job finds its checkpoint)."""
+    rank and every restart (so a restarted job finds its checkpoint).
+
+    Args:
+        cfg: the run's settings (dataset, method, workers).
+
+    Returns:
+        The directory's path (not created).
+    """
     stamp = os.environ.get("TORCHELASTIC_RUN_ID") or datetime.now().strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{cfg.data.dataset}-{cfg.exchange.method}-{cfg.launch.workers}w-{stamp}")
 
@@ -771,6 +876,25 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     ``MASTER_PORT`` is free, and at most :data:`MAX_WORKERS_PER_CPU` worker
     processes per CPU core (``oversubscribe=True`` lifts that).  Temporary
     files that a killed run left in the directory are removed.
+
+    Args:
+        config: the run's settings (None: the defaults); resumed, only its :data:`RESUMABLE` settings count.
+        resume: a run directory to continue from its checkpoint.
+        timeout_s: how long a rank waits for a peer, in seconds.
+        max_restarts: how many times the local workers are started again from the last checkpoint after a
+            failure (0 under torchrun and simulated).
+        plot: draw ``curves.png`` once the run finishes.
+        echo: where the summary and the resume hint are printed.
+        oversubscribe: allow more than :data:`MAX_WORKERS_PER_CPU` worker processes per CPU core.
+
+    Returns:
+        The summary of the finished run, ``{"stopped_after_step": n}`` when ``max_steps`` stopped it, or ``{}``
+        on a rank other than 0.
+
+    Raises:
+        ValueError: a setting, the data, the device, the run directory or the checkpoint does not allow the run.
+        TrainingInterrupted: Ctrl-C stopped it.
+        gradcomp.launch.WorkerError: a local worker failed (after ``max_restarts`` restarts).
     """
     check_range("run", "timeout_s", timeout_s, 0.0, math.inf, low_open=True, high_open=True)
     check_int("run", "max_restarts", max_restarts, 0)
@@ -863,7 +987,17 @@ def resumable(run_dir: str | os.PathLike[str]) -> RunDir:
     """``run_dir`` as a :class:`RunDir` to resume, or a one-line ``ValueError`` saying why it is not: missing,
     not a directory, no ``config.json``, ``checkpoint.pt`` not a file, or ``checkpoint.pt`` missing beside a
     ``checkpoint.prev.pt`` (the message says how to resume from that one).  A directory with a config and no
-    checkpoint at all is resumable: its run stopped before its first checkpoint and starts again."""
+    checkpoint at all is resumable: its run stopped before its first checkpoint and starts again.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The run directory, checked.
+
+    Raises:
+        ValueError: it cannot be resumed (why, in one line).
+    """
     path = Path(run_dir)
     if not path.is_dir():
         raise ValueError(f"cannot resume {str(run_dir)!r}: " + ("it is not a directory" if path.exists()
@@ -893,7 +1027,19 @@ def _saved_config(rd: RunDir, saved: dict[str, Any], **changes: Any) -> TrainCon
 def resume_config(run_dir: str | os.PathLike[str], **changes: Any) -> TrainConfig:
     """The config that resuming ``run_dir`` trains with: its ``config.json``, with ``changes`` to
     :data:`RESUMABLE` settings only (another is a ``ValueError`` naming it).  ``max_steps`` is a stop for one
-    invocation: without a new one the resumed run trains to its end.  See :func:`resumable` for the checks."""
+    invocation: without a new one the resumed run trains to its end.  See :func:`resumable` for the checks.
+
+    Args:
+        run_dir: the run directory.
+        **changes: new values of :data:`RESUMABLE` settings, by flat name.
+
+    Returns:
+        The config, with ``run_dir`` set and ``max_steps`` None unless changed.
+
+    Raises:
+        ValueError: a change to a setting that is not resumable, a directory that cannot be resumed, or a
+            ``config.json`` that is not a TrainConfig's.
+    """
     other = sorted(set(changes) - set(RESUMABLE))
     if other:
         raise ValueError(f"resuming {str(run_dir)!r} keeps its settings: {', '.join(other)} may not change (only "

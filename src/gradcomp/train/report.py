@@ -531,7 +531,8 @@ def markdown_cell(text: Any) -> str:
 def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
     """A markdown table of several runs: label (else directory name), method, test accuracy / perplexity,
     MB sent per worker, compression ratio, measured time per step, and the step time estimated on the run's
-    link (:func:`~gradcomp.train.cost.estimate_step_time`, the measured step as compute; ``link_gbps`` of its summary, else 1 Gbit/s).
+    link (:func:`~gradcomp.train.cost.estimate_step_time`, the measured step as compute; ``link_gbps`` of its
+    summary, else 1 Gbit/s).
 
     Uses each run's ``summary.json``, or its last metrics record when the run
     has not finished (marked with ``*``).
@@ -608,8 +609,8 @@ def compare_table(run_dirs: Sequence[RunDir | str | os.PathLike[str]]) -> str:
 
 
 def _estimate(facts: Mapping[str, Any], config: Mapping[str, Any], link_gbps: float) -> float | None:
-    """The run's step time on ``link_gbps`` (:func:`~gradcomp.train.cost.estimate_step_time`), or None when its record lacks a
-    figure the estimate needs."""
+    """The run's step time on ``link_gbps`` (:func:`~gradcomp.train.cost.estimate_step_time`), or None when its
+    record lacks a figure the estimate needs."""
     step, sent, steps = facts.get("time_per_step"), facts.get("bytes_sent"), facts.get("steps", facts.get("step"))
     workers = facts.get("workers", config.get("workers"))
     collective = facts.get("collective", config.get("collective"))
