@@ -102,6 +102,7 @@ class Package:
     modules: set[str] = field(default_factory=set)
     names: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> local name -> qualified name
     where: dict[int, str] = field(default_factory=dict)  # id(class node) -> its module
+    sources: dict[str, list[str]] = field(default_factory=dict)  # module -> its lines
 
     def add(self, module: str, is_package: bool, tree: ast.Module, definitions: list[Definition]) -> None:
         self.modules.add(module)
@@ -207,7 +208,9 @@ def needs(d: Definition, package: Package) -> list[str]:
                       and not (isinstance(n.value, ast.Call) and any(
                           k.arg == "init" and isinstance(k.value, ast.Constant) and k.value.value is False
                           for k in n.value.keywords))]
-            if fields:
+            lines = package.sources.get(d.module, [])
+            commented = all(f.lineno >= 2 and lines[f.lineno - 2].strip().startswith("#:") for f in fields)
+            if fields and not commented:  # a field with a #: comment is documented where Sphinx shows it
                 wanted.append("Args")
         if any(isinstance(n, ast.Raise) and n.exc is not None for i in inits for n in own_nodes(i)):
             wanted.append("Raises")
@@ -264,6 +267,7 @@ def survey() -> tuple[dict[str, int], list[tuple[int, str, str]], list[str], lis
         tree = ast.parse(text)
         definitions = list(walk(tree, module))
         package.add(module, path.name == "__init__.py", tree, definitions)
+        package.sources[module] = text.splitlines()
         parsed.append(definitions)
     undocumented, inheriting, lacking, documented = [], [], [], 0
     for definitions in parsed:

@@ -65,7 +65,11 @@ def _check_optional_int(owner: str, section: Any, names: tuple[str, ...]) -> Non
 
 @dataclass(kw_only=True)
 class Data:
-    """What is trained on, how it is split among the workers and batched."""
+    """What is trained on, how it is split among the workers and batched.
+
+    Raises:
+        ValueError: a field out of its range or set, named with its value.
+    """
 
     #: ``digits`` (scikit-learn's bundled copy: offline anywhere), ``mnist``, ``fashion-mnist``, ``ptb`` (word
     #: language model) or ``shakespeare`` (character language model): :data:`~gradcomp.train.data.DATASETS`
@@ -112,7 +116,11 @@ class Model:
 
 @dataclass(kw_only=True)
 class Exchange:
-    """How the workers exchange their gradients."""
+    """How the workers exchange their gradients.
+
+    Raises:
+        ValueError: a field out of its range or set, named with its value.
+    """
 
     #: ``"dgc"`` (the whole of DGC: momentum correction and factor masking, local clipping, sparsity warm-up)
     #: or any compressor of :func:`gradcomp.available`; ``"none"`` is the dense fp32 all-reduce
@@ -136,6 +144,10 @@ class Averaging:
     """When the average is applied: delayed gradient averaging (DGA), FedAvg / local SGD, or both.
 
     With either, the workers' models differ; each epoch is scored on their average.
+
+    Raises:
+        ValueError: a field out of its range, or ``dga_correction=False`` without ``dga_delay`` or with
+            ``fedavg_period``.
     """
 
     #: delayed gradient averaging (Zhu et al. 2021): apply each step's average this many steps later, corrected
@@ -163,7 +175,11 @@ class Averaging:
 
 @dataclass(kw_only=True)
 class Optim:
-    """The optimizer each worker steps with."""
+    """The optimizer each worker steps with.
+
+    Raises:
+        ValueError: a field out of its range or set, named with its value.
+    """
 
     #: ``"sgd"`` (``torch.optim.SGD``, momentum from ``momentum``) or ``"adamw"`` (``torch.optim.AdamW``, its
     #: own moments: ``momentum`` must be 0, and DGC is then built with momentum 0, error-feedback top-k)
@@ -195,7 +211,11 @@ class Optim:
 
 @dataclass(kw_only=True)
 class Schedule:
-    """How long training runs, and the learning rate's course over it."""
+    """How long training runs, and the learning rate's course over it.
+
+    Raises:
+        ValueError: a field out of its range or set, named with its value.
+    """
 
     #: epochs to train
     epochs: int = 20
@@ -224,7 +244,11 @@ class Schedule:
 
 @dataclass(kw_only=True)
 class Launch:
-    """The workers: how many, where they run, the seed."""
+    """The workers: how many, where they run, the seed.
+
+    Raises:
+        ValueError: a field out of its range or set, named with its value.
+    """
 
     #: data-parallel workers N: local processes started by :func:`~gradcomp.train.loop.run`, simulated ones, or
     #: (under torchrun) the world size, which replaces it
@@ -280,6 +304,10 @@ class TrainConfig:
     model and ``bptt``, FedAvg and clipping against the method, AdamW against DGC's momentum) and the method's
     options (the method is built once).  Build one from sections, derive one with :meth:`replace`, read a saved
     one with :meth:`from_dict`.
+
+    Raises:
+        TypeError: a section of the wrong type.
+        ValueError: sections that do not go together, or a method option the method does not take.
     """
 
     #: the dataset, its split and batches
@@ -336,7 +364,17 @@ class TrainConfig:
                              f"(it takes {', '.join(MODELS[model].options())})")
 
     def build_method(self, steps_per_epoch: int) -> Method:
-        """The method: DGC (momentum, clipping and warm-up its own) or a compressor with its memory."""
+        """The method: DGC (momentum, clipping and warm-up its own) or a compressor with its memory.
+
+        Args:
+            steps_per_epoch: the steps of one epoch, for DGC's warm-up in epochs.
+
+        Returns:
+            A fresh :class:`~gradcomp.DGC` or :class:`~gradcomp.Method`.
+
+        Raises:
+            ValueError: an option the method does not take, or a value it refuses.
+        """
         method, options = self.exchange.method, self.exchange.options
         if method == "dgc":
             opts = {"momentum": self.optim.momentum, "clip_norm": self.optim.clip_norm, **options}
@@ -358,7 +396,18 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes``, checked again: each keyword a section's name, its value a new section or a
         mapping of the fields to change in it (the others kept), e.g.
-        ``config.replace(schedule={"epochs": 40}, launch=Launch(workers=8))``."""
+        ``config.replace(schedule={"epochs": 40}, launch=Launch(workers=8))``.
+
+        Args:
+            **changes: section name -> a new section, or a mapping of the fields to change in it.
+
+        Returns:
+            The new config (this one is unchanged).
+
+        Raises:
+            TypeError: a keyword that names no section, or a field a section does not have.
+            ValueError: the changed config is refused by a section's or the cross-section checks.
+        """
         unknown = sorted(set(changes) - set(_sections()))
         if unknown:
             raise TypeError(f"TrainConfig has no section {', '.join(map(repr, unknown))} (its sections: "
@@ -369,14 +418,29 @@ class TrainConfig:
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its flat name (:data:`SETTINGS`), as earlier versions' flat ``config.json``
-        held them."""
+        held them.
+
+        Returns:
+            flat name -> value.
+        """
         return {key: getattr(getattr(self, section), name) for key, (section, name) in SETTINGS.items()}
 
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any]) -> TrainConfig:
         """The config ``saved`` holds: a ``config.json`` by section (``dataclasses.asdict`` of a TrainConfig),
         or flat, one key per setting (:data:`SETTINGS`), as earlier versions wrote it.  A setting it lacks
-        (added since) takes its default; a key it does not know is a ``TypeError`` naming it."""
+        (added since) takes its default.
+
+        Args:
+            saved: the mapping read from a ``config.json``.
+
+        Returns:
+            The config, checked.
+
+        Raises:
+            TypeError: a key it does not know, named.
+            ValueError: a value a section refuses.
+        """
         parts: dict[str, dict[str, Any]] = {}
         for key, value in flat_settings(saved).items():
             if key not in SETTINGS:
@@ -387,7 +451,11 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must have been written with to be resumed by this run (plain JSON values,
-        under their flat names, as checkpoints of earlier versions hold them)."""
+        under their flat names, as checkpoints of earlier versions hold them).
+
+        Returns:
+            flat name -> value, without the settings a resumed run may change.
+        """
         return json.loads(json.dumps({k: v for k, v in self.flat().items() if k not in NOT_CHECKED}))
 
     def describe(self) -> str:
@@ -417,7 +485,14 @@ SETTINGS: dict[str, tuple[str, str]] = {
 def flat_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A ``config.json``'s mapping with one key per setting: a TrainConfig's sections flattened to the names of
     :data:`SETTINGS` (a field no section has as ``"section.field"``); flat entries (earlier versions' files,
-    another tool's) as they are."""
+    another tool's) as they are.
+
+    Args:
+        saved: a ``config.json``'s mapping, by section or flat.
+
+    Returns:
+        flat name -> value.
+    """
     sections, out = _sections(), {}
     for key, value in saved.items():
         if key not in sections or not isinstance(value, Mapping):  # a flat setting ("model": its name)
