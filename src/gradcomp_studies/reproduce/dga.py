@@ -296,10 +296,11 @@ def _diagnostics(variant: Variant, results: dict) -> tuple[str, list[str]]:
     notes.append(f"Language, i.i.d.: DGA (D = {d}) is {lang:.1f} points of next-character accuracy behind "
                  f"synchronous SGD at lr {language.lr:g} and {lang_low:.1f} at lr {language.lr * factor:.3g}; DGA "
                  f"with local steps (K = {k}, D = {x}) is {both:.1f} and {both_low:.1f} points behind FedAvg K = {k}.")
+    published = (f"The paper's flat Shakespeare figures ({PUBLISHED_LANGUAGE[f'fedavg{k}']} to "
+                 f"{PUBLISHED_LANGUAGE[f'dga_k{k}_d{x}']})")
     if lang_low < lang / 2:
         notes.append("The delay's cost shrinks with the step: the stability limit of delayed SGD "
-                     "(notes/dga-stability.md). The paper's flat Shakespeare figures (47.6 % to 47.1 %) come from far "
-                     "longer runs.")
+                     f"(notes/dga-stability.md). {published} come from far longer runs.")
     else:
         notes.append("The delay's cost does not shrink by half with the step, so it is not the stability limit of "
                      "delayed SGD. What it shares with the skewed images: the language task's i.i.d. split gives "
@@ -308,8 +309,7 @@ def _diagnostics(variant: Variant, results: dict) -> tuple[str, list[str]]:
                      "each worker's own last D gradients on its own model (the cost grows with D: "
                      + ", ".join(f"D = {x_}: {behind('language', 'iid', f'dga{x_}'):.1f}" for x_ in variant.delays)
                      + " points); FedAvg pulls the models together every K steps. Not isolated further here (a "
-                     "split by random rows did not run); the paper's flat Shakespeare figures (47.6 % to 47.1 %) "
-                     "come from far longer runs.")
+                     f"split by random rows did not run). {published} come from far longer runs.")
     return table, notes
 
 

@@ -223,15 +223,14 @@ def _diagnose(variant: Variant, rows: dict[str, dict], diagnostics: dict[str, di
              ("sgd-dgc", DIAGNOSTICS["sgd-dgc"], "SGD", "sgd-dense")]
     losses = {key: {m["epoch"]: m["test_loss"] for m in found.get(key, {}).get("epochs", [])} for key, *_ in lines}
     epochs = range(1, variant.diagnostic_epochs + 1)
-    gaps: dict[str, dict[int, float]] = {}
     body = []
     for key, label, optimizer, baseline in lines:
         if baseline is None:  # a dense row: its loss
             cells = [f"{losses[key][e]:.3f}" if e in losses[key] else "—" for e in epochs]
         else:
-            gaps[key] = {e: losses[key][e] / losses[baseline][e] - 1 for e in epochs
-                         if e in losses[key] and e in losses[baseline]}
-            cells = [f"{100 * gaps[key][e]:+.1f} %" if e in gaps[key] else "—" for e in epochs]
+            gap = {e: losses[key][e] / losses[baseline][e] - 1 for e in epochs
+                   if e in losses[key] and e in losses[baseline]}
+            cells = [f"{100 * gap[e]:+.1f} %" if e in gap else "—" for e in epochs]
         if "diverged" in found.get(key, {}):
             cells[-1] = "diverged"
         body.append([label, optimizer, *cells])
@@ -247,7 +246,7 @@ def _diagnose(variant: Variant, rows: dict[str, dict], diagnostics: dict[str, di
         lags[key] = None if reached is None else final["step"] - reached
         lag_rows.append([label, optimizer, f"{densities[key]:g}", f"{final['step']:,}", f"{final['test_loss']:.3f}",
                          f"before step {found[baseline]['epochs'][0]['step']}" if reached is None
-                         else f"{reached:,.0f}", "—" if reached is None else f"{final['step'] - reached:,.0f}",
+                         else f"{reached:,.0f}", "—" if lags[key] is None else f"{lags[key]:,.0f}",
                          f"{1 / densities[key]:,.0f}", f"{final.get('compression_ratio', 1.0):.0f}x"])
     table += "\n\n" + markdown_table(["row", "optimizer", "density", "steps", "held-out loss",
                                       "dense (same optimizer) first reached it at step", "lag (steps)",
