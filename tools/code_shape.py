@@ -2,6 +2,9 @@
 names without a docstring, and those whose docstring lacks an ``Args:``, ``Returns:`` or ``Raises:`` section.
 Run from a checkout: ``python tools/code_shape.py [--top N]``.
 
+Sizes are given twice: all lines, and lines of code (not blank, not only a comment, not part of a docstring).
+The longest functions and classes are those with the most lines of code.
+
 A public name is what a reader of the reference can meet: a function or class of a module whose path has no
 part starting with ``_``, or a method, property or nested class of such a class (a function defined inside a
 function is not one).  A method without a docstring that overrides a documented method of a base class in
@@ -252,28 +255,52 @@ def missing_sections(docstring: str, wanted: list[str], is_class: bool) -> list[
     return missing
 
 
-def survey() -> tuple[dict[str, int], list[tuple[int, str, str]], list[str], list[tuple[str, str]],
+def not_code(tree: ast.Module, text: str) -> set[int]:
+    """The line numbers (1-based) of ``text`` that are blank, only a comment, or part of a docstring."""
+    lines = text.splitlines()
+    skipped = {i for i, line in enumerate(lines, 1) if not line.strip() or line.lstrip().startswith("#")}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, *FUNCTIONS, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                skipped.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    return skipped
+
+
+#: a layer's or a definition's size: all its lines, and its lines of code
+Size = tuple[int, int]
+
+
+def survey() -> tuple[dict[str, Size], list[tuple[int, int, str, str]], list[str], list[tuple[str, str]],
                       list[tuple[str, list[str]]], int]:
-    """Lines per layer, sizes, and the public names: undocumented, inheriting (name, from where), lacking
-    sections (name, which), and how many have a docstring of their own."""
-    lines: dict[str, int] = {name: 0 for name in LAYERS}
+    """Lines per layer (all, code), sizes of the definitions (code, all, name, kind), and the public names:
+    undocumented, inheriting (name, from where), lacking sections (name, which), and how many have a docstring
+    of their own."""
+    lines: dict[str, Size] = {name: (0, 0) for name in LAYERS}
     sized = []
     package = Package()
     parsed = []
     for path in files():
         text = path.read_text(encoding="utf-8")
-        lines[layer(path)] += len(text.splitlines())
         module = module_name(path)
         tree = ast.parse(text)
+        skipped = not_code(tree, text)
+        total, code = lines[layer(path)]
+        n = len(text.splitlines())
+        lines[layer(path)] = (total + n, code + n - len(skipped))
         definitions = list(walk(tree, module))
+        for d in definitions:
+            if not d.in_function:
+                first, last = d.node.lineno, d.node.end_lineno or d.node.lineno
+                code_lines = sum(1 for i in range(first, last + 1) if i not in skipped)
+                sized.append((code_lines, last - first + 1, d.qualname, type(d.node).__name__))
         package.add(module, path.name == "__init__.py", tree, definitions)
         package.sources[module] = text.splitlines()
         parsed.append(definitions)
     undocumented, inheriting, lacking, documented = [], [], [], 0
     for definitions in parsed:
         for d in definitions:
-            if not d.in_function:
-                sized.append((d.node.end_lineno - d.node.lineno + 1, d.qualname, type(d.node).__name__))
             if not d.public or any(dec.endswith((".setter", ".deleter")) or dec in ("overload", "typing.overload")
                                    for dec in decorators(d.node)):
                 continue
@@ -299,15 +326,16 @@ def main() -> None:
                         help="list the methods that inherit their docstring too")
     args = parser.parse_args()
     lines, sized, undocumented, inheriting, lacking, documented = survey()
-    total = sum(lines.values())
-    print("lines per layer")
-    for name, n in lines.items():
-        print(f"  {name:38s} {n:6d}  {100 * n / total:5.1f} %")
-    print(f"  {'all':38s} {total:6d}")
+    total = sum(n for n, _ in lines.values())
+    total_code = sum(c for _, c in lines.values())
+    print(f"lines per layer{'':26s} lines      code")
+    for name, (n, code) in lines.items():
+        print(f"  {name:36s} {n:6d} {100 * n / total:3.0f} %  {code:5d} {100 * code / total_code:3.0f} %")
+    print(f"  {'all':36s} {total:6d}  {'':4s} {total_code:5d}")
     for kind in ("FunctionDef", "ClassDef"):
-        print(f"\nlongest {'functions' if kind == 'FunctionDef' else 'classes'}")
-        for n, name, _ in sorted((s for s in sized if s[2] == kind), reverse=True)[:args.top]:
-            print(f"  {n:5d}  {name}")
+        print(f"\nlongest {'functions' if kind == 'FunctionDef' else 'classes'} (lines of code, all lines)")
+        for code, n, name, _ in sorted((s for s in sized if s[3] == kind), reverse=True)[:args.top]:
+            print(f"  {code:5d} {n:5d}  {name}")
     everyone = len(undocumented) + len(inheriting) + documented
     print(f"\npublic functions and classes without a docstring: {len(undocumented)} of {everyone} "
           f"({len(inheriting)} more inherit one from a documented method of a base class)")

@@ -166,11 +166,6 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .guard import NONFINITE
-    from .launch import DEVICES
-    from .train.data import DATASETS, PARTITIONS
-    from .train.models import MODELS
-
     p = sub.add_parser(
         "train", help="train a model across N workers with a chosen method and report accuracy and bytes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -188,7 +183,16 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "run directory there is named after torchrun's run id): a restarted rank resumes from the\n"
                     "checkpoint it finds. --checkpoint-every N bounds what a failure loses to N steps.")
     # one help section per section of TrainConfig (gradcomp.train.config), then the job's own flags
-    g = p.add_argument_group("data", "the dataset, its split among the workers, the batches (TrainConfig.data)")
+    for add_flags in (_data_flags, _model_flags, _exchange_flags, _averaging_flags,
+                      _optim_flags, _schedule_flags, _launch_flags, _output_flags, _job_flags):
+        add_flags(p)
+    return p
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.data``."""
+    from .train.data import DATASETS, PARTITIONS
+    g = parser.add_argument_group("data", "the dataset, its split among the workers, the batches (TrainConfig.data)")
     g.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default digits: offline anywhere)")
     g.add_argument("--data-dir", help="folder holding mnist/, fashion-mnist/, ptb/, tinyshakespeare/ "
                                       "(default: $GRADCOMP_DATA, then ../shared/data beside the checkout)")
@@ -199,13 +203,23 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "a few classes (images) or speakers (shakespeare)")
     g.add_argument("--limit-train", type=_positive_int, help="use only the first N training samples/tokens")
     g.add_argument("--limit-test", type=_positive_int, help="evaluate on the first N test samples/tokens only")
-    g = p.add_argument_group("model", "the model (TrainConfig.model)")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.model``."""
+    from .train.models import MODELS
+    g = parser.add_argument_group("model", "the model (TrainConfig.model)")
     g.add_argument("--model", choices=sorted(MODELS), help="model (default: mlp for digits, cnn for (fashion-)mnist, "
                                                            "lstm for ptb/shakespeare)")
     g.add_argument("--model-option", dest="model_options", action="append", type=_option, default=[],
                    metavar="KEY=VALUE", help="an option of the model, e.g. --model-option hidden=128 (lstm); "
                                              "repeatable")
-    g = p.add_argument_group("method", "how the workers exchange their gradients (TrainConfig.exchange)")
+
+
+def _exchange_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.exchange``."""
+    from .guard import NONFINITE
+    g = parser.add_argument_group("method", "how the workers exchange their gradients (TrainConfig.exchange)")
     g.add_argument("--compressor", "--method", dest="method", default="dgc",
                    help="method: 'dgc' (the whole of DGC) or any compressor of 'gradcomp list'; 'none' is the dense "
                         "baseline (default dgc)")
@@ -219,7 +233,11 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--nonfinite", choices=NONFINITE, default="skip",
                    help="a NaN or Inf gradient on any rank: skip the step on every rank, memory and weights "
                         "unchanged, and log it (default), or raise")
-    g = p.add_argument_group("DGA and FedAvg", "when the average is applied (TrainConfig.averaging)")
+
+
+def _averaging_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.averaging``."""
+    g = parser.add_argument_group("DGA and FedAvg", "when the average is applied (TrainConfig.averaging)")
     g.add_argument("--dga-delay", type=_non_negative_int, metavar="D",
                    help="delayed gradient averaging: apply each step's average D steps later, corrected by the "
                         "newer local gradient (Zhu et al. 2021); 0 is synchronous SGD")
@@ -229,8 +247,13 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="FedAvg / local SGD: each worker steps on its own gradients, the weights are averaged every "
                         "K steps (with --compressor none); with --dga-delay D each round's average is applied D steps "
                         "later, the worker's own delta swapped for it (DGA with local steps)")
-    g = p.add_argument_group("optimizer", "the optimizer each worker steps with (TrainConfig.optim)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+
+
+def _optim_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.optim``."""
+    from .train.config import OPTIMIZERS
+    g = parser.add_argument_group("optimizer", "the optimizer each worker steps with (TrainConfig.optim)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                    help="sgd (default; momentum SGD, DGC applying the momentum itself) or adamw (its own moments: "
                         "momentum must be 0, and DGC runs with momentum 0, error-feedback top-k)")
     g.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
@@ -245,7 +268,12 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                    "to this norm; DGC clips each worker's gradient before compressing, "
                                                    "to clip_norm*sqrt(N) (the paper's N^-1/2 share of the summed "
                                                    "gradient)")
-    g = p.add_argument_group("schedule", "how long training runs, the learning rate's course (TrainConfig.schedule)")
+
+
+def _schedule_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.schedule``."""
+    g = parser.add_argument_group("schedule",
+                                  "how long training runs, the learning rate's course (TrainConfig.schedule)")
     g.add_argument("--epochs", type=_positive_int, default=20, help="epochs (default 20)")
     g.add_argument("--max-steps", type=_positive_int, metavar="N",
                    help="stop after N steps in total, with a checkpoint there; continue later with --resume")
@@ -253,7 +281,12 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--lr-milestones", type=int, nargs="+", default=[], metavar="EPOCH",
                    help="multiply the learning rate by --lr-decay at the start of each of these epochs")
     g.add_argument("--lr-decay", type=float, default=0.1, help="step-decay factor for --lr-milestones (default 0.1)")
-    g = p.add_argument_group("workers", "how many, where they run, the seed (TrainConfig.launch)")
+
+
+def _launch_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.launch``."""
+    from .launch import DEVICES
+    g = parser.add_argument_group("workers", "how many, where they run, the seed (TrainConfig.launch)")
     g.add_argument("--workers", type=_positive_int, default=4, help="number of workers N (default 4)")
     g.add_argument("--simulate", action="store_true", help="N simulated workers in one process")
     g.add_argument("--device", choices=DEVICES, default="auto",
@@ -265,7 +298,11 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="experiments only: each collective completes no earlier than L ms after it is issued "
                         "(this kernel has no netem; bandwidth stays real). Real processes only")
-    g = p.add_argument_group("output", "what the run writes and shows (TrainConfig.output)")
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``TrainConfig.output``."""
+    g = parser.add_argument_group("output", "what the run writes and shows (TrainConfig.output)")
     g.add_argument("--run-dir", help="run directory (default runs/DATASET-METHOD-Nw-TIMESTAMP)")
     g.add_argument("--label", help="label of the run in plots and tables")
     g.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
@@ -273,7 +310,11 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "steps (default: epoch ends only)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--link-gbps", type=float, default=1.0, help="link speed for the step-time estimate (default 1)")
-    g = p.add_argument_group("the job", "resuming, restarts, the dense baseline (not part of the run's config)")
+
+
+def _job_flags(parser: argparse.ArgumentParser) -> None:
+    """The job's own flags: resuming, restarts, the dense baseline (not part of the run's config)."""
+    g = parser.add_argument_group("the job", "resuming, restarts, the dense baseline (not part of the run's config)")
     g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its checkpoint, mid-epoch too, exactly as if it had not stopped. Its "
                         "config.json is used; only " + ", ".join(RESUME_FLAGS) + " may be given with it, each "
@@ -294,7 +335,6 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="then train the same run with the dense fp32 all-reduce (--compressor none, synchronous; "
                         "into RUN_DIR-dense) and print both side by side: accuracy, MB per worker, time per step "
                         "and the step estimated on --link-gbps; their curves go to RUN_DIR/vs-dense.png")
-    return p
 
 
 #: the flags ``--resume`` takes: what may change mid-run, and what belongs to one invocation only

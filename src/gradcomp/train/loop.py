@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from ..checkpoint import non_finite_entries, state_tensors, state_to_cpu, state_to_device
 from ..compressors.base import check_int, check_range
-from ..launch import device_kind
+from ..launch import DeviceRequest, device_kind
 from ..method import Method, sgd_settings
 from ..schedule import LinearLRWarmup
 from .config import OPTIMIZERS, RESUMABLE, OptimizerName, TrainConfig, flat_settings
@@ -899,6 +899,43 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
     check_range("run", "timeout_s", timeout_s, 0.0, math.inf, low_open=True, high_open=True)
     check_int("run", "max_restarts", max_restarts, 0)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    start = _settle(config, resume, max_restarts, under_torchrun)
+    cfg, run_dir = start.cfg, start.run_dir
+    lead = not under_torchrun or int(os.environ["RANK"]) == 0
+    _preflight(cfg, run_dir, under_torchrun, oversubscribe, lead)
+    _prepare(start, lead)
+    config_dict = dataclasses.asdict(cfg)
+    if under_torchrun:
+        summary = _torchrun_rank(config_dict, run_dir, start.resume, timeout_s, cfg.launch.device)
+    elif cfg.launch.simulate:
+        summary = train_worker(0, cfg.launch.workers, config_dict, run_dir, start.resume)
+    else:
+        summary = _spawn(config_dict, run_dir, start.resume, timeout_s, max_restarts, echo)
+    if summary and "stopped_after_step" in summary:
+        echo(f"stopped after step {summary['stopped_after_step']} (max_steps); continue with: "
+             f"gradcomp train --resume {run_dir}")
+    elif summary is not None:
+        if plot:
+            plot_run(run_dir)
+        echo(format_summary(summary, link_gbps=cfg.output.link_gbps))
+        echo(f"run directory: {run_dir}")
+    return summary or {}
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where and how :func:`run` starts: the settled config and its run directory."""
+
+    cfg: TrainConfig
+    run_dir: str
+    resume: bool  # continue from the checkpoint in run_dir
+    saved: dict[str, Any]  # run_dir's config.json, when it has one
+    restarted: bool  # run_dir exists already (a torchrun restart, or a run that stopped before its checkpoint)
+
+
+def _settle(config: TrainConfig | None, resume: str | None, max_restarts: int, under_torchrun: bool) -> _Start:
+    """The config and run directory of :func:`run`: a resumed run's saved config with its :data:`RESUMABLE`
+    changes, the world size torchrun gives, and the device resolved (``ValueError`` when it is absent)."""
     cfg = config or TrainConfig()
     if max_restarts and (under_torchrun or cfg.launch.simulate):
         raise ValueError(f"max_restarts={max_restarts} restarts the worker processes gradcomp starts itself; "
@@ -933,54 +970,50 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
         cfg = cfg.replace(launch={"device": device_kind(cfg.launch.device, local_ranks)})
     except ValueError as error:
         raise ValueError(f"TrainConfig.launch.{error}") from None
-    lead = not under_torchrun or int(os.environ["RANK"]) == 0
-    _preflight(cfg, run_dir, under_torchrun, oversubscribe, lead)
-    # a missing dataset fails here
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, limit_train=cfg.data.limit_train)
-    Task(data, cfg, cfg.launch.workers)  # so does a batch larger than the data
-    if resume is not None:  # a foreign or damaged checkpoint fails here, before anything is written
+    return _Start(cfg, run_dir, resume is not None, saved, restarted)
+
+
+def _prepare(start: _Start, lead: bool) -> None:
+    """Check the data and the checkpoint (``ValueError``), then make or mend the run directory (rank 0 only):
+    a resumed run's metrics are cut back to its checkpoint, a new run's config is written."""
+    cfg, run_dir = start.cfg, start.run_dir
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, limit_train=cfg.data.limit_train)  # a missing dataset
+    Task(data, cfg, cfg.launch.workers)  # a batch larger than the data
+    if start.resume:  # a foreign or damaged checkpoint fails here, before anything is written
+        rd = RunDir(run_dir)
         model = build_model(cfg.model.name, data, bptt=cfg.data.bptt, **cfg.model.options)
         done = load_checked(rd, cfg, model, cfg.launch.workers)["epoch"]
         if lead:
             rd.remove_temporaries()
             rd.truncate_metrics(done)
-            _record_changes(rd, saved, cfg)
+            _record_changes(rd, start.saved, cfg)
     elif lead:  # a torchrun restart before the first checkpoint starts again in the same directory
-        fresh = RunDir.create(run_dir, exist_ok=restarted)
+        fresh = RunDir.create(run_dir, exist_ok=start.restarted)
         fresh.remove_temporaries()
-        if saved:
-            _record_changes(fresh, saved, cfg)
+        if start.saved:
+            _record_changes(fresh, start.saved, cfg)
         else:
             fresh.write_config(dataclasses.asdict(cfg))
         fresh.truncate_metrics(0)
-    del data
-    config_dict = dataclasses.asdict(cfg)
-    if under_torchrun:
-        from ..launch import init_from_env, shutdown
 
-        rank, world = init_from_env(timeout_s=timeout_s, device=cfg.launch.device)
-        dist.barrier()  # rank 0 has created the run directory
-        try:
-            summary = train_worker(rank, world, config_dict, run_dir, resume is not None)
-        except KeyboardInterrupt:
-            raise  # torchrun signals every rank: there is no final barrier to meet the others in
-        except BaseException:
-            shutdown()
-            raise
+
+def _torchrun_rank(config: dict[str, Any], run_dir: str, resume: bool, timeout_s: float,
+                   device: DeviceRequest) -> dict[str, Any] | None:
+    """Train as the rank torchrun started: join its process group, wait for rank 0's run directory, train, and
+    leave the group (not after Ctrl-C: torchrun signals every rank, so there is no final barrier to meet)."""
+    from ..launch import init_from_env, shutdown
+
+    rank, world = init_from_env(timeout_s=timeout_s, device=device)
+    dist.barrier()  # rank 0 has created the run directory
+    try:
+        summary = train_worker(rank, world, config, run_dir, resume)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
         shutdown()
-    elif cfg.launch.simulate:
-        summary = train_worker(0, cfg.launch.workers, config_dict, run_dir, resume is not None)
-    else:
-        summary = _spawn(config_dict, run_dir, resume is not None, timeout_s, max_restarts, echo)
-    if summary and "stopped_after_step" in summary:
-        echo(f"stopped after step {summary['stopped_after_step']} (max_steps); continue with: "
-             f"gradcomp train --resume {run_dir}")
-    elif summary is not None:
-        if plot:
-            plot_run(run_dir)
-        echo(format_summary(summary, link_gbps=cfg.output.link_gbps))
-        echo(f"run directory: {run_dir}")
-    return summary or {}
+        raise
+    shutdown()
+    return summary
 
 
 def resumable(run_dir: str | os.PathLike[str]) -> RunDir:

@@ -60,7 +60,7 @@ from typing import Any
 
 from .config import flat_settings
 from .cost import COLLECTIVES, DEFAULT_LINKS_GBPS, estimate_step_time
-from .rundir import RunDir, _atomic_write
+from .rundir import RunDir, atomic_write
 
 __all__ = [
     "compare_table",
@@ -354,12 +354,48 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
         ValueError: no run directory given, or a metrics file is corrupt.
         FileNotFoundError: a run directory does not exist.
     """
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run directory")
     runs = [_as_rundir(r) for r in run_dirs]
+    configs, metrics = _read_runs(runs)
+    labels = [run_label(rd, cfg) for rd, cfg in zip(runs, configs)]
+    if len(set(labels)) < len(labels):  # two runs alike: tell them apart by directory
+        labels = [f"{lab} [{rd.name}]" if labels.count(lab) > 1 else lab for lab, rd in zip(labels, runs)]
+    panels = _panels(metrics)
+    fig = new_figure(4.6 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    dense_refs = _dense_references(metrics, colors)
+    for ax, key in zip(axes, panels):
+        _draw_panel(ax, key, metrics, colors, labels, dense_refs if key == "bytes_sent" else {})
+    _legend(fig, axes, colors, labels, bool(dense_refs))
+    title_bits = [str(value) for value in (_common(configs, "dataset"), _common(configs, "model")) if value]
+    workers = _common(configs, "workers")
+    if workers:
+        title_bits.append(f"{workers} workers")
+    if len(runs) == 1 and labels[0] not in title_bits:
+        title_bits.insert(0, labels[0])
+    if title_bits:
+        fig.suptitle(" · ".join(title_bits))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    return out
+
+
+#: each panel of :func:`plot_runs`: title, y label, scale of the metric, y axis scale
+_PANELS = {
+    "train_loss": ("Training loss", "training loss", 1.0, "linear"),
+    "test_accuracy": ("Test accuracy", "test accuracy (%)", 100.0, "linear"),
+    "test_perplexity": ("Test perplexity", "test perplexity (log scale)", 1.0, "log"),
+    "bytes_sent": ("Communication per worker", "cumulative MB sent per worker (log scale)", 1e-6, "log"),
+}
+#: the dashed lines of the dense fp32 references: (epochs, MB) -> the colors of the runs that share it
+_DenseRefs = dict[tuple[tuple[float, ...], tuple[float, ...]], list[str]]
+
+
+def _read_runs(runs: list[RunDir]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Each run's flat settings (``{}`` without a ``config.json``) and metrics (a warning where it has none)."""
     configs, metrics = [], []
     for rd in runs:
         try:
@@ -370,31 +406,27 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
         if not records:
             logger.warning("%s: no metrics to plot", rd.metrics_path)
         metrics.append(records)
+    return configs, metrics
 
-    labels = [run_label(rd, cfg) for rd, cfg in zip(runs, configs)]
-    if len(set(labels)) < len(labels):  # two runs alike: tell them apart by directory
-        labels = [f"{lab} [{rd.name}]" if labels.count(lab) > 1 else lab for lab, rd in zip(labels, runs)]
 
-    has = lambda key: any(any(r.get(key) is not None for r in recs) for recs in metrics)  # noqa: E731
+def _panels(metrics: list[list[dict[str, Any]]]) -> list[str]:
+    """The panels to draw: loss, accuracy and/or perplexity (whichever the runs have; accuracy if neither),
+    bytes."""
+    def has(key: str) -> bool:
+        return any(any(r.get(key) is not None for r in recs) for recs in metrics)
+
     panels = ["train_loss"]
     if has("test_accuracy") or not has("test_perplexity"):
         panels.append("test_accuracy")
     if has("test_perplexity"):
         panels.append("test_perplexity")
-    panels.append("bytes_sent")
+    return panels + ["bytes_sent"]
 
-    fig = new_figure(4.6 * len(panels), 4.2)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    spec = {
-        "train_loss": ("Training loss", "training loss", 1.0, "linear"),
-        "test_accuracy": ("Test accuracy", "test accuracy (%)", 100.0, "linear"),
-        "test_perplexity": ("Test perplexity", "test perplexity (log scale)", 1.0, "log"),
-        "bytes_sent": ("Communication per worker", "cumulative MB sent per worker (log scale)", 1e-6, "log"),
-    }
-    # dense fp32 references: one dashed line per distinct series, none where it equals the run's own
-    # bytes (an uncompressed run); grey when several runs share it (same model, same steps)
-    dense_refs: dict[tuple, list[str]] = {}
+
+def _dense_references(metrics: list[list[dict[str, Any]]], colors: list[str]) -> _DenseRefs:
+    """One dashed dense fp32 line per distinct series, none where it equals the run's own bytes (an
+    uncompressed run); the runs sharing one are listed (grey when several: same model, same steps)."""
+    dense_refs: _DenseRefs = {}
     for records, color in zip(metrics, colors):
         dx, dy = _series(records, "dense_bytes", 1e-6, positive=True)
         sx, sy = _series(records, "bytes_sent", 1e-6, positive=True)
@@ -402,65 +434,53 @@ def plot_runs(run_dirs: Sequence[RunDir | str | os.PathLike[str]], out_path: str
             continue
         ref = (tuple(dx), tuple(round(y, 6) for y in dy))
         dense_refs.setdefault(ref, []).append(color)
+    return dense_refs
 
-    for ax, key in zip(axes, panels):
-        xs_all: list[float] = []
-        title, ylabel, scale, yscale = spec[key]
-        drawn = 0
-        if key == "bytes_sent":
-            for (dx, dy), owners in dense_refs.items():
-                ax.plot(dx, dy, color=owners[0] if len(owners) == 1 else "0.45", linestyle="--",
-                        linewidth=1.2, alpha=0.8, marker="o" if len(dx) <= 30 else None, markersize=4,
-                        markerfacecolor="none", zorder=1)
-        for records, color, label in zip(metrics, colors, labels):
-            xs, ys = _series(records, key, scale, positive=yscale == "log")
-            if not xs:
-                continue
-            marker = "o" if len(xs) <= 30 else None
-            ax.plot(xs, ys, color=color, marker=marker, markersize=4, linewidth=1.6, label=label, zorder=2)
+
+def _draw_panel(ax: Any, key: str, metrics: list[list[dict[str, Any]]], colors: list[str], labels: list[str],
+                dense_refs: _DenseRefs) -> None:
+    """Draw metric ``key`` of every run on ``ax`` (markers where a run has few points; "no data" where none
+    has it), over the dashed ``dense_refs``."""
+    from matplotlib.ticker import MaxNLocator
+
+    title, ylabel, scale, yscale = _PANELS[key]
+    for (dx, dy), owners in dense_refs.items():
+        ax.plot(dx, dy, color=owners[0] if len(owners) == 1 else "0.45", linestyle="--",
+                linewidth=1.2, alpha=0.8, marker="o" if len(dx) <= 30 else None, markersize=4,
+                markerfacecolor="none", zorder=1)
+    xs_all: list[float] = []
+    for records, color, label in zip(metrics, colors, labels):
+        xs, ys = _series(records, key, scale, positive=yscale == "log")
+        if xs:
+            ax.plot(xs, ys, color=color, marker="o" if len(xs) <= 30 else None, markersize=4, linewidth=1.6,
+                    label=label, zorder=2)
             xs_all.extend(xs)
-            drawn += 1
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, which="major", alpha=0.3)
-        if drawn:
-            if yscale == "log":
-                ax.set_yscale("log")
-                ax.grid(True, which="minor", alpha=0.1)
-        else:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
-        if xs_all and max(xs_all) - min(xs_all) < 2:  # one or two epochs: whole-number ticks around them
-            ax.set_xlim(min(xs_all) - 1, max(xs_all) + 1)
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="major", alpha=0.3)
+    if not xs_all:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
+    elif yscale == "log":
+        ax.set_yscale("log")
+        ax.grid(True, which="minor", alpha=0.1)
+    if xs_all and max(xs_all) - min(xs_all) < 2:  # one or two epochs: whole-number ticks around them
+        ax.set_xlim(min(xs_all) - 1, max(xs_all) + 1)
+
+
+def _legend(fig: Any, axes: Any, colors: list[str], labels: list[str], dense: bool) -> None:
+    """One legend for all panels, below them: a line per run, and the dashed dense reference if drawn."""
+    from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, marker="o", markersize=4, label=lab) for c, lab in zip(colors, labels)]
-    if dense_refs:
+    if dense:
         handles.append(Line2D([], [], color="0.45", linestyle="--", marker="o", markersize=4,
                               markerfacecolor="none", label="dense fp32, same steps (dashed)"))
-    ncol = min(len(handles), 4)
     try:
-        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
     except ValueError:  # matplotlib < 3.7 has no "outside"
         axes[0].legend(handles=handles, fontsize="small")
-
-    title_bits = []
-    for key in ("dataset", "model"):
-        value = _common(configs, key)
-        if value:
-            title_bits.append(str(value))
-    workers = _common(configs, "workers")
-    if workers:
-        title_bits.append(f"{workers} workers")
-    if len(runs) == 1 and labels[0] not in title_bits:
-        title_bits.insert(0, labels[0])
-    if title_bits:
-        fig.suptitle(" · ".join(title_bits))
-
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
-    return out
 
 
 def plot_run(run_dir: RunDir | str | os.PathLike[str]) -> Path:

@@ -31,15 +31,15 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from ..checkpoint import CorruptArchiveError, verify_archive
 
-__all__ = ["RunDir", "json_default"]
+__all__ = ["RunDir", "atomic_write", "json_default"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write, before_replace=None) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it and move it into place
-    (calling ``before_replace()`` just before, once the new file is complete).
+def atomic_write(path: Path, write: Callable[[BinaryIO], object],
+                 before_replace: Callable[[], object] | None = None) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary file beside it, which is synced and then
+    moved into place.
 
     On any error the temporary file is removed and ``path`` is left as it was.  A full device raises
     ``OSError(ENOSPC)`` naming ``path``, also where torch's writer reports it only as "unexpected pos".
+
+    Args:
+        path: the file to write (its folder must exist).
+        write: called with the temporary file, open for binary writing.
+        before_replace: called once the new file is complete, just before it replaces ``path``.
+
+    Raises:
+        OSError: the file could not be written (``ENOSPC`` where the device is full).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gradcomp.train.rundir import atomic_write
+        >>> target = Path(tempfile.mkdtemp()) / "note.txt"
+        >>> atomic_write(target, lambda f: f.write(b"kept whole"))
+        >>> target.read_text()
+        'kept whole'
     """
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -150,14 +168,14 @@ def _raise_no_space(error: BaseException, path: Path) -> None:
                                 f"file held before is kept)") from error
 
 
-#: the temporary files :func:`_atomic_write` makes beside each file of a run directory (removed on error, but
+#: the temporary files :func:`atomic_write` makes beside each file of a run directory (removed on error, but
 #: left behind by a process killed while writing): ``.NAME.XXXXXXXX.tmp``, and ``.checkpoint.prev.pt.tmp``
 _TEMPORARY = re.compile(r"\.(config\.json|metrics\.jsonl|checkpoint\.pt|summary\.json|curves\.png)\.[^/]+\.tmp"
                         r"|\.checkpoint\.prev\.pt\.tmp")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------- run directory
@@ -232,7 +250,7 @@ class RunDir:
 
     def remove_temporaries(self) -> list[str]:
         """Remove the temporary files left behind by writes of a killed process (``.checkpoint.pt.*.tmp`` and
-        the like: see :func:`_atomic_write`).  Only while no other process writes here.
+        the like: see :func:`atomic_write`).  Only while no other process writes here.
 
         Returns:
             The names of the files removed, sorted.
@@ -497,7 +515,7 @@ class RunDir:
             OSError: the file cannot be written (``ENOSPC`` naming it when the device is full); the old
                 checkpoint is kept.
         """
-        _atomic_write(self.checkpoint_path, lambda f: torch.save(dict(state), f), self._keep_previous)
+        atomic_write(self.checkpoint_path, lambda f: torch.save(dict(state), f), self._keep_previous)
 
     def _keep_previous(self) -> None:
         if not self.checkpoint_path.is_file():
