@@ -770,10 +770,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
         start = time.perf_counter()
         for i, shards in enumerate(bar, start=first):
             if warmup is not None or schedule.lr_milestones:
-                t = epoch + i / task.steps
-                lr = cfg.optim.lr * (warmup.factor(t) if warmup is not None else 1.0) \
-                    * schedule.lr_decay ** sum(t >= m for m in schedule.lr_milestones)
-                front.set_lr(lr)
+                front.set_lr(_learning_rate(cfg, warmup, epoch + i / task.steps))
             pos.losses.append(front.step(shards))
             pos.step, pos.steps = i + 1, pos.steps + 1
             interrupt.at_step_boundary()
@@ -793,11 +790,7 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
             if lead and end:  # the record first: a crash before the checkpoint leaves a record that resume drops
                 assert scored is not None  # scored at the epoch's end
                 metrics = {"epoch": epoch + 1, "step": pos.steps, "train_loss": sum(losses) / len(losses),
-                           **task.evaluate(scored), "bytes_sent": front.bytes_sent,
-                           "dense_bytes": front.dense_per_step * pos.steps,
-                           "compression_ratio": front.dense_per_step * pos.steps / max(1, front.bytes_sent),
-                           "seconds": pos.seconds, "time_per_step": pos.seconds / pos.steps,
-                           "skipped_steps": front.skipped}
+                           **task.evaluate(scored), **_traffic(front, pos)}
                 rd.append_metrics(metrics)
             if lead:
                 assert ckpt is not None  # the lead is rank 0, which gets the checkpoint
@@ -815,19 +808,36 @@ def _train(rank: int, world: int, config: dict[str, Any], run_dir: str, resume: 
         return None
     if pos.epoch < schedule.epochs:
         return {"stopped_after_step": pos.steps}
-    if not metrics:  # resumed a finished run
-        metrics = rd.read_metrics()[-1]
-    summary: dict[str, Any]
-    summary = {"dataset": cfg.data.dataset, "model": cfg.model.name or type(model).__name__.lower(),
-               "method": cfg.exchange.method, "method_options": cfg.exchange.options, "label": output.label,
-               "workers": world, "epochs": schedule.epochs,
-               "steps": metrics["step"], "bytes_sent": metrics["bytes_sent"], "dense_bytes": metrics["dense_bytes"],
-               "compression_ratio": metrics["compression_ratio"], "time_per_step": metrics["time_per_step"],
-               "collective": cfg.collective, "link_gbps": [output.link_gbps], "simulated": cfg.launch.simulate,
-               **{k: metrics[k] for k in ("test_accuracy", "test_perplexity", "test_token_accuracy", "test_loss")
-                  if k in metrics}}
+    summary = _summary(cfg, model, world, metrics or rd.read_metrics()[-1])  # none: resumed a finished run
     rd.write_summary(summary)
     return summary
+
+
+def _learning_rate(cfg: TrainConfig, warmup: LinearLRWarmup | None, t: float) -> float:
+    """The learning rate at ``t`` epochs: the base rate, warmed up, decayed at each milestone passed."""
+    schedule = cfg.schedule
+    return cfg.optim.lr * (warmup.factor(t) if warmup is not None else 1.0) \
+        * schedule.lr_decay ** sum(t >= m for m in schedule.lr_milestones)
+
+
+def _traffic(front: _Front, pos: _Position) -> dict[str, Any]:
+    """An epoch record's bytes and time: what was sent, what dense fp32 would have sent, seconds per step."""
+    dense = front.dense_per_step * pos.steps
+    return {"bytes_sent": front.bytes_sent, "dense_bytes": dense,
+            "compression_ratio": dense / max(1, front.bytes_sent), "seconds": pos.seconds,
+            "time_per_step": pos.seconds / pos.steps, "skipped_steps": front.skipped}
+
+
+def _summary(cfg: TrainConfig, model: nn.Module, world: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json`` of a finished run: its settings and the last epoch's ``metrics``."""
+    return {"dataset": cfg.data.dataset, "model": cfg.model.name or type(model).__name__.lower(),
+            "method": cfg.exchange.method, "method_options": cfg.exchange.options, "label": cfg.output.label,
+            "workers": world, "epochs": cfg.schedule.epochs,
+            "steps": metrics["step"], "bytes_sent": metrics["bytes_sent"], "dense_bytes": metrics["dense_bytes"],
+            "compression_ratio": metrics["compression_ratio"], "time_per_step": metrics["time_per_step"],
+            "collective": cfg.collective, "link_gbps": [cfg.output.link_gbps], "simulated": cfg.launch.simulate,
+            **{k: metrics[k] for k in ("test_accuracy", "test_perplexity", "test_token_accuracy", "test_loss")
+               if k in metrics}}
 
 
 def _torchrun_restart() -> int:
