@@ -76,7 +76,15 @@ def _dgc(warmup_epochs: float = 0.0, **options) -> DGC:
 class Gradients(nn.Module):
     """Parameters shaped like a model's; ``forward(scale)`` is ``scale * sum_p <p, d_p>`` for a fixed random
     ``d_p`` per parameter, so every backward gives the realistic gradient ``scale * d_p`` at the cost of one
-    multiply."""
+    multiply.
+
+    The parameters start at zero; the directions are standard normal, drawn from ``seed``, and are plain
+    tensors, not buffers (DDP never sends them).
+
+    Args:
+        shapes: ``(name, shape)`` of each parameter, in order (:func:`~gradcomp_studies.reproduce.ratio.model_shapes`).
+        seed: seeds the directions: the same seed gives every rank the same gradient.
+    """
 
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
         super().__init__()
@@ -85,6 +93,14 @@ class Gradients(nn.Module):
         self.directions = [torch.randn(shape, generator=gen) for _, shape in shapes]  # not buffers: never sent
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        """The scalar whose gradient is ``scale * d_p`` for each parameter ``p``.
+
+        Args:
+            scale: a 0-d tensor (1.0 in this benchmark).
+
+        Returns:
+            ``scale * sum_p <p, d_p>``, a 0-d tensor.
+        """
         return sum(torch.dot(p.view(-1), d.view(-1)) for p, d in zip(self.weights, self.directions)) * scale
 
 
@@ -277,7 +293,35 @@ def _worker(rank: int, world: int, models: tuple[str, ...], warmup: int, repeats
 def measure(workers: int, rate: str, models: tuple[str, ...], *, warmup: int, repeats: int, seed: int,
             accuracy_run: dict | None = None, accuracy_models: tuple[str, ...] = (),
             timeout_s: float = 3600.0) -> dict:
-    """Run the benchmark on ``workers`` ranks behind ``rate`` links; rank 0's results (all ranks agree)."""
+    """Run the benchmark on ``workers`` ranks behind ``rate`` links; rank 0's results (all ranks agree).
+
+    Args:
+        workers: the gloo ranks, each in its own namespace (:class:`~gradcomp_studies.bench.netns.ShapedLinks`).
+        rate: each rank's egress rate, in tc's units (``"1gbit"``).
+        models: the gradients timed: paper models (``"resnet50"``, ``"ptb_lstm_1500"``) or ``"cnn"`` (gradcomp's
+            MNIST CNN); none when only accuracy is run.
+        warmup: untimed calls before each timing (of the DDP steps: at least 3; of the compute-only backward: 1).
+        repeats: timed steps; each figure is the median over them of the slowest rank's.
+        seed: seeds the gradients and the training.
+        accuracy_run: the time-to-accuracy run's ``max_steps``, ``targets`` and ``limit_train`` (needed with
+            ``accuracy_models``).
+        accuracy_models: the CNNs of :data:`ACCURACY_MODELS` trained to accuracy with each method but PowerSGD
+            rank 4.
+        timeout_s: seconds the ranks may take in all.
+
+    Returns:
+        ``{"results": ..., "links_existed": ..., "leftovers": ...}``: the results are, per model,
+        ``{"communication": seconds per step of each method's collectives (and "dgc_payload_bytes", one rank's
+        DGC payload in bytes), "ddp": seconds per DDP step of each method (and "compute", the backward without
+        DDP)}``, and under ``"time_to_accuracy"`` per CNN and method the steps, training seconds, last accuracy
+        and the steps and seconds at which each target was first reached (None: not reached);
+        ``links_existed`` says the namespaces and links were found during the run, ``leftovers`` names those
+        still there after teardown.
+
+    Raises:
+        NetworkSetupError: the shaped links cannot be built here (not root, no iproute2, a command failed).
+        ValueError: ``rate`` is not a rate, or ``workers`` is not in [1, 250].
+    """
     with ShapedLinks(workers, rate) as links:
         out = spawn(_worker, workers, models, warmup, repeats, seed, accuracy_run, accuracy_models,
                     address=links.address(0),

@@ -64,7 +64,15 @@ FIT_RATE = "100mbit"  # the full variant's links: see run()
 
 @dataclass(frozen=True)
 class CostModel:
-    """``alpha`` seconds per ring step and ``beta`` seconds per byte (at ``rate``) of each collective."""
+    """``alpha`` seconds per ring step and ``beta`` seconds per byte (at ``rate``) of each collective.
+
+    Args:
+        alpha_reduce: seconds per ring step of the all-reduce (latency).
+        alpha_gather: seconds per ring step of the all-gather.
+        beta_reduce: seconds per byte of the all-reduce at ``rate``.
+        beta_gather: seconds per byte of the all-gather at ``rate``.
+        rate: the link rate the betas hold at, in tc's units (``"100mbit"``, ``"1gbit"``).
+    """
 
     alpha_reduce: float
     alpha_gather: float
@@ -73,17 +81,45 @@ class CostModel:
     rate: str
 
     def at(self, rate: str) -> CostModel:
-        """The same links at another rate: bytes cost in inverse proportion, latency stays."""
+        """The same links at another rate: bytes cost in inverse proportion, latency stays.
+
+        Args:
+            rate: the other rate, in tc's units.
+
+        Returns:
+            A model with both betas scaled by ``self.rate / rate``, the same alphas, at ``rate``.
+
+        Raises:
+            ValueError: ``rate`` (or this model's) is not a rate (:func:`~gradcomp_studies.bench.netns.parse_rate`).
+        """
         scale = parse_rate(self.rate) / parse_rate(rate)
         return CostModel(self.alpha_reduce, self.alpha_gather, self.beta_reduce * scale, self.beta_gather * scale,
                          rate)
 
     def all_reduce(self, workers: int, nbytes: float, rounds: int = 1) -> float:
-        """``rounds`` ring all-reduces in a row moving ``nbytes`` in all."""
+        """``rounds`` ring all-reduces in a row moving ``nbytes`` in all.
+
+        Args:
+            workers: the ranks, n.
+            nbytes: the bytes all-reduced, S, summed over the rounds.
+            rounds: the all-reduces in a row (each pays the ring's latency).
+
+        Returns:
+            Seconds: ``rounds * 2 (n - 1) alpha_r + 2 (n - 1) / n * S * beta_r``.
+        """
         n = workers
         return rounds * 2 * (n - 1) * self.alpha_reduce + 2 * (n - 1) / n * nbytes * self.beta_reduce
 
     def all_gather(self, workers: int, nbytes_per_rank: float) -> float:
+        """One ring all-gather in which every rank contributes ``nbytes_per_rank``.
+
+        Args:
+            workers: the ranks, n.
+            nbytes_per_rank: the bytes each rank contributes, s.
+
+        Returns:
+            Seconds: ``(n - 1) alpha_g + (n - 1) * s * beta_g``.
+        """
         n = workers
         return (n - 1) * self.alpha_gather + (n - 1) * nbytes_per_rank * self.beta_gather
 
@@ -104,7 +140,14 @@ _STEPS, _BYTES = CostModel(1.0, 1.0, 0.0, 0.0, "1gbit"), CostModel(0.0, 0.0, 1.0
 
 def latency(rows: list[dict]) -> tuple[float, float]:
     """(alpha_r, alpha_g): seconds per ring step of each collective, from runs of messages too small for their
-    bytes to count."""
+    bytes to count.
+
+    Args:
+        rows: measured runs (:func:`measure`), of both collectives.
+
+    Returns:
+        ``(alpha_r, alpha_g)``: per collective, the smallest over its runs of seconds divided by ring steps.
+    """
     per_step = {op: min(r["seconds"] / _seconds(_STEPS, r) for r in rows if r["op"] == op)
                 for op in ("all_reduce", "all_gather")}
     return per_step["all_reduce"], per_step["all_gather"]
@@ -143,6 +186,25 @@ def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: 
 
 def measure(worlds: tuple[int, ...], rate: str, reduce_bytes: tuple[int, ...], gather_bytes: tuple[int, ...],
             repeats: int) -> list[dict]:
+    """Time gloo's all-reduce and all-gather on each number of ranks behind shaped links.
+
+    Each world size runs in fresh processes behind its own
+    :class:`~gradcomp_studies.bench.netns.ShapedLinks`, one torch thread per rank.
+
+    Args:
+        worlds: the numbers of ranks, one run each.
+        rate: each rank's egress rate, in tc's units.
+        reduce_bytes: the sizes all-reduced (float32 tensors of ``nbytes // 4`` elements), in bytes.
+        gather_bytes: the bytes each rank contributes to an all-gather.
+        repeats: timed calls of each collective (after one warm-up call); the best is kept.
+
+    Returns:
+        One row per world size and collective size: ``{"op": "all_reduce" | "all_gather", "workers", "bytes",
+        "seconds" (the best repeat of the slowest rank), "rate"}``.
+
+    Raises:
+        NetworkSetupError: the shaped links cannot be built here (not root, no iproute2, a command failed).
+    """
     rows = []
     for world in worlds:
         with ShapedLinks(world, rate) as links:
@@ -152,7 +214,15 @@ def measure(worlds: tuple[int, ...], rate: str, reduce_bytes: tuple[int, ...], g
 
 
 def predict(model: CostModel, row: dict) -> float:
-    """The model's seconds for one measured run (at the run's own link rate)."""
+    """The model's seconds for one measured run (at the run's own link rate).
+
+    Args:
+        model: the cost model.
+        row: a run of :func:`measure` (its ``"rate"`` absent: the model's own).
+
+    Returns:
+        The seconds the model gives that run's collective at its rate.
+    """
     return _seconds(model.at(row.get("rate", model.rate)), row)
 
 
@@ -167,7 +237,14 @@ def _ms(seconds: float) -> str:
 def resnet50_bytes(seed: int) -> dict[str, int]:
     """One worker's bytes for one step of ResNet-50, counted from the payloads: dense fp32, PowerSGD rank 2
     (its two all-reduces together), DGC at density 0.001 with every tensor sparsified: on the compact wire
-    (all-gathered) and with a shared index set (its two all-reduces together)."""
+    (all-gathered) and with a shared index set (its two all-reduces together).
+
+    Args:
+        seed: seeds ResNet-50's random (standard normal) gradient.
+
+    Returns:
+        Bytes per worker and step: ``{"dense", "powersgd", "dgc", "dgc_shared"}``.
+    """
     grads = random_gradients(model_shapes("resnet50"), seed)
     return {"dense": 4 * sum(g.numel() for g in grads.values()),
             "powersgd": bytes_sent(Method(PowerSGD(rank=2)), grads),
@@ -177,7 +254,17 @@ def resnet50_bytes(seed: int) -> dict[str, int]:
 
 
 def projection(model: CostModel, sizes: dict[str, int], workers=WORKERS) -> dict[str, dict[int, float]]:
-    """Seconds of communication per step for a gradient of ``sizes`` bytes at each worker count."""
+    """Seconds of communication per step for a gradient of ``sizes`` bytes at each worker count.
+
+    Args:
+        model: the cost model, at the rate projected.
+        sizes: bytes per worker and step (:func:`resnet50_bytes`).
+        workers: the worker counts.
+
+    Returns:
+        Method label -> worker count -> seconds: the dense all-reduce, PowerSGD's two all-reduces, DGC's
+        all-gather, and DGC with a shared index set (two all-reduces).
+    """
     return {
         "dense all-reduce": {n: model.all_reduce(n, sizes["dense"]) for n in workers},
         "PowerSGD rank 2 (all-reduce)": {n: model.all_reduce(n, sizes["powersgd"], rounds=2) for n in workers},
@@ -188,7 +275,15 @@ def projection(model: CostModel, sizes: dict[str, int], workers=WORKERS) -> dict
 
 def crossover(model: CostModel, sizes: dict[str, int]) -> int | None:
     """The smallest worker count at which DGC's all-gather costs more than the dense all-reduce (None: never
-    below 2**20 workers)."""
+    below 2**20 workers).
+
+    Args:
+        model: the cost model, at the rate asked about.
+        sizes: bytes per worker and step (:func:`resnet50_bytes`): ``"dense"`` and ``"dgc"`` are read.
+
+    Returns:
+        The first power of two from 2 up at which the all-gather costs more, or None.
+    """
     n = 2
     while n <= 2**20:
         if model.all_gather(n, sizes["dgc"]) > model.all_reduce(n, sizes["dense"]):
