@@ -37,7 +37,19 @@ RESNET50_NUMEL = 25_557_032
 
 
 def measure(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, timed round-robin (interleaved)."""
+    """Seconds per call of each candidate, timed round-robin (interleaved).
+
+    Every candidate is first called ``warmup`` times, untimed; then each of ``repeats`` rounds times one call of
+    every candidate in turn (``time.perf_counter``), so a noisy neighbour slows every candidate alike.
+
+    Args:
+        candidates: name -> a call with no arguments (its result is ignored).
+        repeats: the timed rounds: calls timed per candidate.
+        warmup: untimed calls of each candidate first.
+
+    Returns:
+        Name -> the seconds of each of its ``repeats`` timed calls, in the order taken.
+    """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -65,6 +77,27 @@ def _dgc_step(method: DGC, grads: dict[str, torch.Tensor]) -> Callable[[], dict[
 
 def run_layout(flat: bool, repeats: int, seed: int, numel: int | None = None,
                workers: tuple[int, ...] = (4, 8, 32)) -> dict:
+    """Time one SGD step, exact top-k, DGC's step on both wires and the decoding of N payloads, on one layout.
+
+    The candidates, timed round-robin by :func:`measure` after 2 warm-up calls each: ``"sgd"`` (one
+    ``torch.optim.SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4)`` step), ``"topk"`` (``torch.topk`` of k =
+    ``ceil(density * numel)`` entries per tensor), ``"dgc"`` and ``"dgc-plain"`` (one worker's whole DGC step at
+    density :data:`DENSITY`, every tensor sparsified, on the compact and the plain wire, no communication) and
+    ``"decompress+aggregate, N workers"`` for each N of ``workers`` (the compact payloads of one step, N times,
+    decoded and summed).
+
+    Args:
+        flat: one flat tensor holding every element (True), or ResNet-50's 161 parameter shapes (False).
+        repeats: timed calls of each candidate.
+        seed: seeds the parameters and gradients (standard normal).
+        numel: the elements of one flat tensor instead of ResNet-50's 25,557,032 (given: the layout is flat
+            whatever ``flat`` says).
+        workers: the numbers of payloads decoded and summed, one candidate each.
+
+    Returns:
+        ``{"tensors": number of tensors, "numel": elements in all, "seconds": name -> median seconds per call,
+        "best": name -> the fastest call's seconds}``.
+    """
     shapes = _layout(flat, numel)
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for _, s in shapes]
@@ -98,6 +131,18 @@ def run_layout(flat: bool, repeats: int, seed: int, numel: int | None = None,
 
 
 def run(ctx: Context) -> Result:
+    """``gradcomp bench compress``: DGC's step and its decoding against one SGD step on the same elements.
+
+    Args:
+        ctx: the run's variant (``full``: ResNet-50's 25,557,032 elements as one flat tensor and as its 161
+            tensors, 15 repeats, the speed goal checked; quick: one flat tensor of 2,000,000 elements, 3 repeats)
+            and seed.
+
+    Returns:
+        The report: median and best milliseconds per call of each step and their ratio to the SGD step's, the
+        checks (full: DGC's whole step at most :data:`GOAL` x an SGD step; quick: every step ran), and as data
+        each layout's timings.
+    """
     numel = None if ctx.full else 2_000_000
     repeats = 15 if ctx.full else 3
     layouts = {"one flat tensor": run_layout(True, repeats, ctx.seed, numel)}

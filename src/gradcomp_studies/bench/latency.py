@@ -28,10 +28,25 @@ from ..reproduce.common import Check, Context, Result, Study, markdown_table, re
 
 def step_time(kind: str, param: int, latency_ms: float, steps: int, model: torch.nn.Module,
               loss_fn: Callable[[torch.nn.Module], torch.Tensor], delay: int = 0) -> float:
-    """Seconds per training step of ``model`` on this rank under ``latency_ms`` of emulated latency:
-    ``kind`` "dga" (delay ``param``; 0 is synchronous SGD) or "fedavg" (period ``param``, its averages applied
-    ``delay`` steps late); each step is ``loss_fn(model).backward()`` and the wrapper's step.  The first
-    ``param + delay + 1`` steps are not timed."""
+    """Seconds per training step of ``model`` on this rank under ``latency_ms`` of emulated latency.
+
+    Each step is ``loss_fn(model).backward()`` and the step of the wrapper ``kind`` names, around SGD (lr 0.01);
+    after the last step the wrapper's pending averages are finished and the ranks meet at a barrier.  The first
+    ``param + delay + 1`` steps are not timed.  Needs an initialized process group (every rank calls it alike).
+
+    Args:
+        kind: ``"dga"`` (:class:`~gradcomp.dga.DelayedGradientAveraging`) or ``"fedavg"``
+            (:class:`~gradcomp.dga.FedAvg`).
+        param: DGA's delay in steps (0: synchronous SGD), or FedAvg's period in steps.
+        latency_ms: the latency each collective is held back by (``emulate_latency_ms``), in milliseconds.
+        steps: the steps run, timed ones included; more than ``param + delay + 1``.
+        model: the model trained (its parameters are updated).
+        loss_fn: this rank's loss of the model, recomputed every step.
+        delay: FedAvg only: the steps its averages are applied late.
+
+    Returns:
+        The mean wall-clock seconds per step over the timed steps, on this rank.
+    """
     sgd = torch.optim.SGD(model.parameters(), lr=0.01)
     opt = (FedAvg(sgd, model.named_parameters(), param, delay=delay, emulate_latency_ms=latency_ms)
            if kind == "fedavg" else
@@ -62,6 +77,17 @@ def _worker(rank: int, world: int, plan: list[tuple[str, int, float]], compute_s
 
 
 def run(ctx: Context) -> Result:
+    """``gradcomp bench latency``: the step time of synchronous SGD, DGA and FedAvg under each emulated latency.
+
+    Args:
+        ctx: the run's variant (``full``: 4 ranks, latencies 0, 50, 100 and 200 ms, 25 ms of stand-in
+            computation per step, 60 steps; quick: 2 ranks, 0 and 150 ms, 20 ms, 24 steps).
+
+    Returns:
+        The report: each method's milliseconds per step (the slowest rank's) at each latency and its ratio to
+        the same method at L = 0, the checks (synchronous SGD pays L every step; DGA hides a latency its delay
+        covers), and as data the seconds and ratios.
+    """
     latencies: tuple[float, ...]
     if ctx.full:
         world, latencies, compute_s, delay, period, steps = 4, (0.0, 50.0, 100.0, 200.0), 0.025, 10, 10, 60

@@ -68,7 +68,11 @@ def read_rss_mb() -> tuple[float, float]:
     """(resident memory now, peak resident memory so far) of this process in MB (1 MB = 2**20 bytes).
 
     Linux: ``VmRSS`` and ``VmHWM`` (never below ``VmRSS``) of ``/proc/self/status``.  Elsewhere the peak comes from
-    ``getrusage`` and stands for both."""
+    ``getrusage`` and stands for both.
+
+    Returns:
+        ``(now, peak)`` in MB; the peak is never below ``now``.
+    """
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
@@ -81,8 +85,19 @@ def read_rss_mb() -> tuple[float, float]:
 
 
 def growth_after(values: Sequence[float], warmup: int) -> tuple[float, float]:
-    """How much the running maximum of ``values`` grew after the first ``warmup`` samples: ``(absolute,
-    percent)``, from ``max(values[:warmup])`` to ``max(values)``; 0 when it did not grow."""
+    """How much the running maximum of ``values`` grew after the first ``warmup`` samples.
+
+    Args:
+        values: the samples in order (peak resident memory per step, in MB, in this benchmark).
+        warmup: how many of the first samples are the warm-up.
+
+    Returns:
+        ``(absolute, percent)``: ``max(values) - max(values[:warmup])`` in the units of ``values`` (0 when it did
+        not grow), and that as a percentage of ``max(values[:warmup])`` (0 when that maximum is 0).
+
+    Raises:
+        ValueError: ``warmup`` is not in ``[1, len(values)]``.
+    """
     if not 0 < warmup <= len(values):
         raise ValueError(f"warmup must be in [1, {len(values)}], got {warmup}")
     before, after = max(values[:warmup]), max(values)
@@ -90,7 +105,15 @@ def growth_after(values: Sequence[float], warmup: int) -> tuple[float, float]:
 
 
 def trend(values: Sequence[float]) -> float:
-    """Least-squares slope of ``values`` against their index (units per sample); 0 for fewer than 2."""
+    """Least-squares slope of ``values`` against their index.
+
+    Args:
+        values: the samples in order, one per step.
+
+    Returns:
+        The slope in units of ``values`` per sample (MB per step for resident memory); 0.0 for fewer than 2
+        samples.
+    """
     n = len(values)
     if n < 2:
         return 0.0
@@ -234,6 +257,22 @@ def _plot(runs: dict[str, list[dict]], warmup: int, collect_every: int, path) ->
 
 
 def run(ctx: Context) -> Result:
+    """``gradcomp bench memory``: DGC's and a dense baseline's memory over a long run through the DDP hook.
+
+    Each method trains on 2 gloo ranks twice, in fresh processes: the RSS pass, then the tracemalloc pass.  The
+    plot of every rank's samples is written to the output folder.
+
+    Args:
+        ctx: the run's variant (``full``: 2,000 steps, warm-up over the first 500, a traced pass of 2,000 steps
+            with the live heap sampled every 50; quick: 120 steps, warm-up 30, 60 traced steps, every 15),
+            seed and output folder.
+
+    Returns:
+        The report: per rank the peak and resident memory (MB) at the end of warm-up and of the run, their
+        growth and trend, the live Python heap's growth (KB), ms per step and the loss; DGC against the
+        baseline (worst rank); the checks against :data:`TOLERANCE_MB` and :data:`PY_TOLERANCE_KB`; and as data
+        every rank's samples.
+    """
     world = 2
     if ctx.full:
         steps, warmup, trace_steps, collect_every = 2000, 500, 2000, 50

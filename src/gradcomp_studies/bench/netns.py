@@ -40,7 +40,18 @@ class NetworkSetupError(RuntimeError):
 
 
 def parse_rate(rate: str) -> int:
-    """``"1gbit"`` -> 1_000_000_000 bits per second (tc's units: bit, kbit, mbit, gbit; powers of 1000)."""
+    """``"1gbit"`` -> 1_000_000_000 bits per second (tc's units: bit, kbit, mbit, gbit; powers of 1000).
+
+    Args:
+        rate: a positive number and a unit, as ``tc`` writes it: ``"100mbit"``, ``"1gbit"``, ``"2.5gbit"``
+            (case and surrounding blanks ignored).
+
+    Returns:
+        The rate in bits per second (a fractional rate is truncated to whole bits).
+
+    Raises:
+        ValueError: ``rate`` is not a string of that form, or its number is 0.
+    """
     match = _RATE.match(rate.strip().lower()) if isinstance(rate, str) else None
     if not match or float(match.group(1)) <= 0:
         raise ValueError(f"rate must look like 100mbit, 1gbit or 10gbit, got {rate!r}")
@@ -48,7 +59,15 @@ def parse_rate(rate: str) -> int:
 
 
 def enter_namespace(name: str) -> None:
-    """Move the calling thread (a fresh worker process, before it opens sockets) into network namespace ``name``."""
+    """Move the calling thread (a fresh worker process, before it opens sockets) into network namespace ``name``.
+
+    Args:
+        name: a namespace made by ``ip netns add`` (its handle is ``/var/run/netns/NAME``).
+
+    Raises:
+        OSError: the namespace does not exist (``FileNotFoundError``), or ``setns`` failed (not root: ``EPERM``);
+            the message names the namespace.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
     try:
@@ -62,9 +81,25 @@ def enter_namespace(name: str) -> None:
 class ShapedLinks:
     """N namespaces on one bridge, each worker's egress limited to ``rate``.
 
+    Nothing is built until the ``with`` block is entered; leaving it deletes every namespace and link made.
+    Worker ``r`` has address ``10.213.S.(r + 1)`` on its veth ``gc{tag}v{r}`` inside namespace ``gc{tag}r{r}``,
+    ``S`` derived from the tag; its egress is a ``tbf`` of ``rate`` with a burst of 1 ms of tokens (at least
+    16 KiB).
+
     >>> with ShapedLinks(4, "1gbit") as links:
     ...     links.address(0), links.namespace(1), links.interface(1)
     ('10.213.X.1', 'gc12345r1', 'gc12345v1')
+
+    Args:
+        workers: the number of workers, 1 to 250.
+        rate: each worker's egress rate in tc's units (``"100mbit"``, ``"1gbit"``, ...; :func:`parse_rate`).
+        tag: the names' tag (digits); by default the last 5 digits of this process's id, so two runs never
+            collide.
+
+    Raises:
+        ValueError: ``workers`` is not an integer in [1, 250], or ``rate`` is not a rate.
+        NetworkSetupError: on entering the ``with`` block: not root, ``ip`` or ``tc`` not found, or an ``ip`` or
+            ``tc`` command failed (what was built is torn down first).
     """
 
     def __init__(self, workers: int, rate: str, *, tag: str | None = None) -> None:
@@ -81,21 +116,50 @@ class ShapedLinks:
     # -- names --------------------------------------------------------------
 
     def namespace(self, rank: int) -> str:
+        """The name of a worker's network namespace.
+
+        Args:
+            rank: the worker, 0 to ``workers - 1``.
+
+        Returns:
+            ``gc{tag}r{rank}``.
+        """
         return f"gc{self.tag}r{rank}"
 
     def interface(self, rank: int) -> str:
-        """The worker's end of its veth pair, inside its namespace (for ``GLOO_SOCKET_IFNAME``)."""
+        """The worker's end of its veth pair, inside its namespace (for ``GLOO_SOCKET_IFNAME``).
+
+        Args:
+            rank: the worker, 0 to ``workers - 1``.
+
+        Returns:
+            The interface's name, ``gc{tag}v{rank}``.
+        """
         return f"gc{self.tag}v{rank}"
 
     def address(self, rank: int) -> str:
+        """A worker's IPv4 address on the bridge (rank 0's is the rendezvous address given to ``spawn``).
+
+        Args:
+            rank: the worker, 0 to ``workers - 1``.
+
+        Returns:
+            The dotted address, ``10.213.S.(rank + 1)``.
+        """
         return f"{self._subnet}.{rank + 1}"
 
     @property
     def bridge(self) -> str:
+        """The name of the bridge that joins the workers' links, ``gc{tag}br``."""
         return f"gc{self.tag}br"
 
     def before_init(self) -> functools.partial:
-        """For :func:`gradcomp.launch.spawn`: each worker enters its namespace and makes gloo use its link."""
+        """For :func:`gradcomp.launch.spawn`: each worker enters its namespace and makes gloo use its link.
+
+        Returns:
+            A picklable call of ``rank`` that moves the worker into its namespace (:func:`enter_namespace`) and
+            sets ``GLOO_SOCKET_IFNAME`` to its interface.
+        """
         return functools.partial(_join, tuple(self.namespace(r) for r in range(self.workers)),
                                  tuple(self.interface(r) for r in range(self.workers)))
 
@@ -164,7 +228,11 @@ class ShapedLinks:
         self._old_handlers.clear()
 
     def leftovers(self) -> list[str]:
-        """Namespaces and links of this tag that still exist (empty after a clean teardown)."""
+        """Namespaces and links of this tag that still exist (empty after a clean teardown).
+
+        Returns:
+            Their names, namespaces first, as ``ip netns list`` and ``ip link show`` list them.
+        """
         found = []
         ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
         found += [line.split()[0] for line in ns.splitlines() if line.startswith(f"gc{self.tag}")]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,7 +76,15 @@ def _dgc(warmup_epochs: float = 0.0, **options) -> DGC:
 class Gradients(nn.Module):
     """Parameters shaped like a model's; ``forward(scale)`` is ``scale * sum_p <p, d_p>`` for a fixed random
     ``d_p`` per parameter, so every backward gives the realistic gradient ``scale * d_p`` at the cost of one
-    multiply."""
+    multiply.
+
+    The parameters start at zero; the directions are standard normal, drawn from ``seed``, and are plain
+    tensors, not buffers (DDP never sends them).
+
+    Args:
+        shapes: ``(name, shape)`` of each parameter, in order (:func:`~gradcomp_studies.reproduce.ratio.model_shapes`).
+        seed: seeds the directions: the same seed gives every rank the same gradient.
+    """
 
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
         super().__init__()
@@ -84,6 +93,14 @@ class Gradients(nn.Module):
         self.directions = [torch.randn(shape, generator=gen) for _, shape in shapes]  # not buffers: never sent
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        """The scalar whose gradient is ``scale * d_p`` for each parameter ``p``.
+
+        Args:
+            scale: a 0-d tensor (1.0 in this benchmark).
+
+        Returns:
+            ``scale * sum_p <p, d_p>``, a 0-d tensor.
+        """
         return sum(torch.dot(p.view(-1), d.view(-1)) for p, d in zip(self.weights, self.directions)) * scale
 
 
@@ -276,7 +293,35 @@ def _worker(rank: int, world: int, models: tuple[str, ...], warmup: int, repeats
 def measure(workers: int, rate: str, models: tuple[str, ...], *, warmup: int, repeats: int, seed: int,
             accuracy_run: dict | None = None, accuracy_models: tuple[str, ...] = (),
             timeout_s: float = 3600.0) -> dict:
-    """Run the benchmark on ``workers`` ranks behind ``rate`` links; rank 0's results (all ranks agree)."""
+    """Run the benchmark on ``workers`` ranks behind ``rate`` links; rank 0's results (all ranks agree).
+
+    Args:
+        workers: the gloo ranks, each in its own namespace (:class:`~gradcomp_studies.bench.netns.ShapedLinks`).
+        rate: each rank's egress rate, in tc's units (``"1gbit"``).
+        models: the gradients timed: paper models (``"resnet50"``, ``"ptb_lstm_1500"``) or ``"cnn"`` (gradcomp's
+            MNIST CNN); none when only accuracy is run.
+        warmup: untimed calls before each timing (of the DDP steps: at least 3; of the compute-only backward: 1).
+        repeats: timed steps; each figure is the median over them of the slowest rank's.
+        seed: seeds the gradients and the training.
+        accuracy_run: the time-to-accuracy run's ``max_steps``, ``targets`` and ``limit_train`` (needed with
+            ``accuracy_models``).
+        accuracy_models: the CNNs of :data:`ACCURACY_MODELS` trained to accuracy with each method but PowerSGD
+            rank 4.
+        timeout_s: seconds the ranks may take in all.
+
+    Returns:
+        ``{"results": ..., "links_existed": ..., "leftovers": ...}``: the results are, per model,
+        ``{"communication": seconds per step of each method's collectives (and "dgc_payload_bytes", one rank's
+        DGC payload in bytes), "ddp": seconds per DDP step of each method (and "compute", the backward without
+        DDP)}``, and under ``"time_to_accuracy"`` per CNN and method the steps, training seconds, last accuracy
+        and the steps and seconds at which each target was first reached (None: not reached);
+        ``links_existed`` says the namespaces and links were found during the run, ``leftovers`` names those
+        still there after teardown.
+
+    Raises:
+        NetworkSetupError: the shaped links cannot be built here (not root, no iproute2, a command failed).
+        ValueError: ``rate`` is not a rate, or ``workers`` is not in [1, 250].
+    """
     with ShapedLinks(workers, rate) as links:
         out = spawn(_worker, workers, models, warmup, repeats, seed, accuracy_run, accuracy_models,
                     address=links.address(0),
@@ -299,104 +344,163 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f}" if seconds < 10 else f"{seconds:.2f} s"
 
 
-def run(ctx: Context) -> Result:
+@dataclass(frozen=True)
+class _Plan:
+    """What a variant measures: the ranks, the step-time rates and gradients, and where it trains to accuracy."""
+
+    workers: int
     rates: tuple[str, ...]
     models: tuple[str, ...]
+    warmup: int
+    repeats: int
     accuracy_at: dict[str, tuple[str, ...]]  # rate -> the models timed to accuracy there
-    if ctx.full:
-        workers, rates, models, warmup, repeats = 4, ("1gbit", "10gbit"), ("resnet50", "ptb_lstm_1500"), 2, 5
+    accuracy_run: dict[str, Any]  # _time_to_accuracy's max_steps, targets and limit_train
+
+    def models_at(self) -> dict[str, tuple[str, ...]]:
+        """The gradients timed at each rate: every model at the step-time rates, none where only accuracy is run."""
+        rates = dict.fromkeys(self.rates + tuple(self.accuracy_at))
+        return {rate: self.models if rate in self.rates else () for rate in rates}
+
+
+def _plan(full: bool) -> _Plan:
+    """The full variant's runs, or the quick variant's."""
+    if full:
         # at 1 Gbit/s the default CNN's step is mostly compute on this machine, the wide one's half communication
-        accuracy_at = {"1gbit": ("cnn-wide", "cnn")}
-        accuracy_run = {"max_steps": 2000, "targets": TARGETS, "limit_train": None}
-    else:
-        workers, rates, models, warmup, repeats = 2, ("1gbit",), ("cnn",), 1, 2
-        accuracy_at = {"1gbit": ("cnn-wide",)}
-        accuracy_run = {"max_steps": EVAL_EVERY, "targets": TARGETS, "limit_train": 2000}
-    accuracy_rates = tuple(accuracy_at)
-    data, checks, sections = {}, [], []
-    # the gradients timed at each rate: every model at the step-time rates, none where only accuracy is run
-    models_at = {rate: models if rate in rates else () for rate in dict.fromkeys(rates + accuracy_rates)}
-    for rate, rate_models in models_at.items():
-        try:
-            measured = measure(workers, rate, rate_models, warmup=warmup, repeats=repeats, seed=ctx.seed,
-                               accuracy_run=accuracy_run, accuracy_models=accuracy_at.get(rate, ()))
-        except NetworkSetupError as error:
-            raise StudySkipped(str(error)) from None
-        data[rate] = measured
-        checks.append(Check(f"{rate}: the namespaces and links existed during the run and are gone after it",
-                            measured["links_existed"] and not measured["leftovers"],
-                            ", ".join(measured["leftovers"]) or "none left"))
-        comm_rows, step_rows = [], []
-        for model in rate_models:
-            res = measured["results"][model]
-            comm, ddp = res["communication"], res["ddp"]
-            label = MODEL_LABELS.get(model, "MNIST CNN")
-            for key in METHODS:
-                comm_rows.append([label, COMM_LABELS[key], _ms(comm[key]), f"{comm['dense'] / comm[key]:.1f}x"])
-                step_rows.append([label, LABELS[key], _ms(ddp[key]), _ms(ddp[key] - ddp["compute"]),
-                                  f"{ddp['dense'] / ddp[key]:.2f}x"])
-                label = ""
-            step_rows.append(["", "compute only (the same backward, no DDP)", _ms(ddp["compute"]), "—", "—"])
-        sections += [f"## {rate} per worker link, {workers} workers", ""]
-        if rate_models:
-            sections += ["### Communication alone (ms per step)", "",
-                         markdown_table(["gradient", "method", "ms", "faster than dense"], comm_rows, align="llrr"),
-                         "", "### A DDP step with the real hooks (ms)", "",
-                         markdown_table(["gradient", "method", "step ms", "step - compute ms", "faster than dense"],
-                                        step_rows, align="llrrr"), ""]
-        for key, runs in measured["results"].get("time_to_accuracy", {}).items():
-            label = ACCURACY_MODELS[key]["label"]
-            sections += [f"### Time to accuracy, {label} (training seconds, evaluation excluded)", "",
-                         "Dense DDP and the DGC hook are bit-reproducible (the same seed gives the same steps and "
-                         "accuracy on every run); PyTorch's powerSGD_hook is not (two runs from the same seed part "
-                         "within a few steps), so its steps to a target are one draw.", "",
-                         markdown_table(["method", "ms per step", *[f"to {100 * t:g} %: steps, s (x faster than dense)"
-                                                                    for t in TARGETS], "steps run", "last accuracy"],
-                                        [[LABELS[m], f"{1e3 * r['seconds'] / r['steps']:.0f}",
-                                          *[_crossing(r, runs["dense"], t) for t in TARGETS], r["steps"],
-                                          f"{100 * r['accuracy']:.2f} %"] for m, r in runs.items()],
-                                        align="lr" + "r" * (len(TARGETS) + 2)), ""]
-            if ctx.full:
-                goal = f"{TARGETS[-1]:g}"
-                reached = {m: r["targets"][goal]["seconds"] for m, r in runs.items() if r["targets"][goal]}
-                checks.append(Check(f"{rate}, {label}: DDP + gradcomp DGC reaches {100 * TARGETS[-1]:g} % in the "
-                                    "shortest time", bool(reached) and min(reached, key=reached.__getitem__) == "dgc",
-                                    ", ".join(f"{m} " + (f"{reached[m]:.1f} s" if m in reached else "not reached")
-                                              for m in runs)))
-    first = data[rates[0]]["results"]
-    if ctx.full and "resnet50" in first:
+        return _Plan(4, ("1gbit", "10gbit"), ("resnet50", "ptb_lstm_1500"), 2, 5, {"1gbit": ("cnn-wide", "cnn")},
+                     {"max_steps": 2000, "targets": TARGETS, "limit_train": None})
+    return _Plan(2, ("1gbit",), ("cnn",), 1, 2, {"1gbit": ("cnn-wide",)},
+                 {"max_steps": EVAL_EVERY, "targets": TARGETS, "limit_train": 2000})
+
+
+def _step_tables(measured: dict, rate_models: tuple[str, ...]) -> list[str]:
+    """The communication-alone and DDP-step tables of one rate's gradients (no lines where none was timed)."""
+    if not rate_models:
+        return []
+    comm_rows, step_rows = [], []
+    for model in rate_models:
+        res = measured["results"][model]
+        comm, ddp = res["communication"], res["ddp"]
+        label = MODEL_LABELS.get(model, "MNIST CNN")
+        for key in METHODS:
+            comm_rows.append([label, COMM_LABELS[key], _ms(comm[key]), f"{comm['dense'] / comm[key]:.1f}x"])
+            step_rows.append([label, LABELS[key], _ms(ddp[key]), _ms(ddp[key] - ddp["compute"]),
+                              f"{ddp['dense'] / ddp[key]:.2f}x"])
+            label = ""
+        step_rows.append(["", "compute only (the same backward, no DDP)", _ms(ddp["compute"]), "—", "—"])
+    return ["### Communication alone (ms per step)", "",
+            markdown_table(["gradient", "method", "ms", "faster than dense"], comm_rows, align="llrr"),
+            "", "### A DDP step with the real hooks (ms)", "",
+            markdown_table(["gradient", "method", "step ms", "step - compute ms", "faster than dense"],
+                           step_rows, align="llrrr"), ""]
+
+
+def _accuracy_table(label: str, runs: dict[str, dict]) -> list[str]:
+    """The time-to-accuracy table of one CNN: each method's time per step and its steps and seconds to each
+    target."""
+    return [f"### Time to accuracy, {label} (training seconds, evaluation excluded)", "",
+            "Dense DDP and the DGC hook are bit-reproducible (the same seed gives the same steps and "
+            "accuracy on every run); PyTorch's powerSGD_hook is not (two runs from the same seed part "
+            "within a few steps), so its steps to a target are one draw.", "",
+            markdown_table(["method", "ms per step", *[f"to {100 * t:g} %: steps, s (x faster than dense)"
+                                                       for t in TARGETS], "steps run", "last accuracy"],
+                           [[LABELS[m], f"{1e3 * r['seconds'] / r['steps']:.0f}",
+                             *[_crossing(r, runs["dense"], t) for t in TARGETS], r["steps"],
+                             f"{100 * r['accuracy']:.2f} %"] for m, r in runs.items()],
+                           align="lr" + "r" * (len(TARGETS) + 2)), ""]
+
+
+def _accuracy_check(rate: str, label: str, runs: dict[str, dict]) -> Check:
+    """Whether DDP + gradcomp's DGC reached the last target in the shortest training time."""
+    goal = f"{TARGETS[-1]:g}"
+    reached = {m: r["targets"][goal]["seconds"] for m, r in runs.items() if r["targets"][goal]}
+    return Check(f"{rate}, {label}: DDP + gradcomp DGC reaches {100 * TARGETS[-1]:g} % in the "
+                 "shortest time", bool(reached) and min(reached, key=reached.__getitem__) == "dgc",
+                 ", ".join(f"{m} " + (f"{reached[m]:.1f} s" if m in reached else "not reached")
+                           for m in runs))
+
+
+def _communication_checks(full: bool, plan: _Plan, data: dict[str, dict]) -> list[Check]:
+    """(Full variant) DGC's goal on ResNet-50's gradient, and at every rate and gradient DGC's all-gather faster than
+    the dense all-reduce."""
+    checks = []
+    first = data[plan.rates[0]]["results"]
+    if full and "resnet50" in first:
         comm = first["resnet50"]["communication"]
         ratio = comm["dense"] / comm["dgc"]
-        checks.append(Check(f"ResNet-50 size at {rates[0]}: DGC's communication at least {GOAL}x below dense",
+        checks.append(Check(f"ResNet-50 size at {plan.rates[0]}: DGC's communication at least {GOAL}x below dense",
                             ratio >= GOAL, f"{ratio:.0f}x ({_ms(comm['dgc'])} vs {_ms(comm['dense'])} ms)"))
+    models_at = plan.models_at()
     for rate, measured in data.items():
         for model in models_at[rate]:
             comm = measured["results"][model]["communication"]
             checks.append(Check(f"{rate}, {MODEL_LABELS.get(model, 'MNIST CNN')}: DGC's all-gather is faster than the "
                                 "dense all-reduce", comm["dgc"] < comm["dense"],
                                 f"{_ms(comm['dgc'])} vs {_ms(comm['dense'])} ms"))
+    return checks
+
+
+def _setup(plan: _Plan) -> list[str]:
+    """The report's setup lines: the ranks and links, the gradients and steps timed, the training to accuracy."""
+    workers, accuracy_at = plan.workers, plan.accuracy_at
+    return [f"{workers} gloo ranks, each in its own network namespace, egress shaped with tc tbf at "
+            f"{' and '.join(plan.rates)} (time to accuracy: "
+            + "; ".join(f"{', '.join(ACCURACY_MODELS[k]['label'] for k in keys)} at {rate}"
+                        for rate, keys in accuracy_at.items()) + "); latency not shaped (no "
+            "netem on this kernel), none added",
+            f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in plan.models)}; {plan.warmup} warm-up "
+            f"and {plan.repeats} timed steps; each figure is the median over steps of the slowest rank",
+            f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum {SGD['momentum']:g} (inside "
+            f"DGC for DGC, density {DENSITY}, warm-up 0.1 epoch), weight decay {SGD['weight_decay']:g} "
+            f"({sgd_settings(_dgc(momentum=SGD['momentum']), **SGD)['weight_decay']:g} with DGC's optimizer momentum "
+            f"0: gradcomp.sgd_settings); test accuracy on the first 2,000 test images every {EVAL_EVERY} steps, "
+            f"until {100 * TARGETS[-1]:g} % or {plan.accuracy_run['max_steps']} steps",
+            f"torch threads per rank: {max(1, (torch.get_num_threads() or 1) // workers)}; the ranks share this "
+            f"machine's {os.cpu_count()} cores, so compute (compression included) is slower than on one machine "
+            "per rank, and the DDP step times carry it"]
+
+
+def run(ctx: Context) -> Result:
+    """``gradcomp bench network``: time the methods' communication and DDP steps, and (``--full``) train to
+    accuracy, through real shaped links at each rate.
+
+    Args:
+        ctx: the run's variant (``full``: 4 workers, ResNet-50 and the PTB LSTM at 1 and 10 Gbit/s, two CNNs
+            trained to 99 % at 1 Gbit/s; quick: 2 workers, the MNIST CNN's gradient at 1 Gbit/s and the wide CNN
+            trained for one evaluation) and seed.
+
+    Returns:
+        The report: per rate, milliseconds per step of each method's communication alone and of its DDP step,
+        the time-to-accuracy tables, the checks, and as data every rate's measurements.
+
+    Raises:
+        StudySkipped: the shaped links cannot be set up here (not root, no ``ip`` or ``tc``).
+    """
+    plan = _plan(ctx.full)
+    data, checks, sections = {}, [], []
+    for rate, rate_models in plan.models_at().items():
+        try:
+            measured = measure(plan.workers, rate, rate_models, warmup=plan.warmup, repeats=plan.repeats,
+                               seed=ctx.seed, accuracy_run=plan.accuracy_run,
+                               accuracy_models=plan.accuracy_at.get(rate, ()))
+        except NetworkSetupError as error:
+            raise StudySkipped(str(error)) from None
+        data[rate] = measured
+        checks.append(Check(f"{rate}: the namespaces and links existed during the run and are gone after it",
+                            measured["links_existed"] and not measured["leftovers"],
+                            ", ".join(measured["leftovers"]) or "none left"))
+        sections += [f"## {rate} per worker link, {plan.workers} workers", "", *_step_tables(measured, rate_models)]
+        for key, runs in measured["results"].get("time_to_accuracy", {}).items():
+            label = ACCURACY_MODELS[key]["label"]
+            sections += _accuracy_table(label, runs)
+            if ctx.full:
+                checks.append(_accuracy_check(rate, label, runs))
+    checks += _communication_checks(ctx.full, plan, data)
     title = "Time per step through real bandwidth-limited links (network namespaces + tc tbf)"
-    setup = [f"{workers} gloo ranks, each in its own network namespace, egress shaped with tc tbf at "
-             f"{' and '.join(rates)} (time to accuracy: "
-             + "; ".join(f"{', '.join(ACCURACY_MODELS[k]['label'] for k in keys)} at {rate}"
-                         for rate, keys in accuracy_at.items()) + "); latency not shaped (no "
-             "netem on this kernel), none added",
-             f"gradients: {', '.join(MODEL_LABELS.get(m, 'MNIST CNN') for m in models)}; {warmup} warm-up and "
-             f"{repeats} "
-             "timed steps; each figure is the median over steps of the slowest rank",
-             f"time to accuracy: per-rank batch {BATCH_PER_RANK}, SGD lr {LR}, momentum {SGD['momentum']:g} (inside "
-             f"DGC for DGC, density {DENSITY}, warm-up 0.1 epoch), weight decay {SGD['weight_decay']:g} "
-             f"({sgd_settings(_dgc(momentum=SGD['momentum']), **SGD)['weight_decay']:g} with DGC's optimizer momentum "
-             f"0: gradcomp.sgd_settings); test accuracy on the first 2,000 test images every {EVAL_EVERY} steps, "
-             f"until {100 * TARGETS[-1]:g} % or {accuracy_run['max_steps']} steps",
-             f"torch threads per rank: {max(1, (torch.get_num_threads() or 1) // workers)}; the ranks share this "
-             f"machine's {os.cpu_count()} cores, so compute (compression included) is slower than on one machine "
-             "per rank, and the DDP step times carry it"]
     markdown = "\n".join(sections)
     return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
-                  data={"workers": workers, "rates": list(rates), "accuracy_rates": list(accuracy_rates),
-                        "models": list(models), "runs": data},
-                  setup=setup)
+                  data={"workers": plan.workers, "rates": list(plan.rates),
+                        "accuracy_rates": list(plan.accuracy_at), "models": list(plan.models), "runs": data},
+                  setup=_setup(plan))
 
 
 register(Study("network", "dense all-reduce vs PowerSGD vs DGC through real 1 and 10 Gbit/s links "

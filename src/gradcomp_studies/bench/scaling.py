@@ -64,7 +64,15 @@ FIT_RATE = "100mbit"  # the full variant's links: see run()
 
 @dataclass(frozen=True)
 class CostModel:
-    """``alpha`` seconds per ring step and ``beta`` seconds per byte (at ``rate``) of each collective."""
+    """``alpha`` seconds per ring step and ``beta`` seconds per byte (at ``rate``) of each collective.
+
+    Args:
+        alpha_reduce: seconds per ring step of the all-reduce (latency).
+        alpha_gather: seconds per ring step of the all-gather.
+        beta_reduce: seconds per byte of the all-reduce at ``rate``.
+        beta_gather: seconds per byte of the all-gather at ``rate``.
+        rate: the link rate the betas hold at, in tc's units (``"100mbit"``, ``"1gbit"``).
+    """
 
     alpha_reduce: float
     alpha_gather: float
@@ -73,17 +81,45 @@ class CostModel:
     rate: str
 
     def at(self, rate: str) -> CostModel:
-        """The same links at another rate: bytes cost in inverse proportion, latency stays."""
+        """The same links at another rate: bytes cost in inverse proportion, latency stays.
+
+        Args:
+            rate: the other rate, in tc's units.
+
+        Returns:
+            A model with both betas scaled by ``self.rate / rate``, the same alphas, at ``rate``.
+
+        Raises:
+            ValueError: ``rate`` (or this model's) is not a rate (:func:`~gradcomp_studies.bench.netns.parse_rate`).
+        """
         scale = parse_rate(self.rate) / parse_rate(rate)
         return CostModel(self.alpha_reduce, self.alpha_gather, self.beta_reduce * scale, self.beta_gather * scale,
                          rate)
 
     def all_reduce(self, workers: int, nbytes: float, rounds: int = 1) -> float:
-        """``rounds`` ring all-reduces in a row moving ``nbytes`` in all."""
+        """``rounds`` ring all-reduces in a row moving ``nbytes`` in all.
+
+        Args:
+            workers: the ranks, n.
+            nbytes: the bytes all-reduced, S, summed over the rounds.
+            rounds: the all-reduces in a row (each pays the ring's latency).
+
+        Returns:
+            Seconds: ``rounds * 2 (n - 1) alpha_r + 2 (n - 1) / n * S * beta_r``.
+        """
         n = workers
         return rounds * 2 * (n - 1) * self.alpha_reduce + 2 * (n - 1) / n * nbytes * self.beta_reduce
 
     def all_gather(self, workers: int, nbytes_per_rank: float) -> float:
+        """One ring all-gather in which every rank contributes ``nbytes_per_rank``.
+
+        Args:
+            workers: the ranks, n.
+            nbytes_per_rank: the bytes each rank contributes, s.
+
+        Returns:
+            Seconds: ``(n - 1) alpha_g + (n - 1) * s * beta_g``.
+        """
         n = workers
         return (n - 1) * self.alpha_gather + (n - 1) * nbytes_per_rank * self.beta_gather
 
@@ -104,7 +140,14 @@ _STEPS, _BYTES = CostModel(1.0, 1.0, 0.0, 0.0, "1gbit"), CostModel(0.0, 0.0, 1.0
 
 def latency(rows: list[dict]) -> tuple[float, float]:
     """(alpha_r, alpha_g): seconds per ring step of each collective, from runs of messages too small for their
-    bytes to count."""
+    bytes to count.
+
+    Args:
+        rows: measured runs (:func:`measure`), of both collectives.
+
+    Returns:
+        ``(alpha_r, alpha_g)``: per collective, the smallest over its runs of seconds divided by ring steps.
+    """
     per_step = {op: min(r["seconds"] / _seconds(_STEPS, r) for r in rows if r["op"] == op)
                 for op in ("all_reduce", "all_gather")}
     return per_step["all_reduce"], per_step["all_gather"]
@@ -143,6 +186,25 @@ def _worker(rank: int, world: int, reduce_bytes: tuple[int, ...], gather_bytes: 
 
 def measure(worlds: tuple[int, ...], rate: str, reduce_bytes: tuple[int, ...], gather_bytes: tuple[int, ...],
             repeats: int) -> list[dict]:
+    """Time gloo's all-reduce and all-gather on each number of ranks behind shaped links.
+
+    Each world size runs in fresh processes behind its own
+    :class:`~gradcomp_studies.bench.netns.ShapedLinks`, one torch thread per rank.
+
+    Args:
+        worlds: the numbers of ranks, one run each.
+        rate: each rank's egress rate, in tc's units.
+        reduce_bytes: the sizes all-reduced (float32 tensors of ``nbytes // 4`` elements), in bytes.
+        gather_bytes: the bytes each rank contributes to an all-gather.
+        repeats: timed calls of each collective (after one warm-up call); the best is kept.
+
+    Returns:
+        One row per world size and collective size: ``{"op": "all_reduce" | "all_gather", "workers", "bytes",
+        "seconds" (the best repeat of the slowest rank), "rate"}``.
+
+    Raises:
+        NetworkSetupError: the shaped links cannot be built here (not root, no iproute2, a command failed).
+    """
     rows = []
     for world in worlds:
         with ShapedLinks(world, rate) as links:
@@ -152,7 +214,15 @@ def measure(worlds: tuple[int, ...], rate: str, reduce_bytes: tuple[int, ...], g
 
 
 def predict(model: CostModel, row: dict) -> float:
-    """The model's seconds for one measured run (at the run's own link rate)."""
+    """The model's seconds for one measured run (at the run's own link rate).
+
+    Args:
+        model: the cost model.
+        row: a run of :func:`measure` (its ``"rate"`` absent: the model's own).
+
+    Returns:
+        The seconds the model gives that run's collective at its rate.
+    """
     return _seconds(model.at(row.get("rate", model.rate)), row)
 
 
@@ -167,7 +237,14 @@ def _ms(seconds: float) -> str:
 def resnet50_bytes(seed: int) -> dict[str, int]:
     """One worker's bytes for one step of ResNet-50, counted from the payloads: dense fp32, PowerSGD rank 2
     (its two all-reduces together), DGC at density 0.001 with every tensor sparsified: on the compact wire
-    (all-gathered) and with a shared index set (its two all-reduces together)."""
+    (all-gathered) and with a shared index set (its two all-reduces together).
+
+    Args:
+        seed: seeds ResNet-50's random (standard normal) gradient.
+
+    Returns:
+        Bytes per worker and step: ``{"dense", "powersgd", "dgc", "dgc_shared"}``.
+    """
     grads = random_gradients(model_shapes("resnet50"), seed)
     return {"dense": 4 * sum(g.numel() for g in grads.values()),
             "powersgd": bytes_sent(Method(PowerSGD(rank=2)), grads),
@@ -177,7 +254,17 @@ def resnet50_bytes(seed: int) -> dict[str, int]:
 
 
 def projection(model: CostModel, sizes: dict[str, int], workers=WORKERS) -> dict[str, dict[int, float]]:
-    """Seconds of communication per step for a gradient of ``sizes`` bytes at each worker count."""
+    """Seconds of communication per step for a gradient of ``sizes`` bytes at each worker count.
+
+    Args:
+        model: the cost model, at the rate projected.
+        sizes: bytes per worker and step (:func:`resnet50_bytes`).
+        workers: the worker counts.
+
+    Returns:
+        Method label -> worker count -> seconds: the dense all-reduce, PowerSGD's two all-reduces, DGC's
+        all-gather, and DGC with a shared index set (two all-reduces).
+    """
     return {
         "dense all-reduce": {n: model.all_reduce(n, sizes["dense"]) for n in workers},
         "PowerSGD rank 2 (all-reduce)": {n: model.all_reduce(n, sizes["powersgd"], rounds=2) for n in workers},
@@ -188,7 +275,15 @@ def projection(model: CostModel, sizes: dict[str, int], workers=WORKERS) -> dict
 
 def crossover(model: CostModel, sizes: dict[str, int]) -> int | None:
     """The smallest worker count at which DGC's all-gather costs more than the dense all-reduce (None: never
-    below 2**20 workers)."""
+    below 2**20 workers).
+
+    Args:
+        model: the cost model, at the rate asked about.
+        sizes: bytes per worker and step (:func:`resnet50_bytes`): ``"dense"`` and ``"dgc"`` are read.
+
+    Returns:
+        The first power of two from 2 up at which the all-gather costs more, or None.
+    """
     n = 2
     while n <= 2**20:
         if model.all_gather(n, sizes["dgc"]) > model.all_reduce(n, sizes["dense"]):
@@ -237,80 +332,87 @@ def _fit_table(model: CostModel, rows: list[dict]) -> tuple[list[list], list[flo
     return table, errors
 
 
-def run(ctx: Context) -> Result:
+@dataclass(frozen=True)
+class _Plan:
+    """The runs a variant measures: those the model is fitted to and (full variant only) those that check the
+    rate scaling."""
+
+    rate: str
     worlds: tuple[int, ...]
     reduce_bytes: tuple[int, ...]
     gather_bytes: tuple[int, ...]
-    check_rate: str | None  # the rate of the runs that check the rate scaling (full variant only)
-    if ctx.full:
+    repeats: int
+    check_rate: str | None = None  # the rate of the runs that check the rate scaling (full variant only)
+    check_repeats: int = 0
+
+
+def _plan(full: bool) -> _Plan:
+    """The full variant's runs, or the quick variant's."""
+    if full:
         # fitted where the links, not the cores, set the pace: at 1 Gbit/s, 8 ranks on this 2-core machine
         # wait for a core at every ring step (the report's second table shows it); at 100 Mbit/s each step's
         # bytes take 10x longer.  The same runs at 1 Gbit/s check the rate scaling.
-        rate, worlds, repeats = FIT_RATE, (2, 4, 8), 15
-        reduce_bytes, gather_bytes = (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20, 1 << 22)
-        check_rate, check_repeats = RATES[0], 15
-    else:
-        # two sizes per collective, both past the links' 1 ms burst
-        rate, worlds, reduce_bytes, gather_bytes, repeats = RATES[0], (2,), (1 << 20, 1 << 22), (1 << 20, 1 << 22), 5
-        check_rate = None
+        return _Plan(FIT_RATE, (2, 4, 8), (1 << 20, 1 << 22, 1 << 24), (1 << 18, 1 << 20, 1 << 22), 15,
+                     check_rate=RATES[0], check_repeats=15)
+    # two sizes per collective, both past the links' 1 ms burst
+    return _Plan(RATES[0], (2,), (1 << 20, 1 << 22), (1 << 20, 1 << 22), 5)
+
+
+def _measure_plan(plan: _Plan) -> tuple[tuple[float, float], list[dict], list[dict]]:
+    """The alphas, the runs the betas are fitted to and the runs that check the rate scaling (StudySkipped where
+    the shaped links cannot be set up)."""
     try:
         # alpha from small messages between 2 ranks that each have a core; beta fitted to the big ones
-        alphas = latency(measure((2,), rate, (SMALL,), (SMALL,), 30))
-        rows = measure(worlds, rate, reduce_bytes, gather_bytes, repeats)
-        check_rows = measure(worlds, check_rate, reduce_bytes, gather_bytes, check_repeats) if check_rate else []
+        alphas = latency(measure((2,), plan.rate, (SMALL,), (SMALL,), 30))
+        rows = measure(plan.worlds, plan.rate, plan.reduce_bytes, plan.gather_bytes, plan.repeats)
+        check_rows = (measure(plan.worlds, plan.check_rate, plan.reduce_bytes, plan.gather_bytes, plan.check_repeats)
+                      if plan.check_rate else [])
     except NetworkSetupError as error:
         raise StudySkipped(str(error)) from None
-    model = _fit(rows, rate, *alphas)
-    fit_rows, errors = _fit_table(model, rows)
-    check_table, check_errors = _fit_table(model, check_rows)
-    refit = _fit([r for r in check_rows if r["workers"] <= 4], check_rate, *alphas) if check_rate else None
-    wait = next((r for r in check_rows if r["op"] == "all_reduce" and r["workers"] == 8 and r["bytes"] == 1 << 20),
-                None)
-    models = {rt: model.at(rt) for rt in RATES}
-    sizes = resnet50_bytes(ctx.seed)
-    proj_rows = []
-    for rt, m in models.items():
-        for label, times in projection(m, sizes).items():
-            proj_rows.append([rt, label, *[_ms(times[n]) for n in WORKERS]])
-    crossings = {rt: crossover(m, sizes) for rt, m in models.items()}
-    # without latency (a fabric whose per-step latency is negligible): where the bytes alone cross
-    bytes_only = crossover(CostModel(0.0, 0.0, model.beta_reduce, model.beta_gather, rate), sizes)
-    plot_path = ctx.path(".png")
-    _plot(models, sizes, plot_path)
+    return alphas, rows, check_rows
 
+
+def _checks(full: bool, plan: _Plan, model: CostModel, errors: list[float], refit: CostModel | None,
+            crossings: dict[str, int | None], bytes_only: int | None) -> list[Check]:
+    """The fit's accuracy, (full variant) the rate scaling and the crossing the projection shows."""
     worst = max(abs(e) for e in errors)
-    if ctx.full:
-        checks = [Check(f"the model is within 20 % of every run it was fitted to ({', '.join(map(str, worlds))} ranks "
-                        f"at {rate})", worst <= 0.20, f"worst {100 * worst:.1f} %")]
-        # the projection's assumption, tested on the ranks that each have a core at 1 Gbit/s: refitted there,
-        # the betas are the 100 Mbit/s ones divided by 10
-        assert check_rate is not None and refit is not None  # the full variant runs at check_rate and refits
-        scaled = model.at(check_rate)
-        drift = [refit.beta_reduce / scaled.beta_reduce - 1, refit.beta_gather / scaled.beta_gather - 1]
-        checks.append(Check(f"bytes cost in inverse proportion to the link rate: refitted on the 2- and 4-rank "
-                            f"{check_rate} runs, both betas are within 20 % of the {rate} ones scaled",
-                            max(map(abs, drift)) <= 0.20,
-                            f"all-reduce {100 * drift[0]:+.1f} %, all-gather {100 * drift[1]:+.1f} %"))
-        checks.append(Check("the model shows where DGC's all-gather stops paying against the dense all-reduce",
-                            any(c is not None for c in crossings.values()),
-                            ", ".join(f"{rt}: {c if c else 'beyond 2^20'} workers" for rt, c in crossings.items())
-                            + f"; bytes alone: {bytes_only} workers"))
-    else:
-        checks = [Check("every measured run's bytes cost time (both betas of the fit are positive)",
-                        model.beta_reduce > 0 and model.beta_gather > 0, f"worst fit error {100 * worst:.1f} %")]
+    if not full:
+        return [Check("every measured run's bytes cost time (both betas of the fit are positive)",
+                      model.beta_reduce > 0 and model.beta_gather > 0, f"worst fit error {100 * worst:.1f} %")]
+    rate, check_rate = plan.rate, plan.check_rate
+    checks = [Check(f"the model is within 20 % of every run it was fitted to ({', '.join(map(str, plan.worlds))} "
+                    f"ranks at {rate})", worst <= 0.20, f"worst {100 * worst:.1f} %")]
+    # the projection's assumption, tested on the ranks that each have a core at 1 Gbit/s: refitted there,
+    # the betas are the 100 Mbit/s ones divided by 10
+    assert check_rate is not None and refit is not None  # the full variant runs at check_rate and refits
+    scaled = model.at(check_rate)
+    drift = [refit.beta_reduce / scaled.beta_reduce - 1, refit.beta_gather / scaled.beta_gather - 1]
+    checks.append(Check(f"bytes cost in inverse proportion to the link rate: refitted on the 2- and 4-rank "
+                        f"{check_rate} runs, both betas are within 20 % of the {rate} ones scaled",
+                        max(map(abs, drift)) <= 0.20,
+                        f"all-reduce {100 * drift[0]:+.1f} %, all-gather {100 * drift[1]:+.1f} %"))
+    checks.append(Check("the model shows where DGC's all-gather stops paying against the dense all-reduce",
+                        any(c is not None for c in crossings.values()),
+                        ", ".join(f"{rt}: {c if c else 'beyond 2^20'} workers" for rt, c in crossings.items())
+                        + f"; bytes alone: {bytes_only} workers"))
+    return checks
+
+
+def _notes(plan: _Plan, model: CostModel, check_rows: list[dict], refit: CostModel | None, sizes: dict[str, int],
+           crossings: dict[str, int | None], bytes_only: int | None) -> list[str]:
+    """The report's notes: how alpha and beta were measured, what the projection assumes, the bytes projected."""
+    rate, check_rate = plan.rate, plan.check_rate
     waited = refitted = ""
     if check_rate:
+        wait = next((r for r in check_rows
+                     if r["op"] == "all_reduce" and r["workers"] == 8 and r["bytes"] == 1 << 20), None)
         assert wait is not None and refit is not None  # 8 ranks ran at check_rate; refit from its runs
         waited = (f" For the same reason the full variant fits at {rate}: at {check_rate} that wait shows on 8 ranks "
                   f"(the second table: a 1 MB all-reduce on 8 ranks took {_ms(wait['seconds'])} ms where the model "
                   f"says {_ms(predict(model, wait))}), at {rate} each step's bytes take 10x longer than the wait.")
         refitted = (f" (refitted on the 2- and 4-rank {check_rate} runs the betas give {_effective(refit.beta_reduce)} "
                     f"and {_effective(refit.beta_gather)}: the check below)")
-    fitted = (f"all-reduce: alpha = {1e6 * model.alpha_reduce:.0f} us per ring step (measured), beta = "
-              f"{model.beta_reduce * 1e9:.2f} ns per byte ({_effective(model.beta_reduce)}); "
-              f"all-gather: alpha = {1e6 * model.alpha_gather:.0f} us (measured), beta = "
-              f"{model.beta_gather * 1e9:.2f} ns per byte ({_effective(model.beta_gather)}); links shaped at {rate}")
-    notes = [
+    return [
         f"alpha is the latency of one ring step, measured on {SMALL}-byte messages between 2 ranks (each with "
         "a core), where the bytes do not count; beta is fitted to messages of 256 KB and more. Small messages on "
         "8 ranks would measure this 2-core machine's scheduler instead: each ring step waits for a peer to get a "
@@ -340,26 +442,78 @@ def run(ctx: Context) -> Result:
            f"than the bytes alone: one all-gather step costs alpha_g ({1e6 * model.alpha_gather:.0f} us), one "
            f"position of the ring all-reduce 2 alpha_r ({2e6 * model.alpha_reduce:.0f} us)."),
     ]
-    markdown = "\n".join([
+
+
+def _markdown(plan: _Plan, model: CostModel, fit_rows: list[list], check_table: list[list], proj_rows: list[list],
+              notes: list[str]) -> str:
+    """The report: the fitted model and its runs, (full variant) the runs at the check rate, the projection and
+    the notes."""
+    rate, check_rate = plan.rate, plan.check_rate
+    fitted = (f"all-reduce: alpha = {1e6 * model.alpha_reduce:.0f} us per ring step (measured), beta = "
+              f"{model.beta_reduce * 1e9:.2f} ns per byte ({_effective(model.beta_reduce)}); "
+              f"all-gather: alpha = {1e6 * model.alpha_gather:.0f} us (measured), beta = "
+              f"{model.beta_gather * 1e9:.2f} ns per byte ({_effective(model.beta_gather)}); links shaped at {rate}")
+    run_header = ["collective", "ranks", "links", "bytes", "measured ms", "model ms", "error"]
+    return "\n".join([
         "## The model fitted to the measured runs", "", fitted, "",
-        markdown_table(["collective", "ranks", "links", "bytes", "measured ms", "model ms", "error"], fit_rows,
-                       align="lrlrrrr"), "",
+        markdown_table(run_header, fit_rows, align="lrlrrrr"), "",
         *([f"## The same model at {check_rate} (scaled, not refitted) beside runs at {check_rate}", "",
-           markdown_table(["collective", "ranks", "links", "bytes", "measured ms", "model ms", "error"],
-                          check_table, align="lrlrrrr"), ""] if check_rate else []),
+           markdown_table(run_header, check_table, align="lrlrrrr"), ""] if check_rate else []),
         "## Projected communication per step for ResNet-50 (ms)", "",
         markdown_table(["links", "method", *[str(n) for n in WORKERS]], proj_rows, align="ll" + "r" * len(WORKERS)),
         "", "## Notes", "", *[f"- {n}" for n in notes], ""])
+
+
+def _setup(plan: _Plan) -> list[str]:
+    """The report's setup lines: what was measured, on how many ranks, behind which links."""
+    setup = [f"measured: gloo ring collectives on {', '.join(map(str, plan.worlds))} ranks behind {plan.rate} tc tbf "
+             f"links (each rank in its own network namespace); all-reduce of "
+             f"{', '.join(f'{b:,}' for b in plan.reduce_bytes)} bytes, all-gather of "
+             f"{', '.join(f'{b:,}' for b in plan.gather_bytes)} bytes per rank; the best of {plan.repeats} runs of "
+             "the slowest rank"]
+    if plan.check_rate:
+        setup.append(f"checked: the same collectives on the same ranks behind {plan.check_rate} links, the best of "
+                     f"{plan.check_repeats} runs")
+    return setup
+
+
+def run(ctx: Context) -> Result:
+    """``gradcomp bench scaling``: fit the alpha-beta model to shaped-link runs, check it, project it to 1024
+    workers for ResNet-50 and plot the projection.
+
+    Args:
+        ctx: the run's variant (``full``: 2, 4 and 8 ranks at 100 Mbit/s, checked at 1 Gbit/s; quick: 2 ranks at
+            1 Gbit/s), seed (of ResNet-50's random gradient) and output folder (the plot is written there).
+
+    Returns:
+        The report: the fit beside every measured run, the projected milliseconds per step, the checks, and as
+        data the measured runs, the model, the crossings and the projection.
+
+    Raises:
+        StudySkipped: the shaped links cannot be set up here (not root, no ``ip`` or ``tc``).
+    """
+    plan = _plan(ctx.full)
+    alphas, rows, check_rows = _measure_plan(plan)
+    model = _fit(rows, plan.rate, *alphas)
+    fit_rows, errors = _fit_table(model, rows)
+    check_table, _ = _fit_table(model, check_rows)
+    refit = (_fit([r for r in check_rows if r["workers"] <= 4], plan.check_rate, *alphas) if plan.check_rate
+             else None)
+    models = {rt: model.at(rt) for rt in RATES}
+    sizes = resnet50_bytes(ctx.seed)
+    proj_rows = [[rt, label, *[_ms(times[n]) for n in WORKERS]]
+                 for rt, m in models.items() for label, times in projection(m, sizes).items()]
+    crossings = {rt: crossover(m, sizes) for rt, m in models.items()}
+    # without latency (a fabric whose per-step latency is negligible): where the bytes alone cross
+    bytes_only = crossover(CostModel(0.0, 0.0, model.beta_reduce, model.beta_gather, plan.rate), sizes)
+    plot_path = ctx.path(".png")
+    _plot(models, sizes, plot_path)
+    checks = _checks(ctx.full, plan, model, errors, refit, crossings, bytes_only)
+    notes = _notes(plan, model, check_rows, refit, sizes, crossings, bytes_only)
+    markdown = _markdown(plan, model, fit_rows, check_table, proj_rows, notes)
     title = "Scaling: an alpha-beta model of the collectives, fitted on shaped links and projected to 1024 workers"
-    setup = [f"measured: gloo ring collectives on {', '.join(map(str, worlds))} ranks behind {rate} tc tbf links "
-             f"(each rank in its own network namespace); all-reduce of {', '.join(f'{b:,}' for b in reduce_bytes)} "
-             f"bytes, all-gather of {', '.join(f'{b:,}' for b in gather_bytes)} bytes per rank; the best of "
-             f"{repeats} runs of the slowest rank"]
-    if check_rate:
-        setup.append(f"checked: the same collectives on the same ranks behind {check_rate} links, the best of "
-                     f"{check_repeats} runs")
     return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
-                  plots=[plot_path], setup=setup,
+                  plots=[plot_path], setup=_setup(plan),
                   data={"measured": rows, "checked": check_rows, "model": vars(model),
                         "crossover": crossings, "crossover_bytes_only": bytes_only, "resnet50_bytes": sizes,
                         "projection": {rt: projection(m, sizes) for rt, m in models.items()}})

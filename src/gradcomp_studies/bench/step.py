@@ -38,7 +38,25 @@ def _synchronize(device: torch.device) -> None:
 
 def step_seconds(device: torch.device, method: str | None, batch: int, size: int, steps: int, warmup: int
                  ) -> list[float]:
-    """Seconds of each timed training step (forward and loss under bf16 autocast, backward, SGD step)."""
+    """Seconds of each timed training step (forward and loss under bf16 autocast, backward, SGD step).
+
+    ResNet-50 in DDP on one rank of an initialized process group, trained on one fixed random batch with SGD
+    (lr 0.01, :func:`gradcomp.method.sgd_settings` of momentum 0.9 for the method: 0 in the optimizer for DGC,
+    which applies momentum itself); the device is synchronized before and after each step, so a step's time
+    includes its kernels.
+
+    Args:
+        device: where the model trains (a CUDA device or the CPU).
+        method: None (DDP's own all-reduce, no hook), ``"none"`` (gradcomp's hook, dense) or ``"dgc"``
+            (gradcomp's hook with DGC at density 0.001, no warm-up).
+        batch: images per step.
+        size: the images' height and width, in pixels.
+        steps: timed steps.
+        warmup: untimed steps first.
+
+    Returns:
+        The ``steps`` timed steps' wall-clock seconds, in order.
+    """
     torch.manual_seed(0)
     model = resnet50().to(device)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -73,6 +91,19 @@ def _worker(rank: int, world: int, device_type: str, plan: list[tuple[str, int]]
 
 
 def run(ctx: Context) -> Result:
+    """``gradcomp bench step``: a ResNet-50 step through gradcomp's hook as a ratio to DDP's own all-reduce.
+
+    Args:
+        ctx: the run's variant (``full``: batch 64 and 256 at 224 x 224, 5 warm-up and 20 timed steps, on CUDA;
+            quick: batch 2 at 32 x 32, 1 warm-up and 2 timed steps, on CUDA if there is one, else the CPU).
+
+    Returns:
+        The report: each method's median milliseconds per step and its ratio to DDP's, the checks (every method
+        trained every timed step), and as data the seconds of every step and the ratios.
+
+    Raises:
+        StudySkipped: ``full`` and no CUDA device.
+    """
     cuda = torch.cuda.is_available()
     if ctx.full and not cuda:
         raise StudySkipped("gradcomp bench step --full measures ResNet-50 at batch 64 and 256 on a GPU: no CUDA "

@@ -72,7 +72,20 @@ def _parts(method: Method, payload: Payload) -> dict[str, int]:
 
 
 def measure(method: Method, grads: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
-    """One worker, one step: bytes per part, and how many sparse payloads decoded to other entries than chosen."""
+    """One worker, one step: bytes per part, and how many sparse payloads decoded to other entries than chosen.
+
+    Every tensor goes through the method's exchange with a world of one (each payload is its own round's
+    result); for DGC, each sparsified tensor's last payload is decoded and compared with the entries the
+    selection chose.  Ends the method's step.
+
+    Args:
+        method: a fresh method (its state advances by one step).
+        grads: one worker's gradient, name -> tensor (the method may change them in place: pass copies).
+
+    Returns:
+        ``(parts, inexact)``: bytes sent per part (:data:`PARTS`: values, indices, scales, dense, factors; 0 for a
+        part not sent), and the number of sparse payloads that did not decode exactly.
+    """
     parts = dict.fromkeys(PARTS, 0)
     inexact = 0
     prepared = method.prepare(grads, 1)
@@ -111,6 +124,17 @@ def _decodes_exactly(method: DGC, payload: Payload, grad: torch.Tensor) -> bool:
 
 
 def run(ctx: Context) -> Result:
+    """``gradcomp bench wire``: the bytes each DGC wire format and PowerSGD send in one step, by part.
+
+    Args:
+        ctx: the run's variant (``full``: AlexNet, VGG-16, ResNet-50 and the PTB LSTM; quick: ResNet-50) and
+            seed (of the random gradients).
+
+    Returns:
+        The report: per model and method the bytes of each part, the total and the ratio to the dense fp32
+        gradient, the checks (exact decoding, ResNet-50 at least :data:`GOAL` x smaller, the compact wire below
+        the paper's format), and as data every count.
+    """
     models = FULL_MODELS if ctx.full else QUICK_MODELS
     data: dict[str, dict[str, Any]] = {}
     rows, checks = [], []
