@@ -53,26 +53,42 @@ PUBLISHED = {"none": "94.3 %, 1023 MB", "powersgd": "94.4 %, 8 MB"}
 
 @dataclass(frozen=True)
 class Task:
+    """One task of a study: the data, model and training every row of it shares (the ``dga`` study uses it too)."""
+
+    #: the task's name in the tables and the report's data: ``"image"`` or ``"language"``
     key: str
+    #: the dataset (:data:`~gradcomp.train.data.DATASETS`)
     dataset: DatasetName
+    #: the model (:data:`~gradcomp.train.models.MODELS`)
     model: str
+    #: training samples (images, or characters of text) taken (None: all)
     limit_train: int | None
+    #: epochs of training
     epochs: int
+    #: samples per worker and step (language models: rows of text)
     batch_per_worker: int
+    #: the SGD learning rate
     lr: float
+    #: test samples scored (None: all)
     limit_test: int | None = None
+    #: the gradient clipping norm (None: no clipping)
     clip_norm: float | None = None
+    #: simulated workers
     workers: int = 4
     #: the model's options (``TrainConfig.model.options``), as (key, value) pairs
     model_options: tuple[tuple[str, Any], ...] = ()
+    #: SGD momentum
     momentum: float = 0.9
+    #: the linear learning-rate warm-up, in epochs
     lr_warmup_epochs: float = 0.0
-    lr_milestones: tuple[int, ...] = ()  # the learning rate times 0.1 at each
+    #: the learning rate times 0.1 at each of these epochs
+    lr_milestones: tuple[int, ...] = ()
     #: a language model scored by next-token accuracy instead of perplexity
     token_accuracy: bool = False
 
     @property
     def metric(self) -> str:
+        """The summary key a row is scored by: ``test_accuracy``, ``test_token_accuracy`` or ``test_perplexity``."""
         if self.dataset in ("ptb", "shakespeare"):
             return "test_token_accuracy" if self.token_accuracy else "test_perplexity"
         return "test_accuracy"
@@ -84,7 +100,14 @@ class Task:
 
     def config(self, seed: int) -> TrainConfig:
         """The task as a ``gradcomp train`` config: its data, model, optimizer and schedule on simulated workers,
-        the dense method (the studies choose theirs)."""
+        the dense method (the studies choose theirs).
+
+        Args:
+            seed: the run's seed.
+
+        Returns:
+            The config, with SGD and the ``none`` method.
+        """
         from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Schedule, TrainConfig
 
         return TrainConfig(
@@ -98,7 +121,12 @@ class Task:
             launch=Launch(workers=self.workers, seed=seed, simulate=True))
 
     def describe(self) -> str:
-        """``key: data, model, workers x batch`` for a report's setup."""
+        """``key: data, model, workers x batch`` for a report's setup.
+
+        Returns:
+            One line: the task's key, dataset, how much of it trains, the model and its options, the workers and
+            batch.
+        """
         size = "all" if self.limit_train is None else f"the first {self.limit_train:,}"
         unit = "characters" if self.dataset == "shakespeare" else "images"
         opts = ", ".join(f"{k}={v}" for k, v in self.model_options)
@@ -115,6 +143,15 @@ QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
 
 
 def configs(task: Task, seed: int) -> list[TrainConfig]:
+    """One ``gradcomp train`` config per compressor of :data:`METHODS`, in its order, on ``task``.
+
+    Args:
+        task: the data, model and training every row shares.
+        seed: the seed of every run.
+
+    Returns:
+        The task's config with each method, its options and its label; DGC's warm-up is 1/40 of training.
+    """
     base = task.config(seed)
     out = []
     for method, options, label in METHODS.values():
@@ -126,7 +163,15 @@ def configs(task: Task, seed: int) -> list[TrainConfig]:
 
 def score(task: Task, summary: dict) -> str:
     """A run's result as the tables print it: accuracy in %, perplexity to 3 decimals (in powers of ten
-    once it has blown up past 1e4, or inf), or the epoch the run diverged in."""
+    once it has blown up past 1e4, or inf), or the epoch the run diverged in.
+
+    Args:
+        task: chooses the metric (:attr:`Task.metric`).
+        summary: the run's summary (``summary.json``), with ``diverged`` set if it diverged.
+
+    Returns:
+        ``"97.12 %"``, ``"5.123"``, ``"3.2e+05 (blew up)"`` or ``"diverged (epoch 2)"``.
+    """
     if "diverged" in summary:
         return f"diverged (epoch {summary['diverged_in_epoch']})"
     value = summary[task.metric]
@@ -156,6 +201,23 @@ def _table(task: Task, rows: dict[str, dict]) -> str:
 
 
 def run(ctx: Context) -> Result:
+    """Train every compressor of :data:`METHODS` on the image and the language task at matched steps.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the tasks (:data:`FULL` or :data:`QUICK`), ``ctx.seed``
+            seeds every run, ``ctx.jobs`` how many train at once, ``ctx.runs_dir`` keeps the runs.
+
+    Returns:
+        The report: per task, each method's test accuracy (%) or perplexity, MB sent per worker and epoch,
+        compression ratio, measured time per step (ms, the simulator's 4 workers in one process) and the step
+        time projected onto 1 Gbit/s links; the training curves per task; the checks (dense, DGC and PowerSGD
+        train and learn, fp16 sends half the dense bytes, the sparsifiers over 20x; full: DGC under top-k's bytes
+        and within a point of dense accuracy, or 5 % of its perplexity).  ``data`` holds the tasks, every run's
+        summary and the methods.
+
+    Raises:
+        StudySkipped: MNIST or Tiny Shakespeare is not on this machine.
+    """
     from gradcomp.train.data import DatasetNotFoundError, load_dataset
     from gradcomp.train.report import plot_runs
 
