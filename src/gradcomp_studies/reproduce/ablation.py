@@ -113,20 +113,39 @@ LABELS = {
 
 @dataclass(frozen=True)
 class Variant:
+    """The settings of one variant of the ablation (:data:`FULL`, :data:`QUICK`, :data:`LONG`, :data:`LONG_QUICK`).
+
+    Raises:
+        ValueError: ``seeds`` below 1, a ``seed_rows`` key not among ``rows``, or ``seed_rows`` without ``dense``.
+    """
+
+    #: the datasets, each trained with every row (``"fashion-mnist"``, ``"mnist"``)
     datasets: tuple[str, ...]
+    #: training images taken from each dataset (None: all)
     limit_train: int | None
+    #: epochs of training per row
     epochs: int
+    #: the row keys trained (:data:`ALL_ROWS` order)
     rows: tuple[str, ...]
+    #: simulated workers
     workers: int = 8
+    #: images per worker and step
     batch_per_worker: int = 32
+    #: the initial learning rate
     lr: float = 0.1
+    #: the momentum: the optimizer's for the dense row, DGC's own for the others
     momentum: float = 0.9
+    #: weight decay (the DGC rows' scaled by ``1 / (1 - momentum)``, :func:`gradcomp.sgd_settings`)
     weight_decay: float = 1e-4
-    warmup_share: float = 4 / 160  # the paper's 4 of 160 epochs
-    decay_at: tuple[float, ...] = (0.5, 0.75)  # the learning rate drops 10x at these shares of training (the paper's)
-    limit_test: int | None = None  # evaluate on the first N test images (quick variant only)
+    #: DGC's warm-up as a share of training: the paper's 4 of 160 epochs
+    warmup_share: float = 4 / 160
+    #: the learning rate drops 10x at these shares of training (the paper's)
+    decay_at: tuple[float, ...] = (0.5, 0.75)
+    #: evaluate on the first N test images (quick variant only; None: the full test set)
+    limit_test: int | None = None
     #: these rows of the first dataset also train with the next ``seeds - 1`` seeds (their mean is checked)
     seed_rows: tuple[str, ...] = ()
+    #: how many seeds the ``seed_rows`` train with (``ctx.seed``, ``ctx.seed + 1``, ...)
     seeds: int = 1
 
     def __post_init__(self) -> None:
@@ -140,10 +159,12 @@ class Variant:
 
     @property
     def global_batch(self) -> int:
+        """Images per step over all workers: ``workers * batch_per_worker``."""
         return self.workers * self.batch_per_worker
 
     @property
     def warmup_epochs(self) -> float:
+        """DGC's warm-up in epochs: ``warmup_share * epochs``."""
         return self.warmup_share * self.epochs
 
 
@@ -155,25 +176,41 @@ QUICK = Variant(datasets=("mnist",), limit_train=3_000, epochs=1, rows=("dense",
 
 @dataclass
 class Row:
+    """One trained row of the table: what it was, and what it measured (NaN and 0 until trained)."""
+
+    #: the row's key (:data:`LABELS`)
     key: str
+    #: the dataset it trained on
     dataset: str
+    #: the seed of its initial weights and batch order
     seed: int = 0
+    #: final test accuracy, 0 to 1
     accuracy: float = math.nan
+    #: final mean test cross-entropy
     test_loss: float = math.nan
-    mean_density: float = math.nan  # sparsified tensors, mean over every step of the run
-    bytes_sent: int = 0  # worker 0, whole run
+    #: the density of the sparsified tensors, mean over every step of the run (1.0 for the dense row)
+    mean_density: float = math.nan
+    #: bytes worker 0 sent over the whole run (payloads)
+    bytes_sent: int = 0
+    #: what worker 0 would have sent dense (fp32), over the whole run
     dense_bytes: int = 0
+    #: optimizer steps taken
     steps: int = 0
+    #: wall time of the training and evaluation, in seconds
     seconds: float = 0.0
+    #: the last epoch's mean training loss
     final_train_loss: float = math.nan
+    #: the mean training loss of each epoch
     history: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
+        """The row's label in the tables (:data:`LABELS`)."""
         return LABELS[self.key]
 
     @property
     def byte_share(self) -> float:
+        """``bytes_sent / dense_bytes``: the share of the dense bytes sent (NaN before training)."""
         return self.bytes_sent / self.dense_bytes if self.dense_bytes else math.nan
 
 
@@ -409,6 +446,27 @@ def _setup(variant: Variant, seed: int) -> list[str]:
 
 
 def run(ctx: Context) -> Result:
+    """Train every row of the ablation on each dataset and compare them with the dense baseline.
+
+    Each row is trained (or read back from ``--runs``) by :func:`_train_kept` in the simulator; the full variant
+    trains the ten rows on Fashion-MNIST and MNIST and the seed rows four more times, the quick one four rows on a
+    slice of MNIST.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` the first seed, ``ctx.jobs`` how
+            many rows train at once, ``ctx.runs_dir`` keeps the rows.
+
+    Returns:
+        The report: per dataset, each row's test accuracy (%), its difference from dense in points beside the
+        published delta, its mean density, share of the dense bytes, last-epoch training loss and time; the
+        seeds table (full); a bar chart of the accuracies; the checks (full: every DGC row within 0.5 points of
+        dense, on the mean of the seeds where there are several, and DGC more than a point above naive pruning;
+        quick: dense above 60 % and every row above 20 %).
+        ``data`` holds the variant, every row and the published figures.
+
+    Raises:
+        StudySkipped: a dataset of the variant is not on this machine.
+    """
     variant = FULL if ctx.full else QUICK
     _need(variant)
     seeds = [ctx.seed + i for i in range(variant.seeds)]
@@ -524,6 +582,22 @@ def _plot_seeds(by: dict[tuple[str, int], Row], variant: Variant, seeds: list[in
 
 
 def run_long(ctx: Context) -> Result:
+    """``ablation-long``: dense, DGC and DGC at 1028x trained twice as long (16 epochs) with five seeds.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses :data:`LONG` or :data:`LONG_QUICK`, ``ctx.seed`` the first
+            of the seeds, ``ctx.jobs`` how many rows train at once, ``ctx.runs_dir`` keeps the rows.
+
+    Returns:
+        The report: the test accuracy (%) of each row and seed with their means, the paired differences from
+        dense (mean in points, its standard error, on how many seeds each row is ahead, its share of the dense
+        bytes), the last-epoch training losses, the accuracies plotted by seed and the checks (full: each row's
+        mean within 0.5 points of dense's; quick: every row above 20 %).  ``data`` holds the variant, seeds,
+        means, the paired differences and every row.
+
+    Raises:
+        StudySkipped: the variant's dataset is not on this machine.
+    """
     variant = LONG if ctx.full else LONG_QUICK
     _need(variant)
     name = variant.datasets[0]

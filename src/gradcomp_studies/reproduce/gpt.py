@@ -62,19 +62,35 @@ LOSS_GAP, RATIO_FLOOR = 0.02, 100
 
 @dataclass(frozen=True)
 class Variant:
-    limit_train: int | None  # training characters
+    """The settings of one variant of the study (:data:`FULL` or :data:`QUICK`)."""
+
+    #: training characters (None: all of Tiny Shakespeare's training split)
+    limit_train: int | None
+    #: epochs of the main rows
     epochs: int
-    limit_test: int | None = None  # held-out characters
+    #: held-out characters (None: all)
+    limit_test: int | None = None
+    #: simulated workers
     workers: int = 4
+    #: windows of text per worker and step
     batch_per_worker: int = 8
-    bptt: int = 128  # the GPT's context
+    #: characters per window: the GPT's context
+    bptt: int = 128
+    #: transformer blocks
     layers: int = 4
+    #: the model width
     d: int = 128
+    #: attention heads
     heads: int = 4
+    #: AdamW's peak learning rate
     lr: float = 2e-3
+    #: AdamW's decoupled weight decay, on every parameter
     weight_decay: float = 0.1
+    #: the linear learning-rate warm-up, in epochs
     lr_warmup_epochs: float = 0.25
-    warmup_share: float = 1 / 40  # DGC's sparsity warm-up: the paper's LSTM share (1 of 40 epochs)
+    #: DGC's sparsity warm-up as a share of training: the paper's LSTM share (1 of 40 epochs)
+    warmup_share: float = 1 / 40
+    #: checkpoint each run every this many steps, so ``--runs`` resumes a stopped row (None: at epoch ends only)
     checkpoint_every: int | None = None
     #: the diagnostic rows train the first this many epochs of the schedule
     diagnostic_epochs: int = 2
@@ -84,6 +100,7 @@ class Variant:
 
     @property
     def warmup_epochs(self) -> float:
+        """DGC's sparsity warm-up in epochs: ``warmup_share * epochs``."""
         return self.warmup_share * self.epochs
 
 
@@ -96,7 +113,17 @@ QUICK = Variant(limit_train=10_256, epochs=1, limit_test=4_000, batch_per_worker
 
 
 def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
-    """The five rows, then the diagnostic ones, as ``gradcomp train`` configs."""
+    """The five rows, then the diagnostic ones, as ``gradcomp train`` configs.
+
+    Args:
+        variant: the data, model, schedule and AdamW settings shared by every row.
+        seed: the seed of every run.
+
+    Returns:
+        Row key -> config: ``dense``, ``dgc``, ``topk``, ``powersgd``, ``qsgd`` (:data:`LABELS`), then
+        ``sgd-dense``, ``sgd-dgc`` and ``adamw-dgc-1%`` (:data:`DIAGNOSTICS`), trained for
+        ``variant.diagnostic_epochs``.
+    """
     from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
     options: dict[str, dict[str, Any]]
@@ -122,6 +149,23 @@ def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
 
 
 def run(ctx: Context) -> Result:
+    """Train the five rows and the diagnostic ones, and compare each compressed row's held-out loss with dense.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` seeds every run, ``ctx.runs_dir``
+            keeps the runs (the full rows checkpoint every 100 steps, so a stopped study resumes).
+
+    Returns:
+        The report: each row's held-out loss (mean cross-entropy per character, nats) and its gap to dense in %,
+        bytes sent and dense fp32 bytes per step and worker, compression ratio and time per step; the
+        diagnostic table (gaps epoch by epoch, and how many steps late each compressed row reached its final
+        loss on the dense curve); the loss curves of the main rows; the checks (every row below the uniform
+        guess ``ln(vocabulary)``; full: the best row at >= :data:`RATIO_FLOOR` x fewer bytes within
+        :data:`LOSS_GAP` of dense).  ``data`` holds the variant, the parameter count and every run's summary.
+
+    Raises:
+        StudySkipped: Tiny Shakespeare is not on this machine.
+    """
     from gradcomp.train.data import DatasetNotFoundError, load_dataset
     from gradcomp.train.report import human_bytes
 
