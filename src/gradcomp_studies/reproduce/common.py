@@ -34,13 +34,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
 
 from gradcomp.train.report import markdown_cell, new_figure
 from gradcomp.train.rundir import json_default
+
+if TYPE_CHECKING:
+    from gradcomp.train.data import Dataset
 
 __all__ = [
     "Check",
@@ -60,6 +63,7 @@ __all__ = [
     "new_figure",
     "register",
     "report_name",
+    "require_dataset",
     "run_study",
     "save_figure",
     "studies",
@@ -830,3 +834,25 @@ def train_rows(ctx: Context, name: str, rows: dict[str, Any],
         plot_runs([d for key, (_, d) in zip(rows, runs) if plotted is None or key in plotted], plot_path)
         epochs = [[m for m in RunDir(d).read_metrics() if "test_loss" in m] for _, d in runs]
     return {key: {**summary, "epochs": e} for key, (summary, _), e in zip(rows, runs, epochs)}, plot_path
+
+
+def require_dataset(name: str, shown: str | None = None, limit_train: int | None = 1) -> Dataset:
+    """Load a dataset a study needs, or skip the study when it is not on this machine.
+
+    Args:
+        name: the dataset (:data:`~gradcomp.train.data.DATASETS`).
+        shown: its name in the skip message (None: ``name``).
+        limit_train: the training samples loaded (1: just enough to check it is there; None: all).
+
+    Returns:
+        The dataset (:func:`~gradcomp.train.data.load_dataset`).
+
+    Raises:
+        StudySkipped: the dataset was not found.
+    """
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+
+    try:
+        return load_dataset(name, limit_train=limit_train)
+    except DatasetNotFoundError as error:
+        raise StudySkipped(f"{shown or name} is needed for this table and was not found: {error}") from None
