@@ -67,13 +67,13 @@ from .common import (
     Context,
     Result,
     Study,
-    StudySkipped,
     classification_loss,
     evaluate_classifier,
     map_runs,
     markdown_table,
     new_figure,
     register,
+    require_dataset,
     save_figure,
 )
 
@@ -415,14 +415,10 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
 
 
 def _need(variant: Variant) -> None:
-    """:class:`StudySkipped` naming the dataset that is missing."""
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset
-
+    """Skip the study (``StudySkipped``, :func:`~gradcomp_studies.reproduce.common.require_dataset`) when a
+    dataset of the variant is missing."""
     for name in variant.datasets:
-        try:
-            load_dataset(name, limit_train=1)
-        except DatasetNotFoundError as error:
-            raise StudySkipped(f"{NAMES[name]} is needed for this table and was not found: {error}") from None
+        require_dataset(name, NAMES[name])
 
 
 def _setup(variant: Variant, seed: int) -> list[str]:
@@ -443,6 +439,86 @@ def _setup(variant: Variant, seed: int) -> list[str]:
             f"{_sgd('dgc', variant)['weight_decay']:g}: the dense row's, as its momentum applies it)",
             f"sparsity: density {DENSITY} (99.9 %); warm-up {variant.warmup_epochs:g} epochs "
             f"({100 * variant.warmup_share:g} % of training, the paper's 4 of 160), advancing per step"]
+
+
+def _train_rows(ctx: Context, variant: Variant, seeds: list[int]) -> tuple[list[Row], list[Row]]:
+    """Train (or read back) every row on each dataset, then the seed rows with the other seeds: the rows of
+    ``ctx.seed``, and the seed rows of every seed on the first dataset."""
+    first = variant.datasets[0]
+    with ctx.runs_folder("ablation") as folder:
+        calls = [(k, name, variant, ctx.seed, str(folder)) for name in variant.datasets for k in variant.rows]
+        calls += [(k, first, variant, seed, str(folder)) for seed in seeds[1:] for k in variant.seed_rows]
+        every = map_runs(ctx, _train_kept, calls, desc="ablation rows",
+                         describe=lambda r: f"{NAMES[r.dataset]}, {r.label}"
+                                            + ("" if r.seed == ctx.seed else f" (seed {r.seed})")
+                                            + f": test accuracy {r.accuracy:.4f}, avg density "
+                                              f"{100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
+    rows = [r for r in every if r.seed == ctx.seed]
+    return rows, [r for r in every if r.dataset == first and r.key in variant.seed_rows]
+
+
+def _full_checks(name: str, mine: list[Row], means: dict[str, float], seeds: list[int]) -> list[Check]:
+    """Every DGC row within 0.5 points of dense (on the seeds' means where ``means`` has them), and DGC more than
+    a point above naive pruning."""
+    checks = []
+    dense, naive, dgc = _trained(mine, "dense"), _trained(mine, "naive"), _trained(mine, "dgc")
+    for r in (_trained(mine, k) for k in DGC_ROWS):
+        if r.key in means:
+            checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 %, mean of {len(seeds)} seeds, within 0.5 "
+                                "points of the dense baseline's mean", means[r.key] >= means["dense"] - 0.005,
+                                f"{means[r.key]:.4f} vs {means['dense']:.4f}"))
+            continue
+        checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 % within 0.5 points of the dense baseline",
+                            r.accuracy >= dense.accuracy - 0.005, f"{r.accuracy:.4f} vs {dense.accuracy:.4f}"))
+    checks.append(Check(f"{NAMES[name]}: DGC beats naive pruning by more than 1 point",
+                        dgc.accuracy > naive.accuracy + 0.01, f"{dgc.accuracy:.4f} vs {naive.accuracy:.4f}"))
+    return checks
+
+
+def _quick_checks(name: str, mine: list[Row]) -> list[Check]:
+    """Dense above 60 % and every row above 20 %: ~45 steps are too few for DGC's accumulated updates to catch
+    up, so the quick run shows that every row trains."""
+    dense = _trained(mine, "dense")
+    return [Check(f"{NAMES[name]}: dense training is far above chance (> 0.6)", dense.accuracy > 0.6,
+                  f"{dense.accuracy:.4f}"),
+            Check(f"{NAMES[name]}: every row trains above chance (> 0.2)",
+                  all(r.accuracy > 0.2 for r in mine), ", ".join(f"{r.accuracy:.4f}" for r in mine))]
+
+
+def _checks(full: bool, per: dict[str, list[Row]], means: dict[str, float], seeds: list[int]) -> list[Check]:
+    """Every dataset's checks; the seeds' ``means`` stand for the first dataset's rows."""
+    checks = []
+    for i, (name, mine) in enumerate(per.items()):
+        checks += _full_checks(name, mine, means if i == 0 else {}, seeds) if full else _quick_checks(name, mine)
+    return checks
+
+
+def _all_notes(variant: Variant, per: dict[str, list[Row]]) -> list[str]:
+    """Each dataset's notes (:func:`_notes`), then what the densities and bytes count."""
+    return [*(n for mine in per.values() for n in _notes(mine, variant)),
+            "Densities count the sparsified tensors (dim > 1, >= 1024 entries; every tensor for *every tensor "
+            "sparsified*); the other rows send biases and batch-norm parameters densely. Bytes count payloads: "
+            "about 3.5 bytes per sparse entry on the compact wire, 8 on the paper's, 4 per dense entry."]
+
+
+def _texts(title: str, per: dict[str, list[Row]], seeds: list[int], seeds_table: str,
+           notes: list[str]) -> tuple[str, str]:
+    """The report's markdown body and its console text: a table per dataset, the seeds table, the published
+    figures, the notes."""
+    tables = {name: _table(mine) for name, mine in per.items()}
+    published = (f"Published (DGC paper, Table 1, ResNet-110 on CIFAR-10): baseline {PUBLISHED_BASELINE} %; "
+                 "naive pruning does not converge; -1.56, -0.36, -1.03 and +0.37 points for the other rows.")
+    sections = []
+    for name, table in tables.items():
+        sections += [f"## {NAMES[name]}: test accuracy beside the published deltas", "", table, ""]
+    seeds_title = f"{NAMES[next(iter(per))]} over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    if seeds_table:
+        sections += [f"## {seeds_title}", "", "Each seed draws its own initial weights and batch order; the checks "
+                     "compare these means.", "", seeds_table, ""]
+    markdown = "\n".join([*sections, published, "", "## Notes", "", *[f"- {n}" for n in notes], ""])
+    console = "\n".join([title, "", *[f"{NAMES[n]}\n{t}\n" for n, t in tables.items()],
+                          *([f"{seeds_title}\n{seeds_table}\n"] if seeds_table else []), *[f"* {n}" for n in notes]])
+    return markdown, console
 
 
 def run(ctx: Context) -> Result:
@@ -470,75 +546,25 @@ def run(ctx: Context) -> Result:
     variant = FULL if ctx.full else QUICK
     _need(variant)
     seeds = [ctx.seed + i for i in range(variant.seeds)]
-    first = variant.datasets[0]
-    with ctx.runs_folder("ablation") as folder:
-        calls = [(k, name, variant, ctx.seed, str(folder)) for name in variant.datasets for k in variant.rows]
-        calls += [(k, first, variant, seed, str(folder)) for seed in seeds[1:] for k in variant.seed_rows]
-        every = map_runs(ctx, _train_kept, calls, desc="ablation rows",
-                         describe=lambda r: f"{NAMES[r.dataset]}, {r.label}"
-                                            + ("" if r.seed == ctx.seed else f" (seed {r.seed})")
-                                            + f": test accuracy {r.accuracy:.4f}, avg density "
-                                              f"{100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
-    rows = [r for r in every if r.seed == ctx.seed]
-    repeats = [r for r in every if r.dataset == first and r.key in variant.seed_rows]
+    rows, repeats = _train_rows(ctx, variant, seeds)
     seeds_table, means = _seeds_table(repeats, variant, seeds) if variant.seeds > 1 else ("", {})
-
-    checks = []
-    tables, notes = [], []
-    for name in variant.datasets:
-        mine = [r for r in rows if r.dataset == name]
-        dense = _trained(mine, "dense")
-        if ctx.full:
-            naive, dgc = _trained(mine, "naive"), _trained(mine, "dgc")
-            for r in (_trained(mine, k) for k in DGC_ROWS):
-                if name == first and r.key in means:
-                    checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 %, mean of {len(seeds)} seeds, within 0.5 "
-                                        "points of the dense baseline's mean", means[r.key] >= means["dense"] - 0.005,
-                                        f"{means[r.key]:.4f} vs {means['dense']:.4f}"))
-                    continue
-                checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 % within 0.5 points of the dense baseline",
-                                    r.accuracy >= dense.accuracy - 0.005, f"{r.accuracy:.4f} vs {dense.accuracy:.4f}"))
-            checks.append(Check(f"{NAMES[name]}: DGC beats naive pruning by more than 1 point",
-                                dgc.accuracy > naive.accuracy + 0.01, f"{dgc.accuracy:.4f} vs {naive.accuracy:.4f}"))
-        else:
-            # ~45 steps: too few for DGC's accumulated updates to catch up; the quick run shows every row trains
-            checks.append(Check(f"{NAMES[name]}: dense training is far above chance (> 0.6)", dense.accuracy > 0.6,
-                                f"{dense.accuracy:.4f}"))
-            checks.append(Check(f"{NAMES[name]}: every row trains above chance (> 0.2)",
-                                all(r.accuracy > 0.2 for r in mine), ", ".join(f"{r.accuracy:.4f}" for r in mine)))
-        tables.append((name, _table(mine)))
-        notes += _notes(mine, variant)
-    notes.append("Densities count the sparsified tensors (dim > 1, >= 1024 entries; every tensor for *every tensor "
-                 "sparsified*); the other rows send biases and batch-norm parameters densely. Bytes count payloads: "
-                 "about 3.5 bytes per sparse entry on the compact wire, 8 on the paper's, 4 per dense entry.")
-
+    per = {name: [r for r in rows if r.dataset == name] for name in variant.datasets}
+    checks = _checks(ctx.full, per, means, seeds)
+    notes = _all_notes(variant, per)
     plot_path = ctx.path(".png")
     _plot(rows, variant, plot_path)
-
-    names = " and ".join(NAMES[n] for n in variant.datasets)
-    title = f"DGC ablation at 99.9 % sparsity: 8 workers, batch-norm CNN, {names}"
+    title = f"DGC ablation at 99.9 % sparsity: 8 workers, batch-norm CNN, {' and '.join(NAMES[n] for n in per)}"
     setup = _setup(variant, ctx.seed)
     if variant.seeds > 1:
         setup.insert(3, f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} "
-                        f"on {NAMES[first]}; {ctx.seed} for the others")
-    published = (f"Published (DGC paper, Table 1, ResNet-110 on CIFAR-10): baseline {PUBLISHED_BASELINE} %; "
-                 "naive pruning does not converge; -1.56, -0.36, -1.03 and +0.37 points for the other rows.")
-    sections = []
-    for name, table in tables:
-        sections += [f"## {NAMES[name]}: test accuracy beside the published deltas", "", table, ""]
-    seeds_title = f"{NAMES[first]} over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
-    if seeds_table:
-        sections += [f"## {seeds_title}", "", "Each seed draws its own initial weights and batch order; the checks "
-                     "compare these means.", "", seeds_table, ""]
-    markdown = "\n".join([*sections, published, "", "## Notes", "", *[f"- {n}" for n in notes], ""])
-    console = "\n".join([title, "", *[f"{NAMES[n]}\n{t}\n" for n, t in tables],
-                         *([f"{seeds_title}\n{seeds_table}\n"] if seeds_table else []), *[f"* {n}" for n in notes]])
+                        f"on {NAMES[variant.datasets[0]]}; {ctx.seed} for the others")
+    markdown, console = _texts(title, per, seeds, seeds_table, notes)
     data_out = {"variant": dataclasses.asdict(variant),
                 "rows": [{**vars(r), "label": r.label, "byte_share": r.byte_share} for r in rows],
                 "seeds": seeds, "seed_rows": [{**vars(r), "label": r.label} for r in repeats],
                 "published": {"baseline": PUBLISHED_BASELINE, "delta": PUBLISHED_DELTA}}
-    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,
-                  setup=setup)
+    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path],
+                  data=data_out, setup=setup)
 
 
 register(Study("ablation", "DGC ablation at 99.9 % sparsity: 8 workers, BN CNN, Fashion-MNIST and MNIST", run,
