@@ -4,7 +4,7 @@ Every module in this package (other than ``common`` and private ``_*``
 modules) is a study: importing it calls :func:`register` with a
 :class:`Study`.  Adding a table is adding a module::
 
-    # src/gradcomp/reproduce/lm.py
+    # src/gradcomp_studies/reproduce/lm.py
     from .common import Context, Result, Study, register
 
     def run(ctx: Context) -> Result:

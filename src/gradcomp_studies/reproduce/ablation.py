@@ -67,13 +67,13 @@ from .common import (
     Context,
     Result,
     Study,
-    StudySkipped,
     classification_loss,
     evaluate_classifier,
     map_runs,
     markdown_table,
     new_figure,
     register,
+    require_dataset,
     save_figure,
 )
 
@@ -113,20 +113,39 @@ LABELS = {
 
 @dataclass(frozen=True)
 class Variant:
+    """The settings of one variant of the ablation (:data:`FULL`, :data:`QUICK`, :data:`LONG`, :data:`LONG_QUICK`).
+
+    Raises:
+        ValueError: ``seeds`` below 1, a ``seed_rows`` key not among ``rows``, or ``seed_rows`` without ``dense``.
+    """
+
+    #: the datasets, each trained with every row (``"fashion-mnist"``, ``"mnist"``)
     datasets: tuple[str, ...]
+    #: training images taken from each dataset (None: all)
     limit_train: int | None
+    #: epochs of training per row
     epochs: int
+    #: the row keys trained (:data:`ALL_ROWS` order)
     rows: tuple[str, ...]
+    #: simulated workers
     workers: int = 8
+    #: images per worker and step
     batch_per_worker: int = 32
+    #: the initial learning rate
     lr: float = 0.1
+    #: the momentum: the optimizer's for the dense row, DGC's own for the others
     momentum: float = 0.9
+    #: weight decay (the DGC rows' scaled by ``1 / (1 - momentum)``, :func:`gradcomp.sgd_settings`)
     weight_decay: float = 1e-4
-    warmup_share: float = 4 / 160  # the paper's 4 of 160 epochs
-    decay_at: tuple[float, ...] = (0.5, 0.75)  # the learning rate drops 10x at these shares of training (the paper's)
-    limit_test: int | None = None  # evaluate on the first N test images (quick variant only)
+    #: DGC's warm-up as a share of training: the paper's 4 of 160 epochs
+    warmup_share: float = 4 / 160
+    #: the learning rate drops 10x at these shares of training (the paper's)
+    decay_at: tuple[float, ...] = (0.5, 0.75)
+    #: evaluate on the first N test images (quick variant only; None: the full test set)
+    limit_test: int | None = None
     #: these rows of the first dataset also train with the next ``seeds - 1`` seeds (their mean is checked)
     seed_rows: tuple[str, ...] = ()
+    #: how many seeds the ``seed_rows`` train with (``ctx.seed``, ``ctx.seed + 1``, ...)
     seeds: int = 1
 
     def __post_init__(self) -> None:
@@ -140,10 +159,12 @@ class Variant:
 
     @property
     def global_batch(self) -> int:
+        """Images per step over all workers: ``workers * batch_per_worker``."""
         return self.workers * self.batch_per_worker
 
     @property
     def warmup_epochs(self) -> float:
+        """DGC's warm-up in epochs: ``warmup_share * epochs``."""
         return self.warmup_share * self.epochs
 
 
@@ -155,25 +176,41 @@ QUICK = Variant(datasets=("mnist",), limit_train=3_000, epochs=1, rows=("dense",
 
 @dataclass
 class Row:
+    """One trained row of the table: what it was, and what it measured (NaN and 0 until trained)."""
+
+    #: the row's key (:data:`LABELS`)
     key: str
+    #: the dataset it trained on
     dataset: str
+    #: the seed of its initial weights and batch order
     seed: int = 0
+    #: final test accuracy, 0 to 1
     accuracy: float = math.nan
+    #: final mean test cross-entropy
     test_loss: float = math.nan
-    mean_density: float = math.nan  # sparsified tensors, mean over every step of the run
-    bytes_sent: int = 0  # worker 0, whole run
+    #: the density of the sparsified tensors, mean over every step of the run (1.0 for the dense row)
+    mean_density: float = math.nan
+    #: bytes worker 0 sent over the whole run (payloads)
+    bytes_sent: int = 0
+    #: what worker 0 would have sent dense (fp32), over the whole run
     dense_bytes: int = 0
+    #: optimizer steps taken
     steps: int = 0
+    #: wall time of the training and evaluation, in seconds
     seconds: float = 0.0
+    #: the last epoch's mean training loss
     final_train_loss: float = math.nan
+    #: the mean training loss of each epoch
     history: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
+        """The row's label in the tables (:data:`LABELS`)."""
         return LABELS[self.key]
 
     @property
     def byte_share(self) -> float:
+        """``bytes_sent / dense_bytes``: the share of the dense bytes sent (NaN before training)."""
         return self.bytes_sent / self.dense_bytes if self.dense_bytes else math.nan
 
 
@@ -378,14 +415,10 @@ def _notes(rows: list[Row], variant: Variant) -> list[str]:
 
 
 def _need(variant: Variant) -> None:
-    """:class:`StudySkipped` naming the dataset that is missing."""
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset
-
+    """Skip the study (``StudySkipped``, :func:`~gradcomp_studies.reproduce.common.require_dataset`) when a
+    dataset of the variant is missing."""
     for name in variant.datasets:
-        try:
-            load_dataset(name, limit_train=1)
-        except DatasetNotFoundError as error:
-            raise StudySkipped(f"{NAMES[name]} is needed for this table and was not found: {error}") from None
+        require_dataset(name, NAMES[name])
 
 
 def _setup(variant: Variant, seed: int) -> list[str]:
@@ -408,10 +441,9 @@ def _setup(variant: Variant, seed: int) -> list[str]:
             f"({100 * variant.warmup_share:g} % of training, the paper's 4 of 160), advancing per step"]
 
 
-def run(ctx: Context) -> Result:
-    variant = FULL if ctx.full else QUICK
-    _need(variant)
-    seeds = [ctx.seed + i for i in range(variant.seeds)]
+def _train_rows(ctx: Context, variant: Variant, seeds: list[int]) -> tuple[list[Row], list[Row]]:
+    """Train (or read back) every row on each dataset, then the seed rows with the other seeds: the rows of
+    ``ctx.seed``, and the seed rows of every seed on the first dataset."""
     first = variant.datasets[0]
     with ctx.runs_folder("ablation") as folder:
         calls = [(k, name, variant, ctx.seed, str(folder)) for name in variant.datasets for k in variant.rows]
@@ -422,65 +454,117 @@ def run(ctx: Context) -> Result:
                                             + f": test accuracy {r.accuracy:.4f}, avg density "
                                               f"{100 * r.mean_density:.3g} % ({r.seconds:.0f} s)")
     rows = [r for r in every if r.seed == ctx.seed]
-    repeats = [r for r in every if r.dataset == first and r.key in variant.seed_rows]
-    seeds_table, means = _seeds_table(repeats, variant, seeds) if variant.seeds > 1 else ("", {})
+    return rows, [r for r in every if r.dataset == first and r.key in variant.seed_rows]
 
+
+def _full_checks(name: str, mine: list[Row], means: dict[str, float], seeds: list[int]) -> list[Check]:
+    """Every DGC row within 0.5 points of dense (on the seeds' means where ``means`` has them), and DGC more than
+    a point above naive pruning."""
     checks = []
-    tables, notes = [], []
-    for name in variant.datasets:
-        mine = [r for r in rows if r.dataset == name]
-        dense = _trained(mine, "dense")
-        if ctx.full:
-            naive, dgc = _trained(mine, "naive"), _trained(mine, "dgc")
-            for r in (_trained(mine, k) for k in DGC_ROWS):
-                if name == first and r.key in means:
-                    checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 %, mean of {len(seeds)} seeds, within 0.5 "
-                                        "points of the dense baseline's mean", means[r.key] >= means["dense"] - 0.005,
-                                        f"{means[r.key]:.4f} vs {means['dense']:.4f}"))
-                    continue
-                checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 % within 0.5 points of the dense baseline",
-                                    r.accuracy >= dense.accuracy - 0.005, f"{r.accuracy:.4f} vs {dense.accuracy:.4f}"))
-            checks.append(Check(f"{NAMES[name]}: DGC beats naive pruning by more than 1 point",
-                                dgc.accuracy > naive.accuracy + 0.01, f"{dgc.accuracy:.4f} vs {naive.accuracy:.4f}"))
-        else:
-            # ~45 steps: too few for DGC's accumulated updates to catch up; the quick run shows every row trains
-            checks.append(Check(f"{NAMES[name]}: dense training is far above chance (> 0.6)", dense.accuracy > 0.6,
-                                f"{dense.accuracy:.4f}"))
-            checks.append(Check(f"{NAMES[name]}: every row trains above chance (> 0.2)",
-                                all(r.accuracy > 0.2 for r in mine), ", ".join(f"{r.accuracy:.4f}" for r in mine)))
-        tables.append((name, _table(mine)))
-        notes += _notes(mine, variant)
-    notes.append("Densities count the sparsified tensors (dim > 1, >= 1024 entries; every tensor for *every tensor "
-                 "sparsified*); the other rows send biases and batch-norm parameters densely. Bytes count payloads: "
-                 "about 3.5 bytes per sparse entry on the compact wire, 8 on the paper's, 4 per dense entry.")
+    dense, naive, dgc = _trained(mine, "dense"), _trained(mine, "naive"), _trained(mine, "dgc")
+    for r in (_trained(mine, k) for k in DGC_ROWS):
+        if r.key in means:
+            checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 %, mean of {len(seeds)} seeds, within 0.5 "
+                                "points of the dense baseline's mean", means[r.key] >= means["dense"] - 0.005,
+                                f"{means[r.key]:.4f} vs {means['dense']:.4f}"))
+            continue
+        checks.append(Check(f"{NAMES[name]}: {r.label} at 99.9 % within 0.5 points of the dense baseline",
+                            r.accuracy >= dense.accuracy - 0.005, f"{r.accuracy:.4f} vs {dense.accuracy:.4f}"))
+    checks.append(Check(f"{NAMES[name]}: DGC beats naive pruning by more than 1 point",
+                        dgc.accuracy > naive.accuracy + 0.01, f"{dgc.accuracy:.4f} vs {naive.accuracy:.4f}"))
+    return checks
 
-    plot_path = ctx.path(".png")
-    _plot(rows, variant, plot_path)
 
-    names = " and ".join(NAMES[n] for n in variant.datasets)
-    title = f"DGC ablation at 99.9 % sparsity: 8 workers, batch-norm CNN, {names}"
-    setup = _setup(variant, ctx.seed)
-    if variant.seeds > 1:
-        setup.insert(3, f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} "
-                        f"on {NAMES[first]}; {ctx.seed} for the others")
+def _quick_checks(name: str, mine: list[Row]) -> list[Check]:
+    """Dense above 60 % and every row above 20 %: ~45 steps are too few for DGC's accumulated updates to catch
+    up, so the quick run shows that every row trains."""
+    dense = _trained(mine, "dense")
+    return [Check(f"{NAMES[name]}: dense training is far above chance (> 0.6)", dense.accuracy > 0.6,
+                  f"{dense.accuracy:.4f}"),
+            Check(f"{NAMES[name]}: every row trains above chance (> 0.2)",
+                  all(r.accuracy > 0.2 for r in mine), ", ".join(f"{r.accuracy:.4f}" for r in mine))]
+
+
+def _checks(full: bool, per: dict[str, list[Row]], means: dict[str, float], seeds: list[int]) -> list[Check]:
+    """Every dataset's checks; the seeds' ``means`` stand for the first dataset's rows."""
+    checks = []
+    for i, (name, mine) in enumerate(per.items()):
+        checks += _full_checks(name, mine, means if i == 0 else {}, seeds) if full else _quick_checks(name, mine)
+    return checks
+
+
+def _all_notes(variant: Variant, per: dict[str, list[Row]]) -> list[str]:
+    """Each dataset's notes (:func:`_notes`), then what the densities and bytes count."""
+    return [*(n for mine in per.values() for n in _notes(mine, variant)),
+            "Densities count the sparsified tensors (dim > 1, >= 1024 entries; every tensor for *every tensor "
+            "sparsified*); the other rows send biases and batch-norm parameters densely. Bytes count payloads: "
+            "about 3.5 bytes per sparse entry on the compact wire, 8 on the paper's, 4 per dense entry."]
+
+
+def _texts(title: str, per: dict[str, list[Row]], seeds: list[int], seeds_table: str,
+           notes: list[str]) -> tuple[str, str]:
+    """The report's markdown body and its console text: a table per dataset, the seeds table, the published
+    figures, the notes."""
+    tables = {name: _table(mine) for name, mine in per.items()}
     published = (f"Published (DGC paper, Table 1, ResNet-110 on CIFAR-10): baseline {PUBLISHED_BASELINE} %; "
                  "naive pruning does not converge; -1.56, -0.36, -1.03 and +0.37 points for the other rows.")
     sections = []
-    for name, table in tables:
+    for name, table in tables.items():
         sections += [f"## {NAMES[name]}: test accuracy beside the published deltas", "", table, ""]
-    seeds_title = f"{NAMES[first]} over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    seeds_title = f"{NAMES[next(iter(per))]} over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
     if seeds_table:
         sections += [f"## {seeds_title}", "", "Each seed draws its own initial weights and batch order; the checks "
                      "compare these means.", "", seeds_table, ""]
     markdown = "\n".join([*sections, published, "", "## Notes", "", *[f"- {n}" for n in notes], ""])
-    console = "\n".join([title, "", *[f"{NAMES[n]}\n{t}\n" for n, t in tables],
-                         *([f"{seeds_title}\n{seeds_table}\n"] if seeds_table else []), *[f"* {n}" for n in notes]])
+    console = "\n".join([title, "", *[f"{NAMES[n]}\n{t}\n" for n, t in tables.items()],
+                          *([f"{seeds_title}\n{seeds_table}\n"] if seeds_table else []), *[f"* {n}" for n in notes]])
+    return markdown, console
+
+
+def run(ctx: Context) -> Result:
+    """Train every row of the ablation on each dataset and compare them with the dense baseline.
+
+    Each row is trained (or read back from ``--runs``) by :func:`_train_kept` in the simulator; the full variant
+    trains the ten rows on Fashion-MNIST and MNIST and the seed rows four more times, the quick one four rows on a
+    slice of MNIST.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` the first seed, ``ctx.jobs`` how
+            many rows train at once, ``ctx.runs_dir`` keeps the rows.
+
+    Returns:
+        The report: per dataset, each row's test accuracy (%), its difference from dense in points beside the
+        published delta, its mean density, share of the dense bytes, last-epoch training loss and time; the
+        seeds table (full); a bar chart of the accuracies; the checks (full: every DGC row within 0.5 points of
+        dense, on the mean of the seeds where there are several, and DGC more than a point above naive pruning;
+        quick: dense above 60 % and every row above 20 %).
+        ``data`` holds the variant, every row and the published figures.
+
+    Raises:
+        StudySkipped: a dataset of the variant is not on this machine.
+    """
+    variant = FULL if ctx.full else QUICK
+    _need(variant)
+    seeds = [ctx.seed + i for i in range(variant.seeds)]
+    rows, repeats = _train_rows(ctx, variant, seeds)
+    seeds_table, means = _seeds_table(repeats, variant, seeds) if variant.seeds > 1 else ("", {})
+    per = {name: [r for r in rows if r.dataset == name] for name in variant.datasets}
+    checks = _checks(ctx.full, per, means, seeds)
+    notes = _all_notes(variant, per)
+    plot_path = ctx.path(".png")
+    _plot(rows, variant, plot_path)
+    title = f"DGC ablation at 99.9 % sparsity: 8 workers, batch-norm CNN, {' and '.join(NAMES[n] for n in per)}"
+    setup = _setup(variant, ctx.seed)
+    if variant.seeds > 1:
+        setup.insert(3, f"seeds: {', '.join(map(str, seeds))} for {', '.join(LABELS[k] for k in variant.seed_rows)} "
+                        f"on {NAMES[variant.datasets[0]]}; {ctx.seed} for the others")
+    markdown, console = _texts(title, per, seeds, seeds_table, notes)
     data_out = {"variant": dataclasses.asdict(variant),
                 "rows": [{**vars(r), "label": r.label, "byte_share": r.byte_share} for r in rows],
                 "seeds": seeds, "seed_rows": [{**vars(r), "label": r.label} for r in repeats],
                 "published": {"baseline": PUBLISHED_BASELINE, "delta": PUBLISHED_DELTA}}
-    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,
-                  setup=setup)
+    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path],
+                  data=data_out, setup=setup)
 
 
 register(Study("ablation", "DGC ablation at 99.9 % sparsity: 8 workers, BN CNN, Fashion-MNIST and MNIST", run,
@@ -524,6 +608,22 @@ def _plot_seeds(by: dict[tuple[str, int], Row], variant: Variant, seeds: list[in
 
 
 def run_long(ctx: Context) -> Result:
+    """``ablation-long``: dense, DGC and DGC at 1028x trained twice as long (16 epochs) with five seeds.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses :data:`LONG` or :data:`LONG_QUICK`, ``ctx.seed`` the first
+            of the seeds, ``ctx.jobs`` how many rows train at once, ``ctx.runs_dir`` keeps the rows.
+
+    Returns:
+        The report: the test accuracy (%) of each row and seed with their means, the paired differences from
+        dense (mean in points, its standard error, on how many seeds each row is ahead, its share of the dense
+        bytes), the last-epoch training losses, the accuracies plotted by seed and the checks (full: each row's
+        mean within 0.5 points of dense's; quick: every row above 20 %).  ``data`` holds the variant, seeds,
+        means, the paired differences and every row.
+
+    Raises:
+        StudySkipped: the variant's dataset is not on this machine.
+    """
     variant = LONG if ctx.full else LONG_QUICK
     _need(variant)
     name = variant.datasets[0]

@@ -34,13 +34,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
 
 from gradcomp.train.report import markdown_cell, new_figure
 from gradcomp.train.rundir import json_default
+
+if TYPE_CHECKING:
+    from gradcomp.train.data import Dataset
 
 __all__ = [
     "Check",
@@ -60,6 +63,7 @@ __all__ = [
     "new_figure",
     "register",
     "report_name",
+    "require_dataset",
     "run_study",
     "save_figure",
     "studies",
@@ -77,7 +81,13 @@ class UnknownStudyError(ValueError):
 
 @dataclass(frozen=True)
 class Check:
-    """One assertion of a study: what was checked, whether it held, and the numbers behind it."""
+    """One assertion of a study: what was checked, whether it held, and the numbers behind it.
+
+    Args:
+        name: what was checked, as a sentence (shown in the console and in the report's ``Checks`` section).
+        passed: whether it held; a failed check makes the ``gradcomp reproduce`` command exit 1.
+        detail: the measured numbers behind the verdict (empty: none shown).
+    """
 
     name: str
     passed: bool
@@ -86,12 +96,20 @@ class Check:
 
 @dataclass
 class Context:
-    """What a study is asked to do, and where it may write."""
+    """What a study is asked to do, and where it may write.
 
+    :func:`run_study` builds it from the command's options and hands it to the study's ``run``.
+    """
+
+    #: the full variant (the published table) rather than the quick one that CI runs
     full: bool
+    #: the folder for the report, its JSON data and the study's plots
     out_dir: Path
+    #: the seed every run of the study starts from
     seed: int = 0
+    #: show progress bars (``--no-progress`` hides them)
     progress: bool = True
+    #: where a study prints its progress lines and tables
     echo: Callable[[str], None] = print
     #: the file stem of this run's outputs: ``TABLE`` or ``TABLE-quick``
     stem: str = ""
@@ -101,13 +119,27 @@ class Context:
     runs_dir: Path | None = None
 
     def path(self, suffix: str) -> Path:
-        """A file of this run in the output folder: ``path(".png")`` -> ``DIR/TABLE[-quick].png``."""
+        """A file of this run in the output folder: ``path(".png")`` -> ``DIR/TABLE[-quick].png``.
+
+        Args:
+            suffix: appended to the run's stem, dot included (``".png"``, ``"-curves.png"``).
+
+        Returns:
+            ``out_dir / (stem + suffix)``; nothing is created.
+        """
         return self.out_dir / f"{self.stem}{suffix}"
 
     @contextmanager
     def runs_folder(self, name: str) -> Iterator[Path]:
         """The folder a study trains its runs in: ``runs_dir / name`` (kept, and the unfinished runs found
-        there resumed by :func:`train_runs`), or a temporary folder removed afterwards."""
+        there resumed by :func:`train_runs`), or a temporary folder removed afterwards.
+
+        Args:
+            name: the study's sub-folder of ``runs_dir`` (and the temporary folder's prefix).
+
+        Yields:
+            The folder, created if needed; a temporary one is removed when the ``with`` block ends.
+        """
         if self.runs_dir is None:
             with tempfile.TemporaryDirectory(prefix=f"gradcomp-{name}-") as tmp:
                 yield Path(tmp)
@@ -117,7 +149,15 @@ class Context:
             yield folder
 
     def tqdm(self, *args: Any, **kwargs: Any):
-        """A tqdm progress bar, hidden with ``--no-progress``."""
+        """A tqdm progress bar, hidden with ``--no-progress``.
+
+        Args:
+            *args: passed to ``tqdm.tqdm`` (an iterable, usually).
+            **kwargs: passed to ``tqdm.tqdm``; ``dynamic_ncols`` and ``leave`` default to True and False.
+
+        Returns:
+            The ``tqdm`` object, disabled when ``progress`` is False.
+        """
         from tqdm import tqdm
 
         kwargs.setdefault("dynamic_ncols", True)
@@ -134,6 +174,15 @@ class Result:
     wrote into the output folder (shown in the report); ``data`` is the raw
     numbers, written as JSON; ``setup`` is a short list of facts about the
     variant (sizes, epochs, options) shown at the top of the report.
+
+    Args:
+        title: the report's heading.
+        console: the text printed at the end of the run.
+        markdown: the body of the report (its sections and tables).
+        checks: the study's assertions, listed at the end of the report.
+        plots: PNG files the study wrote into the output folder, embedded in the report.
+        data: the raw numbers behind the tables, written to ``DIR/TABLE[-quick].json``.
+        setup: short facts about the variant, shown in the report's header table.
     """
 
     title: str
@@ -146,6 +195,7 @@ class Result:
 
     @property
     def passed(self) -> bool:
+        """Whether every check held (True when there are none)."""
         return all(c.passed for c in self.checks)
 
 
@@ -160,6 +210,17 @@ class Study:
     (None: torch's default).  One thread keeps results independent of the
     machine's core count, and small models gain nothing from more: on a
     busy 2-core machine two threads made a small MLP's steps ten times slower.
+
+    Args:
+        name: the table's name on the command line (a plain word; ``-`` and ``_`` allowed).
+        summary: one line for ``--help`` and ``--list``.
+        run: the study itself: ``run(ctx)`` trains or measures and returns its :class:`Result`.
+        order: sorts the listing (lower first; ties by name).
+        threads: torch intra-op threads the study runs with by default (None: torch's default).
+        kind: ``"reproduce"`` or ``"bench"``: the command that runs it.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS`.
     """
 
     name: str
@@ -187,7 +248,19 @@ IMPORT_ERRORS: dict[tuple[str, str], BaseException] = {}
 
 
 def register(study: Study) -> Study:
-    """Make ``study`` available as ``gradcomp {study.kind} {study.name}``."""
+    """Make ``study`` available as ``gradcomp {study.kind} {study.name}``.
+
+    Registering the same study again (the same ``run``, as a reloaded module does) replaces it.
+
+    Args:
+        study: the study to register.
+
+    Returns:
+        ``study`` itself.
+
+    Raises:
+        ValueError: the name is not a plain word, or another study of the same kind already has it.
+    """
     if not study.name or not study.name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"a study name must be a plain word, got {study.name!r}")
     key = (study.kind, study.name)
@@ -198,12 +271,31 @@ def register(study: Study) -> Study:
 
 
 def studies(kind: str = "reproduce") -> list[Study]:
-    """The registered studies of one kind, in table order."""
+    """The registered studies of one kind, in table order.
+
+    Args:
+        kind: ``"reproduce"`` or ``"bench"``.
+
+    Returns:
+        The studies sorted by ``(order, name)``; empty when none of that kind is registered.
+    """
     return sorted((s for s in _STUDIES.values() if s.kind == kind), key=lambda s: (s.order, s.name))
 
 
 def get_study(name: str, kind: str = "reproduce") -> Study:
-    """The study registered as ``name``; :class:`UnknownStudyError` lists the names otherwise."""
+    """The study registered as ``name``; :class:`UnknownStudyError` lists the names otherwise.
+
+    Args:
+        name: the table (or benchmark) name.
+        kind: ``"reproduce"`` or ``"bench"``.
+
+    Returns:
+        The registered :class:`Study`.
+
+    Raises:
+        UnknownStudyError: no study of that kind has the name (the message lists those that exist), or its
+            module failed to import (the message gives the import error, chained as the cause).
+    """
     if (kind, name) in _STUDIES:
         return _STUDIES[kind, name]
     if (kind, name) in IMPORT_ERRORS:
@@ -220,6 +312,11 @@ def discover(package: str, path: Iterable[str], kind: str) -> None:
     A module that fails to import is left out (with a logged warning) and its
     error is raised again when its study is asked for, so one broken study
     never breaks the ``gradcomp`` command.
+
+    Args:
+        package: the package's dotted name (``__name__`` of its ``__init__``).
+        path: the package's ``__path__``, where its modules are looked for.
+        kind: ``"reproduce"`` or ``"bench"``: the key under which an import error is kept.
     """
     import importlib
     import logging
@@ -256,7 +353,12 @@ def _git_commit() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """Where a study ran: platform, processor, CPU count, torch threads and versions."""
+    """Where a study ran: platform, processor, CPU count, torch threads and versions.
+
+    Returns:
+        ``platform``, ``processor``, ``cpus``, ``torch_threads``, ``python``, ``torch`` and ``gradcomp``, plus
+        ``git_commit`` (with `` + uncommitted changes`` when the tree is dirty) inside a git checkout.
+    """
     from gradcomp import __version__
 
     info = {
@@ -275,7 +377,15 @@ def machine_info() -> dict[str, Any]:
 
 
 def report_name(stem: str, full: bool) -> str:
-    """``STEM`` for the full variant, ``STEM-quick`` for the quick one (see :attr:`Study.stem`)."""
+    """``STEM`` for the full variant, ``STEM-quick`` for the quick one (see :attr:`Study.stem`).
+
+    Args:
+        stem: the study's stem, :attr:`Study.stem`.
+        full: the full variant.
+
+    Returns:
+        The file name of the report without its suffix.
+    """
     return stem if full else f"{stem}-quick"
 
 
@@ -283,14 +393,20 @@ def report_name(stem: str, full: bool) -> str:
 class Outcome:
     """What :func:`run_study` did: the result, the report it wrote and how long it took."""
 
+    #: the study that ran
     study: Study
+    #: what it handed back
     result: Result
+    #: the markdown report written: ``DIR/TABLE[-quick].md``
     report: Path
+    #: the numbers behind it: ``DIR/TABLE[-quick].json``
     data_path: Path
+    #: the study's wall time, in seconds
     seconds: float
 
     @property
     def passed(self) -> bool:
+        """Whether every check of the result held."""
         return self.result.passed
 
 
@@ -315,9 +431,29 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
     part-way continues from its runs' checkpoints when run again with the same ``runs_dir``.
     ``command`` is the command line shown in the report (default: the
     ``gradcomp reproduce`` (or ``bench``) command equivalent to the arguments).
-    Raises :class:`UnknownStudyError` for an unknown name and
-    :class:`StudySkipped` when the study cannot run here; the report is
-    written even when checks fail (``Outcome.passed`` says whether they held).
+    The report is written even when checks fail (``Outcome.passed`` says
+    whether they held).
+
+    Args:
+        name: the table (or benchmark) name.
+        full: the full variant rather than the quick one.
+        out_dir: the folder for the report, its JSON data and plots (created if needed).
+        seed: the seed the study starts from.
+        progress: show progress bars.
+        threads: torch intra-op threads during the run (None: :attr:`Study.threads`).
+        jobs: independent training runs at once, each in its own process.
+        command: the command line shown in the report (None: :func:`canonical_command`).
+        echo: where the tables, checks and the verdict are printed.
+        kind: ``"reproduce"`` or ``"bench"``.
+        runs_dir: the folder that keeps the training runs (None: a temporary one per study).
+
+    Returns:
+        The :class:`Outcome`: the study's result, the report and data paths, the wall time in seconds.
+
+    Raises:
+        UnknownStudyError: no study ``name`` of this kind (or its module failed to import).
+        ValueError: ``threads`` or ``jobs`` is not an integer >= 1.
+        StudySkipped: the study cannot run here (raised by the study; no report is written).
     """
     study = get_study(name, kind)
     out = Path(out_dir)
@@ -368,7 +504,21 @@ def run_study(name: str, *, full: bool = False, out_dir: str | os.PathLike[str] 
 
 def canonical_command(name: str, *, full: bool, out_dir: str | os.PathLike[str], seed: int,
                       threads: int | None = None, kind: str = "reproduce") -> str:
-    """The ``gradcomp reproduce`` (or ``bench``) command line that reruns this study with these settings."""
+    """The ``gradcomp reproduce`` (or ``bench``) command line that reruns this study with these settings.
+
+    Options at their default (``--out results``, ``--seed 0``, no ``--threads``) are left out.
+
+    Args:
+        name: the table (or benchmark) name.
+        full: adds ``--full``.
+        out_dir: the output folder.
+        seed: the seed.
+        threads: the torch thread count asked for (None: the study's).
+        kind: ``"reproduce"`` or ``"bench"``.
+
+    Returns:
+        The command, quoted for a POSIX shell.
+    """
     import shlex
 
     parts = ["gradcomp", kind, name]
@@ -418,6 +568,17 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
     """A markdown table; ``align`` holds one of ``l``/``r``/``c`` per column (default: first left, rest right).
 
     Columns are padded so the same text reads as a table in a terminal too.
+
+    Args:
+        headers: the column headings.
+        rows: the rows, each one cell per heading (any value; written with ``str`` and escaped for markdown).
+        align: one character per column (``l``, ``r`` or ``c``); None: first left, the rest right.
+
+    Returns:
+        The table's lines joined by newlines, without a trailing one.
+
+    Raises:
+        ValueError: a row has a different number of cells than there are headers.
     """
     rows = [[markdown_cell(c) for c in row] for row in rows]
     headers = [markdown_cell(h) for h in headers]
@@ -441,7 +602,16 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as PNG to ``path`` (through a temporary file, so a reader never sees half of it)."""
+    """Write ``fig`` as PNG to ``path`` (through a temporary file, so a reader never sees half of it).
+
+    Args:
+        fig: a matplotlib figure.
+        path: the PNG to write; its folder is created if needed.
+        dpi: the resolution, in dots per inch.
+
+    Returns:
+        ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=dpi)
@@ -450,7 +620,11 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
 
 
 def memory_peak_mb() -> float | None:
-    """This process's peak resident memory in MB so far (Linux/macOS), None where unknown."""
+    """This process's peak resident memory in MB so far (Linux/macOS), None where unknown.
+
+    Returns:
+        The peak resident set size in MB (1e6 bytes), or None where the ``resource`` module is missing.
+    """
     try:
         import resource
     except ImportError:
@@ -460,14 +634,34 @@ def memory_peak_mb() -> float | None:
 
 
 def classification_loss(model, batch):
-    """Cross-entropy of a classifier on an ``(x, y)`` shard: the studies' ``loss_fn``."""
+    """Cross-entropy of a classifier on an ``(x, y)`` shard: the studies' ``loss_fn``.
+
+    Args:
+        model: a module mapping inputs to class logits.
+        batch: ``(x, y)``: inputs and integer class labels.
+
+    Returns:
+        The mean cross-entropy over the shard, a scalar tensor.
+    """
     x, y = batch
     return F.cross_entropy(model(x), y)
 
 
 @torch.no_grad()
 def evaluate_classifier(model, data, limit: int | None = None, chunk: int = 1000) -> tuple[float, float]:
-    """(test accuracy, mean test loss) on the first ``limit`` test samples (all by default), in chunks."""
+    """(test accuracy, mean test loss) on the first ``limit`` test samples (all by default), in chunks.
+
+    The model is put in eval mode for the evaluation and back in train mode afterwards.
+
+    Args:
+        model: a module mapping inputs to class logits.
+        data: a dataset with ``x_test`` and ``y_test`` tensors.
+        limit: how many test samples to score (None: all).
+        chunk: samples per forward pass.
+
+    Returns:
+        The fraction classified correctly (0 to 1) and the mean cross-entropy per sample.
+    """
     model.eval()
     try:
         correct, loss = 0, 0.0
@@ -495,6 +689,16 @@ def map_runs(ctx: Context, fn: Callable[..., Any], calls: Sequence[tuple], descr
     number of jobs.  Each process runs with this process's torch thread
     count.  ``describe(result)`` is the line printed as each run finishes.
     A progress bar counts finished runs.
+
+    Args:
+        ctx: the study's context: ``jobs``, progress bar, ``echo``.
+        fn: a module-level (picklable) function.
+        calls: the arguments of each call.
+        describe: the line printed for a finished call, from its result.
+        desc: the progress bar's label.
+
+    Returns:
+        The results, in the order of ``calls`` whatever order they finished in.
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
@@ -590,6 +794,15 @@ def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple
     run that diverges (its gradients become NaN or Inf) does not stop the
     others: its summary is its last finished epoch's record (if any) with
     ``diverged`` set to the message.
+
+    Args:
+        ctx: the study's context (``jobs``, ``progress``).
+        configs: the runs' :class:`~gradcomp.train.config.TrainConfig`; their ``run_dir`` is replaced.
+        folder: where the run directories go (:meth:`Context.runs_folder`); a finished run found there is read
+            back instead of trained, an unfinished one resumed from its checkpoint.
+
+    Returns:
+        ``(summary, run_dir)`` per config, in order: the run's ``summary.json`` mapping and its folder.
     """
     dirs = [folder / f"{i}-{cfg.exchange.method}" for i, cfg in enumerate(configs)]
     calls = [(cfg.replace(output={"run_dir": str(d), "progress": ctx.progress and ctx.jobs == 1}),)
@@ -600,8 +813,18 @@ def train_runs(ctx: Context, configs: Sequence[Any], folder: Path) -> list[tuple
 def train_rows(ctx: Context, name: str, rows: dict[str, Any],
                plotted: Collection[str] | None = None) -> tuple[dict[str, dict[str, Any]], Path]:
     """Train each config of ``rows`` (:func:`train_runs`, in the study's runs folder ``name``) and draw the
-    curves of those ``plotted`` (default: all) into the study's plot; returns ``{row key: summary}`` and the
-    plot's path.  Each summary gains ``"epochs"``: the run's per-epoch held-out records, in order."""
+    curves of those ``plotted`` (default: all) into the study's plot.
+
+    Args:
+        ctx: the study's context.
+        name: the study's folder under ``--runs`` (:meth:`Context.runs_folder`).
+        rows: row key -> :class:`~gradcomp.train.config.TrainConfig`, in table order.
+        plotted: the row keys whose curves are drawn (None: all).
+
+    Returns:
+        ``{row key: summary}`` and the plot's path (``ctx.path(".png")``).  Each summary gains ``"epochs"``:
+        the run's per-epoch held-out records, in order.
+    """
     from gradcomp.train.report import plot_runs
     from gradcomp.train.rundir import RunDir
 
@@ -611,3 +834,25 @@ def train_rows(ctx: Context, name: str, rows: dict[str, Any],
         plot_runs([d for key, (_, d) in zip(rows, runs) if plotted is None or key in plotted], plot_path)
         epochs = [[m for m in RunDir(d).read_metrics() if "test_loss" in m] for _, d in runs]
     return {key: {**summary, "epochs": e} for key, (summary, _), e in zip(rows, runs, epochs)}, plot_path
+
+
+def require_dataset(name: str, shown: str | None = None, limit_train: int | None = 1) -> Dataset:
+    """Load a dataset a study needs, or skip the study when it is not on this machine.
+
+    Args:
+        name: the dataset (:data:`~gradcomp.train.data.DATASETS`).
+        shown: its name in the skip message (None: ``name``).
+        limit_train: the training samples loaded (1: just enough to check it is there; None: all).
+
+    Returns:
+        The dataset (:func:`~gradcomp.train.data.load_dataset`).
+
+    Raises:
+        StudySkipped: the dataset was not found.
+    """
+    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+
+    try:
+        return load_dataset(name, limit_train=limit_train)
+    except DatasetNotFoundError as error:
+        raise StudySkipped(f"{shown or name} is needed for this table and was not found: {error}") from None

@@ -24,9 +24,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
+from .common import Check, Context, Result, Study, markdown_table, register, require_dataset, train_runs
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from gradcomp.train.config import TrainConfig
     from gradcomp.train.data import DatasetName
 
@@ -53,26 +55,42 @@ PUBLISHED = {"none": "94.3 %, 1023 MB", "powersgd": "94.4 %, 8 MB"}
 
 @dataclass(frozen=True)
 class Task:
+    """One task of a study: the data, model and training every row of it shares (the ``dga`` study uses it too)."""
+
+    #: the task's name in the tables and the report's data: ``"image"`` or ``"language"``
     key: str
+    #: the dataset (:data:`~gradcomp.train.data.DATASETS`)
     dataset: DatasetName
+    #: the model (:data:`~gradcomp.train.models.MODELS`)
     model: str
+    #: training samples (images, or characters of text) taken (None: all)
     limit_train: int | None
+    #: epochs of training
     epochs: int
+    #: samples per worker and step (language models: rows of text)
     batch_per_worker: int
+    #: the SGD learning rate
     lr: float
+    #: test samples scored (None: all)
     limit_test: int | None = None
+    #: the gradient clipping norm (None: no clipping)
     clip_norm: float | None = None
+    #: simulated workers
     workers: int = 4
     #: the model's options (``TrainConfig.model.options``), as (key, value) pairs
     model_options: tuple[tuple[str, Any], ...] = ()
+    #: SGD momentum
     momentum: float = 0.9
+    #: the linear learning-rate warm-up, in epochs
     lr_warmup_epochs: float = 0.0
-    lr_milestones: tuple[int, ...] = ()  # the learning rate times 0.1 at each
+    #: the learning rate times 0.1 at each of these epochs
+    lr_milestones: tuple[int, ...] = ()
     #: a language model scored by next-token accuracy instead of perplexity
     token_accuracy: bool = False
 
     @property
     def metric(self) -> str:
+        """The summary key a row is scored by: ``test_accuracy``, ``test_token_accuracy`` or ``test_perplexity``."""
         if self.dataset in ("ptb", "shakespeare"):
             return "test_token_accuracy" if self.token_accuracy else "test_perplexity"
         return "test_accuracy"
@@ -84,7 +102,14 @@ class Task:
 
     def config(self, seed: int) -> TrainConfig:
         """The task as a ``gradcomp train`` config: its data, model, optimizer and schedule on simulated workers,
-        the dense method (the studies choose theirs)."""
+        the dense method (the studies choose theirs).
+
+        Args:
+            seed: the run's seed.
+
+        Returns:
+            The config, with SGD and the ``none`` method.
+        """
         from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Schedule, TrainConfig
 
         return TrainConfig(
@@ -98,7 +123,12 @@ class Task:
             launch=Launch(workers=self.workers, seed=seed, simulate=True))
 
     def describe(self) -> str:
-        """``key: data, model, workers x batch`` for a report's setup."""
+        """``key: data, model, workers x batch`` for a report's setup.
+
+        Returns:
+            One line: the task's key, dataset, how much of it trains, the model and its options, the workers and
+            batch.
+        """
         size = "all" if self.limit_train is None else f"the first {self.limit_train:,}"
         unit = "characters" if self.dataset == "shakespeare" else "images"
         opts = ", ".join(f"{k}={v}" for k, v in self.model_options)
@@ -115,6 +145,15 @@ QUICK = (Task("image", "mnist", "mlp", 2_000, 1, 32, 0.05, limit_test=1_000),
 
 
 def configs(task: Task, seed: int) -> list[TrainConfig]:
+    """One ``gradcomp train`` config per compressor of :data:`METHODS`, in its order, on ``task``.
+
+    Args:
+        task: the data, model and training every row shares.
+        seed: the seed of every run.
+
+    Returns:
+        The task's config with each method, its options and its label; DGC's warm-up is 1/40 of training.
+    """
     base = task.config(seed)
     out = []
     for method, options, label in METHODS.values():
@@ -126,7 +165,15 @@ def configs(task: Task, seed: int) -> list[TrainConfig]:
 
 def score(task: Task, summary: dict) -> str:
     """A run's result as the tables print it: accuracy in %, perplexity to 3 decimals (in powers of ten
-    once it has blown up past 1e4, or inf), or the epoch the run diverged in."""
+    once it has blown up past 1e4, or inf), or the epoch the run diverged in.
+
+    Args:
+        task: chooses the metric (:attr:`Task.metric`).
+        summary: the run's summary (``summary.json``), with ``diverged`` set if it diverged.
+
+    Returns:
+        ``"97.12 %"``, ``"5.123"``, ``"3.2e+05 (blew up)"`` or ``"diverged (epoch 2)"``.
+    """
     if "diverged" in summary:
         return f"diverged (epoch {summary['diverged_in_epoch']})"
     value = summary[task.metric]
@@ -155,16 +202,11 @@ def _table(task: Task, rows: dict[str, dict]) -> str:
                            "projected step at 1 Gbit/s", "published (ResNet-18, CIFAR-10)"], body)
 
 
-def run(ctx: Context) -> Result:
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+def _train(ctx: Context, tasks: tuple[Task, ...]) -> tuple[dict[str, dict[str, dict]], list[Path]]:
+    """Train (or read back from ``--runs``) every method on each task: {task key: {method key: summary}}, and each
+    task's plot of the training curves."""
     from gradcomp.train.report import plot_runs
 
-    tasks = FULL if ctx.full else QUICK
-    for task in tasks:
-        try:
-            load_dataset(task.dataset, limit_train=1)
-        except DatasetNotFoundError as error:
-            raise StudySkipped(f"{task.dataset} is needed for this table and was not found: {error}") from None
     results: dict[str, dict[str, dict]] = {}
     plots = []
     with ctx.runs_folder("compare") as folder:
@@ -173,79 +215,129 @@ def run(ctx: Context) -> Result:
             runs = train_runs(ctx, configs(task, ctx.seed), folder / task.key)
             results[task.key] = {key: s for key, (s, _) in zip(METHODS, runs)}
             plots.append(plot_runs([d for _, d in runs], ctx.path(f"-{task.key}.png")))
+    return results, plots
 
-    checks, notes = [], []
-    for task in tasks:
-        rows = results[task.key]
-        ok = {k: r for k, r in rows.items() if "diverged" not in r}
-        for k in rows.keys() - ok.keys():
-            notes.append(f"{task.key}: {METHODS[k][2]} diverged in epoch {rows[k]['diverged_in_epoch']} "
-                         f"(its gradients became non-finite; the run stopped there).")
-        checks.append(Check(f"{task.key}: dense, DGC and PowerSGD train without diverging",
-                            {"none", "dgc", "powersgd"} <= ok.keys(),
-                            "diverged: " + (", ".join(sorted(rows.keys() - ok.keys())) or "none")))
-        if {"none", "fp16"} <= ok.keys():
-            checks.append(Check(f"{task.key}: fp16 sends exactly half of dense fp32",
-                                2 * ok["fp16"]["bytes_sent"] == ok["none"]["bytes_sent"],
-                                f"{ok['fp16']['bytes_sent']} vs {ok['none']['bytes_sent']}"))
-        sparse = [k for k in ("topk", "dryden", "randomk", "dgc") if k in ok]
-        checks.append(Check(f"{task.key}: the sparsifiers send under 5 % of the dense bytes",
-                            all(ok[k]["compression_ratio"] > 20 for k in sparse),
-                            ", ".join(f"{k} {ok[k]['compression_ratio']:.0f}x" for k in sparse)))
-        if ctx.full and {"dgc", "topk"} <= ok.keys():
-            checks.append(Check(f"{task.key}: DGC (0.1 %) sends fewer bytes than gradient dropping (1 %)",
-                                ok["dgc"]["bytes_sent"] < ok["topk"]["bytes_sent"],
-                                f"{ok['dgc']['compression_ratio']:.0f}x vs {ok['topk']['compression_ratio']:.0f}x"))
-        core = [k for k in ("none", "dgc", "powersgd") if k in ok]  # the methods this table is about
-        if task.metric == "test_accuracy":
-            floor = 0.9 if ctx.full else 0.2
-            learned = {k: r["test_accuracy"] > floor for k, r in ok.items()}
-            what = f"test accuracy > {floor}; chance is 0.1"
-        else:
-            vocab = load_dataset(task.dataset, limit_train=1).vocab_size
-            assert vocab is not None  # an lm dataset's (Dataset sets it)
-            floor = vocab
-            learned = {k: r["test_perplexity"] < floor for k, r in ok.items()}
-            what = f"perplexity below the uniform guess, {floor}"
-        checks.append(Check(f"{task.key}: dense, DGC and PowerSGD learn ({what})", all(learned[k] for k in core),
-                            ", ".join(f"{k} {score(task, ok[k])}" for k in core)))
-        for k in (k for k, good in learned.items() if not good):
-            notes.append(f"{task.key}: {METHODS[k][2]} did not learn ({score(task, ok[k])}: {what.split(';')[0]} "
-                         "fails) with the shared learning rate and momentum 0.9 on top of its error feedback.")
-        if ctx.full and {"none", "dgc"} <= ok.keys():
-            if task.metric == "test_accuracy":
-                checks.append(Check(f"{task.key}: DGC within 1 point of dense at matched steps",
-                                    ok["dgc"]["test_accuracy"] >= ok["none"]["test_accuracy"] - 0.01,
-                                    f"{ok['dgc']['test_accuracy']:.4f} vs {ok['none']['test_accuracy']:.4f}"))
-            else:
-                checks.append(Check(f"{task.key}: DGC within 5 % of dense perplexity at matched steps",
-                                    ok["dgc"]["test_perplexity"] <= 1.05 * ok["none"]["test_perplexity"],
-                                    f"{ok['dgc']['test_perplexity']:.3f} vs {ok['none']['test_perplexity']:.3f}"))
 
-    title = "Every compressor at matched steps: MNIST MLP and Tiny Shakespeare char-LSTM, 4 workers"
-    sections, setup = [], []
-    for task in tasks:
-        table = _table(task, results[task.key])
-        sections.append((task, table))
-        setup.append(f"{task.describe()}, {task.epochs} epochs, SGD lr {task.lr}, momentum 0.9"
-                     + (f", clip norm {task.clip_norm}" if task.clip_norm else ""))
-    setup.append("DGC warm-up: 1/40 of training (the paper's share); every other method as listed, with its "
-                 "error feedback where it has one")
+def _byte_checks(full: bool, task: Task, ok: dict[str, dict]) -> list[Check]:
+    """fp16 sends half the dense bytes, the sparsifiers over 20x fewer; full: DGC fewer than gradient dropping."""
+    checks = []
+    if {"none", "fp16"} <= ok.keys():
+        checks.append(Check(f"{task.key}: fp16 sends exactly half of dense fp32",
+                            2 * ok["fp16"]["bytes_sent"] == ok["none"]["bytes_sent"],
+                            f"{ok['fp16']['bytes_sent']} vs {ok['none']['bytes_sent']}"))
+    sparse = [k for k in ("topk", "dryden", "randomk", "dgc") if k in ok]
+    checks.append(Check(f"{task.key}: the sparsifiers send under 5 % of the dense bytes",
+                        all(ok[k]["compression_ratio"] > 20 for k in sparse),
+                        ", ".join(f"{k} {ok[k]['compression_ratio']:.0f}x" for k in sparse)))
+    if full and {"dgc", "topk"} <= ok.keys():
+        checks.append(Check(f"{task.key}: DGC (0.1 %) sends fewer bytes than gradient dropping (1 %)",
+                            ok["dgc"]["bytes_sent"] < ok["topk"]["bytes_sent"],
+                            f"{ok['dgc']['compression_ratio']:.0f}x vs {ok['topk']['compression_ratio']:.0f}x"))
+    return checks
+
+
+def _learned(full: bool, task: Task, ok: dict[str, dict]) -> tuple[dict[str, bool], str]:
+    """Whether each finished method learned (test accuracy over a floor, or perplexity under the uniform guess),
+    and what that means."""
+    if task.metric == "test_accuracy":
+        floor = 0.9 if full else 0.2
+        return ({k: r["test_accuracy"] > floor for k, r in ok.items()},
+                f"test accuracy > {floor}; chance is 0.1")
+    vocab = require_dataset(task.dataset).vocab_size
+    assert vocab is not None  # an lm dataset's (Dataset sets it)
+    return {k: r["test_perplexity"] < vocab for k, r in ok.items()}, f"perplexity below the uniform guess, {vocab}"
+
+
+def _dgc_check(task: Task, ok: dict[str, dict]) -> Check:
+    """DGC within a point of dense accuracy, or 5 % of its perplexity, at matched steps."""
+    dgc, dense = ok["dgc"], ok["none"]
+    if task.metric == "test_accuracy":
+        return Check(f"{task.key}: DGC within 1 point of dense at matched steps",
+                     dgc["test_accuracy"] >= dense["test_accuracy"] - 0.01,
+                     f"{dgc['test_accuracy']:.4f} vs {dense['test_accuracy']:.4f}")
+    return Check(f"{task.key}: DGC within 5 % of dense perplexity at matched steps",
+                 dgc["test_perplexity"] <= 1.05 * dense["test_perplexity"],
+                 f"{dgc['test_perplexity']:.3f} vs {dense['test_perplexity']:.3f}")
+
+
+def _checks(full: bool, task: Task, rows: dict[str, dict]) -> tuple[list[Check], list[str]]:
+    """One task's checks, and its notes on the methods that diverged or did not learn."""
+    ok = {k: r for k, r in rows.items() if "diverged" not in r}
+    notes = [f"{task.key}: {METHODS[k][2]} diverged in epoch {rows[k]['diverged_in_epoch']} "
+             f"(its gradients became non-finite; the run stopped there)." for k in rows.keys() - ok.keys()]
+    checks = [Check(f"{task.key}: dense, DGC and PowerSGD train without diverging",
+                    {"none", "dgc", "powersgd"} <= ok.keys(),
+                    "diverged: " + (", ".join(sorted(rows.keys() - ok.keys())) or "none")),
+              *_byte_checks(full, task, ok)]
+    core = [k for k in ("none", "dgc", "powersgd") if k in ok]  # the methods this table is about
+    learned, what = _learned(full, task, ok)
+    checks.append(Check(f"{task.key}: dense, DGC and PowerSGD learn ({what})", all(learned[k] for k in core),
+                        ", ".join(f"{k} {score(task, ok[k])}" for k in core)))
+    notes += [f"{task.key}: {METHODS[k][2]} did not learn ({score(task, ok[k])}: {what.split(';')[0]} fails) "
+              "with the shared learning rate and momentum 0.9 on top of its error feedback."
+              for k, good in learned.items() if not good]
+    if full and {"none", "dgc"} <= ok.keys():
+        checks.append(_dgc_check(task, ok))
+    return checks, notes
+
+
+def _setup(tasks: tuple[Task, ...]) -> list[str]:
+    """The report's setup lines: each task's data, model and training, and the methods' options."""
+    setup = [f"{task.describe()}, {task.epochs} epochs, SGD lr {task.lr}, momentum 0.9"
+             + (f", clip norm {task.clip_norm}" if task.clip_norm else "") for task in tasks]
+    return setup + ["DGC warm-up: 1/40 of training (the paper's share); every other method as listed, with its "
+                    "error feedback where it has one"]
+
+
+def _markdown(tasks: tuple[Task, ...], tables: dict[str, str], notes: list[str]) -> str:
+    """The report's body: a table per task, the published figures, how the step times were taken, the notes."""
     markdown = []
-    for task, table in sections:
-        markdown += [f"## {task.key.capitalize()} task: {task.dataset}, {task.model}", "", table, ""]
+    for task in tasks:
+        markdown += [f"## {task.key.capitalize()} task: {task.dataset}, {task.model}", "", tables[task.key], ""]
     markdown += ["Published (PowerSGD paper, ResNet-18 on CIFAR-10): SGD 94.3 % sending 1023 MB per epoch, "
                  "rank-2 PowerSGD 94.4 % sending 8 MB.", "",
                  "Time per step is measured in the simulator (4 workers one after another in one process); the "
                  "projection is a quarter of it plus ring-algorithm communication at 1 Gbit/s per worker.", ""]
     if notes:
         markdown += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    console = "\n".join([title, ""] + [f"{t.key}\n{table}\n" for t, table in sections] + [f"* {n}" for n in notes])
-    return Result(title=title, console=console, markdown="\n".join(markdown), checks=checks, plots=plots,
+    return "\n".join(markdown)
+
+
+def run(ctx: Context) -> Result:
+    """Train every compressor of :data:`METHODS` on the image and the language task at matched steps.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the tasks (:data:`FULL` or :data:`QUICK`), ``ctx.seed``
+            seeds every run, ``ctx.jobs`` how many train at once, ``ctx.runs_dir`` keeps the runs.
+
+    Returns:
+        The report: per task, each method's test accuracy (%) or perplexity, MB sent per worker and epoch,
+        compression ratio, measured time per step (ms, the simulator's 4 workers in one process) and the step
+        time projected onto 1 Gbit/s links; the training curves per task; the checks (dense, DGC and PowerSGD
+        train and learn, fp16 sends half the dense bytes, the sparsifiers over 20x; full: DGC under top-k's bytes
+        and within a point of dense accuracy, or 5 % of its perplexity).  ``data`` holds the tasks, every run's
+        summary and the methods.
+
+    Raises:
+        StudySkipped: MNIST or Tiny Shakespeare is not on this machine.
+    """
+    tasks = FULL if ctx.full else QUICK
+    for task in tasks:
+        require_dataset(task.dataset)
+    results, plots = _train(ctx, tasks)
+    checks, notes = [], []
+    for task in tasks:
+        task_checks, task_notes = _checks(ctx.full, task, results[task.key])
+        checks += task_checks
+        notes += task_notes
+    tables = {task.key: _table(task, results[task.key]) for task in tasks}
+    title = "Every compressor at matched steps: MNIST MLP and Tiny Shakespeare char-LSTM, 4 workers"
+    console = "\n".join([title, ""] + [f"{t.key}\n{tables[t.key]}\n" for t in tasks] + [f"* {n}" for n in notes])
+    return Result(title=title, console=console, markdown=_markdown(tasks, tables, notes), checks=checks,
+                  plots=plots, setup=_setup(tasks),
                   data={"tasks": [dataclasses.asdict(t) for t in tasks],
                         "rows": results, "methods": {k: {"method": m, "options": o, "label": lab}
-                                                      for k, (m, o, lab) in METHODS.items()}},
-                  setup=setup)
+                                                      for k, (m, o, lab) in METHODS.items()}})
 
 
 register(Study("compare", "every compressor at matched steps: accuracy / perplexity, MB per epoch, time per step",

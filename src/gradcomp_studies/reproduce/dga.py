@@ -49,14 +49,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Variant:
+    """The settings of one variant of the study (:data:`FULL` or :data:`QUICK`)."""
+
+    #: the tasks, each trained with every row: the image task and the language task
     tasks: tuple[Task, ...]
+    #: the DGA delays D (steps), each a row with and one without the correction
     delays: tuple[int, ...]
+    #: the FedAvg periods K (local steps between two averages of the weights)
     periods: tuple[int, ...]
     #: DGA with local steps: (period K, delay D) pairs
     combined: tuple[tuple[int, int], ...]
-    #: the emulated latency of the speed measurement, its ranks and steps per method
+    #: the emulated latency of the speed measurement, in ms: a collective completes no earlier than this
     latency_ms: float
+    #: the gloo ranks of the speed measurement
     ranks: int
+    #: the steps timed per method and latency
     timed_steps: int
     #: diagnostic rows, trained after the table's: the rows where the pattern differs from the paper's (skewed
     #: images, the language task's delays) again at this fraction of the learning rate (None: none)
@@ -85,7 +92,15 @@ PUBLISHED_LANGUAGE = {"fedavg5": "47.6 %", "fedavg10": "47.3 %", "fedavg20": "47
 
 
 def rows(variant: Variant) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Row key -> (label, the ``TrainConfig.averaging`` fields that make it)."""
+    """Row key -> (label, the ``TrainConfig.averaging`` fields that make it).
+
+    Args:
+        variant: the delays, periods and (K, D) pairs to make rows of.
+
+    Returns:
+        In table order: ``sync``; ``dga{D}`` and ``dga{D}_nc`` (without correction) per delay; ``fedavg{K}``
+        per period; ``dga_k{K}_d{D}`` per combined pair.
+    """
     out: dict[str, tuple[str, dict[str, Any]]] = {"sync": ("synchronous SGD (D = 0)", {})}
     for d in variant.delays:
         out[f"dga{d}"] = (f"DGA, D = {d}", {"dga_delay": d})
@@ -98,7 +113,16 @@ def rows(variant: Variant) -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def diagnostics(variant: Variant) -> list[tuple[str, Partition, str]]:
-    """(task key, partition, row key) of the rows trained again at ``variant.diagnostic_lr`` times the lr."""
+    """(task key, partition, row key) of the rows trained again at ``variant.diagnostic_lr`` times the lr.
+
+    Args:
+        variant: the variant; its largest delay and first combined pair name the rows.
+
+    Returns:
+        Skewed images: synchronous SGD and DGA at the largest delay with and without correction; i.i.d.
+        language: synchronous SGD, DGA at the largest delay, FedAvg and DGA with local steps at the first
+        combined pair.  Empty when ``variant.diagnostic_lr`` is None.
+    """
     if variant.diagnostic_lr is None:
         return []
     d, (k, x) = max(variant.delays), variant.combined[0]
@@ -108,7 +132,19 @@ def diagnostics(variant: Variant) -> list[tuple[str, Partition, str]]:
 
 def configs(variant: Variant, seed: int) -> list[tuple[str, Partition, str, TrainConfig]]:
     """(task key, partition, row key, TrainConfig) of every run: the table's, then the diagnostic ones (their
-    row key ends in ``@lr``)."""
+    row key ends in ``@lr``).
+
+    Every run is its task's config (:meth:`~gradcomp_studies.reproduce.compare.Task.config`) without gradient
+    clipping, with the partition and the row's averaging fields set.
+
+    Args:
+        variant: the tasks, rows and diagnostic learning rate factor.
+        seed: the seed of every run.
+
+    Returns:
+        Per task, per partition (:data:`PARTITIONS`), per row (:func:`rows`), then the rows of
+        :func:`diagnostics` at the smaller learning rate (their label ends in ``lr VALUE``).
+    """
     out: list[tuple[str, Partition, str, TrainConfig]] = []
     for task in variant.tasks:
         dense = task.config(seed).replace(optim={"clip_norm": None})  # no clipping here: the rows average late
@@ -170,7 +206,20 @@ def _speed_worker(rank: int, world: int, variant: Variant, seed: int) -> dict[st
 
 
 def measure_speed(variant: Variant, seed: int) -> dict[str, dict[tuple[str, int, int, float], float]]:
-    """Per task: {(kind, param, delay, latency): seconds per step of the slowest rank}."""
+    """Per task: {(kind, param, delay, latency): seconds per step of the slowest rank}.
+
+    ``variant.ranks`` gloo ranks (one thread each) train each task's model on one batch, ``variant.timed_steps``
+    steps per method, once without latency and once with ``variant.latency_ms`` emulated.
+
+    Args:
+        variant: the tasks, the methods timed (synchronous SGD, DGA at the largest delay, FedAvg at each period,
+            DGA with local steps), the latency, ranks and steps.
+        seed: the seed of each task's model.
+
+    Returns:
+        Task key -> {(``"dga"`` or ``"fedavg"``, delay or period, FedAvg's delay, latency in ms): seconds per
+        step}; synchronous SGD is ``("dga", 0, 0, latency)``.
+    """
     from gradcomp.launch import spawn
 
     per_rank = spawn(_speed_worker, variant.ranks, variant, seed, timeout_s=1800, threads=1)
@@ -313,10 +362,14 @@ def _diagnostics(variant: Variant, results: dict) -> tuple[str, list[str]]:
     return table, notes
 
 
-def run(ctx: Context) -> Result:
+def _train(ctx: Context, variant: Variant) -> dict[tuple[str, str, str], dict]:
+    """Train (or read back from ``--runs``) every row of ``configs``: {(task key, partition, row key): summary}.
+
+    Raises:
+        StudySkipped: a task's dataset is not on this machine.
+    """
     from gradcomp.train.data import DatasetNotFoundError, load_dataset
 
-    variant = FULL if ctx.full else QUICK
     for task in variant.tasks:
         try:
             load_dataset(task.dataset, limit_train=1)
@@ -325,78 +378,103 @@ def run(ctx: Context) -> Result:
     runs = configs(variant, ctx.seed)
     with ctx.runs_folder("dga") as folder:
         summaries = train_runs(ctx, [cfg for *_, cfg in runs], folder)
-    results = {(t, p, k): s for (t, p, k, _), (s, _) in zip(runs, summaries)}
-    ctx.echo(f"speed: {variant.ranks} gloo ranks, emulated latency {variant.latency_ms:g} ms")
-    seconds = measure_speed(variant, ctx.seed)
-    plot_path = ctx.path(".png")
-    _plot(variant, results, plot_path)
+    return {(t, p, k): s for (t, p, k, _), (s, _) in zip(runs, summaries)}
 
-    checks, notes = [], []
+
+def _learning_check(full: bool, task: Task, iid: dict[str, dict]) -> Check:
+    """Synchronous SGD, DGA and FedAvg learn on i.i.d. data (the rows without correction may not: the ablation)."""
+    r = {k: s for k, s in iid.items() if not k.endswith("_nc")}
+    if task.metric == "test_accuracy":
+        floor = 0.5 if full else 0.3
+        what = f"test accuracy above {100 * floor:g} %; chance is 10 %"
+    else:
+        from gradcomp.train.data import load_dataset
+
+        vocab = load_dataset(task.dataset, limit_train=1).vocab_size
+        assert vocab is not None  # an lm dataset's (Dataset sets it)
+        floor = 2 / vocab
+        what = f"next-character accuracy above twice chance, {100 * floor:.1f} %"
+    learned = all(_value(task, s) > floor for s in r.values())
+    return Check(f"{task.key}, i.i.d.: synchronous SGD, DGA and FedAvg learn ({what})", learned,
+                 ", ".join(score(task, s) for s in r.values()))
+
+
+def _image_checks(variant: Variant, task: Task, iid: dict[str, dict], t: dict) -> list[Check]:
+    """The issue's must-holds on i.i.d. Fashion-MNIST (full variant): DGA within a point of synchronous SGD, the
+    stale average alone worse but training, DGA with local steps as good as FedAvg and faster."""
+    d, lat, sync = max(variant.delays), variant.latency_ms, iid["sync"]
+    checks = [Check(f"{task.key}, i.i.d.: DGA with the correction within 1 point of synchronous SGD at "
+                    f"every D up to {d} (the paper, CIFAR-10: 89.2 % to 88.7 %)",
+                    all(_value(task, iid[f"dga{x}"]) >= _value(task, sync) - 0.01 for x in variant.delays),
+                    ", ".join(f"D = {x}: {score(task, iid[f'dga{x}'])}" for x in variant.delays)
+                    + f"; synchronous {score(task, sync)}")]
+    low = min(variant.delays)
+    stale, fresh = iid[f"dga{low}_nc"], iid[f"dga{low}"]
+    checks.append(Check(f"{task.key}, i.i.d.: DGA w/o correction at D = {low} worse than with it, but "
+                        "training (above 50 %; the paper: 88.7 % against 89.2 %)",
+                        0.5 < _value(task, stale) < _value(task, fresh),
+                        f"{score(task, stale)} vs {score(task, fresh)}"))
+    for k, x in variant.combined:
+        both, fed = iid[f"dga_k{k}_d{x}"], iid[f"fedavg{k}"]
+        quick, slow = t[("fedavg", k, x, lat)], t[("fedavg", k, 0, lat)]
+        checks.append(Check(f"{task.key}, i.i.d.: DGA with local steps (K = {k}, D = {x}) within 1 point "
+                            f"of FedAvg K = {k}, and faster at L = {lat:g} ms",
+                            _value(task, both) >= _value(task, fed) - 0.01 and quick < slow,
+                            f"{score(task, both)} vs {score(task, fed)}; {1e3 * quick:.1f} vs "
+                            f"{1e3 * slow:.1f} ms a step ({slow / quick:.2f}x)"))
+    return checks
+
+
+def _speed_check(full: bool, variant: Variant, task: Task, t: dict) -> Check:
+    """DGA at the largest delay steps faster than synchronous SGD under latency: by more than L / 2 (full), at all
+    (quick: a busy CI machine moves both)."""
     d, lat = max(variant.delays), variant.latency_ms
+    sync_s, dga_s = t[("dga", 0, 0, lat)], t[("dga", d, 0, lat)]
+    detail = f"{1e3 * dga_s:.1f} vs {1e3 * sync_s:.1f} ms ({sync_s / dga_s:.2f}x)"
+    if full:
+        return Check(f"{task.key}: at L = {lat:g} ms, DGA (D = {d}) steps faster than synchronous SGD by "
+                     "more than L / 2 (it hides the latency)", dga_s < sync_s - lat / 2e3, detail)
+    return Check(f"{task.key}: at L = {lat:g} ms, DGA (D = {d}) steps faster than synchronous SGD", dga_s < sync_s,
+                 detail)
+
+
+def _checks(full: bool, variant: Variant, results: dict, seconds: dict) -> list[Check]:
+    """Every check of the study, task by task."""
+    checks = []
+    d = max(variant.delays)
     for task in variant.tasks:
         iid = {k: results[(task.key, "iid", k)] for k in rows(variant)}
-        # the stale average alone (w/o correction) is the ablation: it may not learn at this learning rate
-        r = {k: s for k, s in iid.items() if not k.endswith("_nc")}
-        if task.metric == "test_accuracy":
-            floor = 0.5 if ctx.full else 0.3
-            learned = all(_value(task, s) > floor for s in r.values())
-            what = f"test accuracy above {100 * floor:g} %; chance is 10 %"
-        else:
-            vocab = load_dataset(task.dataset, limit_train=1).vocab_size
-            assert vocab is not None  # an lm dataset's (Dataset sets it)
-            floor = 2 / vocab
-            learned = all(_value(task, s) > floor for s in r.values())
-            what = f"next-character accuracy above twice chance, {100 * floor:.1f} %"
-        checks.append(Check(f"{task.key}, i.i.d.: synchronous SGD, DGA and FedAvg learn ({what})", learned,
-                            ", ".join(score(task, s) for s in r.values())))
-        if ctx.full and task.key == "image":  # the issue's must-holds, on i.i.d. Fashion-MNIST
-            sync = iid["sync"]
-            checks.append(Check(f"{task.key}, i.i.d.: DGA with the correction within 1 point of synchronous SGD at "
-                                f"every D up to {d} (the paper, CIFAR-10: 89.2 % to 88.7 %)",
-                                all(_value(task, iid[f"dga{x}"]) >= _value(task, sync) - 0.01 for x in variant.delays),
-                                ", ".join(f"D = {x}: {score(task, iid[f'dga{x}'])}" for x in variant.delays)
-                                + f"; synchronous {score(task, sync)}"))
-            low = min(variant.delays)
-            stale, fresh = iid[f"dga{low}_nc"], iid[f"dga{low}"]
-            checks.append(Check(f"{task.key}, i.i.d.: DGA w/o correction at D = {low} worse than with it, but "
-                                "training (above 50 %; the paper: 88.7 % against 89.2 %)",
-                                0.5 < _value(task, stale) < _value(task, fresh),
-                                f"{score(task, stale)} vs {score(task, fresh)}"))
-            for k, x in variant.combined:
-                both, fed = iid[f"dga_k{k}_d{x}"], iid[f"fedavg{k}"]
-                t = seconds[task.key]
-                quick, slow = t[("fedavg", k, x, lat)], t[("fedavg", k, 0, lat)]
-                checks.append(Check(f"{task.key}, i.i.d.: DGA with local steps (K = {k}, D = {x}) within 1 point "
-                                    f"of FedAvg K = {k}, and faster at L = {lat:g} ms",
-                                    _value(task, both) >= _value(task, fed) - 0.01 and quick < slow,
-                                    f"{score(task, both)} vs {score(task, fed)}; {1e3 * quick:.1f} vs "
-                                    f"{1e3 * slow:.1f} ms a step ({slow / quick:.2f}x)"))
-        if ctx.full:  # the paper's finding, in its setting (i.i.d.); skewed data: the diagnostics below
+        checks.append(_learning_check(full, task, iid))
+        if full and task.key == "image":
+            checks += _image_checks(variant, task, iid, seconds[task.key])
+        if full:  # the paper's finding, in its setting (i.i.d.); skewed data: the diagnostics
             with_c, without = iid[f"dga{d}"], iid[f"dga{d}_nc"]
             checks.append(Check(f"{task.key}, i.i.d.: at D = {d} the correction does at least as well as the stale "
                                 "average alone (the paper's finding)", _value(task, with_c) >= _value(task, without),
                                 f"{score(task, with_c)} vs {score(task, without)}"))
-        t = seconds[task.key]
-        sync_s, dga_s = t[("dga", 0, 0, lat)], t[("dga", d, 0, lat)]
-        if ctx.full:
-            checks.append(Check(f"{task.key}: at L = {lat:g} ms, DGA (D = {d}) steps faster than synchronous SGD by "
-                                "more than L / 2 (it hides the latency)", dga_s < sync_s - lat / 2e3,
-                                f"{1e3 * dga_s:.1f} vs {1e3 * sync_s:.1f} ms ({sync_s / dga_s:.2f}x)"))
-        else:  # CI: a busy machine moves both; the behaviour only
-            checks.append(Check(f"{task.key}: at L = {lat:g} ms, DGA (D = {d}) steps faster than synchronous SGD",
-                                dga_s < sync_s, f"{1e3 * dga_s:.1f} vs {1e3 * sync_s:.1f} ms ({sync_s / dga_s:.2f}x)"))
+        checks.append(_speed_check(full, variant, task, seconds[task.key]))
+    return checks
+
+
+def _notes(variant: Variant, results: dict) -> list[str]:
+    """One line per task and partition: the main rows' scores, and FedAvg's best period."""
+    notes = []
+    d, k = max(variant.delays), max(variant.periods)
+    for task in variant.tasks:
         for partition in PARTITIONS:
-            shown = {k: score(task, results[(task.key, partition, k)]) for k in rows(variant)}
-            best = max(variant.periods, key=lambda k: _value(task, results[(task.key, partition, f"fedavg{k}")]))
-            k = max(variant.periods)
+            shown = {key: score(task, results[(task.key, partition, key)]) for key in rows(variant)}
+            best = max(variant.periods, key=lambda p: _value(task, results[(task.key, partition, f"fedavg{p}")]))
             combined = "; ".join(f"DGA with local steps K = {a}, D = {b} {shown[f'dga_k{a}_d{b}']}"
                                  for a, b in variant.combined)
             notes.append(f"{task.key}, {PARTITIONS[partition]}: synchronous {shown['sync']}; DGA D = {d} "
                          f"{shown[f'dga{d}']} (w/o correction {shown[f'dga{d}_nc']}); FedAvg K = {k} "
                          f"{shown[f'fedavg{k}']} (its best period here: K = {best}); {combined}.")
+    return notes
 
-    title = "Delayed gradient averaging: accuracy for delay D with and without correction, FedAvg, and speed " \
-            "under emulated latency"
+
+def _markdown(variant: Variant, results: dict, seconds: dict, notes: list[str]) -> str:
+    """The report's body: an accuracy table per task, the step times, the published figures, the notes and the
+    diagnostic rows."""
     sections = []
     for task in variant.tasks:
         sections += [f"## {task.key.capitalize()} task: {task.dataset}, {task.model}", "",
@@ -416,7 +494,11 @@ def run(ctx: Context) -> Result:
         table, why = _diagnostics(variant, results)
         sections += [f"## Where the pattern differs: the same rows at {variant.diagnostic_lr:.3g} x the learning "
                      "rate", "", table, "", *[f"- {n}" for n in why], ""]
-    markdown = "\n".join(sections)
+    return "\n".join(sections)
+
+
+def _setup(variant: Variant) -> list[str]:
+    """The report's setup lines: each task's training, the partitions, the speed measurement."""
     setup = []
     for task in variant.tasks:
         schedule = (f", warm-up {task.lr_warmup_epochs:g} epoch(s)" if task.lr_warmup_epochs else "") + \
@@ -429,8 +511,43 @@ def run(ctx: Context) -> Result:
                  "2 or 3 classes; characters: speeches grouped by speaker, each worker its own speakers)")
     setup.append(f"speed: {variant.ranks} gloo ranks, {variant.timed_steps} steps per method on one batch, emulated "
                  f"latency {variant.latency_ms:g} ms, slowest rank")
+    return setup
+
+
+def run(ctx: Context) -> Result:
+    """Train every row, time the methods under emulated latency, and build the report.
+
+    The full variant trains 2 tasks x 2 partitions x 13 rows plus 7 diagnostic rows (``--runs`` keeps the
+    finished rows, which a later invocation reads back instead of training them again); the quick one 2 x 2 x 5
+    rows on small slices of the data.  The speed phase is never kept: it runs each time, on ``variant.ranks`` gloo
+    ranks.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` seeds every run and the timed
+            steps, ``ctx.runs_dir`` keeps the training runs.
+
+    Returns:
+        The report: one accuracy table per task (accuracy in % for images, next-character accuracy for the
+        language task, per partition, with the MB sent per step and worker), the step times in ms at L = 0 and
+        L = ``latency_ms``, the notes and diagnostic rows, the plot of each task's test metric against the delay
+        D, and the checks.  ``data`` holds the variant, every run's summary under ``"TASK/PARTITION/ROW"`` and
+        the seconds per step under ``"KIND-PARAM-DELAY-LATENCY"`` per task.
+
+    Raises:
+        StudySkipped: Fashion-MNIST or Tiny Shakespeare is not on this machine.
+    """
+    variant = FULL if ctx.full else QUICK
+    results = _train(ctx, variant)
+    ctx.echo(f"speed: {variant.ranks} gloo ranks, emulated latency {variant.latency_ms:g} ms")
+    seconds = measure_speed(variant, ctx.seed)
+    plot_path = ctx.path(".png")
+    _plot(variant, results, plot_path)
+    checks = _checks(ctx.full, variant, results, seconds)
+    title = "Delayed gradient averaging: accuracy for delay D with and without correction, FedAvg, and speed " \
+            "under emulated latency"
+    markdown = _markdown(variant, results, seconds, _notes(variant, results))
     return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
-                  plots=[plot_path], setup=setup,
+                  plots=[plot_path], setup=_setup(variant),
                   data={"variant": dataclasses.asdict(variant),
                         "rows": {f"{t}/{p}/{k}": s for (t, p, k), s in results.items()},
                         "seconds": {task: {f"{k}-{p}-{x}-{lat:g}": v for (k, p, x, lat), v in t.items()}

@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
+from .common import Check, Context, Result, Study, markdown_table, register, require_dataset, train_rows
 
 if TYPE_CHECKING:
     from gradcomp.train.config import TrainConfig
@@ -62,19 +62,35 @@ LOSS_GAP, RATIO_FLOOR = 0.02, 100
 
 @dataclass(frozen=True)
 class Variant:
-    limit_train: int | None  # training characters
+    """The settings of one variant of the study (:data:`FULL` or :data:`QUICK`)."""
+
+    #: training characters (None: all of Tiny Shakespeare's training split)
+    limit_train: int | None
+    #: epochs of the main rows
     epochs: int
-    limit_test: int | None = None  # held-out characters
+    #: held-out characters (None: all)
+    limit_test: int | None = None
+    #: simulated workers
     workers: int = 4
+    #: windows of text per worker and step
     batch_per_worker: int = 8
-    bptt: int = 128  # the GPT's context
+    #: characters per window: the GPT's context
+    bptt: int = 128
+    #: transformer blocks
     layers: int = 4
+    #: the model width
     d: int = 128
+    #: attention heads
     heads: int = 4
+    #: AdamW's peak learning rate
     lr: float = 2e-3
+    #: AdamW's decoupled weight decay, on every parameter
     weight_decay: float = 0.1
+    #: the linear learning-rate warm-up, in epochs
     lr_warmup_epochs: float = 0.25
-    warmup_share: float = 1 / 40  # DGC's sparsity warm-up: the paper's LSTM share (1 of 40 epochs)
+    #: DGC's sparsity warm-up as a share of training: the paper's LSTM share (1 of 40 epochs)
+    warmup_share: float = 1 / 40
+    #: checkpoint each run every this many steps, so ``--runs`` resumes a stopped row (None: at epoch ends only)
     checkpoint_every: int | None = None
     #: the diagnostic rows train the first this many epochs of the schedule
     diagnostic_epochs: int = 2
@@ -84,6 +100,7 @@ class Variant:
 
     @property
     def warmup_epochs(self) -> float:
+        """DGC's sparsity warm-up in epochs: ``warmup_share * epochs``."""
         return self.warmup_share * self.epochs
 
 
@@ -96,7 +113,17 @@ QUICK = Variant(limit_train=10_256, epochs=1, limit_test=4_000, batch_per_worker
 
 
 def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
-    """The five rows, then the diagnostic ones, as ``gradcomp train`` configs."""
+    """The five rows, then the diagnostic ones, as ``gradcomp train`` configs.
+
+    Args:
+        variant: the data, model, schedule and AdamW settings shared by every row.
+        seed: the seed of every run.
+
+    Returns:
+        Row key -> config: ``dense``, ``dgc``, ``topk``, ``powersgd``, ``qsgd`` (:data:`LABELS`), then
+        ``sgd-dense``, ``sgd-dgc`` and ``adamw-dgc-1%`` (:data:`DIAGNOSTICS`), trained for
+        ``variant.diagnostic_epochs``.
+    """
     from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
     options: dict[str, dict[str, Any]]
@@ -121,95 +148,137 @@ def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
     return rows
 
 
-def run(ctx: Context) -> Result:
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset
+def _gap(s: dict, dense: dict) -> float:
+    """A row's held-out loss relative to dense's, minus 1 (inf for a row that diverged)."""
+    return s.get("test_loss", math.inf) / dense["test_loss"] - 1
+
+
+def _table(results: dict[str, dict]) -> str:
+    """The main table: each row's held-out loss, its gap to dense, bytes per step, ratio and time per step."""
     from gradcomp.train.report import human_bytes
-
-    variant = FULL if ctx.full else QUICK
-    try:
-        vocab = load_dataset("shakespeare", limit_train=1).vocab_size
-    except DatasetNotFoundError as error:
-        raise StudySkipped(f"Tiny Shakespeare is needed for this table and was not found: {error}") from None
-    assert vocab is not None  # an lm dataset's (Dataset sets it)
-    results, plot_path = train_rows(ctx, "gpt", configs(variant, ctx.seed), plotted=LABELS)
-    diagnostics = {key: results.pop(key) for key in DIAGNOSTICS}
-
-    dense = results["dense"]
-    parameters = dense["dense_bytes"] // (4 * dense["steps"])
-
-    def gap(s: dict) -> float:
-        return s.get("test_loss", math.inf) / dense["test_loss"] - 1
 
     body = []
     for key, s in results.items():
         if "diverged" in s:
             body.append([LABELS[key], "diverged", "—", "—", "—", "—", "—"])
             continue
-        delta = "—" if key == "dense" else f"{100 * gap(s):+.2f} %"
+        delta = "—" if key == "dense" else f"{100 * _gap(s, results['dense']):+.2f} %"
         body.append([LABELS[key], f"{s['test_loss']:.4f}", delta, human_bytes(s["bytes_sent"] / s["steps"]),
                      human_bytes(s["dense_bytes"] / s["steps"]), f"{s['compression_ratio']:.1f}x",
                      f"{1e3 * s['time_per_step']:.0f} ms"])
-    table = markdown_table(["row", "held-out loss", "vs dense", "sent / step / worker", "dense fp32 / step",
-                            "ratio", "time / step (4 workers, 1 process)"], body)
+    return markdown_table(["row", "held-out loss", "vs dense", "sent / step / worker", "dense fp32 / step",
+                           "ratio", "time / step (4 workers, 1 process)"], body)
 
+
+def _best(results: dict[str, dict]) -> str | None:
+    """The compressed row with the lowest held-out loss among those at >= :data:`RATIO_FLOOR` x fewer bytes."""
+    qualified = {k: s for k, s in results.items()
+                 if k != "dense" and "diverged" not in s and s["compression_ratio"] >= RATIO_FLOOR}
+    return min(qualified, key=lambda k: qualified[k]["test_loss"]) if qualified else None
+
+
+def _checks(full: bool, vocab: int, results: dict[str, dict], best: str | None) -> list[Check]:
+    """Every row below the uniform guess; full: the best row at the ratio floor within :data:`LOSS_GAP` of dense."""
     finished = {k: s for k, s in results.items() if "diverged" not in s}
     uniform = math.log(vocab)
     checks = [Check(f"every row learns: held-out loss below the uniform guess ln({vocab}) = {uniform:.3f}",
                     len(finished) == len(results) and all(s["test_loss"] < uniform for s in finished.values()),
                     ", ".join(f"{k} {s.get('test_loss', math.nan):.3f}" for k, s in results.items()))]
-    qualified = {k: s for k, s in finished.items() if k != "dense" and s["compression_ratio"] >= RATIO_FLOOR}
-    best = min(qualified, key=lambda k: qualified[k]["test_loss"]) if qualified else None
-    notes = []
+    if full:
+        dense = results["dense"]
+        held = best is not None and _gap(results[best], dense) <= LOSS_GAP
+        detail = (f"{LABELS[best]}: {results[best]['test_loss']:.4f} vs {dense['test_loss']:.4f} "
+                  f"({100 * _gap(results[best], dense):+.2f} %), {results[best]['compression_ratio']:.0f}x"
+                  if best is not None else "no row at that ratio")
+        checks.append(Check(f"the best compressed row at >= {RATIO_FLOOR}x fewer bytes is within "
+                            f"{100 * LOSS_GAP:g} % of the dense held-out loss", held, detail))
+    return checks
+
+
+def _notes(results: dict[str, dict], best: str | None) -> list[str]:
+    """The best row at the ratio floor, what the step times mean, and PowerSGD's and QSGD's gaps."""
+    dense = results["dense"]
     if best is not None:
-        top = qualified[best]
-        notes.append(f"Best row at >= {RATIO_FLOOR}x fewer bytes: {LABELS[best]}, held-out loss "
-                     f"{top['test_loss']:.4f} vs dense {dense['test_loss']:.4f} ({100 * gap(top):+.2f} %) "
-                     f"at {top['compression_ratio']:.0f}x.")
+        top = results[best]
+        notes = [f"Best row at >= {RATIO_FLOOR}x fewer bytes: {LABELS[best]}, held-out loss "
+                 f"{top['test_loss']:.4f} vs dense {dense['test_loss']:.4f} ({100 * _gap(top, dense):+.2f} %) "
+                 f"at {top['compression_ratio']:.0f}x."]
     else:
-        notes.append(f"No compressed row reached {RATIO_FLOOR}x fewer bytes.")
+        notes = [f"No compressed row reached {RATIO_FLOOR}x fewer bytes."]
     notes.append("Time per step is the simulator's wall time for all 4 workers in one process on one thread, on a "
                  "machine shared with other work; with --runs, rows trained in different sittings saw different "
                  "loads. It shows the cost of each method's computation, roughly; bytes are exact.")
     for key in ("powersgd", "qsgd"):
-        if key in finished:
-            s = finished[key]
-            notes.append(f"{LABELS[key]}: {100 * gap(s):+.2f} % at {s['compression_ratio']:.1f}x "
+        if key in results and "diverged" not in results[key]:
+            s = results[key]
+            notes.append(f"{LABELS[key]}: {100 * _gap(s, dense):+.2f} % at {s['compression_ratio']:.1f}x "
                          f"(below {RATIO_FLOOR}x: not a candidate for the check).")
-    if ctx.full:
-        held = best is not None and gap(qualified[best]) <= LOSS_GAP
-        detail = (f"{LABELS[best]}: {qualified[best]['test_loss']:.4f} vs {dense['test_loss']:.4f} "
-                  f"({100 * gap(qualified[best]):+.2f} %), {qualified[best]['compression_ratio']:.0f}x"
-                  if best is not None else "no row at that ratio")
-        checks.append(Check(f"the best compressed row at >= {RATIO_FLOOR}x fewer bytes is within "
-                            f"{100 * LOSS_GAP:g} % of the dense held-out loss", held, detail))
-    why_table, why_notes = _diagnose(variant, results, diagnostics)
+    return notes
 
-    title = "Character-level GPT on Tiny Shakespeare, AdamW, 4 workers: dense vs DGC, top-k, PowerSGD, QSGD"
+
+def _setup(variant: Variant, steps: int, parameters: int) -> list[str]:
+    """The report's setup lines: the data, the model, the training, the compressors' options."""
     chars = "all 1,003,854" if variant.limit_train is None else f"the first {variant.limit_train:,}"
     held_out = "all 55,770" if variant.limit_test is None else f"the first {variant.limit_test:,}"
-    setup = [f"data: Tiny Shakespeare, {chars} training characters, {held_out} held-out characters "
-             "(the loop's test split, the text's last 5 %)",
-             f"model: gradcomp.train.models.GPT, {variant.layers} layers, d={variant.d}, {variant.heads} heads, "
-             f"context {variant.bptt}, dropout 0, tied decoder ({parameters:,} parameters)",
-             f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker} windows "
-             f"of {variant.bptt} characters, {variant.epochs} epoch(s) = {dense['steps']} steps, AdamW lr "
-             f"{variant.lr:g} (betas 0.9, 0.999), decoupled weight decay {variant.weight_decay:g} on every "
-             f"parameter" + (f", linear lr warm-up over {variant.lr_warmup_epochs:g} epoch"
-                             if variant.lr_warmup_epochs else ""),
-             f"DGC: density {DENSITY}, momentum 0, sparsify_all, compact wire, sparsity warm-up "
-             f"{variant.warmup_epochs:g} epochs ({100 * variant.warmup_share:g} % of training); top-k: density "
-             f"{DENSITY}, plain wire (fp32 values, int32 indices), residual error feedback; PowerSGD rank "
-             f"{POWERSGD_RANK}, warm start; QSGD 16 levels, buckets of 512"]
+    return [f"data: Tiny Shakespeare, {chars} training characters, {held_out} held-out characters "
+            "(the loop's test split, the text's last 5 %)",
+            f"model: gradcomp.train.models.GPT, {variant.layers} layers, d={variant.d}, {variant.heads} heads, "
+            f"context {variant.bptt}, dropout 0, tied decoder ({parameters:,} parameters)",
+            f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker} windows "
+            f"of {variant.bptt} characters, {variant.epochs} epoch(s) = {steps} steps, AdamW lr "
+            f"{variant.lr:g} (betas 0.9, 0.999), decoupled weight decay {variant.weight_decay:g} on every "
+            f"parameter" + (f", linear lr warm-up over {variant.lr_warmup_epochs:g} epoch"
+                            if variant.lr_warmup_epochs else ""),
+            f"DGC: density {DENSITY}, momentum 0, sparsify_all, compact wire, sparsity warm-up "
+            f"{variant.warmup_epochs:g} epochs ({100 * variant.warmup_share:g} % of training); top-k: density "
+            f"{DENSITY}, plain wire (fp32 values, int32 indices), residual error feedback; PowerSGD rank "
+            f"{POWERSGD_RANK}, warm start; QSGD 16 levels, buckets of 512"]
+
+
+def _texts(title: str, table: str, notes: list[str], why_table: str, why_notes: list[str]) -> tuple[str, str]:
+    """The report's markdown body and its console text: the main table, the notes, the diagnostics."""
     heading = "## Why the compressed rows trail: SGD beside AdamW, epoch by epoch"
     markdown = "\n".join(["## Held-out loss and gradient size, at matched steps", "", table, "",
-                          "## Notes", "", *[f"- {n}" for n in notes], "", heading, "", why_table, "",
-                          *[f"- {n}" for n in why_notes], ""])
+                           "## Notes", "", *[f"- {n}" for n in notes], "", heading, "", why_table, "",
+                           *[f"- {n}" for n in why_notes], ""])
     console = "\n".join([title, "", table, "", *[f"* {n}" for n in notes], "", heading[3:], "", why_table, "",
-                         *[f"* {n}" for n in why_notes]])
-    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path],
+                          *[f"* {n}" for n in why_notes]])
+    return markdown, console
+
+
+def run(ctx: Context) -> Result:
+    """Train the five rows and the diagnostic ones, and compare each compressed row's held-out loss with dense.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` seeds every run, ``ctx.runs_dir``
+            keeps the runs (the full rows checkpoint every 100 steps, so a stopped study resumes).
+
+    Returns:
+        The report: each row's held-out loss (mean cross-entropy per character, nats) and its gap to dense in %,
+        bytes sent and dense fp32 bytes per step and worker, compression ratio and time per step; the
+        diagnostic table (gaps epoch by epoch, and how many steps late each compressed row reached its final
+        loss on the dense curve); the loss curves of the main rows; the checks (every row below the uniform
+        guess ``ln(vocabulary)``; full: the best row at >= :data:`RATIO_FLOOR` x fewer bytes within
+        :data:`LOSS_GAP` of dense).  ``data`` holds the variant, the parameter count and every run's summary.
+
+    Raises:
+        StudySkipped: Tiny Shakespeare is not on this machine.
+    """
+    variant = FULL if ctx.full else QUICK
+    vocab = require_dataset("shakespeare", "Tiny Shakespeare").vocab_size
+    assert vocab is not None  # an lm dataset's (Dataset sets it)
+    results, plot_path = train_rows(ctx, "gpt", configs(variant, ctx.seed), plotted=LABELS)
+    diagnostics = {key: results.pop(key) for key in DIAGNOSTICS}
+    dense = results["dense"]
+    parameters = dense["dense_bytes"] // (4 * dense["steps"])
+    best = _best(results)
+    why_table, why_notes = _diagnose(variant, results, diagnostics)
+    title = "Character-level GPT on Tiny Shakespeare, AdamW, 4 workers: dense vs DGC, top-k, PowerSGD, QSGD"
+    markdown, console = _texts(title, _table(results), _notes(results, best), why_table, why_notes)
+    return Result(title=title, console=console, markdown=markdown, checks=_checks(ctx.full, vocab, results, best),
+                  plots=[plot_path], setup=_setup(variant, dense["steps"], parameters),
                   data={"variant": dataclasses.asdict(variant), "parameters": parameters, "rows": results,
-                        "diagnostics": diagnostics},
-                  setup=setup)
+                        "diagnostics": diagnostics})
 
 
 def _diagnose(variant: Variant, rows: dict[str, dict], diagnostics: dict[str, dict]) -> tuple[str, list[str]]:

@@ -42,22 +42,38 @@ LABELS = {"dense": "dense baseline", "dgc": "DGC 99.9 %", "dgc_noclip": "DGC 99.
 
 @dataclass(frozen=True)
 class Variant:
-    limit_train: int | None  # training tokens
+    """The settings of one variant of the study (:data:`FULL` or :data:`QUICK`)."""
+
+    #: training tokens (None: all of PTB's training split)
+    limit_train: int | None
+    #: epochs of training
     epochs: int
-    limit_test: int | None = None  # test tokens
+    #: test tokens (None: the whole test set)
+    limit_test: int | None = None
+    #: simulated workers
     workers: int = 4
-    batch_per_worker: int = 5  # global 20, the word_language_model example's batch
+    #: rows of text per worker and step: global 20, the word_language_model example's batch
+    batch_per_worker: int = 5
+    #: tokens per row (truncated backpropagation through time)
     bptt: int = 35
-    lr: float = 20.0  # vanilla SGD, as the paper and the word_language_model example
-    lr_milestones: tuple[int, ...] = ()  # divide the learning rate by 4 at these epochs (PTB's usual annealing)
+    #: the learning rate: vanilla SGD, as the paper and the word_language_model example
+    lr: float = 20.0
+    #: divide the learning rate by 4 at these epochs (PTB's usual annealing)
+    lr_milestones: tuple[int, ...] = ()
+    #: SGD momentum (0: vanilla SGD)
     momentum: float = 0.0
+    #: the gradient clipping norm: dense after averaging, DGC locally (scaled by ``sqrt(workers)``)
     clip_norm: float = 0.25
-    warmup_share: float = 1 / 40  # the paper's LSTM: one warm-up epoch of 40
+    #: DGC's warm-up as a share of training: the paper's LSTM, one warm-up epoch of 40
+    warmup_share: float = 1 / 40
+    #: the rows trained (:data:`LABELS` keys)
     rows: tuple[str, ...] = ("dense", "dgc", "dgc_noclip")
-    checkpoint_every: int | None = None  # steps
+    #: checkpoint each run every this many steps, so ``--runs`` resumes a stopped row (None: at epoch ends only)
+    checkpoint_every: int | None = None
 
     @property
     def warmup_epochs(self) -> float:
+        """DGC's warm-up in epochs: ``warmup_share * epochs``."""
         return self.warmup_share * self.epochs
 
 
@@ -66,7 +82,16 @@ QUICK = Variant(limit_train=20_000, epochs=1, limit_test=3_000)
 
 
 def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
-    """The variant's rows as ``gradcomp train`` configs."""
+    """The variant's rows as ``gradcomp train`` configs.
+
+    Args:
+        variant: the data, model, schedule, clipping and rows.
+        seed: the seed of every run.
+
+    Returns:
+        Row key -> config, for the keys of ``variant.rows`` in their order: ``dense`` (clipped after averaging),
+        ``dgc`` (density :data:`DENSITY`, clipped locally), ``dgc_noclip`` (the same without clipping).
+    """
     from gradcomp.train.config import Data, Exchange, Launch, Model, Optim, Output, Schedule, TrainConfig
 
     dense = TrainConfig(  # the rows differ in their method and label
@@ -87,6 +112,22 @@ def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
 
 
 def run(ctx: Context) -> Result:
+    """Train dense and DGC at 99.9 % on Penn Treebank and compare their test perplexity and bytes.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` seeds every run, ``ctx.runs_dir``
+            keeps the runs (the full rows checkpoint every 200 steps, so a stopped study resumes).
+
+    Returns:
+        The report: each row's test perplexity (per word) and its gap to dense in %, beside the published
+        figures; the gradient sent and dense fp32 size per step and worker, the compression ratio and time per
+        step; the training curves; the checks (DGC's ratio above 100x, full, or 10x, quick; full: DGC within 3 %
+        of the dense perplexity; quick: every row below a quarter of the vocabulary size).  ``data`` holds the
+        variant, the parameter count and every run's summary.
+
+    Raises:
+        StudySkipped: Penn Treebank is not on this machine.
+    """
     from gradcomp.train.data import DatasetNotFoundError, load_dataset
     from gradcomp.train.report import human_bytes
 

@@ -44,12 +44,12 @@ from .common import (
     Context,
     Result,
     Study,
-    StudySkipped,
     classification_loss,
     evaluate_classifier,
     markdown_table,
     new_figure,
     register,
+    require_dataset,
     save_figure,
 )
 
@@ -64,20 +64,32 @@ FULL_KEEP = (100, 10, 5, 3, 2, 1, 0.9, 0.5, 0.3, 0.2, 0.1, 0)
 class Variant:
     """How big a run is: data, epochs, and which rows."""
 
+    #: MNIST training images used (None: all 60,000)
     limit_train: int | None
+    #: epochs of training per row
     epochs: int
-    keep_1: tuple[float, ...]  # naive dropping on 1 worker
-    keep_2: tuple[float, ...]  # naive dropping on 2 workers
-    keep_dgc: tuple[float, ...]  # DGC on 2 workers
+    #: keep percentages of naive dropping on 1 worker (100: dense; 0: nothing sent, no training)
+    keep_1: tuple[float, ...]
+    #: keep percentages of naive dropping on 2 workers
+    keep_2: tuple[float, ...]
+    #: keep percentages (DGC's final density, in %) of DGC on ``dgc_workers`` workers
+    keep_dgc: tuple[float, ...]
+    #: images per step over all workers (split evenly among them)
     global_batch: int = 64
+    #: the SGD learning rate
     lr: float = 0.05
+    #: the momentum: the optimizer's for plain dropping, DGC's own for DGC
     momentum: float = 0.9
+    #: the MLP's hidden layer widths
     hidden: tuple[int, ...] = (256, 128)
+    #: simulated workers of the DGC rows
     dgc_workers: int = 2
-    warmup_share: float = 4 / 160  # DGC's sparsity warm-up as a share of training, as in the paper
+    #: DGC's sparsity warm-up as a share of training, as in the paper
+    warmup_share: float = 4 / 160
 
     @property
     def warmup_epochs(self) -> float:
+        """DGC's warm-up in epochs: ``warmup_share * epochs``."""
         return self.warmup_share * self.epochs
 
 
@@ -88,23 +100,37 @@ QUICK = Variant(limit_train=8000, epochs=3, keep_1=(100, 1, 0.1, 0), keep_2=(100
 
 @dataclass
 class Row:
-    kind: str  # "drop" or "dgc"
-    keep: float  # percent
+    """One run of the sweep: what it was, and what it measured (NaN and 0 until trained)."""
+
+    #: ``"drop"`` (keep the largest entries, drop the rest) or ``"dgc"``
+    kind: str
+    #: the share of entries kept, in percent
+    keep: float
+    #: simulated workers
     workers: int
+    #: final test accuracy on the 10,000 MNIST test images, 0 to 1
     accuracy: float = math.nan
+    #: final mean test cross-entropy
     test_loss: float = math.nan
-    bytes_sent: int = 0  # per worker, whole run
+    #: bytes worker 0 sent over the whole run (payloads)
+    bytes_sent: int = 0
+    #: what worker 0 would have sent dense (fp32), over the whole run
     dense_bytes: int = 0
-    mean_density: float = math.nan  # DGC: average density of the sparsified tensors over the run
+    #: DGC: average density of the sparsified tensors over the run; plain dropping: ``keep / 100``
+    mean_density: float = math.nan
+    #: optimizer steps taken
     steps: int = 0
+    #: wall time of the training and evaluation, in seconds
     seconds: float = 0.0
 
     @property
     def ratio(self) -> float:
+        """The compression ratio, ``dense_bytes / bytes_sent`` (inf when nothing was sent)."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else math.inf
 
     @property
     def label(self) -> str:
+        """The row's label in the tables: ``drop keep 1 % on 2 workers``."""
         what = "DGC" if self.kind == "dgc" else "drop"
         return f"{what} keep {_pct(self.keep)} on {self.workers} worker{'s' if self.workers > 1 else ''}"
 
@@ -276,14 +302,10 @@ def _shape_notes(rows: list[Row], variant: Variant) -> list[str]:
     return notes
 
 
-def run(ctx: Context) -> Result:
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset, steps_per_epoch
+def _sweep(ctx: Context, variant: Variant, data) -> list[Row]:
+    """Train every row of the variant, one after another, a progress bar counting the steps."""
+    from gradcomp.train.data import steps_per_epoch
 
-    variant = FULL if ctx.full else QUICK
-    try:
-        data = load_dataset("mnist", limit_train=variant.limit_train)
-    except DatasetNotFoundError as error:
-        raise StudySkipped(f"MNIST is needed for this table and was not found: {error}") from None
     rows = _rows(variant)
     assert data.y_train is not None  # an image dataset's
     steps = steps_per_epoch(len(data.y_train), variant.global_batch) * variant.epochs
@@ -292,33 +314,43 @@ def run(ctx: Context) -> Result:
         for row in rows:
             _train(row, data, variant, ctx.seed, bar)
             (bar.write if ctx.progress else ctx.echo)(f"{row.label}: test accuracy {row.accuracy:.4f}")
+    return rows
 
+
+def _accuracy_checks(full: bool, variant: Variant, rows: list[Row]) -> list[Check]:
+    """Dense training learns; DGC at 0.1 % trains (quick) or is within a point of dense (full)."""
     dense1 = _find(rows, "drop", 100, 1)
-    zero1 = _find(rows, "drop", 0, 1)
     w = variant.dgc_workers
-    dgc_low, drop_low = _find(rows, "dgc", 0.1, w), _find(rows, "drop", 0.1, w)
+    dgc_low, dense_w = _find(rows, "dgc", 0.1, w), _find(rows, "drop", 100, w)
     checks = []
-    if ctx.full:
+    if full:
         if dense1:
             checks.append(Check("dense training on 1 worker reaches 0.965", dense1.accuracy >= 0.965,
                                 f"{dense1.accuracy:.4f}"))
-        dense_w = _find(rows, "drop", 100, w)
         if dgc_low and dense_w:
             checks.append(Check(f"DGC at 0.1 % on {w} workers within 1 point of dense training on {w} workers",
                                 dgc_low.accuracy >= dense_w.accuracy - 0.01,
                                 f"{dgc_low.accuracy:.4f} vs {dense_w.accuracy:.4f}"))
-        margin = 0.02
-    else:
-        if dense1:
-            checks.append(Check("dense training on 1 worker is far above chance (> 0.85)", dense1.accuracy > 0.85,
-                                f"{dense1.accuracy:.4f}"))
-        if dgc_low:
-            checks.append(Check(f"DGC at 0.1 % on {w} workers trains (> 0.85)", dgc_low.accuracy > 0.85,
-                                f"{dgc_low.accuracy:.4f}"))
-        margin = 0.03
+        return checks
+    if dense1:
+        checks.append(Check("dense training on 1 worker is far above chance (> 0.85)", dense1.accuracy > 0.85,
+                            f"{dense1.accuracy:.4f}"))
+    if dgc_low:
+        checks.append(Check(f"DGC at 0.1 % on {w} workers trains (> 0.85)", dgc_low.accuracy > 0.85,
+                            f"{dgc_low.accuracy:.4f}"))
+    return checks
+
+
+def _checks(full: bool, variant: Variant, rows: list[Row], data) -> list[Check]:
+    """Every check: the accuracy ones, keep 0 % at chance, DGC ahead of plain dropping at 0.1 %, and plain
+    dropping's bytes exactly 8 per kept entry."""
+    checks = _accuracy_checks(full, variant, rows)
+    zero1 = _find(rows, "drop", 0, 1)
     if zero1:
         checks.append(Check("keep 0 % applies no update: accuracy stays at chance (< 0.3)", zero1.accuracy < 0.3,
                             f"{zero1.accuracy:.4f}"))
+    w, margin = variant.dgc_workers, 0.02 if full else 0.03
+    dgc_low, drop_low = _find(rows, "dgc", 0.1, w), _find(rows, "drop", 0.1, w)
     if dgc_low and drop_low:
         checks.append(Check(f"DGC beats plain dropping at 0.1 % on {w} workers by more than {margin} "
                             f"({100 * margin:g} points)", dgc_low.accuracy > drop_low.accuracy + margin,
@@ -328,35 +360,67 @@ def run(ctx: Context) -> Result:
            if r.bytes_sent != r.steps * _topk_bytes_per_step(data, variant, r.keep)]
     checks.append(Check("plain dropping sends exactly 8 bytes per kept entry, ceil(keep * n) per tensor", not bad,
                         ", ".join(bad)))
+    return checks
 
-    plot_path = ctx.path(".png")
-    _plot(rows, variant, plot_path)
 
+def _setup(variant: Variant, seed: int) -> list[str]:
+    """The report's setup lines: the data, the model, the training, DGC's warm-up, the simulator."""
     size = "all 60,000" if variant.limit_train is None else f"the first {variant.limit_train:,}"
-    setup = [f"data: MNIST, {size} training images, 10,000 test images",
-             f"model: MLP {'-'.join(map(str, variant.hidden))} (torch.manual_seed({ctx.seed}) before each run: "
-             "every row starts from the same weights)",
-             f"training: {variant.epochs} epochs, global batch {variant.global_batch} (split evenly over the "
-             f"workers), SGD lr {variant.lr}; momentum {variant.momentum} in the optimizer for plain dropping, "
-             f"inside DGC for DGC",
-             f"DGC: warm-up {variant.warmup_epochs:g} epochs ({100 * variant.warmup_share:g} % of training, the "
-             "paper's 4 of 160), densities 25 % -> 6.25 % -> 1.56 % -> 0.39 % -> final",
-             "workers simulated in one process (gradcomp.Simulator)"]
-    title = "Keep-ratio sweep on MNIST: dropping small gradients vs DGC"
+    return [f"data: MNIST, {size} training images, 10,000 test images",
+            f"model: MLP {'-'.join(map(str, variant.hidden))} (torch.manual_seed({seed}) before each run: "
+            "every row starts from the same weights)",
+            f"training: {variant.epochs} epochs, global batch {variant.global_batch} (split evenly over the "
+            f"workers), SGD lr {variant.lr}; momentum {variant.momentum} in the optimizer for plain dropping, "
+            f"inside DGC for DGC",
+            f"DGC: warm-up {variant.warmup_epochs:g} epochs ({100 * variant.warmup_share:g} % of training, the "
+            "paper's 4 of 160), densities 25 % -> 6.25 % -> 1.56 % -> 0.39 % -> final",
+            "workers simulated in one process (gradcomp.Simulator)"]
+
+
+def _texts(title: str, variant: Variant, rows: list[Row]) -> tuple[str, str]:
+    """The report's markdown body and its console text: the accuracy and traffic tables, the notes."""
     accuracy = _accuracy_table(rows, variant)
     traffic = _traffic_table(rows)
     notes = _shape_notes(rows, variant)
     markdown = "\n".join(["## Test accuracy beside the published shape", "", accuracy, "",
-                          "Published (seed implementation's MNIST tables): about 0.99 down to ~1 % kept, collapse "
-                          "near 0.1 % (0.41 on one node, 0.24 on two); no figures were given for the other rows.",
-                          "", "## Traffic and time per run", "", traffic, "", "## Notes", "",
-                          *[f"- {n}" for n in notes], ""])
+                           "Published (seed implementation's MNIST tables): about 0.99 down to ~1 % kept, collapse "
+                           "near 0.1 % (0.41 on one node, 0.24 on two); no figures were given for the other rows.",
+                           "", "## Traffic and time per run", "", traffic, "", "## Notes", "",
+                           *[f"- {n}" for n in notes], ""])
     console = "\n".join([title, "", accuracy, "", traffic, "", *[f"* {n}" for n in notes]])
+    return markdown, console
+
+
+def run(ctx: Context) -> Result:
+    """Train the keep-ratio sweep on MNIST (plain dropping on 1 and 2 workers, DGC on 2) and check its shape.
+
+    Args:
+        ctx: the run's context: ``ctx.full`` chooses the variant, ``ctx.seed`` seeds every run (the same initial
+            weights and batches for each row).
+
+    Returns:
+        The report: test accuracy by keep ratio beside the published shape (about 0.99 down to 1 % kept,
+        collapse near 0.1 %), DGC's mean density; the traffic table (MB sent per worker, ratio, steps, time);
+        accuracy against the keep ratio plotted; the checks (dense well above chance, DGC at 0.1 % training and
+        ahead of plain dropping at 0.1 %, keep 0 % at chance, plain dropping's bytes exactly 8 per kept entry).
+        ``data`` holds the variant, every row and the published figures.
+
+    Raises:
+        StudySkipped: MNIST is not on this machine.
+    """
+    variant = FULL if ctx.full else QUICK
+    data = require_dataset("mnist", "MNIST", limit_train=variant.limit_train)
+    rows = _sweep(ctx, variant, data)
+    checks = _checks(ctx.full, variant, rows, data)
+    plot_path = ctx.path(".png")
+    _plot(rows, variant, plot_path)
+    title = "Keep-ratio sweep on MNIST: dropping small gradients vs DGC"
+    markdown, console = _texts(title, variant, rows)
     data_out = {"variant": dataclasses.asdict(variant),
                 "rows": [{**vars(r), "ratio": r.ratio, "label": r.label} for r in rows],
                 "published": {"plateau": PUBLISHED_PLATEAU, "collapse_at_0.1": PUBLISHED_COLLAPSE}}
     return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path], data=data_out,
-                  setup=setup)
+                  setup=_setup(variant, ctx.seed))
 
 
 def _topk_bytes_per_step(data, variant: Variant, keep: float) -> int:
