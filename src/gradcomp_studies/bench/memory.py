@@ -46,6 +46,7 @@ import time
 import tracemalloc
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -123,7 +124,7 @@ def trend(values: Sequence[float]) -> float:
     return sxy / sxx
 
 
-def _setup(rank: int, world: int, method_name: str, warmup_steps: int, seed: int):
+def _train_setup(rank: int, world: int, method_name: str, warmup_steps: int, seed: int):
     """The digits MLP in DDP with gradcomp's hook running ``method_name``; returns (data, ddp, optimizer,
     hook state, steps per epoch)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -161,7 +162,7 @@ def _pass(rank: int, world: int, method_name: str, steps: int, warmup_steps: int
 
     from gradcomp.train.data import image_batches
 
-    data, ddp, opt, state, per_epoch = _setup(rank, world, method_name, warmup_steps, seed)
+    data, ddp, opt, state, per_epoch = _train_setup(rank, world, method_name, warmup_steps, seed)
     trace = collect_every is not None
     # preallocated, so that sampling allocates nothing that stays (tracemalloc would count it)
     rss, peak, py = (array("d", bytes(8 * steps)) for _ in range(3))
@@ -256,6 +257,123 @@ def _plot(runs: dict[str, list[dict]], warmup: int, collect_every: int, path) ->
     save_figure(fig, path)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a variant measures: steps per method, the warm-up, the traced pass and its live-heap sampling."""
+
+    steps: int
+    warmup: int
+    trace_steps: int
+    collect_every: int  # the traced pass samples the live heap (after gc.collect()) every this many steps
+    world: int = 2
+
+
+def _plan(full: bool) -> _Plan:
+    """The full variant's passes, or the quick variant's."""
+    return _Plan(2000, 500, 2000, 50) if full else _Plan(120, 30, 60, 15)
+
+
+def _measure_methods(ctx: Context, plan: _Plan) -> dict[str, list[dict]]:
+    """Both passes of DGC, then of the dense baseline: method -> per rank, the samples (:func:`_measure`)."""
+    runs = {}
+    for method in ("dgc", "none"):
+        ctx.echo(f"memory: {method}, {plan.world} gloo ranks, {plan.steps} steps (+ {plan.trace_steps} traced)")
+        runs[method] = _measure(plan.world, method, plan.steps, plan.warmup, ctx.seed, plan.trace_steps,
+                                plan.collect_every)
+    return runs
+
+
+def _rank_table(runs: dict[str, list[dict]], figures: dict[str, list[dict]]) -> str:
+    """The per-rank table: peaks, growth, trends, the live heap, speed, loss and final density."""
+    rows = []
+    for method, ranks in figures.items():
+        for rank, f in enumerate(ranks):
+            r = runs[method][rank]
+            rows.append([method if rank == 0 else "", str(rank), f"{f['peak_warmup_mb']:.1f}",
+                         f"{f['peak_end_mb']:.1f}", f"{f['growth_mb']:+.2f}", f"{f['growth_pct']:+.2f} %",
+                         f"{f['rss_warmup_mb']:.1f} -> {f['rss_end_mb']:.1f}", f"{f['trend_mb_per_1000']:+.2f}",
+                         f"{f['live_growth_kb']:+.1f}", f"{f['ms_per_step']:.1f}",
+                         f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", f"{r['density']:g}"])
+    return markdown_table(["method", "rank", "peak RSS at warm-up end (MB)", "peak RSS at end (MB)",
+                           "peak growth after warm-up (MB)", "peak growth (%)", "RSS now: warm-up end -> end (MB)",
+                           "RSS trend after warm-up (MB / 1000 steps)",
+                           "Python live heap after warm-up: highest - first sample (KB)", "ms / step",
+                           "loss, first -> last epoch", "final density"], rows,
+                          align="lrrrrrrrrrrr")
+
+
+def _comparison_table(dgc: dict, base: dict) -> str:
+    """DGC's worst rank against the baseline's: peak, peak growth, RSS trend and live heap growth."""
+    ratio = dgc["peak_end_mb"] / base["peak_end_mb"]
+    growth_ratio = dgc["growth_mb"] / base["growth_mb"] if base["growth_mb"] > 0 else float("inf")
+    return markdown_table(
+        ["figure (worst rank)", "DGC", "baseline", "DGC / baseline"],
+        [["peak RSS at end of run (MB)", f"{dgc['peak_end_mb']:.1f}", f"{base['peak_end_mb']:.1f}", f"{ratio:.3f}x"],
+         ["peak growth after warm-up (MB)", f"{dgc['growth_mb']:+.2f}", f"{base['growth_mb']:+.2f}",
+          f"{growth_ratio:.2f}x" if math.isfinite(growth_ratio) else "n/a (baseline did not grow)"],
+         ["RSS trend after warm-up (MB / 1000 steps)", f"{dgc['trend_mb_per_1000']:+.2f}",
+          f"{base['trend_mb_per_1000']:+.2f}", ""],
+         ["Python live heap after warm-up: highest - first sample (KB)", f"{dgc['live_growth_kb']:+.1f}",
+          f"{base['live_growth_kb']:+.1f}", ""]], align="lrrr")
+
+
+def _checks(plan: _Plan, dgc_runs: list[dict], dgc: dict, base: dict) -> list[Check]:
+    """DGC's peak and trend within :data:`TOLERANCE_MB`, its live heap within :data:`PY_TOLERANCE_KB`, its peak
+    growth near the baseline's, and its warm-up ended with training converged."""
+    steps, warmup = plan.steps, plan.warmup
+    return [
+        Check(f"DGC: peak memory stops growing after warm-up (peak RSS grows < {TOLERANCE_MB:g} MB from step "
+              f"{warmup} to step {steps}, every rank)", dgc["growth_mb"] < TOLERANCE_MB,
+              f"{dgc['growth_mb']:+.2f} MB ({dgc['growth_pct']:+.2f} %); baseline {base['growth_mb']:+.2f} MB"),
+        Check(f"DGC: no slow leak under the peak (RSS trend after warm-up x {steps - warmup} steps < "
+              f"{TOLERANCE_MB:g} MB)", dgc["trend_growth_mb"] < TOLERANCE_MB,
+              f"{dgc['trend_growth_mb']:+.2f} MB ({dgc['trend_mb_per_1000']:+.2f} MB / 1000 steps)"),
+        Check(f"DGC: the live Python heap does not grow after warm-up (< {PY_TOLERANCE_KB:g} KB over "
+              f"{plan.trace_steps - warmup} steps, tracemalloc after gc.collect())",
+              dgc["live_growth_kb"] < PY_TOLERANCE_KB,
+              f"{dgc['live_growth_kb']:+.1f} KB; baseline {base['live_growth_kb']:+.1f} KB"),
+        Check(f"DGC's peak growth after warm-up is within {TOLERANCE_MB / 2:g} MB of the dense baseline's",
+              dgc["growth_mb"] <= base["growth_mb"] + TOLERANCE_MB / 2,
+              f"{dgc['growth_mb']:+.2f} vs {base['growth_mb']:+.2f} MB"),
+        Check("DGC's sparsity warm-up ended and training converged (final density, last epoch's loss < first's)",
+              all(r["density"] == DENSITY and r["loss_last"] < r["loss_first"] for r in dgc_runs),
+              f"density {dgc_runs[0]['density']:g}"),
+    ]
+
+
+def _notes(plan: _Plan, base: dict) -> list[str]:
+    """The report's notes: what peak and growth mean, the baseline's own growth, the heap samples, the passes."""
+    return [
+        "Peak RSS is the kernel's high-water mark (VmHWM), so a peak between two samples counts too. Growth is "
+        f"the peak at step {plan.steps} minus the peak at step {plan.warmup} (the end of DGC's sparsity warm-up).",
+        f"The dense baseline, which keeps no DGC state, grows by {base['growth_mb']:+.2f} MB over the same steps "
+        f"(RSS trend {base['trend_mb_per_1000']:+.2f} MB / 1000 steps): growth of that size is the process's "
+        "(glibc's malloc, torch's CPU allocator, gloo, autograd), not DGC's.",
+        "The Python heap between two collections also holds garbage the cyclic collector has not reached yet; "
+        f"the live heap is sampled every {plan.collect_every} steps after gc.collect(). Tensor storage is not "
+        "allocated through Python's allocator and shows in the RSS only.",
+        "Each pass of each method runs in fresh processes: the RSS pass, then the tracemalloc pass.",
+    ]
+
+
+def _markdown(plan: _Plan, runs: dict[str, list[dict]], figures: dict[str, list[dict]], dgc: dict,
+              base: dict) -> str:
+    """The report: the per-rank table, DGC against the baseline (worst rank) and the notes."""
+    return "\n".join(["## Per rank", "", _rank_table(runs, figures), "", "## DGC against the baseline (worst rank)",
+                      "", _comparison_table(dgc, base), "", "## Notes", "", *[f"- {n}" for n in _notes(plan, base)],
+                      ""])
+
+
+def _setup(plan: _Plan) -> list[str]:
+    """The report's setup lines: the ranks, the model and data, the steps, how memory was read."""
+    return [f"{plan.world} gloo ranks (gradcomp.launch.spawn), 1 torch thread each; DistributedDataParallel with "
+            "gradcomp.register_ddp_hook; the digits MLP (64-256-128-10) on sklearn's digits, global batch "
+            f"{GLOBAL_BATCH}",
+            f"{plan.steps} steps per method, DGC's sparsity warm-up over the first {plan.warmup} "
+            "(DGC(steps_per_epoch=...)); memory read from /proc/self/status after every step; tracemalloc pass of "
+            f"{plan.trace_steps} steps"]
+
+
 def run(ctx: Context) -> Result:
     """``gradcomp bench memory``: DGC's and a dense baseline's memory over a long run through the DDP hook.
 
@@ -273,91 +391,22 @@ def run(ctx: Context) -> Result:
         baseline (worst rank); the checks against :data:`TOLERANCE_MB` and :data:`PY_TOLERANCE_KB`; and as data
         every rank's samples.
     """
-    world = 2
-    if ctx.full:
-        steps, warmup, trace_steps, collect_every = 2000, 500, 2000, 50
-    else:
-        steps, warmup, trace_steps, collect_every = 120, 30, 60, 15
-    methods = {"dgc": f"DGC (density {DENSITY}, sparsity warm-up over {warmup} steps)",
-               "none": "baseline: dense all-reduce (\"none\"), momentum SGD"}
-    runs = {}
-    for method in methods:
-        ctx.echo(f"memory: {method}, {world} gloo ranks, {steps} steps (+ {trace_steps} traced)")
-        runs[method] = _measure(world, method, steps, warmup, ctx.seed, trace_steps, collect_every)
-    figures = {m: [_summary(r, warmup, collect_every) for r in ranks] for m, ranks in runs.items()}
+    plan = _plan(ctx.full)
+    runs = _measure_methods(ctx, plan)
+    figures = {m: [_summary(r, plan.warmup, plan.collect_every) for r in ranks] for m, ranks in runs.items()}
     worst = {m: {key: max(f[key] for f in ranks) for key in ranks[0]} for m, ranks in figures.items()}
-
-    rows = []
-    for method, ranks in figures.items():
-        for rank, f in enumerate(ranks):
-            r = runs[method][rank]
-            rows.append([method if rank == 0 else "", str(rank), f"{f['peak_warmup_mb']:.1f}",
-                         f"{f['peak_end_mb']:.1f}", f"{f['growth_mb']:+.2f}", f"{f['growth_pct']:+.2f} %",
-                         f"{f['rss_warmup_mb']:.1f} -> {f['rss_end_mb']:.1f}", f"{f['trend_mb_per_1000']:+.2f}",
-                         f"{f['live_growth_kb']:+.1f}", f"{f['ms_per_step']:.1f}",
-                         f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", f"{r['density']:g}"])
-    table = markdown_table(["method", "rank", "peak RSS at warm-up end (MB)", "peak RSS at end (MB)",
-                            "peak growth after warm-up (MB)", "peak growth (%)", "RSS now: warm-up end -> end (MB)",
-                            "RSS trend after warm-up (MB / 1000 steps)",
-                            "Python live heap after warm-up: highest - first sample (KB)", "ms / step",
-                            "loss, first -> last epoch", "final density"], rows,
-                           align="lrrrrrrrrrrr")
     dgc, base = worst["dgc"], worst["none"]
-    ratio = dgc["peak_end_mb"] / base["peak_end_mb"]
-    growth_ratio = dgc["growth_mb"] / base["growth_mb"] if base["growth_mb"] > 0 else float("inf")
-    comparison = markdown_table(
-        ["figure (worst rank)", "DGC", "baseline", "DGC / baseline"],
-        [["peak RSS at end of run (MB)", f"{dgc['peak_end_mb']:.1f}", f"{base['peak_end_mb']:.1f}", f"{ratio:.3f}x"],
-         ["peak growth after warm-up (MB)", f"{dgc['growth_mb']:+.2f}", f"{base['growth_mb']:+.2f}",
-          f"{growth_ratio:.2f}x" if math.isfinite(growth_ratio) else "n/a (baseline did not grow)"],
-         ["RSS trend after warm-up (MB / 1000 steps)", f"{dgc['trend_mb_per_1000']:+.2f}",
-          f"{base['trend_mb_per_1000']:+.2f}", ""],
-         ["Python live heap after warm-up: highest - first sample (KB)", f"{dgc['live_growth_kb']:+.1f}",
-          f"{base['live_growth_kb']:+.1f}", ""]], align="lrrr")
-
-    checks = [
-        Check(f"DGC: peak memory stops growing after warm-up (peak RSS grows < {TOLERANCE_MB:g} MB from step "
-              f"{warmup} to step {steps}, every rank)", dgc["growth_mb"] < TOLERANCE_MB,
-              f"{dgc['growth_mb']:+.2f} MB ({dgc['growth_pct']:+.2f} %); baseline {base['growth_mb']:+.2f} MB"),
-        Check(f"DGC: no slow leak under the peak (RSS trend after warm-up x {steps - warmup} steps < "
-              f"{TOLERANCE_MB:g} MB)", dgc["trend_growth_mb"] < TOLERANCE_MB,
-              f"{dgc['trend_growth_mb']:+.2f} MB ({dgc['trend_mb_per_1000']:+.2f} MB / 1000 steps)"),
-        Check(f"DGC: the live Python heap does not grow after warm-up (< {PY_TOLERANCE_KB:g} KB over "
-              f"{trace_steps - warmup} steps, tracemalloc after gc.collect())", dgc["live_growth_kb"] < PY_TOLERANCE_KB,
-              f"{dgc['live_growth_kb']:+.1f} KB; baseline {base['live_growth_kb']:+.1f} KB"),
-        Check(f"DGC's peak growth after warm-up is within {TOLERANCE_MB / 2:g} MB of the dense baseline's",
-              dgc["growth_mb"] <= base["growth_mb"] + TOLERANCE_MB / 2,
-              f"{dgc['growth_mb']:+.2f} vs {base['growth_mb']:+.2f} MB"),
-        Check("DGC's sparsity warm-up ended and training converged (final density, last epoch's loss < first's)",
-              all(r["density"] == DENSITY and r["loss_last"] < r["loss_first"] for r in runs["dgc"]),
-              f"density {runs['dgc'][0]['density']:g}"),
-    ]
+    checks = _checks(plan, runs["dgc"], dgc, base)
     plot_path = ctx.path(".png")
-    _plot(runs, warmup, collect_every, plot_path)
-    notes = [
-        "Peak RSS is the kernel's high-water mark (VmHWM), so a peak between two samples counts too. Growth is "
-        f"the peak at step {steps} minus the peak at step {warmup} (the end of DGC's sparsity warm-up).",
-        f"The dense baseline, which keeps no DGC state, grows by {base['growth_mb']:+.2f} MB over the same steps "
-        f"(RSS trend {base['trend_mb_per_1000']:+.2f} MB / 1000 steps): growth of that size is the process's "
-        "(glibc's malloc, torch's CPU allocator, gloo, autograd), not DGC's.",
-        "The Python heap between two collections also holds garbage the cyclic collector has not reached yet; "
-        f"the live heap is sampled every {collect_every} steps after gc.collect(). Tensor storage is not "
-        "allocated through Python's allocator and shows in the RSS only.",
-        "Each pass of each method runs in fresh processes: the RSS pass, then the tracemalloc pass.",
-    ]
-    markdown = "\n".join(["## Per rank", "", table, "", "## DGC against the baseline (worst rank)", "", comparison,
-                          "", "## Notes", "", *[f"- {n}" for n in notes], ""])
-    title = f"Bounded memory: {steps} steps of DGC through the DDP hook, peak RSS after warm-up vs a dense baseline"
-    setup = [f"{world} gloo ranks (gradcomp.launch.spawn), 1 torch thread each; DistributedDataParallel with "
-             "gradcomp.register_ddp_hook; the digits MLP (64-256-128-10) on sklearn's digits, global batch "
-             f"{GLOBAL_BATCH}",
-             f"{steps} steps per method, DGC's sparsity warm-up over the first {warmup} (DGC(steps_per_epoch=...)); "
-             f"memory read from /proc/self/status after every step; tracemalloc pass of {trace_steps} steps"]
-    data = {"steps": steps, "warmup": warmup, "trace_steps": trace_steps, "collect_every": collect_every,
-            "tolerance_mb": TOLERANCE_MB, "py_tolerance_kb": PY_TOLERANCE_KB, "figures": figures, "worst": worst,
-            "runs": runs}
+    _plot(runs, plan.warmup, plan.collect_every, plot_path)
+    markdown = _markdown(plan, runs, figures, dgc, base)
+    title = (f"Bounded memory: {plan.steps} steps of DGC through the DDP hook, peak RSS after warm-up vs a dense "
+             "baseline")
+    data = {"steps": plan.steps, "warmup": plan.warmup, "trace_steps": plan.trace_steps,
+            "collect_every": plan.collect_every, "tolerance_mb": TOLERANCE_MB, "py_tolerance_kb": PY_TOLERANCE_KB,
+            "figures": figures, "worst": worst, "runs": runs}
     return Result(title=title, console=title + "\n\n" + markdown, markdown=markdown, checks=checks,
-                  plots=[plot_path], setup=setup, data=data)
+                  plots=[plot_path], setup=_setup(plan), data=data)
 
 
 register(Study("memory", "peak RSS and Python heap over a long DGC run through the DDP hook (2 gloo ranks) vs a "

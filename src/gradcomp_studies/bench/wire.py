@@ -123,6 +123,86 @@ def _decodes_exactly(method: DGC, payload: Payload, grad: torch.Tensor) -> bool:
                 .all())
 
 
+def _measure_variant(key: str, build: Callable[[], Method], grads: dict[str, torch.Tensor],
+                     dense: int) -> tuple[dict[str, Any], str]:
+    """One variant on one worker's gradient: its entry of the data (bytes per part, total, ratio, inexact
+    payloads) and its *B per kept entry* (``dgc-all*`` only, where every tensor is sparse; else "")."""
+    method = build()
+    parts, inexact = measure(method, {n: g.clone() for n, g in grads.items()})
+    total = sum(parts.values())
+    per_entry = ""
+    if key.startswith("dgc-all"):  # every tensor sparse
+        selector = method.compressor
+        assert isinstance(selector, DGCSelect)  # DGC's
+        kept = sum(selector.entries(g.numel()) for g in grads.values())
+        per_entry = f"{(parts['values'] + parts['indices']) / kept:.2f}"
+    del method
+    gc.collect()
+    return {"parts": parts, "bytes": total, "ratio": dense / total, "inexact_payloads": inexact}, per_entry
+
+
+def _measure_model(model: str, seed: int, bar: Any) -> tuple[dict[str, Any], list[list], list[Check]]:
+    """Every variant on one model's random gradient: the model's entry of the data, its table rows (the dense
+    baseline first) and its decoding checks (DGC's variants)."""
+    shapes = model_shapes(model)
+    grads = random_gradients(shapes, seed)
+    dense = 4 * sum(g.numel() for g in grads.values())
+    entry: dict[str, Any] = {"dense_bytes": dense, "tensors": len(shapes), "variants": {}}
+    rows = [[f"**{MODEL_LABELS[model]}**", "dense fp32 (baseline)", "", "", "", "", "", f"{dense:,}", "1.00x", ""]]
+    checks = []
+    for key, (label, build) in VARIANTS.items():
+        bar.set_postfix_str(f"{MODEL_LABELS[model]}: {key}")
+        v, per_entry = _measure_variant(key, build, grads, dense)
+        entry["variants"][key] = v
+        parts, total = v["parts"], v["bytes"]
+        rows.append(["", f"`{key}`: {label}", *[f"{parts[p]:,}" if parts[p] else "—" for p in PARTS],
+                     f"{total:,}", f"{dense / total:.0f}x", per_entry])
+        if key.startswith("dgc"):
+            inexact = v["inexact_payloads"]
+            checks.append(Check(f"{MODEL_LABELS[model]} `{key}`: every payload decodes to exactly the chosen "
+                                "entries", inexact == 0, f"{inexact} inexact"))
+        bar.update(1)
+    del grads
+    gc.collect()
+    return entry, rows, checks
+
+
+def _size_checks(data: dict[str, dict[str, Any]]) -> list[Check]:
+    """ResNet-50's sparsified-everywhere variants at least :data:`GOAL` x smaller than dense, and on every model
+    the compact wire below the paper's format."""
+    checks = []
+    if "resnet50" in data:
+        for key in ("dgc-all", "dgc-all32"):
+            ratio = data["resnet50"]["variants"][key]["ratio"]
+            checks.append(Check(f"ResNet-50: `{key}` at least {GOAL}x smaller than the dense gradient",
+                                ratio >= GOAL, f"{ratio:.0f}x"))
+    for model, entry in data.items():
+        v = entry["variants"]
+        checks.append(Check(f"{MODEL_LABELS[model]}: the compact wire sends less than the paper's format",
+                            v["dgc"]["bytes"] < v["dgc-plain"]["bytes"],
+                            f"{v['dgc']['bytes']:,} < {v['dgc-plain']['bytes']:,}"))
+    return checks
+
+
+#: the report's notes: how bytes and ratios are counted, the per-entry costs, the rounding, decoding, PowerSGD
+_NOTES = [
+    f"One worker, one step after warm-up, density {DENSITY}: k = ceil({DENSITY} n) entries per sparsified "
+    "tensor (`dgc-all32`: at least 32, all of a smaller tensor). Bytes (B) are counted from the payloads the "
+    "method produced; the ratio is dense fp32 bytes / bytes sent.",
+    "*B per kept entry* (for `dgc-all` and `dgc-all32`, where every tensor is sparse): (values + indices) / "
+    "number of kept entries. The paper's format costs 8; float16 values cost 2 and Elias-Fano indices about "
+    "(2 + log2(1 / density)) / 8 = 1.5.",
+    "The compact wire's float16 rounding is not lost: the sender subtracts the decoded (rounded) values "
+    "from its accumulator, so the rounding error is sent in a later step (tests/test_dgc.py checks this "
+    "against a float64 recomputation).",
+    "Decoding checks lengths, entry counts, index range and order; a corrupt payload raises instead of "
+    "writing out of bounds (tests/test_sparse.py, tests/test_bits.py).",
+    "PowerSGD's *factors* column holds its P and Q factors and the tensors it leaves dense (1-D ones and "
+    "those not worth compressing), together; its rank-1 ResNet-50 size equals that of PyTorch's own "
+    "`powerSGD_hook` at rank 1 (546 KB).",
+]
+
+
 def run(ctx: Context) -> Result:
     """``gradcomp bench wire``: the bytes each DGC wire format and PowerSGD send in one step, by part.
 
@@ -140,67 +220,15 @@ def run(ctx: Context) -> Result:
     rows, checks = [], []
     bar = ctx.tqdm(total=len(models) * len(VARIANTS), desc="wire")
     for model in models:
-        shapes = model_shapes(model)
-        grads = random_gradients(shapes, ctx.seed)
-        dense = 4 * sum(g.numel() for g in grads.values())
-        data[model] = {"dense_bytes": dense, "tensors": len(shapes), "variants": {}}
-        rows.append([f"**{MODEL_LABELS[model]}**", "dense fp32 (baseline)", "", "", "", "", "", f"{dense:,}",
-                     "1.00x", ""])
-        for key, (label, build) in VARIANTS.items():
-            bar.set_postfix_str(f"{MODEL_LABELS[model]}: {key}")
-            method = build()
-            parts, inexact = measure(method, {n: g.clone() for n, g in grads.items()})
-            total = sum(parts.values())
-            data[model]["variants"][key] = {"parts": parts, "bytes": total, "ratio": dense / total,
-                                            "inexact_payloads": inexact}
-            per_entry = ""
-            if key.startswith("dgc-all"):  # every tensor sparse
-                selector = method.compressor
-                assert isinstance(selector, DGCSelect)  # DGC's
-                kept = sum(selector.entries(g.numel()) for g in grads.values())
-                per_entry = f"{(parts['values'] + parts['indices']) / kept:.2f}"
-            rows.append(["", f"`{key}`: {label}", *[f"{parts[p]:,}" if parts[p] else "—" for p in PARTS],
-                         f"{total:,}", f"{dense / total:.0f}x", per_entry])
-            if key.startswith("dgc"):
-                checks.append(Check(f"{MODEL_LABELS[model]} `{key}`: every payload decodes to exactly the chosen "
-                                    "entries", inexact == 0, f"{inexact} inexact"))
-            del method
-            gc.collect()
-            bar.update(1)
-        del grads
-        gc.collect()
+        data[model], model_rows, model_checks = _measure_model(model, ctx.seed, bar)
+        rows += model_rows
+        checks += model_checks
     bar.close()
-    if "resnet50" in data:
-        for key in ("dgc-all", "dgc-all32"):
-            ratio = data["resnet50"]["variants"][key]["ratio"]
-            checks.append(Check(f"ResNet-50: `{key}` at least {GOAL}x smaller than the dense gradient",
-                                ratio >= GOAL, f"{ratio:.0f}x"))
-    for model, entry in data.items():
-        v = entry["variants"]
-        checks.append(Check(f"{MODEL_LABELS[model]}: the compact wire sends less than the paper's format",
-                            v["dgc"]["bytes"] < v["dgc-plain"]["bytes"],
-                            f"{v['dgc']['bytes']:,} < {v['dgc-plain']['bytes']:,}"))
-
+    checks += _size_checks(data)
     table = markdown_table(["model", "method", *[f"{p} B" for p in PARTS], "total B", "ratio",
                             "B per kept entry"], rows, align="ll" + "r" * 8)
-    notes = [
-        f"One worker, one step after warm-up, density {DENSITY}: k = ceil({DENSITY} n) entries per sparsified "
-        "tensor (`dgc-all32`: at least 32, all of a smaller tensor). Bytes (B) are counted from the payloads the "
-        "method produced; the ratio is dense fp32 bytes / bytes sent.",
-        "*B per kept entry* (for `dgc-all` and `dgc-all32`, where every tensor is sparse): (values + indices) / "
-        "number of kept entries. The paper's format costs 8; float16 values cost 2 and Elias-Fano indices about "
-        "(2 + log2(1 / density)) / 8 = 1.5.",
-        "The compact wire's float16 rounding is not lost: the sender subtracts the decoded (rounded) values "
-        "from its accumulator, so the rounding error is sent in a later step (tests/test_dgc.py checks this "
-        "against a float64 recomputation).",
-        "Decoding checks lengths, entry counts, index range and order; a corrupt payload raises instead of "
-        "writing out of bounds (tests/test_sparse.py, tests/test_bits.py).",
-        "PowerSGD's *factors* column holds its P and Q factors and the tensors it leaves dense (1-D ones and "
-        "those not worth compressing), together; its rank-1 ResNet-50 size equals that of PyTorch's own "
-        "`powerSGD_hook` at rank 1 (546 KB).",
-    ]
     markdown = "\n".join(["## Bytes per step, by part", "", table, "", "## Notes", "",
-                          *[f"- {n}" for n in notes], ""])
+                          *[f"- {n}" for n in _NOTES], ""])
     title = "Bytes on the wire: DGC's wire formats on the paper's networks"
     setup = [f"models: {', '.join(MODEL_LABELS[m] for m in models)}",
              f"gradients: N(0, 1), torch.Generator seeded with {ctx.seed}; one worker, one step"]

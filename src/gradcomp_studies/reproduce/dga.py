@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_runs
+from .common import Check, Context, Result, Study, markdown_table, register, require_dataset, train_runs
 from .compare import Task, score
 
 if TYPE_CHECKING:
@@ -368,13 +368,8 @@ def _train(ctx: Context, variant: Variant) -> dict[tuple[str, str, str], dict]:
     Raises:
         StudySkipped: a task's dataset is not on this machine.
     """
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset
-
     for task in variant.tasks:
-        try:
-            load_dataset(task.dataset, limit_train=1)
-        except DatasetNotFoundError as error:
-            raise StudySkipped(f"{task.dataset} is needed for this table and was not found: {error}") from None
+        require_dataset(task.dataset)
     runs = configs(variant, ctx.seed)
     with ctx.runs_folder("dga") as folder:
         summaries = train_runs(ctx, [cfg for *_, cfg in runs], folder)
@@ -388,9 +383,7 @@ def _learning_check(full: bool, task: Task, iid: dict[str, dict]) -> Check:
         floor = 0.5 if full else 0.3
         what = f"test accuracy above {100 * floor:g} %; chance is 10 %"
     else:
-        from gradcomp.train.data import load_dataset
-
-        vocab = load_dataset(task.dataset, limit_train=1).vocab_size
+        vocab = require_dataset(task.dataset).vocab_size
         assert vocab is not None  # an lm dataset's (Dataset sets it)
         floor = 2 / vocab
         what = f"next-character accuracy above twice chance, {100 * floor:.1f} %"

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .common import Check, Context, Result, Study, StudySkipped, markdown_table, register, train_rows
+from .common import Check, Context, Result, Study, markdown_table, register, require_dataset, train_rows
 
 if TYPE_CHECKING:
     from gradcomp.train.config import TrainConfig
@@ -111,6 +111,90 @@ def configs(variant: Variant, seed: int) -> dict[str, TrainConfig]:
     return {key: rows[key] for key in variant.rows}
 
 
+def _gap(row: dict, dense: dict) -> float:
+    """A row's test perplexity relative to dense: ``row / dense - 1``."""
+    return row["test_perplexity"] / dense["test_perplexity"] - 1
+
+
+def _table(results: dict[str, dict]) -> str:
+    """The main table: each row's test perplexity, its gap to dense, bytes per step, ratio and time per step,
+    beside the published figures."""
+    from gradcomp.train.report import human_bytes
+
+    body = []
+    for key, s in results.items():
+        per_step = s["bytes_sent"] / s["steps"]
+        delta = "—" if key == "dense" else f"{100 * _gap(s, results['dense']):+.2f} %"
+        body.append([LABELS[key], f"{s['test_perplexity']:.2f}", delta, PUBLISHED[key], human_bytes(per_step),
+                     human_bytes(s["dense_bytes"] / s["steps"]), f"{s['compression_ratio']:.0f}x", PUBLISHED_SIZE[key],
+                     f"{1e3 * s['time_per_step']:.0f} ms"])
+    return markdown_table(["row", "test ppl", "vs dense", "published ppl (1500 units)",
+                           "gradient sent / step", "dense fp32 / step", "ratio", "published size",
+                           "time / step (4 workers, 1 process)"], body)
+
+
+def _checks(full: bool, vocab: int, results: dict[str, dict]) -> list[Check]:
+    """DGC's compression ratio above its floor; full: DGC within 3 % of the dense perplexity; quick: every row
+    below a quarter of the uniform guess."""
+    dense, dgc = results["dense"], results["dgc"]
+    gap = _gap(dgc, dense)
+    floor = 100 if full else 10  # a short run is dominated by its first warm-up steps (25 % density)
+    checks = [Check(f"DGC sends under {100 / floor:g} % of the dense bytes", dgc["compression_ratio"] > floor,
+                    f"{dgc['compression_ratio']:.0f}x")]
+    if full:
+        checks.append(Check("DGC at 99.9 % within 3 % of the dense perplexity", gap <= 0.03,
+                            f"{dgc['test_perplexity']:.2f} vs {dense['test_perplexity']:.2f} ({100 * gap:+.2f} %)"))
+    else:
+        checks.append(Check(f"every row learns: test perplexity below a quarter of the uniform guess ({vocab:,})",
+                            all(s["test_perplexity"] < vocab / 4 for s in results.values()),
+                            ", ".join(f"{s['test_perplexity']:.0f}" for s in results.values())))
+    return checks
+
+
+def _notes(results: dict[str, dict]) -> list[str]:
+    """DGC's gap and ratio against the published ones, (quick) what clipping does, and any diverged row."""
+    dense, dgc = results["dense"], results["dgc"]
+    gap = _gap(dgc, dense)
+    notes = [f"DGC at 99.9 % sparsity: {100 * gap:+.2f} % perplexity against dense (published: -0.08 %), "
+             f"sending {dgc['compression_ratio']:.0f}x fewer bytes (published 462x for the 1500-unit model; our "
+             "200-unit model's dense biases are a larger share, see the ratio table for the paper's model)."]
+    if "dgc_noclip" in results:
+        gap_noclip = _gap(results["dgc_noclip"], dense)
+        notes.append(f"Without local gradient clipping: {100 * gap_noclip:+.2f} % against dense"
+                     + (" — clipping is what keeps the accumulated LSTM gradient in check." if gap_noclip > gap
+                        else " (no worse than with clipping at this scale)."))
+    if not all(math.isfinite(s["test_perplexity"]) for s in results.values()):
+        notes.append("A row diverged (non-finite perplexity).")
+    return notes
+
+
+def _texts(title: str, table: str, notes: list[str]) -> tuple[str, str]:
+    """The report's markdown body and its console text: the main table, the published figures, the notes."""
+    markdown = "\n".join(["## Test perplexity and gradient size", "", table, "",
+                          "Published (DGC paper, Table 4): 2-layer LSTM with 1500 units on PTB, 4 nodes: "
+                          "perplexity 72.30 dense, 72.24 with DGC; gradient 194.68 MB to 0.42 MB (462x).", "",
+                          "## Notes", "", *[f"- {n}" for n in notes], ""])
+    console = "\n".join([title, "", table, "", *[f"* {n}" for n in notes]])
+    return markdown, console
+
+
+def _setup(variant: Variant, parameters: int) -> list[str]:
+    """The report's setup lines: the data, the model, the training, the sparsity."""
+    tokens = "all 929,589" if variant.limit_train is None else f"the first {variant.limit_train:,}"
+    test = "all 82,430" if variant.limit_test is None else f"the first {variant.limit_test:,}"
+    return [f"data: Penn Treebank, {tokens} training tokens, {test} test tokens",
+            f"model: gradcomp.train.models.LSTMLM, 2 layers, 200 units, dropout 0.2, encoder and decoder tied "
+            f"({parameters:,} parameters)",
+            f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker}, BPTT "
+            f"{variant.bptt}, {variant.epochs} epochs, SGD lr {variant.lr}"
+            + (f" divided by 4 at epoch {', '.join(map(str, variant.lr_milestones))}" if variant.lr_milestones else "")
+            + (f", momentum {variant.momentum}" if variant.momentum else " (vanilla SGD, as the paper)") + ", "
+            f"clip norm {variant.clip_norm} (dense: after averaging; DGC: locally, "
+            f"{variant.clip_norm}*sqrt({variant.workers}) on each worker's mean gradient)",
+            f"sparsity: density {DENSITY}; warm-up {variant.warmup_epochs:g} epochs "
+            f"({100 * variant.warmup_share:g} % of training), advancing per step"]
+
+
 def run(ctx: Context) -> Result:
     """Train dense and DGC at 99.9 % on Penn Treebank and compare their test perplexity and bytes.
 
@@ -128,77 +212,19 @@ def run(ctx: Context) -> Result:
     Raises:
         StudySkipped: Penn Treebank is not on this machine.
     """
-    from gradcomp.train.data import DatasetNotFoundError, load_dataset
-    from gradcomp.train.report import human_bytes
-
     variant = FULL if ctx.full else QUICK
-    try:
-        load_dataset("ptb", limit_train=1)
-    except DatasetNotFoundError as error:
-        raise StudySkipped(f"Penn Treebank is needed for this table and was not found: {error}") from None
+    vocab = require_dataset("ptb", "Penn Treebank").vocab_size
+    assert vocab is not None  # an lm dataset's (Dataset sets it)
     results, plot_path = train_rows(ctx, "lm", configs(variant, ctx.seed))
-
     dense = results["dense"]
-    body = []
-    for key, s in results.items():
-        per_step = s["bytes_sent"] / s["steps"]
-        delta = "—" if key == "dense" else f"{100 * (s['test_perplexity'] / dense['test_perplexity'] - 1):+.2f} %"
-        body.append([LABELS[key], f"{s['test_perplexity']:.2f}", delta, PUBLISHED[key], human_bytes(per_step),
-                     human_bytes(s["dense_bytes"] / s["steps"]), f"{s['compression_ratio']:.0f}x", PUBLISHED_SIZE[key],
-                     f"{1e3 * s['time_per_step']:.0f} ms"])
-    table = markdown_table(["row", "test ppl", "vs dense", "published ppl (1500 units)",
-                            "gradient sent / step", "dense fp32 / step", "ratio", "published size",
-                            "time / step (4 workers, 1 process)"], body)
-
-    dgc = results["dgc"]
-    gap = dgc["test_perplexity"] / dense["test_perplexity"] - 1
-    floor = 100 if ctx.full else 10  # a short run is dominated by its first warm-up steps (25 % density)
-    checks = [Check(f"DGC sends under {100 / floor:g} % of the dense bytes", dgc["compression_ratio"] > floor,
-                    f"{dgc['compression_ratio']:.0f}x")]
-    if ctx.full:
-        checks.append(Check("DGC at 99.9 % within 3 % of the dense perplexity", gap <= 0.03,
-                            f"{dgc['test_perplexity']:.2f} vs {dense['test_perplexity']:.2f} ({100 * gap:+.2f} %)"))
-    else:
-        vocab = load_dataset("ptb", limit_train=1).vocab_size
-        assert vocab is not None  # an lm dataset's (Dataset sets it)
-        checks.append(Check(f"every row learns: test perplexity below a quarter of the uniform guess ({vocab:,})",
-                            all(s["test_perplexity"] < vocab / 4 for s in results.values()),
-                            ", ".join(f"{s['test_perplexity']:.0f}" for s in results.values())))
-    notes = [f"DGC at 99.9 % sparsity: {100 * gap:+.2f} % perplexity against dense (published: -0.08 %), "
-             f"sending {dgc['compression_ratio']:.0f}x fewer bytes (published 462x for the 1500-unit model; our "
-             "200-unit model's dense biases are a larger share, see the ratio table for the paper's model)."]
-    if "dgc_noclip" in results:
-        gap_noclip = results["dgc_noclip"]["test_perplexity"] / dense["test_perplexity"] - 1
-        notes.append(f"Without local gradient clipping: {100 * gap_noclip:+.2f} % against dense"
-                     + (" — clipping is what keeps the accumulated LSTM gradient in check." if gap_noclip > gap
-                        else " (no worse than with clipping at this scale)."))
-    if not all(math.isfinite(s["test_perplexity"]) for s in results.values()):
-        notes.append("A row diverged (non-finite perplexity).")
-
     parameters = dense["dense_bytes"] // (4 * dense["steps"])
     title = "Language modeling on Penn Treebank: dense vs DGC at 99.9 % sparsity, 4 workers"
-    tokens = "all 929,589" if variant.limit_train is None else f"the first {variant.limit_train:,}"
-    test = "all 82,430" if variant.limit_test is None else f"the first {variant.limit_test:,}"
-    setup = [f"data: Penn Treebank, {tokens} training tokens, {test} test tokens",
-             f"model: gradcomp.train.models.LSTMLM, 2 layers, 200 units, dropout 0.2, encoder and decoder tied "
-             f"({parameters:,} parameters)",
-             f"training: {variant.workers} simulated workers, per-worker batch {variant.batch_per_worker}, BPTT "
-             f"{variant.bptt}, {variant.epochs} epochs, SGD lr {variant.lr}"
-             + (f" divided by 4 at epoch {', '.join(map(str, variant.lr_milestones))}" if variant.lr_milestones else "")
-             + (f", momentum {variant.momentum}" if variant.momentum else " (vanilla SGD, as the paper)") + ", "
-             f"clip norm {variant.clip_norm} (dense: after averaging; DGC: locally, "
-             f"{variant.clip_norm}*sqrt({variant.workers}) on each worker's mean gradient)",
-             f"sparsity: density {DENSITY}; warm-up {variant.warmup_epochs:g} epochs "
-             f"({100 * variant.warmup_share:g} % of training), advancing per step"]
-    markdown = "\n".join(["## Test perplexity and gradient size", "", table, "",
-                          "Published (DGC paper, Table 4): 2-layer LSTM with 1500 units on PTB, 4 nodes: "
-                          "perplexity 72.30 dense, 72.24 with DGC; gradient 194.68 MB to 0.42 MB (462x).", "",
-                          "## Notes", "", *[f"- {n}" for n in notes], ""])
-    console = "\n".join([title, "", table, "", *[f"* {n}" for n in notes]])
-    return Result(title=title, console=console, markdown=markdown, checks=checks, plots=[plot_path],
+    markdown, console = _texts(title, _table(results), _notes(results))
+    return Result(title=title, console=console, markdown=markdown, checks=_checks(ctx.full, vocab, results),
+                  plots=[plot_path],
                   data={"variant": dataclasses.asdict(variant),
                         "rows": results, "published": {"perplexity": PUBLISHED, "size": PUBLISHED_SIZE}},
-                  setup=setup)
+                  setup=_setup(variant, parameters))
 
 
 register(Study("lm", "PTB language model, 4 workers: dense vs DGC 99.9 % (with and without clipping)", run,
