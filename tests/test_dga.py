@@ -243,6 +243,9 @@ def test_fedavg_ranks_started_with_different_delays_all_raise_naming_them(runs):
         assert r["fedavg_mismatch"] is not None and "delay: rank 0 3, rank 1 2" in r["fedavg_mismatch"]
 
 
+# slow-marked (10 s): the default suite checks the same on real ranks, FedAvg too, through the benchmark
+# (tests/test_bench.py::test_bench_latency_quick_dga_hides_what_synchronous_sgd_pays)
+@pytest.mark.slow
 def test_delay_hides_emulated_latency_that_synchronous_sgd_pays():
     """Latency L emulated, compute c per step, D c >= L: DGA's step time stays near the zero-latency one;
     synchronous SGD pays about L per step.  (Generous bounds: behaviour, not speed; the benchmark prints

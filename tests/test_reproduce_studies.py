@@ -4,12 +4,15 @@ Each is checked against figures computed here from the models themselves (bytes 
 own report.  A study whose dataset is missing is skipped.
 """
 
+import json
 import math
+import shutil
 
 import pytest
 
+from gradcomp.cli import main
 from gradcomp.train.models import build_model
-from helpers import compact_nbytes, need_datasets, quick_study
+from helpers import REPO, compact_nbytes, need_datasets, quick_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -92,6 +95,30 @@ def lm(tmp_path_factory):
     return quick_study("lm", tmp_path_factory)
 
 
+def test_lm_full_report_from_the_committed_rows(tmp_path):
+    """The full study's report code (its table, checks and notes, which the quick variant does not reach) on the
+    rows of results/runs/lm, read back without training: each row's figures are those of its summary.json, and
+    its bytes are what the model's parameter count gives."""
+    need_datasets("ptb")
+    runs = tmp_path / "runs"
+    shutil.copytree(REPO / "results" / "runs" / "lm", runs / "lm")
+    assert main(["reproduce", "lm", "--full", "--runs", str(runs), "--out", str(tmp_path), "--no-progress"]) == 0
+    assert not list(runs.rglob("checkpoint*.pt")), "a committed row was trained again"
+    report = (tmp_path / "lm.md").read_text()
+    assert "❌" not in report and "DGC at 99.9 % within 3 % of the dense perplexity" in report
+    dense_per_step = 4 * sum(_params("lstm", "ptb", tie_weights=True))
+    rows = json.loads((tmp_path / "lm.json").read_text())["data"]["rows"]
+    assert set(rows) == {"dense", "dgc"}
+    for key, folder in (("dense", "0-none"), ("dgc", "1-dgc")):  # a row's folder is named after its method
+        row, committed = rows[key], json.loads((runs / "lm" / folder / "summary.json").read_text())
+        assert row["test_perplexity"] == committed["test_perplexity"]
+        assert f"{committed['test_perplexity']:.2f}" in report
+        assert row["dense_bytes"] == dense_per_step * row["steps"]
+    assert rows["dense"]["bytes_sent"] == rows["dense"]["dense_bytes"]
+    assert rows["dgc"]["bytes_sent"] * 100 < rows["dgc"]["dense_bytes"]
+
+
+@pytest.mark.slow  # ~22 s: trains three rows; the default suite reads the full rows back instead (above)
 def test_lm_quick(lm):
     rc, out, report, data = lm
     assert rc == 0 and "❌" not in report
