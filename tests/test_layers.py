@@ -15,6 +15,7 @@ Every import counts, those inside functions too.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,25 @@ def test_import_gradcomp_needs_no_extra(code):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install greenlet" in out.stdout, out.stdout
+
+
+def test_the_commands_that_need_the_train_extra_say_so_in_one_line():
+    """Without the train extra, ``gradcomp train`` (and reproduce, bench, plot) ends in one line naming the missing
+    packages as pip installs them (those of pyproject.toml's ``train`` extra) and how to get them; ``gradcomp list``
+    needs none of them."""
+    from gradcomp.cli import TRAIN_EXTRA
+
+    extra = re.search(r"^train = \[(.*)\]$", (SRC.parent / "pyproject.toml").read_text(), flags=re.M)
+    assert extra is not None
+    assert sorted(TRAIN_EXTRA.values()) == sorted(re.findall(r'"([a-z-]+)[<>=]', extra.group(1)))
+    block = "".join(f"sys.modules[{name!r}] = None; " for name in EXTRAS)
+    for argv, code in ((["train", "--epochs", "1"], 2), (["bench", "wire"], 2), (["list"], 0)):
+        script = f"import sys; {block}from gradcomp.cli import main; sys.exit(main({argv!r}))"
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == code, out.stderr
+        if code:
+            assert out.stderr.splitlines() == [
+                f"gradcomp {argv[0]}: error: needs the train extra, and {', '.join(TRAIN_EXTRA.values())} are not "
+                "installed: pip install 'gradcomp[train]' (or pip install -e '.[train]' in a checkout)"]
+        else:
+            assert "dgc" in out.stdout.split()

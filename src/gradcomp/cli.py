@@ -6,6 +6,7 @@ import argparse
 import ast
 import errno
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -431,6 +432,24 @@ def _train_config(args: argparse.Namespace):
                       progress=not args.no_progress, link_gbps=args.link_gbps))
 
 
+#: the packages of the ``train`` extra (pyproject.toml), by import name: the package each is installed as
+TRAIN_EXTRA = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "greenlet": "greenlet"}
+
+
+def _missing_extra() -> list[str]:
+    """The packages of :data:`TRAIN_EXTRA` that are not installed, by the names pip installs them as (found, not
+    imported: scikit-learn alone takes most of a second)."""
+    missing = []
+    for module, package in TRAIN_EXTRA.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # in sys.modules as None: made unimportable
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``gradcomp`` command; errors are reported in one line on stderr, not raised.
 
@@ -453,6 +472,12 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    missing = _missing_extra() if args.command != "list" else []
+    if missing:
+        print(f"gradcomp {args.command}: error: needs the train extra, and {', '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'gradcomp[train]' "
+              "(or pip install -e '.[train]' in a checkout)", file=sys.stderr)
+        return 2
     if args.command == "train":
         from .launch import WorkerError
         from .train.loop import TrainingInterrupted, run
