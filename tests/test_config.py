@@ -152,3 +152,30 @@ def test_a_run_written_now_and_one_written_flat_resume_to_the_uninterrupted_resu
         cfg = TrainConfig.from_dict(rd.read_config())  # by section now
         assert "launch" in rd.read_config() and cfg.launch.device in ("cpu", "cuda")  # as the run resolved it
         assert cfg.replace(launch={"device": "auto"}) == SMALL.replace(output={"run_dir": str(rd.path)})
+
+
+@pytest.mark.parametrize("dataset, model, message", [
+    ("digits", "nope", "TrainConfig.model.name must be one of mlp, cnn, resnet, lstm, gpt or None, got 'nope'"),
+    ("ptb", "cnn", "TrainConfig.model.name 'cnn' is a model for image datasets, but data.dataset 'ptb' is an lm "
+                   "dataset (its models: lstm, gpt)"),
+    ("digits", "lstm", "TrainConfig.model.name 'lstm' is a model for lm datasets, but data.dataset 'digits' is an "
+                       "image dataset (its models: mlp, cnn, resnet)"),
+])
+def test_a_model_that_cannot_train_on_the_dataset_is_refused_before_the_run_directory(tmp_path, monkeypatch, capsys,
+                                                                                       dataset, model, message):
+    """An unknown model, or one of the other kind of data, used to pass the config and fail in the workers, after
+    the run directory was made: now the config refuses it, and ``gradcomp train`` says so in one line and writes
+    nothing.  The model names and kinds here are those of build_model's own error for the same pair."""
+    from gradcomp.cli import main
+    from gradcomp.train.models import build_model
+
+    with pytest.raises(ValueError, match=r"model|unknown"):  # what the workers would have said
+        build_model(model, dataset)
+    with pytest.raises(ValueError) as error:
+        TrainConfig(data=Data(dataset=dataset), model=Model(name=model))
+    assert str(error.value) == message
+    monkeypatch.chdir(tmp_path)
+    if model != "nope":  # the CLI's --model choices refuse "nope" in argparse's own words
+        assert main(["train", "--dataset", dataset, "--model", model, "--simulate", "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip() == f"gradcomp train: error: {message}"
+        assert not list(tmp_path.iterdir()), "something was written"

@@ -2,6 +2,7 @@
 gradcomp's modules runs, in this one process and without a process group (doctest), and every public name
 (``gradcomp.__all__``) has an ``Example:`` section."""
 
+import ast
 import doctest
 import importlib
 import importlib.util
@@ -82,6 +83,65 @@ def test_every_public_name_has_an_example():
             shown.append(name)
     assert not missing, f"public names without an Example: section: {missing}"
     assert set(shown) == NOT_RUN, f"examples that are not run: {sorted(shown)}; expected {sorted(NOT_RUN)}"
+
+
+#: entries of the API reference whose example is shown (``Example::``), not run, with the reason: each is run
+#: elsewhere in the tests
+SHOWN_ONLY = {
+    # two Lightning DDP processes; docs/integrations.md's torchrun example of the callback runs in test_readme.py
+    "gradcomp.lightning.GradientCompression",
+    # torch.distributed.checkpoint and Accelerate across ranks: docs/integrations.md's torchrun examples of both
+    # run in test_readme.py
+    "gradcomp.checkpoint.RankState",
+    "gradcomp.checkpoint.register_with_accelerate",
+}
+
+
+def reference_docstring(name):
+    """The docstring of a dotted name of the API reference: read from its module's source where the module defines
+    it at top level (so gradcomp.lightning, slow to import, is not imported), else from the imported object."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if importlib.util.find_spec(module) is None:
+            continue
+        tree = ast.parse(source(module))
+        nodes = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == parts[cut]]
+        if nodes and len(parts) == cut + 1:
+            return ast.get_docstring(nodes[0]) or ""
+        obj = importlib.import_module(module)
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+        return obj.__doc__ or ""
+    raise AssertionError(f"{name} is not in an importable module")
+
+
+def test_every_entry_of_the_api_reference_has_an_example():
+    """Every class and function docs/api.md documents (``.. autoclass::``, ``.. autofunction::``; not the data)
+    has an ``Example:`` section with a ``>>>`` example, which test_docstring_examples_run runs, or one that says
+    "See :func:`other`", whose example calls it; the few shown and not run are :data:`SHOWN_ONLY`."""
+    entries = re.findall(r"^\.\. auto(class|function|method|exception):: (\S+)", (REPO / "docs" / "api.md").read_text(),
+                         flags=re.M)
+    assert len(entries) > 40
+    missing, shown = [], []
+    for _, name in entries:
+        doc = reference_docstring(name)
+        match = EXAMPLE.search(doc)
+        example = doc[match.end():] if match else ""
+        other = re.match(r"\s*See :func:`([\w.]+)`", example)  # another entry's example, which calls this one
+        if other:
+            target = other[1] if "." in other[1] else f"{name.rpartition('.')[0]}.{other[1]}"
+            calls = [line for line in reference_docstring(target).splitlines() if ">>>" in line]
+            if not any(f"{name.rpartition('.')[2]}(" in line for line in calls):
+                missing.append(name)
+        elif ">>>" in example:
+            continue
+        elif re.search(r"^\s*Examples?::\s*$", doc, flags=re.M) or ".. code-block:: python" in example:
+            shown.append(name)
+        else:
+            missing.append(name)
+    assert not missing, f"entries of the API reference without a run example: {missing}"
+    assert set(shown) == SHOWN_ONLY, f"examples that are shown, not run: {sorted(shown)}"
 
 
 def test_the_exemptions_are_still_needed():

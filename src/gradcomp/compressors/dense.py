@@ -30,7 +30,19 @@ def _sum_dense(owner: str, payloads: Sequence[Payload], like: Tensor, dtype: tor
 @register
 @dataclass(kw_only=True)
 class NoCompression(Compressor):
-    """Dense all-reduce of the tensor in its own dtype: the baseline every ratio is measured against."""
+    """Dense all-reduce of the tensor in its own dtype: the baseline every ratio is measured against.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.dense import NoCompression
+        >>> none = NoCompression()
+        >>> grad = torch.tensor([0.5, -3.0])
+        >>> payload = none.compress(grad)
+        >>> payload.nbytes
+        8
+        >>> none.decompress([payload, payload], like=grad)  # two workers' payloads: their sum
+        tensor([ 1., -6.])
+    """
 
     name = "none"
 
@@ -54,6 +66,24 @@ class FP16(Compressor):
     scaler=)``), the front door divides the scale out before compressing, so fp16
     carries the unscaled gradient whatever the scale, and an overflow of the scaled
     gradient reaches the scaler, which skips the step and lowers the scale.
+
+    Raises:
+        ValueError: (from :meth:`compress`, on the CPU) a finite entry beyond float16's range.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.dense import FP16
+        >>> fp16 = FP16()
+        >>> grad = torch.tensor([1 / 3, 2.0])
+        >>> payload = fp16.compress(grad)
+        >>> payload.tensors[0].dtype, payload.nbytes
+        (torch.float16, 4)
+        >>> fp16.decompress([payload], like=grad)
+        tensor([0.3333, 2.0000])
+        >>> fp16.compress(torch.tensor([1e5]))
+        Traceback (most recent call last):
+        ...
+        ValueError: fp16: a gradient entry exceeds float16's range (65504); ...
     """
 
     name = "fp16"

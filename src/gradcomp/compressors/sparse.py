@@ -795,6 +795,18 @@ class RandomK(_Sparse):
     Args:
         density: the fraction of entries sent, in (0, 1].
         seed: the seed of the draws, the same on every rank.
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import RandomK
+        >>> randk = RandomK(density=0.25, seed=1)
+        >>> grad = torch.arange(8.0)
+        >>> payload = randk.compress(grad, {})
+        >>> payload.nbytes  # two values, no indices: every rank draws the same ones
+        8
+        >>> sent = randk.decompress([payload], like=grad)
+        >>> int((sent != 0).sum()), bool((sent[sent != 0] == grad[sent != 0]).all())
+        (2, True)
     """
 
     name = "randomk"
@@ -926,6 +938,14 @@ class Dryden(Compressor):
 
     Args:
         proportion: the fraction of the positive and of the negative entries sent, in (0, 1].
+
+    Example:
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import Dryden
+        >>> dryden = Dryden(proportion=0.5)
+        >>> grad = torch.tensor([4.0, 2.0, 1.0, 3.0, -1.0, -5.0, -2.0, -3.0])
+        >>> dryden.decompress([dryden.compress(grad)], like=grad)  # each side's largest half, at its mean
+        tensor([ 3.5000,  0.0000,  0.0000,  3.5000,  0.0000, -4.0000,  0.0000, -4.0000])
     """
 
     name = "dryden"
@@ -1010,6 +1030,22 @@ class AdaComp(Compressor):
 
     Raises:
         ValueError: when ``bin_size`` is not an integer >= 1 or ``scale`` is not one of these.
+
+    Example:
+        Two bins of four; with no residue yet, ``H = 2 dW`` reaches its bin's largest ``|G|`` at 2.0 in the first
+        bin and at -1.0 and 0.9 in the second, sent at their mean magnitude 1.3:
+
+        >>> import torch
+        >>> from gradcomp.compressors.sparse import AdaComp
+        >>> adacomp, state = AdaComp(bin_size=4), {}
+        >>> grad = torch.tensor([0.1, 2.0, -0.3, 0.2, -1.0, 0.1, 0.05, 0.9])
+        >>> payload = adacomp.compress(grad, state)
+        >>> payload.nbytes  # three codes and the scale
+        16
+        >>> adacomp.decompress([payload], like=grad)
+        tensor([ 0.0000,  1.3000,  0.0000,  0.0000, -1.3000,  0.0000,  0.0000,  1.3000])
+        >>> state["residue"]  # what was not sent, kept for the next step
+        tensor([ 0.1000,  0.7000, -0.3000,  0.2000,  0.3000,  0.1000,  0.0500, -0.4000])
     """
 
     name = "adacomp"

@@ -38,7 +38,7 @@ from ..compressors.base import available, check_int, check_range, get
 from ..guard import Nonfinite, check_nonfinite
 from ..launch import DEVICES, DeviceRequest
 from ..method import DGC, Method
-from .data import DATASETS, PARTITIONS, DatasetName, Partition
+from .data import DATASET_INFO, DATASETS, PARTITIONS, DatasetName, Partition
 from .models import DEFAULT_MODEL, MODELS
 
 __all__ = ["OPTIMIZERS", "RESUMABLE", "SETTINGS", "Averaging", "Data", "Exchange", "Launch", "Model", "Optim",
@@ -69,6 +69,15 @@ class Data:
 
     Raises:
         ValueError: a field out of its range or set, named with its value.
+
+    Example:
+        >>> from gradcomp.train.config import Data
+        >>> Data(dataset="mnist", batch_size=64, limit_train=1000).batch_size
+        64
+        >>> Data(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.data.batch_size must be an integer >= 1, got 0
     """
 
     #: ``digits`` (scikit-learn's bundled copy: offline anywhere), ``mnist``, ``fashion-mnist``, ``ptb`` (word
@@ -105,13 +114,30 @@ class Data:
 
 @dataclass(kw_only=True)
 class Model:
-    """The model (its options are checked against the dataset's default model by :class:`TrainConfig`)."""
+    """The model (its kind and options are checked against the dataset by :class:`TrainConfig`).
+
+    Raises:
+        ValueError: a name not in :data:`~gradcomp.train.models.MODELS`.
+
+    Example:
+        >>> from gradcomp.train.config import Data, Model, TrainConfig
+        >>> TrainConfig(data=Data(dataset="shakespeare"), model=Model(name="gpt", options={"layers": 2})).model
+        Model(name='gpt', options={'layers': 2})
+        >>> TrainConfig(data=Data(dataset="ptb"), model=Model(name="cnn"))
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.model.name 'cnn' is a model for image datasets, but data.dataset 'ptb' is ... lstm, gpt)
+    """
 
     #: one of :data:`~gradcomp.train.models.MODELS`; None: the dataset's default
     #: (:data:`~gradcomp.train.models.DEFAULT_MODEL`: mlp for digits, cnn for (fashion-)mnist, lstm for text)
     name: str | None = None
     #: options of the model, overriding its per-dataset defaults (``build_model(name, data, **options)``)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.name not in MODELS:
+            raise ValueError(f"TrainConfig.model.name must be one of {', '.join(MODELS)} or None, got {self.name!r}")
 
 
 @dataclass(kw_only=True)
@@ -120,6 +146,15 @@ class Exchange:
 
     Raises:
         ValueError: a field out of its range or set, named with its value.
+
+    Example:
+        >>> from gradcomp.train.config import Exchange
+        >>> Exchange(method="powersgd", options={"rank": 2})
+        Exchange(method='powersgd', options={'rank': 2}, nonfinite='skip')
+        >>> Exchange(method="gzip")
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.exchange.method must be one of adacomp, dgc, ..., got 'gzip'
     """
 
     #: ``"dgc"`` (the whole of DGC: momentum correction and factor masking, local clipping, sparsity warm-up)
@@ -148,6 +183,15 @@ class Averaging:
     Raises:
         ValueError: a field out of its range, or ``dga_correction=False`` without ``dga_delay`` or with
             ``fedavg_period``.
+
+    Example:
+        >>> from gradcomp.train.config import Averaging
+        >>> Averaging(dga_delay=4).dga_correction  # DGA with its correction term
+        True
+        >>> Averaging(dga_delay=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.averaging.dga_delay must be an integer >= 0, got -1
     """
 
     #: delayed gradient averaging (Zhu et al. 2021): apply each step's average this many steps later, corrected
@@ -179,6 +223,15 @@ class Optim:
 
     Raises:
         ValueError: a field out of its range or set, named with its value.
+
+    Example:
+        >>> from gradcomp.train.config import Optim
+        >>> Optim(lr=0.05, weight_decay=1e-4).lr
+        0.05
+        >>> Optim(lr=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.optim.lr must be in (0.0, inf), got -1.0
     """
 
     #: ``"sgd"`` (``torch.optim.SGD``, momentum from ``momentum``) or ``"adamw"`` (``torch.optim.AdamW``, its
@@ -215,6 +268,15 @@ class Schedule:
 
     Raises:
         ValueError: a field out of its range or set, named with its value.
+
+    Example:
+        >>> from gradcomp.train.config import Schedule
+        >>> Schedule(epochs=40, lr_milestones=[20, 30]).lr_milestones
+        [20, 30]
+        >>> Schedule(epochs=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.schedule.epochs must be an integer >= 1, got 0
     """
 
     #: epochs to train
@@ -248,6 +310,15 @@ class Launch:
 
     Raises:
         ValueError: a field out of its range or set, named with its value.
+
+    Example:
+        >>> from gradcomp.train.config import Launch
+        >>> Launch(workers=2, simulate=True).workers
+        2
+        >>> Launch(workers=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.launch.workers must be an integer >= 1, got 0
     """
 
     #: data-parallel workers N: local processes started by :func:`~gradcomp.train.loop.run`, simulated ones, or
@@ -278,7 +349,20 @@ class Launch:
 
 @dataclass(kw_only=True)
 class Output:
-    """What the run writes and shows."""
+    """What the run writes and shows.
+
+    Raises:
+        ValueError: a field out of its range, named with its value.
+
+    Example:
+        >>> from gradcomp.train.config import Output
+        >>> Output(run_dir="runs/first", progress=False).run_dir
+        'runs/first'
+        >>> Output(link_gbps=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.output.link_gbps must be in (0.0, inf), got 0.0
+    """
 
     #: the run directory (None: ``runs/DATASET-METHOD-Nw-STAMP``, :func:`~gradcomp.train.loop.default_run_dir`)
     run_dir: str | None = None
@@ -308,6 +392,19 @@ class TrainConfig:
     Raises:
         TypeError: a section of the wrong type.
         ValueError: sections that do not go together, or a method option the method does not take.
+
+    Example:
+        >>> from gradcomp.train.config import Data, Exchange, Schedule, TrainConfig
+        >>> config = TrainConfig(data=Data(dataset="mnist"), exchange=Exchange(method="topk"),
+        ...                      schedule=Schedule(epochs=5))
+        >>> config.replace(schedule={"epochs": 40}).schedule.epochs
+        40
+        >>> TrainConfig.from_dict(config.flat()) == config  # a flat config.json of earlier versions
+        True
+        >>> TrainConfig(exchange=Exchange(method="topk", options={"rank": 2}))
+        Traceback (most recent call last):
+        ...
+        ValueError: compressor 'topk' has no option 'rank'; its options are: density, wire
     """
 
     #: the dataset, its split and batches
@@ -350,10 +447,15 @@ class TrainConfig:
                              f"with momentum and AdamW's moments would apply momentum twice; use momentum 0")
 
     def _check_model_options(self) -> None:
-        options, bptt = self.model.options, self.data.bptt
+        options, bptt, dataset = self.model.options, self.data.bptt, self.data.dataset
+        model = self.model.name or DEFAULT_MODEL[dataset]
+        kind = DATASET_INFO[dataset]["kind"]
+        if MODELS[model].kind != kind:
+            raise ValueError(f"TrainConfig.model.name {model!r} is a model for {MODELS[model].kind} datasets, but "
+                             f"data.dataset {dataset!r} is an {kind} dataset (its models: "
+                             f"{', '.join(m for m, spec in MODELS.items() if spec.kind == kind)})")
         if not options:
             return
-        model = self.model.name or DEFAULT_MODEL[self.data.dataset]
         unknown = sorted(set(options) - set(MODELS[model].options())) if model in MODELS else []
         context = MODELS[model].context_option if model in MODELS else None
         if context in options and isinstance(options[context], int) and options[context] < bptt:
@@ -492,6 +594,13 @@ def flat_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
         flat name -> value.
+
+    Example:
+        >>> from gradcomp.train.config import flat_settings
+        >>> flat_settings({"data": {"dataset": "mnist", "batch_size": 64}, "model": {"name": "cnn", "options": {}}})
+        {'dataset': 'mnist', 'batch_size': 64, 'model': 'cnn', 'model_options': {}}
+        >>> flat_settings({"dataset": "mnist", "lr": 0.1})  # an earlier version's flat file: as it is
+        {'dataset': 'mnist', 'lr': 0.1}
     """
     sections, out = _sections(), {}
     for key, value in saved.items():

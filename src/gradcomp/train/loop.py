@@ -905,6 +905,21 @@ def run(config: TrainConfig | None = None, *, resume: str | None = None, timeout
         ValueError: a setting, the data, the device, the run directory or the checkpoint does not allow the run.
         TrainingInterrupted: Ctrl-C stopped it.
         gradcomp.launch.WorkerError: a local worker failed (after ``max_restarts`` restarts).
+
+    Example:
+        Four simulated workers, DGC (the default method), one epoch of 256 digits (two steps), in a run directory
+        of its own:
+
+        >>> import tempfile
+        >>> from gradcomp.train.config import Data, Launch, Output, Schedule, TrainConfig
+        >>> from gradcomp.train.loop import run
+        >>> config = TrainConfig(data=Data(limit_train=256), schedule=Schedule(epochs=1),
+        ...                      launch=Launch(workers=4, simulate=True),
+        ...                      output=Output(run_dir=tempfile.mkdtemp() + "/run", progress=False))
+        >>> summary = run(config, plot=False, echo=lambda line: None)
+        epoch 1/1: loss ... test_accuracy ... sent ... MB
+        >>> summary["method"], summary["workers"], summary["steps"], summary["bytes_sent"] < summary["dense_bytes"]
+        ('dgc', 4, 2, True)
     """
     check_range("run", "timeout_s", timeout_s, 0.0, math.inf, low_open=True, high_open=True)
     check_int("run", "max_restarts", max_restarts, 0)
