@@ -106,7 +106,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object],
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object],
                  before_replace: Callable[[], object] | None = None) -> None:
     """Write ``path`` whole or not at all: ``write`` fills a temporary file beside it, which is synced and then
     moved into place.
@@ -121,6 +121,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object],
 
     Raises:
         OSError: the file could not be written (``ENOSPC`` where the device is full).
+        Exception: whatever ``write`` or ``before_replace`` raises, once the temporary file is removed.
 
     Example:
         >>> import tempfile
@@ -128,9 +129,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object],
         >>> from gradcomp.train.rundir import atomic_write
         >>> target = Path(tempfile.mkdtemp()) / "note.txt"
         >>> atomic_write(target, lambda f: f.write(b"kept whole"))
-        >>> target.read_text()
-        'kept whole'
+        >>> def fails(f):
+        ...     f.write(b"half")
+        ...     raise RuntimeError("the writer failed")
+        >>> atomic_write(str(target), fails)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: the writer failed
+        >>> target.read_text(), [p.name for p in target.parent.iterdir()]  # as it was, no temporary file left
+        ('kept whole', ['note.txt'])
     """
+    path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
