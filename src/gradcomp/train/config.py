@@ -456,8 +456,8 @@ class TrainConfig:
                              f"{', '.join(m for m, spec in MODELS.items() if spec.kind == kind)})")
         if not options:
             return
-        unknown = sorted(set(options) - set(MODELS[model].options())) if model in MODELS else []
-        context = MODELS[model].context_option if model in MODELS else None
+        unknown = sorted(set(options) - set(MODELS[model].options()))
+        context = MODELS[model].context_option
         if context in options and isinstance(options[context], int) and options[context] < bptt:
             raise ValueError(f"TrainConfig.model.options {context}={options[context]} is shorter than "
                              f"TrainConfig.data.bptt={bptt}: the model cannot read a whole window")
