@@ -394,14 +394,19 @@ _PANELS = {
 _DenseRefs = dict[tuple[tuple[float, ...], tuple[float, ...]], list[str]]
 
 
+def _settings(rd: RunDir) -> dict[str, Any]:
+    """The run's settings, one key each (:func:`flat_settings`); ``{}`` where it has no ``config.json``."""
+    try:
+        return flat_settings(rd.read_config())
+    except FileNotFoundError:
+        return {}
+
+
 def _read_runs(runs: list[RunDir]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     """Each run's flat settings (``{}`` without a ``config.json``) and metrics (a warning where it has none)."""
     configs, metrics = [], []
     for rd in runs:
-        try:
-            configs.append(flat_settings(rd.read_config()))
-        except FileNotFoundError:
-            configs.append({})
+        configs.append(_settings(rd))
         records = rd.read_metrics()
         if not records:
             logger.warning("%s: no metrics to plot", rd.metrics_path)
@@ -503,10 +508,7 @@ def plot_run(run_dir: RunDir | str | os.PathLike[str]) -> Path:
 
 def _run_facts(rd: RunDir) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, facts): the summary when the run finished, else its last metrics record."""
-    try:
-        config = flat_settings(rd.read_config())
-    except FileNotFoundError:
-        config = {}
+    config = _settings(rd)
     try:
         facts = dict(rd.read_summary())
     except FileNotFoundError:
